@@ -1,0 +1,111 @@
+"""Beam plumbing shared by every stage: options, counted outputs, stats files.
+
+Stage DoFns follow one pattern: the pure core takes a batch of records and a ``Counter`` and
+returns what it keeps; the DoFn emits the kept records on the main output, dropped records on the
+``rejected`` output (with a ``reason``) and the counter on the ``counts`` output as
+``(name, n)`` pairs. Counts travel as data, so totals are exact on every runner, retried bundles
+included; they are mirrored to Beam metrics for monitoring.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import TaggedOutput
+
+from wit_pipeline import counters as counters_lib
+from wit_pipeline import fileio
+
+COUNTS = "counts"
+REJECTED = "rejected"
+METRICS_NAMESPACE = "wit"
+DEFAULT_RUNNER = "FnApiRunner"
+
+_LOG = logging.getLogger(__name__)
+
+
+def pipeline_options(
+    beam_args: Sequence[str] = (), *, runner: str | None = None, **overrides: Any
+) -> PipelineOptions:
+    """Beam options from command-line style args; local runs default to FnApiRunner.
+
+    Prism (Beam's default local runner) downloads a binary at start-up, which fails offline,
+    so a run without ``--runner`` uses the in-process FnApiRunner.
+    """
+    args = list(beam_args)
+    if runner:
+        args = [a for a in args if not a.startswith("--runner")] + [f"--runner={runner}"]
+    elif not any(a.startswith("--runner") for a in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    opts = PipelineOptions(args, **overrides)
+    return opts
+
+
+def runner_name(options: PipelineOptions) -> str:
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return str(options.view_as(StandardOptions).runner or DEFAULT_RUNNER)
+
+
+def emit_counts(
+    counter: Mapping[str, int], *, namespace: str = METRICS_NAMESPACE
+) -> Iterable[TaggedOutput]:
+    """Yield a counter as ``counts`` tagged outputs and mirror it to Beam metrics."""
+    for name, n in counter.items():
+        if n:
+            Metrics.counter(namespace, name).inc(n)
+            yield TaggedOutput(COUNTS, (name, n))
+
+
+class SumCounts(beam.PTransform):
+    """``(name, n)`` pairs -> one dict ``{name: total}`` (a single element, sorted keys)."""
+
+    def expand(self, pcoll):
+        return (
+            pcoll
+            | "SumPerName" >> beam.CombinePerKey(sum)
+            | "ToDict" >> beam.combiners.ToDict()
+            | "Sort" >> beam.Map(lambda d: dict(sorted(d.items())))
+        )
+
+
+def _write_stats(counts: dict[str, int], path: str, extra: Mapping[str, Any]) -> str:
+    doc = {"counters": counts, **extra}
+    fileio.write_json(path, doc)
+    return path
+
+
+class WriteStats(beam.PTransform):
+    """Sum ``(name, n)`` count pairs and write ``{"counters": {...}}`` to a JSON file."""
+
+    def __init__(self, path: str, *, extra: Mapping[str, Any] | None = None):
+        super().__init__()
+        self._path = path
+        self._extra = dict(extra or {})
+
+    def expand(self, pcoll):
+        totals = pcoll | "Sum" >> SumCounts()
+        # ToDict yields {} on an empty input, so the file is written even when nothing came in.
+        return totals | "Write" >> beam.Map(_write_stats, self._path, self._extra)
+
+
+def counter_dict(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    c: collections.Counter[str] = collections.Counter()
+    for k, v in pairs:
+        c[k] += v
+    return dict(sorted(c.items()))
+
+
+def check_stats_file(path: str) -> dict[str, int]:
+    """Read a stats.json back and verify ``input == kept + dropped``."""
+    doc = fileio.read_json(path)
+    counts = doc["counters"]
+    counters_lib.check_balanced(counts, stage=os.path.basename(os.path.dirname(path)))
+    return counts

