@@ -1,0 +1,1 @@
+"""The built-in demo: a small generated web, served on loopback, that `make build-dataset` crawls."""

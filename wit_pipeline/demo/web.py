@@ -1,0 +1,306 @@
+"""Generate the demo web: pages, images, robots.txt, a WARC crawl of the pages and a URL table.
+
+The web is what a crawl of the real one looks like in miniature: most images are good
+(synthetic scenes with alt texts that describe them), and the rest is the usual mess, each kind
+planted so that a stage has something to catch:
+
+| planted | caught by |
+|---|---|
+| same image under two URLs, JPEG re-encodes, resized copies | dedup (`near_duplicate`) |
+| one URL on two pages with two alt texts | download once, collapse captions |
+| German, French, Spanish alt texts | gather (`language`) |
+| junk alt texts (file names, "click here", empty) | gather (`no_query_match`, `too_short`, ...) |
+| `data:` and `javascript:` image sources | gather (`unsupported_scheme`-style reasons) |
+| truncated JPEG, HTML served as image, empty body, 404 | download (decode / http reasons) |
+| a decompression bomb PNG (20,000 x 20,000 px) | download (`too_large`-style reason) |
+| images under `/private/` disallowed by robots.txt | download (`robots`) |
+| images served with `X-Robots-Tag: noai` | download (`opt_out`) |
+| redirects to 10.0.0.1 and 169.254.169.254 | download SSRF guard (`blocked_address`) |
+
+Everything is deterministic for a given seed; only the server port appears in URLs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import zlib
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from wit_pipeline.demo import scenes
+
+FOREIGN_CAPTIONS = (
+    "zwei rote Kreise auf einem grauen Hintergrund",
+    "drei blaue Quadrate auf weißem Hintergrund",
+    "trois carrés bleus sur un fond blanc",
+    "un cercle rouge sur un fond gris",
+    "dos triángulos verdes sobre un fondo negro",
+    "una estrella amarilla sobre fondo blanco",
+)
+JUNK_CAPTIONS = ("IMG_2041.JPG", "click here", "", "image", "DSC00012", "thumbnail")
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+    n_images: int = 3000  # scene images in the crawl (before planted copies and mess)
+    images_per_page: int = 12
+    table_fraction: float = 0.2  # share of scenes listed in the URL/caption table, not on pages
+    image_size: int = 96
+    eval_per_class: int = 20  # held-out zero-shot renders per colour x shape class
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How the demo server answers one path."""
+
+    file: str | None = None  # relative to the site dir
+    status: int = 200
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    redirect: str | None = None
+
+
+def _bomb_png(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of ``side`` x ``side`` pixels that compresses to a few kilobytes."""
+    import struct
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = b"\x00" + b"\x00" * ((side + 7) // 8)
+    comp = zlib.compressobj(9)
+    raw = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
+class _Site:
+    root: str
+    base_url: str
+    routes: dict[str, Route] = dataclasses.field(default_factory=dict)
+
+    def put(self, path: str, data: bytes, **route_kw) -> str:
+        full = os.path.join(self.root, path.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(data)
+        if route_kw:
+            self.routes[path] = Route(file=path.lstrip("/"), **route_kw)
+        return self.base_url + path
+
+
+def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -> dict:
+    """Write the demo web under ``out_dir``; return its manifest (also ``out_dir/web.json``).
+
+    ``out_dir/site/`` holds the files the server serves, ``routes.json`` the special answers,
+    ``crawl.warc.gz`` the crawl of every page, ``pairs.parquet`` the URL/caption table, and
+    ``eval/zeroshot.parquet`` the held-out renders (``image`` bytes, ``label``).
+    """
+    rng = random.Random(cfg.seed)
+    site = _Site(os.path.join(out_dir, "site"), base_url.rstrip("/"))
+    os.makedirs(site.root, exist_ok=True)
+    planted: dict[str, int] = {}
+
+    def plant(kind: str) -> None:
+        planted[kind] = planted.get(kind, 0) + 1
+
+    # --- Good scenes -----------------------------------------------------------------------
+    items: list[tuple[str, str]] = []  # (src as written in the page, alt)
+    table_rows: list[tuple[str, str]] = []
+    for i in range(cfg.n_images):
+        scene = scenes.random_scene(rng, seed=cfg.seed * 1_000_003 + i)
+        img = scenes.render(scene, cfg.image_size)
+        url = site.put(
+            f"/img/{i:05d}.jpg", scenes.jpeg_bytes(img, quality=rng.choice((80, 88, 95)))
+        )
+        caption = scene.caption()
+        if rng.random() < cfg.table_fraction:
+            table_rows.append((url, caption))
+            continue
+        # Mix absolute, root-relative and page-relative sources, and lazy-loading attributes.
+        src = rng.choice((url, f"/img/{i:05d}.jpg", f"../img/{i:05d}.jpg"))
+        items.append((src, caption))
+        r = rng.random()
+        if r < 0.03:  # exact copy under a second URL, another caption
+            copy = site.put(f"/mirror/{i:05d}.jpg", scenes.jpeg_bytes(img, quality=88))
+            items.append((copy, scene.caption(0)))
+            plant("exact_copy")
+        elif r < 0.06:  # re-encode at low quality
+            copy = site.put(f"/reencoded/{i:05d}.jpg", scenes.jpeg_bytes(img, quality=35))
+            items.append((copy, scene.caption(2)))
+            plant("reencode")
+        elif r < 0.08:  # resized copy
+            small = img.resize((cfg.image_size * 2 // 3,) * 2, Image.BICUBIC)
+            copy = site.put(f"/thumbs/{i:05d}.jpg", scenes.jpeg_bytes(small, quality=90))
+            items.append((copy, scene.caption(5)))
+            plant("resized_copy")
+        elif r < 0.10:  # same URL again on another page with another alt text
+            items.append((url, scene.caption(1)))
+            plant("same_url_second_caption")
+
+    # --- The mess ----------------------------------------------------------------------------
+    mess_img = scenes.render(scenes.Scene("red", "circle", 2, "grey", 424242), cfg.image_size)
+    good = scenes.jpeg_bytes(mess_img)
+    for k, text in enumerate(FOREIGN_CAPTIONS):
+        items.append((site.put(f"/img/foreign_{k}.jpg", good), text))
+        plant("foreign_caption")
+    for k, text in enumerate(JUNK_CAPTIONS):
+        items.append((site.put(f"/img/junk_{k}.jpg", good), text))
+        plant("junk_caption")
+    items.append(("data:image/gif;base64,R0lGODlhAQABAAAAACw=", "a red circle spacer"))
+    items.append(("javascript:void(0)", "two blue squares"))
+    plant("data_uri")
+    plant("javascript_uri")
+    for k in range(3):
+        items.append(
+            (site.put(f"/broken/truncated_{k}.jpg", good[: len(good) // 3]), "two red circles")
+        )
+        plant("truncated_image")
+    items.append(
+        (
+            site.put(
+                "/broken/page.jpg",
+                b"<html><body>not an image</body></html>",
+                headers={"Content-Type": "image/jpeg"},
+            ),
+            "one red circle",
+        )
+    )
+    plant("html_as_image")
+    items.append((site.put("/broken/empty.jpg", b""), "three red circles"))
+    plant("empty_body")
+    for k in range(3):
+        site.routes[f"/missing/{k}.jpg"] = Route(status=404)
+        items.append((f"{site.base_url}/missing/{k}.jpg", "a green square"))
+        plant("http_404")
+    items.append((site.put("/huge/bomb.png", _bomb_png()), "a black square on a white background"))
+    plant("decompression_bomb")
+    for k in range(5):
+        items.append((site.put(f"/private/{k}.jpg", good), "two red circles on a grey background"))
+        plant("robots_disallowed")
+    for k in range(5):
+        items.append(
+            (
+                site.put(f"/optout/{k}.jpg", good, headers={"X-Robots-Tag": "noai"}),
+                "two red circles",
+            )
+        )
+        plant("x_robots_tag_noai")
+    for k, target in enumerate(
+        ("http://10.0.0.1/admin.jpg", "http://169.254.169.254/latest/meta-data/")
+    ):
+        site.routes[f"/redirect/{k}.jpg"] = Route(status=302, redirect=target)
+        items.append((f"{site.base_url}/redirect/{k}.jpg", "three yellow stars"))
+        plant("redirect_to_private")
+    site.put("/robots.txt", b"User-agent: *\nDisallow: /private/\n")
+
+    # --- Pages and the WARC crawl ----------------------------------------------------------------
+    rng.shuffle(items)
+    pages = []
+    per = cfg.images_per_page
+    for p in range(0, len(items), per):
+        chunk = items[p : p + per]
+        n = p // per
+        imgs = []
+        for j, (src, alt) in enumerate(chunk):
+            attr = "data-src" if j % 7 == 3 else "src"
+            alt_html = "" if alt == "" and j % 2 else f' alt="{_escape(alt)}"'
+            imgs.append(f'<figure><img {attr}="{_escape(src)}"{alt_html} loading="lazy"></figure>')
+        html = (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>Shapes gallery {n}</title></head><body><h1>Gallery {n}</h1>\n"
+            + "\n".join(imgs)
+            + "\n</body></html>\n"
+        )
+        pages.append((site.put(f"/pages/{n:04d}.html", html.encode()), html.encode()))
+    warc_path = os.path.join(out_dir, "crawl.warc.gz")
+    write_warc(warc_path, pages)
+    table_path = os.path.join(out_dir, "pairs.parquet")
+    pq.write_table(
+        pa.table({"url": [u for u, _ in table_rows], "caption": [c for _, c in table_rows]}),
+        table_path,
+    )
+
+    # --- Held-out zero-shot renders ----------------------------------------------------------------
+    eval_dir = os.path.join(out_dir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    held = scenes.eval_scenes(cfg.eval_per_class, seed=10_000_000 + cfg.seed)
+    pq.write_table(
+        pa.table(
+            {
+                "image": [scenes.jpeg_bytes(scenes.render(s, cfg.image_size)) for s in held],
+                "label": [s.label for s in held],
+            }
+        ),
+        os.path.join(eval_dir, "zeroshot.parquet"),
+    )
+    with open(os.path.join(eval_dir, "classnames.txt"), "w") as f:
+        f.write("\n".join(scenes.class_names()) + "\n")
+
+    with open(os.path.join(out_dir, "routes.json"), "w") as f:
+        json.dump({k: dataclasses.asdict(v) for k, v in sorted(site.routes.items())}, f, indent=1)
+    manifest = {
+        "base_url": site.base_url,
+        "warc": warc_path,
+        "table": table_path,
+        "eval": os.path.join(eval_dir, "zeroshot.parquet"),
+        "pages": len(pages),
+        "page_images": len(items),
+        "table_images": len(table_rows),
+        "planted": dict(sorted(planted.items())),
+        "config": dataclasses.asdict(cfg),
+    }
+    with open(os.path.join(out_dir, "web.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def write_warc(path: str, pages: list[tuple[str, bytes]]) -> None:
+    """Write HTML pages as a gzipped WARC/1.0 file of ``response`` records (one gzip member each)."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    date = datetime(2026, 1, 1, tzinfo=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True, warc_version="WARC/1.0")
+        writer.write_record(
+            writer.create_warcinfo_record(
+                os.path.basename(path),
+                {"software": "wit-pipeline demo", "format": "WARC File Format 1.0"},
+            )
+        )
+        for url, body in pages:
+            http_headers = StatusAndHeaders(
+                "200 OK",
+                [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))],
+                protocol="HTTP/1.1",
+            )
+            record = writer.create_warc_record(
+                url,
+                "response",
+                payload=io.BytesIO(body),
+                http_headers=http_headers,
+                warc_headers_dict={"WARC-Date": date},
+            )
+            writer.write_record(record)
