@@ -143,8 +143,13 @@ class BigramConfig:
     """
 
     enabled: bool = True
-    min_count: int = 5
-    min_pmi: float = 30.0
+    # The same bar as words: a bigram query is attested at least 100 times. MetaCLIP's
+    # threshold of 30 (no minimum count) only admits pairs seen a handful of times on a full
+    # dump: PMI can never exceed log2(N / min_count), 25.4 for N = 4.5e9 and min_count = 100.
+    min_count: int = 100
+    min_pmi: float = 8.0
+    # Keep at most this many bigrams, highest PMI first (MetaCLIP's list has 100,646); 0 = all.
+    max_entries: int = 100_000
 
 
 @dataclass(frozen=True)

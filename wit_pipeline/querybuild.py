@@ -30,6 +30,7 @@ import html
 import io
 import itertools
 import math
+import os
 import re
 import unicodedata
 import urllib.parse
@@ -1005,7 +1006,9 @@ def parse_count_table(lines: Iterable[str], *, source: str = "table") -> dict[st
             word, found, count = line.rpartition(sep)
             if found:
                 break
-        n = int(count) if found and word and count.strip().isdigit() else -1
+        # An empty word (the tokenizer's leftovers) is kept: the unigram selection counts it
+        # as dropped (not_a_word) instead of losing it here.
+        n = int(count) if found and count.strip().isdigit() else -1
         if n < 0:
             raise WitError(f"{source}:{lineno}: expected 'word<TAB>count', got {line[:80]!r}")
         counts[word] = counts.get(word, 0) + n
@@ -1400,3 +1403,590 @@ def bigram_sort_key(row):
 
 def title_sort_key(row):
     return (-row[1], row[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources -> candidates (driver side)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceResult:
+    """One source's candidate entries (strongest first) and what the manifest says about it."""
+
+    name: str
+    entries: list[str]
+    doc: dict[str, Any]
+
+
+_DATE_RE = re.compile(r"(?<!\d)(20\d{2})(\d{2})(\d{2})(?!\d)")
+
+
+def input_info(
+    path: str, kind: str, *, checksum: bool = True, name: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """What the manifest records about an input file: path (or a portable ``name``), kind,
+    size, date (from a ``YYYYMMDD`` in the file name) and sha256."""
+    info: dict[str, Any] = {"path": name or path, "kind": kind, "size": file_size(path)}
+    m = _DATE_RE.search(path.rsplit("/", 1)[-1])
+    if m:
+        info["date"] = f"{m.group(1)}-{m.group(2)}-{m.group(3)}"
+    if checksum:
+        info["sha256"] = file_sha256(path)
+    info.update(extra)
+    return info
+
+
+def wordnet_source(directory: str, cfg: QueriesConfig) -> SourceResult:
+    counter: collections.Counter = collections.Counter()
+    entries = wordnet_entries(read_wordnet(directory), lemmas=cfg.wordnet.lemmas, counter=counter)
+    version = wordnet_version(directory)
+    doc = {
+        "inputs": [input_info(p, "wordnet-data") for p in wordnet_files(directory)],
+        "version": version,
+        **({"debian_package": deb} if (deb := debian_package_version(directory)) else {}),
+        "thresholds": {"lemmas": cfg.wordnet.lemmas},
+        "counters": dict(sorted(counter.items())),
+    }
+    return SourceResult("wordnet", entries, doc)
+
+
+def debian_package_version(directory: str) -> str | None:
+    """``wordnet-base 1:3.0-37`` when ``directory`` belongs to an installed Debian package."""
+    import shutil
+    import subprocess
+
+    if not fileio.is_local(directory) or shutil.which("dpkg-query") is None:
+        return None
+    try:
+        owner = subprocess.run(
+            ["dpkg-query", "-S", os.path.join(os.path.abspath(directory), "data.noun")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split(":", 1)[0]
+        version = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", owner],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return f"{owner} {version}" if owner and version else None
+
+
+def unigram_source(
+    tables: Sequence[tuple[dict[str, Any], Mapping[str, int]]], cfg: QueriesConfig
+) -> SourceResult:
+    """Words at ``count >= min_count`` in any of several count tables (largest count wins).
+
+    Each table is one estimate of the same thing, a word's count in English Wikipedia: counts
+    from a dump, a count file, or wordfreq frequencies scaled to the corpus size.
+    """
+    counter: collections.Counter = collections.Counter()
+    kept = select_unigrams(
+        max_counts(t for _, t in tables),
+        min_count=cfg.unigrams.min_count,
+        max_chars=cfg.unigrams.max_chars,
+        counter=counter,
+    )
+    inputs = []
+    for info, table in tables:
+        inputs.append({**info, "words": len(table), "tokens": sum(table.values())})
+    doc = {
+        "inputs": inputs,
+        "thresholds": {"min_count": cfg.unigrams.min_count, "max_chars": cfg.unigrams.max_chars},
+        "counters": dict(sorted(counter.items())),
+    }
+    return SourceResult("unigrams", [w for w, _ in kept], doc)
+
+
+def bigram_source(
+    rows: Sequence[tuple[str, float, int]],
+    *,
+    inputs: list[dict[str, Any]],
+    n_tokens: int,
+    counter: Mapping[str, int],
+    cfg: QueriesConfig,
+) -> SourceResult:
+    """Scored bigrams (highest PMI first), cut to ``max_entries`` (``over_max_entries``)."""
+    c = collections.Counter(counter)
+    limit = cfg.bigrams.max_entries
+    if limit and len(rows) > limit:
+        c[dropped("over_max_entries")] += len(rows) - limit
+        c[counters_lib.KEPT] -= len(rows) - limit
+        rows = rows[:limit]
+    counters_lib.check_balanced(c, stage="bigrams")
+    doc = {
+        "inputs": inputs,
+        "tokens": n_tokens,
+        "thresholds": {
+            "min_count": cfg.bigrams.min_count,
+            "min_pmi": cfg.bigrams.min_pmi,
+            "max_entries": cfg.bigrams.max_entries,
+            "pmi": "log2(count(ab) * N / (count(a) * count(b)))",
+            "max_possible_pmi": round(max_pmi(n_tokens, cfg.bigrams.min_count), 3),
+        },
+        "counters": dict(sorted(c.items())),
+    }
+    return SourceResult("bigrams", [b for b, _, _ in rows], doc)
+
+
+def title_source(
+    titles: Sequence[tuple[str, int | None]],
+    *,
+    inputs: list[dict[str, Any]],
+    counters: Mapping[str, Mapping[str, int]],
+    cfg: QueriesConfig,
+) -> SourceResult:
+    counter: collections.Counter = collections.Counter()
+    has_views = any(v is not None for _, v in titles)
+    kept = select_titles(
+        titles,
+        min_views=cfg.titles.min_views if has_views else None,
+        strip_disambiguation=cfg.titles.strip_disambiguation,
+        drop_list_pages=cfg.titles.drop_list_pages,
+        counter=counter,
+    )
+    doc = {
+        "inputs": inputs,
+        "thresholds": {
+            "min_views": cfg.titles.min_views if has_views else None,
+            "projects": list(cfg.titles.projects) if has_views else None,
+            "strip_disambiguation": cfg.titles.strip_disambiguation,
+            "drop_list_pages": cfg.titles.drop_list_pages,
+        },
+        "counters": {
+            **{k: dict(v) for k, v in counters.items()},
+            "select": dict(sorted(counter.items())),
+        },
+    }
+    return SourceResult("titles", [t for t, _ in kept], doc)
+
+
+def title_list_source(
+    paths: Sequence[str], cfg: QueriesConfig, *, names: Sequence[str] | None = None
+) -> SourceResult:
+    counter: collections.Counter = collections.Counter()
+    titles: list[tuple[str, int | None]] = []
+    for path in paths:
+        titles.extend(read_title_list(read_lines(path), counter))
+    names = names or paths
+    inputs = [input_info(p, "titles-list", name=n) for p, n in zip(paths, names, strict=True)]
+    return title_source(titles, inputs=inputs, counters={"lines": counter}, cfg=cfg)
+
+
+def assemble(
+    sources: Sequence[SourceResult],
+    *,
+    cfg: QueriesConfig,
+    output: str,
+    command: str,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """Merge the sources, write the list and its manifest; returns the manifest."""
+    import datetime
+
+    if not sources:
+        raise WitError("no query source has an input: nothing to build")
+    names = [s.name for s in sources]
+    unknown = [n for n in cfg.priority if n not in SOURCES]
+    if unknown:
+        raise WitError(f"unknown source in priority: {', '.join(unknown)} (known: {SOURCES})")
+    result = merge_sources(
+        {s.name: s.entries for s in sources},
+        priority=cfg.priority,
+        max_queries=cfg.max_queries,
+        case=cfg.case,
+    )
+    if not result.queries:
+        raise WitError("every source is empty: no query to write")
+    sha = write_query_list(output, result.queries)
+    manifest = build_manifest(
+        list_path=output,
+        result=result,
+        sha256=sha,
+        cfg=cfg,
+        sources={s.name: s.doc for s in sources},
+        command=command,
+        created=created or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    )
+    manifest["config"] = dataclasses.asdict(cfg)
+    manifest["skipped_sources"] = [n for n in SOURCES if n not in names]
+    fileio.write_json(manifest_path(output), manifest)
+    return manifest
+
+
+def summary_table(manifest: Mapping[str, Any]) -> str:
+    """A Markdown table of the manifest's per-source counts."""
+    lines = [
+        "| source | candidates | after dedup | in list |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, doc in manifest["sources"].items():
+        lines.append(
+            f"| {name} | {doc['candidates']:,} | {doc['after_dedup']:,} | {doc['in_list']:,} |"
+        )
+    lines.append(f"| **total** | | | **{manifest['total']:,}** |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `wit queries build`: the counting pipeline, then the merge
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildInputs:
+    """Where each source's data comes from; a source without input is skipped."""
+
+    dumps: tuple[str, ...] = ()  # Wikipedia XML dumps: unigrams and bigrams
+    unigram_counts: tuple[str, ...] = ()  # word<TAB>count tables
+    wordfreq_tokens: int = 0  # > 0: wordfreq's list scaled to a corpus of this many tokens
+    pageviews: tuple[str, ...] = ()  # hourly pageview files: titles with views
+    titles: tuple[str, ...] = ()  # plain title lists, used when no pageviews are given
+    wordnet: str | None = None  # directory with data.noun, data.verb, data.adj, data.adv
+
+
+def _fingerprint(inputs: BuildInputs, cfg: QueriesConfig, files: Mapping[str, list[str]]) -> str:
+    """What the counting pipeline's outputs depend on: input files and the thresholds."""
+    import json
+
+    doc = {
+        "files": {k: [(p, file_size(p)) for p in v] for k, v in files.items()},
+        "unigrams": dataclasses.asdict(cfg.unigrams),
+        "bigrams": {"min_count": cfg.bigrams.min_count, "min_pmi": cfg.bigrams.min_pmi},
+        "bigrams_enabled": cfg.bigrams.enabled,
+        "titles": {"min_views": cfg.titles.min_views, "projects": list(cfg.titles.projects)},
+        "titles_enabled": cfg.titles.enabled,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def run_counting_pipeline(
+    *,
+    dump_files: Sequence[str],
+    pageview_files: Sequence[str],
+    cfg: QueriesConfig,
+    work_dir: str,
+    beam_args: Sequence[str] = (),
+    fingerprint: str = "",
+) -> dict[str, Any]:
+    """Count the dumps and sum the page views on Beam; write candidate files to ``work_dir``.
+
+    Writes ``unigrams.tsv.gz`` (word, count), ``bigrams.tsv.gz`` (bigram, pmi, count),
+    ``titles.tsv.gz`` (title, views) as far as they apply, then ``stats.json`` (counters and
+    the fingerprint) last: its presence marks the run complete.
+    """
+    options = beam_utils.pipeline_options(beam_args)
+    stats_path = fileio.join(work_dir, "stats.json")
+    with beam.Pipeline(options=options) as p:
+        counts = []
+        if dump_files and (cfg.unigrams.enabled or cfg.bigrams.enabled):
+            ngrams = p | "CountDumps" >> CountWikipediaNgrams(
+                files=dump_files,
+                split_bytes=cfg.split_bytes,
+                batch_pages=cfg.batch_pages,
+                bigrams=cfg.bigrams.enabled,
+            )
+            counts.append(ngrams[beam_utils.COUNTS])
+            if cfg.unigrams.enabled:
+                uni = ngrams[UNIGRAMS] | "SelectUnigrams" >> SelectUnigrams(
+                    min_count=cfg.unigrams.min_count, max_chars=cfg.unigrams.max_chars
+                )
+                counts.append(uni[beam_utils.COUNTS])
+                _ = uni["kept"] | "WriteUnigrams" >> WriteCandidates(
+                    fileio.join(work_dir, "unigrams.tsv.gz"), sort_key=unigram_sort_key
+                )
+            if cfg.bigrams.enabled:
+                bi = ngrams | "ScoreBigrams" >> ScoreBigrams(
+                    min_count=cfg.bigrams.min_count, min_pmi=cfg.bigrams.min_pmi
+                )
+                counts.append(bi[beam_utils.COUNTS])
+                _ = bi["kept"] | "WriteBigrams" >> WriteCandidates(
+                    fileio.join(work_dir, "bigrams.tsv.gz"), sort_key=bigram_sort_key
+                )
+        if pageview_files and cfg.titles.enabled:
+            views = p | "Pageviews" >> SumPageviews(
+                files=pageview_files, projects=cfg.titles.projects, min_views=cfg.titles.min_views
+            )
+            counts.append(views[beam_utils.COUNTS])
+            _ = views["kept"] | "WriteTitles" >> WriteCandidates(
+                fileio.join(work_dir, "titles.tsv.gz"), sort_key=title_sort_key
+            )
+        # Written after every candidate file: a side input orders it behind them.
+        _ = (
+            tuple(counts)
+            | "AllCounts" >> beam.Flatten()
+            | "Stats" >> beam_utils.SumCounts()
+            | "WriteStats"
+            >> beam.Map(
+                lambda c, path, fp: fileio.write_json(path, {"counters": c, "fingerprint": fp}),
+                stats_path,
+                fingerprint,
+            )
+        )
+    return fileio.read_json(stats_path)
+
+
+def build(
+    inputs: BuildInputs,
+    cfg: QueriesConfig,
+    *,
+    output: str,
+    work_dir: str | None = None,
+    beam_args: Sequence[str] = (),
+    command: str = "",
+    force: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """``wit queries build``: every source that has an input, merged into ``output``."""
+    dump_files = fileio.expand_inputs(inputs.dumps) if inputs.dumps else []
+    pageview_files = fileio.expand_inputs(inputs.pageviews) if inputs.pageviews else []
+    if inputs.pageviews and inputs.titles:
+        raise WitError("give either --pageviews or --titles, not both")
+    work_dir = work_dir or manifest_path(output)[: -len(".json")] + ".work"
+    files = {"dumps": dump_files, "pageviews": pageview_files}
+    stats: dict[str, Any] = {"counters": {}}
+    if dump_files or pageview_files:
+        fp = _fingerprint(inputs, cfg, files)
+        stats_path = fileio.join(work_dir, "stats.json")
+        if (
+            not force
+            and fileio.exists(stats_path)
+            and fileio.read_json(stats_path).get("fingerprint") == fp
+        ):
+            log(f"counts up to date in {work_dir} (same inputs and thresholds): not recounting")
+            stats = fileio.read_json(stats_path)
+        else:
+            stats = run_counting_pipeline(
+                dump_files=dump_files,
+                pageview_files=pageview_files,
+                cfg=cfg,
+                work_dir=work_dir,
+                beam_args=beam_args,
+                fingerprint=fp,
+            )
+    parts = split_counters(stats["counters"])
+    for name, c in parts.items():
+        if counters_lib.INPUT in c:
+            counters_lib.check_balanced(c, stage=name)
+    n_tokens = parts.get("corpus", {}).get("tokens", 0)
+    dump_info = [input_info(p, "wikipedia-dump", checksum=False) for p in dump_files]
+
+    sources: list[SourceResult] = []
+    if cfg.wordnet.enabled and inputs.wordnet:
+        sources.append(wordnet_source(inputs.wordnet, cfg))
+    if cfg.unigrams.enabled:
+        tables: list[tuple[dict[str, Any], Mapping[str, int]]] = []
+        if dump_files:
+            rows = read_candidates(fileio.join(work_dir, "unigrams.tsv.gz"))
+            info = {
+                "kind": "wikipedia-dumps",
+                "files": dump_info,
+                "pages": parts.get(PAGES, {}),
+                "corpus_tokens": n_tokens,
+                "counters": parts.get(UNIGRAMS, {}),
+            }
+            tables.append((info, {w: int(c) for w, c in rows}))
+        for path in inputs.unigram_counts:
+            table = parse_count_table(read_lines(path), source=path)
+            tables.append((input_info(path, "count-table"), table))
+        if inputs.wordfreq_tokens > 0:
+            tables.append(
+                (wordfreq_info(inputs.wordfreq_tokens), wordfreq_counts(inputs.wordfreq_tokens))
+            )
+        if tables:
+            sources.append(unigram_source(tables, cfg))
+    if cfg.bigrams.enabled and dump_files:
+        rows3 = [
+            (b, float(s), int(c))
+            for b, s, c in read_candidates(fileio.join(work_dir, "bigrams.tsv.gz"))
+        ]
+        sources.append(
+            bigram_source(
+                rows3,
+                inputs=dump_info,
+                n_tokens=n_tokens,
+                counter=parts.get(BIGRAMS, {}),
+                cfg=cfg,
+            )
+        )
+        warn_unreachable_pmi(n_tokens, cfg, log)
+    if cfg.titles.enabled and pageview_files:
+        rows2 = [(t, int(v)) for t, v in read_candidates(fileio.join(work_dir, "titles.tsv.gz"))]
+        sources.append(
+            title_source(
+                rows2,
+                inputs=[input_info(p, "pageviews", checksum=False) for p in pageview_files],
+                counters={
+                    "pageview_lines": parts.get("pageview_lines", {}),
+                    "titles": parts.get("titles", {}),
+                },
+                cfg=cfg,
+            )
+        )
+    elif cfg.titles.enabled and inputs.titles:
+        sources.append(title_list_source(inputs.titles, cfg))
+    return assemble(sources, cfg=cfg, output=output, command=command)
+
+
+def warn_unreachable_pmi(n_tokens: int, cfg: QueriesConfig, log) -> None:
+    top = max_pmi(n_tokens, cfg.bigrams.min_count)
+    if cfg.bigrams.min_pmi > top:
+        log(
+            f"warning: bigrams.min_pmi={cfg.bigrams.min_pmi} cannot be reached: with "
+            f"{n_tokens:,} tokens and min_count={cfg.bigrams.min_count} the largest possible "
+            f"PMI is {top:.2f}; no bigram is kept"
+        )
+
+
+def wordfreq_info(n_tokens: int) -> dict[str, Any]:
+    import importlib.metadata
+
+    return {
+        "kind": "wordfreq",
+        "package": f"wordfreq {importlib.metadata.version('wordfreq')}",
+        "wordlist": "large (en)",
+        "scaled_to_tokens": n_tokens,
+        "method": "count = round(word_frequency(word, 'en', 'large') * scaled_to_tokens)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# `wit queries build-default`: the shipped list, from sources available offline
+
+DEFAULT_LIST_NAME = "wit-queries-en.txt.gz"
+GENSIM_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
+VITAL_ARTICLES = "wikipedia/vital_article_links.txt"
+
+
+def default_list_config() -> QueriesConfig:
+    """The shipped list's thresholds: the builder's defaults, except for the bigram minimum
+    count, which a 2-million-token corpus cannot meet at 100 (see docs/queries.md)."""
+    from wit_pipeline.config import BigramConfig
+
+    return QueriesConfig(bigrams=BigramConfig(min_count=5, min_pmi=8.0, max_entries=100_000))
+
+
+def gensim_dump_path() -> str:
+    """The English Wikipedia dump excerpt shipped in the gensim wheel (206 pages)."""
+    try:
+        import gensim
+    except ImportError:
+        raise WitError("gensim is not installed: pip install 'gensim>=4.3'") from None
+    path = fileio.join(os.path.dirname(gensim.__file__), GENSIM_DUMP)
+    if not fileio.exists(path):
+        raise WitError(f"gensim's Wikipedia dump excerpt not found at {path}")
+    return path
+
+
+def pywordfreq_counts_path() -> str:
+    """``word_frequencies.gz`` of PyPI ``pywordfreq``: English Wikipedia word counts."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pywordfreq")
+    if spec is None or not spec.submodule_search_locations:
+        raise WitError("pywordfreq is not installed: pip install 'pywordfreq==0.4.2'")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "word_frequencies.gz")
+    if not os.path.exists(path):
+        raise WitError(f"pywordfreq's word_frequencies.gz not found at {path}")
+    return path
+
+
+def package_relative(path: str) -> str:
+    """``.../site-packages/gensim/x`` -> ``gensim==4.4.0:gensim/x`` (portable in a manifest)."""
+    import importlib.metadata
+
+    marker = f"{os.sep}site-packages{os.sep}"
+    if marker not in path:
+        return path
+    rel = path.split(marker, 1)[1]
+    dist = rel.split(os.sep, 1)[0]
+    try:
+        return f"{dist}=={importlib.metadata.version(dist)}:{rel}"
+    except importlib.metadata.PackageNotFoundError:
+        return rel
+
+
+def corpus_bigrams(
+    *,
+    dump: str,
+    wordnet_dir: str,
+    cfg: QueriesConfig,
+    log=print,
+) -> SourceResult:
+    """Bigram PMI over real text available offline: a Wikipedia dump excerpt and the glosses
+    and example sentences of WordNet (counted locally: the corpus is ~2M tokens)."""
+    unigrams: collections.Counter = collections.Counter()
+    bigrams: collections.Counter = collections.Counter()
+    pages: collections.Counter = collections.Counter()
+    count_pages(iter_pages(dump), unigrams, bigrams, pages)
+    dump_tokens = pages.pop("tokens", 0)
+    glosses = [s.gloss for s in read_wordnet(wordnet_dir)]
+    gloss_tokens = count_ngrams(glosses, unigrams, bigrams)
+    n_tokens = sum(unigrams.values())
+    counter: collections.Counter = collections.Counter()
+    rows = score_bigrams(
+        bigrams,
+        unigrams,
+        n_tokens,
+        min_count=cfg.bigrams.min_count,
+        min_pmi=cfg.bigrams.min_pmi,
+        counter=counter,
+    )
+    warn_unreachable_pmi(n_tokens, cfg, log)
+    inputs = [
+        input_info(
+            dump,
+            "wikipedia-dump",
+            name=package_relative(dump),
+            pages=dict(sorted(pages.items())),
+            tokens=dump_tokens,
+        ),
+        {
+            "kind": "wordnet-glosses",
+            "files": [p.rsplit("/", 1)[-1] for p in wordnet_files(wordnet_dir)],
+            "glosses": len(glosses),
+            "tokens": gloss_tokens,
+        },
+    ]
+    return bigram_source(rows, inputs=inputs, n_tokens=n_tokens, counter=counter, cfg=cfg)
+
+
+def build_default(
+    *,
+    output_dir: str,
+    wordnet_dir: str = DEFAULT_WORDNET_DIR,
+    titles: str,
+    dump: str | None = None,
+    wikipedia_words: int = WIKIPEDIA_WORDS,
+    command: str = "",
+    titles_name: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Rebuild the shipped default list from offline sources (see docs/queries.md)."""
+    import importlib.metadata
+
+    cfg = default_list_config()
+    dump = dump or gensim_dump_path()
+    wordfreq_path = pywordfreq_counts_path()
+    sources = [wordnet_source(wordnet_dir, cfg)]
+    wf = wordfreq_info(wikipedia_words)
+    wf["scale_source"] = WIKIPEDIA_WORDS_SOURCE
+    pw = input_info(
+        wordfreq_path,
+        "count-table",
+        name=package_relative(wordfreq_path),
+        package=f"pywordfreq {importlib.metadata.version('pywordfreq')}",
+        description="English Wikipedia word counts (lower-cased, count >= 20)",
+    )
+    tables = [
+        (wf, wordfreq_counts(wikipedia_words)),
+        (pw, parse_count_table(read_lines(wordfreq_path), source=wordfreq_path)),
+    ]
+    sources.append(unigram_source(tables, cfg))
+    sources.append(corpus_bigrams(dump=dump, wordnet_dir=wordnet_dir, cfg=cfg, log=log))
+    sources.append(title_list_source([titles], cfg, names=[titles_name or titles]))
+    output = fileio.join(output_dir, DEFAULT_LIST_NAME)
+    return assemble(sources, cfg=cfg, output=output, command=command)
