@@ -29,6 +29,7 @@ import hashlib
 import html
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -1212,7 +1213,27 @@ class CountWikipediaNgrams(beam.PTransform):
         return {UNIGRAMS: unigrams, BIGRAMS: bigrams, beam_utils.COUNTS: counts}
 
 
-class _SelectUnigramsFn(beam.DoFn):
+class _BundleCountsFn(beam.DoFn):
+    """A DoFn whose counters are summed over the bundle and emitted once at its end.
+
+    Selection steps see one element per distinct word or bigram (hundreds of millions on a
+    full dump); emitting ``(name, 1)`` per element would double the shuffle.
+    """
+
+    part = ""
+
+    def start_bundle(self):
+        self._counter: collections.Counter = collections.Counter()
+
+    def finish_bundle(self):
+        for out in beam_utils.emit_counts(prefixed(self.part, self._counter)):
+            yield TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+        self._counter = collections.Counter()
+
+
+class _SelectUnigramsFn(_BundleCountsFn):
+    part = UNIGRAMS
+
     def __init__(self, *, min_count: int, max_chars: int):
         self._min_count = min_count
         self._max_chars = max_chars
@@ -1220,10 +1241,12 @@ class _SelectUnigramsFn(beam.DoFn):
     def process(self, item: tuple[str, int]):
         word, count = item
         reason = unigram_reason(word, count, min_count=self._min_count, max_chars=self._max_chars)
-        names = [counters_lib.INPUT, dropped(reason) if reason else counters_lib.KEPT]
-        if not reason:
+        self._counter[counters_lib.INPUT] += 1
+        if reason:
+            self._counter[dropped(reason)] += 1
+        else:
+            self._counter[counters_lib.KEPT] += 1
             yield item
-        yield from beam_utils.emit_counts(prefixed(UNIGRAMS, dict.fromkeys(names, 1)))
 
 
 class SelectUnigrams(beam.PTransform):
@@ -1238,13 +1261,22 @@ class SelectUnigrams(beam.PTransform):
         return {"kept": out.kept, beam_utils.COUNTS: out[beam_utils.COUNTS]}
 
 
-def _prefilter_bigram(item: tuple[str, int], min_count: int):
-    bigram, count = item
-    reason = bigram_prefilter_reason(bigram, count, min_count=min_count)
-    names = [counters_lib.INPUT] + ([dropped(reason)] if reason else [])
-    if not reason:
-        yield item
-    yield from beam_utils.emit_counts(prefixed(BIGRAMS, dict.fromkeys(names, 1)))
+class _PrefilterBigramsFn(_BundleCountsFn):
+    """Checks that need no unigram counts, before the joins (``kept`` is counted after PMI)."""
+
+    part = BIGRAMS
+
+    def __init__(self, min_count: int):
+        self._min_count = min_count
+
+    def process(self, item: tuple[str, int]):
+        bigram, count = item
+        reason = bigram_prefilter_reason(bigram, count, min_count=self._min_count)
+        self._counter[counters_lib.INPUT] += 1
+        if reason:
+            self._counter[dropped(reason)] += 1
+        else:
+            yield item
 
 
 def _attach_first(kv):
@@ -1265,14 +1297,20 @@ def _attach_second(kv):
         yield bigram, count, count_a, counts[0]
 
 
-def _score_bigram(item, n_tokens: int, min_pmi: float):
-    bigram, count, count_a, count_b = item
-    score = pmi(count, count_a, count_b, n_tokens)
-    if score < min_pmi:
-        yield from beam_utils.emit_counts(prefixed(BIGRAMS, {dropped("below_min_pmi"): 1}))
-        return
-    yield bigram, score, count
-    yield from beam_utils.emit_counts(prefixed(BIGRAMS, {counters_lib.KEPT: 1}))
+class _ScoreBigramsFn(_BundleCountsFn):
+    part = BIGRAMS
+
+    def __init__(self, min_pmi: float):
+        self._min_pmi = min_pmi
+
+    def process(self, item, n_tokens: int):
+        bigram, count, count_a, count_b = item
+        score = pmi(count, count_a, count_b, n_tokens)
+        if score < self._min_pmi:
+            self._counter[dropped("below_min_pmi")] += 1
+        else:
+            self._counter[counters_lib.KEPT] += 1
+            yield bigram, score, count
 
 
 class ScoreBigrams(beam.PTransform):
@@ -1290,8 +1328,8 @@ class ScoreBigrams(beam.PTransform):
     def expand(self, inputs):
         unigrams, bigrams = inputs[UNIGRAMS], inputs[BIGRAMS]
         n_tokens = unigrams | "Tokens" >> beam.Values() | "N" >> beam.CombineGlobally(sum)
-        pre = bigrams | "Prefilter" >> beam.FlatMap(
-            _prefilter_bigram, self._min_count
+        pre = bigrams | "Prefilter" >> beam.ParDo(
+            _PrefilterBigramsFn(self._min_count)
         ).with_outputs(beam_utils.COUNTS, main="kept")
         # Words rarer than min_count cannot be part of a kept bigram.
         vocab = unigrams | "Vocab" >> beam.Filter(lambda kv, m: kv[1] >= m, self._min_count)
@@ -1306,8 +1344,8 @@ class ScoreBigrams(beam.PTransform):
             | "JoinSecond" >> beam.CoGroupByKey()
             | "AttachSecond" >> beam.FlatMap(_attach_second)
         )
-        scored = with_ab | "PMI" >> beam.FlatMap(
-            _score_bigram, beam.pvalue.AsSingleton(n_tokens), self._min_pmi
+        scored = with_ab | "PMI" >> beam.ParDo(
+            _ScoreBigramsFn(self._min_pmi), beam.pvalue.AsSingleton(n_tokens)
         ).with_outputs(beam_utils.COUNTS, main="kept")
         counts = (pre[beam_utils.COUNTS], scored[beam_utils.COUNTS]) | beam.Flatten()
         return {"kept": scored.kept, beam_utils.COUNTS: counts, "n_tokens": n_tokens}
@@ -1326,17 +1364,19 @@ class _SumPageviewsFn(beam.DoFn):
         yield from beam_utils.emit_counts(prefixed("pageview_lines", counter))
 
 
-def _threshold_title(item: tuple[str, int], min_views: int):
-    _, views = item
-    if views < min_views:
-        yield from beam_utils.emit_counts(
-            prefixed("titles", {counters_lib.INPUT: 1, dropped("below_min_views"): 1})
-        )
-        return
-    yield item
-    yield from beam_utils.emit_counts(
-        prefixed("titles", {counters_lib.INPUT: 1, counters_lib.KEPT: 1})
-    )
+class _ThresholdTitlesFn(_BundleCountsFn):
+    part = "titles"
+
+    def __init__(self, min_views: int):
+        self._min_views = min_views
+
+    def process(self, item: tuple[str, int]):
+        self._counter[counters_lib.INPUT] += 1
+        if item[1] < self._min_views:
+            self._counter[dropped("below_min_views")] += 1
+        else:
+            self._counter[counters_lib.KEPT] += 1
+            yield item
 
 
 class SumPageviews(beam.PTransform):
@@ -1361,7 +1401,7 @@ class SumPageviews(beam.PTransform):
             )
         )
         totals = per_file.views | "SumTitles" >> beam.CombinePerKey(sum)
-        kept = totals | "Threshold" >> beam.FlatMap(_threshold_title, self._min_views).with_outputs(
+        kept = totals | "Threshold" >> beam.ParDo(_ThresholdTitlesFn(self._min_views)).with_outputs(
             beam_utils.COUNTS, main="kept"
         )
         counts = (per_file[beam_utils.COUNTS], kept[beam_utils.COUNTS]) | beam.Flatten()
@@ -1436,9 +1476,13 @@ def input_info(
     return info
 
 
-def wordnet_source(directory: str, cfg: QueriesConfig) -> SourceResult:
+def wordnet_source(
+    directory: str, cfg: QueriesConfig, *, synsets: Sequence[Synset] | None = None
+) -> SourceResult:
     counter: collections.Counter = collections.Counter()
-    entries = wordnet_entries(read_wordnet(directory), lemmas=cfg.wordnet.lemmas, counter=counter)
+    if synsets is None:
+        synsets = read_wordnet(directory)
+    entries = wordnet_entries(synsets, lemmas=cfg.wordnet.lemmas, counter=counter)
     version = wordnet_version(directory)
     doc = {
         "inputs": [input_info(p, "wordnet-data") for p in wordnet_files(directory)],
@@ -1611,7 +1655,7 @@ def assemble(
         command=command,
         created=created or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     )
-    manifest["config"] = dataclasses.asdict(cfg)
+    manifest["config"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
     manifest["skipped_sources"] = [n for n in SOURCES if n not in names]
     fileio.write_json(manifest_path(output), manifest)
     return manifest
@@ -1649,8 +1693,6 @@ class BuildInputs:
 
 def _fingerprint(inputs: BuildInputs, cfg: QueriesConfig, files: Mapping[str, list[str]]) -> str:
     """What the counting pipeline's outputs depend on: input files and the thresholds."""
-    import json
-
     doc = {
         "files": {k: [(p, file_size(p)) for p in v] for k, v in files.items()},
         "unigrams": dataclasses.asdict(cfg.unigrams),
@@ -1914,6 +1956,7 @@ def corpus_bigrams(
     dump: str,
     wordnet_dir: str,
     cfg: QueriesConfig,
+    synsets: Sequence[Synset] | None = None,
     log=print,
 ) -> SourceResult:
     """Bigram PMI over real text available offline: a Wikipedia dump excerpt and the glosses
@@ -1923,7 +1966,7 @@ def corpus_bigrams(
     pages: collections.Counter = collections.Counter()
     count_pages(iter_pages(dump), unigrams, bigrams, pages)
     dump_tokens = pages.pop("tokens", 0)
-    glosses = [s.gloss for s in read_wordnet(wordnet_dir)]
+    glosses = [s.gloss for s in (synsets or read_wordnet(wordnet_dir))]
     gloss_tokens = count_ngrams(glosses, unigrams, bigrams)
     n_tokens = sum(unigrams.values())
     counter: collections.Counter = collections.Counter()
@@ -1971,7 +2014,8 @@ def build_default(
     cfg = default_list_config()
     dump = dump or gensim_dump_path()
     wordfreq_path = pywordfreq_counts_path()
-    sources = [wordnet_source(wordnet_dir, cfg)]
+    synsets = read_wordnet(wordnet_dir)
+    sources = [wordnet_source(wordnet_dir, cfg, synsets=synsets)]
     wf = wordfreq_info(wikipedia_words)
     wf["scale_source"] = WIKIPEDIA_WORDS_SOURCE
     pw = input_info(
@@ -1986,7 +2030,9 @@ def build_default(
         (pw, parse_count_table(read_lines(wordfreq_path), source=wordfreq_path)),
     ]
     sources.append(unigram_source(tables, cfg))
-    sources.append(corpus_bigrams(dump=dump, wordnet_dir=wordnet_dir, cfg=cfg, log=log))
+    sources.append(
+        corpus_bigrams(dump=dump, wordnet_dir=wordnet_dir, cfg=cfg, synsets=synsets, log=log)
+    )
     sources.append(title_list_source([titles], cfg, names=[titles_name or titles]))
     output = fileio.join(output_dir, DEFAULT_LIST_NAME)
     return assemble(sources, cfg=cfg, output=output, command=command)
