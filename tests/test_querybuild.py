@@ -537,3 +537,32 @@ def test_cli_build_from_title_list(tmp_path):
         "select": {"input": 4, "kept": 3, "dropped:list_page": 1},
     }
     assert manifest["skipped_sources"] == ["wordnet", "unigrams", "bigrams"]
+
+
+def test_pipeline_translates_with_every_dofn_pickled(tmp_path):
+    """What Dataflow does first: translate the graph, pickling each DoFn with its config."""
+    import apache_beam as beam
+    from apache_beam.internal import pickler
+
+    dump = tmp_path / "enwiki-20240101-pages-articles1.xml.bz2"
+    dump.write_bytes(bz2.compress(b"<mediawiki></mediawiki>"))
+    p = beam.Pipeline()  # translated, never run
+    ngrams = p | querybuild.CountWikipediaNgrams(
+        files=[str(dump)], split_bytes=1 << 20, batch_pages=8
+    )
+    _ = ngrams | querybuild.ScoreBigrams(min_count=5, min_pmi=8.0)
+    _ = ngrams[querybuild.UNIGRAMS] | querybuild.SelectUnigrams(min_count=100, max_chars=40)
+    _ = p | querybuild.SumPageviews(files=["x.gz"], projects=("en",), min_views=70)
+    proto = p.to_runner_api()
+    payloads = [
+        t.spec.payload
+        for t in proto.components.transforms.values()
+        if t.spec.urn.endswith("pardo:v1")
+    ]
+    assert len(payloads) >= 10
+    for fn in (
+        querybuild._CountNgramsFn(bigrams=True),
+        querybuild._SelectUnigramsFn(min_count=100, max_chars=40),
+        querybuild._ScoreBigramsFn(8.0),
+    ):
+        assert type(pickler.loads(pickler.dumps(fn))) is type(fn)
