@@ -297,9 +297,10 @@ def test_wordnet_data_line_parsing():
     lines = [
         "  1 This software and database is being provided to you, the LICENSEE, by  ",
         "00014358 00 s 02 abounding 0 galore(ip) 0 001 & 00013887 a 0000 | existing in "
-        'abundance; "whiskey galore"  ',
-        "07697537 13 n 03 hotdog 0 hot_dog 0 red_hot 0 002 @ 07675627 n 0000 | a frankfurter "
-        "served hot on a bun  ",
+        'abundance; "abounding confidence"; "whiskey galore"  ',
+        # Real lines of Debian's data.adj and data.noun (WordNet 3.0).
+        "07697537 13 n 03 hotdog 2 hot_dog 2 red_hot 0 004 @ 07695965 n 0000 %p 07676602 n 0000 "
+        "%p 07690019 n 0000 ~ 07865105 n 0000 | a frankfurter served hot on a bun  ",
     ]
     synsets = list(querybuild.iter_wordnet_synsets(lines))
     assert [(s.offset, s.pos, s.lemmas) for s in synsets] == [

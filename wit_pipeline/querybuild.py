@@ -440,7 +440,7 @@ def count_ngrams(
             n += len(toks)
             unigrams.update(toks)
             if bigrams is not None and len(toks) > 1:
-                bigrams.update(f"{a} {b}" for a, b in itertools.pairwise(toks))
+                bigrams.update(map(" ".join, itertools.pairwise(toks)))
     return n
 
 
