@@ -394,8 +394,24 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
         ["queries.bigrams.min_count=5", "queries.split_bytes=150000", "queries.batch_pages=16"],
     ).queries
     out = str(tmp_path / "out" / "q.txt.gz")
+    work = str(tmp_path / "out" / "q.work")
     inputs = querybuild.BuildInputs(dumps=(str(dump),), pageviews=(str(views),))
-    manifest = querybuild.build(inputs, cfg, output=out, command="test", log=lambda *_: None)
+    # Count first with a tiny flush size (partial counts leave the DoFn many times per bundle),
+    # then build: the build finds the completed counts and only merges.
+    fingerprint = querybuild._fingerprint(
+        inputs, cfg, {"dumps": [str(dump)], "pageviews": [str(views)]}
+    )
+    querybuild.run_counting_pipeline(
+        dump_files=[str(dump)],
+        pageview_files=[str(views)],
+        cfg=cfg,
+        work_dir=work,
+        fingerprint=fingerprint,
+        max_keys=500,
+    )
+    logs: list[str] = []
+    manifest = querybuild.build(inputs, cfg, output=out, command="test", log=logs.append)
+    assert any("not recounting" in line for line in logs)
 
     # Plain-Python reference over the original single-stream file.
     uni, bi, pages = collections.Counter(), collections.Counter(), collections.Counter()
@@ -407,16 +423,16 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
     want_bi = querybuild.score_bigrams(
         bi, uni, n_tokens, min_count=5, min_pmi=8.0, counter=collections.Counter()
     )
-    work = str(tmp_path / "out" / "q.work")
     got_uni = querybuild.read_candidates(os.path.join(work, "unigrams.tsv.gz"))
     got_bi = querybuild.read_candidates(os.path.join(work, "bigrams.tsv.gz"))
     assert [(w, int(c)) for w, c in got_uni] == want_uni
     assert [(b, c) for b, _, c in map(tuple, got_bi)] == [(b, str(c)) for b, _, c in want_bi]
     assert [float(s) for _, s, _ in got_bi] == pytest.approx([s for _, s, _ in want_bi], abs=1e-6)
 
-    stats = querybuild.split_counters(
-        fileio.read_json(os.path.join(work, "stats.json"))["counters"]
-    )
+    marker = fileio.read_json(os.path.join(work, "stats.json"))
+    assert marker["rows"] == {"bigrams": len(want_bi), "titles": 2, "unigrams": len(want_uni)}
+    stats = querybuild.split_counters(marker["counters"])
+
     assert stats["pages"] == {
         "input": 206,
         "kept": 106,
@@ -441,10 +457,9 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
     assert got[-2:] == ["Golden retriever", "Hot dog"]
     assert manifest["skipped_sources"] == ["wordnet"]
 
-    # A rerun with the same inputs reuses the counts (completion marker + fingerprint).
-    logs: list[str] = []
-    querybuild.build(inputs, cfg, output=out, command="test", log=logs.append)
-    assert any("not recounting" in line for line in logs)
+    # A rerun with the same inputs reuses the counts; a missing candidate file forces a recount.
+    os.remove(os.path.join(work, "bigrams.tsv.gz"))
+    assert not querybuild._counts_current(work, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------

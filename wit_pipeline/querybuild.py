@@ -1177,10 +1177,12 @@ class CountWikipediaNgrams(beam.PTransform):
         split_bytes: int,
         batch_pages: int,
         bigrams: bool = True,
+        max_keys: int = 2_000_000,
     ):
         super().__init__()
         if not files:
             raise WitError("no dump files to count")
+        self._max_keys = max_keys
         if split_bytes <= 0 or batch_pages <= 0:
             raise WitError("split_bytes and batch_pages must be positive")
         self._files = list(files)
@@ -1203,9 +1205,9 @@ class CountWikipediaNgrams(beam.PTransform):
             read.batches
             | "ShuffleBatches" >> beam.Reshuffle()
             | "Count"
-            >> beam.ParDo(_CountNgramsFn(bigrams=self._bigrams)).with_outputs(
-                UNIGRAMS, BIGRAMS, beam_utils.COUNTS
-            )
+            >> beam.ParDo(
+                _CountNgramsFn(bigrams=self._bigrams, max_keys=self._max_keys)
+            ).with_outputs(UNIGRAMS, BIGRAMS, beam_utils.COUNTS)
         )
         unigrams = counted[UNIGRAMS] | "SumUnigrams" >> beam.CombinePerKey(sum)
         bigrams = counted[BIGRAMS] | "SumBigrams" >> beam.CombinePerKey(sum)
@@ -1704,6 +1706,17 @@ def _fingerprint(inputs: BuildInputs, cfg: QueriesConfig, files: Mapping[str, li
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def _counts_current(work_dir: str, fingerprint: str) -> bool:
+    """True when ``work_dir`` holds a completed run for the same inputs and thresholds."""
+    stats_path = fileio.join(work_dir, "stats.json")
+    if not fileio.exists(stats_path):
+        return False
+    doc = fileio.read_json(stats_path)
+    return doc.get("fingerprint") == fingerprint and all(
+        fileio.exists(fileio.join(work_dir, f"{name}.tsv.gz")) for name in doc.get("rows", {})
+    )
+
+
 def run_counting_pipeline(
     *,
     dump_files: Sequence[str],
@@ -1712,6 +1725,7 @@ def run_counting_pipeline(
     work_dir: str,
     beam_args: Sequence[str] = (),
     fingerprint: str = "",
+    max_keys: int = 2_000_000,
 ) -> dict[str, Any]:
     """Count the dumps and sum the page views on Beam; write candidate files to ``work_dir``.
 
@@ -1723,12 +1737,14 @@ def run_counting_pipeline(
     stats_path = fileio.join(work_dir, "stats.json")
     with beam.Pipeline(options=options) as p:
         counts = []
+        written: dict[str, Any] = {}  # candidate file name -> PCollection of its row count
         if dump_files and (cfg.unigrams.enabled or cfg.bigrams.enabled):
             ngrams = p | "CountDumps" >> CountWikipediaNgrams(
                 files=dump_files,
                 split_bytes=cfg.split_bytes,
                 batch_pages=cfg.batch_pages,
                 bigrams=cfg.bigrams.enabled,
+                max_keys=max_keys,
             )
             counts.append(ngrams[beam_utils.COUNTS])
             if cfg.unigrams.enabled:
@@ -1736,7 +1752,7 @@ def run_counting_pipeline(
                     min_count=cfg.unigrams.min_count, max_chars=cfg.unigrams.max_chars
                 )
                 counts.append(uni[beam_utils.COUNTS])
-                _ = uni["kept"] | "WriteUnigrams" >> WriteCandidates(
+                written["unigrams"] = uni["kept"] | "WriteUnigrams" >> WriteCandidates(
                     fileio.join(work_dir, "unigrams.tsv.gz"), sort_key=unigram_sort_key
                 )
             if cfg.bigrams.enabled:
@@ -1744,7 +1760,7 @@ def run_counting_pipeline(
                     min_count=cfg.bigrams.min_count, min_pmi=cfg.bigrams.min_pmi
                 )
                 counts.append(bi[beam_utils.COUNTS])
-                _ = bi["kept"] | "WriteBigrams" >> WriteCandidates(
+                written["bigrams"] = bi["kept"] | "WriteBigrams" >> WriteCandidates(
                     fileio.join(work_dir, "bigrams.tsv.gz"), sort_key=bigram_sort_key
                 )
         if pageview_files and cfg.titles.enabled:
@@ -1752,22 +1768,37 @@ def run_counting_pipeline(
                 files=pageview_files, projects=cfg.titles.projects, min_views=cfg.titles.min_views
             )
             counts.append(views[beam_utils.COUNTS])
-            _ = views["kept"] | "WriteTitles" >> WriteCandidates(
+            written["titles"] = views["kept"] | "WriteTitles" >> WriteCandidates(
                 fileio.join(work_dir, "titles.tsv.gz"), sort_key=title_sort_key
             )
-        # Written after every candidate file: a side input orders it behind them.
+        # The completion marker: its step takes every candidate file's row count as a side
+        # input, so it runs only once all of them are written.
+        names = sorted(written)
         _ = (
             tuple(counts)
             | "AllCounts" >> beam.Flatten()
             | "Stats" >> beam_utils.SumCounts()
             | "WriteStats"
             >> beam.Map(
-                lambda c, path, fp: fileio.write_json(path, {"counters": c, "fingerprint": fp}),
+                _write_stats_marker,
                 stats_path,
                 fingerprint,
+                names,
+                *[beam.pvalue.AsSingleton(written[n]) for n in names],
             )
         )
     return fileio.read_json(stats_path)
+
+
+def _write_stats_marker(
+    counts: dict[str, int], path: str, fingerprint: str, names: list[str], *rows: int
+) -> None:
+    doc = {
+        "counters": counts,
+        "fingerprint": fingerprint,
+        "rows": dict(zip(names, rows, strict=True)),
+    }
+    fileio.write_json(path, doc)
 
 
 def build(
@@ -1792,11 +1823,7 @@ def build(
     if dump_files or pageview_files:
         fp = _fingerprint(inputs, cfg, files)
         stats_path = fileio.join(work_dir, "stats.json")
-        if (
-            not force
-            and fileio.exists(stats_path)
-            and fileio.read_json(stats_path).get("fingerprint") == fp
-        ):
+        if not force and _counts_current(work_dir, fp):
             log(f"counts up to date in {work_dir} (same inputs and thresholds): not recounting")
             stats = fileio.read_json(stats_path)
         else:
