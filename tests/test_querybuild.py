@@ -176,6 +176,9 @@ def test_truncated_dump_is_an_error(tmp_path, excerpt):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WitError, match="truncated"):
         list(querybuild.iter_page_fragments(str(path)))
+    (tmp_path / "plain.xml.bz2").write_bytes(b"<mediawiki><page><title>x</title></page>")
+    with pytest.raises(WitError, match="not a bzip2 file"):
+        list(querybuild.iter_split_pages(str(tmp_path / "plain.xml.bz2"), 0, 100))
 
 
 # ---------------------------------------------------------------------------------------------

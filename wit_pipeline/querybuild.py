@@ -247,6 +247,8 @@ def iter_split_pages(path: str, start: int, end: int) -> Iterator[bytes]:
     of a file yield each page exactly once.
     """
     with fileio.open_file(path, "rb") as f:
+        if start == 0 and f.read(3) != b"BZh":
+            raise WitError(f"cannot read dump {path}: not a bzip2 file")
         first = _find_stream_start(f, start, end)
         while first is not None:
             produced = False
@@ -1836,6 +1838,8 @@ def build(
                 fingerprint=fp,
             )
     parts = split_counters(stats["counters"])
+    if dump_files and not parts.get(PAGES, {}).get(counters_lib.INPUT):
+        raise WitError(f"no <page> element in the dump files: {', '.join(dump_files)}")
     for name, c in parts.items():
         if counters_lib.INPUT in c:
             counters_lib.check_balanced(c, stage=name)
