@@ -126,6 +126,75 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class UnigramConfig:
+    """Words of the corpus (lower-cased tokens) kept at ``count >= min_count``."""
+
+    enabled: bool = True
+    min_count: int = 100  # CLIP: "all words occurring at least 100 times in English Wikipedia"
+    max_chars: int = 40  # longer tokens are markup debris, URLs or chemical names
+
+
+@dataclass(frozen=True)
+class BigramConfig:
+    """Adjacent word pairs kept at ``count >= min_count`` and ``PMI >= min_pmi``.
+
+    PMI is ``log2(count(ab) * N / (count(a) * count(b)))`` with ``N`` the corpus' token count
+    (nltk's ``BigramAssocMeasures.pmi``, which MetaCLIP used with a threshold of 30).
+    """
+
+    enabled: bool = True
+    # The same bar as words: a bigram query is attested at least 100 times. MetaCLIP's
+    # threshold of 30 (no minimum count) only admits pairs seen a handful of times on a full
+    # dump: PMI can never exceed log2(N / min_count), 25.4 for N = 4.5e9 and min_count = 100.
+    min_count: int = 100
+    min_pmi: float = 8.0
+    # Keep at most this many bigrams, highest PMI first (MetaCLIP's list has 100,646); 0 = all.
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class TitleConfig:
+    """Wikipedia article titles kept at summed page views ``>= min_views``."""
+
+    enabled: bool = True
+    min_views: int = 70  # MetaCLIP: 70 views summed over 25 sampled days of hourly files
+    # Pageview ``domain_code`` values counted ("en" desktop, "en.m" mobile English Wikipedia).
+    projects: tuple[str, ...] = ("en", "en.m")
+    # "Mercury (planet)" -> "Mercury": a parenthesised qualifier never occurs in a caption.
+    strip_disambiguation: bool = True
+    drop_list_pages: bool = True  # "List of ..." pages name no visual concept
+
+
+@dataclass(frozen=True)
+class WordNetConfig:
+    """WordNet synsets: every lemma ("all") or each synset's first lemma only ("first")."""
+
+    enabled: bool = True
+    lemmas: str = "all"
+
+
+@dataclass(frozen=True)
+class QueriesConfig:
+    """The query list builder (``wit queries build``)."""
+
+    unigrams: UnigramConfig = field(default_factory=UnigramConfig)
+    bigrams: BigramConfig = field(default_factory=BigramConfig)
+    titles: TitleConfig = field(default_factory=TitleConfig)
+    wordnet: WordNetConfig = field(default_factory=WordNetConfig)
+    # Sources in merge order: an entry is credited to the first source that has it, and the
+    # cap cuts the last sources' weakest entries first (MetaCLIP's order).
+    priority: tuple[str, ...] = ("wordnet", "unigrams", "bigrams", "titles")
+    max_queries: int = 500_000
+    # "keep": words and bigrams lower case, titles and WordNet lemmas as written (for the
+    # default case-sensitive matching); "lower": every entry lower-cased.
+    case: str = "keep"
+    # Wikipedia dump reading: compressed bytes per split of a multistream .bz2 file, and pages
+    # per batch handed to the counting step.
+    split_bytes: int = 64 * 1024 * 1024
+    batch_pages: int = 256
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything ``wit build`` computes, stage by stage."""
 
@@ -135,6 +204,7 @@ class BuildConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The query list: loading (every stage) and building (``wit queries build``).
 
+Building lives in ``querybuild.py`` (sources, merge, Beam counting); this module only reads lists,
+so every stage can import it without Beam.
+
 A query list is a text file, optionally gzip-compressed, with one query per line. A query's id
 is its 0-based position among the non-empty lines; ``query_ids`` in every later stage index into
 that list, so a dataset records which list (path and sha256) it was matched against.

@@ -1,0 +1,25 @@
+"""Build a query list on any Beam runner: a thin entry point for ``wit queries build``.
+
+Locally (FnApiRunner)::
+
+    python pipelines/build_queries.py --output out/q.txt.gz \\
+        --dump 'dumps/enwiki-*-pages-articles-multistream*.xml.bz2' \\
+        --pageviews 'pageviews/pageviews-*.gz' --wordnet /usr/share/wordnet
+
+On Dataflow, the same command with Beam options (see docs/queries.md for sizing)::
+
+    python pipelines/build_queries.py --output gs://bucket/queries/wit-queries-en.txt.gz \\
+        --dump 'gs://bucket/enwiki/*.bz2' --pageviews 'gs://bucket/pageviews/*.gz' \\
+        --wordnet /usr/share/wordnet --runner=DataflowRunner --project=my-project \\
+        --region=us-central1 --temp_location=gs://bucket/tmp --num_workers=50 \\
+        --machine_type=n2-highmem-4 --setup_file=./pyproject.toml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from wit_pipeline import cli
+
+if __name__ == "__main__":
+    sys.exit(cli.main(["queries", "build", *sys.argv[1:]]))
