@@ -152,7 +152,9 @@ def test_equals_naive_loop_on_real_warc_alt_texts(shared_data):
 
     pairs = [
         p
-        for batch in warc.iter_batches(str(shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"))
+        for batch in warc.iter_batches(
+            str(shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz")
+        )
         for p in zip(batch.urls, batch.captions, strict=True)
     ]
     alts = [c for _, c in pairs if c]

@@ -169,6 +169,7 @@ def run(args) -> int:
     from wit_pipeline import counters, fileio, queries
 
     cfg = _gather_config(args)
+    fileio.expand_inputs(args.input)  # a missing input is reported before anything else
     queries_path = args.queries
     if queries_path is None:
         queries_path = queries.default_queries_path()
