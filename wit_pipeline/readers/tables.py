@@ -184,7 +184,8 @@ def _iter_csv(
                 rows = rest.num_rows
         if rows:
             yield _table_batch(path, pa.Table.from_batches(pending), cols, counter)
-    counter["table:bad_rows"] += bad[0]
+    if bad[0]:
+        counter["table:bad_rows"] += bad[0]
 
 
 def _table_batch(path: str, table: pa.Table, cols: Columns, counter) -> RawBatch:
