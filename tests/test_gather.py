@@ -585,3 +585,34 @@ def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
     rej = pq.read_table(out / "rejected")
     assert rej.num_rows == counters.total_dropped(c)
     assert collections.Counter(rej.column("reason").to_pylist()) == counters.drop_reasons(c)
+
+
+def test_bucket_buffer_groups_rows_into_large_elements():
+    uids = [urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(100)]
+    table = pa.Table.from_pylist(
+        [
+            {
+                "uid": u,
+                "url": "u",
+                "caption": "c",
+                "query_ids": [],
+                "source": "s",
+                "page_url": None,
+                "language": "",
+                "language_score": 0.0,
+            }
+            for u in uids
+        ],
+        schema=gather.CANDIDATE_SCHEMA,
+    )
+    buf = gather._BucketBuffer(4, flush_rows=10, max_rows=40)
+    out = []
+    for start in range(0, 100, 7):  # batches of 7 rows, each split over 4 buckets
+        for bucket, part in gather.split_by_bucket(table.slice(start, 7), 4):
+            out.extend(buf.add(bucket, part))
+    out.extend(buf.flush())
+    assert sorted(u for _, (_, t) in out for u in t.column("uid").to_pylist()) == sorted(uids)
+    assert all(kind == "c" for _, (kind, _) in out)
+    for bucket, (_, t) in out:
+        assert {gather.bucket_of(u, 4) for u in t.column("uid").to_pylist()} == {bucket}
+    assert len(out) < 100 // 7 * 4 / 2  # far fewer elements than batch x bucket slices

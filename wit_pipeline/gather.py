@@ -463,19 +463,55 @@ class _ReadFilterFn(beam.DoFn):
         counter: collections.Counter[str] = collections.Counter()
         label = f"[{index + 1}/{self._total}] {path}"
         progress = _Progress(label, self._interval)
+        buffer = _BucketBuffer(self._num_buckets)
         pairs = kept = 0
         for batch in iter_file_batches(path, cfg=self._cfg, counter=counter):
             candidates, rejected = self._filter.process(batch, counter)
             pairs += len(batch)
             kept += candidates.num_rows
             for bucket, part in split_by_bucket(candidates, self._num_buckets):
-                yield bucket, ("c", part)
+                yield from buffer.add(bucket, part)
             if rejected is not None and rejected.num_rows:
                 yield rejected_bucket(rejected, self._num_buckets), ("r", rejected)
             progress.update(pairs)
+        yield from buffer.flush()
         counter["files:read"] += 1
         progress.done(pairs, kept)
         yield from beam_utils.emit_counts(counter)
+
+
+class _BucketBuffer:
+    """Collects a file's candidate rows per bucket so that each shuffled element is large.
+
+    With thousands of buckets, a 4096-row batch would otherwise become thousands of one-row
+    elements. A bucket is emitted once it holds ``flush_rows`` rows; everything is emitted at
+    the end of the file or when ``max_rows`` rows are held.
+    """
+
+    def __init__(self, num_buckets: int, *, flush_rows: int = 2048, max_rows: int = 262_144):
+        self._parts: dict[int, list[pa.Table]] = collections.defaultdict(list)
+        self._rows: collections.Counter[int] = collections.Counter()
+        self._total = 0
+        self._flush_rows = flush_rows
+        self._max_rows = max_rows
+
+    def add(self, bucket: int, table: pa.Table) -> Iterator[tuple[int, tuple[str, pa.Table]]]:
+        self._parts[bucket].append(table)
+        self._rows[bucket] += table.num_rows
+        self._total += table.num_rows
+        if self._rows[bucket] >= self._flush_rows:
+            yield self._take(bucket)
+        if self._total >= self._max_rows:
+            yield from self.flush()
+
+    def _take(self, bucket: int) -> tuple[int, tuple[str, pa.Table]]:
+        parts = self._parts.pop(bucket)
+        self._total -= self._rows.pop(bucket)
+        return bucket, ("c", parts[0] if len(parts) == 1 else pa.concat_tables(parts))
+
+    def flush(self) -> Iterator[tuple[int, tuple[str, pa.Table]]]:
+        for bucket in sorted(self._parts):
+            yield self._take(bucket)
 
 
 class _DedupFn(beam.DoFn):
