@@ -616,3 +616,31 @@ def test_bucket_buffer_groups_rows_into_large_elements():
     for bucket, (_, t) in out:
         assert {gather.bucket_of(u, 4) for u in t.column("uid").to_pylist()} == {bucket}
     assert len(out) < 100 // 7 * 4 / 2  # far fewer elements than batch x bucket slices
+
+
+def test_fsspec_urls_in_and_out(fixture_files, tmp_path):
+    """Inputs and outputs through fsspec (memory:// here; gs:// and s3:// work the same way)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in fixture_files:
+        with fs.open(f"memory://bucket/in/{f.rsplit('/', 1)[-1]}", "wb") as out:
+            out.write(pathlib.Path(f).read_bytes())
+    with fs.open("memory://bucket/q.txt", "wb") as out:
+        out.write("\n".join(Q).encode())
+    try:
+        doc = gather.run_gather(
+            ["memory://bucket/in/*.gz", "memory://bucket/in/c.parquet"],
+            "memory://bucket/out",
+            cfg=GatherConfig(num_output_shards=2),
+            queries_path="memory://bucket/q.txt",
+        )
+        assert doc["counters"] == EXPECTED_COUNTERS
+        names = sorted(
+            p.rsplit("/", 1)[-1] for p in fs.ls("memory://bucket/out/candidates", detail=False)
+        )
+        assert names == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+        with fs.open("memory://bucket/out/stats.json") as f:
+            assert json.load(f)["counters"] == EXPECTED_COUNTERS
+    finally:
+        fs.rm("memory://bucket", recursive=True)
