@@ -82,7 +82,8 @@ class GatherConfig:
     dedup: bool = True
     write_rejected: bool = True
     batch_size: int = 4096
-    # Output files for candidates/rejected; 0 lets the runner decide.
+    # Output files for candidates/rejected (pairs are hash-partitioned by uid); 0 = automatic,
+    # about one per 128 MiB of input.
     num_output_shards: int = 0
 
 
