@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wit_pipeline.cli import main  # noqa: E402
+from wit_pipeline.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["gather", *sys.argv[1:]]))
