@@ -644,3 +644,38 @@ def test_fsspec_urls_in_and_out(fixture_files, tmp_path):
             assert json.load(f)["counters"] == EXPECTED_COUNTERS
     finally:
         fs.rm("memory://bucket", recursive=True)
+
+
+class _CountingDetector:
+    name = "fake"
+
+    def __init__(self):
+        self.seen = []
+
+    def detect(self, text):
+        self.seen.append(text)
+        return ("fr", 0.9) if "chien" in text else ("en", 0.8)
+
+
+def test_language_is_detected_before_matching_only_when_it_filters():
+    batch = RawBatch(
+        "s",
+        ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg", "http://a/4.jpg"],
+        ["A dog on a sofa", "Un chien dog", "Sunset over the sea", "tiny"],
+        [None] * 4,
+    )
+    det = _CountingDetector()
+    flt = gather.PairFilter(GatherConfig(), QueryMatcher(Q), det)
+    counter = collections.Counter()
+    kept, _ = flt.process(batch, counter)
+    # Filtering: every caption that passed the length checks is detected, matched or not.
+    assert det.seen == ["A dog on a sofa", "Un chien dog", "Sunset over the sea"]
+    assert kept.column("language").to_pylist() == ["en"]
+    assert counter["dropped:language"] == 1 and counter["dropped:no_match"] == 1
+    det = _CountingDetector()
+    cfg = GatherConfig(captions=captions.CaptionConfig(languages=()))
+    kept, _ = gather.PairFilter(cfg, QueryMatcher(Q), det).process(batch, collections.Counter())
+    # No filter: only kept pairs are detected, and their language is recorded.
+    assert det.seen == ["A dog on a sofa", "Un chien dog"]
+    assert kept.column("language").to_pylist() == ["en", "fr"]
+    assert kept.column("language_score").to_pylist() == pytest.approx([0.8, 0.9])

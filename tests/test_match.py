@@ -136,7 +136,7 @@ def test_equals_references_on_real_captions_and_real_sized_list(real_captions, r
         matched += bool(got)
     assert matched > 0.8 * len(real_captions)
     # The literal loop over every query is slow (~40 ms per caption at this size): a sample.
-    for text in random.Random(0).sample(real_captions, 40):
+    for text in random.Random(0).sample(real_captions, 20):
         assert m.match(text) == naive_match(text, real_queries), text
 
 

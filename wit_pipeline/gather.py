@@ -142,6 +142,8 @@ class PairFilter:
         ccfg = self.cfg.captions
         form = ccfg.unicode_form
         detect = self.detector.detect if self.detector.name != "none" else None
+        # Detection runs before matching when it filters (a caption's language is checked like
+        # its length); without a filter it runs only for the pairs that are kept.
         language_filter = bool(ccfg.languages) and detect is not None
         match = self.matcher.match
         keep_unmatched = self.cfg.match.keep_unmatched
@@ -168,14 +170,16 @@ class PairFilter:
                     caption = clean(raw_caption, unicode_form=form)
                     reason = check_caption(caption, ccfg)
             language, score = "", 0.0
-            if reason is None and detect is not None:
+            if reason is None and language_filter:
                 language, score = detect(caption)
-                if language_filter:
-                    reason = check_language(language, score, ccfg)
+                reason = check_language(language, score, ccfg)
             if reason is None:
                 ids = match(caption)
                 if not ids and not keep_unmatched:
                     reason = NO_MATCH
+                elif detect is not None and not language_filter:
+                    # No filter: the language is only recorded, so only for kept pairs.
+                    language, score = detect(caption)
             if reason is not None:
                 dropped[reason] += 1
                 if write_rejected:
