@@ -118,7 +118,8 @@ def test_gather_command_end_to_end(tmp_path, table):
         "--output", str(out),
         "--config", str(tmp_path / "c.toml"),
         "--num-shards", "2",
-        "--runner", "DirectRunner",
+        "--runner", "FnApiRunner",
+        "--direct_num_workers", "1",  # an unknown flag: passed to Beam as a pipeline option
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
@@ -126,7 +127,7 @@ def test_gather_command_end_to_end(tmp_path, table):
     assert "[1/2]" in res.stderr and "[2/2]" in res.stderr and "done" in res.stderr
     assert res.stdout.startswith("gather: done in ")
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["runner"] == "DirectRunner"
+    assert stats["runner"] == "FnApiRunner"
     assert stats["config"]["captions"]["min_chars"] == 4
     c = stats["counters"]
     # min_chars=4 lets "dog" (3 chars) still fail; the table adds 1 kept (dog) + 1 no_match.
