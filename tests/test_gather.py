@@ -679,3 +679,19 @@ def test_language_is_detected_before_matching_only_when_it_filters():
     assert det.seen == ["A dog on a sofa", "Un chien dog"]
     assert kept.column("language").to_pylist() == ["en", "fr"]
     assert kept.column("language_score").to_pylist() == pytest.approx([0.8, 0.9])
+
+
+def test_multi_process_run_gives_the_same_output(fixture_files, tmp_path):
+    qpath = write_queries(tmp_path / "q.txt")
+    doc = gather.run_gather(
+        fixture_files,
+        str(tmp_path / "out"),
+        cfg=GatherConfig(num_output_shards=3),
+        queries_path=qpath,
+        beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    )
+    assert doc["counters"] == EXPECTED_COUNTERS
+    assert doc["query_counts"] == EXPECTED_QUERY_COUNTS
+    cand = pq.read_table(tmp_path / "out" / "candidates").sort_by("uid")
+    loop_cand, _, _ = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    assert cand.equals(loop_cand)
