@@ -695,3 +695,22 @@ def test_multi_process_run_gives_the_same_output(fixture_files, tmp_path):
     cand = pq.read_table(tmp_path / "out" / "candidates").sort_by("uid")
     loop_cand, _, _ = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
     assert cand.equals(loop_cand)
+
+
+def test_read_pairs_transform(fixture_files):
+    with test_pipeline.TestPipeline(options=beam_utils.pipeline_options([])) as p:
+        result = p | beam.Create(fixture_files[:2]) | gather.ReadPairs(batch_size=4)
+        sizes = result.batches | "Sizes" >> beam.Map(
+            lambda b: (b.source.rsplit("/", 1)[-1], len(b))
+        )
+        assert_that(
+            sizes,
+            equal_to([("a.warc.gz", 4)] * 4 + [("a.warc.gz", 2), ("b.wat.gz", 4), ("b.wat.gz", 1)]),
+            label="CheckBatches",
+        )
+        counts = result[beam_utils.COUNTS] | beam_utils.SumCounts()
+        assert_that(
+            counts | beam.Map(lambda d: (d["files:read"], d["warc:html_pages"], d["wat:records"])),
+            equal_to([(2, 5, 6)]),
+            label="CheckCounts",
+        )

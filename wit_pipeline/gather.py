@@ -424,6 +424,48 @@ class _Progress:
         )
 
 
+class _ReadFn(beam.DoFn):
+    def __init__(self, *, cfg: GatherConfig, batch_size: int | None):
+        self._cfg = cfg
+        self._batch_size = batch_size
+
+    def process(self, path: str):
+        counter: collections.Counter[str] = collections.Counter()
+        yield from iter_file_batches(
+            path, cfg=self._cfg, counter=counter, batch_size=self._batch_size
+        )
+        counter["files:read"] += 1
+        yield from beam_utils.emit_counts(counter)
+
+
+class ReadPairs(beam.PTransform):
+    """Input file paths -> ``RawBatch`` elements (raw pairs, nothing filtered).
+
+    The Beam face of the readers (``readers.iter_file_batches``: WARC, WAT, Parquet, CSV, TSV,
+    JSONL by file name or ``cfg.input_format``). Reader counters (``warc:records``, ...) go to
+    the ``counts`` output as ``(name, n)`` pairs. ``GatherPairs`` does not use it: it reads and
+    filters in one DoFn so that each file's progress line reports the whole cost.
+    """
+
+    def __init__(self, *, cfg: GatherConfig | None = None, batch_size: int | None = None):
+        super().__init__()
+        cfg = cfg or GatherConfig()
+        if cfg.input_format not in ("auto", *FORMATS):
+            raise WitError(f"unknown input format {cfg.input_format!r}")
+        self._cfg = cfg
+        self._batch_size = batch_size
+
+    def expand(self, paths):
+        return (
+            paths
+            | "Reshuffle" >> beam.Reshuffle()
+            | "Read"
+            >> beam.ParDo(_ReadFn(cfg=self._cfg, batch_size=self._batch_size)).with_outputs(
+                beam_utils.COUNTS, main="batches"
+            )
+        )
+
+
 class _ReadFilterFn(beam.DoFn):
     """One input file -> ``(bucket, ("c"|"r", table))`` per batch; reader and drop counts.
 

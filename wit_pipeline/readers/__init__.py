@@ -7,7 +7,7 @@ broken records); URL and caption checks, with their drop reasons, happen in ``ga
 Reader-level events (records read, broken records skipped, charset fallbacks) are counted in
 the counter under ``<format>:<event>`` names.
 
-``ReadPairs`` (in ``wit_pipeline.gather``) is the Beam transform over these parsers.
+``wit_pipeline.gather.ReadPairs`` is the Beam transform over these parsers.
 """
 
 from __future__ import annotations
