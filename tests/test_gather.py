@@ -605,7 +605,7 @@ def test_bucket_buffer_groups_rows_into_large_elements():
         ],
         schema=gather.CANDIDATE_SCHEMA,
     )
-    buf = gather._BucketBuffer(4, flush_rows=10, max_rows=40)
+    buf = gather._BucketBuffer(flush_rows=10, max_rows=40)
     out = []
     for start in range(0, 100, 7):  # batches of 7 rows, each split over 4 buckets
         for bucket, part in gather.split_by_bucket(table.slice(start, 7), 4):
@@ -714,3 +714,21 @@ def test_read_pairs_transform(fixture_files):
             equal_to([(2, 5, 6)]),
             label="CheckCounts",
         )
+
+
+def test_progress_lines(fixture_files, tmp_path, caplog):
+    qpath = write_queries(tmp_path / "q.txt")
+    caplog.set_level("INFO", logger="wit_pipeline.gather")
+    gather.run_gather(
+        fixture_files,
+        str(tmp_path / "out"),
+        cfg=GatherConfig(batch_size=2),
+        queries_path=qpath,
+        progress_interval=1e-9,  # a line after every batch
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "wit_pipeline.gather"]
+    assert lines[0].startswith("gather: 3 input files (1 parquet, 1 warc, 1 wat), 6 queries")
+    warc = [line for line in lines if f"[1/3] {fixture_files[0]}" in line]
+    assert len([line for line in warc if "pairs so far" in line]) == 9  # 18 pairs, 2 per batch
+    assert warc[-1].startswith(f"gather: [1/3] {fixture_files[0]}: done, 18 pairs, 6 candidates")
+    assert sum("done" in line for line in lines) == 3

@@ -12,9 +12,9 @@ For every input file (WARC, WAT, or a table) each extracted image/caption pair g
 5. exact duplicates across the whole input: one pair per ``uid`` is kept (``duplicate``).
 
 Every pair is counted: ``input == kept + sum(dropped:*)``. Pure cores (``PairFilter.process``,
-``dedup_candidates``, ``gather_loop``) do the work; Beam transforms (``ReadPairs``,
-``FilterPairs``, ``DedupPairs``, composed as ``GatherPairs``; ``WriteGather``) run them in
-batches of Arrow tables. Deduplication hash-partitions candidates by ``uid`` into buckets, one
+``dedup_candidates``, ``gather_loop``) do the work; the Beam transforms ``GatherPairs``
+(read + filter + deduplicate) and ``WriteGather`` (files and ``stats.json``) run them on batches
+of Arrow tables; ``ReadPairs`` exposes the readers alone. Deduplication hash-partitions candidates by ``uid`` into buckets, one
 ``GroupByKey`` over whole tables, and each bucket becomes one output file, sorted by ``uid``:
 the output is identical whatever the runner, the batching or the number of workers.
 """
@@ -398,17 +398,13 @@ class _Progress:
         self.interval = interval
         self.start = self.last = time.monotonic()
 
-    def update(self, pairs: int, extra: str = "") -> None:
+    def update(self, pairs: int) -> None:
         now = time.monotonic()
         if self.interval > 0 and now - self.last >= self.interval:
             self.last = now
             rate = pairs / max(now - self.start, 1e-9)
             _LOG.info(
-                "gather: %s: %s pairs so far (%s/s)%s",
-                self.label,
-                f"{pairs:,}",
-                f"{rate:,.0f}",
-                extra,
+                "gather: %s: %s pairs so far (%s/s)", self.label, f"{pairs:,}", f"{rate:,.0f}"
             )
 
     def done(self, pairs: int, kept: int | None = None) -> None:
@@ -509,7 +505,7 @@ class _ReadFilterFn(beam.DoFn):
         counter: collections.Counter[str] = collections.Counter()
         label = f"[{index + 1}/{self._total}] {path}"
         progress = _Progress(label, self._interval)
-        buffer = _BucketBuffer(self._num_buckets)
+        buffer = _BucketBuffer()
         pairs = kept = 0
         for batch in iter_file_batches(path, cfg=self._cfg, counter=counter):
             candidates, rejected = self._filter.process(batch, counter)
@@ -534,7 +530,7 @@ class _BucketBuffer:
     the end of the file or when ``max_rows`` rows are held.
     """
 
-    def __init__(self, num_buckets: int, *, flush_rows: int = 2048, max_rows: int = 262_144):
+    def __init__(self, *, flush_rows: int = 2048, max_rows: int = 262_144):
         self._parts: dict[int, list[pa.Table]] = collections.defaultdict(list)
         self._rows: collections.Counter[int] = collections.Counter()
         self._total = 0
