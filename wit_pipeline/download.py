@@ -378,6 +378,21 @@ def plan_doc(config: DownloadConfig, num_urls: int) -> dict[str, Any]:
     }
 
 
+def check_plan_config(output_dir: str, config: DownloadConfig) -> None:
+    """Before a rerun starts: refuse a configuration that differs from the first run's."""
+    path = fileio.join(output_dir, PLAN_FILE)
+    if not fileio.exists(path):
+        return
+    old = fileio.read_json(path).get("config")
+    new = plan_doc(config, 0)["config"]
+    if old != new:
+        changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+        raise WitError(
+            f"{output_dir} holds a download run with other settings ({', '.join(changed)}); "
+            "use a new --output directory or the same settings"
+        )
+
+
 # Fields that change how fast a run goes, not what it produces: a rerun may change them.
 EXECUTION_ONLY_FIELDS = ("processes", "threads", "per_host_concurrency", "per_host_rate")
 
@@ -766,10 +781,11 @@ class DownloadImages(beam.PTransform):
         self,
         *,
         output_dir: str,
-        config: DownloadConfig = DownloadConfig(),
+        config: DownloadConfig | None = None,
         resolver: netguard.Resolver | None = None,
     ):
         super().__init__()
+        config = config or DownloadConfig()
         validate_config(config)
         if not output_dir:
             raise WitError("DownloadImages needs an output_dir")
@@ -843,7 +859,13 @@ class DownloadImages(beam.PTransform):
 
 def validate_config(config: DownloadConfig) -> None:
     """Refuse impossible settings at construction, before any worker starts."""
-    if config.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
+    if config.resize_mode not in (
+        "no",
+        "border",
+        "keep_ratio",
+        "keep_ratio_largest",
+        "center_crop",
+    ):
         raise WitError(f"download.resize_mode: unknown mode {config.resize_mode!r}")
     if config.image_size <= 0:
         raise WitError("download.image_size must be positive")

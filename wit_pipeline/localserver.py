@@ -23,10 +23,10 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format, *args):  # noqa: A002 - keep the test output quiet
+    def log_message(self, format, *args):
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         owner = self.server.owner
         path = urlsplit(self.path).path
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
@@ -63,13 +63,28 @@ class _Server(http.server.ThreadingHTTPServer):
 class ImageServer:
     """Serve ``directory`` at ``http://127.0.0.1:PORT/img/<name>`` from a background thread."""
 
-    def __init__(self, directory: str | None = None, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        directory: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: tuple[str, str] | None = None,
+    ):
+        """``tls=(certfile, keyfile)`` serves HTTPS instead of HTTP."""
         self.directory = directory
+        self.scheme = "https" if tls else "http"
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._routes: dict[tuple[str, str], Handler] = {}
         self._httpd = _Server((host, port), _RequestHandler)
         self._httpd.owner = self
+        if tls:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     @property
@@ -77,7 +92,7 @@ class ImageServer:
         return self._httpd.server_address[1]
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def route(self, path: str, handler: Handler, *, host: str = "") -> None:
         """Answer ``path`` (for requests whose Host is ``host``; "" for any) with ``handler``."""
@@ -102,7 +117,9 @@ class ImageServer:
         req.send_plain(200, data, ctype)
 
     def start(self) -> ImageServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 

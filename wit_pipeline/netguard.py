@@ -128,7 +128,8 @@ def address_class(ip: IPAddress) -> str | None:
         v4 = _embedded_ipv4(ip)
         if v4 is not None:
             inner = address_class(v4)
-            if inner is not None or ip.ipv4_mapped is not None:
+            # Mapped and NAT64 addresses reach exactly the embedded IPv4 address.
+            if inner is not None or ip.ipv4_mapped is not None or ip in _NAT64:
                 return inner
         if ip.is_site_local:
             return "site_local"
@@ -602,7 +603,7 @@ class GuardedOpener(urllib.request.OpenerDirector):
             try:
                 with self.limiter.slot(host):
                     return self._attempt(url, req, data, op_timeout)
-            except Exception as e:  # noqa: BLE001 - every failure gets a reason
+            except Exception as e:
                 err = classify(e)
             if not err.retryable or attempt >= self.options.retries:
                 raise err
@@ -680,7 +681,8 @@ def requests_session(guard: Guard, options: FetchOptions):
 
     Proxies from the environment are ignored (``trust_env=False``): a proxy would make the guard
     check the proxy's address instead of the origin's. Redirects are left to the caller
-    (``allow_redirects=False``) so that it can apply its own hop policy.
+    (``allow_redirects=False``) so that it can apply its own hop policy; each hop it makes is
+    a new request through the guard.
     """
     import requests
     import urllib3
@@ -725,7 +727,6 @@ def requests_session(guard: Guard, options: FetchOptions):
     session = requests.Session()
     session.trust_env = False
     session.proxies = {}
-    session.max_redirects = 0
     session.headers["User-Agent"] = options.user_agent
     if options.ca_bundle:
         session.verify = options.ca_bundle

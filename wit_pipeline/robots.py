@@ -21,6 +21,7 @@ Fetch policy (:func:`fetch_robots`), per origin (scheme, host, port):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from functools import lru_cache
@@ -75,12 +76,10 @@ class Rules:
         best_allow = True
         for allow, patterns in ((True, self.allow), (False, self.disallow)):
             for p in patterns:
-                if len(p) < best_len:
-                    continue
-                if _pattern_regex(p).match(target):
-                    if len(p) > best_len or (len(p) == best_len and allow):
-                        best_len = len(p)
-                        best_allow = allow
+                longer = len(p) > best_len or (len(p) == best_len and allow)
+                if longer and _pattern_regex(p).match(target):
+                    best_len = len(p)
+                    best_allow = allow
         return best_allow
 
 
@@ -121,10 +120,8 @@ def parse(text: str, user_agent: str) -> Rules:
             if not agents:
                 continue
             in_rules = True
-            try:
+            with contextlib.suppress(ValueError):
                 delays.append(float(value))
-            except ValueError:
-                pass
     if agents:
         groups.append((agents, rules, delays))
     chosen = [g for g in groups if token and token in g[0]]
@@ -194,10 +191,8 @@ def fetch_robots(
                     return RobotsVerdict(RULES, parse(text, user_agent), detail=f"HTTP {status}")
                 if 400 <= status < 500 and status != 429:
                     return RobotsVerdict(ALLOW, detail=f"robots.txt HTTP {status}")
-                return RobotsVerdict(
-                    DISALLOW_ALL, detail=f"robots.txt unreachable: HTTP {status}"
-                )
-        except Exception as e:  # noqa: BLE001 - every failure maps to a verdict
+                return RobotsVerdict(DISALLOW_ALL, detail=f"robots.txt unreachable: HTTP {status}")
+        except Exception as e:
             err = netguard.classify_requests_error(e)
             if hop == 0 and err.reason in ("blocked_address", "dns_error"):
                 return RobotsVerdict(BLOCKED, reason=err.reason, detail=err.detail)
@@ -216,4 +211,3 @@ def _read_limited(resp, limit: int) -> bytes:
         if total >= limit:
             break
     return b"".join(chunks)[:limit]
-
