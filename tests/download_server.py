@@ -8,6 +8,7 @@ the drop reason the download stage must give it (``None``: the image must be kep
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
@@ -41,6 +42,7 @@ def photo(width: int = 120, height: int = 80, seed: int = 0) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+@functools.lru_cache(maxsize=2)
 def png_bomb(side: int = 30_000) -> bytes:
     """A valid 1-bit PNG of ``side`` x ``side`` zero pixels, about 100 KB compressed.
 
@@ -52,7 +54,7 @@ def png_bomb(side: int = 30_000) -> bytes:
         return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
 
     ihdr = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit grayscale
-    comp = zlib.compressobj(9)
+    comp = zlib.compressobj(6)
     row = b"\x00" * (1 + (side + 7) // 8)
     parts = [comp.compress(row * 1000) for _ in range(side // 1000)]
     parts.append(comp.compress(row * (side % 1000)))
@@ -244,6 +246,12 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         ),
         host="polite.test",
     )
+    server.route(
+        "/robots.txt",
+        static(b"User-agent: *\nDisallow: /private/\n", "text/plain"),
+        host="strict.test",
+    )
+    server.route("/private/s.jpg", static(JPEG), host="strict.test")
     server.route("/robots.txt", static(b"down", "text/plain", 503), host="robots-down.test")
     server.route("/robots.txt", static(b"gone", "text/plain", 404), host="norobots.test")
     for path in ("/private/a.jpg", "/no-wit/b.jpg", "/no-wit/except-this.jpg", "/open/c.jpg"):
@@ -255,7 +263,10 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
 
 # URLs on named hosts and their expected reasons: (host, path) -> reason.
 HOST_CASES: dict[tuple[str, str], str | None] = {
-    ("polite.test", "/private/a.jpg"): "robots",
+    # Our own group replaces the * group (RFC 9309), so * rules do not apply to us here...
+    ("polite.test", "/private/a.jpg"): None,
+    # ...but they do where there is no group for us.
+    ("strict.test", "/private/s.jpg"): "robots",
     ("polite.test", "/no-wit/b.jpg"): "robots",
     ("polite.test", "/no-wit/except-this.jpg"): None,
     ("polite.test", "/open/c.jpg"): None,
@@ -268,6 +279,7 @@ HOST_CASES: dict[tuple[str, str], str | None] = {
 
 RESOLVER_TABLE = {
     "polite.test": ["127.0.0.1"],
+    "strict.test": ["127.0.0.1"],
     "robots-down.test": ["127.0.0.1"],
     "norobots.test": ["127.0.0.1"],
     "metadata.test": ["169.254.169.254"],

@@ -27,6 +27,7 @@ Every pair ends either in a shard or in ``rejected/`` with a reason; ``stats.jso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -340,10 +341,28 @@ def write_shard_files(
     kept: pa.Table,
     rejected: pa.Table,
 ) -> shards.ShardInfo:
-    """``rejected/NNNNN.parquet``, then the shard tar, then its Parquet (the completion mark)."""
+    """``rejected/NNNNN.parquet``, then the shard tar, then its Parquet (the completion mark).
+
+    Temporary files that a killed earlier attempt left for this shard are removed first.
+    """
+    _remove_stale_temporaries(output_dir, shard_id)
     with fileio.atomic_write(rejected_path(output_dir, shard_id), "wb") as f:
         pq.write_table(rejected, f, compression="zstd")
     return shards.write_shard(shards_dir(output_dir), shard_id, samples, kept)
+
+
+def _remove_stale_temporaries(output_dir: str, shard_id: int) -> None:
+    if not fileio.is_local(output_dir):
+        return  # object stores publish whole objects: nothing partial is left behind
+    name = shards.shard_name(shard_id)
+    for sub in (SHARDS_DIR, REJECTED_DIR):
+        directory = fileio.join(output_dir, sub)
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.listdir(directory):
+            if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, entry))
 
 
 def read_back_counters(output_dir: str, shard_id: int) -> dict[str, int]:
@@ -639,12 +658,12 @@ def _plan_num_shards(num_urls: int, output_dir: str, config: DownloadConfig) -> 
 
 def _assign_shard(
     rec: dict[str, Any], num_shards: int, finished: frozenset[int]
-) -> Iterator[dict[str, Any]]:
+) -> list[dict[str, Any]]:
     shard = shard_of(rec["key"], num_shards)
     if shard in finished:
-        return  # counted from the finished shard's files
+        return []  # counted from the finished shard's files
     rec["shard"] = shard
-    yield rec
+    return [rec]
 
 
 class _RobotsFn(beam.DoFn):
@@ -731,8 +750,7 @@ class _DownloadShardFn(beam.DoFn):
             rejected_path(self._output_dir, shard_id)
         ):
             # A retried bundle whose first attempt wrote the shard: count what is on disk.
-            yield from emit_counts(read_back_counters(self._output_dir, shard_id))
-            return
+            return list(emit_counts(read_back_counters(self._output_dir, shard_id)))
         records = list(records)
         to_fetch = [r for r in records if r["verdict"] is None]
         self._ensure_guard()
@@ -745,7 +763,7 @@ class _DownloadShardFn(beam.DoFn):
         )
         samples, kept, rejected = assemble_shard(records, outcomes)
         write_shard_files(self._output_dir, shard_id, samples, kept, rejected)
-        yield from emit_counts(shard_counters(kept, rejected))
+        return list(emit_counts(shard_counters(kept, rejected)))
 
     def teardown(self):
         workdir = getattr(self, "_workdir", None)
