@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 
 import apache_beam as beam
 import numpy as np
@@ -21,6 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
+from download_helpers import (
+    OPTIONS,
+    pair,
+    read_outputs,
+    run_download,
+    snapshot,
+    write_candidates,
+)
 from download_server import (
     CASES,
     HOST_CASES,
@@ -33,74 +40,9 @@ from download_server import (
 )
 from PIL import Image
 
-from wit_pipeline import counters, download, netguard, shards, urls
+from wit_pipeline import counters, download, netguard, urls
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.localserver import ImageServer
-
-OPTIONS = ["--runner=FnApiRunner"]
-
-
-def pair(url: str, caption: str, query_ids=(0,), **extra) -> dict:
-    norm = urls.normalize_url(url) or url
-    return {
-        "uid": urls.pair_uid(norm, caption),
-        "url": url,
-        "caption": caption,
-        "query_ids": list(query_ids),
-        "source": "test",
-        "page_url": None,
-        "language": "en",
-        "language_score": 0.9,
-        **extra,
-    }
-
-
-def write_candidates(directory: pathlib.Path, rows: list[dict], parts: int = 2) -> str:
-    cand = directory / "candidates"
-    cand.mkdir(parents=True, exist_ok=True)
-    for i in range(parts):
-        chunk = rows[i::parts]
-        table = pa.Table.from_pylist(
-            chunk,
-            schema=pa.schema(
-                [
-                    ("uid", pa.string()),
-                    ("url", pa.string()),
-                    ("caption", pa.string()),
-                    ("query_ids", pa.list_(pa.int32())),
-                    ("source", pa.string()),
-                    ("page_url", pa.string()),
-                    ("language", pa.string()),
-                    ("language_score", pa.float32()),
-                ]
-            ),
-        )
-        pq.write_table(table, cand / f"part-{i:05d}.parquet")
-    return str(directory)
-
-
-def run_download(input_dir: str, output_dir: str, config: DownloadConfig, resolver=None):
-    with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(OPTIONS)) as p:
-        _ = (
-            p
-            | download.ReadCandidates(download.candidate_files(input_dir))
-            | download.DownloadImages(output_dir=output_dir, config=config, resolver=resolver)
-        )
-    return json.loads((pathlib.Path(output_dir) / "stats.json").read_text())
-
-
-def read_outputs(output_dir: str) -> tuple[pa.Table, pa.Table, dict[str, dict]]:
-    out = pathlib.Path(output_dir)
-    kept = shards.read_table(str(out / "shards"))
-    rejected = pa.concat_tables(
-        [pq.read_table(f) for f in sorted((out / "rejected").glob("*.parquet"))]
-    )
-    samples = {}
-    for tar in shards.list_shards(str(out / "shards")):
-        for s in shards.iter_samples(tar):
-            samples[s["__key__"]] = s
-    return kept, rejected, samples
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure cores
@@ -406,23 +348,13 @@ def test_rerun_skips_finished_shards_and_changes_nothing(hostile):
     assert hostile["stats2"] == hostile["stats"]
 
 
-def _snapshot(out: pathlib.Path) -> dict[str, object]:
-    snap: dict[str, object] = {"stats": json.loads((out / "stats.json").read_text())}
-    for sub in ("shards", "rejected"):
-        for p in sorted((out / sub).iterdir()):
-            snap[f"{sub}/{p.name}"] = (
-                pq.read_table(p).to_pylist() if p.suffix == ".parquet" else p.read_bytes()
-            )
-    return snap
-
-
 def test_crashed_shard_is_redone_alone(hostile, tmp_path):
     """Remove one shard's completion marker, leave a partial temp file, as a crash would."""
     import shutil
 
     out = tmp_path / "out"
     shutil.copytree(hostile["out"], out)
-    before = _snapshot(out)
+    before = snapshot(out)
     victim = sorted((out / "shards").glob("*.parquet"))[1]
     victim_urls = set(pq.read_table(victim)["url"].to_pylist()) | set(
         pq.read_table(out / "rejected" / victim.name)["url"].to_pylist()
@@ -436,7 +368,7 @@ def test_crashed_shard_is_redone_alone(hostile, tmp_path):
     candidates = set(hostile["expected"])
     assert requested & candidates and requested & candidates <= victim_urls
     assert stats == hostile["stats"]
-    assert _snapshot(out) == before  # byte-identical tars, equal tables, no temp file left
+    assert snapshot(out) == before  # byte-identical tars, equal tables, no temp file left
 
 
 # ---------------------------------------------------------------------------------------------

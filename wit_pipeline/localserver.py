@@ -59,6 +59,13 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 1024
     owner: ImageServer
 
+    def handle_error(self, request, client_address):
+        import sys
+
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that went away (timed out, killed): nothing to report
+        super().handle_error(request, client_address)
+
 
 class ImageServer:
     """Serve ``directory`` at ``http://127.0.0.1:PORT/img/<name>`` from a background thread."""
