@@ -173,6 +173,29 @@ def test_probing_resizer_refuses_before_decoding():
     assert Image.open(io.BytesIO(img)).format == "JPEG"
 
 
+def test_header_size_agrees_with_pil(shared_data):
+    rgb = photo(150, 90, seed=9)
+    exif = Image.Exif()
+    exif[0x010E] = "a description"
+    generated = [
+        encode(rgb, "JPEG"),
+        encode(rgb, "JPEG", progressive=True),
+        encode(rgb.convert("CMYK"), "JPEG"),
+        encode(rgb.convert("L"), "JPEG", exif=exif.tobytes()),
+        encode(rgb, "PNG"),
+        encode(rgb.convert("P"), "GIF"),
+        encode(rgb, "WEBP"),  # left to PIL
+    ]
+    photos = sorted((shared_data / "flickr8k" / "images").iterdir())[:300]
+    for data in generated + [p.read_bytes() for p in photos]:
+        with Image.open(io.BytesIO(data)) as im:
+            want = (im.format, *im.size)
+        got = download.header_size(data)
+        assert got is None if want[0] == "WEBP" else got == want
+    assert download.header_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut short
+    assert download.header_size(b"<html>") is None
+
+
 def test_config_is_validated_at_construction(tmp_path):
     from wit_pipeline.errors import WitError
 

@@ -477,6 +477,46 @@ def _looks_like_text(data: bytes) -> bool:
     return printable / len(head) > 0.95
 
 
+_JPEG_SOF = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
+
+
+def header_size(data: bytes) -> tuple[str, int, int] | None:
+    """``(format, width, height)`` read from a JPEG, PNG or GIF header, else ``None``.
+
+    A few microseconds, against ~80 for ``PIL.Image.open`` (which parses every JPEG segment);
+    anything this does not recognize, or finds malformed, is left to PIL.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return "PNG", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return "GIF", int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return ("JPEG", width, height) if width and height else None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
 class ProbingResizer:
     """img2dataset's ``Resizer`` behind a header probe that refuses before decoding.
 
@@ -496,24 +536,27 @@ class ProbingResizer:
 
     def probe(self, data: bytes) -> str | None:
         """``None`` when the image may be decoded, else ``wit:<reason>: detail``."""
-        import warnings
-
-        from PIL import Image, UnidentifiedImageError
-
         if not data:
             return "wit:empty_body: 0 bytes"
+        fast = header_size(data)
+        if fast is not None:
+            fmt, width, height = fast
+            return self._check_size(fmt, width, height)
+        from PIL import Image, UnidentifiedImageError
+
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as im:
-                    width, height = im.size
-                    fmt = im.format or "?"
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                fmt = im.format or "?"
         except Image.DecompressionBombError as e:
             return f"wit:too_large: {e}"
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             if _looks_like_text(data):
                 return f"wit:not_image: body looks like text/markup ({len(data)} bytes)"
             return f"wit:decode_error: unrecognized image data ({type(e).__name__})"
+        return self._check_size(fmt, width, height)
+
+    def _check_size(self, fmt: str, width: int, height: int) -> str | None:
         if width <= 0 or height <= 0:
             return f"wit:decode_error: {fmt} header gives {width}x{height}"
         if width * height > self.max_area:

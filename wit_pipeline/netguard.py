@@ -36,6 +36,7 @@ as ``str(exception)``.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import ipaddress
@@ -46,7 +47,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import urllib.response
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,6 +150,7 @@ def address_class(ip: IPAddress) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_ip(text: str) -> IPAddress | None:
     """An IP literal, including legacy IPv4 forms (``127.1``, ``0x7f.0.0.1``, ``2130706433``)."""
     text = text.strip().strip("[]")
@@ -176,10 +177,10 @@ class AddressPolicy:
     def refusal(self, ip: IPAddress | str) -> str | None:
         """``None`` when ``ip`` may be connected to, else the class that forbids it."""
         if isinstance(ip, str):
-            parsed = parse_ip(ip)
-            if parsed is None:
-                return "not_an_address"
-            ip = parsed
+            return _refusal_of_text(ip, self.allow_loopback)
+        return self._refusal(ip)
+
+    def _refusal(self, ip: IPAddress) -> str | None:
         if self.allow_loopback:
             v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip
             if v4 is not None and v4 in _LOOPBACK_V4:
@@ -190,6 +191,16 @@ class AddressPolicy:
 
     def allows(self, ip: IPAddress | str) -> bool:
         return self.refusal(ip) is None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _refusal_of_text(text: str, allow_loopback: bool) -> str | None:
+    # A pure function of its arguments, memoized: the same few addresses are checked for every
+    # request to a host.
+    parsed = parse_ip(text)
+    if parsed is None:
+        return "not_an_address"
+    return AddressPolicy(allow_loopback)._refusal(parsed)
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -589,51 +600,91 @@ class GuardedOpener(urllib.request.OpenerDirector):
     def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):  # type: ignore[attr-defined]
         if getattr(fullurl, "wit_redirect", False):
             return super().open(fullurl, data, timeout)
-        req = fullurl if isinstance(fullurl, urllib.request.Request) else None
-        url = req.full_url if req is not None else str(fullurl)
-        scheme = urlsplit(url).scheme.lower()
+        if isinstance(fullurl, urllib.request.Request):
+            req = fullurl
+        else:
+            req = urllib.request.Request(str(fullurl), data=data)
+        parts = urlsplit(req.full_url)
+        scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise FetchError("invalid_url", f"scheme {scheme!r} refused")
-        host = (urlsplit(url).hostname or "").lower()
+        host = (parts.hostname or "").lower()
         op_timeout = self.options.timeout
         if isinstance(timeout, int | float) and timeout > 0:
             op_timeout = min(op_timeout, float(timeout))
+        req.add_header("User-Agent", self.options.user_agent)
         attempt = 0
         while True:
             try:
                 with self.limiter.slot(host):
-                    return self._attempt(url, req, data, op_timeout)
+                    return self._attempt(req, data, op_timeout)
             except Exception as e:
+                if isinstance(e, urllib.error.HTTPError):
+                    e.close()
                 err = classify(e)
             if not err.retryable or attempt >= self.options.retries:
                 raise err
             attempt += 1
             time.sleep(self.options.retry_backoff * (2 ** (attempt - 1)))
 
-    def _attempt(self, url: str, req, data, op_timeout: float):
-        new = urllib.request.Request(url, data=data)
-        if req is not None:
-            for k, v in req.header_items():
-                new.add_header(k, v)
-        new.add_header("User-Agent", self.options.user_agent)
-        new.wit_deadline = time.monotonic() + self.options.timeout
-        resp = super().open(new, data, op_timeout)
+    def _attempt(self, req: urllib.request.Request, data, op_timeout: float) -> FetchedResponse:
+        # A fresh deadline and redirect history for every attempt.
+        req.wit_deadline = time.monotonic() + self.options.timeout
+        req.wit_hops = 0
+        if hasattr(req, "redirect_dict"):
+            del req.redirect_dict
+        resp = super().open(req, data, op_timeout)
         try:
-            if self.directives and _opted_out(
-                resp.headers, self.options.user_agent_token, self.directives
-            ):
+            if self.directives and self._opted_out(resp.headers):
                 raise FetchError("opt_out", "X-Robots-Tag opt-out")
             body = read_body(resp, self.options.max_bytes)
         finally:
             resp.close()
-        out = urllib.response.addinfourl(io.BytesIO(body), resp.headers, resp.url, resp.status)
-        return out
+        return FetchedResponse(body, resp.headers, resp.url, resp.status)
+
+    def _opted_out(self, headers) -> bool:
+        check = self.__dict__.get("_is_disallowed")
+        if check is None:
+            from img2dataset.downloader import is_disallowed  # the semantics img2dataset uses
+
+            check = self._is_disallowed = is_disallowed
+        return bool(check(headers, self.options.user_agent_token, self.directives))
 
 
-def _opted_out(headers, token: str, directives: frozenset[str]) -> bool:
-    from img2dataset.downloader import is_disallowed  # the semantics img2dataset uses
+class FetchedResponse:
+    """A response whose body has been read: what ``GuardedOpener.open`` returns.
 
-    return bool(is_disallowed(headers, token, directives))
+    It has the parts of ``http.client.HTTPResponse`` that urllib callers use (``read``,
+    ``headers``, ``status``, ``url``, ``geturl``, ``info``, ``getcode``, context manager).
+    """
+
+    def __init__(self, body: bytes, headers, url: str, status: int):
+        self._body = io.BytesIO(body)
+        self.headers = headers
+        self.url = url
+        self.status = status
+        self.code = status
+
+    def read(self, amt: int | None = None) -> bytes:
+        return self._body.read() if amt is None else self._body.read(amt)
+
+    def info(self):
+        return self.headers
+
+    def geturl(self) -> str:
+        return self.url
+
+    def getcode(self) -> int:
+        return self.status
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> FetchedResponse:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_body(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
