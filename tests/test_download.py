@@ -196,6 +196,32 @@ def test_header_size_agrees_with_pil(shared_data):
     assert download.header_size(b"<html>") is None
 
 
+def test_apply_verdict_and_crawl_delay():
+    from wit_pipeline import robots
+
+    keyed = [download.key_pair(pair(f"http://h.test/{p}", p)) for p in ("a.jpg", "private/b.jpg")]
+    recs = [download.make_url_record(key, [p]) for key, p in keyed]
+    rules = robots.parse("User-agent: *\nDisallow: /private/\nCrawl-delay: 3\n", "wit")
+    item = (
+        "http://h.test",
+        {"verdict": [robots.RobotsVerdict(robots.RULES, rules)], "records": recs},
+    )
+
+    def run(**cfg):
+        fresh = {**item[1], "records": [{**r, "verdict": None} for r in recs]}
+        out = list(download.apply_verdict((item[0], fresh), DownloadConfig(**cfg)))
+        return [(r["verdict"], r.get("crawl_delay")) for r in out]
+
+    robots_drop = ("robots", "disallowed by robots.txt")
+    assert run() == [(None, None), (robots_drop, None)]
+    assert run(respect_crawl_delay=True) == [(None, 3.0), (robots_drop, None)]
+    too_slow = ("robots", "Crawl-delay 3s exceeds max_crawl_delay 2s")
+    assert run(respect_crawl_delay=True, max_crawl_delay=2) == [
+        (too_slow, None),
+        (robots_drop, None),
+    ]
+
+
 def test_config_is_validated_at_construction(tmp_path):
     from wit_pipeline.errors import WitError
 
@@ -436,6 +462,17 @@ def test_flickr8k_photos_end_to_end(flickr, tmp_path):
         assert meta["sha256"] == hashlib.sha256((images / name).read_bytes()).hexdigest()
         assert (meta["original_width"], meta["original_height"]) == Image.open(images / name).size
         assert Image.open(io.BytesIO(samples[key]["jpg"])).size == (64, 64)
+
+
+def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
+    with ImageServer() as server:
+        server.route("/robots.txt", lambda req: req.send_plain(200, b"User-agent: *\nDisallow: /"))
+        server.route("/a.jpg", lambda req: req.send_plain(200, JPEG, "image/jpeg"))
+        input_dir = write_candidates(tmp_path / "in", [pair(server.url("/a.jpg"), "a")], parts=1)
+        cfg = DownloadConfig(allow_loopback=True, respect_robots=False)
+        stats = run_download(input_dir, str(tmp_path / "out"), cfg)
+        assert server.paths_requested() == ["/a.jpg"]
+    assert stats["url_counters"] == {"input": 1, "kept": 1}
 
 
 def test_transform_counts_with_test_pipeline(tmp_path):

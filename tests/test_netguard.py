@@ -343,3 +343,52 @@ def test_deadline_socket_raises_once_time_is_up():
         with pytest.raises(TimeoutError):
             s.recv(1)
         s.close()
+
+
+def test_ipv6_loopback_only_with_allow_loopback():
+    with ImageServer(host="::1") as srv:
+        srv.route("/ok.jpg", lambda req: send(req, 200, JPEG))
+        url = srv.url("/ok.jpg")
+        assert url.startswith("http://[::1]:")
+        with _opener().open(url) as r:
+            assert r.read() == JPEG
+        strict = netguard.build_opener(netguard.Guard(policy=STRICT), netguard.FetchOptions())
+        assert _reason(strict, url) == "blocked_address"
+
+
+def test_per_host_concurrency_and_rate(server):
+    import threading
+
+    state = {"now": 0, "max": 0, "starts": []}
+    lock = threading.Lock()
+
+    def slow(req):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+            state["starts"].append(time.monotonic())
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        send(req, 200, JPEG)
+
+    server.route("/slow", slow)
+    opener = _opener(per_host_concurrency=2)
+    threads = [
+        threading.Thread(target=lambda: opener.open(server.url("/slow")).read()) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= state["max"] <= 2 and len(state["starts"]) == 8
+    # Rate: the k-th request to a host starts at least k intervals after the first could.
+    limiter = netguard.HostLimiter(concurrency=0, rate=20.0)
+    limiter.set_interval("slow.test", 0.1)
+    for host, gap in (("fast.test", 0.05), ("slow.test", 0.1)):
+        begin = time.monotonic()
+        stamps = []
+        for _ in range(4):
+            with limiter.slot(host):
+                stamps.append(time.monotonic())
+        assert all(t - begin >= k * gap for k, t in enumerate(stamps)), (host, stamps)

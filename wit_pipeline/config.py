@@ -86,6 +86,10 @@ class DownloadConfig:
     max_bytes: int = 50_000_000  # largest body downloaded; larger ones are dropped as too_large
     user_agent: str = "wit-pipeline/0.1 (+https://github.com/wit-pipeline/wit-pipeline)"
     respect_robots: bool = True
+    # Honour robots.txt Crawl-delay (per host, per worker); longer delays than max_crawl_delay
+    # drop the host's URLs as robots. Off by default, as Google does.
+    respect_crawl_delay: bool = False
+    max_crawl_delay: float = 10.0
     disallowed_header_directives: tuple[str, ...] = (
         "noai",
         "noimageai",

@@ -748,7 +748,10 @@ class _RobotsFn(beam.DoFn):
             pool.shutdown(wait=False)
 
 
-def _apply_verdict(item: tuple[str, dict[str, list]]) -> Iterator[dict[str, Any]]:
+def apply_verdict(
+    item: tuple[str, dict[str, list]], config: DownloadConfig
+) -> Iterator[dict[str, Any]]:
+    """Set ``verdict`` (and ``crawl_delay``) on the URL records of one origin."""
     _, grouped = item
     verdicts = grouped["verdict"]
     verdict = (
@@ -756,9 +759,18 @@ def _apply_verdict(item: tuple[str, dict[str, list]]) -> Iterator[dict[str, Any]
         if verdicts
         else robots.RobotsVerdict(robots.DISALLOW_ALL, detail="no robots.txt verdict")
     )
+    delay = verdict.rules.crawl_delay if verdict.kind == robots.RULES else None
     for rec in grouped["records"]:
         if rec["verdict"] is None:
             rec["verdict"] = verdict.check(rec["url"])
+        if rec["verdict"] is None and config.respect_crawl_delay and delay:
+            if delay > config.max_crawl_delay:
+                rec["verdict"] = (
+                    "robots",
+                    f"Crawl-delay {delay:g}s exceeds max_crawl_delay {config.max_crawl_delay:g}s",
+                )
+            else:
+                rec["crawl_delay"] = delay
         yield rec
 
 
@@ -797,6 +809,9 @@ class _DownloadShardFn(beam.DoFn):
         records = list(records)
         to_fetch = [r for r in records if r["verdict"] is None]
         self._ensure_guard()
+        for rec in to_fetch:
+            if rec.get("crawl_delay"):
+                self._opener.limiter.set_interval(urls.url_host(rec["url"]), rec["crawl_delay"])
         outcomes = fetch_with_img2dataset(
             sorted(to_fetch, key=lambda r: r["key"]),
             shard_id=shard_id,
@@ -895,7 +910,7 @@ class DownloadImages(beam.PTransform):
             checked = (
                 {"verdict": verdicts, "records": by_origin}
                 | "GroupByOrigin" >> beam.CoGroupByKey()
-                | "ApplyRobots" >> beam.FlatMap(_apply_verdict)
+                | "ApplyRobots" >> beam.FlatMap(apply_verdict, cfg)
             )
             assigned = (checked, invalid) | "Rejoin" >> beam.Flatten()
         counts_new = (
@@ -940,6 +955,8 @@ def validate_config(config: DownloadConfig) -> None:
         raise WitError("download.samples_per_shard must be positive, num_shards >= 0")
     if config.threads <= 0 or config.processes <= 0:
         raise WitError("download.threads and download.processes must be positive")
+    if config.max_crawl_delay < 0 or config.per_host_rate < 0 or config.per_host_concurrency < 0:
+        raise WitError("download: max_crawl_delay, per_host_rate, per_host_concurrency >= 0")
     if config.max_aspect_ratio < 1:
         raise WitError("download.max_aspect_ratio must be >= 1")
 

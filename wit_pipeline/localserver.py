@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import mimetypes
 import os
+import socket
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -67,6 +68,10 @@ class _Server(http.server.ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class ImageServer:
     """Serve ``directory`` at ``http://127.0.0.1:PORT/img/<name>`` from a background thread."""
 
@@ -84,7 +89,9 @@ class ImageServer:
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._routes: dict[tuple[str, str], Handler] = {}
-        self._httpd = _Server((host, port), _RequestHandler)
+        self.host = host
+        server_class = _Server6 if ":" in host else _Server
+        self._httpd = server_class((host, port), _RequestHandler)
         self._httpd.owner = self
         if tls:
             import ssl
@@ -98,7 +105,8 @@ class ImageServer:
     def port(self) -> int:
         return self._httpd.server_address[1]
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
+    def url(self, path: str, host: str = "") -> str:
+        host = host or (f"[{self.host}]" if ":" in self.host else self.host)
         return f"{self.scheme}://{host}:{self.port}{path}"
 
     def route(self, path: str, handler: Handler, *, host: str = "") -> None:

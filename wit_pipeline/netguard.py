@@ -431,7 +431,12 @@ def classify(exc: BaseException) -> FetchError:
 
 
 class HostLimiter:
-    """Per-host concurrency and request-rate limits shared by the threads of one process."""
+    """Per-host concurrency and request-rate limits shared by the threads of one process.
+
+    ``concurrency`` requests at most in flight per host (0: no limit); requests to one host
+    start at least ``1 / rate`` seconds apart (0: no limit); :meth:`set_interval` sets a longer
+    spacing for one host (robots.txt ``Crawl-delay``).
+    """
 
     def __init__(self, concurrency: int = 0, rate: float = 0.0):
         self.concurrency = concurrency
@@ -439,6 +444,11 @@ class HostLimiter:
         self._lock = threading.Lock()
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._next: dict[str, float] = {}
+        self._intervals: dict[str, float] = {}
+
+    def set_interval(self, host: str, seconds: float) -> None:
+        with self._lock:
+            self._intervals[host] = max(seconds, self._intervals.get(host, 0.0))
 
     @contextmanager
     def slot(self, host: str) -> Iterator[None]:
@@ -450,11 +460,12 @@ class HostLimiter:
                     sem = self._sems[host] = threading.BoundedSemaphore(self.concurrency)
             sem.acquire()
         try:
-            if self.interval:
+            interval = max(self.interval, self._intervals.get(host, 0.0))
+            if interval:
                 with self._lock:
                     now = time.monotonic()
                     start = max(now, self._next.get(host, 0.0))
-                    self._next[host] = start + self.interval
+                    self._next[host] = start + interval
                 if start > now:
                     time.sleep(start - now)
             yield
