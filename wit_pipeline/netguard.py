@@ -790,6 +790,9 @@ def requests_session(guard: Guard, options: FetchOptions):
     session.trust_env = False
     session.proxies = {}
     session.headers["User-Agent"] = options.user_agent
+    # One connection per request: robots.txt is one request per origin, and a pooled
+    # keep-alive connection that the server has closed would fail the next request.
+    session.headers["Connection"] = "close"
     if options.ca_bundle:
         session.verify = options.ca_bundle
     for prefix in list(session.adapters):

@@ -179,6 +179,9 @@ def fetch_robots(
                 url, timeout=(connect_timeout, timeout), allow_redirects=False, stream=True
             ) as resp:
                 status = resp.status_code
+                # No connection reuse between hops: a kept-alive connection that the server
+                # has since closed would fail the next request.
+                session.close()
                 if 300 <= status < 400 and "location" in resp.headers:
                     nxt = urljoin(url, resp.headers["location"])
                     if urlsplit(nxt).scheme.lower() not in ("http", "https"):
@@ -193,6 +196,7 @@ def fetch_robots(
                     return RobotsVerdict(ALLOW, detail=f"robots.txt HTTP {status}")
                 return RobotsVerdict(DISALLOW_ALL, detail=f"robots.txt unreachable: HTTP {status}")
         except Exception as e:
+            session.close()
             err = netguard.classify_requests_error(e)
             if hop == 0 and err.reason in ("blocked_address", "dns_error"):
                 return RobotsVerdict(BLOCKED, reason=err.reason, detail=err.detail)
