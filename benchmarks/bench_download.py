@@ -203,6 +203,16 @@ def main() -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+    if a.small:
+        print("\nStart-up costs (each a fresh interpreter, measured in the same run):\n")
+        print("| what | wall s |")
+        print("|---|---|")
+        for label, code in (
+            ("python: import apache_beam", "import apache_beam"),
+            ("python: import img2dataset.downloader", "import img2dataset.downloader"),
+            ("python: import wit_pipeline.download", "import wit_pipeline.download"),
+        ):
+            print(f"| {label} | {timed([sys.executable, '-c', code]):.1f} |")
     print(
         f"\n{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, "
         f"processes={a.processes} threads={a.threads} image_size={a.image_size} "
