@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import urllib.request
 
 import apache_beam as beam
 import numpy as np
@@ -470,8 +471,11 @@ def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
         server.route("/a.jpg", lambda req: req.send_plain(200, JPEG, "image/jpeg"))
         input_dir = write_candidates(tmp_path / "in", [pair(server.url("/a.jpg"), "a")], parts=1)
         cfg = DownloadConfig(allow_loopback=True, respect_robots=False)
+        before = urllib.request._opener
         stats = run_download(input_dir, str(tmp_path / "out"), cfg)
         assert server.paths_requested() == ["/a.jpg"]
+        # The guard was installed for the run and removed with the DoFn.
+        assert urllib.request._opener is before
     assert stats["url_counters"] == {"input": 1, "kept": 1}
 
 

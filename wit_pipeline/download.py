@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -790,6 +791,7 @@ class _DownloadShardFn(beam.DoFn):
     def setup(self):
         self._guard = make_guard(self._config, self._resolver)
         self._options = fetch_options(self._config)
+        self._previous_opener = netguard.installed_opener()
         self._opener = netguard.install_urllib_opener(self._guard, self._options)
         self._resizer = ProbingResizer(make_img2dataset_resizer(self._config), self._config)
         self._workdir = tempfile.mkdtemp(prefix="wit-download-")
@@ -824,6 +826,12 @@ class _DownloadShardFn(beam.DoFn):
         return list(emit_counts(shard_counters(kept, rejected)))
 
     def teardown(self):
+        # Give the process its previous urllib opener back (the in-process runner shares the
+        # process with the caller).
+        if getattr(self, "_opener", None) is not None and (
+            netguard.installed_opener() is self._opener
+        ):
+            urllib.request.install_opener(self._previous_opener)
         workdir = getattr(self, "_workdir", None)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
