@@ -240,10 +240,18 @@ class StaticResolver:
 
 
 class _DeadlineMixin:
-    """Bound every blocking call by the per-operation timeout and the time left."""
+    """Bound every blocking call by the per-operation timeout and the time left.
+
+    ``settimeout`` (what HTTP libraries call) sets the per-operation timeout; the deadline
+    caps it before every ``recv``/``send``.
+    """
 
     _wit_deadline: float | None = None
     _wit_op_timeout: float | None = None
+
+    def settimeout(self, value):
+        self._wit_op_timeout = value
+        super().settimeout(value)  # type: ignore[misc]
 
     def _wit_arm(self) -> None:
         deadline = self._wit_deadline
@@ -253,7 +261,7 @@ class _DeadlineMixin:
         if left <= 0:
             raise DeadlineExceeded("total request time exceeded")
         op = self._wit_op_timeout
-        self.settimeout(left if op is None else min(op, left))  # type: ignore[attr-defined]
+        super().settimeout(left if op is None else min(op, left))  # type: ignore[misc]
 
     def recv(self, *args):
         self._wit_arm()
@@ -351,9 +359,9 @@ class Guard:
                 if why is not None:  # the address actually connected to
                     raise BlockedAddressError(f"{host} -> {peer} ({why})")
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock._wit_deadline = deadline
-                sock._wit_op_timeout = op_timeout
                 sock.settimeout(op_timeout)
+                sock._wit_deadline = deadline
+                sock._wit_arm()  # a TLS handshake that follows is bounded by the time left
                 return sock
             except BlockedAddressError:
                 sock.close()
@@ -752,23 +760,17 @@ def requests_session(guard: Guard, options: FetchOptions):
 
     total = options.timeout
 
+    def new_conn(conn) -> socket.socket:
+        timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+        return guard.connect(
+            conn._dns_host, conn.port, deadline=time.monotonic() + total, op_timeout=timeout
+        )
+
     class Conn(urllib3.connection.HTTPConnection):
-        def _new_conn(self):
-            return guard.connect(
-                self._dns_host,
-                self.port,
-                deadline=time.monotonic() + total,
-                op_timeout=self.timeout if isinstance(self.timeout, int | float) else None,
-            )
+        _new_conn = new_conn
 
     class SConn(urllib3.connection.HTTPSConnection):
-        def _new_conn(self):
-            return guard.connect(
-                self._dns_host,
-                self.port,
-                deadline=time.monotonic() + total,
-                op_timeout=self.timeout if isinstance(self.timeout, int | float) else None,
-            )
+        _new_conn = new_conn
 
     class Pool(urllib3.HTTPConnectionPool):
         ConnectionCls = Conn
