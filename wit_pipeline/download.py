@@ -685,8 +685,21 @@ def fetch_with_img2dataset(
 # Beam
 
 
+def _warm_up_imports() -> None:
+    try:
+        import img2dataset.downloader  # noqa: F401 - several seconds of imports (torch, ...)
+        import img2dataset.resizer  # noqa: F401
+    except Exception:  # the download stage's setup() reports import errors
+        pass
+
+
 class _KeyPairsFn(beam.DoFn):
     """Arrow tables of candidate rows -> ``(key, pair)``."""
+
+    def setup(self):
+        # img2dataset takes seconds to import; start now, in the background, so that each
+        # worker process has it by the time the download stage starts.
+        threading.Thread(target=_warm_up_imports, daemon=True).start()
 
     def process(self, table: pa.Table) -> Iterator[tuple[str, dict[str, Any]]]:
         columns = [c for c in table.column_names if c in {n for n, _ in PAIR_FIELDS}]
