@@ -687,8 +687,8 @@ def fetch_with_img2dataset(
 
 def _warm_up_imports() -> None:
     try:
-        import img2dataset.downloader  # noqa: F401 - several seconds of imports (torch, ...)
-        import img2dataset.resizer  # noqa: F401
+        import img2dataset.downloader  # several seconds of imports (torch, wandb, ...)
+        import img2dataset.resizer
     except Exception:  # the download stage's setup() reports import errors
         pass
 
