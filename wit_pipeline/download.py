@@ -686,9 +686,11 @@ def fetch_with_img2dataset(
 
 
 def _warm_up_imports() -> None:
-    try:
-        import img2dataset.downloader  # several seconds of imports (torch, wandb, ...)
-        import img2dataset.resizer
+    import importlib
+
+    try:  # several seconds of imports (torch, wandb, albumentations, ...)
+        importlib.import_module("img2dataset.downloader")
+        importlib.import_module("img2dataset.resizer")
     except Exception:  # the download stage's setup() reports import errors
         pass
 
