@@ -479,6 +479,24 @@ def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
     assert stats["url_counters"] == {"input": 1, "kept": 1}
 
 
+def test_rerun_on_other_input_is_refused(tmp_path, capsys):
+    from wit_pipeline import cli
+
+    with ImageServer() as server:
+        server.route("/a.jpg", lambda req: req.send_plain(200, JPEG, "image/jpeg"))
+        rows = [pair(server.url("/a.jpg"), "a"), pair(server.url("/b.jpg"), "b")]
+        first = write_candidates(tmp_path / "in1", rows[:1], parts=1)
+        second = write_candidates(tmp_path / "in2", rows, parts=1)
+        out = str(tmp_path / "out")
+        args = ["download", "--output", out, "--allow-loopback", "--runner=FnApiRunner"]
+        assert cli.main([*args, "--input", first]) == 0
+        capsys.readouterr()
+        assert cli.main([*args, "--input", second]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("wit: error: ") and "different input or configuration" in err
+    assert "1 URLs, 1 shards; now 2 URLs" in err
+
+
 def test_transform_counts_with_test_pipeline(tmp_path):
     """DownloadImages' output PCollection is the summed counter dict."""
     with ImageServer() as server:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import apache_beam as beam
 
     from wit_pipeline import beam_utils, config, download, fileio
+    from wit_pipeline.errors import WitError
 
     cfg = config.load_config(args.config)
     cfg = config.apply_overrides(cfg, args.overrides)
@@ -68,12 +70,19 @@ def run(args: argparse.Namespace) -> int:
     files = download.candidate_files(args.input)
     download.check_plan_config(args.output, dl)
     options = beam_utils.pipeline_options(_local_parallelism(list(args.beam_args), dl.processes))
-    with beam.Pipeline(options=options) as p:
-        _ = (
-            p
-            | "ReadCandidates" >> download.ReadCandidates(files)
-            | "DownloadImages" >> download.DownloadImages(output_dir=args.output, config=dl)
-        )
+    try:
+        with beam.Pipeline(options=options) as p:
+            _ = (
+                p
+                | "ReadCandidates" >> download.ReadCandidates(files)
+                | "DownloadImages" >> download.DownloadImages(output_dir=args.output, config=dl)
+            )
+    except Exception as e:
+        # A WitError raised inside a worker reaches us wrapped by the runner: report its line.
+        m = re.search(r"(\S+ holds a download run with a different input[^\n'\"]*)", str(e))
+        if m:
+            raise WitError(m.group(1)) from None
+        raise
     stats = fileio.read_json(fileio.join(args.output, download.STATS_FILE))
     pairs, url_level = stats["counters"], stats["url_counters"]
     print(
