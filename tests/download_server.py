@@ -203,7 +203,7 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
             redirect(req, f"/chain/{n - 1}")
 
     def slow(req):
-        time.sleep(4)
+        time.sleep(8)
         send(req, 200, JPEG)
 
     def drip(req):

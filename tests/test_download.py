@@ -242,8 +242,8 @@ def test_config_is_validated_at_construction(tmp_path):
 
 HOSTILE_CONFIG = DownloadConfig(
     allow_loopback=True,
-    timeout=1.5,
-    connect_timeout=1.0,
+    timeout=3.0,  # per attempt; /slow.jpg and /drip.jpg need longer
+    connect_timeout=2.0,
     retries=1,
     retry_backoff=0.05,
     samples_per_shard=8,
