@@ -203,14 +203,12 @@ def test_apply_verdict_and_crawl_delay():
     keyed = [download.key_pair(pair(f"http://h.test/{p}", p)) for p in ("a.jpg", "private/b.jpg")]
     recs = [download.make_url_record(key, [p]) for key, p in keyed]
     rules = robots.parse("User-agent: *\nDisallow: /private/\nCrawl-delay: 3\n", "wit")
-    item = (
-        "http://h.test",
-        {"verdict": [robots.RobotsVerdict(robots.RULES, rules)], "records": recs},
-    )
+    verdict = robots.RobotsVerdict(robots.RULES, rules)
 
     def run(**cfg):
-        fresh = {**item[1], "records": [{**r, "verdict": None} for r in recs]}
-        out = list(download.apply_verdict((item[0], fresh), DownloadConfig(**cfg)))
+        # Records first: the verdict may come anywhere among the grouped values.
+        values = [("r", {**r, "verdict": None}) for r in recs] + [("v", verdict)]
+        out = list(download.apply_verdict(("http://h.test", values), DownloadConfig(**cfg)))
         return [(r["verdict"], r.get("crawl_delay")) for r in out]
 
     robots_drop = ("robots", "disallowed by robots.txt")

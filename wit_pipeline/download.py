@@ -764,19 +764,28 @@ class _RobotsFn(beam.DoFn):
             pool.shutdown(wait=False)
 
 
+VERDICT_TAG = "v"
+RECORD_TAG = "r"
+
+
 def apply_verdict(
-    item: tuple[str, dict[str, list]], config: DownloadConfig
+    item: tuple[str, Iterable[tuple[str, Any]]], config: DownloadConfig
 ) -> Iterator[dict[str, Any]]:
-    """Set ``verdict`` (and ``crawl_delay``) on the URL records of one origin."""
-    _, grouped = item
-    verdicts = grouped["verdict"]
-    verdict = (
-        verdicts[0]
-        if verdicts
-        else robots.RobotsVerdict(robots.DISALLOW_ALL, detail="no robots.txt verdict")
-    )
+    """Set ``verdict`` (and ``crawl_delay``) on the URL records of one origin.
+
+    ``item`` is ``(origin, values)`` where values are ``("v", RobotsVerdict)`` (one) and
+    ``("r", record)`` (one per URL). The values are scanned twice instead of collected, so an
+    origin with millions of URLs needs no more memory than one with a few (Beam's grouped
+    values are re-iterable and, on distributed runners, streamed).
+    """
+    _, values = item
+    verdict = next((v for tag, v in values if tag == VERDICT_TAG), None)
+    if verdict is None:
+        verdict = robots.RobotsVerdict(robots.DISALLOW_ALL, detail="no robots.txt verdict")
     delay = verdict.rules.crawl_delay if verdict.kind == robots.RULES else None
-    for rec in grouped["records"]:
+    for tag, rec in values:
+        if tag != RECORD_TAG:
+            continue
         if rec["verdict"] is None:
             rec["verdict"] = verdict.check(rec["url"])
         if rec["verdict"] is None and config.respect_crawl_delay and delay:
@@ -922,17 +931,19 @@ class DownloadImages(beam.PTransform):
             valid, invalid = assigned | "SplitInvalid" >> beam.Partition(
                 lambda r, _: 1 if r["invalid"] else 0, 2
             )
-            by_origin = valid | "KeyByOrigin" >> beam.Map(lambda r: (r["origin"], r))
+            by_origin = valid | "KeyByOrigin" >> beam.Map(lambda r: (r["origin"], (RECORD_TAG, r)))
             verdicts = (
-                by_origin
-                | "Origins" >> beam.Keys()
+                valid
+                | "Origins" >> beam.Map(lambda r: r["origin"])
                 | "DistinctOrigins" >> beam.Distinct()
                 | "BatchOrigins" >> beam.BatchElements(min_batch_size=1, max_batch_size=64)
                 | "FetchRobots" >> beam.ParDo(_RobotsFn(cfg, self._resolver))
+                | "TagVerdicts" >> beam.MapTuple(lambda o, v: (o, (VERDICT_TAG, v)))
             )
             checked = (
-                {"verdict": verdicts, "records": by_origin}
-                | "GroupByOrigin" >> beam.CoGroupByKey()
+                (verdicts, by_origin)
+                | "VerdictsAndRecords" >> beam.Flatten()
+                | "GroupByOrigin" >> beam.GroupByKey()
                 | "ApplyRobots" >> beam.FlatMap(apply_verdict, cfg)
             )
             assigned = (checked, invalid) | "Rejoin" >> beam.Flatten()
