@@ -721,8 +721,7 @@ def _assign_shard(
     shard = shard_of(rec["key"], num_shards)
     if shard in finished:
         return []  # counted from the finished shard's files
-    rec["shard"] = shard
-    return [rec]
+    return [{**rec, "shard": shard}]  # inputs may be shared with other consumers: no mutation
 
 
 class _RobotsFn(beam.DoFn):
@@ -783,9 +782,10 @@ def apply_verdict(
     if verdict is None:
         verdict = robots.RobotsVerdict(robots.DISALLOW_ALL, detail="no robots.txt verdict")
     delay = verdict.rules.crawl_delay if verdict.kind == robots.RULES else None
-    for tag, rec in values:
+    for tag, value in values:
         if tag != RECORD_TAG:
             continue
+        rec = dict(value)
         if rec["verdict"] is None:
             rec["verdict"] = verdict.check(rec["url"])
         if rec["verdict"] is None and config.respect_crawl_delay and delay:
