@@ -374,17 +374,17 @@ class Guard:
 
 
 def ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
-    """A verifying TLS context whose sockets enforce the guard's deadlines."""
-    if ca_bundle:
-        ctx = ssl.create_default_context(cafile=ca_bundle)
-    else:
-        ctx = ssl.create_default_context()
-        try:
-            import certifi
+    """A verifying TLS context (system CAs, certifi's, and ``ca_bundle``'s) whose sockets
+    enforce the guard's deadlines."""
+    ctx = ssl.create_default_context()  # the system's CA store
+    try:
+        import certifi
 
-            ctx.load_verify_locations(cafile=certifi.where())
-        except (ImportError, OSError):
-            pass
+        ctx.load_verify_locations(cafile=certifi.where())
+    except (ImportError, OSError):
+        pass
+    if ca_bundle:  # in addition to the above, e.g. a corporate CA
+        ctx.load_verify_locations(cafile=ca_bundle)
     ctx.sslsocket_class = DeadlineSSLSocket
     return ctx
 
