@@ -89,6 +89,8 @@ class GatherConfig:
 
 @dataclass(frozen=True)
 class DownloadConfig:
+    """Download stage: fetching (img2dataset), politeness, SSRF guard, resizing, sharding."""
+
     image_size: int = 256
     resize_mode: str = "keep_ratio"  # img2dataset: no, border, keep_ratio, center_crop
     resize_only_if_bigger: bool = True
@@ -99,8 +101,15 @@ class DownloadConfig:
     connect_timeout: float = 5.0
     timeout: float = 10.0  # total seconds for one request, body included
     retries: int = 2
+    retry_backoff: float = 0.5  # seconds before the first retry, doubled for each next one
+    max_redirects: int = 5
+    max_bytes: int = 50_000_000  # largest body downloaded; larger ones are dropped as too_large
     user_agent: str = "wit-pipeline/0.1 (+https://github.com/wit-pipeline/wit-pipeline)"
     respect_robots: bool = True
+    # Honour robots.txt Crawl-delay (per host, per worker); longer delays than max_crawl_delay
+    # drop the host's URLs as robots. Off by default, as Google does.
+    respect_crawl_delay: bool = False
+    max_crawl_delay: float = 10.0
     disallowed_header_directives: tuple[str, ...] = (
         "noai",
         "noimageai",
@@ -108,7 +117,9 @@ class DownloadConfig:
         "noimageindex",
     )
     allow_loopback: bool = False
+    ca_bundle: str = ""  # extra CA certificates (PEM file) for HTTPS; "" uses system + certifi
     samples_per_shard: int = 1000
+    num_shards: int = 0  # 0 derives it: ceil(distinct URLs / samples_per_shard)
     processes: int = 1
     threads: int = 16
     per_host_concurrency: int = 4

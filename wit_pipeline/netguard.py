@@ -1,0 +1,832 @@
+"""SSRF guard and polite HTTP fetching for the download stage.
+
+Every connection the download stage opens goes through :meth:`Guard.connect`, which resolves the
+host name once, checks each resolved address against an :class:`AddressPolicy` and connects to
+an address it has checked (never re-resolving), then checks the peer address of the connected
+socket again. DNS rebinding (a name that resolves to a public address for the check and to a
+private one for the connection) therefore cannot bypass it, and every redirect hop opens a new,
+checked connection. By default only globally routable unicast addresses are allowed: loopback,
+private, shared (100.64/10), link-local (169.254.169.254 included), multicast, reserved,
+unspecified and documentation addresses are refused, IPv4 and IPv6, with IPv4-mapped, 6to4 and
+NAT64 IPv6 addresses judged by the IPv4 address they embed. ``allow_loopback`` additionally
+permits exactly 127.0.0.0/8 and ::1 (tests and the local demo).
+
+Two HTTP stacks are wired to the guard:
+
+- ``urllib.request`` (what img2dataset 1.47 downloads with): :func:`build_opener` returns an
+  opener whose HTTP(S) handlers use guarded connections, that follows at most ``max_redirects``
+  http(s)-only redirects, refuses proxies and non-http(s) schemes, retries only retryable
+  errors, enforces a total deadline per attempt, a body size limit, per-host concurrency and
+  rate limits, sends our User-Agent and refuses ``X-Robots-Tag`` opt-outs before reading the
+  body. :func:`install_urllib_opener` installs it process-wide with
+  ``urllib.request.install_opener``, the hook ``urllib.request.urlopen`` (and so img2dataset's
+  ``download_image``) goes through; the download DoFn installs it in ``setup()`` of every worker
+  process and re-checks it before every shard.
+- ``requests`` (robots.txt): :func:`requests_session` returns a session whose adapters use the
+  same guarded connections.
+
+A "slow drip" server (one byte every few seconds) cannot hold a worker: sockets made by the
+guard check a deadline before every ``recv``/``send`` and bound each blocking call by the time
+left, for plain and TLS sockets alike.
+
+Errors are :class:`FetchError` with a stable ``reason`` (see ``docs/download.md``); their string
+form is ``wit:<reason>: <detail>`` so that the reason survives img2dataset, which reports errors
+as ``str(exception)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import io
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# host, port -> IP address strings, in preference order. Injectable so that tests (and users
+# with their own DNS) can decide what a name resolves to without touching the network.
+Resolver = Callable[[str, int], Sequence[str]]
+
+REASON_PREFIX = "wit:"
+_REASON_RE = re.compile(r"^wit:([a-z0-9_]+):\s?(.*)$", re.S)
+RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRYABLE_REASONS = frozenset({"timeout", "connection_error", "truncated"})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SHARED = ipaddress.ip_network("100.64.0.0/10")
+_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_V6 = ipaddress.ip_address("::1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class FetchError(Exception):
+    """A fetch failure with a stable drop reason (``blocked_address``, ``timeout``, ...)."""
+
+    def __init__(self, reason: str, detail: str = "", *, retryable: bool | None = None):
+        super().__init__(f"{REASON_PREFIX}{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = reason in RETRYABLE_REASONS if retryable is None else retryable
+
+
+class BlockedAddressError(OSError):
+    """The guard refused to connect: every address of the host is forbidden by the policy."""
+
+    reason = "blocked_address"
+
+    def __init__(self, detail: str):
+        super().__init__(f"{REASON_PREFIX}blocked_address: {detail}")
+        self.detail = detail
+
+
+class DeadlineExceeded(TimeoutError):
+    """The total time allowed for one request ran out."""
+
+
+def parse_reason(message: str | None) -> tuple[str, str] | None:
+    """``("timeout", "detail")`` from a ``wit:timeout: detail`` message, else ``None``."""
+    if not message:
+        return None
+    m = _REASON_RE.match(message.strip())
+    return (m.group(1), m.group(2)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Address policy
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_class(ip: IPAddress) -> str | None:
+    """Why ``ip`` is not a public unicast address (``"private"``, ...), or ``None`` if it is.
+
+    IPv6 addresses that embed an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, 6to4
+    ``2002:AABB:CCDD::``, NAT64 ``64:ff9b::a.b.c.d``) are judged by the embedded address too.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        v4 = _embedded_ipv4(ip)
+        if v4 is not None:
+            inner = address_class(v4)
+            # Mapped and NAT64 addresses reach exactly the embedded IPv4 address.
+            if inner is not None or ip.ipv4_mapped is not None or ip in _NAT64:
+                return inner
+        if ip.is_site_local:
+            return "site_local"
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link_local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("shared", isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    )
+    for name, hit in checks:
+        if hit:
+            return name
+    if not ip.is_global:
+        return "non_global"
+    return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def parse_ip(text: str) -> IPAddress | None:
+    """An IP literal, including legacy IPv4 forms (``127.1``, ``0x7f.0.0.1``, ``2130706433``)."""
+    text = text.strip().strip("[]")
+    if "%" in text:  # IPv6 zone id: fe80::1%eth0
+        text = text.split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    if text and ":" not in text and re.fullmatch(r"[0-9a-fA-FxX.]+", text):
+        try:  # inet_aton only parses; it never touches the network
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses may be connected to: public unicast only, plus loopback if allowed."""
+
+    allow_loopback: bool = False
+
+    def refusal(self, ip: IPAddress | str) -> str | None:
+        """``None`` when ``ip`` may be connected to, else the class that forbids it."""
+        if isinstance(ip, str):
+            return _refusal_of_text(ip, self.allow_loopback)
+        return self._refusal(ip)
+
+    def _refusal(self, ip: IPAddress) -> str | None:
+        if self.allow_loopback:
+            v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip
+            if v4 is not None and v4 in _LOOPBACK_V4:
+                return None
+            if ip == _LOOPBACK_V6:
+                return None
+        return address_class(ip)
+
+    def allows(self, ip: IPAddress | str) -> bool:
+        return self.refusal(ip) is None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _refusal_of_text(text: str, allow_loopback: bool) -> str | None:
+    # A pure function of its arguments, memoized: the same few addresses are checked for every
+    # request to a host.
+    parsed = parse_ip(text)
+    if parsed is None:
+        return "not_an_address"
+    return AddressPolicy(allow_loopback)._refusal(parsed)
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """IP literals (legacy IPv4 forms too) without a lookup; names through ``getaddrinfo``."""
+    ip = parse_ip(host)
+    if ip is not None:
+        return [str(ip)]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+@dataclass(frozen=True)
+class StaticResolver:
+    """Resolve names from a fixed table (``{"name": ["1.2.3.4", ...]}``); others fail.
+
+    IP literals resolve to themselves. A picklable resolver for tests and pinned deployments.
+    """
+
+    table: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, mapping: dict[str, Sequence[str]]) -> StaticResolver:
+        return cls(tuple((k.lower(), tuple(v)) for k, v in sorted(mapping.items())))
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        ip = parse_ip(host)
+        if ip is not None:
+            return [str(ip)]
+        for name, addrs in self.table:
+            if name == host.lower().rstrip("."):
+                return list(addrs)
+        raise socket.gaierror(socket.EAI_NONAME, f"{host}: name not in resolver table")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sockets with a total deadline
+
+
+class _DeadlineMixin:
+    """Bound every blocking call by the per-operation timeout and the time left.
+
+    ``settimeout`` (what HTTP libraries call) sets the per-operation timeout; the deadline
+    caps it before every ``recv``/``send``.
+    """
+
+    _wit_deadline: float | None = None
+    _wit_op_timeout: float | None = None
+
+    def settimeout(self, value):
+        self._wit_op_timeout = value
+        super().settimeout(value)  # type: ignore[misc]
+
+    def _wit_arm(self) -> None:
+        deadline = self._wit_deadline
+        if deadline is None:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("total request time exceeded")
+        op = self._wit_op_timeout
+        super().settimeout(left if op is None else min(op, left))  # type: ignore[misc]
+
+    def recv(self, *args):
+        self._wit_arm()
+        return super().recv(*args)  # type: ignore[misc]
+
+    def recv_into(self, *args):
+        self._wit_arm()
+        return super().recv_into(*args)  # type: ignore[misc]
+
+    def send(self, *args):
+        self._wit_arm()
+        return super().send(*args)  # type: ignore[misc]
+
+    def sendall(self, *args):
+        self._wit_arm()
+        return super().sendall(*args)  # type: ignore[misc]
+
+
+class DeadlineSocket(_DeadlineMixin, socket.socket):
+    """A TCP socket that enforces a total deadline on every read and write."""
+
+
+class DeadlineSSLSocket(_DeadlineMixin, ssl.SSLSocket):
+    """The TLS counterpart; set as ``SSLContext.sslsocket_class`` by the guard."""
+
+    @classmethod
+    def _create(cls, sock, *args, **kwargs):
+        deadline = getattr(sock, "_wit_deadline", None)
+        op = getattr(sock, "_wit_op_timeout", None)
+        out = super()._create(sock, *args, **kwargs)
+        out._wit_deadline = deadline
+        out._wit_op_timeout = op
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Connects only to addresses the policy allows, checking the address actually used."""
+
+    policy: AddressPolicy = AddressPolicy()
+    resolver: Resolver = system_resolver
+    connect_timeout: float = 5.0
+
+    def connect(
+        self,
+        host: str,
+        port: int,
+        *,
+        deadline: float | None = None,
+        op_timeout: float | None = None,
+    ) -> socket.socket:
+        """A connected :class:`DeadlineSocket` to an allowed address of ``host``.
+
+        Raises :class:`BlockedAddressError` when no resolved address is allowed,
+        :class:`FetchError` (``dns_error``) when the name does not resolve, ``OSError`` when
+        no allowed address accepts the connection.
+        """
+        try:
+            addrs = list(self.resolver(host, port))
+        except (OSError, UnicodeError) as e:
+            raise FetchError("dns_error", f"{host}: {e}") from None
+        if not addrs:
+            raise FetchError("dns_error", f"{host}: no address")
+        allowed: list[str] = []
+        refused: list[str] = []
+        for addr in addrs:
+            why = self.policy.refusal(addr)
+            if why is None:
+                allowed.append(addr)
+            else:
+                refused.append(f"{addr} ({why})")
+        if not allowed:
+            raise BlockedAddressError(f"{host} -> {', '.join(refused)}")
+        last: OSError | None = None
+        for addr in allowed:
+            ip = parse_ip(addr)
+            assert ip is not None
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            sock = DeadlineSocket(family, socket.SOCK_STREAM)
+            try:
+                timeout = self.connect_timeout
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeadlineExceeded("total request time exceeded")
+                    timeout = min(timeout, left)
+                sock.settimeout(timeout)
+                sock.connect((str(ip), port))
+                peer = sock.getpeername()[0]
+                why = self.policy.refusal(peer)
+                if why is not None:  # the address actually connected to
+                    raise BlockedAddressError(f"{host} -> {peer} ({why})")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(op_timeout)
+                sock._wit_deadline = deadline
+                sock._wit_arm()  # a TLS handshake that follows is bounded by the time left
+                return sock
+            except BlockedAddressError:
+                sock.close()
+                raise
+            except OSError as e:
+                sock.close()
+                last = e
+        assert last is not None
+        raise last
+
+
+def ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
+    """A verifying TLS context (system CAs, certifi's, and ``ca_bundle``'s) whose sockets
+    enforce the guard's deadlines."""
+    ctx = ssl.create_default_context()  # the system's CA store
+    try:
+        import certifi
+
+        ctx.load_verify_locations(cafile=certifi.where())
+    except (ImportError, OSError):
+        pass
+    if ca_bundle:  # in addition to the above, e.g. a corporate CA
+        ctx.load_verify_locations(cafile=ca_bundle)
+    ctx.sslsocket_class = DeadlineSSLSocket
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# Error classification
+
+
+def classify(exc: BaseException) -> FetchError:
+    """Map any fetch exception to a :class:`FetchError` with a stable reason."""
+    if isinstance(exc, FetchError):
+        return exc
+    if isinstance(exc, urllib.error.HTTPError):
+        code = exc.code
+        msg = str(exc.reason or "")
+        if 300 <= code < 400:
+            if "not allowed" in msg:
+                return FetchError("bad_redirect", f"HTTP {code}: {msg}")
+            if "infinite loop" in msg:
+                return FetchError("too_many_redirects", f"HTTP {code}: {msg}")
+        return FetchError(f"http_{code}", f"HTTP {code}: {msg}", retryable=code in RETRYABLE_HTTP)
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        return classify(exc.reason)
+    if isinstance(exc, BlockedAddressError):
+        return FetchError("blocked_address", exc.detail)
+    if isinstance(exc, socket.gaierror):
+        return FetchError("dns_error", str(exc))
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return FetchError("timeout", str(exc) or "timed out")
+    if isinstance(exc, http.client.IncompleteRead):
+        return FetchError("truncated", f"body ended early ({len(exc.partial)} bytes)")
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return FetchError("tls_error", str(exc))
+    if isinstance(exc, ConnectionError | http.client.RemoteDisconnected):
+        return FetchError("connection_error", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, http.client.HTTPException):
+        return FetchError("bad_response", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, urllib.error.URLError):
+        text = str(exc.reason)
+        if "unknown url type" in text:
+            return FetchError("invalid_url", text)
+        return FetchError("connection_error", text)
+    if isinstance(exc, OSError):
+        return FetchError("connection_error", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, ValueError):
+        return FetchError("invalid_url", str(exc))
+    return FetchError("download_error", f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-host limits
+
+
+class HostLimiter:
+    """Per-host concurrency and request-rate limits shared by the threads of one process.
+
+    ``concurrency`` requests at most in flight per host (0: no limit); requests to one host
+    start at least ``1 / rate`` seconds apart (0: no limit); :meth:`set_interval` sets a longer
+    spacing for one host (robots.txt ``Crawl-delay``).
+    """
+
+    def __init__(self, concurrency: int = 0, rate: float = 0.0):
+        self.concurrency = concurrency
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._lock = threading.Lock()
+        self._sems: dict[str, threading.BoundedSemaphore] = {}
+        self._next: dict[str, float] = {}
+        self._intervals: dict[str, float] = {}
+
+    def set_interval(self, host: str, seconds: float) -> None:
+        with self._lock:
+            self._intervals[host] = max(seconds, self._intervals.get(host, 0.0))
+
+    @contextmanager
+    def slot(self, host: str) -> Iterator[None]:
+        sem = None
+        if self.concurrency > 0:
+            with self._lock:
+                sem = self._sems.get(host)
+                if sem is None:
+                    sem = self._sems[host] = threading.BoundedSemaphore(self.concurrency)
+            sem.acquire()
+        try:
+            interval = max(self.interval, self._intervals.get(host, 0.0))
+            if interval:
+                with self._lock:
+                    now = time.monotonic()
+                    start = max(now, self._next.get(host, 0.0))
+                    self._next[host] = start + interval
+                if start > now:
+                    time.sleep(start - now)
+            yield
+        finally:
+            if sem is not None:
+                sem.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# urllib: what img2dataset downloads with
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How one download attempt behaves (built from ``DownloadConfig``)."""
+
+    timeout: float = 10.0  # total seconds per attempt: connect, redirects, headers and body
+    connect_timeout: float = 5.0
+    retries: int = 2
+    retry_backoff: float = 0.5
+    max_redirects: int = 5
+    max_bytes: int = 50_000_000
+    user_agent: str = "wit-pipeline"
+    user_agent_token: str = "wit-pipeline"
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    per_host_concurrency: int = 0
+    per_host_rate: float = 0.0
+    ca_bundle: str = ""
+
+
+class _GuardedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host, *, guard: Guard, deadline: float | None, **kwargs):
+        super().__init__(host, **kwargs)
+        self._wit_guard = guard
+        self._wit_deadline = deadline
+
+    def connect(self):
+        self.sock = self._wit_guard.connect(
+            self.host, self.port, deadline=self._wit_deadline, op_timeout=self.timeout
+        )
+
+
+class _GuardedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, *, guard: Guard, deadline: float | None, **kwargs):
+        super().__init__(host, **kwargs)
+        self._wit_guard = guard
+        self._wit_deadline = deadline
+
+    def connect(self):
+        sock = self._wit_guard.connect(
+            self.host, self.port, deadline=self._wit_deadline, op_timeout=self.timeout
+        )
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: Guard):
+        super().__init__()
+        self._guard = guard
+
+    def http_open(self, req):
+        def factory(host, **kwargs):
+            return _GuardedHTTPConnection(
+                host, guard=self._guard, deadline=getattr(req, "wit_deadline", None), **kwargs
+            )
+
+        return self.do_open(factory, req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: Guard, context: ssl.SSLContext):
+        super().__init__(context=context)
+        self._guard = guard
+        self._ctx = context
+
+    def https_open(self, req):
+        def factory(host, **kwargs):
+            kwargs.pop("context", None)
+            return _GuardedHTTPSConnection(
+                host,
+                guard=self._guard,
+                deadline=getattr(req, "wit_deadline", None),
+                context=self._ctx,
+                **kwargs,
+            )
+
+        return self.do_open(factory, req)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow at most ``max_redirects`` hops, to http(s) URLs only, keeping the deadline."""
+
+    max_repeats = 1_000
+    max_redirections = 1_000
+
+    def __init__(self, max_redirects: int):
+        super().__init__()
+        self.max_redirects = max_redirects
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError("bad_redirect", f"redirect to non-http(s) URL {newurl[:200]}")
+        hops = getattr(req, "wit_hops", 0) + 1
+        if hops > self.max_redirects:
+            raise FetchError("too_many_redirects", f"more than {self.max_redirects} redirects")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.wit_hops = hops
+            new.wit_deadline = getattr(req, "wit_deadline", None)
+            new.wit_redirect = True
+        return new
+
+
+class _ErrorProcessor(urllib.request.HTTPErrorProcessor):
+    pass
+
+
+class GuardedOpener(urllib.request.OpenerDirector):
+    """An ``OpenerDirector`` that fetches only through the guard (see the module docstring).
+
+    ``open()`` returns a response whose body is already read (within the deadline and size
+    limit), so that the caller's ``read()`` cannot block; redirect hops re-enter ``open()`` and
+    are passed straight to the handlers.
+    """
+
+    def __init__(self, guard: Guard, options: FetchOptions):
+        super().__init__()
+        self.guard = guard
+        self.options = options
+        self.limiter = HostLimiter(options.per_host_concurrency, options.per_host_rate)
+        self.directives = frozenset(d.strip().lower() for d in options.disallowed_header_directives)
+        for handler in (
+            _GuardedHTTPHandler(guard),
+            _GuardedHTTPSHandler(guard, ssl_context(options.ca_bundle)),
+            _RedirectHandler(options.max_redirects),
+            urllib.request.HTTPDefaultErrorHandler(),
+            _ErrorProcessor(),
+            urllib.request.UnknownHandler(),
+        ):
+            self.add_handler(handler)
+
+    def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):  # type: ignore[attr-defined]
+        if getattr(fullurl, "wit_redirect", False):
+            return super().open(fullurl, data, timeout)
+        if isinstance(fullurl, urllib.request.Request):
+            req = fullurl
+        else:
+            req = urllib.request.Request(str(fullurl), data=data)
+        parts = urlsplit(req.full_url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError("invalid_url", f"scheme {scheme!r} refused")
+        host = (parts.hostname or "").lower()
+        op_timeout = self.options.timeout
+        if isinstance(timeout, int | float) and timeout > 0:
+            op_timeout = min(op_timeout, float(timeout))
+        req.add_header("User-Agent", self.options.user_agent)
+        attempt = 0
+        while True:
+            try:
+                with self.limiter.slot(host):
+                    return self._attempt(req, data, op_timeout)
+            except Exception as e:
+                if isinstance(e, urllib.error.HTTPError):
+                    e.close()
+                err = classify(e)
+            if not err.retryable or attempt >= self.options.retries:
+                raise err
+            attempt += 1
+            time.sleep(self.options.retry_backoff * (2 ** (attempt - 1)))
+
+    def _attempt(self, req: urllib.request.Request, data, op_timeout: float) -> FetchedResponse:
+        # A fresh deadline and redirect history for every attempt.
+        req.wit_deadline = time.monotonic() + self.options.timeout
+        req.wit_hops = 0
+        if hasattr(req, "redirect_dict"):
+            del req.redirect_dict
+        resp = super().open(req, data, op_timeout)
+        try:
+            if self.directives and self._opted_out(resp.headers):
+                raise FetchError("opt_out", "X-Robots-Tag opt-out")
+            body = read_body(resp, self.options.max_bytes)
+        finally:
+            resp.close()
+        return FetchedResponse(body, resp.headers, resp.url, resp.status)
+
+    def _opted_out(self, headers) -> bool:
+        check = self.__dict__.get("_is_disallowed")
+        if check is None:
+            from img2dataset.downloader import is_disallowed  # the semantics img2dataset uses
+
+            check = self._is_disallowed = is_disallowed
+        return bool(check(headers, self.options.user_agent_token, self.directives))
+
+
+class FetchedResponse:
+    """A response whose body has been read: what ``GuardedOpener.open`` returns.
+
+    It has the parts of ``http.client.HTTPResponse`` that urllib callers use (``read``,
+    ``headers``, ``status``, ``url``, ``geturl``, ``info``, ``getcode``, context manager).
+    """
+
+    def __init__(self, body: bytes, headers, url: str, status: int):
+        self._body = io.BytesIO(body)
+        self.headers = headers
+        self.url = url
+        self.status = status
+        self.code = status
+
+    def read(self, amt: int | None = None) -> bytes:
+        return self._body.read() if amt is None else self._body.read(amt)
+
+    def info(self):
+        return self.headers
+
+    def geturl(self) -> str:
+        return self.url
+
+    def getcode(self) -> int:
+        return self.status
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> FetchedResponse:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_body(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
+    """Read a response body with ``read1`` (one socket read at a time) and a size limit."""
+    length = resp.length
+    if length is not None and length > max_bytes:
+        raise FetchError("too_large", f"Content-Length {length} > {max_bytes} bytes")
+    chunks = []
+    total = 0
+    while True:
+        chunk = resp.read1(1 << 16)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise FetchError("too_large", f"body larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    if resp.length:  # bytes announced by Content-Length that never came
+        raise FetchError("truncated", f"body ended {resp.length} bytes early ({total} read)")
+    return b"".join(chunks)
+
+
+def build_opener(guard: Guard, options: FetchOptions) -> GuardedOpener:
+    return GuardedOpener(guard, options)
+
+
+def install_urllib_opener(guard: Guard, options: FetchOptions) -> GuardedOpener:
+    """Route ``urllib.request.urlopen`` in this process through a :class:`GuardedOpener`."""
+    opener = build_opener(guard, options)
+    urllib.request.install_opener(opener)
+    return opener
+
+
+def installed_opener() -> Any:
+    """The opener ``urllib.request.urlopen`` currently uses (``None`` for the default)."""
+    return urllib.request._opener  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# requests: robots.txt
+
+
+def requests_session(guard: Guard, options: FetchOptions):
+    """A ``requests.Session`` whose connections all go through ``guard``.
+
+    Proxies from the environment are ignored (``trust_env=False``): a proxy would make the guard
+    check the proxy's address instead of the origin's. Redirects are left to the caller
+    (``allow_redirects=False``) so that it can apply its own hop policy; each hop it makes is
+    a new request through the guard.
+    """
+    import requests
+    import urllib3
+    from requests.adapters import HTTPAdapter
+
+    total = options.timeout
+
+    def new_conn(conn) -> socket.socket:
+        timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+        return guard.connect(
+            conn._dns_host, conn.port, deadline=time.monotonic() + total, op_timeout=timeout
+        )
+
+    class Conn(urllib3.connection.HTTPConnection):
+        _new_conn = new_conn
+
+    class SConn(urllib3.connection.HTTPSConnection):
+        _new_conn = new_conn
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class SPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = SConn
+
+    ctx = ssl_context(options.ca_bundle)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
+            super().init_poolmanager(connections, maxsize, block, ssl_context=ctx, **pool_kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SPool}
+
+        def proxy_manager_for(self, proxy, **proxy_kwargs):
+            raise FetchError("invalid_url", "proxies are not used by the guarded session")
+
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {}
+    session.headers["User-Agent"] = options.user_agent
+    # One connection per request: robots.txt is one request per origin, and a pooled
+    # keep-alive connection that the server has closed would fail the next request.
+    session.headers["Connection"] = "close"
+    if options.ca_bundle:
+        session.verify = options.ca_bundle
+    for prefix in list(session.adapters):
+        del session.adapters[prefix]
+    session.mount("http://", Adapter())
+    session.mount("https://", Adapter())
+    return session
+
+
+def classify_requests_error(exc: BaseException) -> FetchError:
+    """Map an exception raised by a guarded ``requests`` call to a :class:`FetchError`."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, FetchError | BlockedAddressError | DeadlineExceeded | socket.gaierror):
+            return classify(e)
+        for nxt in (e.__cause__, e.__context__, *getattr(e, "args", ())):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            stack.append(reason)
+    import requests
+
+    if isinstance(exc, requests.Timeout):
+        return FetchError("timeout", str(exc))
+    if isinstance(exc, requests.exceptions.SSLError):
+        return FetchError("tls_error", str(exc))
+    if isinstance(exc, requests.ConnectionError):
+        return FetchError("connection_error", str(exc))
+    return classify(exc)
