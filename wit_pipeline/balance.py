@@ -66,12 +66,15 @@ def query_probabilities(counts: Mapping[int, int], t: float) -> dict[int, float]
 def keep_probability(query_ids: Iterable[int], probs: Mapping[int, float]) -> float:
     """``1 - prod(1 - p_e)`` over the matched queries (0 for none), computed stably."""
     log_miss = 0.0
-    for q in set(query_ids):
+    query_ids = set(query_ids)
+    if not query_ids:
+        return 0.0
+    for q in query_ids:
         p = probs.get(int(q), 0.0)
         if p >= 1.0:
             return 1.0
         log_miss += math.log1p(-p)
-    return -math.expm1(log_miss)
+    return -math.expm1(log_miss) if log_miss else 0.0
 
 
 def uniform(seed: int, phase: str, record_id: str) -> float:

@@ -90,6 +90,7 @@ REJECTED_DIR = "rejected"
 STATS = "stats.json"
 QUERY_COUNTS = "query_counts.parquet"
 CONTAMINATION = "contamination.json"
+SIZES = "sizes.json"
 
 
 def _row(record: Mapping[str, Any], schema: pa.Schema) -> dict[str, Any]:
@@ -190,7 +191,9 @@ def _to_rejected_row(r: Mapping[str, Any]) -> dict[str, Any]:
     if "uids" in r and "reason" in r and "pairs" not in r:
         return dict(r)
     detail = ""
-    if "balance_probability" in r:
+    if r["reason"] == balance.NO_QUERY:
+        detail = "matches no query"
+    elif "balance_probability" in r:
         detail = f"keep probability {r['balance_probability']:.6g}"
     return dedup.rejected_row(r, r["reason"], detail=detail)
 
@@ -314,7 +317,11 @@ class _WriteShardFn(beam.DoFn):
 
 
 def _finish_shards(infos: Sequence[shards.ShardInfo], directory: str, cfg: Mapping[str, Any]):
-    """Write ``manifest.json`` and remove shards left by an earlier, larger run."""
+    """Write ``manifest.json`` and ``sizes.json``; remove shards left by an earlier, larger run.
+
+    ``sizes.json`` (``{"NNNNN.tar": n}``) is what open_clip's ``get_dataset_size`` reads, so
+    ``--train-data 'shards/{00000..000NN}.tar'`` works without ``--train-num-samples``.
+    """
     infos = sorted(infos, key=lambda i: i.shard_id)
     ids = {i.shard_id for i in infos}
     if fileio.is_local(directory) and os.path.isdir(directory):
@@ -322,6 +329,9 @@ def _finish_shards(infos: Sequence[shards.ShardInfo], directory: str, cfg: Mappi
             stem, _, ext = name.partition(".")
             if ext in ("tar", "parquet") and stem.isdigit() and int(stem) not in ids:
                 os.remove(os.path.join(directory, name))
+    fileio.makedirs(directory)
+    sizes = {os.path.basename(i.tar): i.num_samples for i in infos}
+    fileio.write_json(fileio.join(directory, SIZES), sizes)
     return shards.write_manifest(directory, infos, config=cfg)
 
 
