@@ -690,3 +690,120 @@ def run_balance(
 
     _run(build, beam_args, runner)
     return _check(stats_path)
+
+
+CANDIDATES_DIR = "candidates"
+_PREBALANCE_REJECTED_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("reason", pa.string()),
+        ("source", pa.string()),
+        ("uid", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def _prebalance_rejected(r: Mapping[str, Any]) -> dict[str, Any]:
+    detail = (
+        "matches no query"
+        if r["reason"] == balance.NO_QUERY
+        else f"keep probability {r['balance_probability']:.6g}"
+    )
+    return {
+        "url": r.get("url"),
+        "caption": r.get("caption"),
+        "reason": r["reason"],
+        "source": r.get("source"),
+        "uid": r.get("uid"),
+        "detail": detail,
+    }
+
+
+def _write_prebalance_stats(counts, after, path: str, extra: Mapping[str, Any]) -> str:
+    doc = {
+        "counters": dict(sorted(counts.items())),
+        "query_counts": {str(q): int(n) for q, n in sorted(after.items()) if n},
+        **extra,
+    }
+    fileio.write_json(path, doc)
+    return path
+
+
+def run_prebalance(
+    gather_dir: str,
+    output_dir: str,
+    cfg: config.BuildConfig,
+    *,
+    queries_path: str = "",
+    beam_args: Sequence[str] = (),
+    runner: str | None = None,
+) -> dict[str, Any]:
+    """``wit gather`` output -> pre-balanced candidates in the same format (for download)."""
+    import pyarrow.parquet as pq
+
+    factor = cfg.balance.prebalance_factor
+    if factor <= 0:
+        raise WitError("balance.prebalance_factor must be > 0 to pre-balance")
+    parts = fileio.expand_inputs([fileio.join(gather_dir, CANDIDATES_DIR, "*.parquet")])
+    with fileio.open_file(parts[0], "rb") as f:
+        schema = pq.read_schema(f)
+    for needed in ("uid", "query_ids"):
+        if needed not in schema.names:
+            raise WitError(f"{parts[0]}: not gather candidates (no {needed} column)")
+    extra: dict[str, Any] = {"inputs": [gather_dir], "config": config.to_dict(cfg)}
+    gather_stats = fileio.join(gather_dir, STATS)
+    if fileio.exists(gather_stats):
+        queries = fileio.read_json(gather_stats).get("queries")
+        if queries:
+            extra["queries"] = queries
+    fileio.makedirs(output_dir)
+    for sub in (CANDIDATES_DIR, REJECTED_DIR):
+        _clear_parts(fileio.join(output_dir, sub))
+    stats_path = fileio.join(output_dir, STATS)
+
+    def build(p):
+        cands = p | "Read" >> beam.io.ReadFromParquet(
+            fileio.join(gather_dir, CANDIDATES_DIR, "*.parquet")
+        )
+        out = cands | "PreBalance" >> balance.PreBalance(
+            t=cfg.balance.t, factor=factor, seed=cfg.balance.seed
+        )
+        _ = out["kept"] | "WriteCandidates" >> beam.io.WriteToParquet(
+            fileio.join(output_dir, CANDIDATES_DIR, "part"),
+            schema=schema,
+            file_name_suffix=".parquet",
+            codec="zstd",
+        )
+        _ = (
+            out["rejected"]
+            | "ToRejected" >> beam.Map(_prebalance_rejected)
+            | "WriteRejected"
+            >> beam.io.WriteToParquet(
+                fileio.join(output_dir, REJECTED_DIR, "part"),
+                schema=_PREBALANCE_REJECTED_SCHEMA,
+                file_name_suffix=".parquet",
+                codec="zstd",
+            )
+        )
+        n_in = cands | "CountIn" >> beam.Map(lambda _: (counters_lib.INPUT, 1))
+        n_kept = out["kept"] | "CountKept" >> beam.Map(lambda _: (counters_lib.KEPT, 1))
+        totals = (n_in, n_kept, out["counts"]) | "AllCounts" >> beam.Flatten()
+        summed = totals | "Sum" >> beam_utils.SumCounts()
+        after = out["after"] | "AfterDict" >> beam.combiners.ToDict()
+        _ = summed | "Stats" >> beam.Map(
+            _write_prebalance_stats, beam.pvalue.AsSingleton(after), stats_path, extra
+        )
+        columns = {"before": out["before"], "after_prebalance": out["after"]}
+        _ = columns | "QueryCounts" >> balance.WriteQueryCounts(
+            fileio.join(output_dir, QUERY_COUNTS),
+            queries_path=queries_path,
+            t=cfg.balance.t,
+            prebalance_factor=factor,
+        )
+
+    _run(build, beam_args, runner)
+    doc = fileio.read_json(stats_path)
+    counters_lib.check_balanced(doc["counters"], stage="prebalance")
+    return doc
