@@ -404,3 +404,40 @@ def test_run_dedup_on_planted_duplicates_and_eval_images(planted, shared_data, t
     counts = pq.read_table(tmp_path / "query_counts.parquet").to_pydict()
     assert set(counts) >= {"query_id", "after_download", "after_dedup", "final"}
     assert counts["final"] == [None] * len(counts["query_id"])
+
+
+def _expected_groups(hashes, keys, areas, k):
+    """Reference: connected components of the all-pairs graph, survivor by the documented rule."""
+    uf = dedup.UnionFind()
+    for i, j in dedup.all_pairs_within(hashes, k):
+        uf.union(keys[i], (-areas[i], keys[i]), keys[j], (-areas[j], keys[j]))
+    return uf.survivors()
+
+
+def test_beam_in_process_and_all_pairs_give_the_same_groups(shared_data):
+    table = pq.read_table(shared_data / "cifar10" / "test.parquet").slice(2000, 1500)
+    real, _ = phash.PHasher().hash_bytes(table.column("image").to_pylist())
+    rng = np.random.default_rng(12)
+    hashes = [int(h) for h in real]
+    for seed in rng.integers(0, len(real), 80).tolist():
+        for _ in range(int(rng.integers(1, 6))):
+            flips = rng.choice(64, int(rng.integers(0, 7)), replace=False).tolist()
+            hashes.append(_flip(int(real[seed]), *flips))
+    hashes += [int(real[0])] * 30  # a heavy exact-duplicate group
+    h = np.array(hashes, np.uint64)
+    keys = [f"k{i:05d}" for i in range(len(h))]
+    areas = rng.choice([96 * 96, 128 * 128, 64 * 64], len(h)).tolist()
+    expected = _expected_groups(h, keys, areas, 4)
+    assert len(expected) > 200
+    assert dedup.find_groups(h, keys, areas, 4, partitions=5) == expected
+    records = [
+        {"key": k, "phash": phash.to_hex(x), "original_width": a, "original_height": 1}
+        for k, x, a in zip(keys, hashes, areas, strict=True)
+    ]
+    with _pipeline() as p:
+        out = (
+            p
+            | beam.Create(records)
+            | dedup.FindNearDuplicates(max_distance=4, partitions=7, batch_size=500)
+        )
+        assert_that(out, equal_to(sorted(expected.items())))

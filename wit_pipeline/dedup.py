@@ -307,6 +307,41 @@ def group_edges(
                 yield keys[m], tuple(ranks[m]), keys[best], tuple(ranks[best])
 
 
+def find_groups(
+    hashes: np.ndarray,
+    keys: Sequence[str],
+    areas: Sequence[int],
+    max_distance: int,
+    *,
+    partitions: int = 64,
+) -> dict[str, str]:
+    """In-process version of ``FindNearDuplicates``: ``{member: survivor}`` for every group.
+
+    The same steps as the Beam transform (bands, partitions of band values, verified pairs,
+    local star forests, union-find), without a runner: for tests, benchmarks and small jobs.
+    ``areas`` are original pixel counts (the survivor rule's first criterion).
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    bands = bands_for(max_distance)
+    key_arr = np.asarray(keys, dtype=object)
+    area_arr = np.asarray(areas, dtype=np.int64)
+    vals = bands.values(hashes)
+    uf = UnionFind()
+    for b in range(bands.num_bands):
+        part = vals[b] % partitions
+        order = np.argsort(part, kind="stable")
+        cuts = np.flatnonzero(np.diff(part[order])) + 1
+        for idx in np.split(order, cuts):
+            labels = band_components(hashes[idx], b, bands, max_distance)
+            if not (labels >= 0).any():
+                continue
+            sub_keys = key_arr[idx].tolist()
+            ranks = [(-int(a), k) for a, k in zip(area_arr[idx].tolist(), sub_keys, strict=True)]
+            for a, ra, s, rs in group_edges(sub_keys, ranks, labels):
+                uf.union(a, ra, s, rs)
+    return uf.survivors()
+
+
 # ---------------------------------------------------------------------------------------------
 # Eval sets and their index
 
@@ -959,7 +994,8 @@ class _PartitionFn(beam.DoFn):
         bands = bands_for(self._k)
         hashes = np.array([from_hex(r["phash"]) for r in batch], dtype=np.uint64)
         keys = np.array([r["key"] for r in batch], dtype=object)
-        ranks = np.array([survivor_rank(r)[0] for r in batch], dtype=np.int64)
+        # The survivor rank is (minus original pixels, key): ship the first part with the key.
+        neg_area = np.array([survivor_rank(r)[0] for r in batch], dtype=np.int64)
         vals = bands.values(hashes)
         for b in range(bands.num_bands):
             part = vals[b] % self._partitions
@@ -969,7 +1005,7 @@ class _PartitionFn(beam.DoFn):
             for idx in np.split(order, cuts):
                 yield (
                     (b, int(part[idx[0]])),
-                    (hashes[idx], keys[idx], ranks[idx]),
+                    (hashes[idx], keys[idx], neg_area[idx]),
                 )
 
 
@@ -982,11 +1018,11 @@ class _VerifyFn(beam.DoFn):
         parts = list(parts)
         hashes = np.concatenate([p[0] for p in parts])
         keys = np.concatenate([p[1] for p in parts])
-        areas = np.concatenate([p[2] for p in parts])
+        neg_area = np.concatenate([p[2] for p in parts])
         labels = band_components(hashes, band, bands_for(self._k), self._k)
         if not (labels >= 0).any():
             return
-        ranks = [(int(a), str(k)) for a, k in zip(areas.tolist(), keys.tolist(), strict=True)]
+        ranks = [(int(a), str(k)) for a, k in zip(neg_area.tolist(), keys.tolist(), strict=True)]
         yield from group_edges(keys.tolist(), ranks, labels)
 
 
