@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import tarfile
@@ -57,7 +58,7 @@ UNDECODABLE = "undecodable_image"
 PAIR_PREFIX = "pairs:"  # pair-level counters travel in the same counts output, prefixed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_PAIR_BUDGET = 1 << 22  # candidate pairs verified per numpy chunk
+_PAIR_BUDGET = 1 << 18  # hash comparisons held in memory at once (per numpy block)
 
 
 def pair_counter(name: str) -> str:
@@ -79,7 +80,7 @@ class Bands:
         if not 1 <= self.num_bands <= 64:
             raise ValueError(f"num_bands must be in 1..64, got {self.num_bands}")
 
-    @property
+    @functools.cached_property
     def masks(self) -> np.ndarray:
         """``(num_bands,)`` uint64 masks of each band's bits."""
         out = np.zeros(self.num_bands, dtype=np.uint64)
@@ -87,16 +88,20 @@ class Bands:
             out[p % self.num_bands] |= np.uint64(1) << np.uint64(63 - p)
         return out
 
-    def values(self, hashes: np.ndarray) -> np.ndarray:
-        """``(num_bands, n)`` int64: each hash's value on each band."""
+    def values(self, hashes: np.ndarray, band: int | None = None) -> np.ndarray:
+        """``(num_bands, n)`` int64: each hash's value on each band (or ``(n,)`` for one band)."""
         h = np.ascontiguousarray(hashes, dtype=np.uint64)
         bits = np.unpackbits(h.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)
-        out = np.empty((self.num_bands, len(h)), dtype=np.int64)
-        for b in range(self.num_bands):
-            sel = bits[:, b :: self.num_bands].astype(np.int64)
-            weights = np.left_shift(1, np.arange(sel.shape[1] - 1, -1, -1, dtype=np.int64))
-            out[b] = sel @ weights
-        return out
+        wanted = range(self.num_bands) if band is None else [band]
+        out = np.empty((len(wanted), len(h)), dtype=np.int64)
+        for row, b in enumerate(wanted):
+            sel = bits[:, b :: self.num_bands]
+            width = sel.shape[1]
+            packed = np.packbits(sel, axis=1)  # MSB first, zero-padded to whole bytes
+            padded = np.zeros((len(h), 8), dtype=np.uint8)
+            padded[:, : packed.shape[1]] = packed
+            out[row] = (padded.view(">u8").ravel() >> np.uint64(64 - width)).astype(np.int64)
+        return out if band is None else out[0]
 
     def first_shared(self, xor: np.ndarray) -> np.ndarray:
         """For XORs of hash pairs: the first band on which the pair agrees (``num_bands``: none)."""
@@ -114,64 +119,97 @@ def bands_for(max_distance: int) -> Bands:
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(x.astype(np.uint64))
+    return np.bitwise_count(np.asarray(x, dtype=np.uint64))
 
 
-def _run_pairs(sorted_vals: np.ndarray, budget: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All ``(i, j)``, ``i < j``, positions in ``sorted_vals`` with equal values, in chunks."""
+_BLOCK_RUN = 1024  # runs up to this size are compared as (runs, s, s) blocks
+
+
+def _near_in_runs(
+    sorted_vals: np.ndarray, sorted_h: np.ndarray, max_distance: int, budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(i, j)``, ``i < j``, in the same run of equal values and within distance.
+
+    Runs of one size are compared together as a ``(runs, s, s)`` block of XORs (no per-pair
+    index arrays); runs longer than ``_BLOCK_RUN`` row block by row block. At most about
+    ``budget`` comparisons are held in memory at once.
+    """
     n = len(sorted_vals)
+    empty = np.zeros(0, np.int64)
     if n < 2:
-        return
+        return empty, empty
     change = np.flatnonzero(sorted_vals[1:] != sorted_vals[:-1]) + 1
     starts = np.concatenate(([0], change))
-    ends = np.concatenate((change, [n]))
-    run_end = np.repeat(ends, ends - starts)
-    partners = run_end - np.arange(n) - 1  # positions after p in its run
-    has = np.flatnonzero(partners)
-    if not has.size:
-        return
-    counts = partners[has]
-    cum = np.cumsum(counts)
-    cut = 0
-    while cut < len(has):
-        base = cum[cut - 1] if cut else 0
-        stop = int(np.searchsorted(cum, base + budget, side="right"))
-        stop = max(stop, cut + 1)
-        pos = has[cut:stop]
-        c = counts[cut:stop]
-        total = int(c.sum())
-        i = np.repeat(pos, c)
-        offsets = np.arange(total) - np.repeat(np.cumsum(c) - c, c)
-        yield i, i + 1 + offsets
-        cut = stop
+    sizes = np.diff(np.concatenate((starts, [n])))
+    keep = sizes >= 2
+    starts, sizes = starts[keep], sizes[keep]
+    if not starts.size:
+        return empty, empty
+    out_i, out_j = [], []
+    for s in np.unique(sizes).tolist():
+        group = starts[sizes == s]
+        if s <= _BLOCK_RUN:
+            step = max(1, budget // (s * s))
+            for c in range(0, len(group), step):
+                idx = group[c : c + step, None] + np.arange(s)
+                block = sorted_h[idx]
+                near = np.bitwise_count(block[:, :, None] ^ block[:, None, :]) <= max_distance
+                flat = np.flatnonzero(near)  # includes the diagonal and both (a, b) and (b, a)
+                r, rest = np.divmod(flat, s * s)
+                a, b = np.divmod(rest, s)
+                upper = a < b
+                out_i.append(idx[r[upper], a[upper]])
+                out_j.append(idx[r[upper], b[upper]])
+            continue
+        rows_per_block = max(1, budget // s)
+        for st in group.tolist():
+            cols = st + np.arange(s)
+            hc = sorted_h[cols]
+            for a0 in range(0, s, rows_per_block):
+                rows = cols[a0 : a0 + rows_per_block]
+                near = np.bitwise_count(sorted_h[rows][:, None] ^ hc[None, :]) <= max_distance
+                a, b = np.divmod(np.flatnonzero(near), s)
+                upper = rows[a] < cols[b]
+                out_i.append(rows[a[upper]])
+                out_j.append(cols[b[upper]])
+    if not out_i:
+        return empty, empty
+    return np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
 
 
 def band_pairs(
-    hashes: np.ndarray, band: int, bands: Bands, max_distance: int, *, budget: int = _PAIR_BUDGET
+    hashes: np.ndarray,
+    band: int,
+    bands: Bands,
+    max_distance: int,
+    *,
+    values: np.ndarray | None = None,
+    budget: int = _PAIR_BUDGET,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(i, j)`` of distinct hashes whose first shared band is ``band``, within distance.
 
-    ``hashes`` should hold distinct values (identical hashes are handled by the caller).
+    ``hashes`` should hold distinct values (identical hashes are handled by the caller);
+    ``values`` are their values on ``band`` when already known.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    vals = bands.values(hashes)[band]
+    vals = bands.values(hashes, band) if values is None else np.asarray(values)
     order = np.argsort(vals, kind="stable")
-    out_i, out_j = [], []
-    for pi, pj in _run_pairs(vals[order], budget):
-        i, j = order[pi], order[pj]
-        x = hashes[i] ^ hashes[j]
-        keep = popcount(x) <= max_distance
-        if band:
-            keep &= bands.first_shared(x) == band
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_i), np.concatenate(out_j)
+    sorted_h = hashes[order]
+    pi, pj = _near_in_runs(vals[order], sorted_h, max_distance, budget)
+    if band and pi.size:  # report a pair only on the first band it agrees on
+        first = bands.first_shared(sorted_h[pi] ^ sorted_h[pj]) == band
+        pi, pj = pi[first], pj[first]
+    return order[pi], order[pj]
 
 
 def band_components(
-    hashes: np.ndarray, band: int, bands: Bands, max_distance: int, *, budget: int = _PAIR_BUDGET
+    hashes: np.ndarray,
+    band: int,
+    bands: Bands,
+    max_distance: int,
+    *,
+    values: np.ndarray | None = None,
+    budget: int = _PAIR_BUDGET,
 ) -> np.ndarray:
     """Label items connected by verified pairs found on ``band``; ``-1`` for unconnected items.
 
@@ -186,8 +224,11 @@ def band_components(
     labels = np.full(n, -1, dtype=np.int64)
     if n < 2:
         return labels
-    uniq, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    i, j = band_pairs(uniq, band, bands, max_distance, budget=budget)
+    uniq, first, inverse, counts = np.unique(
+        hashes, return_index=True, return_inverse=True, return_counts=True
+    )
+    uvals = None if values is None else np.asarray(values)[first]
+    i, j = band_pairs(uniq, band, bands, max_distance, values=uvals, budget=budget)
     m = len(uniq)
     graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(m, m))
     _, ulabels = connected_components(graph, directed=False)
@@ -292,19 +333,29 @@ class UnionFind:
 
 
 def group_edges(
-    keys: Sequence[str], ranks: Sequence[tuple], labels: np.ndarray
+    keys: np.ndarray, neg_areas: np.ndarray, labels: np.ndarray
 ) -> Iterator[tuple[str, tuple, str, tuple]]:
-    """Star edges ``(member, rank, best, best_rank)`` for each labelled local component."""
-    by_label: dict[int, list[int]] = collections.defaultdict(list)
-    for idx in np.flatnonzero(labels >= 0).tolist():
-        by_label[int(labels[idx])].append(idx)
+    """Star edges ``(member, rank, best, best_rank)`` for each labelled local component.
+
+    ``keys`` and ``neg_areas`` (minus original pixels) are per item; ranks are
+    ``(neg_area, key)`` (see ``survivor_rank``); only labelled items are looked at.
+    """
+    idx = np.flatnonzero(labels >= 0)
+    if not idx.size:
+        return
+    lab = labels[idx]
+    by_label: dict[int, list[tuple[tuple, str]]] = collections.defaultdict(list)
+    for label, key, a in zip(
+        lab.tolist(), keys[idx].tolist(), neg_areas[idx].tolist(), strict=True
+    ):
+        by_label[label].append(((int(a), str(key)), str(key)))
     for members in by_label.values():
         if len(members) < 2:
             continue
-        best = min(members, key=lambda m: ranks[m])
-        for m in members:
-            if m != best:
-                yield keys[m], tuple(ranks[m]), keys[best], tuple(ranks[best])
+        best_rank, best = min(members)
+        for rank, key in members:
+            if key != best:
+                yield key, rank, best, best_rank
 
 
 def find_groups(
@@ -332,12 +383,8 @@ def find_groups(
         order = np.argsort(part, kind="stable")
         cuts = np.flatnonzero(np.diff(part[order])) + 1
         for idx in np.split(order, cuts):
-            labels = band_components(hashes[idx], b, bands, max_distance)
-            if not (labels >= 0).any():
-                continue
-            sub_keys = key_arr[idx].tolist()
-            ranks = [(-int(a), k) for a, k in zip(area_arr[idx].tolist(), sub_keys, strict=True)]
-            for a, ra, s, rs in group_edges(sub_keys, ranks, labels):
+            labels = band_components(hashes[idx], b, bands, max_distance, values=vals[b][idx])
+            for a, ra, s, rs in group_edges(key_arr[idx], -area_arr[idx], labels):
                 uf.union(a, ra, s, rs)
     return uf.survivors()
 
@@ -1005,7 +1052,7 @@ class _PartitionFn(beam.DoFn):
             for idx in np.split(order, cuts):
                 yield (
                     (b, int(part[idx[0]])),
-                    (hashes[idx], keys[idx], neg_area[idx]),
+                    (hashes[idx], keys[idx], neg_area[idx], vals[b][idx]),
                 )
 
 
@@ -1019,11 +1066,9 @@ class _VerifyFn(beam.DoFn):
         hashes = np.concatenate([p[0] for p in parts])
         keys = np.concatenate([p[1] for p in parts])
         neg_area = np.concatenate([p[2] for p in parts])
-        labels = band_components(hashes, band, bands_for(self._k), self._k)
-        if not (labels >= 0).any():
-            return
-        ranks = [(int(a), str(k)) for a, k in zip(neg_area.tolist(), keys.tolist(), strict=True)]
-        yield from group_edges(keys.tolist(), ranks, labels)
+        values = np.concatenate([p[3] for p in parts])
+        labels = band_components(hashes, band, bands_for(self._k), self._k, values=values)
+        yield from group_edges(keys, neg_area, labels)
 
 
 class _UnionFindFn(beam.CombineFn):
