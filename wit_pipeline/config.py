@@ -106,7 +106,8 @@ class DedupConfig:
     eval_max_distance: int = 4
     # Band-value ranges per band: the GroupByKey keys of near-duplicate search.
     partitions: int = 64
-    batch_size: int = 4096
+    # Records per batch for hashing the bands (near duplicates); decontamination uses <= 1024.
+    batch_size: int = 16384
 
 
 @dataclass(frozen=True)

@@ -1030,30 +1030,45 @@ class Decontaminate(beam.PTransform):
         )
 
 
+def _pack(hashes: np.ndarray, keys: np.ndarray, neg_area: np.ndarray, values: np.ndarray):
+    """One structured array per shuffled element: a single buffer to encode, not four."""
+    dtype = [("h", "<u8"), ("a", "<i8"), ("v", "<i8"), ("k", keys.dtype)]
+    out = np.empty(len(keys), dtype=dtype)
+    out["h"], out["a"], out["v"], out["k"] = hashes, neg_area, values, keys
+    return out
+
+
+def _unpack(parts: Iterable[np.ndarray]) -> np.ndarray:
+    parts = list(parts)
+    width = max(p.dtype["k"].itemsize for p in parts)
+    dtype = [("h", "<u8"), ("a", "<i8"), ("v", "<i8"), ("k", f"S{width}")]
+    return np.concatenate([p.astype(dtype) for p in parts])
+
+
+def hashes_from_hex(hexes: Sequence[str]) -> np.ndarray:
+    """``uint64`` array from 16-hex-char strings (vectorized)."""
+    return np.frombuffer(bytes.fromhex("".join(hexes)), dtype=">u8").astype(np.uint64)
+
+
 class _PartitionFn(beam.DoFn):
     def __init__(self, max_distance: int, partitions: int):
         self._k = max_distance
         self._partitions = partitions
 
     def process(self, batch):
-        from wit_pipeline.phash import from_hex
-
         bands = bands_for(self._k)
-        hashes = np.array([from_hex(r["phash"]) for r in batch], dtype=np.uint64)
-        keys = np.array([r["key"] for r in batch], dtype=object)
+        hashes = hashes_from_hex([r["phash"] for r in batch])
+        keys = np.array([r["key"].encode("utf-8") for r in batch], dtype=bytes)
         # The survivor rank is (minus original pixels, key): ship the first part with the key.
         neg_area = np.array([survivor_rank(r)[0] for r in batch], dtype=np.int64)
         vals = bands.values(hashes)
         for b in range(bands.num_bands):
+            packed = _pack(hashes, keys, neg_area, vals[b])
             part = vals[b] % self._partitions
             order = np.argsort(part, kind="stable")
-            sp = part[order]
-            cuts = np.flatnonzero(sp[1:] != sp[:-1]) + 1
+            cuts = np.flatnonzero(np.diff(part[order])) + 1
             for idx in np.split(order, cuts):
-                yield (
-                    (b, int(part[idx[0]])),
-                    (hashes[idx], keys[idx], neg_area[idx], vals[b][idx]),
-                )
+                yield (b, int(part[idx[0]])), packed[idx]
 
 
 class _VerifyFn(beam.DoFn):
@@ -1062,13 +1077,13 @@ class _VerifyFn(beam.DoFn):
 
     def process(self, item):
         (band, _), parts = item
-        parts = list(parts)
-        hashes = np.concatenate([p[0] for p in parts])
-        keys = np.concatenate([p[1] for p in parts])
-        neg_area = np.concatenate([p[2] for p in parts])
-        values = np.concatenate([p[3] for p in parts])
-        labels = band_components(hashes, band, bands_for(self._k), self._k, values=values)
-        yield from group_edges(keys, neg_area, labels)
+        data = _unpack(parts)
+        labels = band_components(data["h"], band, bands_for(self._k), self._k, values=data["v"])
+        if (labels >= 0).any():
+            keys = np.array([k.decode("utf-8") for k in data["k"][labels >= 0]], dtype=object)
+            full = np.empty(len(data), dtype=object)
+            full[labels >= 0] = keys
+            yield from group_edges(full, data["a"], labels)
 
 
 class _UnionFindFn(beam.CombineFn):
@@ -1099,7 +1114,7 @@ class FindNearDuplicates(beam.PTransform):
     the banding, the partitions and the union-find.
     """
 
-    def __init__(self, *, max_distance: int, partitions: int = 64, batch_size: int = 4096):
+    def __init__(self, *, max_distance: int, partitions: int = 64, batch_size: int = 16384):
         super().__init__()
         bands_for(max_distance)
         if partitions < 1:
