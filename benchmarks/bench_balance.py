@@ -51,10 +51,14 @@ def make_query_ids(n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def records(qids: list[list[int]]) -> list[dict]:
+def records(qids: list[list[int]], offset: int = 0) -> list[dict]:
     return [
-        {"key": f"{i:032x}", "query_ids": q, "pairs": [{"uid": f"{i:032x}", "query_ids": q}]}
-        for i, q in enumerate(qids)
+        {
+            "key": f"{i:032x}",
+            "query_ids": q,
+            "pairs": [{"uid": f"{i:032x}", "caption": f"caption {i}", "query_ids": q}],
+        }
+        for i, q in enumerate(qids, start=offset)
     ]
 
 
@@ -92,7 +96,7 @@ def _gen(item, path):
     start, stop = item
     with open(path, "rb") as f:
         qids = pickle.load(f)
-    yield from records(qids[start:stop])
+    yield from records(qids[start:stop], offset=start)
 
 
 def _save(n, path):

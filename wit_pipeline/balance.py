@@ -141,6 +141,8 @@ def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]
     """The caption of the pair whose rarest query has the smallest count (ties: smallest uid)."""
     if not pairs:
         return ""
+    if len(pairs) == 1:
+        return pairs[0]["caption"]
 
     def score(p):
         c = [counts.get(int(q), 0) for q in p.get("query_ids") or ()]
@@ -155,8 +157,23 @@ def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]
 
 
 class _CountBatchFn(beam.DoFn):
+    """Counts per query over a whole bundle, emitted once at its end (fewer combiner inputs)."""
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+
     def process(self, batch):
-        yield from count_queries(batch).items()
+        self._counts.update(count_queries(batch))
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        window = GlobalWindow()
+        ts = window.max_timestamp()
+        for item in sorted(self._counts.items()):
+            yield WindowedValue(item, ts, [window])
+        self._counts = collections.Counter()
 
 
 class CountQueries(beam.PTransform):
@@ -184,8 +201,15 @@ class _BalanceFn(beam.DoFn):
         self._id_field = id_field
         self._reason = reason
 
+    def setup(self):
+        self._seen = None
+        self._probs = {}
+
     def process(self, batch, counts):
-        probs = query_probabilities(counts, self._t)
+        if counts is not self._seen:  # the side input is the same object for a whole bundle
+            self._probs = query_probabilities(counts, self._t)
+            self._seen = counts
+        probs = self._probs
         c: collections.Counter = collections.Counter()
         kept, dropped = balance_records(
             batch,
