@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -65,34 +66,41 @@ def query_probabilities(counts: Mapping[int, int], t: float) -> dict[int, float]
 
 def keep_probability(query_ids: Iterable[int], probs: Mapping[int, float]) -> float:
     """``1 - prod(1 - p_e)`` over the matched queries (0 for none), computed stably."""
-    log_miss = 0.0
     query_ids = set(query_ids)
-    if not query_ids:
-        return 0.0
+    if len(query_ids) == 1:
+        return probs.get(next(iter(query_ids)), 0.0)
+    log_miss = 0.0
     for q in query_ids:
-        p = probs.get(int(q), 0.0)
+        p = probs.get(q, 0.0)
         if p >= 1.0:
             return 1.0
         log_miss += math.log1p(-p)
     return -math.expm1(log_miss) if log_miss else 0.0
 
 
+class Draws:
+    """Reproducible uniform draws in ``[0, 1)``: ``blake2b(key=seed)(phase, NUL, id)``, 53 bits."""
+
+    def __init__(self, seed: int, phase: str):
+        self._base = hashlib.blake2b(digest_size=8, key=str(int(seed)).encode())
+        self._base.update(f"{phase}\0".encode())
+
+    def __call__(self, record_id: str) -> float:
+        h = self._base.copy()
+        h.update(record_id.encode("utf-8", "surrogatepass"))
+        return (int.from_bytes(h.digest(), "big") >> 11) / float(1 << 53)
+
+
 def uniform(seed: int, phase: str, record_id: str) -> float:
-    """A reproducible uniform draw in ``[0, 1)`` from ``blake2b(seed, phase, id)`` (53 bits)."""
-    h = hashlib.blake2b(
-        f"{phase}\0{record_id}".encode("utf-8", "surrogatepass"),
-        digest_size=8,
-        key=str(int(seed)).encode(),
-    )
-    return (int.from_bytes(h.digest(), "big") >> 11) / float(1 << 53)
+    """One draw of ``Draws(seed, phase)`` (use ``Draws`` for many)."""
+    return Draws(seed, phase)(record_id)
 
 
 def count_queries(records: Iterable[Mapping[str, Any]]) -> collections.Counter:
     """``{query_id: records matching it}``: each record counts once per distinct query."""
-    c: collections.Counter = collections.Counter()
-    for r in records:
-        c.update(set(r.get("query_ids") or ()))
-    return c
+    return collections.Counter(
+        itertools.chain.from_iterable(set(r.get("query_ids") or ()) for r in records)
+    )
 
 
 def balance_records(
@@ -110,30 +118,34 @@ def balance_records(
     Counts ``input``, ``kept`` and ``dropped:<reason>`` / ``dropped:no_query`` in ``counter``;
     records with a ``pairs`` list are counted at pair level too (``pairs:...``).
     """
+    draw = Draws(seed, phase)
     kept, dropped = [], []
+    n = collections.Counter()  # (outcome, unit) -> count, added to ``counter`` once
     for r in records:
-        n_pairs = len(r["pairs"]) if "pairs" in r else None
-        counter[counters_lib.INPUT] += 1
-        if n_pairs is not None:
-            counter[pair_counter(counters_lib.INPUT)] += n_pairs
+        pairs = r.get("pairs")
         qids = r.get("query_ids") or ()
         p = keep_probability(qids, probs)
         if not qids:
             why = NO_QUERY
-        elif uniform(seed, phase, str(r[id_field])) < p:
+        elif draw(str(r[id_field])) < p:
             why = None
         else:
             why = reason
         if why is None:
-            counter[counters_lib.KEPT] += 1
-            if n_pairs is not None:
-                counter[pair_counter(counters_lib.KEPT)] += n_pairs
             kept.append({**r, "balance_probability": p})
         else:
-            counter[counters_lib.dropped(why)] += 1
-            if n_pairs is not None:
-                counter[pair_counter(counters_lib.dropped(why))] += n_pairs
             dropped.append({**r, "reason": why, "balance_probability": p})
+        n[why, "records"] += 1
+        if pairs is not None:
+            n[why, "pairs"] += len(pairs)
+    for (why, unit), count in n.items():
+        name = counters_lib.KEPT if why is None else counters_lib.dropped(why)
+        if unit == "pairs":
+            counter[pair_counter(counters_lib.INPUT)] += count
+            counter[pair_counter(name)] += count
+        else:
+            counter[counters_lib.INPUT] += count
+            counter[name] += count
     return kept, dropped
 
 
