@@ -974,9 +974,7 @@ class _DecontaminateFn(beam.DoFn):
         c = collections.Counter()
         kept = []
         if index is not None and len(index):
-            from wit_pipeline.phash import from_hex
-
-            hashes = np.array([from_hex(r["phash"]) for r in batch], dtype=np.uint64)
+            hashes = hashes_from_hex([r["phash"] for r in batch])
             matches = contamination_matches(index, hashes)
         else:
             matches = {}
