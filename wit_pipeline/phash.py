@@ -38,7 +38,7 @@ _LANCZOS_SUPPORT = 3.0
 # rounding (both are ~1e-8 off at most for values up to ~1e6); such images are redone exactly.
 _MEDIAN_MARGIN = 1e-3
 # Images of one size are resized together in chunks of at most this many pixels (float64).
-_CHUNK_PIXELS = 1 << 20
+_CHUNK_PIXELS = 1 << 18
 
 
 def _sinc(x: float) -> float:
