@@ -43,7 +43,7 @@ def final(download_dir, tmp_path_factory):
     """``wit dedup --finalize``: dedup, balance and final shards in one pipeline."""
     _, d = download_dir
     out = tmp_path_factory.mktemp("final")
-    args = ["dedup", "--input", str(d), "--output", str(out / "unused"), "--finalize", str(out)]
+    args = ["dedup", "--input", str(d), "--finalize", str(out)]
     assert cli.main([*args, "--set", "shards.samples_per_shard=8"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert config.from_dict(config.BuildConfig, stats["config"]) == CFG

@@ -144,6 +144,9 @@ def stats_document(
     counts: Mapping[str, int], *, collapse: bool, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     samples, pairs = split_counters(counts)
+    for c in (samples, pairs):  # present even when zero, so readers need no defaults
+        c.setdefault(counters_lib.INPUT, 0)
+        c.setdefault(counters_lib.KEPT, 0)
     doc: dict[str, Any] = {"pair_counters": pairs}
     if collapse:
         doc["counters"] = samples

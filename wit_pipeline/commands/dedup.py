@@ -44,7 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="DIR",
         help="`wit download` output directories (DIR/shards/NNNNN.tar + .parquet)",
     )
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--output", "-o", metavar="DIR", help="output directory (required without --finalize)"
+    )
     p.add_argument("--config", metavar="FILE", help="YAML/TOML config (its dedup section)")
     p.add_argument(
         "--set",
@@ -75,7 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--finalize",
         metavar="FINAL_DIR",
         help="also balance and write the final shards to FINAL_DIR, in the same pipeline "
-        "(then --output is not used for samples)",
+        "(no intermediate samples are written)",
     )
     p.add_argument("--queries", metavar="FILE", help="query list, for the query-counts table")
     p.add_argument("--runner", help="Beam runner (default FnApiRunner; DirectRunner, Dataflow)")
@@ -102,7 +104,10 @@ def dedup_config(args):
 
 def run(args) -> int:
     from wit_pipeline import finalize
+    from wit_pipeline.errors import WitError
 
+    if not args.output and not args.finalize:
+        raise WitError("dedup: --output DIR (or --finalize FINAL_DIR) is required")
     cfg = dedup_config(args)
     if args.finalize:
         doc = finalize.run_finalize(
