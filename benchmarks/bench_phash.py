@@ -2,6 +2,7 @@
 
     python benchmarks/bench_phash.py            # 7,000 photos (all of Flickr8k)
     python benchmarks/bench_phash.py --quick    # 1,000 photos
+    python benchmarks/bench_phash.py --resize 256x192   # photos upscaled to the download size
 
 Both sides hash the same images and must give identical hashes (the script fails otherwise).
 Two measurements: from decoded PIL images (what ``imagehash.phash`` takes), and from JPEG bytes
@@ -66,6 +67,12 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=7000, help="number of photos (default 7,000)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     ap.add_argument(
+        "--resize",
+        metavar="WxH",
+        help="resize the photos (bicubic, JPEG quality 90) first, e.g. 256x192: the size of "
+        "images from the download stage (image_size 256)",
+    )
+    ap.add_argument(
         "--data",
         default=os.environ.get("WIT_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
         help="shared data folder (with flickr8k/images)",
@@ -77,11 +84,21 @@ def main() -> int:
         print(f"no photos in {args.data}/flickr8k/images", file=sys.stderr)
         return 2
     blobs = [f.read_bytes() for f in files]
+    if args.resize:
+        w, h = (int(v) for v in args.resize.lower().split("x"))
+        out = []
+        for b in blobs:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(b)).convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(
+                buf, "JPEG", quality=90
+            )
+            out.append(buf.getvalue())
+        blobs = out
     images = [Image.open(io.BytesIO(b)) for b in blobs]
     for im in images:
         im.load()
     hasher = PHasher()
-    hasher.hash_images(images[:16])  # warm-up: resampling matrices for 96 px
+    hasher.hash_images(images[:16])  # warm-up: resampling matrices for this size
 
     results = []
 
@@ -110,7 +127,8 @@ def main() -> int:
 
     size = images[0].size
     print(
-        f"pHash of {len(images)} Flickr8k photos ({size[0]}x{size[1]} JPEG), median of "
+        f"pHash of {len(images)} Flickr8k photos ({size[0]}x{size[1]} JPEG"
+        f"{', resized' if args.resize else ''}), median of "
         f"{args.rounds} alternating rounds, {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}\n"
     )
