@@ -1094,11 +1094,11 @@ class _UnionFindFn(beam.CombineFn):
         return acc
 
     def merge_accumulators(self, accs):
-        accs = list(accs)
-        out = max(accs, key=lambda a: len(a.parent))
+        # Beam allows modifying (and returning) only the first accumulator.
+        accs = iter(accs)
+        out = next(accs)
         for a in accs:
-            if a is not out:
-                out.merge(a)
+            out.merge(a)
         return out
 
     def extract_output(self, acc):
