@@ -129,9 +129,16 @@ class DownloadConfig:
 @dataclass(frozen=True)
 class DedupConfig:
     max_distance: int = 4  # Hamming distance on 64-bit pHash for near duplicates
+    # One sample per near-duplicate group and per image (its pairs become its captions);
+    # false keeps every pair as its own sample and only marks near-duplicate groups.
     collapse: bool = True
+    # Eval image sets, "[NAME=]PATH[?col=value&...]" (folder, Parquet or TSV/CSV list).
     eval_sets: tuple[str, ...] = ()
     eval_max_distance: int = 4
+    # Band-value ranges per band: the GroupByKey keys of near-duplicate search.
+    partitions: int = 64
+    # Records per batch for hashing the bands (near duplicates); decontamination uses <= 1024.
+    batch_size: int = 16384
 
 
 @dataclass(frozen=True)

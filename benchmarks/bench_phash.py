@@ -1,0 +1,146 @@
+"""Batched pHash (wit_pipeline.phash) vs imagehash.phash, on real Flickr8k photos.
+
+    python benchmarks/bench_phash.py            # 7,000 photos (all of Flickr8k)
+    python benchmarks/bench_phash.py --quick    # 1,000 photos
+    python benchmarks/bench_phash.py --resize 256x192   # photos upscaled to the download size
+
+Both sides hash the same images and must give identical hashes (the script fails otherwise).
+Two measurements: from decoded PIL images (what ``imagehash.phash`` takes), and from JPEG bytes
+(decoding included, what the dedup stage does). BLAS runs single-threaded so that both sides use
+one core (imagehash's scipy FFT does). The two sides alternate, round after round, and the table
+shows the median time of each and the median of the per-round ratios, so that a load change on
+a shared machine hits both sides alike. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import io
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import imagehash
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wit_pipeline.phash import PHasher, to_hex  # noqa: E402
+
+
+def alternate(ref, ours, rounds):
+    """Run both ``rounds`` times, alternating; (median ref, median ours, median ratio, outputs)."""
+    t_ref, t_ours, ratios = [], [], []
+    out_ref = out_ours = None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out_ref = ref()
+        a = time.perf_counter() - t
+        t = time.perf_counter()
+        out_ours = ours()
+        b = time.perf_counter() - t
+        t_ref.append(a)
+        t_ours.append(b)
+        ratios.append(a / b)
+    return (
+        statistics.median(t_ref),
+        statistics.median(t_ours),
+        statistics.median(ratios),
+        (
+            out_ref,
+            out_ours,
+        ),
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1,000 photos")
+    ap.add_argument("--n", type=int, default=7000, help="number of photos (default 7,000)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    ap.add_argument(
+        "--resize",
+        metavar="WxH",
+        help="resize the photos (bicubic, JPEG quality 90) first, e.g. 256x192: the size of "
+        "images from the download stage (image_size 256)",
+    )
+    ap.add_argument(
+        "--data",
+        default=os.environ.get("WIT_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
+        help="shared data folder (with flickr8k/images)",
+    )
+    args = ap.parse_args()
+    n = 1000 if args.quick else args.n
+    files = sorted((pathlib.Path(args.data) / "flickr8k" / "images").glob("*.jpg"))[:n]
+    if not files:
+        print(f"no photos in {args.data}/flickr8k/images", file=sys.stderr)
+        return 2
+    blobs = [f.read_bytes() for f in files]
+    if args.resize:
+        w, h = (int(v) for v in args.resize.lower().split("x"))
+        out = []
+        for b in blobs:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(b)).convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(
+                buf, "JPEG", quality=90
+            )
+            out.append(buf.getvalue())
+        blobs = out
+    images = [Image.open(io.BytesIO(b)) for b in blobs]
+    for im in images:
+        im.load()
+    hasher = PHasher()
+    hasher.hash_images(images[:16])  # warm-up: resampling matrices for this size
+
+    results = []
+
+    def ref_images():
+        return [str(imagehash.phash(im)) for im in images]
+
+    def ours_images():
+        return [to_hex(h) for h in hasher.hash_images(images)]
+
+    def ref_bytes():
+        return [str(imagehash.phash(Image.open(io.BytesIO(b)))) for b in blobs]
+
+    def ours_bytes():
+        return [to_hex(h) for h in hasher.hash_bytes(blobs)[0]]
+
+    for name, ref, ours in (
+        ("decoded PIL images", ref_images, ours_images),
+        ("JPEG bytes (decode included)", ref_bytes, ours_bytes),
+    ):
+        t_ref, t_ours, ratio, (out_ref, out_ours) = alternate(ref, ours, args.rounds)
+        if out_ours != out_ref:
+            bad = sum(a != b for a, b in zip(out_ours, out_ref, strict=True))
+            print(f"MISMATCH ({name}): {bad} of {n} hashes differ", file=sys.stderr)
+            return 1
+        results.append((name, t_ref, t_ours, ratio))
+
+    size = images[0].size
+    print(
+        f"pHash of {len(images)} Flickr8k photos ({size[0]}x{size[1]} JPEG"
+        f"{', resized' if args.resize else ''}), median of "
+        f"{args.rounds} alternating rounds, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}\n"
+    )
+    print("| input | imagehash.phash (baseline) | batched PHasher | speed-up | identical |")
+    print("|---|---|---|---|---|")
+    for name, tr, to, ratio in results:
+        print(
+            f"| {name} | {tr / n * 1e6:.0f} us/image | {to / n * 1e6:.0f} us/image | "
+            f"{ratio:.1f}x | {n}/{n} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

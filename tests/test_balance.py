@@ -1,0 +1,256 @@
+import collections
+import math
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from wit_pipeline import balance, beam_utils
+
+
+def _pipeline(*args: str) -> test_pipeline.TestPipeline:
+    return test_pipeline.TestPipeline(options=beam_utils.pipeline_options(list(args)))
+
+
+def test_query_probabilities_are_min_one_t_over_count():
+    assert balance.query_probabilities({0: 40_000, 1: 10, 2: 20_000, 3: 0}, 20_000) == {
+        0: 0.5,
+        1: 1.0,
+        2: 1.0,
+    }
+    with pytest.raises(ValueError):
+        balance.query_probabilities({0: 1}, 0)
+
+
+def test_keep_probability_is_one_minus_product_of_misses():
+    probs = {0: 0.5, 1: 0.2, 2: 1.0}
+    assert balance.keep_probability([0, 1], probs) == pytest.approx(0.6, abs=1e-15)
+    assert balance.keep_probability([0, 0, 1], probs) == pytest.approx(0.6, abs=1e-15)
+    assert balance.keep_probability([1, 2], probs) == 1.0
+    assert balance.keep_probability([], probs) == 0.0
+    assert balance.keep_probability([9], probs) == 0.0
+    tiny = {i: 1e-12 for i in range(3)}
+    assert balance.keep_probability([0, 1, 2], tiny) == pytest.approx(3e-12, rel=1e-9)
+
+
+def test_uniform_is_a_pinned_keyed_hash():
+    assert balance.uniform(0, "balance", "abc") == 0.8186990208794692
+    assert balance.uniform(1, "balance", "abc") == 0.5760118088414352
+    assert balance.uniform(0, "prebalance", "abc") == 0.2712600278625301
+    draws = [balance.uniform(3, "balance", f"id{i}") for i in range(20_000)]
+    assert all(0.0 <= u < 1.0 for u in draws)
+    assert sum(draws) / len(draws) == pytest.approx(0.5, abs=0.01)
+
+
+def test_choose_caption_prefers_the_rarest_query():
+    pairs = [
+        {"uid": "a", "caption": "head", "query_ids": [0]},
+        {"uid": "b", "caption": "tail", "query_ids": [0, 5]},
+        {"uid": "c", "caption": "none", "query_ids": []},
+        {"uid": "0", "caption": "tail too, smaller uid", "query_ids": [5]},
+    ]
+    counts = {0: 1000, 5: 3}
+    assert balance.choose_caption(pairs, counts) == "tail too, smaller uid"
+    assert balance.choose_caption(pairs[:1] + pairs[2:3], counts) == "head"
+    assert balance.choose_caption([pairs[2]], counts) == "none"
+
+
+def _pool():
+    """Query 0: 20,000 records; query 1: 4,000; both: 2,000; query 2: 500; none: 100."""
+    recs = []
+    for i in range(20_000):
+        recs.append({"key": f"a{i}", "query_ids": [0], "pairs": [{}]})
+    for i in range(4_000):
+        recs.append({"key": f"b{i}", "query_ids": [1], "pairs": [{}, {}]})
+    for i in range(2_000):
+        recs.append({"key": f"c{i}", "query_ids": [0, 1], "pairs": [{}]})
+    for i in range(500):
+        recs.append({"key": f"d{i}", "query_ids": [2], "pairs": [{}]})
+    for i in range(100):
+        recs.append({"key": f"e{i}", "query_ids": [], "pairs": [{}]})
+    return recs
+
+
+def test_keep_rate_per_query_matches_metaclip_probabilities():
+    recs = _pool()
+    counts = balance.count_queries(recs)
+    assert dict(counts) == {0: 22_000, 1: 6_000, 2: 500}
+    t = 1000
+    probs = balance.query_probabilities(counts, t)
+    c = collections.Counter()
+    kept, _ = balance.balance_records(
+        recs, probs, c, seed=11, phase="balance", id_field="key", reason="balanced_out"
+    )
+    p0, p1 = t / 22_000, t / 6_000
+    groups = {"a": (20_000, p0), "b": (4_000, p1), "c": (2_000, 1 - (1 - p0) * (1 - p1))}
+    by_group = collections.Counter(r["key"][0] for r in kept)
+    for g, (n, p) in groups.items():
+        # binomial: mean n p, standard deviation sqrt(n p (1 - p)); 5 sigma is a 1-in-1.7M miss
+        assert abs(by_group[g] - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (g, by_group[g], n * p)
+    assert by_group["d"] == 500  # count 500 < t: every record kept
+    assert by_group["e"] == 0
+    assert c["dropped:no_query"] == 100
+    assert c["input"] == len(recs) == c["kept"] + c["dropped:balanced_out"] + 100
+    assert c["pairs:input"] == len(recs) + 4_000
+    # the balanced pool is flat: head queries end near t
+    after = balance.count_queries(kept)
+    assert abs(after[0] - (20_000 * p0 + 2_000 * groups["c"][1])) < 200
+    assert all(r["balance_probability"] == pytest.approx(groups[r["key"][0]][1]) for r in kept[:50])
+
+
+def test_larger_t_keeps_a_superset():
+    recs = _pool()
+    counts = balance.count_queries(recs)
+    kept = {}
+    for t in (500, 2000):
+        k, _ = balance.balance_records(
+            recs,
+            balance.query_probabilities(counts, t),
+            collections.Counter(),
+            seed=4,
+            phase="balance",
+            id_field="key",
+            reason="balanced_out",
+        )
+        kept[t] = {r["key"] for r in k}
+    assert kept[500] < kept[2000]
+
+
+def _samples(n=1200):
+    out = []
+    for i in range(n):
+        q = [i % 3] if i % 7 else [0, 4]
+        out.append(
+            {
+                "key": f"{i:05x}",
+                "query_ids": q,
+                "pairs": [{"uid": f"u{i}", "caption": f"c{i}", "query_ids": q}],
+            }
+        )
+    return out
+
+
+def _expected_keys(samples, t, seed):
+    counts = balance.count_queries(samples)
+    kept, _ = balance.balance_records(
+        samples,
+        balance.query_probabilities(counts, t),
+        collections.Counter(),
+        seed=seed,
+        phase="balance",
+        id_field="key",
+        reason="balanced_out",
+    )
+    return sorted(r["key"] for r in kept)
+
+
+@pytest.mark.parametrize(
+    ("args", "batch_size"),
+    [
+        ((), 4096),
+        ((), 7),
+        (("--runner=BundleBasedDirectRunner",), 100),
+        (("--direct_num_workers=2", "--direct_running_mode=multi_threading"), 33),
+        (("--direct_num_workers=2", "--direct_running_mode=multi_processing"), 250),
+    ],
+)
+def test_balance_is_identical_across_runners_and_batch_sizes(args, batch_size):
+    samples = _samples()
+    expected = _expected_keys(samples, t=160, seed=5)
+    assert 300 < len(expected) < 1000
+    with _pipeline(*args) as p:
+        out = (
+            p | beam.Create(samples) | balance.BalanceSamples(t=160, seed=5, batch_size=batch_size)
+        )
+        assert_that(out["kept"] | beam.Map(lambda r: r["key"]), equal_to(expected))
+        assert_that(
+            out["counts"] | "Sum" >> beam.CombinePerKey(sum),
+            equal_to(
+                [
+                    ("dropped:balanced_out", 1200 - len(expected)),
+                    ("pairs:dropped:balanced_out", 1200 - len(expected)),
+                ]
+            ),
+            label="Counts",
+        )
+
+
+def test_prebalance_oversamples_by_the_factor():
+    cands = [{"uid": f"u{i}", "query_ids": [0] if i < 2700 else [1]} for i in range(3000)]
+    probs = {0: 90 / 2700, 1: 90 / 300}  # t * factor = 90
+    expected, _ = balance.balance_records(
+        cands,
+        probs,
+        collections.Counter(),
+        seed=1,
+        phase="prebalance",
+        id_field="uid",
+        reason="prebalanced_out",
+    )
+
+    def check_after(after):
+        after = dict(after)
+        for q, n in ((0, 2700), (1, 300)):
+            p = probs[q]
+            assert abs(after[q] - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (q, after[q])
+
+    with _pipeline() as p:
+        out = p | beam.Create(cands) | balance.PreBalance(t=30, factor=3.0, seed=1)
+        assert_that(out["before"], equal_to([(0, 2700), (1, 300)]), label="Before")
+        assert_that(out["after"], check_after, label="After")
+        assert_that(
+            out["kept"] | beam.Map(lambda r: r["uid"]),
+            equal_to([r["uid"] for r in expected]),
+            label="Kept",
+        )
+        assert_that(
+            out["rejected"] | beam.Map(lambda r: r["reason"]) | beam.combiners.Count.PerElement(),
+            equal_to([("prebalanced_out", 3000 - len(expected))]),
+            label="Rejected",
+        )
+
+
+def test_query_counts_table_fills_every_column():
+    table = balance.query_counts_table(
+        {"before": {0: 100, 3: 5}, "after_dedup": {0: 40, 3: 4}, "final": {0: 10, 3: 4}},
+        queries=["photo", "b", "c", "okapi"],
+        t=20,
+        prebalance_factor=2.0,
+    )
+    assert table.to_pydict() == {
+        "query_id": [0, 3],
+        "query": ["photo", "okapi"],
+        "before": [100, 5],
+        "after_prebalance": [None, None],
+        "after_download": [None, None],
+        "after_dedup": [40, 4],
+        "final": [10, 4],
+        "p_prebalance": [0.4, 1.0],
+        "p_balance": [0.5, 1.0],
+    }
+
+
+def test_write_query_counts_merges_a_base_table(tmp_path):
+    base = tmp_path / "base.parquet"
+    balance.write_query_counts(
+        str(base), balance.query_counts_table({"after_download": {1: 9, 2: 3}})
+    )
+    queries = tmp_path / "q.txt"
+    queries.write_text("zero\none\ntwo\n")
+    out = tmp_path / "counts.parquet"
+    with _pipeline() as p:
+        cols = {
+            "after_dedup": p | "D" >> beam.Create([(1, 7), (2, 3)]),
+            "final": p | "F" >> beam.Create([(1, 4), (2, 3)]),
+        }
+        _ = cols | balance.WriteQueryCounts(
+            str(out), base=str(base), queries_path=str(queries), t=4
+        )
+    got = pq.read_table(out).to_pydict()
+    assert got["query"] == ["one", "two"]
+    assert got["after_download"] == [9, 3]
+    assert got["after_dedup"] == [7, 3]
+    assert got["final"] == [4, 3]
+    assert got["p_balance"] == [4 / 7, 1.0]

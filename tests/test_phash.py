@@ -1,0 +1,114 @@
+import io
+
+import imagehash
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from wit_pipeline import phash
+
+
+def _ref(images):
+    return [str(imagehash.phash(im)) for im in images]
+
+
+def _ours(images):
+    return [phash.to_hex(h) for h in phash.PHasher().hash_images(images)]
+
+
+def test_identical_to_imagehash_on_flickr8k_photos(shared_data):
+    files = sorted((shared_data / "flickr8k" / "images").glob("*.jpg"))[:1500]
+    images = [Image.open(f) for f in files]
+    assert _ours(images) == _ref(images)
+
+
+def test_identical_to_imagehash_on_cifar10_test_from_bytes(shared_data):
+    table = pq.read_table(shared_data / "cifar10" / "test.parquet").slice(0, 2000)
+    blobs = table.column("image").to_pylist()
+    hashes, errors = phash.PHasher().hash_bytes(blobs)
+    assert errors == [None] * len(blobs)
+    ref = [str(imagehash.phash(Image.open(io.BytesIO(b)))) for b in blobs]
+    assert [phash.to_hex(h) for h in hashes] == ref
+
+
+def _edge_images():
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    rgb = Image.fromarray(noise, "RGB")
+    gradient = np.tile(np.arange(200, dtype=np.uint8), (120, 1))
+    images = {
+        "1x1": Image.new("RGB", (1, 1), (200, 10, 30)),
+        "2x3": Image.fromarray(noise[:3, :2]),
+        "row": Image.fromarray(noise[:1, :70]),
+        "column": Image.fromarray(noise[:90, :1]),
+        "exactly_32": Image.fromarray(noise[:32, :32]),
+        "32_wide": Image.fromarray(noise[:90, :32]),
+        "32_high": Image.fromarray(noise[:32, :70]),
+        # taller than 100 x width: Pillow resizes vertically first
+        "tall": Image.fromarray(rng.integers(0, 256, (700, 5, 3), dtype=np.uint8)),
+        "wide": Image.fromarray(rng.integers(0, 256, (5, 700, 3), dtype=np.uint8)),
+        "upscale": Image.fromarray(noise[:9, :13]),
+        "large": Image.fromarray(rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)),
+        "gray_L": Image.fromarray(gradient, "L"),
+        "rgba": Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA"),
+        "la": Image.fromarray(noise[:, :, :2].copy(), "LA"),
+        "palette": rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+        "bilevel": rgb.convert("1"),
+        "int32": Image.fromarray(gradient.astype(np.int32) * 300, "I"),
+        "int16": Image.fromarray(gradient.astype(np.uint16) * 200).convert("I;16"),
+        "float": Image.fromarray(gradient.astype(np.float32) / 3.0, "F"),
+        "cmyk": rgb.convert("CMYK"),
+        "ycbcr": rgb.convert("YCbCr"),
+        # constant images: every AC coefficient is rounding noise, imagehash's bits come from
+        # scipy's FFT noise, which the batched code must reproduce exactly
+        "black": Image.new("RGB", (64, 64), (0, 0, 0)),
+        "white": Image.new("L", (50, 80), 255),
+        "gray": Image.new("RGB", (96, 96), (128, 128, 128)),
+        "half": Image.fromarray(np.repeat(np.array([[0, 255]], np.uint8), 64, 0).repeat(32, 1)),
+    }
+    return images
+
+
+def test_identical_to_imagehash_on_edge_cases():
+    images = _edge_images()
+    names = list(images)
+    ours = _ours([images[n] for n in names])
+    ref = _ref([images[n] for n in names])
+    assert dict(zip(names, ours, strict=True)) == dict(zip(names, ref, strict=True))
+
+
+def test_each_image_alone_equals_the_batch():
+    images = list(_edge_images().values())
+    batch = phash.PHasher().hash_images(images)
+    alone = [phash.phash_image(im) for im in images]
+    assert [int(h) for h in batch] == alone
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 31, 33, 64, 95, 96, 97, 255, 256, 257, 1000])
+def test_resize_matches_pillow_lanczos(size):
+    rng = np.random.default_rng(size)
+    for other in (1, 32, 100):
+        for shape in ((other, size), (size, other)):
+            a = rng.integers(0, 256, shape, dtype=np.uint8)
+            ref = np.asarray(Image.fromarray(a, "L").resize((32, 32), Image.Resampling.LANCZOS))
+            got = phash.PHasher()._resize(a[None])[0]
+            np.testing.assert_array_equal(got.astype(np.uint8), ref)
+
+
+def test_undecodable_bytes_are_reported_not_hashed():
+    good = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(good, "PNG")
+    hashes, errors = phash.PHasher().hash_bytes([b"not an image", good.getvalue(), b""])
+    assert errors[0] is not None and errors[2] is not None and errors[1] is None
+    assert phash.to_hex(hashes[1]) == str(imagehash.phash(Image.open(good)))
+    assert hashes[0] == 0 and hashes[2] == 0
+
+
+def test_hex_helpers():
+    assert phash.to_hex(0x00FF) == "00000000000000ff"
+    assert phash.from_hex("8000000000000001") == (1 << 63) + 1
+    assert phash.hamming(0b1011, 0b0001) == 2
+    with pytest.raises(ValueError):
+        phash.from_hex("abc")
+    assert len(phash.PHasher().hash_images([])) == 0
