@@ -16,8 +16,10 @@ a tag) is a one-line :class:`~wit_pipeline.errors.WitError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -121,6 +123,17 @@ class LoadedModel:
     source: str
 
 
+@contextlib.contextmanager
+def quiet_open_clip():
+    """Silence open_clip's "No pretrained weights loaded" warning while we load them ourselves."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
@@ -178,7 +191,8 @@ def load_model(
     model_config(model_name)  # a clear error for unknown names
 
     if ckpt is not None:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, device="cpu")
+        with quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, device="cpu")
         try:
             model.load_state_dict(state_dict_of(ckpt), strict=True)
         except RuntimeError as e:
@@ -207,7 +221,8 @@ def load_model(
                 f"(open_clip downloads them, which needs the network): {_mismatch_message(e)}"
             ) from None
     else:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, device="cpu")
+        with quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, device="cpu")
     model = model.to(torch.device(device)).eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size

@@ -470,7 +470,8 @@ def build_model(cfg: TrainConfig, device: str) -> Any:
         model = models.load_model(cfg.model, cfg.pretrained, device="cpu").model
     else:
         torch.manual_seed(cfg.seed)
-        model = open_clip.create_model(cfg.model, device="cpu")
+        with models.quiet_open_clip():
+            model = open_clip.create_model(cfg.model, device="cpu")
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / cfg.temperature_init))
     model.output_dict = True
