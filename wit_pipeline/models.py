@@ -73,10 +73,11 @@ def _register_config(name: str, cfg: Mapping[str, Any]) -> None:
     open_clip.add_model_config(path)
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one-line errors for users."""
     import torch
 
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise WitError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -154,7 +155,7 @@ def _mismatch_message(error: Exception) -> str:
 
 def load_model(
     model_name: str | None,
-    pretrained: str | None,
+    pretrained: str | os.PathLike | None,
     *,
     device: str = "auto",
 ) -> LoadedModel:
@@ -168,6 +169,7 @@ def load_model(
 
     register_model_configs()
     device = resolve_device(device)
+    pretrained = os.fspath(pretrained) if pretrained else None
     ckpt: dict[str, Any] | None = None
     is_file = bool(pretrained) and (
         os.path.sep in str(pretrained)

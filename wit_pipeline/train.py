@@ -502,25 +502,29 @@ def _gather_positions(consumed: list[int], rt: Runtime) -> list[list[int]]:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary (steps, samples, last metrics, paths)."""
+    from wit_pipeline import wds_data
+
+    # User errors first, before the slow imports.
+    validate(cfg)
+    resume_path = resolve_resume(cfg)
+    shard_paths = wds_data.expand_shard_patterns(cfg.train_data)
+
     import open_clip
     import torch
     from open_clip import ClipLoss
     from tqdm import tqdm
 
-    from wit_pipeline import models, wds_data
+    from wit_pipeline import models
 
-    validate(cfg)
     models.register_model_configs()
     rt = init_runtime(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = _precision(cfg, rt.device)
-    resume_path = resolve_resume(cfg)
     if rt.is_main:
         fileio.makedirs(checkpoint_dir(cfg.output))
 
     # Data.
-    shard_paths = wds_data.expand_shard_patterns(cfg.train_data)
     counts = wds_data.shard_sample_counts(shard_paths)
     model_cfg = _model_cfg_for_checkpoint(cfg.model)
     size = model_cfg["vision_cfg"]["image_size"]
@@ -562,8 +566,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.startswith("cuda") else None
         )
+    # Under DDP each rank scores its own rows against the gathered global batch; gradients flow
+    # back through the gather, and DDP's averaging then gives the full-batch gradient.
     loss_fn = ClipLoss(
-        local_loss=False,
+        local_loss=rt.distributed,
         gather_with_grad=True,
         cache_labels=True,
         rank=rt.rank,
@@ -800,7 +806,10 @@ def _forward_backward(model: Any, loss_fn: Any, images: list, texts: list, autoc
             out = model(x, t)
             img = torch.cat(cached_img[:j] + [out["image_features"]] + cached_img[j + 1 :])
             txt = torch.cat(cached_txt[:j] + [out["text_features"]] + cached_txt[j + 1 :])
-            loss = loss_fn(img, txt, out["logit_scale"])
+            # Every pass sees the whole loss; the temperature's gradient is taken once, so the
+            # summed gradients equal those of one step over the whole batch.
+            scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
+            loss = loss_fn(img, txt, scale)
         backward(loss)
         total = float(loss.detach())
     return total
