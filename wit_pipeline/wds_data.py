@@ -485,7 +485,6 @@ def make_loader(
 
 
 def _worker_init(_worker_id: int) -> None:
+    # Decoding is single-threaded PIL work; torch threads in workers would only compete with
+    # the training process for cores.
     torch.set_num_threads(1)
-    from wit_pipeline import models
-
-    models.register_model_configs()
