@@ -6,6 +6,7 @@ base temp dir, so every test module that imports the fixture reuses the same che
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -81,6 +82,11 @@ def trained_seed(shared_data, tmp_path_factory) -> str:
         return _train_seed(shared_data, tmp_path_factory.getbasetemp() / "clip-seed")
     finally:
         torch.set_num_threads(threads)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def seed_run_dir(checkpoint: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -10,8 +11,15 @@ import sys
 
 import pytest
 import torch
+from clip_helpers import (
+    SEED_MODEL,
+    flickr_paths,
+    read_jsonl,
+    seed_run_dir,
+    trained_seed,
+    write_flickr_shards,
+)
 
-from clip_helpers import SEED_MODEL, flickr_paths, seed_run_dir, trained_seed, write_flickr_shards
 from wit_pipeline import evaluate, models, train
 from wit_pipeline.errors import WitError
 
@@ -68,7 +76,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr[4] == pytest.approx(1.0)
     assert lr[9] == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)  # 0.55
     assert lr[14] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lr[4:], lr[5:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lr[4:]))
 
 
 def test_no_weight_decay_on_gains_biases_and_logit_scale():
@@ -124,8 +132,18 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_flags_are_generated_from_the_dataclass(tmp_path):
     cfg = train.parse_config(
-        ["--train-data", "a/{00000..00002}.tar", "b/", "--batch-size", "32", "--lr", "1e-3",
-         "--no-progress", "--eval-zeroshot", "cifar10=x.parquet"]
+        [
+            "--train-data",
+            "a/{00000..00002}.tar",
+            "b/",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+            "--eval-zeroshot",
+            "cifar10=x.parquet",
+        ]
     )
     assert cfg.train_data == ("a/{00000..00002}.tar", "b/")
     assert cfg.batch_size == 32 and cfg.lr == 1e-3 and cfg.progress is False
@@ -207,7 +225,11 @@ def test_checkpoint_round_trip(small_shards, tmp_path):
     assert ckpt["format"] == models.CHECKPOINT_FORMAT
     assert ckpt["model_name"] == SEED_MODEL and ckpt["step"] == 8
     assert ckpt["data_position"] == {
-        "epoch": 1, "consumed": [[0]], "samples_seen": 256, "workers": 1, "world_size": 1,
+        "epoch": 1,
+        "consumed": [[0]],
+        "samples_seen": 256,
+        "workers": 1,
+        "world_size": 1,
         "batch_size": 32,
     }
     assert ckpt["config"]["train_data"] == [small_shards]
@@ -215,7 +237,7 @@ def test_checkpoint_round_trip(small_shards, tmp_path):
 
     # open_clip loads it directly (our configs registered), and so does wit_pipeline.models.
     models.register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(SEED_MODEL, pretrained=str(ckpt_path))
+    model, _, _ = open_clip.create_model_and_transforms(SEED_MODEL, pretrained=str(ckpt_path))
     loaded = models.load_model(None, str(ckpt_path), device="cpu")
     for name, value in ckpt["state_dict"].items():
         assert torch.equal(model.state_dict()[name], value), name
@@ -224,7 +246,7 @@ def test_checkpoint_round_trip(small_shards, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(x), loaded.model.encode_image(x))
 
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     steps = [r["step"] for r in rows if r["type"] == "train"]
     assert steps == [2, 4, 6, 8]
     assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in rows if r["type"] == "train")
@@ -254,7 +276,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(small_shards, tmp_pat
     b = _weights(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
-    rows = [json.loads(x) for x in open(tmp_path / "split" / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / "split" / "metrics.jsonl")
     steps = [r["step"] for r in rows if r["type"] == "train"]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
 
@@ -271,20 +293,44 @@ def test_resume_errors(small_shards, tmp_path):
 def test_command_line_entry_point(small_shards, tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="2")
     out = subprocess.run(
-        [sys.executable, "-m", "wit_pipeline.train", "--train-data", small_shards,
-         "--model", SEED_MODEL, "--batch-size", "64", "--max-steps", "2", "--workers", "0",
-         "--output", str(tmp_path / "cli"), "--no-progress", "--no-plots"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "wit_pipeline.train",
+            "--train-data",
+            small_shards,
+            "--model",
+            SEED_MODEL,
+            "--batch-size",
+            "64",
+            "--max-steps",
+            "2",
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path / "cli"),
+            "--no-progress",
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["step"] == 2 and summary["total_steps"] == 2
     bad = subprocess.run(
         [sys.executable, "-m", "wit_pipeline.train", "--train-data", str(tmp_path / "nope")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("wit train: error: training shard not found")
+    assert (
+        bad.stderr.strip().splitlines()[-1].startswith("wit train: error: training shard not found")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,15 +341,20 @@ def test_training_on_flickr8k_measurably_learns(trained_seed, shared_data):
     """Dev-split retrieval after 279 steps of wit-nano, against the untrained model and chance."""
     images, captions = flickr_paths(shared_data)
     run = seed_run_dir(trained_seed)
-    rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
     losses = [r["loss"] for r in rows if r["type"] == "train"]
     assert losses[-1] < losses[0] - 0.4  # 4.16 (= ln 64) at the start
 
     def recall(pretrained):
         loaded = models.load_model(SEED_MODEL, pretrained, device="cpu")
         return evaluate.run_retrieval(
-            loaded.model, loaded.preprocess, loaded.tokenizer,
-            images_dir=images, captions_tsv=captions, split="dev", device="cpu",
+            loaded.model,
+            loaded.preprocess,
+            loaded.tokenizer,
+            images_dir=images,
+            captions_tsv=captions,
+            split="dev",
+            device="cpu",
         )
 
     trained = recall(trained_seed)
@@ -313,5 +364,9 @@ def test_training_on_flickr8k_measurably_learns(trained_seed, shared_data):
     assert trained["text_to_image_R@10"] >= 0.03
     assert trained["image_to_text_R@10"] >= 0.025
     assert trained["text_to_image_R@10"] >= 2.5 * max(untrained["text_to_image_R@10"], 0.01)
-    assert trained["text_to_image_R@1"] <= trained["text_to_image_R@5"] <= trained["text_to_image_R@10"]
+    assert (
+        trained["text_to_image_R@1"]
+        <= trained["text_to_image_R@5"]
+        <= trained["text_to_image_R@10"]
+    )
     assert os.path.getsize(os.path.join(run, "loss.png")) > 1000

@@ -28,7 +28,9 @@ def _write(directory, shard_id, keys, *, captions=None, image=True):
     for i, key in enumerate(keys):
         caps = captions[i] if captions else [f"caption of {key}"]
         meta = {"key": key, "caption": caps[0], "captions": caps}
-        samples.append(shards.Sample(key, _jpeg((i * 7 % 255, 0, 0)) if image else b"", caps[0], meta))
+        samples.append(
+            shards.Sample(key, _jpeg((i * 7 % 255, 0, 0)) if image else b"", caps[0], meta)
+        )
     return shards.write_shard(str(directory), shard_id, samples, pa.table({"key": list(keys)}))
 
 
@@ -46,9 +48,16 @@ class _Tok:
 def _stream(paths, *, batch_size=4, workers=1, rank=0, world_size=1, seed=0, buffer=5, tok=None):
     counts = wds_data.shard_sample_counts(paths)
     return wds_data.ShardStream(
-        paths, counts, batch_size=batch_size, image_size=16,
-        tokenizer_factory=lambda: tok or _Tok(), seed=seed, shuffle_buffer=buffer,
-        workers=workers, rank=rank, world_size=world_size,
+        paths,
+        counts,
+        batch_size=batch_size,
+        image_size=16,
+        tokenizer_factory=lambda: tok or _Tok(),
+        seed=seed,
+        shuffle_buffer=buffer,
+        workers=workers,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -67,9 +76,15 @@ def test_expand_shard_patterns(five_shards, tmp_path):
     d = str(five_shards)
     names = lambda ps: [p.rsplit("/", 1)[-1] for p in ps]  # noqa: E731
     assert names(wds_data.expand_shard_patterns([f"{d}/{{00001..00003}}.tar"])) == [
-        "00001.tar", "00002.tar", "00003.tar"]
+        "00001.tar",
+        "00002.tar",
+        "00003.tar",
+    ]
     assert names(wds_data.expand_shard_patterns([d])) == [f"{i:05d}.tar" for i in range(5)]
-    assert names(wds_data.expand_shard_patterns([f"{d}/0000[24].tar"])) == ["00002.tar", "00004.tar"]
+    assert names(wds_data.expand_shard_patterns([f"{d}/0000[24].tar"])) == [
+        "00002.tar",
+        "00004.tar",
+    ]
     both = wds_data.expand_shard_patterns([f"{d}/00000.tar::{d}/00004.tar", f"{d}/00000.tar"])
     assert names(both) == ["00000.tar", "00004.tar"]  # repeats removed, order kept
     with pytest.raises(WitError, match="training shard not found"):
@@ -91,7 +106,9 @@ def test_counts_from_manifest_and_from_headers(five_shards):
 
 
 def test_plan_epoch_splits_shards_or_samples():
-    plan = wds_data.plan_epoch([10, 20, 30, 40], epoch=0, seed=0, batch_size=8, workers=2, world_size=1)
+    plan = wds_data.plan_epoch(
+        [10, 20, 30, 40], epoch=0, seed=0, batch_size=8, workers=2, world_size=1
+    )
     assert sorted(plan.order) == [0, 1, 2, 3]
     assert plan.by_shard
     per = [0, 0]
@@ -100,11 +117,14 @@ def test_plan_epoch_splits_shards_or_samples():
     assert list(plan.worker_samples) == per
     assert plan.rank_batches(0, 2) == per[0] // 8 + per[1] // 8
     # The order changes with the epoch and the seed, deterministically.
-    orders = {wds_data.plan_epoch([1] * 8, epoch=e, seed=0, batch_size=1, workers=1, world_size=1).order
-              for e in range(4)}
+    orders = {
+        wds_data.plan_epoch([1] * 8, epoch=e, seed=0, batch_size=1, workers=1, world_size=1).order
+        for e in range(4)
+    }
     assert len(orders) > 1
-    assert wds_data.plan_epoch([1] * 8, epoch=3, seed=5, batch_size=1, workers=1, world_size=1) == \
-        wds_data.plan_epoch([1] * 8, epoch=3, seed=5, batch_size=1, workers=1, world_size=1)
+    assert wds_data.plan_epoch(
+        [1] * 8, epoch=3, seed=5, batch_size=1, workers=1, world_size=1
+    ) == wds_data.plan_epoch([1] * 8, epoch=3, seed=5, batch_size=1, workers=1, world_size=1)
     # Fewer shards than readers: samples are dealt round robin.
     plan = wds_data.plan_epoch([7, 4], epoch=0, seed=0, batch_size=2, workers=2, world_size=2)
     assert not plan.by_shard and plan.worker_samples == (3, 3, 3, 2)
@@ -133,7 +153,8 @@ def test_an_epoch_reads_every_sample_once(five_shards, workers, world_size):
         s.set_epoch(2)
         seen.extend(_keys(s, range(workers)))
     assert collections.Counter(seen) == collections.Counter(
-        f"s{s}k{i}" for s in range(5) for i in range(10))
+        f"s{s}k{i}" for s in range(5) for i in range(10)
+    )
 
 
 def test_full_batches_only_and_the_step_count_is_exact(five_shards):
@@ -155,8 +176,10 @@ def test_resume_skips_exactly_the_consumed_batches(five_shards):
     s.set_epoch(1)
     full = {w: [[x["__key__"] for x in b] for _, b, _ in s.raw_batches(w)] for w in range(2)}
     s.set_epoch(1, skip=[2, 4])
-    resumed = {w: [[x["__key__"] for x in b] for i, b, _ in s.raw_batches(w) if i >= s.skip[w]]
-               for w in range(2)}
+    resumed = {
+        w: [[x["__key__"] for x in b] for i, b, _ in s.raw_batches(w) if i >= s.skip[w]]
+        for w in range(2)
+    }
     assert resumed[0] == full[0][2:] and resumed[1] == full[1][4:]
     # Through the DataLoader in worker processes: the batches carry their position.
     s.set_epoch(1, skip=[2, 4])
@@ -166,7 +189,7 @@ def test_resume_skips_exactly_the_consumed_batches(five_shards):
         got[b["worker"]].append((b["index"], b["keys"]))
     for w in range(2):
         assert [i for i, _ in got[w]] == list(range(s.skip[w], len(full[w])))
-        assert [k for _, k in got[w]] == full[w][s.skip[w]:]
+        assert [k for _, k in got[w]] == full[w][s.skip[w] :]
 
 
 def test_decoded_batches_are_deterministic_and_normalizable(five_shards):
@@ -234,7 +257,12 @@ def test_random_resized_crop_box_follows_torchvision():
         assert 0 <= left < right <= 96 and 0 <= top < bottom <= 64
         assert 0.9 * 96 * 64 * 0.97 <= w * h <= 96 * 64
     # An extreme aspect ratio falls back to the central crop within the ratio bounds.
-    assert wds_data.random_resized_crop_box(400, 10, random.Random(0), (0.99, 1.0)) == (193, 0, 206, 10)
+    assert wds_data.random_resized_crop_box(400, 10, random.Random(0), (0.99, 1.0)) == (
+        193,
+        0,
+        206,
+        10,
+    )
 
 
 def test_draft_decoding_matches_full_decoding(tmp_path):

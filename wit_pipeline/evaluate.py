@@ -28,7 +28,9 @@ import numpy as np
 from wit_pipeline import caption_sets, fileio
 from wit_pipeline.errors import WitError
 
-TEMPLATES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "zeroshot_templates.json")
+TEMPLATES_FILE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "data", "zeroshot_templates.json"
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 RECALL_KS = (1, 5, 10)
 
@@ -322,7 +324,9 @@ def resolve_templates(spec: str, dataset_name: str = "") -> list[str]:
         templates = [ln.replace("{c}", "{}") for ln in lines]
         bad = [t for t in templates if t.count("{}") != 1]
         if not templates or bad:
-            raise WitError(f"{spec}: every template needs exactly one {{}} or {{c}} (got {bad[:1]})")
+            raise WitError(
+                f"{spec}: every template needs exactly one {{}} or {{c}} (got {bad[:1]})"
+            )
         return templates
     choices = ", ".join(["auto", "imagenet", *sorted(k for k in known if k[0] != "_")])
     raise WitError(f"unknown templates {spec!r}: use {choices}, or a file")
@@ -357,7 +361,9 @@ def run_zeroshot(
                 num_classes_per_batch=max(1, 2048 // max(1, len(templates))),
                 device=device,
             )
-        feats = encode_images(model, preprocess, dataset.images, device=device, batch_size=batch_size)
+        feats = encode_images(
+            model, preprocess, dataset.images, device=device, batch_size=batch_size
+        )
         logits = feats @ classifier.float().cpu()
     finally:
         model.train(was_training)

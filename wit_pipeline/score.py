@@ -66,7 +66,9 @@ def _decode(data: bytes | None) -> Any:
         return None
 
 
-def score_pairs(loaded: Any, images: Sequence[bytes | None], captions: Sequence[str]) -> list[float | None]:
+def score_pairs(
+    loaded: Any, images: Sequence[bytes | None], captions: Sequence[str]
+) -> list[float | None]:
     """Cosine similarity of each (image, caption) pair; ``None`` where the image does not decode."""
     import torch
 
@@ -98,7 +100,7 @@ def top_fraction_threshold(scores: Sequence[float] | np.ndarray, keep_fraction: 
     score (ties at the threshold are all kept); ``inf`` when k is 0.
     """
     arr = np.asarray(scores, dtype=np.float64)
-    k = int(math.floor(keep_fraction * len(arr) + 0.5))
+    k = math.floor(keep_fraction * len(arr) + 0.5)
     if k <= 0 or len(arr) == 0:
         return math.inf
     k = min(k, len(arr))
@@ -164,7 +166,9 @@ class OpenClipModelHandler(ModelHandler[dict, PredictionResult, Any]):
     def load_model(self) -> Any:
         from wit_pipeline import models
 
-        return models.load_model(self._model_name or None, self._pretrained or None, device=self._device)
+        return models.load_model(
+            self._model_name or None, self._pretrained or None, device=self._device
+        )
 
     def run_inference(
         self,
@@ -178,7 +182,10 @@ class OpenClipModelHandler(ModelHandler[dict, PredictionResult, Any]):
         return [PredictionResult(r, s) for r, s in zip(batch, scores, strict=True)]
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(len(r.get(self._image_field) or b"") + len(r.get(self._caption_field) or "") for r in batch)
+        return sum(
+            len(r.get(self._image_field) or b"") + len(r.get(self._caption_field) or "")
+            for r in batch
+        )
 
     def get_metrics_namespace(self) -> str:
         return "wit_score"
@@ -320,7 +327,9 @@ class FilterByClipScore(beam.PTransform):
 
     def expand(self, pcoll):
         scores = pcoll | "Scores" >> beam.Map(lambda r: r.get(SCORE_FIELD))
-        thr = compute_threshold(scores, threshold=self._threshold, keep_fraction=self._keep_fraction)
+        thr = compute_threshold(
+            scores, threshold=self._threshold, keep_fraction=self._keep_fraction
+        )
         return pcoll | "Filter" >> beam.ParDo(
             _FilterDoFn(), beam.pvalue.AsSingleton(thr)
         ).with_outputs(beam_utils.COUNTS, beam_utils.REJECTED, main="kept")
@@ -342,7 +351,12 @@ def read_shard_records(tar_path: str) -> Iterable[dict[str, Any]]:
     name = tar_path.rsplit("/", 1)[-1][: -len(".tar")]
     for sample in shards.iter_samples(tar_path):
         caption = (sample.get("txt") or b"").decode("utf-8", errors="replace").strip()
-        record = {"shard": name, "key": sample["__key__"], "image": _sample_image(sample), "caption": caption}
+        record = {
+            "shard": name,
+            "key": sample["__key__"],
+            "image": _sample_image(sample),
+            "caption": caption,
+        }
         if record["image"] is None or not caption:
             record["reason"] = MISSING
         yield record
@@ -352,7 +366,9 @@ def scores_path(output_dir: str, shard: str) -> str:
     return fileio.join(output_dir, SCORES_DIR, f"{shard}.parquet")
 
 
-def write_scores(output_dir: str, shard: str, items: Iterable[tuple[str, float | None]]) -> tuple[str, dict[str, float | None]]:
+def write_scores(
+    output_dir: str, shard: str, items: Iterable[tuple[str, float | None]]
+) -> tuple[str, dict[str, float | None]]:
     """Cache one shard's scores (``scores/NNNNN.parquet``: key, clip_score)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -371,7 +387,9 @@ def read_scores(output_dir: str, shard: str) -> tuple[str, dict[str, float | Non
 
     with fileio.open_file(scores_path(output_dir, shard), "rb") as f:
         table = pq.read_table(f)
-    return shard, dict(zip(table.column("key").to_pylist(), table.column(SCORE_FIELD).to_pylist(), strict=True))
+    return shard, dict(
+        zip(table.column("key").to_pylist(), table.column(SCORE_FIELD).to_pylist(), strict=True)
+    )
 
 
 def _round_score(s: float | None) -> float | None:
@@ -408,8 +426,16 @@ def write_scored_shard(
             record["reason"] = MISSING
         kept = filter_scored([record], threshold, counter)
         if not kept:
-            rejected.append({"shard": shard, "key": key, "url": meta.get("url"), "caption": caption,
-                             SCORE_FIELD: score, "reason": record["reason"]})
+            rejected.append(
+                {
+                    "shard": shard,
+                    "key": key,
+                    "url": meta.get("url"),
+                    "caption": caption,
+                    SCORE_FIELD: score,
+                    "reason": record["reason"],
+                }
+            )
             continue
         meta[SCORE_FIELD] = score
         ext = next(e for e in IMAGE_EXTS if sample.get(e))
@@ -431,10 +457,22 @@ def write_scored_shard(
     table = table.append_column(SCORE_FIELD, pa.array(col, type=pa.float32()))
     info = shards.write_shard(fileio.join(output_dir, "shards"), shard_id, kept_samples, table)
     if rejected:
-        rtable = pa.Table.from_pylist(rejected, schema=pa.schema([
-            ("shard", pa.string()), ("key", pa.string()), ("url", pa.string()),
-            ("caption", pa.string()), (SCORE_FIELD, pa.float32()), ("reason", pa.string())]))
-        with fileio.atomic_write(fileio.join(output_dir, "rejected", f"{shard}.parquet"), "wb") as f:
+        rtable = pa.Table.from_pylist(
+            rejected,
+            schema=pa.schema(
+                [
+                    ("shard", pa.string()),
+                    ("key", pa.string()),
+                    ("url", pa.string()),
+                    ("caption", pa.string()),
+                    (SCORE_FIELD, pa.float32()),
+                    ("reason", pa.string()),
+                ]
+            ),
+        )
+        with fileio.atomic_write(
+            fileio.join(output_dir, "rejected", f"{shard}.parquet"), "wb"
+        ) as f:
             pq.write_table(rtable, f)
     yield from beam_utils.emit_counts(counter)
     yield TaggedOutput("infos", info.to_dict())
@@ -566,7 +604,9 @@ class ScoreShards(beam.PTransform):
             )
         per_shard = parts[0] if len(parts) == 1 else tuple(parts) | "AllShards" >> beam.Flatten()
         all_scores = per_shard | "ScoreValues" >> beam.FlatMap(_score_items)
-        thr = compute_threshold(all_scores, threshold=cfg.threshold, keep_fraction=cfg.keep_fraction)
+        thr = compute_threshold(
+            all_scores, threshold=cfg.threshold, keep_fraction=cfg.keep_fraction
+        )
         written = per_shard | "WriteShards" >> beam.ParDo(
             _WriteScoredShard(self._input_dir, out), beam.pvalue.AsSingleton(thr)
         ).with_outputs(beam_utils.COUNTS, "infos", main="unused")

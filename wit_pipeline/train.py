@@ -105,7 +105,14 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise WitError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("max_steps", "warmup", "workers", "threads", "save_every_steps", "stop_after_steps"):
+    for name in (
+        "max_steps",
+        "warmup",
+        "workers",
+        "threads",
+        "save_every_steps",
+        "stop_after_steps",
+    ):
         if getattr(cfg, name) < 0:
             raise WitError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
@@ -130,7 +137,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(cls: type = TrainConfig, prog: str = "python -m wit_pipeline.train") -> argparse.ArgumentParser:
+def build_parser(
+    cls: type = TrainConfig, prog: str = "python -m wit_pipeline.train"
+) -> argparse.ArgumentParser:
     """``--key value`` flags for every field of ``cls`` (tuples take several values)."""
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -142,7 +151,11 @@ def build_parser(cls: type = TrainConfig, prog: str = "python -m wit_pipeline.tr
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"default: {default!r}"}
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"default: {default!r}",
+        }
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:
@@ -357,7 +370,9 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("contrastive loss")
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", alpha=0.5)
+        ax2.plot(
+            [r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", alpha=0.5
+        )
         ax2.set_ylabel("learning rate", color="tab:orange")
         ax.set_title("training loss")
         fig.tight_layout()
@@ -369,9 +384,7 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in evals:
         for name, value in r.get("metrics", {}).items():
-            if isinstance(value, int | float) and (
-                name.endswith(("top1", "top5")) or "R@" in name
-            ):
+            if isinstance(value, int | float) and (name.endswith(("top1", "top5")) or "R@" in name):
                 series.setdefault(name, []).append((r["epoch"], float(value)))
     if series:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -412,7 +425,9 @@ class EpochEvaluator:
         if cfg.eval_retrieval_captions:
             from wit_pipeline import caption_sets
 
-            caption_sets.read_captions_tsv(cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split)
+            caption_sets.read_captions_tsv(
+                cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split
+            )
 
     @property
     def enabled(self) -> bool:
@@ -426,7 +441,12 @@ class EpochEvaluator:
         out: dict[str, Any] = {}
         for name, ds, templates in self.sets:
             res = evaluate.run_zeroshot(
-                model, preprocess, tokenizer, ds, templates=templates, device=device,
+                model,
+                preprocess,
+                tokenizer,
+                ds,
+                templates=templates,
+                device=device,
                 batch_size=self.cfg.eval_batch_size,
             )
             out[f"{name}/top1"] = res["top1"]
@@ -434,7 +454,9 @@ class EpochEvaluator:
             out[f"{name}/mean_per_class_top1"] = res["mean_per_class_top1"]
         if self.cfg.eval_retrieval_captions:
             res = evaluate.run_retrieval(
-                model, preprocess, tokenizer,
+                model,
+                preprocess,
+                tokenizer,
                 images_dir=self.cfg.eval_retrieval_images,
                 captions_tsv=self.cfg.eval_retrieval_captions,
                 split=self.cfg.eval_retrieval_split or None,
@@ -485,7 +507,9 @@ def _sync_any(flag: bool, rt: Runtime) -> bool:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0], device=rt.device if rt.device.startswith("cuda") else "cpu")
+    t = torch.tensor(
+        [1 if flag else 0], device=rt.device if rt.device.startswith("cuda") else "cpu"
+    )
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -606,14 +630,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # it has left, reading each worker's stream from the equivalent fraction onwards.
             done = sum(sum(x) for x in saved) // max(1, stream.workers * rt.world_size)
             consumed = [done] * stream.workers
-            LOG.warning("resume with a different workers/world size/batch size: data position is approximate")
+            LOG.warning(
+                "resume with a different workers/world size/batch size: data position is approximate"
+            )
         metrics.truncate_after(step)
         LOG.info("resumed from %s at step %d (epoch %d)", resume_path, step, epoch)
     if rt.is_main:
-        metrics.write({"type": "config", "step": step, "config": config_lib.to_dict(cfg),
-                       "total_steps": total_steps, "num_shards": len(shard_paths),
-                       "num_samples": sum(counts), "world_size": rt.world_size,
-                       "precision": precision, "device": rt.device})
+        metrics.write(
+            {
+                "type": "config",
+                "step": step,
+                "config": config_lib.to_dict(cfg),
+                "total_steps": total_steps,
+                "num_shards": len(shard_paths),
+                "num_samples": sum(counts),
+                "world_size": rt.world_size,
+                "precision": precision,
+                "device": rt.device,
+            }
+        )
     evaluator = EpochEvaluator(cfg) if rt.is_main else None
 
     def payload() -> dict[str, Any]:
@@ -653,19 +688,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if rt.is_main and evaluator is not None and evaluator.enabled:
             t0 = time.time()
             result = evaluator(model, tokenizer, rt.device)
-            metrics.write({"type": "eval", "step": step, "epoch": epoch, "metrics": result,
-                           "seconds": round(time.time() - t0, 3)})
+            metrics.write(
+                {
+                    "type": "eval",
+                    "step": step,
+                    "epoch": epoch,
+                    "metrics": result,
+                    "seconds": round(time.time() - t0, 3),
+                }
+            )
         if rt.distributed:
             torch.distributed.barrier()
         return result
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and rt.is_main),
-               dynamic_ncols=True, desc="train", file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (cfg.progress and rt.is_main),
+        dynamic_ncols=True,
+        desc="train",
+        file=sys.stderr,
+    )
     autocast = _autocast(precision, rt.device)
     non_blocking = rt.device.startswith("cuda")
     last_eval: dict[str, Any] = {}
     stopped = False
-    window = {"loss": 0.0, "n": 0, "samples": 0, "data_s": 0.0, "t0": time.time(), "skipped": 0}
+    window = _new_window()
     model.train()
     while epoch < cfg.epochs and step < total_steps and not stopped:
         epoch_steps = steps_per_epoch[epoch]
@@ -685,7 +733,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if _sync_any(exhausted, rt):
                 break
             data_s = time.time() - t_data
-            lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup, total=total_steps, min_lr=cfg.min_lr)
+            lr = lr_at(
+                step, base_lr=cfg.lr, warmup=cfg.warmup, total=total_steps, min_lr=cfg.min_lr
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = [
@@ -734,7 +784,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 }
                 metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
-                window = {"loss": 0.0, "n": 0, "samples": 0, "data_s": 0.0, "t0": time.time(), "skipped": 0}
+                window = _new_window()
             if cfg.stop_after_steps and step >= cfg.stop_after_steps and step < total_steps:
                 stopped = True
                 break
@@ -748,12 +798,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         epoch += 1
         consumed = [0] * stream.workers
         is_last = epoch >= cfg.epochs or step >= total_steps
-        if evaluator is not None or rt.distributed:
-            if is_last or epoch % cfg.eval_every == 0:
-                last_eval = run_eval() or last_eval
+        if (evaluator is not None or rt.distributed) and (is_last or epoch % cfg.eval_every == 0):
+            last_eval = run_eval() or last_eval
         save(extra_names=[f"epoch_{finished_epoch + 1}.pt"])
         if rt.is_main and cfg.plots:
             write_plots(metrics.rows(), cfg.output)
+        window = _new_window()  # throughput excludes evaluation and checkpointing
     bar.close()
     if stopped:
         save()
@@ -775,7 +825,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _forward_backward(model: Any, loss_fn: Any, images: list, texts: list, autocast: Any, scaler: Any) -> float:
+def _new_window() -> dict[str, float]:
+    """Accumulators for one logging interval."""
+    return {"loss": 0.0, "n": 0, "samples": 0, "data_s": 0.0, "t0": time.time(), "skipped": 0}
+
+
+def _forward_backward(
+    model: Any, loss_fn: Any, images: list, texts: list, autocast: Any, scaler: Any
+) -> float:
     """Loss and gradients for one optimizer step over ``len(images)`` micro-batches.
 
     With one micro-batch this is the plain step. With several, the features of every
@@ -804,8 +861,8 @@ def _forward_backward(model: Any, loss_fn: Any, images: list, texts: list, autoc
     for j, (x, t) in enumerate(zip(images, texts, strict=True)):
         with autocast:
             out = model(x, t)
-            img = torch.cat(cached_img[:j] + [out["image_features"]] + cached_img[j + 1 :])
-            txt = torch.cat(cached_txt[:j] + [out["text_features"]] + cached_txt[j + 1 :])
+            img = torch.cat([*cached_img[:j], out["image_features"], *cached_img[j + 1 :]])
+            txt = torch.cat([*cached_txt[:j], out["text_features"], *cached_txt[j + 1 :]])
             # Every pass sees the whole loss; the temperature's gradient is taken once, so the
             # summed gradients equal those of one step over the whole batch.
             scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
@@ -838,7 +895,9 @@ def _quiet_open_clip(record: logging.LogRecord) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_open_clip)
     try:

@@ -45,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="auto (the dataset's own when known, else imagenet), imagenet (CLIP's 80), "
         "cifar10, cifar100, simple, or a file with one template per line ({} = class name)",
     )
-    z.add_argument("--classnames", default="", help="file with one class name per line (label order)")
+    z.add_argument(
+        "--classnames", default="", help="file with one class name per line (label order)"
+    )
     z.add_argument("--image-column", default="image")
     z.add_argument("--label-column", default="label")
     z.add_argument("--max-samples", type=int, default=0, help="evaluate on N evenly spaced samples")

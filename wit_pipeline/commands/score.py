@@ -18,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Unknown --flags go to Beam (--runner, --direct_num_workers, ...)."
         ),
     )
-    parser.add_argument("--input", required=True, help="directory of finished shards (or its parent)")
+    parser.add_argument(
+        "--input", required=True, help="directory of finished shards (or its parent)"
+    )
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--model", default=None, help="open_clip architecture (ViT-B-32, wit-tiny)")
     parser.add_argument(
@@ -27,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="seed weights: a checkpoint (wit_pipeline.train or open_clip) or an open_clip tag",
     )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, default=None, help="keep clip_score >= X (LAION: 0.28)")
+    group.add_argument(
+        "--threshold", type=float, default=None, help="keep clip_score >= X (LAION: 0.28)"
+    )
     group.add_argument(
         "--keep-fraction", type=float, default=None, help="keep the top F by score (DataComp: 0.3)"
     )
