@@ -566,8 +566,6 @@ class ScoreShards(beam.PTransform):
                     f"{self._output_dir} holds scores from another seed model ({recorded}); "
                     f"choose another --output"
                 )
-        else:
-            fileio.write_json(path, self._model_identity())
 
     def expand(self, pbegin):
         cfg = self._config
@@ -594,7 +592,7 @@ class ScoreShards(beam.PTransform):
                 | "AllRecords" >> beam.Flatten()
                 | "KeyByShard" >> beam.Map(_key_by_shard)
                 | "GroupByShard" >> beam.GroupByKey()
-                | "CacheScores" >> beam.Map(write_scores_to, out)
+                | "CacheScores" >> beam.Map(write_scores_to, out, self._model_identity())
             )
         if cached:
             parts.append(
@@ -641,7 +639,14 @@ class _WriteScoredShard(beam.DoFn):
         )
 
 
-def write_scores_to(kv: tuple[str, Iterable[tuple[str, float | None]]], output_dir: str):
+def write_scores_to(
+    kv: tuple[str, Iterable[tuple[str, float | None]]],
+    output_dir: str,
+    identity: Mapping[str, str],
+):
+    # The seed's identity goes beside the cache before any score does (idempotent), so a later
+    # run with another seed cannot mix its scores in.
+    fileio.write_json(fileio.join(output_dir, SCORES_DIR, SCORES_MODEL_FILE), dict(identity))
     return write_scores(output_dir, kv[0], kv[1])
 
 
