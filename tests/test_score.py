@@ -11,7 +11,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 import torch
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from clip_helpers import SEED_MODEL, flickr_paths, trained_seed, write_flickr_shards
 from PIL import Image
@@ -77,13 +77,53 @@ def test_filter_options_are_validated():
         score.ScoreWithClip(model_name="ViT-B-32", pretrained="")
 
 
+def test_write_scored_shard_matches_parquet_rows_by_key(tmp_path):
+    """Download shards have one Parquet row per pair: every row of a kept key keeps its score."""
+    import pyarrow as pa
+
+    img = _jpeg_bytes()
+    samples = [
+        shards.Sample("k1", img, "a red square", {"key": "k1", "url": "u1"}),
+        shards.Sample("k2", img, "a blue sky", {"key": "k2", "url": "u2", "clip_score": 0.9}),
+        shards.Sample("k3", img, "", {"key": "k3", "url": "u3"}),
+    ]
+    rows = pa.table({"key": ["k1", "k1", "k2", "k3"], "uid": ["a", "b", "c", "d"]})
+    shards.write_shard(str(tmp_path / "in"), 7, samples, rows)
+    out = list(
+        score.write_scored_shard(
+            "00007", {"k1": 0.31, "k2": 0.12}, 0.3,
+            input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
+        )
+    )  # fmt: skip
+    counts = dict(o.value for o in out if o.tag == beam_utils.COUNTS)
+    assert counts == {"input": 3, "kept": 1, "dropped:low_clip_score": 1,
+                      "dropped:no_image_or_caption": 1}  # fmt: skip
+    info = next(o.value for o in out if o.tag == "infos")
+    assert info["num_samples"] == 1 and info["tar"] == "00007.tar"
+    tar, parquet = shards.shard_paths(str(tmp_path / "out" / "shards"), 7)
+    kept = list(shards.iter_samples(tar))
+    assert [k["__key__"] for k in kept] == ["k1"]
+    assert json.loads(kept[0]["json"]) == {
+        "key": "k1",
+        "url": "u1",
+        "clip_score": pytest.approx(0.31),
+    }
+    table = pq.read_table(parquet).to_pylist()
+    assert [(r["key"], r["uid"]) for r in table] == [("k1", "a"), ("k1", "b")]
+    assert all(r["clip_score"] == pytest.approx(0.31) for r in table)
+    rejected = pq.read_table(tmp_path / "out" / "rejected" / "00007.parquet").to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejected] == [
+        ("k2", "low_clip_score"), ("k3", "no_image_or_caption")]  # fmt: skip
+    assert rejected[0]["clip_score"] == pytest.approx(0.12) and rejected[1]["clip_score"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Beam transforms
 
 
-def _pipeline() -> TestPipeline:
+def _pipeline() -> BeamTestPipeline:
     # Beam's default DirectRunner fetches the Prism binary from the network; FnApiRunner is local.
-    return TestPipeline(options=beam_utils.pipeline_options([]))
+    return BeamTestPipeline(options=beam_utils.pipeline_options([]))
 
 
 RECORDS = [
