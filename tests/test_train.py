@@ -1,0 +1,373 @@
+"""The trainer: loss and temperature, schedule, options, checkpoints, resume, and learning."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from clip_helpers import (
+    SEED_MODEL,
+    flickr_paths,
+    read_jsonl,
+    seed_run_dir,
+    trained_seed,
+    write_flickr_shards,
+)
+
+from wit_pipeline import evaluate, models, train
+from wit_pipeline.errors import WitError
+
+__all__ = ["trained_seed"]  # the session fixture, imported for pytest
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and temperature
+
+
+def test_clip_loss_matches_hand_computed_value():
+    from open_clip import ClipLoss
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    scale = torch.tensor(10.0)
+    # logits_per_image = 10 * img @ txt.T = [[6, 0], [8, 10]]; logits_per_text is its transpose.
+    expected = (
+        math.log(1 + math.exp(-6))  # image 0: label 0 among (6, 0)
+        + math.log(1 + math.exp(-2))  # image 1: label 1 among (8, 10)
+        + math.log(1 + math.exp(2))  # text 0: label 0 among (6, 8)
+        + math.log(1 + math.exp(-10))  # text 1: label 1 among (0, 10)
+    ) / 4
+    got = ClipLoss()(img, txt, scale)
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+
+
+def test_temperature_initialized_to_007_and_clamped_at_100():
+    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
+    model = train.build_model(cfg, "cpu")
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) ~ 22026
+    train.clamp_logit_scale(model)
+    assert float(model.logit_scale.detach()) == pytest.approx(math.log(100.0), abs=1e-7)
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0, rel=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(-3.0)
+    train.clamp_logit_scale(model)
+    assert float(model.logit_scale.detach()) == 0.0  # scale never below 1
+
+
+def test_custom_temperature_init():
+    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL, temperature_init=0.05)
+    model = train.build_model(cfg, "cpu")
+    assert float(model.logit_scale.detach()) == pytest.approx(math.log(20.0), abs=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lr = [train.lr_at(s, base_lr=1.0, warmup=4, total=14, min_lr=0.1) for s in range(15)]
+    assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lr[4] == pytest.approx(1.0)
+    assert lr[9] == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)  # 0.55
+    assert lr[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lr[4:]))
+
+
+def test_no_weight_decay_on_gains_biases_and_logit_scale():
+    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
+    model = train.build_model(cfg, "cpu")
+    groups = train.param_groups(model, 0.2)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {by_id[id(p)] for p in groups[0]["params"]}
+    decay = {by_id[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.0 and groups[1]["weight_decay"] == 0.2
+    assert "logit_scale" in no_decay
+    assert "visual.class_embedding" in no_decay
+    assert "visual.transformer.resblocks.0.ln_1.weight" in no_decay
+    assert "visual.transformer.resblocks.0.attn.in_proj_bias" in no_decay
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in decay
+    assert "token_embedding.weight" in decay
+    assert "text_projection" in decay
+    assert no_decay.isdisjoint(decay)
+    assert no_decay | decay == set(by_id.values())
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Cached-feature accumulation gives the gradients of the whole contrastive batch."""
+    from open_clip import ClipLoss
+
+    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 32, 32)
+    t = torch.randint(1, 1000, (8, 32))
+    grads = []
+    for parts in (1, 2, 4):
+        model = train.build_model(cfg, "cpu")
+        model.zero_grad()
+        loss = train._forward_backward(
+            model,
+            ClipLoss(),
+            list(x.chunk(parts)),
+            list(t.chunk(parts)),
+            train.contextlib.nullcontext(),
+            None,
+        )
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    full_loss, full = grads[0]
+    for loss, g in grads[1:]:
+        assert loss == pytest.approx(full_loss, rel=1e-5)
+        for name, value in full.items():
+            torch.testing.assert_close(g[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def test_flags_are_generated_from_the_dataclass(tmp_path):
+    cfg = train.parse_config(
+        [
+            "--train-data",
+            "a/{00000..00002}.tar",
+            "b/",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+            "--eval-zeroshot",
+            "cifar10=x.parquet",
+        ]
+    )
+    assert cfg.train_data == ("a/{00000..00002}.tar", "b/")
+    assert cfg.batch_size == 32 and cfg.lr == 1e-3 and cfg.progress is False
+    assert cfg.eval_zeroshot == ("cifar10=x.parquet",)
+    assert cfg.model == "wit-tiny"  # default
+    (tmp_path / "c.yaml").write_text("epochs: 7\nbatch_size: 16\ntrain_data: [s/]\n")
+    cfg = train.parse_config(["--config", str(tmp_path / "c.yaml"), "--batch-size", "8"])
+    assert (cfg.epochs, cfg.batch_size, cfg.train_data) == (7, 8, ("s/",))
+    (tmp_path / "bad.yaml").write_text("epoch: 7\n")
+    with pytest.raises(WitError, match="unknown option epoch"):
+        train.parse_config(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit):
+        train.parse_config(["--no-such-flag", "1"])
+    with pytest.raises(WitError, match="batch_size must be an integer"):
+        train.parse_config(["--batch-size", "many"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"train_data": ()}, "--train-data is required"),
+        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"precision": "fp8"}, "--precision"),
+        ({"eval_retrieval_captions": "c.tsv"}, "go together"),
+        ({"min_lr": 1.0}, "--min-lr"),
+    ],
+)
+def test_invalid_options_are_one_line_errors(kwargs, message):
+    base = {"train_data": ("x",)}
+    base.update(kwargs)
+    with pytest.raises(WitError, match=message):
+        train.validate(train.TrainConfig(**base))
+
+
+# ---------------------------------------------------------------------------------------------
+# Short runs: checkpoints, resume
+
+
+@pytest.fixture(scope="module")
+def small_shards(shared_data, tmp_path_factory):
+    """256 Flickr8k training images in 4 shards of 64."""
+    out = tmp_path_factory.mktemp("small-shards")
+    return write_flickr_shards(shared_data, out, samples_per_shard=64, limit=256)
+
+
+def _small_cfg(shards_dir, output, **kw):
+    args = dict(
+        train_data=(shards_dir,),
+        output=str(output),
+        model=SEED_MODEL,
+        epochs=2,
+        batch_size=32,
+        workers=1,
+        warmup=2,
+        lr=1e-3,
+        log_every=2,
+        progress=False,
+        plots=False,
+        shuffle_buffer=50,
+    )
+    args.update(kw)
+    return train.TrainConfig(**args)
+
+
+def _weights(path):
+    return models.read_checkpoint(path)["state_dict"]
+
+
+def test_checkpoint_round_trip(small_shards, tmp_path):
+    import open_clip
+
+    summary = train.train(_small_cfg(small_shards, tmp_path / "run", epochs=1, plots=True))
+    assert summary["step"] == summary["total_steps"] == 8  # 256 samples / 32
+    ckpt_path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == models.CHECKPOINT_FORMAT
+    assert ckpt["model_name"] == SEED_MODEL and ckpt["step"] == 8
+    assert ckpt["data_position"] == {
+        "epoch": 1,
+        "consumed": [[0]],
+        "samples_seen": 256,
+        "workers": 1,
+        "world_size": 1,
+        "batch_size": 32,
+    }
+    assert ckpt["config"]["train_data"] == [small_shards]
+    assert "optimizer" in ckpt and ckpt["optimizer"]["state"]
+
+    # open_clip loads it directly (our configs registered), and so does wit_pipeline.models.
+    models.register_model_configs()
+    model, _, _ = open_clip.create_model_and_transforms(SEED_MODEL, pretrained=str(ckpt_path))
+    loaded = models.load_model(None, str(ckpt_path), device="cpu")
+    for name, value in ckpt["state_dict"].items():
+        assert torch.equal(model.state_dict()[name], value), name
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), loaded.model.encode_image(x))
+
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    steps = [r["step"] for r in rows if r["type"] == "train"]
+    assert steps == [2, 4, 6, 8]
+    assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in rows if r["type"] == "train")
+
+    # A second run into the same output is refused unless it resumes.
+    with pytest.raises(WitError, match="--resume latest"):
+        train.train(_small_cfg(small_shards, tmp_path / "run", epochs=1))
+    # Resuming a finished run does nothing and keeps the weights.
+    again = train.train(_small_cfg(small_shards, tmp_path / "run", epochs=1, resume="latest"))
+    assert again["step"] == 8
+    after = _weights(ckpt_path)
+    assert all(torch.equal(after[k], v) for k, v in ckpt["state_dict"].items())
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(small_shards, tmp_path):
+    full = train.train(_small_cfg(small_shards, tmp_path / "full"))
+    assert full["step"] == 16
+    # Same run, stopped after 11 steps (in the second epoch), then resumed.
+    part = train.train(_small_cfg(small_shards, tmp_path / "split", stop_after_steps=11))
+    assert part["step"] == 11 and part["stopped_early"]
+    ckpt = models.read_checkpoint(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
+    assert ckpt["step"] == 11
+    assert ckpt["data_position"]["epoch"] == 1 and ckpt["data_position"]["consumed"] == [[3]]
+    rest = train.train(_small_cfg(small_shards, tmp_path / "split", resume="latest"))
+    assert rest["step"] == 16 and rest["samples_seen"] == 16 * 32
+    a = _weights(str(tmp_path / "full" / "checkpoints" / "latest.pt"))
+    b = _weights(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    rows = read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    steps = [r["step"] for r in rows if r["type"] == "train"]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_resume_errors(small_shards, tmp_path):
+    with pytest.raises(WitError, match="checkpoint to resume not found"):
+        train.train(_small_cfg(small_shards, tmp_path / "r", resume="latest"))
+    with pytest.raises(WitError, match="unknown model"):
+        train.train(_small_cfg(small_shards, tmp_path / "m", model="no-such-model"))
+    with pytest.raises(WitError, match="training shard not found"):
+        train.train(_small_cfg(str(tmp_path / "missing.tar"), tmp_path / "d"))
+
+
+def test_command_line_entry_point(small_shards, tmp_path, capsys):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="2")
+    out = subprocess.run(
+        [sys.executable, "-m", "wit_pipeline.train", "--train-data", small_shards,
+         "--model", SEED_MODEL, "--batch-size", "64", "--max-steps", "2", "--workers", "0",
+         "--output", str(tmp_path / "cli"), "--no-progress", "--no-plots"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["step"] == 2 and summary["total_steps"] == 2
+    # User errors: one line on stderr, exit status 2 (checked in-process: same main()).
+    assert train.main(["--train-data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wit train: error: training shard not found: {tmp_path / 'nope'}"]
+
+
+def test_ddp_under_torchrun_on_cpu(small_shards, tmp_path):
+    """Two ranks (gloo): each reads its own shards, features are gathered, one checkpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "wit_pipeline.train", "--train-data", small_shards, "--model", SEED_MODEL,
+         "--batch-size", "16", "--epochs", "1", "--workers", "1", "--device", "cpu",
+         "--output", str(tmp_path / "ddp"), "--no-progress", "--no-plots", "--log-every", "2"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = models.read_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "latest.pt"))
+    # 4 shards of 64 over 2 ranks x 1 worker: 128 samples per rank, 8 steps of 16 per rank.
+    assert ckpt["step"] == 8
+    assert ckpt["data_position"]["world_size"] == 2
+    assert ckpt["data_position"]["samples_seen"] == 8 * 16 * 2
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    rows = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["type"] == "train"] == [2, 4, 6, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# It learns (real data)
+
+
+def test_training_on_flickr8k_measurably_learns(trained_seed, shared_data):
+    """Dev-split retrieval after 279 steps of wit-nano, against the untrained model and chance."""
+    images, captions = flickr_paths(shared_data)
+    run = seed_run_dir(trained_seed)
+    rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    losses = [r["loss"] for r in rows if r["type"] == "train"]
+    assert losses[-1] < losses[0] - 0.4  # 4.16 (= ln 64) at the start
+
+    def recall(pretrained):
+        loaded = models.load_model(SEED_MODEL, pretrained, device="cpu")
+        return evaluate.run_retrieval(
+            loaded.model,
+            loaded.preprocess,
+            loaded.tokenizer,
+            images_dir=images,
+            captions_tsv=captions,
+            split="dev",
+            device="cpu",
+        )
+
+    trained = recall(trained_seed)
+    untrained = recall(None)
+    assert trained["num_images"] == 1000 and trained["num_texts"] == 5000
+    # Chance: R@10 = 10/1000 = 1% for text-to-image.
+    assert trained["text_to_image_R@10"] >= 0.03
+    assert trained["image_to_text_R@10"] >= 0.025
+    assert trained["text_to_image_R@10"] >= 2.5 * max(untrained["text_to_image_R@10"], 0.01)
+    assert (
+        trained["text_to_image_R@1"]
+        <= trained["text_to_image_R@5"]
+        <= trained["text_to_image_R@10"]
+    )
+    assert os.path.getsize(os.path.join(run, "loss.png")) > 1000
