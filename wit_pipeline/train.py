@@ -640,6 +640,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             {
                 "type": "config",
                 "step": step,
+                "time": time.time(),
                 "config": config_lib.to_dict(cfg),
                 "total_steps": total_steps,
                 "num_shards": len(shard_paths),
