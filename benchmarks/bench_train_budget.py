@@ -17,6 +17,7 @@ One command (run it once, on a quiet machine; ``--quick`` is a 1-minute smoke ve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -137,29 +138,45 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=25)
     parser.add_argument("--cifar-samples", type=int, default=0, help="0: all 10,000")
     parser.add_argument("--quick", action="store_true", help="1-minute budget, 2,000 CIFAR images")
+    parser.add_argument("--run-dir", default="", help="re-evaluate a finished run of this script")
     args = parser.parse_args()
     if args.quick:
         args.budget_minutes, args.cifar_samples, args.calibration_steps = 1.0, 2000, 12
 
-    work = tempfile.mkdtemp(prefix="bench-budget-")
-    shards = build_shards(args.shared_data, os.path.join(work, "shards"), 1000)
+    if args.run_dir:  # evaluate a finished run of this script again (no training)
+        out = args.run_dir
+        with open(os.path.join(out, "bench_budget.json")) as f:
+            saved = json.load(f)
+        rate, steps, wall = saved["rate"], saved["steps"], saved["wall"]
+    else:
+        work = tempfile.mkdtemp(prefix="bench-budget-")
+        shards = build_shards(args.shared_data, os.path.join(work, "shards"), 1000)
 
-    # 1. Calibrate (median per-step rate after 5 warm-up steps).
-    train(args, shards, os.path.join(work, "calibrate"), args.calibration_steps)
-    rows = read_jsonl(os.path.join(work, "calibrate", "metrics.jsonl"))
-    rates = [r["samples_per_s"] for r in rows if r.get("type") == "train"]
-    rate = statistics.median(rates[1:] or rates)
-    budget_s = args.budget_minutes * 60
-    steps = max(1, int(budget_s * rate / args.batch_size))
+        # 1. Calibrate (median per-step rate after the first logged interval).
+        train(args, shards, os.path.join(work, "calibrate"), args.calibration_steps)
+        rows = read_jsonl(os.path.join(work, "calibrate", "metrics.jsonl"))
+        rates = [r["samples_per_s"] for r in rows if r.get("type") == "train"]
+        rate = statistics.median(rates[1:] or rates)
+        steps = max(1, int(args.budget_minutes * 60 * rate / args.batch_size))
 
-    # 2. Train.
-    out = os.path.join(work, "run")
-    wall = train(args, shards, out, steps)
+        # 2. Train.
+        out = os.path.join(work, "run")
+        wall = train(args, shards, out, steps)
+        with open(os.path.join(out, "bench_budget.json"), "w") as f:
+            json.dump({"rate": rate, "steps": steps, "wall": wall}, f)
     ckpt = os.path.join(out, "checkpoints", "latest.pt")
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     train_rows = [r for r in rows if r.get("type") == "train"]
-    first_t = next(r["time"] for r in rows if r.get("type") == "config")
-    train_s = train_rows[-1]["time"] - first_t
+    config_row = next(r for r in rows if r.get("type") == "config")
+    if "time" in config_row:
+        train_s = train_rows[-1]["time"] - config_row["time"]
+    else:  # runs from before the trainer logged it: first interval from its own rate
+        first = train_rows[0]
+        train_s = (
+            train_rows[-1]["time"]
+            - first["time"]
+            + first["step"] * args.batch_size / first["samples_per_s"]
+        )
 
     # 3. Evaluate, with the untrained model as the same-run baseline.
     trained = evaluate_checkpoint(args, ckpt)
@@ -178,6 +195,7 @@ def main() -> None:
     chance.update(cifar10_top1=0.1, cifar10_top5=0.5)
 
     samples = steps * args.batch_size
+    wall_text = f"{wall:.0f} s" if wall else "not recorded"
     print(
         f"\n### {args.budget_minutes:g}-minute training budget ({args.model}, batch {args.batch_size}, "
         f"{args.device})\n"
@@ -187,7 +205,7 @@ def main() -> None:
         f"command: `python benchmarks/bench_train_budget.py {' '.join(sys.argv[1:])}`. "
         f"Calibrated {rate:.0f} samples/s -> {steps} steps, {samples} samples "
         f"({samples / 6000:.1f} epochs of Flickr8k train); training loop {train_s:.0f} s, "
-        f"process {wall:.0f} s; final loss {train_rows[-1]['loss']:.3f}.\n"
+        f"process {wall_text}; final loss {train_rows[-1]['loss']:.3f}.\n"
     )
     print("| metric | trained | untrained (baseline) | chance | trained / untrained |")
     print("|---|---:|---:|---:|---:|")

@@ -46,55 +46,75 @@ LOG = logging.getLogger("wit_pipeline.train")
 MAX_LOGIT_SCALE = 100.0
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with its ``--help`` text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of ``python -m wit_pipeline.train`` (each field is a ``--flag``)."""
 
     # Data: shard tars (brace ranges, globs, directories; several values or "a::b" sources).
-    train_data: tuple[str, ...] = ()
-    shuffle_buffer: int = 1000  # samples per worker's shuffle buffer
-    caption_choice: str = "random"  # among a sample's captions: random | first
-    crop_scale_min: float = 0.9  # random resized crop keeps this much area or more (open_clip)
-    workers: int = 2  # data loader processes per rank (0: load in the training process)
+    train_data: tuple[str, ...] = _opt(
+        (), "shard tars: brace ranges, globs, directories, fsspec URLs; several values or 'a::b'"
+    )
+    shuffle_buffer: int = _opt(1000, "samples per worker's shuffle buffer")
+    caption_choice: str = _opt("random", "among a sample's captions: random | first")
+    crop_scale_min: float = _opt(
+        0.9, "random resized crop keeps this much area or more (open_clip)"
+    )
+    workers: int = _opt(2, "data loader processes per rank (0: load in the training process)")
     # Model.
-    model: str = "wit-tiny"
-    pretrained: str = ""  # initial weights: a checkpoint file or an open_clip tag
-    temperature_init: float = 0.07
+    model: str = _opt(
+        "wit-tiny",
+        "open_clip architecture (ViT-B-32, RN50, ...) or a built-in wit-nano/wit-tiny/wit-small",
+    )
+    pretrained: str = _opt("", "initial weights: a checkpoint file or an open_clip tag")
+    temperature_init: float = _opt(
+        0.07, "initial softmax temperature (CLIP: 0.07); the learned scale is clamped at 100"
+    )
     # Optimization.
-    epochs: int = 1
-    max_steps: int = 0  # cap on optimizer steps (and the schedule's length); 0: epochs decide
-    batch_size: int = 128  # per rank and micro-batch
-    accum_freq: int = 1  # micro-batches per optimizer step (contrastive batch = all of them)
-    lr: float = 5e-4
-    min_lr: float = 0.0  # cosine floor
-    warmup: int = 100  # warmup steps
-    wd: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    seed: int = 0
+    epochs: int = _opt(1, "passes over all shards")
+    max_steps: int = _opt(0, "cap on optimizer steps (and the schedule's length); 0: epochs decide")
+    batch_size: int = _opt(128, "per rank and micro-batch")
+    accum_freq: int = _opt(1, "micro-batches per optimizer step (contrastive batch = all of them)")
+    lr: float = _opt(5e-4, "peak learning rate (after warmup)")
+    min_lr: float = _opt(0.0, "cosine floor")
+    warmup: int = _opt(100, "warmup steps")
+    wd: float = _opt(0.2, "AdamW decoupled weight decay (not on gains, biases, logit scale)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.98, "AdamW beta2")
+    eps: float = _opt(1e-6, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "max global gradient norm; 0 disables")
+    precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    seed: int = _opt(0, "seed of the model init, shard order, shuffle, caption draws and crops")
     # Where it runs.
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads in the training process; 0 keeps torch's default
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = _opt(
+        0, "torch intra-op threads in the training process; 0 keeps torch's default"
+    )
     # Output.
-    output: str = "runs/wit"
-    resume: str = ""  # "latest" (OUTPUT/checkpoints/latest.pt) or a checkpoint path
-    save_every_steps: int = 0  # also refresh latest.pt every N steps (0: at epoch ends only)
-    stop_after_steps: int = 0  # end this run after N total steps (schedule unchanged); resume later
-    log_every: int = 10  # steps between metrics.jsonl records
-    progress: bool = True  # progress bar on stderr
-    plots: bool = True  # loss.png and eval.png
+    output: str = _opt("runs/wit", "output folder: checkpoints/, metrics.jsonl, loss.png, eval.png")
+    resume: str = _opt("", '"latest" (OUTPUT/checkpoints/latest.pt) or a checkpoint path')
+    save_every_steps: int = _opt(0, "also refresh latest.pt every N steps (0: at epoch ends only)")
+    stop_after_steps: int = _opt(
+        0, "end this run after N total steps (schedule unchanged); resume later"
+    )
+    log_every: int = _opt(10, "steps between metrics.jsonl records")
+    progress: bool = _opt(True, "progress bar on stderr")
+    plots: bool = _opt(True, "loss.png and eval.png")
     # Evaluation after each `eval_every` epochs (and at the end).
-    eval_zeroshot: tuple[str, ...] = ()  # labelled sets: PATH or NAME=PATH
-    eval_zeroshot_templates: str = "auto"
-    eval_retrieval_captions: str = ""  # captions.tsv of an image-caption set
-    eval_retrieval_images: str = ""  # its image folder
-    eval_retrieval_split: str = "dev"
-    eval_every: int = 1
-    eval_max_samples: int = 0  # cap per eval set (evenly spaced); 0: all
-    eval_batch_size: int = 256
+    eval_zeroshot: tuple[str, ...] = _opt((), "labelled sets: PATH or NAME=PATH")
+    eval_zeroshot_templates: str = _opt(
+        "auto", "auto | imagenet | cifar10 | cifar100 | simple | a template file"
+    )
+    eval_retrieval_captions: str = _opt("", "captions.tsv of an image-caption set")
+    eval_retrieval_images: str = _opt("", "its image folder")
+    eval_retrieval_split: str = _opt("dev", "split of the captions.tsv to evaluate")
+    eval_every: int = _opt(1, "evaluate after every N epochs (and after the last)")
+    eval_max_samples: int = _opt(0, "cap per eval set (evenly spaced); 0: all")
+    eval_batch_size: int = _opt(256, "images per evaluation batch")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -151,10 +171,11 @@ def build_parser(
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f"default: {default!r}",
+            "help": f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}",
         }
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -640,6 +661,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             {
                 "type": "config",
                 "step": step,
+                "time": time.time(),
                 "config": config_lib.to_dict(cfg),
                 "total_steps": total_steps,
                 "num_shards": len(shard_paths),
