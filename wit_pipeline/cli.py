@@ -26,6 +26,7 @@ COMMANDS = (
     "build",
     "score",
     "eval",
+    "train",
     "demo",
 )
 
