@@ -150,7 +150,7 @@ class BuildInputs:
     """What a build reads, identified well enough to notice a change on rerun."""
 
     files: tuple[str, ...]
-    sizes: tuple[int, ...]
+    identities: tuple[str, ...]  # per file: size and modification time (or object etag)
     queries_path: str
     queries_sha256: str
     queries_count: int
@@ -159,7 +159,7 @@ class BuildInputs:
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": list(self.files),
-            "sizes": list(self.sizes),
+            "identities": list(self.identities),
             "queries": {
                 "path": self.queries_path,
                 "sha256": self.queries_sha256,
@@ -173,10 +173,25 @@ def _abs(path: str) -> str:
     return os.path.abspath(path) if fileio.is_local(path) and "://" not in path else path
 
 
-def _size(path: str) -> int:
+def file_identity(path: str) -> str:
+    """Size plus modification time (local) or etag/checksum (object stores) of a file.
+
+    Cheap for terabytes of crawl files, unlike hashing them; a rewritten file with the same size
+    is noticed (a copied one is too, which errs on the safe side).
+    """
     if fileio.is_local(path):
-        return os.path.getsize(path)
-    return int(fileio.filesystem(path).size(path))
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    info = fileio.filesystem(path).info(path)
+    tag = next(
+        (
+            str(info[k])
+            for k in ("etag", "ETag", "md5Hash", "crc32c", "mtime", "updated")
+            if info.get(k)
+        ),
+        "",
+    )
+    return f"{info.get('size', '')}:{tag}"
 
 
 def _file_sha256(path: str) -> str:
@@ -200,7 +215,7 @@ def resolve_inputs(
         seed_sha = _file_sha256(pretrained)
     return BuildInputs(
         files=tuple(files),
-        sizes=tuple(_size(f) for f in files),
+        identities=tuple(file_identity(f) for f in files),
         queries_path=qpath,
         queries_sha256=queries.queries_sha256(qpath),
         queries_count=len(qlist),
@@ -221,7 +236,7 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
     return {
         "gather": {
             "gather": c["gather"],
-            "inputs": [[f, s] for f, s in zip(inputs.files, inputs.sizes, strict=True)],
+            "inputs": [[f, i] for f, i in zip(inputs.files, inputs.identities, strict=True)],
             "queries_sha256": inputs.queries_sha256,
         },
         "prebalance": {
@@ -277,7 +292,7 @@ def describe_changes(
     if old_inputs is not None:
         if old_inputs.get("files") != new_inputs.get("files"):
             changes.append("--input files")
-        elif old_inputs.get("sizes") != new_inputs.get("sizes"):
+        elif old_inputs.get("identities") != new_inputs.get("identities"):
             changes.append("--input file contents")
         if (old_inputs.get("queries") or {}).get("sha256") != new_inputs["queries"]["sha256"]:
             changes.append("--queries list")
@@ -421,6 +436,8 @@ def prepare_output(
             else:
                 _remove(_done_path(output, step))
         states.append(StepState(step, fps[step], done))
+    if all(st.done for st in states):
+        return states  # nothing to run: leave the directory exactly as it is
     fileio.makedirs(output)
     import yaml
 
@@ -713,7 +730,13 @@ def _run_finalize(ctx: StepContext) -> dict[str, Any]:
             name: p | f"QueryCounts[{name}]" >> beam.Create(sorted(col.items()), reshuffle=False)
             for name, col in columns.items()
         }
-        scorer = ScoreSamples(cfg=cfg.score, threshold_path=threshold_path) if scoring else None
+        scorer = None
+        if scoring:
+            scorer = ScoreSamples(
+                cfg=cfg.score,
+                threshold_path=threshold_path,
+                scores_dir=fileio.join(stage_dir, SCORES_DIR),
+            )
         out = paths | "Finalize" >> finalize_lib.Finalize(
             output_dir=ctx.output,
             cfg=cfg,
@@ -795,16 +818,20 @@ def _final_stage_of(reason: str) -> str:
     raise AssertionError(f"finalize counted an unknown drop reason {reason!r}")
 
 
-def _split_final(counts: Mapping[str, int]) -> list[tuple[str, dict[str, int]]]:
-    """The finalize step's counters as consecutive dedup, balance and score stages."""
-    by_stage: dict[str, dict[str, int]] = {s: {} for s in FINAL_STAGES}
+def _split_final(
+    counts: Mapping[str, int], stages: Sequence[str] = FINAL_STAGES
+) -> list[tuple[str, dict[str, int]]]:
+    """The finalize step's counters as consecutive dedup, balance (and score) stages."""
+    by_stage: dict[str, dict[str, int]] = {s: {} for s in stages}
     for reason, n in counters_lib.drop_reasons(counts).items():
         stage = _final_stage_of(reason)
+        if stage not in by_stage:
+            raise AssertionError(f"finalize counted {reason!r} but ran no {stage} stage")
         base = reason.split("/", 1)[1] if reason.startswith(f"{stage}/") else reason
         by_stage[stage][base] = n
     out = []
     n_in = int(counts.get(counters_lib.INPUT, 0))
-    for stage in FINAL_STAGES:
+    for stage in stages:
         dropped = sum(by_stage[stage].values())
         c = {counters_lib.INPUT: n_in, counters_lib.KEPT: n_in - dropped}
         c.update({counters_lib.dropped(r): n for r, n in by_stage[stage].items()})
@@ -828,8 +855,12 @@ def compose_stats(
     prebalance_doc: Mapping[str, Any] | None,
     download_doc: Mapping[str, Any],
     finalize_doc: Mapping[str, Any],
+    scored: bool = False,
 ) -> dict[str, Any]:
     """The whole run's counters from the steps' ``stats.json`` documents (pure).
+
+    ``prebalance_doc`` is None when pre-balancing is off; ``scored`` says whether the finalize
+    step ran the CLIP-score stage (it then appears in the funnel, even when it dropped nothing).
 
     ``counters`` is over pairs: input = pairs extracted by gather, kept = pairs in final samples,
     every other pair under the reason of the stage that dropped it. ``image_counters`` is over
@@ -866,7 +897,8 @@ def compose_stats(
     _check_handoff(
         "download", dl.get(counters_lib.KEPT, 0), "dedup", fin_pairs.get("input", 0), "pair"
     )
-    for stage, c in _split_final(fin_pairs):
+    final_stages = FINAL_STAGES if scored else FINAL_STAGES[:-1]
+    for stage, c in _split_final(fin_pairs, final_stages):
         pair_rows.append(_stage_row(stage, c, unit="pair", reasons=counters_lib.drop_reasons(c)))
     image_rows = [
         _stage_row("download", dl_urls, unit="image", reasons=counters_lib.drop_reasons(dl_urls))
@@ -881,7 +913,7 @@ def compose_stats(
             fin_images.get(counters_lib.INPUT, 0),
             "image",
         )
-        for stage, c in _split_final(fin_images):
+        for stage, c in _split_final(fin_images, final_stages):
             image_rows.append(
                 _stage_row(stage, c, unit="image", reasons=counters_lib.drop_reasons(c))
             )
@@ -937,6 +969,7 @@ def write_run_stats(output: str) -> dict[str, Any]:
         prebalance_doc=prebalance_doc,
         download_doc=download_doc,
         finalize_doc=finalize_doc,
+        scored=bool(cfg.score.pretrained),
     )
     manifest = read(finalize_lib.SHARDS_DIR, "manifest.json")
     samples = (doc["image_counters"] or doc["counters"])[counters_lib.KEPT]
