@@ -369,3 +369,275 @@ def cli_config(args: list[str]) -> config.BuildConfig:
 
     parsed, _ = cli.build_parser().parse_known_args(args)
     return build_cmd.build_config(parsed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces: whole-run counters, fingerprints, config precedence, Dataflow translation
+
+GATHER = {
+    "counters": {"input": 10, "kept": 7, "dropped:language": 2, "dropped:no_match": 1},
+    "read_counters": {"warc:records": 3},
+}
+PREBALANCE = {"counters": {"input": 7, "kept": 6, "dropped:no_query": 1}}
+DOWNLOAD = {
+    "counters": {"input": 6, "kept": 5, "dropped:http_404": 1},
+    "url_counters": {"input": 5, "kept": 4, "dropped:http_404": 1},
+}
+# 4 images (5 pairs): one undecodable, one merged into its near duplicate, one matching no query
+FINALIZE = {
+    "unit": "image",
+    "counters": {
+        "input": 4,
+        "kept": 1,
+        "dropped:undecodable_image": 1,
+        "dropped:near_duplicate": 1,
+        "dropped:no_query": 1,
+    },
+    "pair_counters": {
+        "input": 5,
+        "kept": 3,
+        "dropped:undecodable_image": 1,
+        "dropped:no_query": 1,
+    },
+}
+
+
+def test_compose_stats_names_every_drop_by_its_stage():
+    doc = build.compose_stats(
+        gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=FINALIZE
+    )
+    assert doc["counters"] == {
+        "input": 10,
+        "kept": 3,
+        "dropped:language": 2,
+        "dropped:no_match": 1,
+        "dropped:prebalance/no_query": 1,
+        "dropped:http_404": 1,
+        "dropped:dedup/undecodable_image": 1,
+        "dropped:balance/no_query": 1,
+    }
+    assert doc["image_counters"] == {
+        "input": 5,
+        "kept": 1,
+        "dropped:http_404": 1,
+        "dropped:dedup/undecodable_image": 1,
+        "dropped:near_duplicate": 1,
+        "dropped:balance/no_query": 1,
+    }
+    assert [(r["stage"], r["input"], r["kept"]) for r in doc["funnel"]["pairs"]] == [
+        ("gather", 10, 7),
+        ("prebalance", 7, 6),
+        ("download", 6, 5),
+        ("dedup", 5, 4),
+        ("balance", 4, 3),
+    ]
+    assert [(r["stage"], r["input"], r["kept"]) for r in doc["funnel"]["images"]] == [
+        ("download", 5, 4),
+        ("dedup", 4, 2),
+        ("balance", 2, 1),
+    ]
+    assert doc["reason_stage"]["dropped:balance/no_query"] == "balance"
+    assert doc["stages"]["gather"]["read_counters"] == {"warc:records": 3}
+
+
+def test_compose_stats_with_scoring_and_without_prebalance():
+    fin = {
+        "unit": "image",
+        "counters": {
+            "input": 4,
+            "kept": 1,
+            "dropped:undecodable_image": 1,
+            "dropped:low_clip_score": 1,
+            "dropped:score/undecodable_image": 1,
+        },
+        "pair_counters": {
+            "input": 5,
+            "kept": 1,
+            "dropped:undecodable_image": 1,
+            "dropped:low_clip_score": 2,
+            "dropped:score/undecodable_image": 1,
+        },
+    }
+    gather_doc = {"counters": {"input": 7, "kept": 6, "dropped:language": 1}}
+    doc = build.compose_stats(
+        gather_doc=gather_doc,
+        prebalance_doc=None,
+        download_doc=DOWNLOAD,
+        finalize_doc=fin,
+        scored=True,
+    )
+    assert doc["counters"] == {
+        "input": 7,
+        "kept": 1,
+        "dropped:language": 1,
+        "dropped:http_404": 1,
+        "dropped:dedup/undecodable_image": 1,
+        "dropped:low_clip_score": 2,
+        "dropped:score/undecodable_image": 1,
+    }
+    assert [r["stage"] for r in doc["funnel"]["pairs"]] == [
+        "gather",
+        "download",
+        "dedup",
+        "balance",
+        "score",
+    ]
+    with pytest.raises(AssertionError, match="ran no score stage"):
+        build.compose_stats(
+            gather_doc=gather_doc, prebalance_doc=None, download_doc=DOWNLOAD, finalize_doc=fin
+        )
+
+
+def test_compose_stats_refuses_lost_records():
+    lost = {**DOWNLOAD, "counters": {"input": 5, "kept": 5}}
+    with pytest.raises(AssertionError, match="prebalance kept 6, download read 5"):
+        build.compose_stats(
+            gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=lost, finalize_doc=FINALIZE
+        )
+    unbalanced = {**FINALIZE, "pair_counters": {**FINALIZE["pair_counters"], "kept": 4}}
+    with pytest.raises(AssertionError, match="do not chain"):
+        build.compose_stats(
+            gather_doc=GATHER,
+            prebalance_doc=PREBALANCE,
+            download_doc=DOWNLOAD,
+            finalize_doc=unbalanced,
+        )
+
+
+def test_colliding_reasons_are_qualified_by_stage():
+    assert sorted(build.COLLIDING_REASONS) == ["no_query", "undecodable_image"]
+    assert build.run_reason("prebalance", "no_query") == "prebalance/no_query"
+    assert build.run_reason("download", "robots") == "robots"
+
+
+def _inputs(tmp_path) -> build.BuildInputs:
+    f = tmp_path / "a.warc.gz"
+    f.write_bytes(b"x")
+    q = tmp_path / "q.txt"
+    q.write_text("dog\n")
+    return build.resolve_inputs([str(f)], str(q), config.BuildConfig())
+
+
+def test_fingerprints_follow_what_each_step_computes(tmp_path):
+    inputs = _inputs(tmp_path)
+    base = build.fingerprints(config.BuildConfig(), inputs)
+
+    def changed(**overrides) -> list[str]:
+        fp = build.fingerprints(config.apply_overrides(config.BuildConfig(), overrides), inputs)
+        return [s for s in build.STEPS if fp[s] != base[s]]
+
+    assert changed(**{"download.threads": 4, "download.processes": 3}) == []
+    assert changed(**{"score.batch_size": 8, "score.accelerator": "type:x"}) == []
+    assert changed(**{"balance.t": 7}) == ["prebalance", "download", "finalize", "report"]
+    assert changed(**{"dedup.max_distance": 6}) == ["finalize", "report"]
+    assert changed(**{"download.image_size": 64}) == ["download", "finalize", "report"]
+    assert changed(**{"gather.captions.min_chars": 3}) == list(build.STEPS)
+    (tmp_path / "a.warc.gz").write_bytes(b"y")  # same size, rewritten
+    os.utime(tmp_path / "a.warc.gz", ns=(1, 1))
+    again = build.fingerprints(config.BuildConfig(), _inputs(tmp_path))
+    assert again["gather"] != base["gather"]
+
+
+def test_config_file_then_set_then_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "balance:\n  t: 7\n  seed: 3\ndedup:\n  eval_sets: [a=/x]\nscore:\n  model: RN50\n"
+    )
+    args = [
+        "build",
+        "-i",
+        "x",
+        "-o",
+        "y",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--set",
+        "balance.t=8",
+        "--eval-set",
+        "b=/y",
+        "--seed-model",
+        "ckpt.pt",
+        "--seed-arch",
+        "wit-nano",
+        "--allow-loopback",
+    ]
+    cfg = cli_config(args)
+    assert (cfg.balance.t, cfg.balance.seed) == (8, 3)
+    assert cfg.dedup.eval_sets == ("a=/x", "b=/y")
+    assert (cfg.score.pretrained, cfg.score.model) == ("ckpt.pt", "wit-nano")
+    assert cfg.download.allow_loopback is True
+
+
+def test_example_config_is_complete_and_holds_the_defaults():
+    import yaml
+
+    path = ROOT / "examples" / "build.yaml"
+    cfg = config.load_config(str(path))
+    assert cfg == config.BuildConfig()
+    written = yaml.safe_load(path.read_text())
+
+    def keys(d, prefix=""):
+        return {
+            k2
+            for k, v in d.items()
+            for k2 in (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
+        }
+
+    assert keys(written) == keys(config.to_dict(config.BuildConfig()))
+
+
+def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from wit_pipeline import finalize
+
+    out, _ = built
+    cfg = config.apply_overrides(
+        config.load_config(str(out / "config.yaml")),
+        {
+            "score.pretrained": seed_checkpoint,
+            "score.model": "wit-nano",
+            "score.keep_fraction": 0.3,
+            "score.accelerator": "type:nvidia-tesla-t4;count:1;install-nvidia-driver",
+        },
+    )
+    options = PipelineOptions(
+        [
+            "--runner=DataflowRunner",
+            "--project=my-project",
+            "--region=us-central1",
+            "--temp_location=gs://bucket/tmp",
+            "--no_auth",
+            "--dry_run=True",
+        ]
+    )
+    p = beam.Pipeline(options=options)
+    build.add_finalize(
+        p,
+        output="gs://bucket/out",
+        cfg=cfg,
+        tars=finalize.download_tars([str(out / "download")]),
+        query_columns={"before": {0: 3}, "after_prebalance": {0: 2}},
+    )
+    job = p.run().job  # translates the graph and pickles every DoFn; submits nothing
+    comps = job.proto_pipeline.components
+    hinted = sorted(
+        t.unique_name
+        for t in comps.transforms.values()
+        if t.environment_id
+        and comps.environments[t.environment_id].resource_hints.get("beam:resources:accelerator:v1")
+        == b"type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+    )
+    assert "Finalize/Score/ClipScore/RunInference" in hinted
+    assert all(name.startswith("Finalize/Score/ClipScore") for name in hinted)
+
+
+def test_local_parallelism_applies_to_local_runners_only():
+    from wit_pipeline.beam_utils import local_parallelism
+
+    two = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    assert local_parallelism([], 2) == two
+    assert local_parallelism(["--runner", "DirectRunner"], 2) == ["--runner", "DirectRunner", *two]
+    assert local_parallelism([], 1) == []
+    assert local_parallelism(["--runner=DataflowRunner"], 4) == ["--runner=DataflowRunner"]
+    assert local_parallelism(["--direct_num_workers=3"], 2) == ["--direct_num_workers=3"]

@@ -714,6 +714,46 @@ def _query_count_columns(ctx: StepContext) -> dict[str, dict[int, int]]:
     return {"before": before, "after_prebalance": dict(before)}  # nothing is pre-balanced
 
 
+def add_finalize(
+    p: beam.Pipeline,
+    *,
+    output: str,
+    cfg: config.BuildConfig,
+    tars: Sequence[str],
+    query_columns: Mapping[str, Mapping[int, int]],
+    queries_path: str = "",
+) -> None:
+    """Add the finalize step to ``p``: download shard tars -> ``output``'s final outputs.
+
+    ``finalize.Finalize`` (dedup, decontamination, balance, shards) with the CLIP-score stage
+    plugged in when ``cfg.score.pretrained`` is set, the ``before``/``after_prebalance``
+    query-count columns given, and the step's counters written to ``output/finalize/``.
+    """
+    stage_dir = fileio.join(output, "finalize")
+    paths = p | "Tars" >> beam.Create(list(tars), reshuffle=False)
+    extra = {
+        name: p | f"QueryCounts[{name}]" >> beam.Create(sorted(col.items()), reshuffle=False)
+        for name, col in query_columns.items()
+    }
+    scorer = None
+    if cfg.score.pretrained:
+        scorer = ScoreSamples(
+            cfg=cfg.score,
+            threshold_path=fileio.join(stage_dir, SCORE_FILE),
+            scores_dir=fileio.join(stage_dir, SCORES_DIR),
+        )
+    out = paths | "Finalize" >> finalize_lib.Finalize(
+        output_dir=output,
+        cfg=cfg,
+        queries_path=queries_path,
+        extra_counts=extra,
+        scorer=scorer,
+    )
+    _ = out["counts"] | "Stats" >> finalize_lib.WriteStageStats(
+        fileio.join(stage_dir, STATS_FILE), collapse=cfg.dedup.collapse, extra={}
+    )
+
+
 def _run_finalize(ctx: StepContext) -> dict[str, Any]:
     cfg = ctx.cfg
     tars = finalize_lib.download_tars([_step_dir(ctx, "download")])
@@ -721,36 +761,17 @@ def _run_finalize(ctx: StepContext) -> dict[str, Any]:
     fileio.makedirs(stage_dir)
     stats_path = fileio.join(stage_dir, STATS_FILE)
     threshold_path = fileio.join(stage_dir, SCORE_FILE)
-    columns = _query_count_columns(ctx)
     scoring = bool(cfg.score.pretrained)
-
-    def pipeline(p):
-        paths = p | "Tars" >> beam.Create(tars, reshuffle=False)
-        extra = {
-            name: p | f"QueryCounts[{name}]" >> beam.Create(sorted(col.items()), reshuffle=False)
-            for name, col in columns.items()
-        }
-        scorer = None
-        if scoring:
-            scorer = ScoreSamples(
-                cfg=cfg.score,
-                threshold_path=threshold_path,
-                scores_dir=fileio.join(stage_dir, SCORES_DIR),
-            )
-        out = paths | "Finalize" >> finalize_lib.Finalize(
-            output_dir=ctx.output,
-            cfg=cfg,
-            queries_path=ctx.inputs.queries_path,
-            extra_counts=extra,
-            scorer=scorer,
-        )
-        _ = out["counts"] | "Stats" >> finalize_lib.WriteStageStats(
-            stats_path, collapse=cfg.dedup.collapse, extra={}
-        )
-
     options = beam_utils.pipeline_options(_beam_args(ctx))
     with beam.Pipeline(options=options) as p:
-        pipeline(p)
+        add_finalize(
+            p,
+            output=ctx.output,
+            cfg=cfg,
+            tars=tars,
+            query_columns=_query_count_columns(ctx),
+            queries_path=ctx.inputs.queries_path,
+        )
     doc = fileio.read_json(stats_path)
     counters_lib.check_balanced(doc["counters"], stage="finalize")
     counters_lib.check_balanced(doc["pair_counters"], stage="finalize (pairs)")
@@ -810,9 +831,15 @@ def _stage_row(
 
 
 def _final_stage_of(reason: str) -> str:
-    if reason.startswith("score/") or reason in STAGE_REASONS["score"]:
-        return "score"
-    for stage in ("dedup", "balance"):
+    """Which stage of the finalize step gave ``reason``.
+
+    Inside that step dedup and balance count their own reason names, and the score stage
+    qualifies the names it shares with them (``score/undecodable_image``).
+    """
+    stage, sep, _ = reason.partition("/")
+    if sep and stage in FINAL_STAGES:
+        return stage
+    for stage in FINAL_STAGES:
         if reason in STAGE_REASONS[stage]:
             return stage
     raise AssertionError(f"finalize counted an unknown drop reason {reason!r}")
