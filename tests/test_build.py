@@ -42,7 +42,7 @@ def inputs(web, tmp_path_factory):
     return web.write(tmp_path_factory.mktemp("web"))
 
 
-def build_args(inputs, out, shared_data, *extra: str) -> list[str]:
+def build_args(web, inputs, out, shared_data, *extra: str) -> list[str]:
     warc, queries = inputs
     return [
         "build",
@@ -60,6 +60,8 @@ def build_args(inputs, out, shared_data, *extra: str) -> list[str]:
         "--set",
         f"balance.prebalance_factor={bf.FACTOR}",
         "--set",
+        f"balance.seed={web.seed}",
+        "--set",
         "download.samples_per_shard=10",
         "--set",
         "shards.samples_per_shard=8",
@@ -70,7 +72,7 @@ def build_args(inputs, out, shared_data, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def built(web, inputs, shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "out"
-    assert cli.main(build_args(inputs, out, shared_data)) == 0
+    assert cli.main(build_args(web, inputs, out, shared_data)) == 0
     return out, json.loads((out / "stats.json").read_text())
 
 
@@ -132,7 +134,7 @@ def test_final_samples_are_exact(web, built):
         assert len(r["captions"]) == 2 and all(d["distance"] <= 4 for d in r["duplicates"])
     rejected = pq.read_table(out / "rejected").to_pylist()
     near = [r for r in rejected if r["reason"] == "near_duplicate"]
-    assert len(near) == 3 and all(r["duplicate_of"] for r in near)
+    assert len(near) == exp.near_duplicate == 3 and all(r["duplicate_of"] for r in near)
     dropped_keys = {r["duplicate_of"] for r in near}
     assert dropped_keys <= {r["key"] for r in merged} | {
         r["key"] for r in rejected if r["reason"] == "balanced_out"
@@ -208,12 +210,12 @@ def test_report_and_config_files(built):
 # Reruns
 
 
-def test_rerun_skips_every_step_and_keeps_the_shards(built, inputs, shared_data, capsys):
+def test_rerun_skips_every_step_and_keeps_the_shards(web, built, inputs, shared_data, capsys):
     out, stats = built
     shards_before = tree(out / "shards")
     markers = {p.name: p.read_bytes() for p in (out / "done").iterdir()}
     capsys.readouterr()
-    assert cli.main(build_args(inputs, out, shared_data)) == 0
+    assert cli.main(build_args(web, inputs, out, shared_data)) == 0
     err = capsys.readouterr().err
     assert err.count("done (skipped)") == len(build.STEPS)
     assert tree(out / "shards") == shards_before
@@ -221,17 +223,17 @@ def test_rerun_skips_every_step_and_keeps_the_shards(built, inputs, shared_data,
     assert json.loads((out / "stats.json").read_text()) == stats
 
 
-def test_other_settings_are_refused_in_one_line(built, inputs, shared_data, capsys):
+def test_other_settings_are_refused_in_one_line(web, built, inputs, shared_data, capsys):
     out, _ = built
     shards_before = tree(out / "shards")
     capsys.readouterr()
-    assert cli.main(build_args(inputs, out, shared_data, "--set", "balance.t=3")) == 2
+    assert cli.main(build_args(web, inputs, out, shared_data, "--set", "balance.t=2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wit: error: ")
-    assert "balance.t: 5 -> 3" in err[0] and "--overwrite" in err[0]
+    assert "balance.t: 3 -> 2" in err[0] and "--overwrite" in err[0]
     assert "from step prebalance" in err[0]
     # execution-only options are not settings: a rerun with more threads is a plain rerun
-    fast = build_args(inputs, out, shared_data, "--set", "download.threads=4")
+    fast = build_args(web, inputs, out, shared_data, "--set", "download.threads=4")
     assert cli.main(fast) == 0
     assert tree(out / "shards") == shards_before
 
@@ -241,7 +243,7 @@ def test_killed_run_resumes_to_the_same_shards(web, built, inputs, shared_data, 
     out = tmp_path / "killed"
     web.gate.close(allow=12)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wit_pipeline", *build_args(inputs, out, shared_data)],
+        [sys.executable, "-m", "wit_pipeline", *build_args(web, inputs, out, shared_data)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -272,16 +274,16 @@ def test_killed_run_resumes_to_the_same_shards(web, built, inputs, shared_data, 
         u for s in done for u in pq.read_table(out / "download" / "shards" / f"{s}.parquet")["url"]
     }
     web.server.requests.clear()
-    assert cli.main(build_args(inputs, out, shared_data)) == 0
+    assert cli.main(build_args(web, inputs, out, shared_data)) == 0
     fetched = {web.url(p) for _, p in web.server.requests if p.startswith("/img/")}
     assert fetched and not (fetched & {u.as_py() for u in done_urls})
     assert tree(out / "shards") == tree(out_ref / "shards")
     assert json.loads((out / "stats.json").read_text()) == stats_ref
 
 
-def test_nonempty_directory_without_a_build_is_refused(inputs, shared_data, tmp_path, capsys):
+def test_nonempty_directory_without_a_build_is_refused(web, inputs, shared_data, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert cli.main(build_args(inputs, tmp_path, shared_data)) == 2
+    assert cli.main(build_args(web, inputs, tmp_path, shared_data)) == 2
     assert "holds no build.json" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
@@ -306,7 +308,7 @@ def seed_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def test_seed_model_scores_and_keeps_the_top_half(built, inputs, shared_data, seed_checkpoint):
+def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_data, seed_checkpoint):
     import torch
 
     from wit_pipeline import models, score
@@ -315,7 +317,7 @@ def test_seed_model_scores_and_keeps_the_top_half(built, inputs, shared_data, se
     out = out_ref.parent / "scored"
     shutil.copytree(out_ref, out)
     seed = ["--seed-model", seed_checkpoint, "--seed-arch", "wit-nano"]
-    args = build_args(inputs, out, shared_data, *seed, "--set", "score.keep_fraction=0.5")
+    args = build_args(web, inputs, out, shared_data, *seed, "--set", "score.keep_fraction=0.5")
     with pytest.raises(WitError, match="from step finalize"):
         build.run_build(
             [inputs[0]],
