@@ -630,7 +630,8 @@ def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint
         and comps.environments[t.environment_id].resource_hints.get("beam:resources:accelerator:v1")
         == b"type:nvidia-tesla-t4;count:1;install-nvidia-driver"
     )
-    assert "Finalize/Score/ClipScore/RunInference" in hinted
+    assert "Finalize/Score/ClipScore/Score/RunInference" in hinted
+    assert "Finalize/Score/ClipScore/AttachImages" in hinted
     assert all(name.startswith("Finalize/Score/ClipScore") for name in hinted)
 
 

@@ -170,7 +170,10 @@ class BuildInputs:
 
 
 def _abs(path: str) -> str:
-    return os.path.abspath(path) if fileio.is_local(path) and "://" not in path else path
+    """Local paths made absolute (a rerun from another directory is the same build)."""
+    if not fileio.is_local(path):
+        return path
+    return os.path.abspath(path[len("file://") :] if path.startswith("file://") else path)
 
 
 def file_identity(path: str) -> str:
@@ -228,6 +231,11 @@ def _without(d: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
 
 
 SCORE_EXECUTION_FIELDS = ("batch_size", "device", "accelerator")
+# Options that change how fast a step runs, never what it computes (dotted names).
+EXECUTION_ONLY = frozenset(
+    [f"download.{f}" for f in download_lib.EXECUTION_ONLY_FIELDS]
+    + [f"score.{f}" for f in SCORE_EXECUTION_FIELDS]
+)
 
 
 def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict[str, Any]]:
@@ -301,7 +309,7 @@ def describe_changes(
     if old_cfg is not None:
         a, b = _flatten(old_cfg), _flatten(new_cfg)
         for key in sorted(set(a) | set(b)):
-            if key.startswith("queries."):
+            if key.startswith("queries.") or key in EXECUTION_ONLY:
                 continue
             if a.get(key) != b.get(key):
                 changes.append(f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}")
@@ -513,6 +521,22 @@ class _ScoreFilterFn(beam.DoFn):
         )
 
 
+class _ScoreImages(beam.PTransform):
+    """``(download tar, samples)`` -> samples with ``clip_score`` (images read, scored, dropped)."""
+
+    def __init__(self, scorer: beam.PTransform):
+        super().__init__()
+        self._scorer = scorer
+
+    def expand(self, grouped):
+        return (
+            grouped
+            | "AttachImages" >> beam.ParDo(_AttachImagesFn())
+            | "Score" >> self._scorer
+            | "DropImages" >> beam.Map(_strip_image)
+        )
+
+
 class ScoreSamples(beam.PTransform):
     """Balanced samples -> samples with ``clip_score``, filtered by threshold or top fraction.
 
@@ -522,9 +546,9 @@ class ScoreSamples(beam.PTransform):
     dropped again before any shuffle. The threshold is ``cfg.threshold``, or the exact top
     ``cfg.keep_fraction`` over all scores, or none (every sample keeps its score); it is written
     to ``threshold_path``; with ``scores_dir``, every sample's score is written there as
-    ``part-*.parquet`` (``key``, ``clip_score``). Returns a dict: ``kept``, ``rejected`` (rows of ``rejected/``) and
-    ``counts`` (drops only, over samples and pairs: input and kept are counted where samples
-    enter and leave the finalize pipeline).
+    ``part-*.parquet`` (``key``, ``clip_score``). Returns a dict: ``kept``, ``rejected`` (rows
+    of ``rejected/``) and ``counts`` (drops only, over samples and pairs: input and kept are
+    counted where samples enter and leave the finalize pipeline).
     """
 
     def __init__(
@@ -551,15 +575,16 @@ class ScoreSamples(beam.PTransform):
             if self._handler is not None
             else score_lib.ScoreWithClip.from_config(cfg)
         )
+        score_images = _ScoreImages(scorer)
         if cfg.accelerator:
-            scorer = scorer.with_resource_hints(accelerator=cfg.accelerator)
+            # Reading the images sits inside the hinted part too: on Dataflow the GPU workers
+            # read them from the download shards, and only metadata crosses to them.
+            score_images = score_images.with_resource_hints(accelerator=cfg.accelerator)
         scored = (
             samples
             | "BySourceTar" >> beam.Map(lambda r: (r["source_tar"], r))
             | "GroupSourceTar" >> beam.GroupByKey()
-            | "AttachImages" >> beam.ParDo(_AttachImagesFn())
-            | "ClipScore" >> scorer
-            | "DropImages" >> beam.Map(_strip_image)
+            | "ClipScore" >> score_images
         )
         threshold = score_lib.compute_threshold(
             scored | "Scores" >> beam.Map(lambda r: r.get(score_lib.SCORE_FIELD)),
