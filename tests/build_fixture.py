@@ -353,8 +353,13 @@ class Expected:
     near_duplicate: int
 
 
-def expected(web: Web, *, t: int = T, factor: float = FACTOR, seed: int | None = None) -> Expected:
-    """Counters and final samples of ``wit build`` over ``web`` (see the module docstring)."""
+def expected(
+    web: Web, *, t: int = T, factor: float | None = FACTOR, seed: int | None = None
+) -> Expected:
+    """Counters and final samples of ``wit build`` over ``web`` (see the module docstring).
+
+    ``factor=None``: no pre-balancing (``balance.prebalance_factor = 0``).
+    """
     seed = web.seed if seed is None else seed
     c: collections.Counter[str] = collections.Counter()
     ic: collections.Counter[str] = collections.Counter()
@@ -375,8 +380,11 @@ def expected(web: Web, *, t: int = T, factor: float = FACTOR, seed: int | None =
         pairs.append((uid, url, it.alt, naive_match(it.alt, QUERIES), it))
     # pre-balance over pairs
     counts = collections.Counter(q for p in pairs for q in p[3])
-    probs = {q: min(1.0, factor * t / n) for q, n in counts.items()}
-    kept_pairs = [p for p in pairs if _keep(probs, p[3], seed, "prebalance", p[0])]
+    if factor is None:
+        kept_pairs = list(pairs)
+    else:
+        probs = {q: min(1.0, factor * t / n) for q, n in counts.items()}
+        kept_pairs = [p for p in pairs if _keep(probs, p[3], seed, "prebalance", p[0])]
     prebalanced_out = len(pairs) - len(kept_pairs)
     c["dropped:prebalanced_out"] += prebalanced_out
     # download: one request per URL; its fate is its pairs' fate

@@ -281,6 +281,27 @@ def test_killed_run_resumes_to_the_same_shards(web, built, inputs, shared_data, 
     assert json.loads((out / "stats.json").read_text()) == stats_ref
 
 
+def test_without_prebalancing_download_reads_the_gathered_pairs(web, built, inputs, shared_data):
+    out_ref, stats_ref = built
+    out = out_ref.parent / "no-prebalance"
+    shutil.copytree(out_ref, out)
+    args = build_args(web, inputs, out, shared_data, "--set", "balance.prebalance_factor=0")
+    assert cli.main([*args, "--overwrite"]) == 0
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").iterdir()}
+    assert markers["gather"] == json.loads((out_ref / "done" / "gather.json").read_text())
+    assert markers["prebalance"]["enabled"] is False
+    assert not (out / "prebalance").exists()
+    stats = json.loads((out / "stats.json").read_text())
+    exp = bf.expected(web, factor=None)
+    assert stats["counters"] == exp.counters and "dropped:prebalanced_out" not in exp.counters
+    assert stats["image_counters"] == exp.image_counters
+    assert [r["stage"] for r in stats["funnel"]["pairs"]][:2] == ["gather", "download"]
+    assert stats["funnel"]["pairs"][1]["input"] == stats_ref["funnel"]["pairs"][0]["kept"]
+    table = pq.read_table(out / "query_counts.parquet").to_pylist()
+    assert all(r["before"] == r["after_prebalance"] >= r["after_download"] for r in table)
+    assert all(r["p_prebalance"] is None for r in table)
+
+
 def test_nonempty_directory_without_a_build_is_refused(web, inputs, shared_data, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert cli.main(build_args(web, inputs, tmp_path, shared_data)) == 2
@@ -488,6 +509,20 @@ def test_compose_stats_with_scoring_and_without_prebalance():
         build.compose_stats(
             gather_doc=gather_doc, prebalance_doc=None, download_doc=DOWNLOAD, finalize_doc=fin
         )
+
+
+def test_compose_stats_with_one_sample_per_pair():
+    fin = {
+        "unit": "pair",  # dedup.collapse = false: counters count pair samples
+        "counters": {"input": 5, "kept": 4, "dropped:balanced_out": 1},
+        "pair_counters": {"input": 5, "kept": 4, "dropped:balanced_out": 1},
+    }
+    doc = build.compose_stats(
+        gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=fin
+    )
+    assert doc["image_counters"] is None and doc["funnel"]["images"] is None
+    assert doc["counters"]["kept"] == 4 and doc["counters"]["dropped:balanced_out"] == 1
+    counters.check_balanced(doc["counters"])
 
 
 def test_compose_stats_refuses_lost_records():
