@@ -302,6 +302,28 @@ def test_without_prebalancing_download_reads_the_gathered_pairs(web, built, inpu
     assert all(r["p_prebalance"] is None for r in table)
 
 
+def test_a_build_where_every_download_fails_still_reports_why(tmp_path, capsys):
+    from wit_pipeline.demo.web import write_warc
+    from wit_pipeline.localserver import ImageServer
+
+    with ImageServer() as srv:
+        imgs = "".join(
+            f'<img src="{srv.url(f"/missing/{i}.jpg")}" alt="a black dog on the grass">'
+            for i in range(3)
+        )
+        page = f"<html><body>{imgs}</body></html>".encode()
+        write_warc(str(tmp_path / "c.warc.gz"), [(srv.url("/p.html"), page)])
+        (tmp_path / "q.txt").write_text("dog\ngrass\n")
+        args = ["build", "-i", str(tmp_path / "c.warc.gz"), "-q", str(tmp_path / "q.txt")]
+        args += ["-o", str(tmp_path / "out"), "--allow-loopback", "--set", "download.retries=0"]
+        assert cli.main(args) == 1
+    assert "no sample survived" in capsys.readouterr().err
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["counters"] == {"input": 3, "kept": 0, "dropped:http_404": 3}
+    assert stats["samples"] == 0 and stats["train_data"] == ""
+    assert "`http_404` 3" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_nonempty_directory_without_a_build_is_refused(web, inputs, shared_data, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert cli.main(build_args(web, inputs, tmp_path, shared_data)) == 2

@@ -720,7 +720,7 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
         f"{pairs_c.get('kept', 0):,} of {pairs_c.get('input', 0):,} pairs"
     )
     if not urls_c.get("kept"):
-        raise WitError(f"no image was downloaded (see {out}/rejected/): nothing to build")
+        ctx.log(f"download: no image was downloaded (reasons: {out}/rejected/, the report)")
     return {"resumed_shards": done_before}
 
 
@@ -1032,7 +1032,11 @@ def write_run_stats(output: str) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "samples": manifest["num_samples"],
         "shards": manifest["num_shards"],
-        "train_data": fileio.join(finalize_lib.SHARDS_DIR, manifest["train_data"]),
+        "train_data": (
+            fileio.join(finalize_lib.SHARDS_DIR, manifest["train_data"])
+            if manifest["train_data"]
+            else ""
+        ),
         "queries": build_doc["inputs"]["queries"],
         "inputs": {"files": build_doc["inputs"]["files"]},
         "config": config.to_dict(cfg),

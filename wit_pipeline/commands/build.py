@@ -133,4 +133,10 @@ def run(args: argparse.Namespace) -> int:
     }
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
+    if not doc["samples"]:
+        print(
+            f"wit build: no sample survived; see {args.output}/report.md for where they went",
+            file=sys.stderr,
+        )
+        return 1
     return 0
