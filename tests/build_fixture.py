@@ -351,6 +351,7 @@ class Expected:
     balanced_out: int
     prebalanced_out: int
     near_duplicate: int
+    download_urls: list[str]  # the distinct URLs handed to the download (any fate)
 
 
 def expected(
@@ -456,4 +457,5 @@ def expected(
         balanced_out=balanced_out,
         prebalanced_out=prebalanced_out,
         near_duplicate=near,
+        download_urls=sorted(by_url),
     )

@@ -7,6 +7,7 @@ middle of its download and resumed, and a build with a seed CLIP model reuse the
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -23,7 +24,7 @@ import build_fixture as bf
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import build, cli, config, counters, shards
+from wit_pipeline import build, cli, config, counters, download, shards, urls
 from wit_pipeline.errors import WitError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -63,6 +64,8 @@ def build_args(web, inputs, out, shared_data, *extra: str) -> list[str]:
         f"balance.seed={web.seed}",
         "--set",
         "download.samples_per_shard=10",
+        "--set",
+        "download.timeout=60",  # requests held by the gate must outlive the kill
         "--set",
         "shards.samples_per_shard=8",
         *extra,
@@ -241,7 +244,13 @@ def test_other_settings_are_refused_in_one_line(web, built, inputs, shared_data,
 def test_killed_run_resumes_to_the_same_shards(web, built, inputs, shared_data, tmp_path):
     out_ref, stats_ref = built
     out = tmp_path / "killed"
-    web.gate.close(allow=12)
+    # Serve as many image requests as the largest download shard has URLs, then hold the rest:
+    # the first shard (shards run one after the other) finishes, the next one cannot.
+    exp = bf.expected(web)
+    n = download.num_shards_for(len(exp.download_urls), 10)
+    sizes = collections.Counter(download.shard_of(urls.url_uid(u), n) for u in exp.download_urls)
+    assert max(sizes.values()) < len(exp.download_urls) - 3
+    web.gate.close(allow=max(sizes.values()))
     proc = subprocess.Popen(
         [sys.executable, "-m", "wit_pipeline", *build_args(web, inputs, out, shared_data)],
         cwd=ROOT,
