@@ -48,6 +48,39 @@ def pipeline_options(
     return opts
 
 
+LOCAL_RUNNERS = (
+    "",
+    "FnApiRunner",
+    "DirectRunner",
+    "SwitchingDirectRunner",
+    "BundleBasedDirectRunner",
+)
+
+
+def local_parallelism(beam_args: Sequence[str], processes: int) -> list[str]:
+    """Run a local runner with ``processes`` worker processes unless Beam flags say otherwise.
+
+    Adds ``--direct_num_workers=N --direct_running_mode=multi_processing`` when ``processes``
+    > 1, the runner is local (or not given) and the args do not already set a worker count.
+    Other runners (Dataflow, Flink, Spark) size their workers with their own flags.
+    """
+    args = list(beam_args)
+    runner = ""
+    for i, a in enumerate(args):
+        if a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+        elif a == "--runner" and i + 1 < len(args):
+            runner = args[i + 1]
+    local = runner in LOCAL_RUNNERS
+    if processes > 1 and local and not any(a.startswith("--direct_num_workers") for a in args):
+        return [
+            *args,
+            f"--direct_num_workers={processes}",
+            "--direct_running_mode=multi_processing",
+        ]
+    return args
+
+
 def runner_name(options: PipelineOptions) -> str:
     from apache_beam.options.pipeline_options import StandardOptions
 

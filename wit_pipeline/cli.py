@@ -24,6 +24,7 @@ COMMANDS = (
     "dedup",
     "balance",
     "build",
+    "report",
     "score",
     "eval",
     "train",

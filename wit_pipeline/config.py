@@ -161,6 +161,9 @@ class ScoreConfig:
     keep_fraction: float | None = None
     batch_size: int = 256
     device: str = "auto"
+    # Beam accelerator resource hint for the scoring step (Dataflow), e.g.
+    # "type:nvidia-tesla-t4;count:1;install-nvidia-driver"; "" runs on the default workers.
+    accelerator: str = ""
 
 
 @dataclass(frozen=True)

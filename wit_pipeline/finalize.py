@@ -78,6 +78,8 @@ FINAL_SCHEMA = pa.schema(
         ("duplicates", pa.list_(_DUPLICATE_TYPE)),
     ]
 )
+# Final rows of a build with CLIP scoring (``wit build --seed-model``): ``clip_score`` appended.
+SCORED_SCHEMA = FINAL_SCHEMA.append(pa.field("clip_score", pa.float32()))
 # The intermediate between ``wit dedup`` and ``wit balance``: where each image's bytes are.
 SAMPLE_SCHEMA = pa.schema(
     [f for f in FINAL_SCHEMA if f.name not in ("caption", "balance_probability")]
@@ -103,9 +105,9 @@ def _row(record: Mapping[str, Any], schema: pa.Schema) -> dict[str, Any]:
     return r
 
 
-def final_row(record: Mapping[str, Any]) -> dict[str, Any]:
+def final_row(record: Mapping[str, Any], schema: pa.Schema = FINAL_SCHEMA) -> dict[str, Any]:
     """A final sample's metadata: its ``KEY.json`` and its row in the shard's Parquet file."""
-    return _row(record, FINAL_SCHEMA)
+    return _row(record, schema)
 
 
 def sample_row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,15 +292,16 @@ class _AttachBytesFn(beam.DoFn):
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, schema: pa.Schema = FINAL_SCHEMA):
         self._dir = directory
+        self._schema = schema
 
     def process(self, item):
         shard_id, members = item
         members = sorted(members, key=lambda m: m[0]["key"])
         samples, rows = [], []
         for r, image in members:
-            row = final_row(r)
+            row = final_row(r, self._schema)
             rows.append(row)
             samples.append(
                 shards.Sample(
@@ -309,7 +312,7 @@ class _WriteShardFn(beam.DoFn):
                     image_ext=r.get("image_ext") or "jpg",
                 )
             )
-        table = pa.Table.from_pylist(rows, schema=FINAL_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=self._schema)
         info = shards.write_shard(self._dir, shard_id, samples, table)
         c = collections.Counter()
         for r, _ in members:
@@ -343,12 +346,20 @@ class WriteFinalShards(beam.PTransform):
 
     Image bytes are read from each sample's ``source_tar`` (each download tar once). Returns a
     dict: ``manifest`` (one element, the manifest document) and ``counts`` (``kept``).
+    ``scored`` adds the ``clip_score`` column (``SCORED_SCHEMA``).
     """
 
-    def __init__(self, directory: str, *, manifest_config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        manifest_config: Mapping[str, Any] | None = None,
+        scored: bool = False,
+    ):
         super().__init__()
         self._dir = directory
         self._config = dict(manifest_config or {})
+        self._schema = SCORED_SCHEMA if scored else FINAL_SCHEMA
 
     def expand(self, assigned):
         written = (
@@ -358,7 +369,9 @@ class WriteFinalShards(beam.PTransform):
             | "ReadImages" >> beam.ParDo(_AttachBytesFn())
             | "GroupShard" >> beam.GroupByKey()
             | "WriteShard"
-            >> beam.ParDo(_WriteShardFn(self._dir)).with_outputs(beam_utils.COUNTS, main="infos")
+            >> beam.ParDo(_WriteShardFn(self._dir, self._schema)).with_outputs(
+                beam_utils.COUNTS, main="infos"
+            )
         )
         manifest = (
             written.infos
@@ -450,8 +463,11 @@ class Finalize(beam.PTransform):
 
     Also writes ``rejected/``, ``query_counts.parquet`` and ``contamination.json`` (with eval
     sets). ``extra_counts`` may supply the ``before``/``after_prebalance`` query-count columns
-    (``(query_id, n)`` PCollections from ``balance.PreBalance``). Returns a dict: ``counts``
-    (counter pairs for the caller's ``stats.json``) and ``manifest``.
+    (``(query_id, n)`` PCollections from ``balance.PreBalance``). ``scorer`` is an optional
+    ``PTransform`` applied to the balanced samples before they are assigned to shards (``wit
+    build``'s CLIP-score step): it returns a dict with ``kept`` (samples with ``clip_score``),
+    ``rejected`` and ``counts``, and the final shards gain a ``clip_score`` column. Returns a
+    dict: ``counts`` (counter pairs for the caller's ``stats.json``) and ``manifest``.
     """
 
     def __init__(
@@ -461,12 +477,14 @@ class Finalize(beam.PTransform):
         cfg: config.BuildConfig,
         queries_path: str = "",
         extra_counts: Mapping[str, Any] | None = None,
+        scorer: beam.PTransform | None = None,
     ):
         super().__init__()
         self._out = output_dir
         self._cfg = cfg
         self._queries = queries_path
         self._extra = dict(extra_counts or {})
+        self._scorer = scorer
 
     def expand(self, tar_paths):
         cfg = self._cfg
@@ -474,23 +492,30 @@ class Finalize(beam.PTransform):
         read = tar_paths | "Read" >> dedup.ReadDownloadShards()
         samples, dd = _dedup_part(read.records, root, cfg, self._out)
         bal = samples | "Balance" >> balance.BalanceSamples(t=cfg.balance.t, seed=cfg.balance.seed)
-        assigned = bal["kept"] | "AssignShards" >> AssignShards(
+        kept, final_counts = bal["kept"], bal["after"]
+        rejected_parts = [read[beam_utils.REJECTED], dd["rejected"], bal["rejected"]]
+        count_parts = [read[beam_utils.COUNTS], dd["counts"], bal["counts"]]
+        if self._scorer is not None:
+            scored = kept | "Score" >> self._scorer
+            kept = scored["kept"]
+            final_counts = kept | "CountScored" >> balance.CountQueries()
+            rejected_parts.append(scored["rejected"])
+            count_parts.append(scored["counts"])
+        assigned = kept | "AssignShards" >> AssignShards(
             samples_per_shard=cfg.shards.samples_per_shard
         )
         written = assigned | "WriteShards" >> WriteFinalShards(
-            fileio.join(self._out, SHARDS_DIR), manifest_config=config.to_dict(cfg)
+            fileio.join(self._out, SHARDS_DIR),
+            manifest_config=config.to_dict(cfg),
+            scored=self._scorer is not None,
         )
-        rejected = (
-            read[beam_utils.REJECTED],
-            dd["rejected"],
-            bal["rejected"],
-        ) | "AllRejected" >> beam.Flatten()
+        rejected = tuple(rejected_parts) | "AllRejected" >> beam.Flatten()
         _ = rejected | "WriteRejected" >> WriteRejected(fileio.join(self._out, REJECTED_DIR))
         columns = {
             **self._extra,
             "after_download": read.records | "CountDownload" >> CountQueriesPerPair(),
             "after_dedup": bal["before"],
-            "final": bal["after"],
+            "final": final_counts,
         }
         _ = columns | "QueryCounts" >> balance.WriteQueryCounts(
             fileio.join(self._out, QUERY_COUNTS),
@@ -498,12 +523,7 @@ class Finalize(beam.PTransform):
             t=cfg.balance.t,
             prebalance_factor=cfg.balance.prebalance_factor or None,
         )
-        counts = (
-            read[beam_utils.COUNTS],
-            dd["counts"],
-            bal["counts"],
-            written["counts"],
-        ) | "AllCounts" >> beam.Flatten()
+        counts = (*count_parts, written["counts"]) | "AllCounts" >> beam.Flatten()
         return {"counts": counts, "manifest": written["manifest"]}
 
 

@@ -40,19 +40,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run, accepts_beam_args=True)
 
 
-def _local_parallelism(beam_args: list[str], processes: int) -> list[str]:
-    """Run local runners with ``processes`` worker processes unless Beam flags say otherwise."""
-    runner = next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), "")
-    local = runner in ("", "FnApiRunner", "DirectRunner", "SwitchingDirectRunner")
-    if processes > 1 and local and not any(a.startswith("--direct_num_workers") for a in beam_args):
-        return [
-            *beam_args,
-            f"--direct_num_workers={processes}",
-            "--direct_running_mode=multi_processing",
-        ]
-    return beam_args
-
-
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -69,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     download.validate_config(dl)
     files = download.candidate_files(args.input)
     download.check_plan_config(args.output, dl)
-    options = beam_utils.pipeline_options(_local_parallelism(list(args.beam_args), dl.processes))
+    options = beam_utils.pipeline_options(
+        beam_utils.local_parallelism(args.beam_args, dl.processes)
+    )
     try:
         with beam.Pipeline(options=options) as p:
             _ = (

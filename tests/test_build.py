@@ -1,0 +1,712 @@
+"""``wit build`` end to end over real Flickr8k photos served on loopback (tests/build_fixture.py).
+
+One module-scoped build is checked against an outcome computed independently from the planted
+web (``build_fixture.expected``); then reruns, a refused change of settings, a run killed in the
+middle of its download and resumed, and a build with a seed CLIP model reuse the same web.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import build_fixture as bf
+import pyarrow.parquet as pq
+import pytest
+
+from wit_pipeline import build, cli, config, counters, download, shards, urls
+from wit_pipeline.errors import WitError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"
+
+
+@pytest.fixture(scope="module")
+def web(shared_data):
+    w = bf.Web(shared_data).start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(web, tmp_path_factory):
+    return web.write(tmp_path_factory.mktemp("web"))
+
+
+def build_args(web, inputs, out, shared_data, *extra: str) -> list[str]:
+    warc, queries = inputs
+    return [
+        "build",
+        "--input",
+        warc,
+        "--queries",
+        queries,
+        "--output",
+        str(out),
+        "--allow-loopback",
+        "--eval-set",
+        DEV_SET.format(root=shared_data),
+        "--set",
+        f"balance.t={bf.T}",
+        "--set",
+        f"balance.prebalance_factor={bf.FACTOR}",
+        "--set",
+        f"balance.seed={web.seed}",
+        "--set",
+        "download.samples_per_shard=10",
+        "--set",
+        "download.timeout=60",  # requests held by the gate must outlive the kill
+        "--set",
+        "shards.samples_per_shard=8",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def built(web, inputs, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "out"
+    assert cli.main(build_args(web, inputs, out, shared_data)) == 0
+    return out, json.loads((out / "stats.json").read_text())
+
+
+def sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(directory: pathlib.Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The build's outcome, exactly
+
+
+def test_whole_run_counters_are_exact(web, built):
+    _out, stats = built
+    exp = bf.expected(web)
+    assert stats["counters"] == exp.counters
+    assert stats["image_counters"] == exp.image_counters
+    counters.check_balanced(stats["counters"])
+    counters.check_balanced(stats["image_counters"])
+    # every planted case is dropped where it is planted, by name
+    c = stats["counters"]
+    assert (c["dropped:language"], c["dropped:duplicate"], c["dropped:no_match"]) == (3, 1, 1)
+    assert (c["dropped:no_caption"], c["dropped:unsupported_scheme"]) == (1, 1)
+    assert (c["dropped:robots"], c["dropped:blocked_address"], c["dropped:http_404"]) == (1, 1, 1)
+    assert c["dropped:eval_contamination"] == 2
+    assert stats["image_counters"]["dropped:near_duplicate"] == exp.near_duplicate == 3
+    # both balancing phases cut the head (the draws are checked by the expected outcome)
+    assert exp.prebalanced_out > 0 and exp.balanced_out > 0
+    assert stats["reason_stage"]["dropped:prebalanced_out"] == "prebalance"
+    assert stats["reason_stage"]["dropped:robots"] == "download"
+    # the funnel chains: each stage reads what the previous one kept
+    rows = stats["funnel"]["pairs"]
+    assert [r["stage"] for r in rows] == ["gather", "prebalance", "download", "dedup", "balance"]
+    assert rows[0]["input"] == len(web.items)
+    for a, b in itertools.pairwise(rows):
+        assert a["kept"] == b["input"]
+    for r in rows:
+        assert r["input"] == r["kept"] + sum(r["dropped"].values())
+    assert rows[-1]["kept"] == c["kept"]
+    assert stats["samples"] == len(exp.samples) == stats["image_counters"]["kept"]
+    assert stats["contamination"]["sets_hit"] == ["flickr8k-dev"]
+
+
+def test_final_samples_are_exact(web, built):
+    out, _ = built
+    exp = bf.expected(web)
+    rows = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
+    assert sorted(rows) == sorted(exp.samples)
+    for key, want in exp.samples.items():
+        assert rows[key]["captions"] == want["captions"]
+        assert rows[key]["query_ids"] == want["query_ids"]
+        assert rows[key]["caption"] in want["captions"]
+    # the survivor of each planted near-duplicate group holds the captions of the group
+    merged = [r for r in rows.values() if r["duplicates"]]
+    for r in merged:
+        assert len(r["captions"]) == 2 and all(d["distance"] <= 4 for d in r["duplicates"])
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    near = [r for r in rejected if r["reason"] == "near_duplicate"]
+    assert len(near) == exp.near_duplicate == 3 and all(r["duplicate_of"] for r in near)
+    dropped_keys = {r["duplicate_of"] for r in near}
+    assert dropped_keys <= {r["key"] for r in merged} | {
+        r["key"] for r in rejected if r["reason"] == "balanced_out"
+    }
+    evals = [r for r in rejected if r["reason"] == "eval_contamination"]
+    assert sorted(r["eval_id"] for r in evals) == sorted(web.dev)
+
+
+def test_shards_load_with_webdataset(built):
+    import webdataset as wds
+
+    out, stats = built
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] == stats["samples"]
+    assert manifest["config"] == stats["config"]
+    sizes = [s["num_samples"] for s in manifest["shards"]]
+    assert sizes[:-1] == [8] * (len(sizes) - 1) and 0 < sizes[-1] <= 8
+    for s in manifest["shards"]:
+        assert sha(out / "shards" / s["tar"]) == s["sha256"]
+    pattern = str(out / "shards" / manifest["train_data"])
+    got = list(wds.WebDataset(pattern, shardshuffle=False).decode("pil"))
+    assert len(got) == stats["samples"]
+    rows = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
+    for s in got:
+        assert s["jpg"].size[0] > 0
+        assert s["json"] == rows[s["__key__"]] and s["txt"] == s["json"]["caption"]
+
+
+def test_query_counts_columns_are_filled_and_consistent(built):
+    out, _ = built
+    table = pq.read_table(out / "query_counts.parquet").to_pylist()
+    assert [r["query"] for r in table] == [bf.QUERIES[r["query_id"]] for r in table]
+    for r in table:
+        cols = [r[c] for c in ("before", "after_prebalance", "after_download", "after_dedup")]
+        assert None not in cols and r["final"] is not None
+        assert r["final"] <= r["after_dedup"] <= r["after_download"]
+        assert r["after_download"] <= r["after_prebalance"] <= r["before"]
+    final = {r["query_id"]: r["final"] for r in table}
+    from_shards: dict[int, int] = {}
+    for row in shards.read_table(str(out / "shards")).to_pylist():
+        for q in row["query_ids"]:
+            from_shards[q] = from_shards.get(q, 0) + 1
+    assert {q: n for q, n in final.items() if n} == from_shards
+    gathered = pq.read_table(out / "gather" / "candidates").column("query_ids").to_pylist()
+    before = {r["query_id"]: r["before"] for r in table}
+    for q in before:
+        assert before[q] == sum(q in ids for ids in gathered)
+
+
+def test_report_and_config_files(built):
+    from PIL import Image
+
+    out, stats = built
+    text = (out / "report.md").read_text()
+    for png in ("funnel", "queries", "samples"):
+        with Image.open(out / "plots" / f"{png}.png") as im:
+            assert im.size[0] > 300
+        assert f"plots/{png}.png" in text
+    assert not (out / "plots" / "clip_scores.png").exists()
+    pre = stats["funnel"]["pairs"][1]
+    assert f"| prebalance | {pre['input']} | {pre['kept']} |" in text.replace(",", "")
+    assert "`eval_contamination`" in text and "flickr8k-dev" in text
+    cfg = config.load_config(str(out / "config.yaml"))
+    assert config.to_dict(cfg) == stats["config"]
+    assert cfg.balance.t == bf.T and cfg.download.allow_loopback is True
+    # `wit report` redraws the same report from the files
+    before = (out / "report.md").read_bytes()
+    assert cli.main(["report", str(out), "--stats"]) == 0
+    assert (out / "report.md").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Reruns
+
+
+def test_rerun_skips_every_step_and_keeps_the_shards(web, built, inputs, shared_data, capsys):
+    out, stats = built
+    shards_before = tree(out / "shards")
+    markers = {p.name: p.read_bytes() for p in (out / "done").iterdir()}
+    capsys.readouterr()
+    assert cli.main(build_args(web, inputs, out, shared_data)) == 0
+    err = capsys.readouterr().err
+    assert err.count("done (skipped)") == len(build.STEPS)
+    assert tree(out / "shards") == shards_before
+    assert {p.name: p.read_bytes() for p in (out / "done").iterdir()} == markers
+    assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_other_settings_are_refused_in_one_line(web, built, inputs, shared_data, capsys):
+    out, _ = built
+    shards_before = tree(out / "shards")
+    capsys.readouterr()
+    assert cli.main(build_args(web, inputs, out, shared_data, "--set", "balance.t=2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wit: error: ")
+    assert "balance.t: 3 -> 2" in err[0] and "--overwrite" in err[0]
+    assert "from step prebalance" in err[0]
+    # execution-only options are not settings: a rerun with more threads is a plain rerun
+    fast = build_args(web, inputs, out, shared_data, "--set", "download.threads=4")
+    assert cli.main(fast) == 0
+    assert tree(out / "shards") == shards_before
+
+
+def test_killed_run_resumes_to_the_same_shards(web, built, inputs, shared_data, tmp_path):
+    out_ref, stats_ref = built
+    out = tmp_path / "killed"
+    # Serve as many image requests as the largest download shard has URLs, then hold the rest:
+    # the first shard (shards run one after the other) finishes, the next one cannot.
+    exp = bf.expected(web)
+    n = download.num_shards_for(len(exp.download_urls), 10)
+    sizes = collections.Counter(download.shard_of(urls.url_uid(u), n) for u in exp.download_urls)
+    assert max(sizes.values()) < len(exp.download_urls) - 3
+    web.gate.close(allow=max(sizes.values()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wit_pipeline", *build_args(web, inputs, out, shared_data)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the kill takes its workers too
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            finished = list((out / "download" / "shards").glob("*.parquet"))
+            if finished and web.gate.waiting:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first run never finished a download shard")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        web.gate.open()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / "done").iterdir()) == ["gather.json", "prebalance.json"]
+    done = {p.stem for p in (out / "download" / "shards").glob("*.parquet")}
+    done_urls = {
+        u for s in done for u in pq.read_table(out / "download" / "shards" / f"{s}.parquet")["url"]
+    }
+    web.server.requests.clear()
+    assert cli.main(build_args(web, inputs, out, shared_data)) == 0
+    fetched = {web.url(p) for _, p in web.server.requests if p.startswith("/img/")}
+    assert fetched and not (fetched & {u.as_py() for u in done_urls})
+    assert tree(out / "shards") == tree(out_ref / "shards")
+    assert json.loads((out / "stats.json").read_text()) == stats_ref
+
+
+def test_without_prebalancing_download_reads_the_gathered_pairs(web, built, inputs, shared_data):
+    out_ref, stats_ref = built
+    out = out_ref.parent / "no-prebalance"
+    shutil.copytree(out_ref, out)
+    args = build_args(web, inputs, out, shared_data, "--set", "balance.prebalance_factor=0")
+    assert cli.main([*args, "--overwrite"]) == 0
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").iterdir()}
+    assert markers["gather"] == json.loads((out_ref / "done" / "gather.json").read_text())
+    assert markers["prebalance"]["enabled"] is False
+    assert not (out / "prebalance").exists()
+    stats = json.loads((out / "stats.json").read_text())
+    exp = bf.expected(web, factor=None)
+    assert stats["counters"] == exp.counters and "dropped:prebalanced_out" not in exp.counters
+    assert stats["image_counters"] == exp.image_counters
+    assert [r["stage"] for r in stats["funnel"]["pairs"]][:2] == ["gather", "download"]
+    assert stats["funnel"]["pairs"][1]["input"] == stats_ref["funnel"]["pairs"][0]["kept"]
+    table = pq.read_table(out / "query_counts.parquet").to_pylist()
+    assert all(r["before"] == r["after_prebalance"] >= r["after_download"] for r in table)
+    assert all(r["p_prebalance"] is None for r in table)
+
+
+def test_a_build_where_every_download_fails_still_reports_why(tmp_path, capsys):
+    from wit_pipeline.demo.web import write_warc
+    from wit_pipeline.localserver import ImageServer
+
+    with ImageServer() as srv:
+        imgs = "".join(
+            f'<img src="{srv.url(f"/missing/{i}.jpg")}" alt="a black dog on the grass">'
+            for i in range(3)
+        )
+        page = f"<html><body>{imgs}</body></html>".encode()
+        write_warc(str(tmp_path / "c.warc.gz"), [(srv.url("/p.html"), page)])
+        (tmp_path / "q.txt").write_text("dog\ngrass\n")
+        args = ["build", "-i", str(tmp_path / "c.warc.gz"), "-q", str(tmp_path / "q.txt")]
+        args += ["-o", str(tmp_path / "out"), "--allow-loopback", "--set", "download.retries=0"]
+        assert cli.main(args) == 1
+    assert "no sample survived" in capsys.readouterr().err
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["counters"] == {"input": 3, "kept": 0, "dropped:http_404": 3}
+    assert stats["samples"] == 0 and stats["train_data"] == ""
+    assert "`http_404` 3" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nonempty_directory_without_a_build_is_refused(web, inputs, shared_data, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(build_args(web, inputs, tmp_path, shared_data)) == 2
+    assert "holds no build.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed-model step
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(tmp_path_factory):
+    """A random wit-nano CLIP saved as a plain open_clip state dict (no training needed)."""
+    import open_clip
+    import torch
+
+    from wit_pipeline import models
+
+    models.register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("wit-nano")
+    path = tmp_path_factory.mktemp("seed") / "seed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return str(path)
+
+
+def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_data, seed_checkpoint):
+    import torch
+
+    from wit_pipeline import models, score
+
+    out_ref, stats_ref = built
+    out = out_ref.parent / "scored"
+    shutil.copytree(out_ref, out)
+    seed = ["--seed-model", seed_checkpoint, "--seed-arch", "wit-nano"]
+    args = build_args(web, inputs, out, shared_data, *seed, "--set", "score.keep_fraction=0.5")
+    with pytest.raises(WitError, match="from step finalize"):
+        build.run_build(
+            [inputs[0]],
+            str(out),
+            cli_config(args),
+            queries_path=inputs[1],
+        )
+    assert cli.main([*args, "--overwrite"]) == 0
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").iterdir()}
+    for step in ("gather", "prebalance", "download"):  # unchanged steps were kept
+        assert markers[step] == json.loads((out_ref / "done" / f"{step}.json").read_text())
+    stats = json.loads((out / "stats.json").read_text())
+    n = stats_ref["samples"]
+    keep = math.floor(0.5 * n + 0.5)
+    assert stats["samples"] == keep
+    assert stats["image_counters"]["dropped:low_clip_score"] == n - keep
+    assert [r["stage"] for r in stats["funnel"]["pairs"]][-1] == "score"
+    scores = {
+        r["key"]: r["clip_score"] for r in pq.read_table(out / "finalize" / "scores").to_pylist()
+    }
+    ref_rows = {r["key"]: r for r in shards.read_table(str(out_ref / "shards")).to_pylist()}
+    assert sorted(scores) == sorted(ref_rows)
+    # the scores are the seed's cosine similarities of each image and its caption
+    loaded = models.load_model("wit-nano", seed_checkpoint, device="cpu")
+    keys = sorted(ref_rows)
+    images = {}
+    for tar in shards.list_shards(str(out_ref / "shards")):
+        for s in shards.iter_samples(tar):
+            images[s["__key__"]] = s["jpg"]
+    torch.set_num_threads(2)
+    want = score.score_pairs(
+        loaded, [images[k] for k in keys], [ref_rows[k]["caption"] for k in keys]
+    )
+    assert [scores[k] for k in keys] == pytest.approx(want, abs=1e-4)
+    kept = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
+    top = sorted(keys, key=lambda k: -scores[k])[:keep]
+    assert sorted(kept) == sorted(top)
+    threshold = stats["score"]["threshold"]
+    assert threshold == pytest.approx(min(scores[k] for k in top))
+    assert all(r["clip_score"] == pytest.approx(scores[k]) for k, r in kept.items())
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["clip_score_threshold"] == threshold
+    assert (out / "plots" / "clip_scores.png").exists()
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    low = [r for r in rejected if r["reason"] == "low_clip_score"]
+    assert sorted(r["key"] for r in low) == sorted(set(keys) - set(top))
+
+
+def cli_config(args: list[str]) -> config.BuildConfig:
+    from wit_pipeline.commands import build as build_cmd
+
+    parsed, _ = cli.build_parser().parse_known_args(args)
+    return build_cmd.build_config(parsed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces: whole-run counters, fingerprints, config precedence, Dataflow translation
+
+GATHER = {
+    "counters": {"input": 10, "kept": 7, "dropped:language": 2, "dropped:no_match": 1},
+    "read_counters": {"warc:records": 3},
+}
+PREBALANCE = {"counters": {"input": 7, "kept": 6, "dropped:no_query": 1}}
+DOWNLOAD = {
+    "counters": {"input": 6, "kept": 5, "dropped:http_404": 1},
+    "url_counters": {"input": 5, "kept": 4, "dropped:http_404": 1},
+}
+# 4 images (5 pairs): one undecodable, one merged into its near duplicate, one matching no query
+FINALIZE = {
+    "unit": "image",
+    "counters": {
+        "input": 4,
+        "kept": 1,
+        "dropped:undecodable_image": 1,
+        "dropped:near_duplicate": 1,
+        "dropped:no_query": 1,
+    },
+    "pair_counters": {
+        "input": 5,
+        "kept": 3,
+        "dropped:undecodable_image": 1,
+        "dropped:no_query": 1,
+    },
+}
+
+
+def test_compose_stats_names_every_drop_by_its_stage():
+    doc = build.compose_stats(
+        gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=FINALIZE
+    )
+    assert doc["counters"] == {
+        "input": 10,
+        "kept": 3,
+        "dropped:language": 2,
+        "dropped:no_match": 1,
+        "dropped:prebalance/no_query": 1,
+        "dropped:http_404": 1,
+        "dropped:dedup/undecodable_image": 1,
+        "dropped:balance/no_query": 1,
+    }
+    assert doc["image_counters"] == {
+        "input": 5,
+        "kept": 1,
+        "dropped:http_404": 1,
+        "dropped:dedup/undecodable_image": 1,
+        "dropped:near_duplicate": 1,
+        "dropped:balance/no_query": 1,
+    }
+    assert [(r["stage"], r["input"], r["kept"]) for r in doc["funnel"]["pairs"]] == [
+        ("gather", 10, 7),
+        ("prebalance", 7, 6),
+        ("download", 6, 5),
+        ("dedup", 5, 4),
+        ("balance", 4, 3),
+    ]
+    assert [(r["stage"], r["input"], r["kept"]) for r in doc["funnel"]["images"]] == [
+        ("download", 5, 4),
+        ("dedup", 4, 2),
+        ("balance", 2, 1),
+    ]
+    assert doc["reason_stage"]["dropped:balance/no_query"] == "balance"
+    assert doc["stages"]["gather"]["read_counters"] == {"warc:records": 3}
+
+
+def test_compose_stats_with_scoring_and_without_prebalance():
+    fin = {
+        "unit": "image",
+        "counters": {
+            "input": 4,
+            "kept": 1,
+            "dropped:undecodable_image": 1,
+            "dropped:low_clip_score": 1,
+            "dropped:score/undecodable_image": 1,
+        },
+        "pair_counters": {
+            "input": 5,
+            "kept": 1,
+            "dropped:undecodable_image": 1,
+            "dropped:low_clip_score": 2,
+            "dropped:score/undecodable_image": 1,
+        },
+    }
+    gather_doc = {"counters": {"input": 7, "kept": 6, "dropped:language": 1}}
+    doc = build.compose_stats(
+        gather_doc=gather_doc,
+        prebalance_doc=None,
+        download_doc=DOWNLOAD,
+        finalize_doc=fin,
+        scored=True,
+    )
+    assert doc["counters"] == {
+        "input": 7,
+        "kept": 1,
+        "dropped:language": 1,
+        "dropped:http_404": 1,
+        "dropped:dedup/undecodable_image": 1,
+        "dropped:low_clip_score": 2,
+        "dropped:score/undecodable_image": 1,
+    }
+    assert [r["stage"] for r in doc["funnel"]["pairs"]] == [
+        "gather",
+        "download",
+        "dedup",
+        "balance",
+        "score",
+    ]
+    with pytest.raises(AssertionError, match="ran no score stage"):
+        build.compose_stats(
+            gather_doc=gather_doc, prebalance_doc=None, download_doc=DOWNLOAD, finalize_doc=fin
+        )
+
+
+def test_compose_stats_with_one_sample_per_pair():
+    fin = {
+        "unit": "pair",  # dedup.collapse = false: counters count pair samples
+        "counters": {"input": 5, "kept": 4, "dropped:balanced_out": 1},
+        "pair_counters": {"input": 5, "kept": 4, "dropped:balanced_out": 1},
+    }
+    doc = build.compose_stats(
+        gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=fin
+    )
+    assert doc["image_counters"] is None and doc["funnel"]["images"] is None
+    assert doc["counters"]["kept"] == 4 and doc["counters"]["dropped:balanced_out"] == 1
+    counters.check_balanced(doc["counters"])
+
+
+def test_compose_stats_refuses_lost_records():
+    lost = {**DOWNLOAD, "counters": {"input": 5, "kept": 5}}
+    with pytest.raises(AssertionError, match="prebalance kept 6, download read 5"):
+        build.compose_stats(
+            gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=lost, finalize_doc=FINALIZE
+        )
+    unbalanced = {**FINALIZE, "pair_counters": {**FINALIZE["pair_counters"], "kept": 4}}
+    with pytest.raises(AssertionError, match="do not chain"):
+        build.compose_stats(
+            gather_doc=GATHER,
+            prebalance_doc=PREBALANCE,
+            download_doc=DOWNLOAD,
+            finalize_doc=unbalanced,
+        )
+
+
+def test_colliding_reasons_are_qualified_by_stage():
+    assert sorted(build.COLLIDING_REASONS) == ["no_query", "undecodable_image"]
+    assert build.run_reason("prebalance", "no_query") == "prebalance/no_query"
+    assert build.run_reason("download", "robots") == "robots"
+
+
+def _inputs(tmp_path) -> build.BuildInputs:
+    f = tmp_path / "a.warc.gz"
+    f.write_bytes(b"x")
+    q = tmp_path / "q.txt"
+    q.write_text("dog\n")
+    return build.resolve_inputs([str(f)], str(q), config.BuildConfig())
+
+
+def test_fingerprints_follow_what_each_step_computes(tmp_path):
+    inputs = _inputs(tmp_path)
+    base = build.fingerprints(config.BuildConfig(), inputs)
+
+    def changed(**overrides) -> list[str]:
+        fp = build.fingerprints(config.apply_overrides(config.BuildConfig(), overrides), inputs)
+        return [s for s in build.STEPS if fp[s] != base[s]]
+
+    assert changed(**{"download.threads": 4, "download.processes": 3}) == []
+    assert changed(**{"score.batch_size": 8, "score.accelerator": "type:x"}) == []
+    assert changed(**{"balance.t": 7}) == ["prebalance", "download", "finalize", "report"]
+    assert changed(**{"dedup.max_distance": 6}) == ["finalize", "report"]
+    assert changed(**{"download.image_size": 64}) == ["download", "finalize", "report"]
+    assert changed(**{"gather.captions.min_chars": 3}) == list(build.STEPS)
+    (tmp_path / "a.warc.gz").write_bytes(b"y")  # same size, rewritten
+    os.utime(tmp_path / "a.warc.gz", ns=(1, 1))
+    again = build.fingerprints(config.BuildConfig(), _inputs(tmp_path))
+    assert again["gather"] != base["gather"]
+
+
+def test_config_file_then_set_then_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "balance:\n  t: 7\n  seed: 3\ndedup:\n  eval_sets: [a=/x]\nscore:\n  model: RN50\n"
+    )
+    args = [
+        "build",
+        "-i",
+        "x",
+        "-o",
+        "y",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--set",
+        "balance.t=8",
+        "--eval-set",
+        "b=/y",
+        "--seed-model",
+        "ckpt.pt",
+        "--seed-arch",
+        "wit-nano",
+        "--allow-loopback",
+    ]
+    cfg = cli_config(args)
+    assert (cfg.balance.t, cfg.balance.seed) == (8, 3)
+    assert cfg.dedup.eval_sets == ("a=/x", "b=/y")
+    assert (cfg.score.pretrained, cfg.score.model) == ("ckpt.pt", "wit-nano")
+    assert cfg.download.allow_loopback is True
+
+
+def test_example_config_is_complete_and_holds_the_defaults():
+    import yaml
+
+    path = ROOT / "examples" / "build.yaml"
+    cfg = config.load_config(str(path))
+    assert cfg == config.BuildConfig()
+    written = yaml.safe_load(path.read_text())
+
+    def keys(d, prefix=""):
+        return {
+            k2
+            for k, v in d.items()
+            for k2 in (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
+        }
+
+    assert keys(written) == keys(config.to_dict(config.BuildConfig()))
+
+
+def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from wit_pipeline import finalize
+
+    out, _ = built
+    cfg = config.apply_overrides(
+        config.load_config(str(out / "config.yaml")),
+        {
+            "score.pretrained": seed_checkpoint,
+            "score.model": "wit-nano",
+            "score.keep_fraction": 0.3,
+            "score.accelerator": "type:nvidia-tesla-t4;count:1;install-nvidia-driver",
+        },
+    )
+    options = PipelineOptions(
+        [
+            "--runner=DataflowRunner",
+            "--project=my-project",
+            "--region=us-central1",
+            "--temp_location=gs://bucket/tmp",
+            "--no_auth",
+            "--dry_run=True",
+        ]
+    )
+    p = beam.Pipeline(options=options)
+    build.add_finalize(
+        p,
+        output="gs://bucket/out",
+        cfg=cfg,
+        tars=finalize.download_tars([str(out / "download")]),
+        query_columns={"before": {0: 3}, "after_prebalance": {0: 2}},
+    )
+    job = p.run().job  # translates the graph and pickles every DoFn; submits nothing
+    comps = job.proto_pipeline.components
+    hinted = sorted(
+        t.unique_name
+        for t in comps.transforms.values()
+        if t.environment_id
+        and comps.environments[t.environment_id].resource_hints.get("beam:resources:accelerator:v1")
+        == b"type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+    )
+    assert "Finalize/Score/ClipScore/Score/RunInference" in hinted
+    assert "Finalize/Score/ClipScore/AttachImages" in hinted
+    assert all(name.startswith("Finalize/Score/ClipScore") for name in hinted)
+
+
+def test_local_parallelism_applies_to_local_runners_only():
+    from wit_pipeline.beam_utils import local_parallelism
+
+    two = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    assert local_parallelism([], 2) == two
+    assert local_parallelism(["--runner", "DirectRunner"], 2) == ["--runner", "DirectRunner", *two]
+    assert local_parallelism([], 1) == []
+    assert local_parallelism(["--runner=DataflowRunner"], 4) == ["--runner=DataflowRunner"]
+    assert local_parallelism(["--direct_num_workers=3"], 2) == ["--direct_num_workers=3"]

@@ -1,0 +1,39 @@
+"""``wit report DIR``: (re)write a build's report.md and plots from its output files."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report",
+        help="write DIR/report.md and DIR/plots/*.png for a `wit build` output directory",
+        description=(
+            "Read a build directory (stats.json, query_counts.parquet, shards/) and write the "
+            "funnel per stage, the per-query distribution before and after balancing, sample "
+            "images and, when scored, the CLIP-score histogram."
+        ),
+    )
+    p.add_argument("directory", metavar="DIR", help="a `wit build --output` directory")
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="recompose DIR/stats.json from the steps' files first (checks every counter)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from wit_pipeline import build, fileio, report
+    from wit_pipeline.errors import WitError
+
+    if not fileio.exists(fileio.join(args.directory, build.STATS_FILE)) and not args.stats:
+        if not fileio.exists(fileio.join(args.directory, build.BUILD_FILE)):
+            raise WitError(f"{args.directory} is not a `wit build` output (no stats.json)")
+        args.stats = True
+    if args.stats:
+        build.write_run_stats(args.directory)
+    print(report.write_report(args.directory))
+    return 0

@@ -1,0 +1,492 @@
+"""What a build produced, in tables and plots: the funnel, the per-query distribution, samples.
+
+Every function takes a build output directory (``wit build --output DIR``) or what
+:func:`load_build` read from it, so that ``wit report DIR``, the end of ``wit build`` and a
+notebook (``notebooks/inspect_shards.ipynb``) draw the same figures. Figures are
+``matplotlib.figure.Figure`` objects made without pyplot (no global state; any backend, the Agg
+backend when saved to PNG), and tables are Markdown strings or lists of dicts.
+
+- :func:`funnel_markdown`, :func:`funnel_figure`: each stage's input, kept and drop reasons;
+- :func:`query_distribution_figure`: count per query, sorted, on log-log axes, before and after
+  balancing, with the threshold ``t`` marked (MetaCLIP's Figure 2 view);
+  :func:`head_tail` lists the head and tail queries;
+- :func:`sample_grid_figure`: images of the final shards with their captions;
+- :func:`clip_score_figure`: the CLIP-score histogram and threshold, when the build scored;
+- :func:`write_report`: ``DIR/report.md`` and ``DIR/plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from wit_pipeline import fileio
+
+STATS_FILE = "stats.json"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+QUERY_COUNTS = "query_counts.parquet"
+COUNT_COLUMNS = ("before", "after_prebalance", "after_download", "after_dedup", "final")
+COLUMN_LABELS = {
+    "before": "gathered (pairs)",
+    "after_prebalance": "after pre-balance (pairs)",
+    "after_download": "downloaded (pairs)",
+    "after_dedup": "after dedup (samples)",
+    "final": "final (samples)",
+}
+
+
+@dataclasses.dataclass
+class BuildOutput:
+    """What :func:`load_build` reads from a build directory."""
+
+    directory: str
+    stats: dict[str, Any]
+    config: dict[str, Any]
+    manifest: dict[str, Any]
+    query_counts: Any  # pyarrow.Table, or None when the file is missing
+
+    @property
+    def shards_dir(self) -> str:
+        return fileio.join(self.directory, "shards")
+
+    @property
+    def t(self) -> int:
+        return int(self.config.get("balance", {}).get("t", 0))
+
+    @property
+    def prebalance_factor(self) -> float:
+        return float(self.config.get("balance", {}).get("prebalance_factor", 0))
+
+
+def load_build(directory: str) -> BuildOutput:
+    """Read ``stats.json``, the final manifest and ``query_counts.parquet`` of a build."""
+    import pyarrow.parquet as pq
+
+    stats = fileio.read_json(fileio.join(directory, STATS_FILE))
+    manifest_path = fileio.join(directory, "shards", "manifest.json")
+    manifest = fileio.read_json(manifest_path) if fileio.exists(manifest_path) else {}
+    qc_path = fileio.join(directory, QUERY_COUNTS)
+    table = None
+    if fileio.exists(qc_path):
+        with fileio.open_file(qc_path, "rb") as f:
+            table = pq.read_table(f)
+    return BuildOutput(
+        directory=directory,
+        stats=stats,
+        config=dict(stats.get("config") or manifest.get("config") or {}),
+        manifest=manifest,
+        query_counts=table,
+    )
+
+
+def _as_build(build: BuildOutput | str) -> BuildOutput:
+    return build if isinstance(build, BuildOutput) else load_build(build)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt(n: Any) -> str:
+    if n is None:
+        return ""
+    if isinstance(n, float):
+        return f"{n:.4g}"
+    return f"{int(n):,}"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A GitHub Markdown table; ``align`` is one of ``l``/``r`` per column (default: l, then r)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(sep) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def funnel_rows(build: BuildOutput | str, unit: str = "pairs") -> list[dict[str, Any]]:
+    """``stats.json``'s funnel over ``pairs`` or ``images``: one dict per stage."""
+    b = _as_build(build)
+    return list((b.stats.get("funnel") or {}).get(unit) or [])
+
+
+def funnel_markdown(build: BuildOutput | str, unit: str = "pairs", *, top: int = 4) -> str:
+    """Stage | in | kept | dropped | share kept | main drop reasons."""
+    rows = []
+    for r in funnel_rows(build, unit):
+        dropped = r["input"] - r["kept"]
+        reasons = sorted(r["dropped"].items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"`{k}` {v:,}" for k, v in reasons[:top])
+        if len(reasons) > top:
+            shown += f", +{len(reasons) - top} more"
+        rows.append(
+            [
+                r["stage"],
+                _fmt(r["input"]),
+                _fmt(r["kept"]),
+                _fmt(dropped),
+                _pct(r["kept"], r["input"]),
+                shown,
+            ]
+        )
+    return markdown_table(
+        ["stage", "in", "kept", "dropped", "kept %", "drop reasons"], rows, "lrrrrl"
+    )
+
+
+def reasons_markdown(build: BuildOutput | str) -> str:
+    """Every drop reason of the run: stage, pairs and images it removed."""
+    b = _as_build(build)
+    pairs = b.stats.get("counters") or {}
+    images = b.stats.get("image_counters") or {}
+    owner = b.stats.get("reason_stage") or {}
+    names = sorted(
+        {k for k in (*pairs, *images) if k.startswith("dropped:")},
+        key=lambda k: (-(pairs.get(k, 0)), k),
+    )
+    rows = [
+        [f"`{k[len('dropped:') :]}`", owner.get(k, ""), _fmt(pairs.get(k, 0)), _fmt(images.get(k))]
+        for k in names
+    ]
+    return markdown_table(["reason", "stage", "pairs", "images"], rows, "llrr")
+
+
+def _query_columns(table) -> dict[str, np.ndarray]:
+    out = {}
+    for name in COUNT_COLUMNS:
+        if table is not None and name in table.column_names:
+            vals = table.column(name).to_numpy(zero_copy_only=False)
+            out[name] = np.asarray([0 if v is None else v for v in vals], dtype=np.int64)
+    return out
+
+
+def head_tail(build: BuildOutput | str, *, n: int = 10, by: str = "before") -> tuple[list, list]:
+    """The ``n`` queries with the most and the fewest ``by`` matches (non-zero), as dicts."""
+    b = _as_build(build)
+    table = b.query_counts
+    if table is None or table.num_rows == 0:
+        return [], []
+    rows = table.to_pylist()
+    rows = [r for r in rows if r.get(by)]
+    rows.sort(key=lambda r: (-r[by], r["query_id"]))
+    tail = sorted(rows, key=lambda r: (r[by], r["query_id"]))[:n]
+    return rows[:n], tail
+
+
+def query_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    headers = ["query", *COUNT_COLUMNS, "p_balance"]
+    body = []
+    for r in rows:
+        q = r.get("query")
+        body.append(
+            [
+                f"`{q}`" if q is not None else f"#{r['query_id']}",
+                *(_fmt(r.get(c)) for c in COUNT_COLUMNS),
+                _fmt(r.get("p_balance")),
+            ]
+        )
+    return markdown_table(headers, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def funnel_figure(build: BuildOutput | str):
+    """Pairs (and images) entering and leaving each stage, and the largest drop reasons."""
+    b = _as_build(build)
+    pairs = funnel_rows(b, "pairs")
+    images = funnel_rows(b, "images")
+    fig = _figure(11, 4.2)
+    ax, ax2 = fig.subplots(1, 2, width_ratios=(1.1, 1))
+    stages = [r["stage"] for r in pairs]
+    y = np.arange(len(stages))[::-1]
+    ax.barh(y, [r["input"] for r in pairs], color="#d9d9d9", label="pairs in")
+    ax.barh(y, [r["kept"] for r in pairs], color="#4c72b0", label="pairs kept")
+    if images:
+        pos = {r["stage"]: i for i, r in enumerate(pairs)}
+        iy = [y[pos[r["stage"]]] - 0.3 for r in images if r["stage"] in pos]
+        ik = [r["kept"] for r in images if r["stage"] in pos]
+        ax.scatter(ik, iy, marker="|", s=120, color="#dd8452", label="images kept", zorder=3)
+    for yi, r in zip(y, pairs, strict=True):
+        ax.text(r["input"], yi, f" {r['kept']:,}/{r['input']:,}", va="center", fontsize=8)
+    ax.set_yticks(y, stages)
+    ax.set_xlabel("records")
+    ax.set_title("funnel per stage")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, max((r["input"] for r in pairs), default=1) * 1.35)
+    drops = sorted(
+        ((k, v) for k, v in (b.stats.get("counters") or {}).items() if k.startswith("dropped:")),
+        key=lambda kv: (-kv[1], kv[0]),
+    )[:12]
+    if drops:
+        ny = np.arange(len(drops))[::-1]
+        ax2.barh(ny, [v for _, v in drops], color="#c44e52")
+        ax2.set_yticks(ny, [k[len("dropped:") :] for k, _ in drops], fontsize=8)
+        for yi, (_, v) in zip(ny, drops, strict=True):
+            ax2.text(v, yi, f" {v:,}", va="center", fontsize=8)
+        ax2.set_xlim(0, drops[0][1] * 1.25)
+    ax2.set_xlabel("pairs dropped")
+    ax2.set_title("largest drop reasons")
+    return fig
+
+
+def query_distribution_figure(build: BuildOutput | str):
+    """Matches per query sorted by count (log-log), per stage, with ``t`` (and ``f t``) marked.
+
+    As MetaCLIP's figures: before balancing a few head queries hold most matches; after it no
+    query holds much more than ``t``, while the tail is untouched.
+    """
+    b = _as_build(build)
+    cols = _query_columns(b.query_counts)
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    styles = {
+        "before": ("#4c72b0", "-"),
+        "after_prebalance": ("#55a868", "--"),
+        "after_download": ("#8172b2", ":"),
+        "after_dedup": ("#dd8452", "-."),
+        "final": ("#c44e52", "-"),
+    }
+    drawn = False
+    for name, arr in cols.items():
+        counts = np.sort(arr[arr > 0])[::-1]
+        if counts.size == 0:
+            continue
+        color, ls = styles[name]
+        ax.plot(
+            np.arange(1, counts.size + 1),
+            counts,
+            ls,
+            color=color,
+            label=f"{COLUMN_LABELS[name]}: {counts.size:,} queries",
+            drawstyle="steps-post",
+        )
+        drawn = True
+    if b.t:
+        ax.axhline(b.t, color="black", lw=1, ls="--", label=f"t = {b.t:,}")
+        if b.prebalance_factor:
+            tt = b.t * b.prebalance_factor
+            ax.axhline(tt, color="grey", lw=1, ls=":", label=f"f t = {tt:,.0f}")
+    if drawn:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("query rank (by count)")
+    ax.set_ylabel("matches")
+    ax.set_title("per-query distribution before and after balancing")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _first_samples(shards_dir: str, n: int) -> list[dict[str, Any]]:
+    from wit_pipeline import shards
+
+    out = []
+    for tar in shards.list_shards(shards_dir):
+        for s in shards.iter_samples(tar):
+            image = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+            if image is None:
+                continue
+            meta = json.loads(s["json"]) if "json" in s else {}
+            caption = (s.get("txt") or b"").decode("utf-8", errors="replace")
+            out.append({"key": s["__key__"], "image": image, "caption": caption, "meta": meta})
+            if len(out) >= n:
+                return out
+    return out
+
+
+def sample_grid_figure(build: BuildOutput | str, *, n: int = 16, columns: int = 4):
+    """The first ``n`` samples of the final shards (shard order), image and caption each."""
+    from PIL import Image
+
+    b = _as_build(build)
+    samples = _first_samples(b.shards_dir, n)
+    rows = max(1, -(-len(samples) // columns))
+    fig = _figure(columns * 2.6, rows * 3.0)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, s in zip(axes, samples, strict=False):
+        with Image.open(io.BytesIO(s["image"])) as img:
+            ax.imshow(np.asarray(img.convert("RGB")))
+        title = textwrap.shorten(s["caption"], 90, placeholder="...")
+        score = s["meta"].get("clip_score")
+        if score is not None:
+            title += f"\n(clip {score:.3f})"
+        ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=7)
+    if not samples:
+        axes[0].text(0.5, 0.5, "no samples", ha="center", va="center")
+    return fig
+
+
+def clip_scores(build: BuildOutput | str) -> np.ndarray | None:
+    """Every scored sample's CLIP score (``finalize/scores/``), or None when not scored."""
+    import pyarrow.parquet as pq
+
+    b = _as_build(build)
+    d = fileio.join(b.directory, "finalize", "scores")
+    if not fileio.exists(d):
+        return None
+    files = fileio.expand_inputs([d], suffixes=(".parquet",))
+    vals = []
+    for f in files:
+        with fileio.open_file(f, "rb") as fh:
+            col = pq.read_table(fh, columns=["clip_score"]).column("clip_score").to_pylist()
+        vals.extend(v for v in col if v is not None)
+    return np.asarray(vals, dtype=np.float64)
+
+
+def clip_score_figure(build: BuildOutput | str):
+    """Histogram of CLIP scores with the threshold used; None when the build did not score."""
+    b = _as_build(build)
+    scores = clip_scores(b)
+    if scores is None:
+        return None
+    fig = _figure(6.5, 3.8)
+    ax = fig.subplots()
+    if scores.size:
+        ax.hist(scores, bins=min(60, max(10, scores.size // 5)), color="#4c72b0")
+    thr = (b.stats.get("score") or {}).get("threshold")
+    if thr is not None:
+        kept = int((scores >= thr).sum())
+        ax.axvline(thr, color="#c44e52", ls="--", label=f"threshold {thr:.4f}: {kept:,} kept")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("CLIP score (cosine similarity)")
+    ax.set_ylabel("samples")
+    ax.set_title(f"CLIP scores of {scores.size:,} balanced samples")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _save(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    with fileio.atomic_write(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def report_markdown(build: BuildOutput | str, *, plots: Mapping[str, str] | None = None) -> str:
+    """The text of ``report.md`` (``plots``: name -> path relative to the report)."""
+    b = _as_build(build)
+    s = b.stats
+    plots = dict(plots or {})
+    c = s.get("counters") or {}
+    ic = s.get("image_counters")
+    out = ["# wit build report", ""]
+    n_in, n_kept = c.get("input", 0), c.get("kept", 0)
+    summary = [
+        f"- **{s.get('samples', 0):,} samples** in {s.get('shards', 0):,} shard(s): "
+        f"`{s.get('train_data', '')}` (open_clip `--train-data`; `sizes.json` gives the count)",
+        f"- pairs: {n_in:,} extracted by gather, {n_kept:,} in final samples "
+        f"({_pct(n_kept, n_in)}), {n_in - n_kept:,} dropped with a reason",
+    ]
+    if ic:
+        summary.append(
+            f"- images: {ic.get('input', 0):,} distinct URLs sent to download, "
+            f"{ic.get('kept', 0):,} in the final shards"
+        )
+    q = s.get("queries") or {}
+    if q:
+        summary.append(
+            f"- queries: {q.get('count', 0):,} (`{os.path.basename(q.get('path', ''))}`)"
+        )
+    cfgb = b.config.get("balance", {})
+    summary.append(
+        f"- balancing: t = {cfgb.get('t')}, pre-balance factor = {cfgb.get('prebalance_factor')}, "
+        f"seed = {cfgb.get('seed')}"
+    )
+    out += [*summary, "", "## Funnel (pairs)", "", funnel_markdown(b, "pairs"), ""]
+    if ic:
+        out += ["## Funnel (images)", "", funnel_markdown(b, "images"), ""]
+    out += [
+        "Every pair gathered is either in a final sample or dropped under exactly one reason: "
+        "`input == kept + sum(dropped:*)` (checked when `stats.json` is written).",
+        "",
+    ]
+    if "funnel" in plots:
+        out += [f"![funnel]({plots['funnel']})", ""]
+    out += ["## Drop reasons", "", reasons_markdown(b), ""]
+    out += ["## Per-query distribution", ""]
+    if "queries" in plots:
+        out += [f"![queries]({plots['queries']})", ""]
+    head, tail = head_tail(b, n=10, by="before")
+    if head:
+        out += ["Head queries (most matches before balancing):", "", query_table_markdown(head), ""]
+        out += ["Tail queries (fewest matches):", "", query_table_markdown(tail), ""]
+    cont = s.get("contamination")
+    if cont:
+        out += ["## Decontamination", ""]
+        rows = [
+            [name, _fmt(v["images"]), _fmt(v["contaminated_samples"]), _fmt(v["eval_images_hit"])]
+            for name, v in sorted(cont["eval_sets"].items())
+        ]
+        out += [
+            markdown_table(
+                ["eval set", "images", "training samples dropped", "eval images hit"], rows
+            ),
+            "",
+            f"Sets hit: {', '.join(cont['sets_hit']) or 'none'}.",
+            "",
+        ]
+    sc = s.get("score")
+    if sc:
+        seed = sc.get("seed_model") or {}
+        thr = sc.get("threshold")
+        thr_text = f"{thr:.4f}" if thr is not None else "none"
+        out += [
+            "## CLIP score",
+            "",
+            f"Seed model `{seed.get('model')}` (`{os.path.basename(str(seed.get('pretrained')))}`); "
+            f"threshold {thr_text}.",
+            "",
+        ]
+        if "clip_scores" in plots:
+            out += [f"![clip scores]({plots['clip_scores']})", ""]
+    if "samples" in plots:
+        out += ["## Samples", "", f"![samples]({plots['samples']})", ""]
+    return "\n".join(out)
+
+
+def write_report(directory: str) -> str:
+    """Write ``DIR/report.md`` and its PNG plots under ``DIR/plots/``; returns the report path."""
+    b = load_build(directory)
+    plots_dir = fileio.join(directory, PLOTS_DIR)
+    fileio.makedirs(plots_dir)
+    plots: dict[str, str] = {}
+    figures = {
+        "funnel": funnel_figure(b),
+        "queries": query_distribution_figure(b),
+        "samples": sample_grid_figure(b),
+        "clip_scores": clip_score_figure(b),
+    }
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        _save(fig, fileio.join(plots_dir, f"{name}.png"))
+        plots[name] = f"{PLOTS_DIR}/{name}.png"
+    path = fileio.join(directory, REPORT_FILE)
+    with fileio.atomic_write(path, "w") as f:
+        f.write(report_markdown(b, plots=plots))
+    return path
