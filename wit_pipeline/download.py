@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import fileio, netguard, robots, shards, urls
+from wit_pipeline import fileio, netguard, robots, schemas, shards, urls
 from wit_pipeline.beam_utils import COUNTS, SumCounts, emit_counts
 from wit_pipeline.config import DownloadConfig, to_dict
 from wit_pipeline.errors import WitError
@@ -83,15 +83,9 @@ REASONS = (
     "internal_error",
 )
 
-PAIR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
-    ("uid", pa.string()),
-    ("url", pa.string()),
-    ("caption", pa.string()),
-    ("query_ids", pa.list_(pa.int32())),
-    ("source", pa.string()),
-    ("page_url", pa.string()),
-    ("language", pa.string()),
-    ("language_score", pa.float32()),
+# The candidate columns (docs/data-format.md) that every pair carries into the shard tables.
+PAIR_FIELDS: tuple[tuple[str, pa.DataType], ...] = tuple(
+    (f.name, f.type) for f in schemas.CANDIDATE_SCHEMA
 )
 SHARD_SCHEMA = pa.schema(
     [

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.pvalue import TaggedOutput
 
-from wit_pipeline import beam_utils, fileio, queries, urls
+from wit_pipeline import beam_utils, fileio, queries, schemas, urls
 from wit_pipeline import captions as captions_lib
 from wit_pipeline import counters as counters_lib
 from wit_pipeline.config import GatherConfig
@@ -61,18 +61,7 @@ STATS_FILE = "stats.json"
 QUERY_COUNTS = "query_counts"
 READ_COUNTER_PREFIXES = ("warc:", "wat:", "table:", "files:")
 
-CANDIDATE_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("query_ids", pa.list_(pa.int32())),
-        ("source", pa.string()),
-        ("page_url", pa.string()),
-        ("language", pa.string()),
-        ("language_score", pa.float32()),
-    ]
-)
+CANDIDATE_SCHEMA = schemas.CANDIDATE_SCHEMA
 REJECTED_SCHEMA = pa.schema(
     [
         ("url", pa.string()),
