@@ -68,7 +68,9 @@ def test_local_paths_are_refused_on_remote_runners_only():
     )
     with pytest.raises(WitError, match="file:///tmp/a"):
         runners.check_worker_paths("SparkRunner", [], [("--output", "file:///tmp/a")])
-    runners.check_worker_paths("DataflowRunner", [], [("--output", "s3://b/o"), ("x", "hdfs://n/p")])
+    runners.check_worker_paths(
+        "DataflowRunner", [], [("--output", "s3://b/o"), ("x", "hdfs://n/p")]
+    )
 
 
 def test_dataflow_needs_the_package_on_its_workers():
@@ -204,9 +206,7 @@ def _hinted(job, hint: str) -> list[str]:
         t.unique_name
         for t in comps.transforms.values()
         if t.environment_id
-        and comps.environments[t.environment_id].resource_hints.get(
-            "beam:resources:accelerator:v1"
-        )
+        and comps.environments[t.environment_id].resource_hints.get("beam:resources:accelerator:v1")
         == hint.encode()
     )
 
@@ -306,9 +306,7 @@ def test_finalize_with_scoring_translates_with_package_and_gpu_hint(tmp_path):
     # The package travels as an sdist built from pyproject.toml; it holds the package data the
     # workers need (model configs, templates, the demo config).
     deps = [
-        d
-        for env in job.proto_pipeline.components.environments.values()
-        for d in env.dependencies
+        d for env in job.proto_pipeline.components.environments.values() for d in env.dependencies
     ]
     from apache_beam.portability.api import beam_runner_api_pb2
 
