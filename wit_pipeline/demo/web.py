@@ -165,7 +165,8 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
             copy = site.put(f"/thumbs/{i:05d}.jpg", scenes.jpeg_bytes(small, quality=90))
             plant("resized_copy", copy, scene.caption(5), of=url)
         elif r < 0.10:  # same URL again on another page with another alt text
-            plant("same_url_second_caption", url, scene.caption(1), of=url)
+            other = next(c for c in map(scene.caption, (1, 3, 4)) if c != caption)
+            plant("same_url_second_caption", url, other, of=url)
 
     # --- The mess ----------------------------------------------------------------------------
     mess_img = scenes.render(scenes.Scene("red", "circle", 2, "grey", 424242), cfg.image_size)
