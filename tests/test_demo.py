@@ -100,7 +100,7 @@ def test_audit_tells_a_missed_item(demo):
 
 
 def test_summary_outputs_and_zero_shot(demo):
-    out, cfg, summary, lines = demo
+    out, _cfg, summary, lines = demo
     b = summary["build"]
     stats = json.loads((out / "build" / "stats.json").read_text())
     assert b["samples"] == stats["samples"] > 0 and b["pairs_in"] == stats["counters"]["input"]
