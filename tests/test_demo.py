@@ -122,15 +122,41 @@ def test_summary_outputs_and_zero_shot(demo):
     assert any(line.startswith("build: [4/5] finalize") for line in lines)
 
 
-def test_rerun_reuses_the_web_the_build_and_the_model(demo):
-    out, cfg, summary, _ = demo
+def test_rerun_reuses_the_web_the_build_and_the_model(demo, capsys):
+    out, _cfg, summary, _ = demo
     before = sha_tree(out / "build" / "shards")
-    lines: list[str] = []
-    again = demo_run.run_demo(str(out), cfg, log=lines.append)
+    args = ["demo", "run", "--output", str(out)]
+    for item in SMALL:
+        args += ["--set", item]
+    assert cli.main(args) == 0  # the command line gives the same config: nothing to redo
+    captured = capsys.readouterr()
+    again = json.loads((out / "demo.json").read_text())
     assert again["zeroshot"] == summary["zeroshot"] and again["build"] == summary["build"]
-    assert any("(reused)" in line for line in lines)
-    assert sum("done (skipped)" in line for line in lines) == len(build.STEPS) + 1  # + train
+    assert "(reused)" in captured.err
+    assert captured.err.count("done (skipped)") == len(build.STEPS) + 1  # + train
+    assert captured.out == demo_run.format_summary(again) + "\n"
     assert sha_tree(out / "build" / "shards") == before
+
+
+def test_a_taken_port_regenerates_the_web(tmp_path):
+    import socket
+
+    cfg = demo_run.load_demo_config(None, ["web.n_images=10", "web.eval_per_class=1"]).web
+    web_dir = str(tmp_path / "web")
+    with demo_run.served_web(web_dir, cfg, log=lambda m: None) as (_, first):
+        pass
+    port = int(first["base_url"].rsplit(":", 1)[1])
+    lines: list[str] = []
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen(1)
+        with demo_run.served_web(web_dir, cfg, log=lines.append) as (srv, second):
+            assert second["base_url"] == srv.base_url != first["base_url"]
+    assert lines[0] == f"web: port {port} is taken; generating the web again on a free port"
+    with demo_run.served_web(web_dir, cfg, log=lines.append) as (srv, third):
+        assert third["base_url"] == second["base_url"]  # free again: reused as it is
+    assert lines[-1].endswith("(reused), served at " + second["base_url"])
 
 
 @pytest.mark.parametrize(
