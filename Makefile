@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-# make build-dataset variables (empty INPUT runs the built-in demo).
+# make build-dataset variables (empty INPUT runs the built-in demo; ARGS: more flags, e.g. Beam's).
 INPUT ?=
 QUERIES ?=
 OUTPUT ?= out/demo
 RUNNER ?= FnApiRunner
 CONFIG ?=
+ARGS ?=
 
 .PHONY: help install test test-fast lint format build-dataset queries benchmarks clean
 
@@ -21,7 +22,8 @@ help:
 	@echo "make install        create $(VENV)/ and install wit-pipeline with pinned dependencies"
 	@echo "make test           run the test suite (installs first when $(VENV)/ is missing)"
 	@echo "make lint           ruff check + format check"
-	@echo "make build-dataset  build a dataset (the built-in demo by default; INPUT= QUERIES= OUTPUT= RUNNER= CONFIG=)"
+	@echo "make build-dataset  the built-in demo (web -> shards -> report -> wit-tiny), or with INPUT= a"
+	@echo "                    'wit build' of your crawl (QUERIES= OUTPUT= RUNNER= CONFIG= ARGS=)"
 	@echo "make queries        rebuild the shipped query list in queries/"
 	@echo "make benchmarks     run the benchmarks in benchmarks/"
 
@@ -45,10 +47,15 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Without INPUT: the built-in demo (docs/demo.md). With INPUT: `wit build` on your files.
 build-dataset: install
-	$(PY) -m wit_pipeline demo run --output $(OUTPUT) --runner $(RUNNER) \
-	  $(if $(INPUT),--input $(INPUT)) $(if $(QUERIES),--queries $(QUERIES)) \
-	  $(if $(CONFIG),--config $(CONFIG))
+ifeq ($(strip $(INPUT)),)
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m wit_pipeline demo run --output $(OUTPUT) \
+	  --runner $(RUNNER) $(if $(QUERIES),--queries $(QUERIES)) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+else
+	$(PY) -m wit_pipeline build --input $(INPUT) --output $(OUTPUT) --runner $(RUNNER) \
+	  $(if $(QUERIES),--queries $(QUERIES)) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+endif
 
 queries: install
 	$(PY) -m wit_pipeline queries build-default --output queries/

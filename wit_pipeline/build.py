@@ -51,7 +51,17 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.pvalue import TaggedOutput
 
-from wit_pipeline import balance, beam_utils, captions, config, dedup, fileio, gather, queries
+from wit_pipeline import (
+    balance,
+    beam_utils,
+    captions,
+    config,
+    dedup,
+    fileio,
+    gather,
+    queries,
+    runners,
+)
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import download as download_lib
 from wit_pipeline import finalize as finalize_lib
@@ -692,6 +702,17 @@ def _beam_args(ctx: StepContext, processes: int = 1) -> list[str]:
     return beam_utils.local_parallelism(args, processes)
 
 
+def add_download(
+    p: beam.Pipeline, *, files: Sequence[str], output_dir: str, cfg: config.DownloadConfig
+) -> None:
+    """Add the download step to ``p``: candidate Parquet files -> ``output_dir``'s shards."""
+    _ = (
+        p
+        | "ReadCandidates" >> download_lib.ReadCandidates(files)
+        | "DownloadImages" >> download_lib.DownloadImages(output_dir=output_dir, config=cfg)
+    )
+
+
 def _run_download(ctx: StepContext) -> dict[str, Any]:
     dl = ctx.cfg.download
     out = _step_dir(ctx, "download")
@@ -703,11 +724,7 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
     options = beam_utils.pipeline_options(_beam_args(ctx, dl.processes))
     try:
         with beam.Pipeline(options=options) as p:
-            _ = (
-                p
-                | "ReadCandidates" >> download_lib.ReadCandidates(files)
-                | "DownloadImages" >> download_lib.DownloadImages(output_dir=out, config=dl)
-            )
+            add_download(p, files=files, output_dir=out, cfg=dl)
     except Exception as e:
         m = re.search(r"(\S+ holds a download run with a different input[^\n'\"]*)", str(e))
         if m:
@@ -1100,6 +1117,24 @@ def validate(cfg: config.BuildConfig) -> config.BuildConfig:
     return cfg
 
 
+def worker_paths(
+    inputs: Sequence[str], output: str, cfg: config.BuildConfig, queries_path: str | None
+) -> list[tuple[str, str]]:
+    """``(what, path)`` for every file a build's workers read or write (``runners``)."""
+    out = [("--input", p) for p in inputs] + [("--output", output)]
+    out.append(
+        ("--queries", queries_path)
+        if queries_path
+        else ("the shipped query list (no --queries)", queries.default_queries_path())
+    )
+    out += [("eval set", dedup.parse_eval_set(s).path) for s in cfg.dedup.eval_sets]
+    if runners.looks_like_path(cfg.score.pretrained):
+        out.append(("score.pretrained (--seed-model)", cfg.score.pretrained))
+    out.append(("gather.captions.fasttext_model", cfg.gather.captions.fasttext_model))
+    out.append(("download.ca_bundle", cfg.download.ca_bundle))
+    return out
+
+
 def run_build(
     inputs: Sequence[str],
     output: str,
@@ -1111,8 +1146,16 @@ def run_build(
     overwrite: bool = False,
     log: Log = _stderr,
 ) -> dict[str, Any]:
-    """Run (or resume) a build into ``output``; returns the whole-run ``stats.json`` document."""
+    """Run (or resume) a build into ``output``; returns the whole-run ``stats.json`` document.
+
+    On a runner whose workers do not share this machine's files (Dataflow, Flink, Spark), every
+    path the workers use must be a URL they can read, and Dataflow needs the package shipped
+    (``runners``): both are checked first, with one-line errors.
+    """
     output = _abs(output)
+    where = runners.runner_of(beam_args, runner)
+    runners.check_worker_package(where, beam_args)
+    runners.check_worker_paths(where, beam_args, worker_paths(inputs, output, cfg, queries_path))
     cfg = validate(cfg)
     build_inputs = resolve_inputs(inputs, queries_path, cfg)
     states = prepare_output(output, cfg, build_inputs, overwrite=overwrite, log=log)

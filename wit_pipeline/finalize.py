@@ -754,6 +754,66 @@ def _write_prebalance_stats(counts, after, path: str, extra: Mapping[str, Any]) 
     return path
 
 
+def add_prebalance(
+    p: beam.Pipeline,
+    *,
+    gather_dir: str,
+    output_dir: str,
+    cfg: config.BuildConfig,
+    schema: pa.Schema,
+    queries_path: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Add the pre-balance step to ``p``: ``gather_dir``'s candidates -> ``output_dir``.
+
+    The graph of :func:`run_prebalance` (``wit build``'s second step); ``schema`` is the
+    candidates' Arrow schema, written unchanged.
+    """
+    factor = cfg.balance.prebalance_factor
+    stats_path = fileio.join(output_dir, STATS)
+    extra = dict(extra or {})
+    # validate=False: the launcher does not list the glob while building the graph (the caller
+    # has checked that it matches; a remote runner lists it on its workers).
+    cands = p | "Read" >> beam.io.ReadFromParquet(
+        fileio.join(gather_dir, CANDIDATES_DIR, "*.parquet"), validate=False
+    )
+    out = cands | "PreBalance" >> balance.PreBalance(
+        t=cfg.balance.t, factor=factor, seed=cfg.balance.seed
+    )
+    _ = out["kept"] | "WriteCandidates" >> beam.io.WriteToParquet(
+        fileio.join(output_dir, CANDIDATES_DIR, "part"),
+        schema=schema,
+        file_name_suffix=".parquet",
+        codec="zstd",
+    )
+    _ = (
+        out["rejected"]
+        | "ToRejected" >> beam.Map(_prebalance_rejected)
+        | "WriteRejected"
+        >> beam.io.WriteToParquet(
+            fileio.join(output_dir, REJECTED_DIR, "part"),
+            schema=_PREBALANCE_REJECTED_SCHEMA,
+            file_name_suffix=".parquet",
+            codec="zstd",
+        )
+    )
+    n_in = cands | "CountIn" >> beam.Map(lambda _: (counters_lib.INPUT, 1))
+    n_kept = out["kept"] | "CountKept" >> beam.Map(lambda _: (counters_lib.KEPT, 1))
+    totals = (n_in, n_kept, out["counts"]) | "AllCounts" >> beam.Flatten()
+    summed = totals | "Sum" >> beam_utils.SumCounts()
+    after = out["after"] | "AfterDict" >> beam.combiners.ToDict()
+    _ = summed | "Stats" >> beam.Map(
+        _write_prebalance_stats, beam.pvalue.AsSingleton(after), stats_path, extra
+    )
+    columns = {"before": out["before"], "after_prebalance": out["after"]}
+    _ = columns | "QueryCounts" >> balance.WriteQueryCounts(
+        fileio.join(output_dir, QUERY_COUNTS),
+        queries_path=queries_path,
+        t=cfg.balance.t,
+        prebalance_factor=factor,
+    )
+
+
 def run_prebalance(
     gather_dir: str,
     output_dir: str,
@@ -787,43 +847,14 @@ def run_prebalance(
     stats_path = fileio.join(output_dir, STATS)
 
     def build(p):
-        cands = p | "Read" >> beam.io.ReadFromParquet(
-            fileio.join(gather_dir, CANDIDATES_DIR, "*.parquet")
-        )
-        out = cands | "PreBalance" >> balance.PreBalance(
-            t=cfg.balance.t, factor=factor, seed=cfg.balance.seed
-        )
-        _ = out["kept"] | "WriteCandidates" >> beam.io.WriteToParquet(
-            fileio.join(output_dir, CANDIDATES_DIR, "part"),
+        add_prebalance(
+            p,
+            gather_dir=gather_dir,
+            output_dir=output_dir,
+            cfg=cfg,
             schema=schema,
-            file_name_suffix=".parquet",
-            codec="zstd",
-        )
-        _ = (
-            out["rejected"]
-            | "ToRejected" >> beam.Map(_prebalance_rejected)
-            | "WriteRejected"
-            >> beam.io.WriteToParquet(
-                fileio.join(output_dir, REJECTED_DIR, "part"),
-                schema=_PREBALANCE_REJECTED_SCHEMA,
-                file_name_suffix=".parquet",
-                codec="zstd",
-            )
-        )
-        n_in = cands | "CountIn" >> beam.Map(lambda _: (counters_lib.INPUT, 1))
-        n_kept = out["kept"] | "CountKept" >> beam.Map(lambda _: (counters_lib.KEPT, 1))
-        totals = (n_in, n_kept, out["counts"]) | "AllCounts" >> beam.Flatten()
-        summed = totals | "Sum" >> beam_utils.SumCounts()
-        after = out["after"] | "AfterDict" >> beam.combiners.ToDict()
-        _ = summed | "Stats" >> beam.Map(
-            _write_prebalance_stats, beam.pvalue.AsSingleton(after), stats_path, extra
-        )
-        columns = {"before": out["before"], "after_prebalance": out["after"]}
-        _ = columns | "QueryCounts" >> balance.WriteQueryCounts(
-            fileio.join(output_dir, QUERY_COUNTS),
             queries_path=queries_path,
-            t=cfg.balance.t,
-            prebalance_factor=factor,
+            extra=extra,
         )
 
     _run(build, beam_args, runner)

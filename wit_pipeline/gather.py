@@ -809,6 +809,41 @@ def validate_inputs(paths: Sequence[str], cfg: GatherConfig) -> dict[str, int]:
     return dict(formats)
 
 
+def add_gather(
+    p: beam.Pipeline,
+    paths: Sequence[str],
+    output: str,
+    *,
+    cfg: GatherConfig,
+    queries: Sequence[str] | str,
+    num_buckets: int,
+    queries_sha256: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    progress_interval: float = 10.0,
+) -> None:
+    """Add the gather step to ``p``: input files -> ``output``'s candidates, rejected, stats.
+
+    The graph of :func:`run_gather` (and of ``wit build``'s first step), for building it on any
+    runner without running it (e.g. a Dataflow ``--dry_run``).
+    """
+    result = (
+        p
+        | "Inputs" >> beam.Create(list(enumerate(paths)))
+        | "Gather"
+        >> GatherPairs(
+            cfg=cfg,
+            queries=queries,
+            num_buckets=num_buckets,
+            total_files=len(paths),
+            queries_sha256=queries_sha256,
+            progress_interval=progress_interval,
+        )
+    )
+    _ = result | "Write" >> WriteGather(
+        output, num_buckets=num_buckets, write_rejected=cfg.write_rejected, extra=extra
+    )
+
+
 def run_gather(
     inputs: Sequence[str],
     output: str,
@@ -866,21 +901,16 @@ def run_gather(
     query_spec: Sequence[str] | str = query_list if len(query_list) <= 10_000 else queries_path
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
-        result = (
-            p
-            | "Inputs" >> beam.Create(list(enumerate(paths)))
-            | "Gather"
-            >> GatherPairs(
-                cfg=cfg,
-                queries=query_spec,
-                num_buckets=num_buckets,
-                total_files=len(paths),
-                queries_sha256=sha,
-                progress_interval=progress_interval,
-            )
-        )
-        _ = result | "Write" >> WriteGather(
-            output, num_buckets=num_buckets, write_rejected=cfg.write_rejected, extra=extra
+        add_gather(
+            p,
+            paths,
+            output,
+            cfg=cfg,
+            queries=query_spec,
+            num_buckets=num_buckets,
+            queries_sha256=sha,
+            extra=extra,
+            progress_interval=progress_interval,
         )
     doc = fileio.read_json(stats_path)
     doc["elapsed_s"] = round(time.monotonic() - started, 3)

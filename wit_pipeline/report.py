@@ -314,26 +314,146 @@ def _first_samples(shards_dir: str, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def sample_grid_figure(build: BuildOutput | str, *, n: int = 16, columns: int = 4):
-    """The first ``n`` samples of the final shards (shard order), image and caption each."""
+def query_names(build: BuildOutput | str) -> list[str] | None:
+    """The query list the build matched against (``stats.json`` records its path and sha256).
+
+    None when the file is gone or changed: ``query_ids`` would then name other queries.
+    """
+    from wit_pipeline import queries
+
+    b = _as_build(build)
+    q = b.stats.get("queries") or {}
+    path = q.get("path")
+    if not path or not fileio.exists(path):
+        return None
+    if q.get("sha256") and queries.queries_sha256(path) != q["sha256"]:
+        return None
+    return queries.load_queries(path)
+
+
+def _decode_queries(ids: Any, names: Sequence[str] | None) -> list[str]:
+    ids = list(ids or [])
+    if names is None:
+        return [f"#{i}" for i in ids]
+    return [names[i] if 0 <= i < len(names) else f"#{i}" for i in ids]
+
+
+def samples(
+    build: BuildOutput | str, *, n: int = 16, names: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The first ``n`` final samples: key, image bytes, caption, captions, matched queries
+    (decoded with :func:`query_names` when ``names`` is not given), clip_score, url."""
+    b = _as_build(build)
+    if names is None:
+        names = query_names(b)
+    out = []
+    for s in _first_samples(b.shards_dir, n):
+        meta = s["meta"]
+        out.append(
+            {
+                "key": s["key"],
+                "image": s["image"],
+                "caption": s["caption"],
+                "captions": list(meta.get("captions") or [s["caption"]]),
+                "queries": _decode_queries(meta.get("query_ids"), names),
+                "clip_score": meta.get("clip_score"),
+                "url": meta.get("url", ""),
+            }
+        )
+    return out
+
+
+def search_captions(
+    build: BuildOutput | str,
+    text: str,
+    *,
+    limit: int = 20,
+    names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Final samples whose captions contain ``text`` (case-insensitive), in shard order.
+
+    Reads only the shards' Parquet files (no images): key, shard, caption, captions, queries,
+    clip_score, url per hit.
+    """
+    import pyarrow.parquet as pq
+
+    from wit_pipeline import shards
+
+    b = _as_build(build)
+    needle = text.casefold()
+    if names is None:
+        names = query_names(b)
+    hits: list[dict[str, Any]] = []
+    for tar in shards.list_shards(b.shards_dir):
+        path = tar[: -len(".tar")] + ".parquet"
+        with fileio.open_file(path, "rb") as f:
+            table = pq.read_table(f)
+        cols = set(table.column_names)
+        for row in table.to_pylist():
+            caps = list(row.get("captions") or [row.get("caption") or ""])
+            if not any(needle in (c or "").casefold() for c in caps):
+                continue
+            hits.append(
+                {
+                    "key": row["key"],
+                    "shard": os.path.basename(tar),
+                    "caption": row.get("caption"),
+                    "captions": caps,
+                    "queries": _decode_queries(row.get("query_ids"), names),
+                    "clip_score": row.get("clip_score") if "clip_score" in cols else None,
+                    "url": row.get("url"),
+                }
+            )
+            if len(hits) >= limit:
+                return hits
+    return hits
+
+
+def sample_grid_figure(
+    build: BuildOutput | str,
+    *,
+    n: int = 16,
+    columns: int = 4,
+    show_queries: bool = False,
+    names: Sequence[str] | None = None,
+):
+    """The first ``n`` samples of the final shards (shard order), image and caption each.
+
+    With ``show_queries``, each tile also lists the sample's matched queries (decoded with the
+    build's query list) and its CLIP score, when scored.
+    """
     from PIL import Image
 
     b = _as_build(build)
-    samples = _first_samples(b.shards_dir, n)
-    rows = max(1, -(-len(samples) // columns))
-    fig = _figure(columns * 2.6, rows * 3.0)
+    if show_queries:
+        found = samples(b, n=n, names=names)
+    else:
+        found = [
+            {
+                "image": s["image"],
+                "caption": s["caption"],
+                "queries": None,
+                "clip_score": s["meta"].get("clip_score"),
+            }
+            for s in _first_samples(b.shards_dir, n)
+        ]
+    rows = max(1, -(-len(found) // columns))
+    fig = _figure(columns * 2.6, rows * (3.4 if show_queries else 3.0))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, s in zip(axes, samples, strict=False):
+    for ax, s in zip(axes, found, strict=False):
         with Image.open(io.BytesIO(s["image"])) as img:
             ax.imshow(np.asarray(img.convert("RGB")))
-        title = textwrap.shorten(s["caption"], 90, placeholder="...")
-        score = s["meta"].get("clip_score")
+        title = "\n".join(textwrap.wrap(textwrap.shorten(s["caption"], 90, placeholder="..."), 28))
+        if s["queries"] is not None:
+            q = textwrap.shorten(", ".join(s["queries"]), 60, placeholder="...")
+            title += "\n" + "\n".join(textwrap.wrap(f"[{q}]", 32))
+        score = s["clip_score"]
         if score is not None:
             title += f"\n(clip {score:.3f})"
-        ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=7)
-    if not samples:
+        ax.set_title(title, fontsize=7)
+    if not found:
         axes[0].text(0.5, 0.5, "no samples", ha="center", va="center")
     return fig
 

@@ -98,6 +98,7 @@ class TrainConfig:
     output: str = _opt("runs/wit", "output folder: checkpoints/, metrics.jsonl, loss.png, eval.png")
     resume: str = _opt("", '"latest" (OUTPUT/checkpoints/latest.pt) or a checkpoint path')
     save_every_steps: int = _opt(0, "also refresh latest.pt every N steps (0: at epoch ends only)")
+    epoch_checkpoints: bool = _opt(True, "also keep checkpoints/epoch_N.pt after every epoch")
     stop_after_steps: int = _opt(
         0, "end this run after N total steps (schedule unchanged); resume later"
     )
@@ -822,7 +823,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         is_last = epoch >= cfg.epochs or step >= total_steps
         if (evaluator is not None or rt.distributed) and (is_last or epoch % cfg.eval_every == 0):
             last_eval = run_eval() or last_eval
-        save(extra_names=[f"epoch_{finished_epoch + 1}.pt"])
+        save(extra_names=[f"epoch_{finished_epoch + 1}.pt"] if cfg.epoch_checkpoints else [])
         if rt.is_main and cfg.plots:
             write_plots(metrics.rows(), cfg.output)
         window = _new_window()  # throughput excludes evaluation and checkpointing

@@ -4,18 +4,25 @@ The web is what a crawl of the real one looks like in miniature: most images are
 (synthetic scenes with alt texts that describe them), and the rest is the usual mess, each kind
 planted so that a stage has something to catch:
 
-| planted | caught by |
+| planted (``kind`` in ``web.json``) | caught by (stage: ``dropped:<reason>``) |
 |---|---|
-| same image under two URLs, JPEG re-encodes, resized copies | dedup (`near_duplicate`) |
-| one URL on two pages with two alt texts | download once, collapse captions |
-| German, French, Spanish alt texts | gather (`language`) |
-| junk alt texts (file names, "click here", empty) | gather (`no_query_match`, `too_short`, ...) |
-| `data:` and `javascript:` image sources | gather (`unsupported_scheme`-style reasons) |
-| truncated JPEG, HTML served as image, empty body, 404 | download (decode / http reasons) |
-| a decompression bomb PNG (20,000 x 20,000 px) | download (`too_large`-style reason) |
-| images under `/private/` disallowed by robots.txt | download (`robots`) |
-| images served with `X-Robots-Tag: noai` | download (`opt_out`) |
-| redirects to 10.0.0.1 and 169.254.169.254 | download SSRF guard (`blocked_address`) |
+| ``exact_copy``, ``reencode``, ``resized_copy``: the same scene under a second URL | dedup: ``near_duplicate`` (its captions move to the survivor) |
+| ``same_url_second_caption``: one URL on two pages with two alt texts | download fetches it once; one sample with both captions |
+| ``foreign_caption``: German, French, Spanish alt texts | gather: ``language`` |
+| ``junk_caption``: file names, "thumbnail", a missing alt, "click here", "image" | gather: ``language`` (``IMG_2041.JPG``, ``thumbnail``), ``no_match`` (``DSC00012``), ``no_caption`` (no alt); "click here" and "image" contain the queries ``click``, ``here``, ``image`` and are *kept*, as CLIP's query matching would keep them (CLIP-score filtering, ``--seed-model``, is what removes such pairs) |
+| ``data_uri``, ``javascript_uri``: ``data:`` and ``javascript:`` sources | gather: ``unsupported_scheme`` |
+| ``truncated_image``, ``html_as_image``, ``empty_body``, ``http_404`` | download: ``decode_error``, ``not_image``, ``empty_body``, ``http_404`` |
+| ``decompression_bomb``: a 20,000 x 20,000 px PNG of a few kB | download: ``too_large`` (read from the header; never decoded) |
+| ``robots_disallowed``: images under ``/private/``, disallowed by robots.txt | download: ``robots`` |
+| ``x_robots_tag_noai``: images served with ``X-Robots-Tag: noai`` | download: ``opt_out`` |
+| ``redirect_to_private``: redirects to 10.0.0.1 and 169.254.169.254 | download: ``blocked_address`` (SSRF guard) |
+| ``eval_copy``: held-out zero-shot renders (exact and re-encoded) put on pages | dedup: ``eval_contamination`` (with ``--eval-set`` the eval file) |
+
+A planted item dropped earlier for another reason (pre-balancing draws among every matched
+pair) never reaches the stage of its row. ``web.json`` lists every planted item
+(``planted_items``: kind, url, caption, and ``of``: the original of a copy), and
+``wit_pipeline.demo.audit`` traces each through a build; ``tests/test_demo.py`` checks this
+table against a real build.
 
 Everything is deterministic for a given seed; only the server port appears in URLs.
 """
@@ -55,6 +62,7 @@ class WebConfig:
     table_fraction: float = 0.2  # share of scenes listed in the URL/caption table, not on pages
     image_size: int = 96
     eval_per_class: int = 20  # held-out zero-shot renders per colour x shape class
+    eval_copies: int = 4  # held-out renders also put on the pages (decontamination catches them)
     seed: int = 0
 
 
@@ -117,12 +125,20 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
     site = _Site(os.path.join(out_dir, "site"), base_url.rstrip("/"))
     os.makedirs(site.root, exist_ok=True)
     planted: dict[str, int] = {}
+    planted_items: list[dict[str, str]] = []
+    items: list[tuple[str, str]] = []  # (src as written in the page, alt)
 
-    def plant(kind: str) -> None:
+    def plant(kind: str, src: str, caption: str, of: str = "") -> None:
+        """Put one planted (src, alt) on the pages and record it for ``audit``."""
+        items.append((src, caption))
         planted[kind] = planted.get(kind, 0) + 1
+        planted_items.append({"kind": kind, "url": src, "caption": caption, "of": of})
+
+    # --- Held-out zero-shot renders (written below; a few are copied onto the pages) ----------
+    held = scenes.eval_scenes(cfg.eval_per_class, seed=10_000_000 + cfg.seed)
+    held_jpegs = [scenes.jpeg_bytes(scenes.render(s, cfg.image_size)) for s in held]
 
     # --- Good scenes -----------------------------------------------------------------------
-    items: list[tuple[str, str]] = []  # (src as written in the page, alt)
     table_rows: list[tuple[str, str]] = []
     for i in range(cfg.n_images):
         scene = scenes.random_scene(rng, seed=cfg.seed * 1_000_003 + i)
@@ -140,75 +156,59 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
         r = rng.random()
         if r < 0.03:  # exact copy under a second URL, another caption
             copy = site.put(f"/mirror/{i:05d}.jpg", scenes.jpeg_bytes(img, quality=88))
-            items.append((copy, scene.caption(0)))
-            plant("exact_copy")
+            plant("exact_copy", copy, scene.caption(0), of=url)
         elif r < 0.06:  # re-encode at low quality
             copy = site.put(f"/reencoded/{i:05d}.jpg", scenes.jpeg_bytes(img, quality=35))
-            items.append((copy, scene.caption(2)))
-            plant("reencode")
+            plant("reencode", copy, scene.caption(2), of=url)
         elif r < 0.08:  # resized copy
             small = img.resize((cfg.image_size * 2 // 3,) * 2, Image.BICUBIC)
             copy = site.put(f"/thumbs/{i:05d}.jpg", scenes.jpeg_bytes(small, quality=90))
-            items.append((copy, scene.caption(5)))
-            plant("resized_copy")
+            plant("resized_copy", copy, scene.caption(5), of=url)
         elif r < 0.10:  # same URL again on another page with another alt text
-            items.append((url, scene.caption(1)))
-            plant("same_url_second_caption")
+            other = next(c for c in map(scene.caption, (1, 3, 4)) if c != caption)
+            plant("same_url_second_caption", url, other, of=url)
 
     # --- The mess ----------------------------------------------------------------------------
     mess_img = scenes.render(scenes.Scene("red", "circle", 2, "grey", 424242), cfg.image_size)
     good = scenes.jpeg_bytes(mess_img)
     for k, text in enumerate(FOREIGN_CAPTIONS):
-        items.append((site.put(f"/img/foreign_{k}.jpg", good), text))
-        plant("foreign_caption")
+        plant("foreign_caption", site.put(f"/img/foreign_{k}.jpg", good), text)
     for k, text in enumerate(JUNK_CAPTIONS):
-        items.append((site.put(f"/img/junk_{k}.jpg", good), text))
-        plant("junk_caption")
-    items.append(("data:image/gif;base64,R0lGODlhAQABAAAAACw=", "a red circle spacer"))
-    items.append(("javascript:void(0)", "two blue squares"))
-    plant("data_uri")
-    plant("javascript_uri")
+        plant("junk_caption", site.put(f"/img/junk_{k}.jpg", good), text)
+    plant("data_uri", "data:image/gif;base64,R0lGODlhAQABAAAAACw=", "a red circle spacer")
+    plant("javascript_uri", "javascript:void(0)", "two blue squares")
     for k in range(3):
-        items.append(
-            (site.put(f"/broken/truncated_{k}.jpg", good[: len(good) // 3]), "two red circles")
-        )
-        plant("truncated_image")
-    items.append(
-        (
-            site.put(
-                "/broken/page.jpg",
-                b"<html><body>not an image</body></html>",
-                headers={"Content-Type": "image/jpeg"},
-            ),
-            "one red circle",
-        )
-    )
-    plant("html_as_image")
-    items.append((site.put("/broken/empty.jpg", b""), "three red circles"))
-    plant("empty_body")
+        truncated = site.put(f"/broken/truncated_{k}.jpg", good[: len(good) // 3])
+        plant("truncated_image", truncated, "two red circles")
+    html = b"<html><body>not an image</body></html>"
+    page_as_jpg = site.put("/broken/page.jpg", html, headers={"Content-Type": "image/jpeg"})
+    plant("html_as_image", page_as_jpg, "one red circle")
+    plant("empty_body", site.put("/broken/empty.jpg", b""), "three red circles")
     for k in range(3):
         site.routes[f"/missing/{k}.jpg"] = Route(status=404)
-        items.append((f"{site.base_url}/missing/{k}.jpg", "a green square"))
-        plant("http_404")
-    items.append((site.put("/huge/bomb.png", _bomb_png()), "a black square on a white background"))
-    plant("decompression_bomb")
+        plant("http_404", f"{site.base_url}/missing/{k}.jpg", "a green square")
+    bomb = site.put("/huge/bomb.png", _bomb_png())
+    plant("decompression_bomb", bomb, "a black square on a white background")
     for k in range(5):
-        items.append((site.put(f"/private/{k}.jpg", good), "two red circles on a grey background"))
-        plant("robots_disallowed")
+        private = site.put(f"/private/{k}.jpg", good)
+        plant("robots_disallowed", private, "two red circles on a grey background")
     for k in range(5):
-        items.append(
-            (
-                site.put(f"/optout/{k}.jpg", good, headers={"X-Robots-Tag": "noai"}),
-                "two red circles",
-            )
-        )
-        plant("x_robots_tag_noai")
+        optout = site.put(f"/optout/{k}.jpg", good, headers={"X-Robots-Tag": "noai"})
+        plant("x_robots_tag_noai", optout, "two red circles")
     for k, target in enumerate(
         ("http://10.0.0.1/admin.jpg", "http://169.254.169.254/latest/meta-data/")
     ):
         site.routes[f"/redirect/{k}.jpg"] = Route(status=302, redirect=target)
-        items.append((f"{site.base_url}/redirect/{k}.jpg", "three yellow stars"))
-        plant("redirect_to_private")
+        plant("redirect_to_private", f"{site.base_url}/redirect/{k}.jpg", "three yellow stars")
+    # Held-out renders found on the web: two byte-identical copies and two re-encodes.
+    for k in range(min(cfg.eval_copies, len(held))):
+        j = (k * 7919) % len(held)
+        data = held_jpegs[j]
+        if k % 2:
+            with Image.open(io.BytesIO(data)) as im:
+                data = scenes.jpeg_bytes(im.convert("RGB"), quality=60)
+        url = site.put(f"/img/heldout_{k}.jpg", data)
+        plant("eval_copy", url, held[j].caption(), of=f"eval:{j}")
     site.put("/robots.txt", b"User-agent: *\nDisallow: /private/\n")
 
     # --- Pages and the WARC crawl ----------------------------------------------------------------
@@ -238,17 +238,11 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
         table_path,
     )
 
-    # --- Held-out zero-shot renders ----------------------------------------------------------------
+    # --- Held-out zero-shot renders ------------------------------------------------------------
     eval_dir = os.path.join(out_dir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    held = scenes.eval_scenes(cfg.eval_per_class, seed=10_000_000 + cfg.seed)
     pq.write_table(
-        pa.table(
-            {
-                "image": [scenes.jpeg_bytes(scenes.render(s, cfg.image_size)) for s in held],
-                "label": [s.label for s in held],
-            }
-        ),
+        pa.table({"image": held_jpegs, "label": [s.label for s in held]}),
         os.path.join(eval_dir, "zeroshot.parquet"),
     )
     with open(os.path.join(eval_dir, "classnames.txt"), "w") as f:
@@ -265,6 +259,7 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
         "page_images": len(items),
         "table_images": len(table_rows),
         "planted": dict(sorted(planted.items())),
+        "planted_items": planted_items,
         "config": dataclasses.asdict(cfg),
     }
     with open(os.path.join(out_dir, "web.json"), "w") as f:

@@ -1,0 +1,116 @@
+"""``wit demo``: the built-in demo (``run``: generate, serve, build, train) and ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+examples:
+  wit demo run --output out/demo                      # what `make build-dataset` runs
+  wit demo run --output out/demo --set web.n_images=1000 --set train.max_steps=100
+  wit demo run --output out/demo --config my-demo.yaml --direct_num_workers 2 \\
+      --direct_running_mode multi_processing
+  wit demo serve out/demo/web                         # browse the generated web
+
+OUTPUT/web: the generated web (pages, images, robots.txt, crawl.warc.gz, pairs.parquet,
+eval/zeroshot.parquet); OUTPUT/build: the `wit build` output (shards/, report.md, stats.json);
+OUTPUT/train: the trained wit-tiny (checkpoints/, metrics.jsonl, train.yaml); OUTPUT/demo.json:
+the summary. A rerun skips what is done. Unknown --flags go to Beam (local runners only: the web
+is served from this process on 127.0.0.1). docs/demo.md explains every piece.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo",
+        help="the built-in demo: a generated web, crawled, built into shards, trained on",
+        description=(
+            "Generate a small web of shape scenes with the usual mess (duplicates, broken and "
+            "huge images, foreign and junk alt texts, robots.txt, opt-outs, redirects to private "
+            "addresses), serve it on 127.0.0.1, `wit build` it, train wit-tiny on the shards and "
+            "report zero-shot accuracy on held-out renders. No network needed."
+        ),
+    )
+    sub = p.add_subparsers(dest="demo_command", metavar="{run,serve}")
+    sub.required = True
+    r = sub.add_parser(
+        "run",
+        help="generate, serve, build and train (make build-dataset)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("--output", "-o", default="out/demo", metavar="DIR", help="demo directory")
+    r.add_argument(
+        "--queries", "-q", metavar="FILE", help="query list (default: the shipped English list)"
+    )
+    r.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML/TOML over the shipped demo config (web/build/train sections, or build "
+        "options alone)",
+    )
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one option, e.g. --set build.balance.t=50 --set train.max_steps=100",
+    )
+    r.add_argument("--runner", help="Beam runner (FnApiRunner, DirectRunner; local only)")
+    r.add_argument(
+        "--no-train", dest="train", action="store_false", help="stop after the build and report"
+    )
+    r.set_defaults(func=run, accepts_beam_args=True)
+    s = sub.add_parser("serve", help="serve a generated demo web on 127.0.0.1 until Ctrl-C")
+    s.add_argument("web_dir", metavar="WEB_DIR", help="OUTPUT/web of a demo run")
+    s.set_defaults(func=serve)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from wit_pipeline.demo import run as demo_run
+
+    cfg = demo_run.load_demo_config(args.config, args.overrides)
+    summary = demo_run.run_demo(
+        args.output,
+        cfg,
+        queries_path=args.queries,
+        runner=args.runner,
+        beam_args=args.beam_args,
+        train=args.train,
+    )
+    print(demo_run.format_summary(summary), flush=True)
+    return 0 if summary["build"]["samples"] else 1
+
+
+def serve(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+
+    from wit_pipeline.demo import server
+    from wit_pipeline.errors import WitError
+
+    manifest_path = os.path.join(args.web_dir, "web.json")
+    if not os.path.exists(manifest_path):
+        raise WitError(f"{args.web_dir} holds no generated web (no web.json)")
+    with open(manifest_path) as f:
+        base_url = json.load(f)["base_url"]
+    port = int(base_url.rsplit(":", 1)[1])
+    try:
+        ctx = server.serve(os.path.join(args.web_dir, "site"), port=port)
+        srv = ctx.__enter__()
+    except OSError as e:
+        raise WitError(f"cannot serve on port {port} (the port its URLs name): {e}") from None
+    try:
+        srv.load_routes(os.path.join(args.web_dir, "routes.json"))
+        print(f"serving {args.web_dir} at {srv.base_url}/pages/0000.html (Ctrl-C stops)")
+        sys.stdout.flush()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        ctx.__exit__(None, None, None)
