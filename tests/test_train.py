@@ -307,31 +307,51 @@ def test_command_line_entry_point(small_shards, tmp_path, capsys):
     assert err == [f"wit train: error: training shard not found: {tmp_path / 'nope'}"]
 
 
-def test_ddp_under_torchrun_on_cpu(small_shards, tmp_path):
-    """Two ranks (gloo): each reads its own shards, features are gathered, one checkpoint."""
+def _torchrun(shards_dir, output, *args):
+    """``wit_pipeline.train`` on two CPU ranks (gloo) under torchrun; returns the process."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "wit_pipeline.train", "--train-data", small_shards, "--model", SEED_MODEL,
-         "--batch-size", "16", "--epochs", "1", "--workers", "1", "--device", "cpu",
-         "--output", str(tmp_path / "ddp"), "--no-progress", "--no-plots", "--log-every", "2"],
+         "-m", "wit_pipeline.train", "--train-data", shards_dir, "--model", SEED_MODEL,
+         "--epochs", "1", "--device", "cpu", "--output", str(output), "--no-progress",
+         "--no-plots", *args],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = models.read_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "latest.pt"))
-    # 4 shards of 64 over 2 ranks x 1 worker: 128 samples per rank, 8 steps of 16 per rank.
-    assert ckpt["step"] == 8
-    assert ckpt["data_position"]["world_size"] == 2
-    assert ckpt["data_position"]["samples_seen"] == 8 * 16 * 2
-    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
-    rows = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
-    assert [r["step"] for r in rows if r["type"] == "train"] == [2, 4, 6, 8]
+
+
+def test_ddp_under_torchrun_on_cpu(small_shards, tmp_path):
+    """Two ranks (gloo): each reads its own shards, features are gathered, one checkpoint.
+
+    Run twice: 8 steps of one micro-batch of 16, and 8 steps of two micro-batches of 8 per rank
+    (``--accum-freq 2``: backward under ``no_sync`` but for the last micro-batch). Both see the
+    same samples in the same contrastive batches, so they end with the same weights.
+    """
+    runs = {}
+    for accum, batch in ((1, 16), (2, 8)):
+        out = _torchrun(
+            small_shards, tmp_path / f"ddp{accum}", "--batch-size", str(batch), "--accum-freq",
+            str(accum), "--workers", "1", "--log-every", "2", "--lr", "1e-3", "--warmup", "2",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        ckpt = models.read_checkpoint(str(tmp_path / f"ddp{accum}" / "checkpoints" / "latest.pt"))
+        # 4 shards of 64 over 2 ranks x 1 worker: 128 samples per rank, 8 steps of 16 per rank.
+        assert ckpt["step"] == 8
+        assert ckpt["data_position"]["world_size"] == 2
+        assert ckpt["data_position"]["samples_seen"] == 8 * 16 * 2
+        assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+        rows = read_jsonl(tmp_path / f"ddp{accum}" / "metrics.jsonl")
+        assert [r["step"] for r in rows if r["type"] == "train"] == [2, 4, 6, 8]
+        runs[accum] = ckpt["state_dict"]
+    # The temperature is learned under accumulation too (its gradient reaches DDP's reduction).
+    assert float(runs[2]["logit_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-4)
+    for name, value in runs[1].items():
+        torch.testing.assert_close(runs[2][name], value, rtol=1e-4, atol=5e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

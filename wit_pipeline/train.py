@@ -862,6 +862,10 @@ def _forward_backward(
     micro-batch are first computed without gradients; each micro-batch is then re-run with
     gradients and its loss computed against the cached features of the others, so the
     contrastive batch (and every negative) is the whole accumulated batch.
+
+    Under DDP every backward but the last runs in ``model.no_sync()`` (gradients accumulate
+    locally), and the last one, where DDP reduces, reaches every parameter: it is the one that
+    takes the temperature's gradient. DDP without ``find_unused_parameters`` needs both.
     """
     import torch
 
@@ -880,17 +884,21 @@ def _forward_backward(
             out = model(x, t)
             cached_img.append(out["image_features"])
             cached_txt.append(out["text_features"])
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    last = len(images) - 1
     total = 0.0
     for j, (x, t) in enumerate(zip(images, texts, strict=True)):
-        with autocast:
-            out = model(x, t)
-            img = torch.cat([*cached_img[:j], out["image_features"], *cached_img[j + 1 :]])
-            txt = torch.cat([*cached_txt[:j], out["text_features"], *cached_txt[j + 1 :]])
-            # Every pass sees the whole loss; the temperature's gradient is taken once, so the
-            # summed gradients equal those of one step over the whole batch.
-            scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
-            loss = loss_fn(img, txt, scale)
-        backward(loss)
+        # DDP's no_sync must cover the forward too: the forward arms the reducer.
+        with no_sync() if j < last else contextlib.nullcontext():
+            with autocast:
+                out = model(x, t)
+                img = torch.cat([*cached_img[:j], out["image_features"], *cached_img[j + 1 :]])
+                txt = torch.cat([*cached_txt[:j], out["text_features"], *cached_txt[j + 1 :]])
+                # Every pass sees the whole loss; the temperature's gradient is taken once (on
+                # the last pass), so the summed gradients equal one step over the whole batch.
+                scale = out["logit_scale"] if j == last else out["logit_scale"].detach()
+                loss = loss_fn(img, txt, scale)
+            backward(loss)
         total = float(loss.detach())
     return total
 
