@@ -281,6 +281,52 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(small_shards, tmp_pat
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
+def _synthetic_shards(directory, shard_sizes, corrupt=()):
+    """Shards of distinct solid-colour JPEGs with distinct captions; keys in ``corrupt`` get bytes
+    that are not an image."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from wit_pipeline import shards
+
+    infos = []
+    for shard_id, n in enumerate(shard_sizes):
+        samples = []
+        for i in range(n):
+            key = f"s{shard_id}i{i:03d}"
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 36), (37 * i % 256, 91 * shard_id % 256, 5 * i % 256)).save(
+                buf, format="JPEG"
+            )
+            image = b"\xff\xd8 not a jpeg" if key in corrupt else buf.getvalue()
+            caption = f"picture {i} of shard {shard_id}"
+            samples.append(shards.Sample(key, image, caption, {"captions": [caption]}))
+        infos.append(
+            shards.write_shard(str(directory), shard_id, samples, pa.table({"key": [0] * n}))
+        )
+    shards.write_manifest(str(directory), infos)
+    return str(directory)
+
+
+def test_a_batch_without_any_decodable_image_makes_no_update(tmp_path):
+    corrupt = {f"s0i{i:03d}" for i in range(4)}
+    data = _synthetic_shards(tmp_path / "shards", [8], corrupt=corrupt)
+    summary = train.train(
+        _small_cfg(
+            data, tmp_path / "run", batch_size=4, epochs=1, workers=0, shuffle_buffer=0,
+            log_every=1,
+        )
+    )  # fmt: skip
+    assert summary["step"] == 2 and summary["samples_seen"] == 4
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert [(r["loss"] is None, r["samples_skipped"], r["samples_seen"]) for r in rows] == [
+        (True, 4, 0),
+        (False, 0, 4),
+    ]
+
+
 def test_resume_errors(small_shards, tmp_path):
     with pytest.raises(WitError, match="checkpoint to resume not found"):
         train.train(_small_cfg(small_shards, tmp_path / "r", resume="latest"))
@@ -352,6 +398,21 @@ def test_ddp_under_torchrun_on_cpu(small_shards, tmp_path):
     assert float(runs[2]["logit_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-4)
     for name, value in runs[1].items():
         torch.testing.assert_close(runs[2][name], value, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_ddp_with_an_undecodable_image_keeps_ranks_in_step(tmp_path):
+    """One corrupt JPEG: its rank's batch is one short, the other rank trims to match."""
+    data = _synthetic_shards(tmp_path / "shards", [32, 32], corrupt={"s0i007"})
+    out = _torchrun(
+        data, tmp_path / "run", "--batch-size", "16", "--workers", "1", "--log-every", "1"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = models.read_checkpoint(str(tmp_path / "run" / "checkpoints" / "latest.pt"))
+    assert ckpt["step"] == 2
+    assert ckpt["data_position"]["samples_seen"] == (16 + 15) * 2
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert sorted((r["samples_skipped"], r["samples_trimmed"]) for r in rows) == [(0, 0), (1, 1)]
+    assert rows[-1]["samples_seen"] == 62
 
 
 # ---------------------------------------------------------------------------------------------

@@ -522,18 +522,34 @@ def build_model(cfg: TrainConfig, device: str) -> Any:
     return model.to(torch.device(device)).train()
 
 
-def _sync_any(flag: bool, rt: Runtime) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one tiny all_reduce)."""
+def _sync_step(
+    exhausted: bool, sizes: Sequence[int], skipped: int, rt: Runtime
+) -> tuple[bool, list[int], int, int]:
+    """What every rank must agree on before a step (one tiny all_gather under DDP).
+
+    Returns whether any rank ran out of batches; the smallest size of each micro-batch over the
+    ranks (a rank's batch is short when images in it failed to decode); the samples skipped on
+    all ranks together; and how many samples all ranks together drop by trimming their
+    micro-batches to those sizes. Every rank trims: the features gathered for the contrastive
+    loss must have the same shape on every rank.
+    """
     if not rt.distributed:
-        return flag
+        return exhausted, list(sizes), skipped, 0
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(
-        [1 if flag else 0], device=rt.device if rt.device.startswith("cuda") else "cpu"
+    device = rt.device if rt.device.startswith("cuda") else "cpu"
+    mine = torch.tensor([int(exhausted), skipped, *sizes], dtype=torch.long, device=device)
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    table = torch.stack(every).cpu()
+    smallest = table[:, 2:].min(dim=0).values
+    return (
+        bool(table[:, 0].max()),
+        [int(x) for x in smallest],
+        int(table[:, 1].sum()),
+        int((table[:, 2:] - smallest).sum()),
     )
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _gather_positions(consumed: list[int], rt: Runtime) -> list[list[int]]:
@@ -753,8 +769,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 except StopIteration:
                     exhausted = True
                     break
-            if _sync_any(exhausted, rt):
+            sizes = [len(b["keys"]) for b in micro]
+            sizes += [0] * (cfg.accum_freq - len(sizes))
+            local_skipped = sum(int(b["skipped"]) for b in micro)
+            exhausted, sizes, skipped, trimmed = _sync_step(exhausted, sizes, local_skipped, rt)
+            if exhausted:
                 break
+            # Under DDP a rank whose batch lost undecodable images sets the size for all: the
+            # others drop their last samples (counted as trimmed). Empty micro-batches are left
+            # out; a step with no sample at all makes no update (it still counts as a step).
+            used = [
+                {**b, "images": b["images"][:n], "texts": b["texts"][:n], "keys": b["keys"][:n]}
+                for b, n in zip(micro, sizes, strict=True)
+                if n > 0
+            ]
             data_s = time.time() - t_data
             lr = lr_at(
                 step, base_lr=cfg.lr, warmup=cfg.warmup, total=total_steps, min_lr=cfg.min_lr
@@ -763,30 +791,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 group["lr"] = lr
             images = [
                 wds_data.normalize(b["images"].to(rt.device, non_blocking=non_blocking))
-                for b in micro
+                for b in used
             ]
-            texts = [b["texts"].to(rt.device, non_blocking=non_blocking) for b in micro]
+            texts = [b["texts"].to(rt.device, non_blocking=non_blocking) for b in used]
             optimizer.zero_grad(set_to_none=True)
-            loss_value = _forward_backward(model, loss_fn, images, texts, autocast, scaler)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+            if used:
+                loss_value = _forward_backward(model, loss_fn, images, texts, autocast, scaler)
+                _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+                window["loss"] += loss_value
+                window["n"] += 1
             else:
-                optimizer.step()
-            clamp_logit_scale(model)
+                LOG.warning("step %d: no decodable image in its batches; no update", step + 1)
             step += 1
             done_in_epoch += 1
-            n_samples = sum(len(b["keys"]) for b in micro) * rt.world_size
+            n_samples = sum(len(b["keys"]) for b in used) * rt.world_size
             samples_seen += n_samples
             for b in micro:
                 consumed[b["worker"]] = b["index"] + 1
-                window["skipped"] += int(b["skipped"])
-            window["loss"] += loss_value
-            window["n"] += 1
+            window["skipped"] += skipped
+            window["trimmed"] += trimmed
             window["samples"] += n_samples
             window["data_s"] += data_s
             bar.update(1)
@@ -796,17 +819,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "type": "train",
                     "step": step,
                     "epoch": epoch,
-                    "loss": window["loss"] / window["n"],
+                    "loss": window["loss"] / window["n"] if window["n"] else None,
                     "lr": lr,
                     "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
                     "samples_per_s": window["samples"] / elapsed,
                     "data_wait_fraction": window["data_s"] / elapsed,
                     "samples_seen": samples_seen,
                     "samples_skipped": window["skipped"],
+                    "samples_trimmed": window["trimmed"],
                     "time": time.time(),
                 }
                 metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                shown = "-" if row["loss"] is None else f"{row['loss']:.3f}"
+                bar.set_postfix(loss=shown, sps=f"{row['samples_per_s']:.0f}")
                 window = _new_window()
             if cfg.stop_after_steps and step >= cfg.stop_after_steps and step < total_steps:
                 stopped = True
@@ -850,7 +875,37 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _new_window() -> dict[str, float]:
     """Accumulators for one logging interval."""
-    return {"loss": 0.0, "n": 0, "samples": 0, "data_s": 0.0, "t0": time.time(), "skipped": 0}
+    return {
+        "loss": 0.0,
+        "n": 0,
+        "samples": 0,
+        "data_s": 0.0,
+        "t0": time.time(),
+        "skipped": 0,
+        "trimmed": 0,
+    }
+
+
+def _optimizer_step(model: Any, optimizer: Any, scaler: Any, grad_clip: float) -> float:
+    """Unscale, clip the global gradient norm to ``grad_clip`` (0: no clipping), step, clamp.
+
+    Returns the gradient norm before clipping (inf/nan when an fp16 step overflowed; the scaler
+    then skips the update), or 0.0 without clipping.
+    """
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = 0.0
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    clamp_logit_scale(model)
+    return norm
 
 
 def _forward_backward(
