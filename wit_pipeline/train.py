@@ -722,7 +722,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for name in extra_names:
                 save_checkpoint(fileio.join(checkpoint_dir(cfg.output), name), data)
 
-    def run_eval() -> dict[str, Any]:
+    def run_eval(finished_epoch: int) -> dict[str, Any]:
+        """Evaluate after epoch ``finished_epoch`` (0-based, as in the train rows)."""
         result: dict[str, Any] = {}
         if rt.is_main and evaluator is not None and evaluator.enabled:
             t0 = time.time()
@@ -731,7 +732,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 {
                     "type": "eval",
                     "step": step,
-                    "epoch": epoch,
+                    "epoch": finished_epoch,
                     "metrics": result,
                     "seconds": round(time.time() - t0, 3),
                 }
@@ -847,7 +848,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         consumed = [0] * stream.workers
         is_last = epoch >= cfg.epochs or step >= total_steps
         if (evaluator is not None or rt.distributed) and (is_last or epoch % cfg.eval_every == 0):
-            last_eval = run_eval() or last_eval
+            last_eval = run_eval(finished_epoch) or last_eval
         save(extra_names=[f"epoch_{finished_epoch + 1}.pt"] if cfg.epoch_checkpoints else [])
         if rt.is_main and cfg.plots:
             write_plots(metrics.rows(), cfg.output)
