@@ -157,7 +157,12 @@ def _run(argv, capsys):
     return rc, out, err
 
 
-def test_wit_eval_zeroshot_on_cifar10(trained_seed, shared_data, capsys, tmp_path):
+def test_wit_eval_zeroshot_on_a_cifar10_subset(trained_seed, shared_data, capsys, tmp_path):
+    """`wit eval zeroshot` on 2,000 evenly spaced images of the 10,000 of CIFAR-10 test.
+
+    A subset, to keep the test short: the whole test set is evaluated by
+    benchmarks/bench_train_budget.py (its default), not by the tests.
+    """
     rc, out, err = _run(
         [
             "eval",

@@ -126,6 +126,31 @@ def test_gradient_accumulation_equals_one_big_batch():
             torch.testing.assert_close(g[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_grad_clip_bounds_the_gradient_norm():
+    """With SGD at lr 1 the update is the gradient: its norm is the clip value, not the raw norm."""
+    from open_clip import ClipLoss
+
+    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
+    torch.manual_seed(2)
+    x = torch.randn(8, 3, 32, 32)
+    t = torch.randint(1, 1000, (8, 32))
+    for clip in (0.05, 0.0):
+        model = train.build_model(cfg, "cpu")
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        train._forward_backward(model, ClipLoss(), [x], [t], train.contextlib.nullcontext(), None)
+        raw = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+        norm = train._optimizer_step(model, optimizer, None, clip)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        step = float((before - after).norm())
+        if clip:
+            assert norm == pytest.approx(raw, rel=1e-4) and raw > 10 * clip
+            assert step == pytest.approx(clip, rel=1e-3)
+        else:  # 0 disables clipping: the whole gradient is applied
+            assert norm == 0.0
+            assert step == pytest.approx(raw, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Options
 
@@ -281,6 +306,136 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(small_shards, tmp_pat
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
+def test_resume_with_gradient_accumulation_reproduces_the_uninterrupted_run(small_shards, tmp_path):
+    """--accum-freq 2: the data position counts micro-batches; stop then resume is bitwise equal."""
+    kw = dict(batch_size=16, accum_freq=2)
+    full = train.train(_small_cfg(small_shards, tmp_path / "full", **kw))
+    assert full["step"] == 16 and full["samples_seen"] == 16 * 32
+    part = train.train(_small_cfg(small_shards, tmp_path / "split", stop_after_steps=11, **kw))
+    assert part["step"] == 11 and part["stopped_early"]
+    ckpt = models.read_checkpoint(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
+    # 8 steps (16 micro-batches) per epoch: step 11 is 3 steps, 6 micro-batches, into epoch 1.
+    assert ckpt["data_position"]["epoch"] == 1 and ckpt["data_position"]["consumed"] == [[6]]
+    rest = train.train(_small_cfg(small_shards, tmp_path / "split", resume="latest", **kw))
+    assert rest["step"] == 16 and rest["samples_seen"] == 16 * 32
+    a = _weights(str(tmp_path / "full" / "checkpoints" / "latest.pt"))
+    b = _weights(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_data, tmp_path):
+    """Zero-shot and retrieval after each epoch: `type: eval` rows (0-based epoch) and eval.png."""
+    from PIL import Image
+
+    classes = tmp_path / "colours"
+    for name, rgb in (("red", (200, 20, 20)), ("dark_blue", (10, 10, 120))):
+        (classes / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), tuple(c + 10 * i for c in rgb)).save(
+                classes / name / f"{i}.jpg"
+            )
+    images, captions = flickr_paths(shared_data)
+    cfg = _small_cfg(
+        small_shards,
+        tmp_path / "run",
+        batch_size=64,
+        plots=True,
+        eval_zeroshot=(f"colours={classes}",),
+        eval_zeroshot_templates="simple",
+        eval_retrieval_captions=captions,
+        eval_retrieval_images=images,
+        eval_max_samples=20,
+    )
+    summary = train.train(cfg)
+    assert summary["step"] == 8  # 2 epochs of 256 / 64
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(0, 4), (1, 8)]
+    # Train rows use the same 0-based epoch: the eval row follows the epoch's last train row.
+    assert [(r["epoch"], r["step"]) for r in rows if r["type"] == "train"] == [
+        (0, 2),
+        (0, 4),
+        (1, 6),
+        (1, 8),
+    ]
+    keys = {
+        "colours/top1",
+        "colours/top5",
+        "colours/mean_per_class_top1",
+        *(f"retrieval/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
+    }
+    for r in evals:
+        assert set(r["metrics"]) == keys
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
+        assert r["metrics"]["colours/top5"] == 1.0  # 2 classes: always in the top 5
+    assert summary["eval"] == evals[-1]["metrics"]
+    assert (tmp_path / "run" / "eval.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_bf16_autocast_runs_on_cpu(small_shards, tmp_path):
+    summary = train.train(
+        _small_cfg(small_shards, tmp_path / "bf16", precision="bf16", max_steps=2, log_every=1)
+    )
+    assert summary["step"] == 2
+    rows = read_jsonl(tmp_path / "bf16" / "metrics.jsonl")
+    assert rows[0]["type"] == "config" and rows[0]["precision"] == "bf16"
+    losses = [r["loss"] for r in rows if r["type"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    after = _weights(str(tmp_path / "bf16" / "checkpoints" / "latest.pt"))
+    before = train.build_model(_small_cfg(small_shards, tmp_path / "x"), "cpu").state_dict()
+    # Weights stay fp32 (autocast only lowers the matmuls), finite, and they moved.
+    assert all(v.dtype == before[k].dtype and torch.isfinite(v).all() for k, v in after.items())
+    assert not torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"])
+
+
+def _synthetic_shards(directory, shard_sizes, corrupt=()):
+    """Shards of distinct solid-colour JPEGs with distinct captions; keys in ``corrupt`` get bytes
+    that are not an image."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from wit_pipeline import shards
+
+    infos = []
+    for shard_id, n in enumerate(shard_sizes):
+        samples = []
+        for i in range(n):
+            key = f"s{shard_id}i{i:03d}"
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 36), (37 * i % 256, 91 * shard_id % 256, 5 * i % 256)).save(
+                buf, format="JPEG"
+            )
+            image = b"\xff\xd8 not a jpeg" if key in corrupt else buf.getvalue()
+            caption = f"picture {i} of shard {shard_id}"
+            samples.append(shards.Sample(key, image, caption, {"captions": [caption]}))
+        infos.append(
+            shards.write_shard(str(directory), shard_id, samples, pa.table({"key": [0] * n}))
+        )
+    shards.write_manifest(str(directory), infos)
+    return str(directory)
+
+
+def test_a_batch_without_any_decodable_image_makes_no_update(tmp_path):
+    corrupt = {f"s0i{i:03d}" for i in range(4)}
+    data = _synthetic_shards(tmp_path / "shards", [8], corrupt=corrupt)
+    summary = train.train(
+        _small_cfg(
+            data, tmp_path / "run", batch_size=4, epochs=1, workers=0, shuffle_buffer=0,
+            log_every=1,
+        )
+    )  # fmt: skip
+    assert summary["step"] == 2 and summary["samples_seen"] == 4
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert [(r["loss"] is None, r["samples_skipped"], r["samples_seen"]) for r in rows] == [
+        (True, 4, 0),
+        (False, 0, 4),
+    ]
+
+
 def test_resume_errors(small_shards, tmp_path):
     with pytest.raises(WitError, match="checkpoint to resume not found"):
         train.train(_small_cfg(small_shards, tmp_path / "r", resume="latest"))
@@ -307,31 +462,66 @@ def test_command_line_entry_point(small_shards, tmp_path, capsys):
     assert err == [f"wit train: error: training shard not found: {tmp_path / 'nope'}"]
 
 
-def test_ddp_under_torchrun_on_cpu(small_shards, tmp_path):
-    """Two ranks (gloo): each reads its own shards, features are gathered, one checkpoint."""
+def _torchrun(shards_dir, output, *args):
+    """``wit_pipeline.train`` on two CPU ranks (gloo) under torchrun; returns the process."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "wit_pipeline.train", "--train-data", small_shards, "--model", SEED_MODEL,
-         "--batch-size", "16", "--epochs", "1", "--workers", "1", "--device", "cpu",
-         "--output", str(tmp_path / "ddp"), "--no-progress", "--no-plots", "--log-every", "2"],
+         "-m", "wit_pipeline.train", "--train-data", shards_dir, "--model", SEED_MODEL,
+         "--epochs", "1", "--device", "cpu", "--output", str(output), "--no-progress",
+         "--no-plots", *args],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
+
+
+def test_ddp_under_torchrun_on_cpu(small_shards, tmp_path):
+    """Two ranks (gloo): each reads its own shards, features are gathered, one checkpoint.
+
+    Run twice: 8 steps of one micro-batch of 16, and 8 steps of two micro-batches of 8 per rank
+    (``--accum-freq 2``: backward under ``no_sync`` but for the last micro-batch). Both see the
+    same samples in the same contrastive batches, so they end with the same weights.
+    """
+    runs = {}
+    for accum, batch in ((1, 16), (2, 8)):
+        out = _torchrun(
+            small_shards, tmp_path / f"ddp{accum}", "--batch-size", str(batch), "--accum-freq",
+            str(accum), "--workers", "1", "--log-every", "2", "--lr", "1e-3", "--warmup", "2",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        ckpt = models.read_checkpoint(str(tmp_path / f"ddp{accum}" / "checkpoints" / "latest.pt"))
+        # 4 shards of 64 over 2 ranks x 1 worker: 128 samples per rank, 8 steps of 16 per rank.
+        assert ckpt["step"] == 8
+        assert ckpt["data_position"]["world_size"] == 2
+        assert ckpt["data_position"]["samples_seen"] == 8 * 16 * 2
+        assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+        rows = read_jsonl(tmp_path / f"ddp{accum}" / "metrics.jsonl")
+        assert [r["step"] for r in rows if r["type"] == "train"] == [2, 4, 6, 8]
+        runs[accum] = ckpt["state_dict"]
+    # The temperature is learned under accumulation too (its gradient reaches DDP's reduction).
+    assert float(runs[2]["logit_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-4)
+    for name, value in runs[1].items():
+        torch.testing.assert_close(runs[2][name], value, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_ddp_with_an_undecodable_image_keeps_ranks_in_step(tmp_path):
+    """One corrupt JPEG: its rank's batch is one short, the other rank trims to match."""
+    data = _synthetic_shards(tmp_path / "shards", [32, 32], corrupt={"s0i007"})
+    out = _torchrun(
+        data, tmp_path / "run", "--batch-size", "16", "--workers", "1", "--log-every", "1"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = models.read_checkpoint(str(tmp_path / "ddp" / "checkpoints" / "latest.pt"))
-    # 4 shards of 64 over 2 ranks x 1 worker: 128 samples per rank, 8 steps of 16 per rank.
-    assert ckpt["step"] == 8
-    assert ckpt["data_position"]["world_size"] == 2
-    assert ckpt["data_position"]["samples_seen"] == 8 * 16 * 2
-    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
-    rows = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
-    assert [r["step"] for r in rows if r["type"] == "train"] == [2, 4, 6, 8]
+    ckpt = models.read_checkpoint(str(tmp_path / "run" / "checkpoints" / "latest.pt"))
+    assert ckpt["step"] == 2
+    assert ckpt["data_position"]["samples_seen"] == (16 + 15) * 2
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert sorted((r["samples_skipped"], r["samples_trimmed"]) for r in rows) == [(0, 0), (1, 1)]
+    assert rows[-1]["samples_seen"] == 62
 
 
 # ---------------------------------------------------------------------------------------------

@@ -522,18 +522,34 @@ def build_model(cfg: TrainConfig, device: str) -> Any:
     return model.to(torch.device(device)).train()
 
 
-def _sync_any(flag: bool, rt: Runtime) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one tiny all_reduce)."""
+def _sync_step(
+    exhausted: bool, sizes: Sequence[int], skipped: int, rt: Runtime
+) -> tuple[bool, list[int], int, int]:
+    """What every rank must agree on before a step (one tiny all_gather under DDP).
+
+    Returns whether any rank ran out of batches; the smallest size of each micro-batch over the
+    ranks (a rank's batch is short when images in it failed to decode); the samples skipped on
+    all ranks together; and how many samples all ranks together drop by trimming their
+    micro-batches to those sizes. Every rank trims: the features gathered for the contrastive
+    loss must have the same shape on every rank.
+    """
     if not rt.distributed:
-        return flag
+        return exhausted, list(sizes), skipped, 0
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(
-        [1 if flag else 0], device=rt.device if rt.device.startswith("cuda") else "cpu"
+    device = rt.device if rt.device.startswith("cuda") else "cpu"
+    mine = torch.tensor([int(exhausted), skipped, *sizes], dtype=torch.long, device=device)
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    table = torch.stack(every).cpu()
+    smallest = table[:, 2:].min(dim=0).values
+    return (
+        bool(table[:, 0].max()),
+        [int(x) for x in smallest],
+        int(table[:, 1].sum()),
+        int((table[:, 2:] - smallest).sum()),
     )
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _gather_positions(consumed: list[int], rt: Runtime) -> list[list[int]]:
@@ -706,7 +722,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for name in extra_names:
                 save_checkpoint(fileio.join(checkpoint_dir(cfg.output), name), data)
 
-    def run_eval() -> dict[str, Any]:
+    def run_eval(finished_epoch: int) -> dict[str, Any]:
+        """Evaluate after epoch ``finished_epoch`` (0-based, as in the train rows)."""
         result: dict[str, Any] = {}
         if rt.is_main and evaluator is not None and evaluator.enabled:
             t0 = time.time()
@@ -715,7 +732,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 {
                     "type": "eval",
                     "step": step,
-                    "epoch": epoch,
+                    "epoch": finished_epoch,
                     "metrics": result,
                     "seconds": round(time.time() - t0, 3),
                 }
@@ -753,8 +770,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 except StopIteration:
                     exhausted = True
                     break
-            if _sync_any(exhausted, rt):
+            sizes = [len(b["keys"]) for b in micro]
+            sizes += [0] * (cfg.accum_freq - len(sizes))
+            local_skipped = sum(int(b["skipped"]) for b in micro)
+            exhausted, sizes, skipped, trimmed = _sync_step(exhausted, sizes, local_skipped, rt)
+            if exhausted:
                 break
+            # Under DDP a rank whose batch lost undecodable images sets the size for all: the
+            # others drop their last samples (counted as trimmed). Empty micro-batches are left
+            # out; a step with no sample at all makes no update (it still counts as a step).
+            used = [
+                {**b, "images": b["images"][:n], "texts": b["texts"][:n], "keys": b["keys"][:n]}
+                for b, n in zip(micro, sizes, strict=True)
+                if n > 0
+            ]
             data_s = time.time() - t_data
             lr = lr_at(
                 step, base_lr=cfg.lr, warmup=cfg.warmup, total=total_steps, min_lr=cfg.min_lr
@@ -763,30 +792,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 group["lr"] = lr
             images = [
                 wds_data.normalize(b["images"].to(rt.device, non_blocking=non_blocking))
-                for b in micro
+                for b in used
             ]
-            texts = [b["texts"].to(rt.device, non_blocking=non_blocking) for b in micro]
+            texts = [b["texts"].to(rt.device, non_blocking=non_blocking) for b in used]
             optimizer.zero_grad(set_to_none=True)
-            loss_value = _forward_backward(model, loss_fn, images, texts, autocast, scaler)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+            if used:
+                loss_value = _forward_backward(model, loss_fn, images, texts, autocast, scaler)
+                _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+                window["loss"] += loss_value
+                window["n"] += 1
             else:
-                optimizer.step()
-            clamp_logit_scale(model)
+                LOG.warning("step %d: no decodable image in its batches; no update", step + 1)
             step += 1
             done_in_epoch += 1
-            n_samples = sum(len(b["keys"]) for b in micro) * rt.world_size
+            n_samples = sum(len(b["keys"]) for b in used) * rt.world_size
             samples_seen += n_samples
             for b in micro:
                 consumed[b["worker"]] = b["index"] + 1
-                window["skipped"] += int(b["skipped"])
-            window["loss"] += loss_value
-            window["n"] += 1
+            window["skipped"] += skipped
+            window["trimmed"] += trimmed
             window["samples"] += n_samples
             window["data_s"] += data_s
             bar.update(1)
@@ -796,17 +820,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "type": "train",
                     "step": step,
                     "epoch": epoch,
-                    "loss": window["loss"] / window["n"],
+                    "loss": window["loss"] / window["n"] if window["n"] else None,
                     "lr": lr,
                     "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
                     "samples_per_s": window["samples"] / elapsed,
                     "data_wait_fraction": window["data_s"] / elapsed,
                     "samples_seen": samples_seen,
                     "samples_skipped": window["skipped"],
+                    "samples_trimmed": window["trimmed"],
                     "time": time.time(),
                 }
                 metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                shown = "-" if row["loss"] is None else f"{row['loss']:.3f}"
+                bar.set_postfix(loss=shown, sps=f"{row['samples_per_s']:.0f}")
                 window = _new_window()
             if cfg.stop_after_steps and step >= cfg.stop_after_steps and step < total_steps:
                 stopped = True
@@ -822,7 +848,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         consumed = [0] * stream.workers
         is_last = epoch >= cfg.epochs or step >= total_steps
         if (evaluator is not None or rt.distributed) and (is_last or epoch % cfg.eval_every == 0):
-            last_eval = run_eval() or last_eval
+            last_eval = run_eval(finished_epoch) or last_eval
         save(extra_names=[f"epoch_{finished_epoch + 1}.pt"] if cfg.epoch_checkpoints else [])
         if rt.is_main and cfg.plots:
             write_plots(metrics.rows(), cfg.output)
@@ -850,7 +876,37 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _new_window() -> dict[str, float]:
     """Accumulators for one logging interval."""
-    return {"loss": 0.0, "n": 0, "samples": 0, "data_s": 0.0, "t0": time.time(), "skipped": 0}
+    return {
+        "loss": 0.0,
+        "n": 0,
+        "samples": 0,
+        "data_s": 0.0,
+        "t0": time.time(),
+        "skipped": 0,
+        "trimmed": 0,
+    }
+
+
+def _optimizer_step(model: Any, optimizer: Any, scaler: Any, grad_clip: float) -> float:
+    """Unscale, clip the global gradient norm to ``grad_clip`` (0: no clipping), step, clamp.
+
+    Returns the gradient norm before clipping (inf/nan when an fp16 step overflowed; the scaler
+    then skips the update), or 0.0 without clipping.
+    """
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = 0.0
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    clamp_logit_scale(model)
+    return norm
 
 
 def _forward_backward(
@@ -862,6 +918,10 @@ def _forward_backward(
     micro-batch are first computed without gradients; each micro-batch is then re-run with
     gradients and its loss computed against the cached features of the others, so the
     contrastive batch (and every negative) is the whole accumulated batch.
+
+    Under DDP every backward but the last runs in ``model.no_sync()`` (gradients accumulate
+    locally), and the last one, where DDP reduces, reaches every parameter: it is the one that
+    takes the temperature's gradient. DDP without ``find_unused_parameters`` needs both.
     """
     import torch
 
@@ -880,17 +940,21 @@ def _forward_backward(
             out = model(x, t)
             cached_img.append(out["image_features"])
             cached_txt.append(out["text_features"])
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    last = len(images) - 1
     total = 0.0
     for j, (x, t) in enumerate(zip(images, texts, strict=True)):
-        with autocast:
-            out = model(x, t)
-            img = torch.cat([*cached_img[:j], out["image_features"], *cached_img[j + 1 :]])
-            txt = torch.cat([*cached_txt[:j], out["text_features"], *cached_txt[j + 1 :]])
-            # Every pass sees the whole loss; the temperature's gradient is taken once, so the
-            # summed gradients equal those of one step over the whole batch.
-            scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
-            loss = loss_fn(img, txt, scale)
-        backward(loss)
+        # DDP's no_sync must cover the forward too: the forward arms the reducer.
+        with no_sync() if j < last else contextlib.nullcontext():
+            with autocast:
+                out = model(x, t)
+                img = torch.cat([*cached_img[:j], out["image_features"], *cached_img[j + 1 :]])
+                txt = torch.cat([*cached_txt[:j], out["text_features"], *cached_txt[j + 1 :]])
+                # Every pass sees the whole loss; the temperature's gradient is taken once (on
+                # the last pass), so the summed gradients equal one step over the whole batch.
+                scale = out["logit_scale"] if j == last else out["logit_scale"].detach()
+                loss = loss_fn(img, txt, scale)
+            backward(loss)
         total = float(loss.detach())
     return total
 
