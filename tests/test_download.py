@@ -477,6 +477,45 @@ def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
     assert stats["url_counters"] == {"input": 1, "kept": 1}
 
 
+def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
+    """Beam runs several instances of a DoFn per process and tears idle ones down: tearing one
+    down must leave the others' downloads guarded, with one opener and limiter per process."""
+    import pickle
+
+    fn = download._DownloadShardFn(
+        str(tmp_path), HOSTILE_CONFIG, netguard.StaticResolver.of(RESOLVER_TABLE)
+    )
+    a, b = (pickle.loads(pickle.dumps(fn)) for _ in range(2))  # as a worker unpickles them
+    other = download._DownloadShardFn(str(tmp_path), HOSTILE_CONFIG, None)
+    before = urllib.request._opener
+    a.setup()
+    try:
+        b.setup()
+        try:
+            assert a._opener is b._opener and a._opener.limiter is b._opener.limiter
+            # Another transform's settings may not take over (or share) the active guard.
+            with pytest.raises(netguard.GuardConflictError):
+                other.setup()
+            other.teardown()
+            a.teardown()
+            assert urllib.request._opener is b._opener
+            # Without the guard these would read the file and reach 10.0.0.5 (jail violation).
+            for url, reason in [
+                ("file:///etc/hostname", "invalid_url"),
+                ("http://intranet.test/g.jpg", "blocked_address"),
+                ("http://169.254.169.254/latest/meta-data/", "blocked_address"),
+            ]:
+                with pytest.raises(netguard.FetchError) as e:
+                    urllib.request.urlopen(url, timeout=3)
+                assert e.value.reason == reason, url
+        finally:
+            b.teardown()
+    finally:
+        a.teardown()  # a second teardown is a no-op
+    assert urllib.request._opener is before
+    assert netguard.PROCESS_OPENER.users == 0
+
+
 def test_rerun_on_other_input_is_refused(tmp_path, capsys):
     from wit_pipeline import cli
 

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import threading
-import urllib.request
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -805,19 +805,19 @@ class _DownloadShardFn(beam.DoFn):
         self._output_dir = output_dir
         self._config = config
         self._resolver = resolver
+        # Shared by every instance unpickled from this one: they share one opener per process.
+        self._owner = uuid.uuid4().hex
 
     def setup(self):
-        self._guard = make_guard(self._config, self._resolver)
-        self._options = fetch_options(self._config)
-        self._previous_opener = netguard.installed_opener()
-        self._opener = netguard.install_urllib_opener(self._guard, self._options)
         self._resizer = ProbingResizer(make_img2dataset_resizer(self._config), self._config)
         self._workdir = tempfile.mkdtemp(prefix="wit-download-")
+        self._opener = netguard.PROCESS_OPENER.acquire(
+            self._owner, make_guard(self._config, self._resolver), fetch_options(self._config)
+        )
 
     def _ensure_guard(self):
         # Fail closed: if anything replaced the process-wide opener, put the guard back.
-        if netguard.installed_opener() is not self._opener:
-            self._opener = netguard.install_urllib_opener(self._guard, self._options)
+        netguard.PROCESS_OPENER.ensure(self._opener)
 
     def process(self, element: tuple[int, Iterable[dict[str, Any]]]):
         shard_id, records = element
@@ -844,12 +844,12 @@ class _DownloadShardFn(beam.DoFn):
         return list(emit_counts(shard_counters(kept, rejected)))
 
     def teardown(self):
-        # Give the process its previous urllib opener back (the in-process runner shares the
-        # process with the caller).
-        if getattr(self, "_opener", None) is not None and (
-            netguard.installed_opener() is self._opener
-        ):
-            urllib.request.install_opener(self._previous_opener)
+        # The last instance of the process gives it its previous urllib opener back (the
+        # in-process runner shares the process with the caller); the others leave it guarded.
+        opener = getattr(self, "_opener", None)
+        if opener is not None:
+            self._opener = None
+            netguard.PROCESS_OPENER.release(opener)
         workdir = getattr(self, "_workdir", None)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
