@@ -268,6 +268,39 @@ def test_slow_drip_is_cut_at_the_total_deadline(server):
     assert time.monotonic() - start < 10
 
 
+def test_connect_timeout_ends_a_connection_nobody_accepts():
+    """A listener whose backlog is full never completes the handshake: the connect timeout,
+    not the (much longer) total deadline, ends the attempt."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: the kernel queues one connection, then drops SYNs
+        port = listener.getsockname()[1]
+        queued = []
+        try:
+            for _ in range(8):
+                s = socket.socket()
+                s.settimeout(0.5)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except TimeoutError:
+                    s.close()
+                    break
+                queued.append(s)
+            else:
+                pytest.fail("the listen backlog never filled up")
+            guard = netguard.Guard(policy=LOOPBACK_OK, connect_timeout=0.25)
+            opener = netguard.build_opener(guard, netguard.FetchOptions(timeout=60.0, retries=0))
+            with pytest.raises(netguard.FetchError) as e:
+                opener.open(f"http://127.0.0.1:{port}/x.jpg")
+        finally:
+            for s in queued:
+                s.close()
+    assert (e.value.reason, e.value.detail) == (
+        "timeout",
+        f"connect to 127.0.0.1 port {port}: no answer within 0.25s",
+    )
+
+
 def test_size_limit_and_user_agent(server):
     seen = {}
 

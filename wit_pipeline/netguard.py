@@ -354,7 +354,12 @@ class Guard:
                         raise DeadlineExceeded("total request time exceeded")
                     timeout = min(timeout, left)
                 sock.settimeout(timeout)
-                sock.connect((str(ip), port))
+                try:
+                    sock.connect((str(ip), port))
+                except TimeoutError:  # say which bound ran out: connect_timeout or the deadline
+                    raise TimeoutError(
+                        f"connect to {ip} port {port}: no answer within {timeout:g}s"
+                    ) from None
                 peer = sock.getpeername()[0]
                 why = self.policy.refusal(peer)
                 if why is not None:  # the address actually connected to
