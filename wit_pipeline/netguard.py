@@ -254,31 +254,40 @@ class _DeadlineMixin:
         self._wit_op_timeout = value
         super().settimeout(value)  # type: ignore[misc]
 
-    def _wit_arm(self) -> None:
+    def _wit_arm(self) -> bool:
+        """Bound the next blocking call; ``True`` when the deadline, not the per-operation
+        timeout, is the bound."""
         deadline = self._wit_deadline
         if deadline is None:
-            return
+            return False
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("total request time exceeded")
         op = self._wit_op_timeout
-        super().settimeout(left if op is None else min(op, left))  # type: ignore[misc]
+        by_deadline = op is None or left < op
+        super().settimeout(left if by_deadline else op)  # type: ignore[misc]
+        return by_deadline
+
+    def _wit_io(self, call, *args):
+        by_deadline = self._wit_arm()
+        try:
+            return call(*args)
+        except TimeoutError:
+            if by_deadline:  # report what ran out: the total time, not one read
+                raise DeadlineExceeded("total request time exceeded") from None
+            raise
 
     def recv(self, *args):
-        self._wit_arm()
-        return super().recv(*args)  # type: ignore[misc]
+        return self._wit_io(super().recv, *args)  # type: ignore[misc]
 
     def recv_into(self, *args):
-        self._wit_arm()
-        return super().recv_into(*args)  # type: ignore[misc]
+        return self._wit_io(super().recv_into, *args)  # type: ignore[misc]
 
     def send(self, *args):
-        self._wit_arm()
-        return super().send(*args)  # type: ignore[misc]
+        return self._wit_io(super().send, *args)  # type: ignore[misc]
 
     def sendall(self, *args):
-        self._wit_arm()
-        return super().sendall(*args)  # type: ignore[misc]
+        return self._wit_io(super().sendall, *args)  # type: ignore[misc]
 
 
 class DeadlineSocket(_DeadlineMixin, socket.socket):
@@ -452,9 +461,18 @@ class HostLimiter:
     spacing for one host (robots.txt ``Crawl-delay``).
     """
 
-    def __init__(self, concurrency: int = 0, rate: float = 0.0):
+    def __init__(
+        self,
+        concurrency: int = 0,
+        rate: float = 0.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.concurrency = concurrency
         self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._clock = clock  # injectable so that tests can check the spacing without timing
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._next: dict[str, float] = {}
@@ -477,11 +495,11 @@ class HostLimiter:
             interval = max(self.interval, self._intervals.get(host, 0.0))
             if interval:
                 with self._lock:
-                    now = time.monotonic()
+                    now = self._clock()
                     start = max(now, self._next.get(host, 0.0))
                     self._next[host] = start + interval
                 if start > now:
-                    time.sleep(start - now)
+                    self._sleep(start - now)
             yield
         finally:
             if sem is not None:
