@@ -34,7 +34,9 @@ from download_server import (
     HOST_CASES,
     JPEG,
     RESOLVER_TABLE,
+    animated_gif,
     encode,
+    gif_bomb,
     hostile_server,
     photo,
     png_bomb,
@@ -160,6 +162,7 @@ def test_probing_resizer_refuses_before_decoding():
     cases = {
         b"": "empty_body",
         png_bomb(): "too_large",
+        gif_bomb(): "too_large",  # its screen says 100x100, its first frame 30,000x30,000
         encode(photo(10, 10), "PNG"): "too_small",
         encode(photo(400, 40), "PNG"): "bad_aspect_ratio",
         b"<!DOCTYPE html><html></html>": "not_image",
@@ -185,6 +188,8 @@ def test_header_size_agrees_with_pil(shared_data):
         encode(rgb.convert("L"), "JPEG", exif=exif.tobytes()),
         encode(rgb, "PNG"),
         encode(rgb.convert("P"), "GIF"),
+        animated_gif(),  # extension blocks before the first frame
+        gif_bomb(frame=1000),  # Pillow grows the screen to hold the first frame
         encode(rgb, "WEBP"),  # left to PIL
     ]
     photos = sorted((shared_data / "flickr8k" / "images").iterdir())[:300]
@@ -195,6 +200,8 @@ def test_header_size_agrees_with_pil(shared_data):
         assert got is None if want[0] == "WEBP" else got == want
     assert download.header_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut short
     assert download.header_size(b"<html>") is None
+    assert download.header_size(gif_bomb()) == ("GIF", 30_000, 30_000)
+    assert download.header_size(gif_bomb()[:20]) is None  # cut before the first frame
 
 
 def test_apply_verdict_and_crawl_delay():
