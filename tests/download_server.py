@@ -129,6 +129,7 @@ CASES: dict[str, str | None] = {
     "/to-private": "blocked_address",
     "/to-mapped-v6": "blocked_address",
     "/to-decimal-ip": "blocked_address",
+    "/to-name": "blocked_address",  # a host name that resolves to 169.254.169.254
     "/to-file": "bad_redirect",
     "/to-ftp": "bad_redirect",
     "/truncated.jpg": "decode_error",
@@ -198,6 +199,8 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         "/to-private": lambda req: redirect(req, "http://10.1.2.3:8080/internal.jpg", 301),
         "/to-mapped-v6": lambda req: redirect(req, "http://[::ffff:169.254.169.254]/", 307),
         "/to-decimal-ip": lambda req: redirect(req, "http://2852039166/x.jpg", 308),
+        # A name, not an address: only the guard's check of what it resolves to can refuse it.
+        "/to-name": lambda req: redirect(req, "http://metadata.test/latest/meta-data/"),
         "/to-file": lambda req: redirect(req, "file:///etc/passwd"),
         "/to-ftp": lambda req: redirect(req, "ftp://127.0.0.1/x.jpg"),
         "/loop": lambda req: redirect(req, "/loop"),

@@ -43,6 +43,7 @@ from download_server import (
 )
 from PIL import Image
 
+import netjail
 from wit_pipeline import counters, download, netguard, urls
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.localserver import ImageServer
@@ -286,6 +287,8 @@ def hostile(tmp_path_factory):
     input_dir = write_candidates(tmp / "in", rows)
     resolver = netguard.StaticResolver.of(RESOLVER_TABLE)
     out = str(tmp / "out")
+    # conftest's per-test check starts after this module-scoped fixture: watch the runs here.
+    jailed_before = len(netjail.violations)
     try:
         stats = run_download(input_dir, out, HOSTILE_CONFIG, resolver)
         requests_run1 = list(server.requests)
@@ -293,6 +296,7 @@ def hostile(tmp_path_factory):
         stats2 = run_download(input_dir, out, HOSTILE_CONFIG, resolver)
         requests_run2 = list(server.requests)
         yield {
+            "violations": netjail.violations[jailed_before:],
             "rows": rows,
             "expected": expected,
             "input_dir": input_dir,
@@ -306,6 +310,10 @@ def hostile(tmp_path_factory):
         }
     finally:
         server.stop()
+
+
+def test_the_hostile_runs_stayed_on_loopback(hostile):
+    assert hostile["violations"] == []
 
 
 def test_every_url_ends_in_a_shard_or_rejected_with_its_reason(hostile):
@@ -396,6 +404,7 @@ def test_politeness_and_retries(hostile):
     assert paths.count("/notfound.jpg") == 1
     assert paths.count("/xrobots-noai") == 1
     assert paths.count("/to-metadata") == 1
+    assert paths.count("/to-name") == 1
 
 
 def test_rerun_skips_finished_shards_and_changes_nothing(hostile):
