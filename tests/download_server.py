@@ -67,6 +67,18 @@ def png_bomb(side: int = 30_000) -> bytes:
     )
 
 
+def gif_bomb(screen: int = 100, frame: int = 30_000) -> bytes:
+    """A GIF whose logical screen is ``screen`` square and whose first frame is ``frame`` square.
+
+    Its screen size says 100x100; decoding it needs ``frame**2`` pixels (900 million at 30,000).
+    """
+    screen_descriptor = screen.to_bytes(2, "little") * 2 + bytes([0x80, 0, 0])  # 2-colour table
+    palette = b"\x00\x00\x00\xff\xff\xff"
+    image_descriptor = b"\x2c" + bytes(4) + frame.to_bytes(2, "little") * 2 + b"\x00"
+    pixels = bytes([2, 2, 0x4C, 0x01, 0])  # LZW minimum code size 2: clear, 0, end
+    return b"GIF89a" + screen_descriptor + palette + image_descriptor + pixels + b"\x3b"
+
+
 def animated_gif() -> bytes:
     frames = [photo(seed=1).convert("P"), photo(seed=2).convert("P")]
     buf = io.BytesIO()
@@ -117,6 +129,7 @@ CASES: dict[str, str | None] = {
     "/to-private": "blocked_address",
     "/to-mapped-v6": "blocked_address",
     "/to-decimal-ip": "blocked_address",
+    "/to-name": "blocked_address",  # a host name that resolves to 169.254.169.254
     "/to-file": "bad_redirect",
     "/to-ftp": "bad_redirect",
     "/truncated.jpg": "decode_error",
@@ -127,6 +140,7 @@ CASES: dict[str, str | None] = {
     "/short-body.jpg": "truncated",
     "/garbage.jpg": "decode_error",
     "/bomb.png": "too_large",
+    "/bomb.gif": "too_large",  # a 100x100 screen around a 30,000x30,000 frame
     "/tiny.png": "too_small",
     "/wide.png": "bad_aspect_ratio",
     "/xrobots-noai": "opt_out",
@@ -175,6 +189,7 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         "/empty.jpg": static(b""),
         "/garbage.jpg": static(bytes(range(256)) * 8),
         "/bomb.png": static(png_bomb(), "image/png"),
+        "/bomb.gif": static(gif_bomb(), "image/gif"),
         "/tiny.png": static(encode(photo(10, 10), "PNG"), "image/png"),
         "/wide.png": static(encode(photo(400, 40), "PNG"), "image/png"),
         "/xrobots-noai": static(JPEG, X_Robots_Tag="noai"),
@@ -184,6 +199,8 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         "/to-private": lambda req: redirect(req, "http://10.1.2.3:8080/internal.jpg", 301),
         "/to-mapped-v6": lambda req: redirect(req, "http://[::ffff:169.254.169.254]/", 307),
         "/to-decimal-ip": lambda req: redirect(req, "http://2852039166/x.jpg", 308),
+        # A name, not an address: only the guard's check of what it resolves to can refuse it.
+        "/to-name": lambda req: redirect(req, "http://metadata.test/latest/meta-data/"),
         "/to-file": lambda req: redirect(req, "file:///etc/passwd"),
         "/to-ftp": lambda req: redirect(req, "ftp://127.0.0.1/x.jpg"),
         "/loop": lambda req: redirect(req, "/loop"),

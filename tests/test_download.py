@@ -34,13 +34,16 @@ from download_server import (
     HOST_CASES,
     JPEG,
     RESOLVER_TABLE,
+    animated_gif,
     encode,
+    gif_bomb,
     hostile_server,
     photo,
     png_bomb,
 )
 from PIL import Image
 
+import netjail
 from wit_pipeline import counters, download, netguard, urls
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.localserver import ImageServer
@@ -160,6 +163,7 @@ def test_probing_resizer_refuses_before_decoding():
     cases = {
         b"": "empty_body",
         png_bomb(): "too_large",
+        gif_bomb(): "too_large",  # its screen says 100x100, its first frame 30,000x30,000
         encode(photo(10, 10), "PNG"): "too_small",
         encode(photo(400, 40), "PNG"): "bad_aspect_ratio",
         b"<!DOCTYPE html><html></html>": "not_image",
@@ -185,6 +189,8 @@ def test_header_size_agrees_with_pil(shared_data):
         encode(rgb.convert("L"), "JPEG", exif=exif.tobytes()),
         encode(rgb, "PNG"),
         encode(rgb.convert("P"), "GIF"),
+        animated_gif(),  # extension blocks before the first frame
+        gif_bomb(frame=1000),  # Pillow grows the screen to hold the first frame
         encode(rgb, "WEBP"),  # left to PIL
     ]
     photos = sorted((shared_data / "flickr8k" / "images").iterdir())[:300]
@@ -195,6 +201,8 @@ def test_header_size_agrees_with_pil(shared_data):
         assert got is None if want[0] == "WEBP" else got == want
     assert download.header_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut short
     assert download.header_size(b"<html>") is None
+    assert download.header_size(gif_bomb()) == ("GIF", 30_000, 30_000)
+    assert download.header_size(gif_bomb()[:20]) is None  # cut before the first frame
 
 
 def test_apply_verdict_and_crawl_delay():
@@ -279,6 +287,8 @@ def hostile(tmp_path_factory):
     input_dir = write_candidates(tmp / "in", rows)
     resolver = netguard.StaticResolver.of(RESOLVER_TABLE)
     out = str(tmp / "out")
+    # conftest's per-test check starts after this module-scoped fixture: watch the runs here.
+    jailed_before = len(netjail.violations)
     try:
         stats = run_download(input_dir, out, HOSTILE_CONFIG, resolver)
         requests_run1 = list(server.requests)
@@ -286,6 +296,7 @@ def hostile(tmp_path_factory):
         stats2 = run_download(input_dir, out, HOSTILE_CONFIG, resolver)
         requests_run2 = list(server.requests)
         yield {
+            "violations": netjail.violations[jailed_before:],
             "rows": rows,
             "expected": expected,
             "input_dir": input_dir,
@@ -299,6 +310,10 @@ def hostile(tmp_path_factory):
         }
     finally:
         server.stop()
+
+
+def test_the_hostile_runs_stayed_on_loopback(hostile):
+    assert hostile["violations"] == []
 
 
 def test_every_url_ends_in_a_shard_or_rejected_with_its_reason(hostile):
@@ -389,6 +404,7 @@ def test_politeness_and_retries(hostile):
     assert paths.count("/notfound.jpg") == 1
     assert paths.count("/xrobots-noai") == 1
     assert paths.count("/to-metadata") == 1
+    assert paths.count("/to-name") == 1
 
 
 def test_rerun_skips_finished_shards_and_changes_nothing(hostile):
@@ -475,6 +491,45 @@ def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
         # The guard was installed for the run and removed with the DoFn.
         assert urllib.request._opener is before
     assert stats["url_counters"] == {"input": 1, "kept": 1}
+
+
+def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
+    """Beam runs several instances of a DoFn per process and tears idle ones down: tearing one
+    down must leave the others' downloads guarded, with one opener and limiter per process."""
+    import pickle
+
+    fn = download._DownloadShardFn(
+        str(tmp_path), HOSTILE_CONFIG, netguard.StaticResolver.of(RESOLVER_TABLE)
+    )
+    a, b = (pickle.loads(pickle.dumps(fn)) for _ in range(2))  # as a worker unpickles them
+    other = download._DownloadShardFn(str(tmp_path), HOSTILE_CONFIG, None)
+    before = urllib.request._opener
+    a.setup()
+    try:
+        b.setup()
+        try:
+            assert a._opener is b._opener and a._opener.limiter is b._opener.limiter
+            # Another transform's settings may not take over (or share) the active guard.
+            with pytest.raises(netguard.GuardConflictError):
+                other.setup()
+            other.teardown()
+            a.teardown()
+            assert urllib.request._opener is b._opener
+            # Without the guard these would read the file and reach 10.0.0.5 (jail violation).
+            for url, reason in [
+                ("file:///etc/hostname", "invalid_url"),
+                ("http://intranet.test/g.jpg", "blocked_address"),
+                ("http://169.254.169.254/latest/meta-data/", "blocked_address"),
+            ]:
+                with pytest.raises(netguard.FetchError) as e:
+                    urllib.request.urlopen(url, timeout=3)
+                assert e.value.reason == reason, url
+        finally:
+            b.teardown()
+    finally:
+        a.teardown()  # a second teardown is a no-op
+    assert urllib.request._opener is before
+    assert netguard.PROCESS_OPENER.users == 0
 
 
 def test_rerun_on_other_input_is_refused(tmp_path, capsys):

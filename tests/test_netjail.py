@@ -19,6 +19,60 @@ def test_jail_refuses_private_and_public_addresses():
     del netjail.violations[start:]  # provoked on purpose
 
 
+def test_jail_refuses_lookups_of_anything_but_loopback():
+    """Forward and reverse name-service calls: each refusal is raised and recorded."""
+    calls = [
+        lambda: socket.gethostbyname("example.com"),
+        lambda: socket.gethostbyname_ex("metadata.google.internal"),
+        lambda: socket.gethostbyname(b"example.com"),
+        lambda: socket.gethostbyaddr("8.8.8.8"),
+        lambda: socket.gethostbyaddr("example.com"),
+        lambda: socket.getnameinfo(("169.254.169.254", 80), 0),
+        lambda: socket.getnameinfo(("2001:4860:4860::8888", 53, 0, 0), 0),
+    ]
+    start = len(netjail.violations)
+    for call in calls:
+        with pytest.raises(netjail.JailViolation):
+            call()
+    assert len(netjail.violations) == start + len(calls)
+    del netjail.violations[start:]  # provoked on purpose
+
+
+def test_jail_allows_loopback_lookups():
+    assert socket.gethostbyname("127.0.0.1") == "127.0.0.1"
+    assert socket.gethostbyname_ex("127.0.0.1") == ("127.0.0.1", [], ["127.0.0.1"])
+    numeric = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+    assert socket.getnameinfo(("127.0.0.1", 80), numeric) == ("127.0.0.1", "80")
+    assert socket.getnameinfo(("::1", 80, 0, 0), numeric) == ("::1", "80")
+
+
+def test_jail_refuses_datagrams_to_other_addresses():
+    start = len(netjail.violations)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(netjail.JailViolation):
+            s.sendto(b"x", ("10.0.0.1", 9))
+        with pytest.raises(netjail.JailViolation):
+            s.sendto(b"x", 0, ("8.8.8.8", 53))
+        with pytest.raises(netjail.JailViolation):
+            s.sendmsg([b"x"], [], 0, ("169.254.169.254", 9))
+    assert len(netjail.violations) == start + 3
+    del netjail.violations[start:]  # provoked on purpose
+
+
+def test_jail_lets_datagrams_reach_loopback():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            assert tx.sendmsg([b"via ", b"sendmsg"], [], 0, rx.getsockname()) == 11
+            assert rx.recv(64) == b"via sendmsg"
+            assert tx.sendto(b"via sendto", rx.getsockname()) == 10
+            assert rx.recv(64) == b"via sendto"
+            tx.connect(rx.getsockname())
+            assert tx.sendmsg([b"connected"]) == 9  # no address: the connected peer
+            assert rx.recv(64) == b"connected"
+
+
 def test_jail_allows_loopback():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import threading
-import urllib.request
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -480,13 +480,15 @@ _JPEG_SOF = frozenset(
 def header_size(data: bytes) -> tuple[str, int, int] | None:
     """``(format, width, height)`` read from a JPEG, PNG or GIF header, else ``None``.
 
+    For a GIF, the size Pillow gives it: the logical screen grown to hold the first frame.
+
     A few microseconds, against ~80 for ``PIL.Image.open`` (which parses every JPEG segment);
     anything this does not recognize, or finds malformed, is left to PIL.
     """
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return "PNG", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        return "GIF", int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _gif_size(data)
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
@@ -509,6 +511,39 @@ def header_size(data: bytes) -> tuple[str, int, int] | None:
             width = int.from_bytes(data[i + 7 : i + 9], "big")
             return ("JPEG", width, height) if width and height else None
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _gif_size(data: bytes) -> tuple[str, int, int] | None:
+    """A GIF's logical screen grown to hold its first frame, as Pillow sizes it on open.
+
+    The screen size alone is not enough: a GIF may declare a 100x100 screen and a first frame
+    of 30,000x30,000 (a decompression bomb), which Pillow decodes at the frame's size.
+    """
+    n = len(data)
+    if n < 13:
+        return None
+    width = int.from_bytes(data[6:8], "little")
+    height = int.from_bytes(data[8:10], "little")
+    packed = data[10]
+    i = 13
+    if packed & 0x80:  # global colour table
+        i += 3 << ((packed & 0x07) + 1)
+    while i < n:
+        block = data[i]
+        if block == 0x2C:  # image descriptor: left, top, width, height
+            if i + 9 > n:
+                return None
+            left, top, w, h = (
+                int.from_bytes(data[i + 1 + 2 * k : i + 3 + 2 * k], "little") for k in range(4)
+            )
+            return "GIF", max(width, left + w), max(height, top + h)
+        if block != 0x21:  # trailer or garbage before any frame: left to PIL
+            return None
+        i += 2  # extension introducer and label, then data sub-blocks up to an empty one
+        while i < n and data[i]:
+            i += data[i] + 1
+        i += 1
     return None
 
 
@@ -805,19 +840,19 @@ class _DownloadShardFn(beam.DoFn):
         self._output_dir = output_dir
         self._config = config
         self._resolver = resolver
+        # Shared by every instance unpickled from this one: they share one opener per process.
+        self._owner = uuid.uuid4().hex
 
     def setup(self):
-        self._guard = make_guard(self._config, self._resolver)
-        self._options = fetch_options(self._config)
-        self._previous_opener = netguard.installed_opener()
-        self._opener = netguard.install_urllib_opener(self._guard, self._options)
         self._resizer = ProbingResizer(make_img2dataset_resizer(self._config), self._config)
         self._workdir = tempfile.mkdtemp(prefix="wit-download-")
+        self._opener = netguard.PROCESS_OPENER.acquire(
+            self._owner, make_guard(self._config, self._resolver), fetch_options(self._config)
+        )
 
     def _ensure_guard(self):
         # Fail closed: if anything replaced the process-wide opener, put the guard back.
-        if netguard.installed_opener() is not self._opener:
-            self._opener = netguard.install_urllib_opener(self._guard, self._options)
+        netguard.PROCESS_OPENER.ensure(self._opener)
 
     def process(self, element: tuple[int, Iterable[dict[str, Any]]]):
         shard_id, records = element
@@ -844,12 +879,12 @@ class _DownloadShardFn(beam.DoFn):
         return list(emit_counts(shard_counters(kept, rejected)))
 
     def teardown(self):
-        # Give the process its previous urllib opener back (the in-process runner shares the
-        # process with the caller).
-        if getattr(self, "_opener", None) is not None and (
-            netguard.installed_opener() is self._opener
-        ):
-            urllib.request.install_opener(self._previous_opener)
+        # The last instance of the process gives it its previous urllib opener back (the
+        # in-process runner shares the process with the caller); the others leave it guarded.
+        opener = getattr(self, "_opener", None)
+        if opener is not None:
+            self._opener = None
+            netguard.PROCESS_OPENER.release(opener)
         workdir = getattr(self, "_workdir", None)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)

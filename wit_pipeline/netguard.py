@@ -18,10 +18,11 @@ Two HTTP stacks are wired to the guard:
   http(s)-only redirects, refuses proxies and non-http(s) schemes, retries only retryable
   errors, enforces a total deadline per attempt, a body size limit, per-host concurrency and
   rate limits, sends our User-Agent and refuses ``X-Robots-Tag`` opt-outs before reading the
-  body. :func:`install_urllib_opener` installs it process-wide with
-  ``urllib.request.install_opener``, the hook ``urllib.request.urlopen`` (and so img2dataset's
-  ``download_image``) goes through; the download DoFn installs it in ``setup()`` of every worker
-  process and re-checks it before every shard.
+  body. It is installed process-wide with ``urllib.request.install_opener``, the hook
+  ``urllib.request.urlopen`` (and so img2dataset's ``download_image``) goes through. The
+  download DoFn acquires it from :data:`PROCESS_OPENER` in ``setup()`` (one opener and one
+  per-host limiter per worker process, reference counted, so that no instance's ``teardown()``
+  can switch the guard off under another) and re-checks it before every shard.
 - ``requests`` (robots.txt): :func:`requests_session` returns a session whose adapters use the
   same guarded connections.
 
@@ -253,31 +254,40 @@ class _DeadlineMixin:
         self._wit_op_timeout = value
         super().settimeout(value)  # type: ignore[misc]
 
-    def _wit_arm(self) -> None:
+    def _wit_arm(self) -> bool:
+        """Bound the next blocking call; ``True`` when the deadline, not the per-operation
+        timeout, is the bound."""
         deadline = self._wit_deadline
         if deadline is None:
-            return
+            return False
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("total request time exceeded")
         op = self._wit_op_timeout
-        super().settimeout(left if op is None else min(op, left))  # type: ignore[misc]
+        by_deadline = op is None or left < op
+        super().settimeout(left if by_deadline else op)  # type: ignore[misc]
+        return by_deadline
+
+    def _wit_io(self, call, *args):
+        by_deadline = self._wit_arm()
+        try:
+            return call(*args)
+        except TimeoutError:
+            if by_deadline:  # report what ran out: the total time, not one read
+                raise DeadlineExceeded("total request time exceeded") from None
+            raise
 
     def recv(self, *args):
-        self._wit_arm()
-        return super().recv(*args)  # type: ignore[misc]
+        return self._wit_io(super().recv, *args)  # type: ignore[misc]
 
     def recv_into(self, *args):
-        self._wit_arm()
-        return super().recv_into(*args)  # type: ignore[misc]
+        return self._wit_io(super().recv_into, *args)  # type: ignore[misc]
 
     def send(self, *args):
-        self._wit_arm()
-        return super().send(*args)  # type: ignore[misc]
+        return self._wit_io(super().send, *args)  # type: ignore[misc]
 
     def sendall(self, *args):
-        self._wit_arm()
-        return super().sendall(*args)  # type: ignore[misc]
+        return self._wit_io(super().sendall, *args)  # type: ignore[misc]
 
 
 class DeadlineSocket(_DeadlineMixin, socket.socket):
@@ -353,7 +363,12 @@ class Guard:
                         raise DeadlineExceeded("total request time exceeded")
                     timeout = min(timeout, left)
                 sock.settimeout(timeout)
-                sock.connect((str(ip), port))
+                try:
+                    sock.connect((str(ip), port))
+                except TimeoutError:  # say which bound ran out: connect_timeout or the deadline
+                    raise TimeoutError(
+                        f"connect to {ip} port {port}: no answer within {timeout:g}s"
+                    ) from None
                 peer = sock.getpeername()[0]
                 why = self.policy.refusal(peer)
                 if why is not None:  # the address actually connected to
@@ -446,9 +461,18 @@ class HostLimiter:
     spacing for one host (robots.txt ``Crawl-delay``).
     """
 
-    def __init__(self, concurrency: int = 0, rate: float = 0.0):
+    def __init__(
+        self,
+        concurrency: int = 0,
+        rate: float = 0.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.concurrency = concurrency
         self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._clock = clock  # injectable so that tests can check the spacing without timing
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._next: dict[str, float] = {}
@@ -471,11 +495,11 @@ class HostLimiter:
             interval = max(self.interval, self._intervals.get(host, 0.0))
             if interval:
                 with self._lock:
-                    now = time.monotonic()
+                    now = self._clock()
                     start = max(now, self._next.get(host, 0.0))
                     self._next[host] = start + interval
                 if start > now:
-                    time.sleep(start - now)
+                    self._sleep(start - now)
             yield
         finally:
             if sem is not None:
@@ -731,10 +755,88 @@ def build_opener(guard: Guard, options: FetchOptions) -> GuardedOpener:
 
 
 def install_urllib_opener(guard: Guard, options: FetchOptions) -> GuardedOpener:
-    """Route ``urllib.request.urlopen`` in this process through a :class:`GuardedOpener`."""
+    """Route ``urllib.request.urlopen`` in this process through a :class:`GuardedOpener`.
+
+    A bare install for one-off callers; the download stage uses :data:`PROCESS_OPENER`, which
+    shares one opener between all its DoFn instances of a process and puts the previous one
+    back only after the last of them is done.
+    """
     opener = build_opener(guard, options)
     urllib.request.install_opener(opener)
     return opener
+
+
+class GuardConflictError(RuntimeError):
+    """Another owner's guarded opener is active in this process (see :class:`ProcessOpener`)."""
+
+
+class ProcessOpener:
+    """The process-wide guarded urllib opener, shared by every user in the process.
+
+    ``urllib.request.install_opener`` sets one opener for the whole process, while a Beam
+    worker process runs several instances of a DoFn on several threads and tears idle ones
+    down on its own schedule. So the opener is reference counted: :meth:`acquire` builds and
+    installs it for the first user of an ``owner`` (a key shared by all instances of one
+    transform) and counts the others, who get the same opener and so the same
+    :class:`HostLimiter` (per-host limits hold per process); :meth:`release` puts the previous
+    opener back only when the last user is done. The guard is therefore never off while any
+    user is active. While one owner's opener is active, another owner (other settings) is
+    refused with :class:`GuardConflictError` rather than silently sharing or replacing it.
+    All state is behind one lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: str | None = None
+        self._opener: GuardedOpener | None = None
+        self._previous: Any = None
+        self._users = 0
+
+    def acquire(self, owner: str, guard: Guard, options: FetchOptions) -> GuardedOpener:
+        """The owner's opener, installed (reinstalled if replaced); count one more user."""
+        with self._lock:
+            if self._opener is None:
+                self._previous = installed_opener()
+                self._opener = build_opener(guard, options)
+                self._owner = owner
+            elif self._owner != owner:
+                raise GuardConflictError(
+                    "another download transform's guarded opener is active in this process; "
+                    "run download transforms with different settings one after the other"
+                )
+            self._users += 1
+            urllib.request.install_opener(self._opener)
+            return self._opener
+
+    def ensure(self, opener: GuardedOpener) -> None:
+        """Fail closed: put ``opener`` (which must be active) back if something replaced it."""
+        with self._lock:
+            if opener is not self._opener:
+                raise GuardConflictError("this opener is not the active guarded opener")
+            if installed_opener() is not opener:
+                urllib.request.install_opener(opener)
+
+    def release(self, opener: GuardedOpener) -> None:
+        """One user fewer; the last one gives the process its previous opener back."""
+        with self._lock:
+            if opener is not self._opener or self._users <= 0:
+                return
+            self._users -= 1
+            if self._users:
+                return
+            if installed_opener() is opener:
+                urllib.request.install_opener(self._previous)
+            self._opener = self._owner = self._previous = None
+
+    @property
+    def users(self) -> int:
+        with self._lock:
+            return self._users
+
+
+# The one piece of module-level mutable state here, on purpose: urllib's installed opener is
+# process-wide, so the count of its users must be too. Small, and every access holds its lock.
+PROCESS_OPENER = ProcessOpener()
 
 
 def installed_opener() -> Any:
