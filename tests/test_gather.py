@@ -3,6 +3,7 @@
 import collections
 import json
 import pathlib
+import pickle
 import random
 
 import apache_beam as beam
@@ -554,6 +555,40 @@ def test_expensive_state_is_built_once_per_worker(fixture_files, tmp_path, monke
     assert doc["counters"]["kept"] == 8
     assert doc["counters"]["dropped:duplicate"] == 4 * 10 - 8
     assert built == {"matcher": 1, "fasttext": 1}
+
+
+def test_dofn_instances_in_one_process_share_one_filter(tmp_path, monkeypatch):
+    """Threads of one worker process each get a DoFn copy; all share one PairFilter."""
+    built = collections.Counter()
+    real_init = QueryMatcher.__init__
+
+    def matcher_init(self, *a, **k):
+        built["matcher"] += 1
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(QueryMatcher, "__init__", matcher_init)
+    qpath = write_queries(tmp_path / "q.txt")
+    kwargs = dict(num_buckets=2, total_files=1, progress_interval=0.0)
+    fn = gather._ReadFilterFn(cfg=GatherConfig(), query_spec=qpath, queries_sha256=None, **kwargs)
+    # What a runner does: unpickle one copy of the DoFn per thread, call setup() on each.
+    payload = pickle.dumps(fn)
+    a, b = pickle.loads(payload), pickle.loads(payload)
+    a.setup()
+    b.setup()
+    assert a is not b
+    assert a._filter is b._filter
+    assert built == {"matcher": 1}
+    # Another DoFn (another handle, or another config) builds its own.
+    other = gather._ReadFilterFn(
+        cfg=GatherConfig(match=MatchConfig(case_sensitive=False)),
+        query_spec=Q,
+        queries_sha256=None,
+        **kwargs,
+    )
+    other.setup()
+    assert other._filter is not a._filter
+    assert other._filter.matcher.case_sensitive is False
+    assert built == {"matcher": 2}
 
 
 def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
