@@ -1,6 +1,7 @@
 """The gather stage: pure core, Beam transforms, end-to-end runs; exact outputs and counters."""
 
 import collections
+import gc
 import json
 import pathlib
 import pickle
@@ -607,6 +608,14 @@ def test_dofn_instances_in_one_process_share_one_filter(tmp_path, monkeypatch):
     assert other._filter is not a._filter
     assert other._filter.matcher.case_sensitive is False
     assert built == {"matcher": 2}
+
+
+def test_shared_filter_is_freed_after_the_run(fixture_files, tmp_path):
+    """Once the pipeline's DoFns are torn down, no PairFilter stays alive in the process."""
+    qpath = write_queries(tmp_path / "q.txt")
+    gather.run_gather(fixture_files, str(tmp_path / "out"), cfg=GatherConfig(), queries_path=qpath)
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, gather.PairFilter)] == []
 
 
 def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
