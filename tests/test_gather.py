@@ -1,8 +1,10 @@
 """The gather stage: pure core, Beam transforms, end-to-end runs; exact outputs and counters."""
 
 import collections
+import gc
 import json
 import pathlib
+import pickle
 import random
 
 import apache_beam as beam
@@ -429,17 +431,35 @@ def read_dir(d):
     return pq.read_table(d, schema=None)
 
 
-def test_run_gather_end_to_end(fixture_files, tmp_path):
+@pytest.mark.parametrize(
+    ("runner", "beam_args"),
+    [
+        (None, []),
+        ("BundleBasedDirectRunner", []),
+        # Beam's DirectRunner first tries Prism, which downloads its binary from github.com
+        # (the network jail fails a test that tries); a missing local binary makes that attempt
+        # fail without the network, and DirectRunner falls back as it does offline.
+        ("DirectRunner", ["--prism_location=/nonexistent/prism"]),
+    ],
+    ids=["FnApiRunner", "BundleBasedDirectRunner", "DirectRunner"],
+)
+def test_run_gather_end_to_end(fixture_files, tmp_path, runner, beam_args):
+    """Every local runner: the same exact counters and rows as the single-process loop."""
     qpath = write_queries(tmp_path / "q.txt")
     out = tmp_path / "out"
     doc = gather.run_gather(
-        fixture_files, str(out), cfg=GatherConfig(num_output_shards=2), queries_path=qpath
+        fixture_files,
+        str(out),
+        cfg=GatherConfig(num_output_shards=2),
+        queries_path=qpath,
+        runner=runner,
+        beam_args=beam_args,
     )
     assert doc["counters"] == EXPECTED_COUNTERS
     assert doc["query_counts"] == EXPECTED_QUERY_COUNTS
     assert doc["queries"]["count"] == len(Q) and len(doc["queries"]["sha256"]) == 64
     assert doc["read_counters"]["files:read"] == 3
-    assert doc["runner"] == "FnApiRunner"
+    assert doc["runner"] == (runner or "FnApiRunner")
     on_disk = json.loads((out / "stats.json").read_text())
     assert on_disk["counters"] == EXPECTED_COUNTERS
     beam_utils.check_stats_file(str(out / "stats.json"))
@@ -554,6 +574,48 @@ def test_expensive_state_is_built_once_per_worker(fixture_files, tmp_path, monke
     assert doc["counters"]["kept"] == 8
     assert doc["counters"]["dropped:duplicate"] == 4 * 10 - 8
     assert built == {"matcher": 1, "fasttext": 1}
+
+
+def test_dofn_instances_in_one_process_share_one_filter(tmp_path, monkeypatch):
+    """Threads of one worker process each get a DoFn copy; all share one PairFilter."""
+    built = collections.Counter()
+    real_init = QueryMatcher.__init__
+
+    def matcher_init(self, *a, **k):
+        built["matcher"] += 1
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(QueryMatcher, "__init__", matcher_init)
+    qpath = write_queries(tmp_path / "q.txt")
+    kwargs = dict(num_buckets=2, total_files=1, progress_interval=0.0)
+    fn = gather._ReadFilterFn(cfg=GatherConfig(), query_spec=qpath, queries_sha256=None, **kwargs)
+    # What a runner does: unpickle one copy of the DoFn per thread, call setup() on each.
+    payload = pickle.dumps(fn)
+    a, b = pickle.loads(payload), pickle.loads(payload)
+    a.setup()
+    b.setup()
+    assert a is not b
+    assert a._filter is b._filter
+    assert built == {"matcher": 1}
+    # Another DoFn (another handle, or another config) builds its own.
+    other = gather._ReadFilterFn(
+        cfg=GatherConfig(match=MatchConfig(case_sensitive=False)),
+        query_spec=Q,
+        queries_sha256=None,
+        **kwargs,
+    )
+    other.setup()
+    assert other._filter is not a._filter
+    assert other._filter.matcher.case_sensitive is False
+    assert built == {"matcher": 2}
+
+
+def test_shared_filter_is_freed_after_the_run(fixture_files, tmp_path):
+    """Once the pipeline's DoFns are torn down, no PairFilter stays alive in the process."""
+    qpath = write_queries(tmp_path / "q.txt")
+    gather.run_gather(fixture_files, str(tmp_path / "out"), cfg=GatherConfig(), queries_path=qpath)
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, gather.PairFilter)] == []
 
 
 def test_real_data_pipeline_equals_loop(shared_data, tmp_path):

@@ -1,5 +1,6 @@
 """QueryMatcher: MetaCLIP's substring semantics, equal to the naive loop on every input."""
 
+import pathlib
 import pickle
 import random
 
@@ -9,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wit_pipeline.match import QueryMatcher, naive_match, spacing
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def metaclip_spacing(text):
@@ -102,6 +105,36 @@ def test_equals_naive_loop_on_any_unicode(text, queries):
     assert QueryMatcher(queries).match(text) == naive_match(text, queries)
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.one_of(st.text(alphabet=ALPHABET, max_size=40), st.text(max_size=60)),
+    queries=st.lists(
+        st.one_of(st.text(alphabet=ALPHABET, max_size=6), st.text(max_size=8)),
+        min_size=1,
+        max_size=20,
+    ),
+    case_sensitive=st.booleans(),
+)
+def test_pairs_reference_equals_naive_loop(text, queries, case_sensitive):
+    """``pairs_reference`` (used on the real-sized list below, where the literal loop is too
+    slow) is the naive loop: this closes the chain matcher == reference == naive loop."""
+    queries = [*queries, *text.split()[:3], *[" ".join(text.split()[:2])]]
+    index = query_index(queries, case_sensitive=case_sensitive)
+    assert pairs_reference(text, index, case_sensitive=case_sensitive) == naive_match(
+        text, queries, case_sensitive=case_sensitive
+    )
+
+
+def test_pairs_reference_exact():
+    queries = ["dog", "hot dog", "", " dog", "dog.", "."]
+    index = query_index(queries)
+    # "." is spaced out, leaving two spaces at the end: "" matches, "dog." never can.
+    assert pairs_reference("hot dog.", index) == naive_match("hot dog.", queries) == [0, 1, 2, 5]
+    # Two spaces inside: "" and " dog" match, "hot dog" does not.
+    assert pairs_reference("hot  dog", index) == naive_match("hot  dog", queries) == [0, 2, 3]
+    assert pairs_reference("hotdog", index) == naive_match("hotdog", queries) == []
+
+
 @pytest.fixture(scope="module")
 def real_captions(shared_data):
     table = pq.read_table(shared_data / "laion-sample" / "laion_10000.parquet", columns=["TEXT"])
@@ -127,6 +160,9 @@ def real_queries(shared_data):
 
 
 def test_equals_references_on_real_captions_and_real_sized_list(real_captions, real_queries):
+    """The matcher equals ``pairs_reference`` on all 10,000 LAION captions against a 370k list
+    (and ``pairs_reference`` equals the naive loop: ``test_pairs_reference_equals_naive_loop``),
+    and the literal naive loop itself on a sample of 20 captions."""
     m = QueryMatcher(real_queries)
     index = query_index(real_queries)
     matched = 0
@@ -147,19 +183,38 @@ def test_case_folded_equals_reference_on_real_captions(real_captions, real_queri
         assert m.match(text) == pairs_reference(text, index, case_sensitive=False), text
 
 
-def test_equals_naive_loop_on_real_warc_alt_texts(shared_data):
+@pytest.fixture(scope="module")
+def warc_alt_texts(shared_data):
     from wit_pipeline.readers import warc
 
-    pairs = [
-        p
-        for batch in warc.iter_batches(
-            str(shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz")
-        )
-        for p in zip(batch.urls, batch.captions, strict=True)
-    ]
-    alts = [c for _, c in pairs if c]
-    assert len(alts) >= 25
+    path = shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"
+    alts = [c for batch in warc.iter_batches(str(path)) for c in batch.captions if c]
+    assert len(alts) == 32
+    return alts
+
+
+def test_equals_naive_loop_on_real_warc_alt_texts(warc_alt_texts):
+    """A small list built from the alt texts themselves, so that most words match."""
+    alts = warc_alt_texts
     queries = sorted({w for a in alts for w in a.split()} | {"the", "Яндекс", "Метрика"})
     m = QueryMatcher(queries)
     for a in alts:
         assert m.match(a) == naive_match(a, queries)
+
+
+def test_real_warc_alt_texts_against_the_shipped_list(warc_alt_texts):
+    """Every WARC alt text against the shipped 454k-entry list: the matcher equals
+    ``pairs_reference`` and the literal naive loop (~0.25 s per alt text at this size)."""
+    from wit_pipeline import queries as queries_lib
+
+    shipped = queries_lib.load_queries(str(ROOT / "queries" / "wit-queries-en.txt.gz"))
+    assert len(shipped) == 454_124
+    m = QueryMatcher(shipped)
+    index = query_index(shipped)
+    found = []
+    for a in warc_alt_texts:
+        got = m.match(a)
+        assert got == pairs_reference(a, index) == naive_match(a, shipped), a
+        found.append(len(got))
+    # The excerpt's alt texts are mostly file names and logos: 8 of 32 match something.
+    assert sum(1 for n in found if n) == 8

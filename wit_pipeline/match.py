@@ -49,8 +49,9 @@ def naive_match(text: str, queries: Sequence[str], *, case_sensitive: bool = Tru
 class QueryMatcher:
     """Find every query of a (large) list in a text, MetaCLIP semantics, in one pass.
 
-    Build it once per process (a 500k-entry list takes a second or two): Beam DoFns build it in
-    ``setup()``. Duplicate queries are allowed; each of their indices is reported.
+    Build it once per process (a 500k-entry list takes a few seconds): the gather DoFn's
+    ``setup()`` acquires one per worker process through ``apache_beam.utils.shared.Shared``.
+    Duplicate queries are allowed; each of their indices is reported.
     """
 
     def __init__(self, queries: Iterable[str], *, case_sensitive: bool = True):
