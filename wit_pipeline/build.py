@@ -120,7 +120,12 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
     ),
     "prebalance": (balance.PREBALANCED_OUT, balance.NO_QUERY),
     "download": download_lib.REASONS,  # plus http_<status>
-    "dedup": (dedup.UNDECODABLE, dedup.EVAL_CONTAMINATION, dedup.NEAR_DUPLICATE),
+    "dedup": (
+        dedup.UNDECODABLE,
+        dedup.EVAL_CONTAMINATION,
+        dedup.DUPLICATE_INPUT,
+        dedup.NEAR_DUPLICATE,
+    ),
     "balance": (balance.BALANCED_OUT, balance.NO_QUERY),
     "score": (score_lib.LOW_SCORE, score_lib.UNDECODABLE, score_lib.MISSING),
 }
