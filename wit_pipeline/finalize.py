@@ -513,6 +513,7 @@ class Finalize(beam.PTransform):
         _ = rejected | "WriteRejected" >> WriteRejected(fileio.join(self._out, REJECTED_DIR))
         columns = {
             **self._extra,
+            # pairs of the images that decode (undecodable ones are not in read.records)
             "after_download": read.records | "CountDownload" >> CountQueriesPerPair(),
             "after_dedup": bal["before"],
             "final": final_counts,
@@ -625,6 +626,7 @@ def run_dedup(
             extra={"inputs": list(inputs), "config": config.to_dict(cfg)},
         )
         columns = {
+            # pairs of the images that decode (undecodable ones are not in read.records)
             "after_download": read.records | "CountDownload" >> CountQueriesPerPair(),
             "after_dedup": samples | "CountDedup" >> balance.CountQueries(),
         }
