@@ -1,6 +1,7 @@
 """Final shards: dedup -> balance -> webdataset tars + Parquet, read back every way users do."""
 
 import argparse
+import collections
 import hashlib
 import json
 import re
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import cli, config, finalize, open_clip_train, shards
+from wit_pipeline import balance, cli, config, finalize, open_clip_train, shards
 
 
 def _sha(path):
@@ -256,6 +257,33 @@ def test_dedup_then_balance_commands_give_the_same_shards(download_dir, final, t
     counts = pq.read_table(tmp_path / "fin" / "query_counts.parquet").to_pydict()
     assert all(v is not None for v in counts["after_download"] + counts["final"])
     assert all(f >= 0 for f in counts["final"])
+
+    # balance.unit = pair: the final shards hold exactly the pairs balance_records keeps
+    pair_args = ["--t", "2", "--set", "balance.unit=pair", "--samples-per-shard", "8"]
+    fin = tmp_path / "fin-pair"
+    args = ["balance", "--input", str(tmp_path / "dd"), "--output", str(fin), *pair_args]
+    assert cli.main(args) == 0
+    pairs = [p for r in pq.read_table(tmp_path / "dd" / "samples").to_pylist() for p in r["pairs"]]
+    probs = balance.query_probabilities(balance.count_queries(pairs), 2)
+    c = collections.Counter()
+    kept, _ = balance.balance_records(
+        pairs, probs, c, seed=0, phase="balance", id_field="uid", reason="balanced_out"
+    )
+    rows = [
+        r for f in sorted((fin / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    assert sorted(u for r in rows for u in r["uids"]) == sorted(p["uid"] for p in kept)
+    pair_stats = json.loads((fin / "stats.json").read_text())["pair_counters"]
+    assert pair_stats == {
+        "input": len(pairs),
+        "kept": len(kept),
+        **{k: v for k, v in c.items() if k.startswith("dropped:")},
+    }
+    assert pair_stats["dropped:balanced_out"] > 0
+    assert len(rows) < len(kept)  # some kept samples hold several drawn pairs
+    qc = pq.read_table(fin / "query_counts.parquet").to_pydict()
+    final = dict(zip(qc["query_id"], qc["final"], strict=True))
+    assert {q: n for q, n in final.items() if n} == dict(balance.count_queries(kept))
 
 
 def test_collapse_false_makes_one_sample_per_pair(download_dir, tmp_path):

@@ -491,14 +491,16 @@ class Finalize(beam.PTransform):
         root = tar_paths.pipeline
         read = tar_paths | "Read" >> dedup.ReadDownloadShards()
         samples, dd = _dedup_part(read.records, root, cfg, self._out)
-        bal = samples | "Balance" >> balance.BalanceSamples(t=cfg.balance.t, seed=cfg.balance.seed)
+        bal = samples | "Balance" >> balance.BalanceSamples(
+            t=cfg.balance.t, seed=cfg.balance.seed, unit=cfg.balance.unit
+        )
         kept, final_counts = bal["kept"], bal["after"]
         rejected_parts = [read[beam_utils.REJECTED], dd["rejected"], bal["rejected"]]
         count_parts = [read[beam_utils.COUNTS], dd["counts"], bal["counts"]]
         if self._scorer is not None:
             scored = kept | "Score" >> self._scorer
             kept = scored["kept"]
-            final_counts = kept | "CountScored" >> balance.CountQueries()
+            final_counts = kept | "CountScored" >> balance.CountUnits(unit=cfg.balance.unit)
             rejected_parts.append(scored["rejected"])
             count_parts.append(scored["counts"])
         assigned = kept | "AssignShards" >> AssignShards(
@@ -686,7 +688,9 @@ def run_balance(
             | "Spread" >> beam.Reshuffle()
             | "ReadSamples" >> beam.FlatMap(_read_samples)
         )
-        bal = samples | "Balance" >> balance.BalanceSamples(t=cfg.balance.t, seed=cfg.balance.seed)
+        bal = samples | "Balance" >> balance.BalanceSamples(
+            t=cfg.balance.t, seed=cfg.balance.seed, unit=cfg.balance.unit
+        )
         assigned = bal["kept"] | "AssignShards" >> AssignShards(
             samples_per_shard=cfg.shards.samples_per_shard
         )
