@@ -34,27 +34,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# open_clip_train 3.3.0 reads shards through its own tarfile_to_samples_nothrow, which fails on
-# the end-of-shard marker ({}) that webdataset >= 0.2.87 yields (KeyError: 'fname'); open_clip
-# pins webdataset <= 0.2.86 for training, this project has 0.2.111. The runner re-binds that
-# function to the same pipeline without the marker (eof_value=None), and registers the wit-*
-# architectures; nothing else of open_clip's trainer changes.
-OPEN_CLIP_RUNNER = """
-import sys
-from webdataset.tariterators import tar_file_expander, url_opener
-import open_clip_train.data as data
-from wit_pipeline import models
-
-def tarfile_to_samples_nothrow(src, handler=data.log_and_continue):
-    streams = url_opener(src, handler=handler)
-    files = tar_file_expander(streams, handler=handler, eof_value=None)
-    return data.group_by_keys_nothrow(files, handler=handler)
-
-data.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
-models.register_model_configs()
-from open_clip_train.main import main
-main(sys.argv[1:])
-"""
+# open_clip's trainer runs as ``python -m wit_pipeline.open_clip_train``: open_clip_train.main
+# with its training reader fixed for webdataset >= 0.2.87 (see that module) and the wit-*
+# architectures registered; nothing else of open_clip's trainer changes.
 
 
 def build_shards(shared: str, out: str, samples_per_shard: int) -> str:
@@ -143,8 +125,8 @@ def run_open_clip(args, shards: str, out: str) -> dict:
     pattern = os.path.join(shards, manifest["train_data"])
     cmd = [
         sys.executable,
-        "-c",
-        OPEN_CLIP_RUNNER,
+        "-m",
+        "wit_pipeline.open_clip_train",
         "--train-data",
         pattern,
         "--train-num-samples",

@@ -1,4 +1,5 @@
 import collections
+import itertools
 import math
 
 import apache_beam as beam
@@ -8,6 +9,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from wit_pipeline import balance, beam_utils
+from wit_pipeline.errors import WitError
 
 
 def _pipeline(*args: str) -> test_pipeline.TestPipeline:
@@ -175,6 +177,82 @@ def test_balance_is_identical_across_runners_and_batch_sizes(args, batch_size):
             ),
             label="Counts",
         )
+
+
+def _multi_pair_samples(n=600):
+    """Samples of 1-3 pairs; some captions match several queries, some none."""
+    out = []
+    for i in range(n):
+        pairs = []
+        for j in range(1 + i % 3):
+            q = [] if (i + j) % 11 == 0 else [(i + j) % 3] if (i + j) % 5 else [0, 4]
+            pairs.append({"uid": f"u{i}-{j}", "caption": f"c{i}-{j}", "query_ids": q})
+        qids = sorted({q for p in pairs for q in p["query_ids"]})
+        out.append({"key": f"{i:05x}", "pairs": pairs, "query_ids": qids})
+    return out
+
+
+def test_pair_unit_keeps_exactly_what_balance_records_keeps_of_the_pairs():
+    samples = _multi_pair_samples()
+    sample_of = {p["uid"]: s for s in samples for p in s["pairs"]}
+    pairs = list(itertools.chain.from_iterable(s["pairs"] for s in samples))
+    pair_counts = balance.count_queries(pairs)
+    c = collections.Counter()
+    kept, dropped = balance.balance_records(
+        pairs,
+        balance.query_probabilities(pair_counts, 100),
+        c,
+        seed=5,
+        phase="balance",
+        id_field="uid",
+        reason="balanced_out",
+    )
+    kept_uids = sorted(p["uid"] for p in kept)
+    kept_keys = sorted({sample_of[u]["key"] for u in kept_uids})
+    gone = [s for s in samples if s["key"] not in set(kept_keys)]
+    gone_no_query = [s for s in gone if not s["query_ids"]]
+    partial = {sample_of[p["uid"]]["key"] for p in dropped} & set(kept_keys)
+    assert len(kept_uids) < len(pairs) and len(partial) > 20 and gone_no_query
+    # the image unit decides other samples on the same pool
+    assert _expected_keys(samples, t=100, seed=5) != kept_keys
+    with _pipeline() as p:
+        out = (
+            p
+            | beam.Create(samples)
+            | balance.BalanceSamples(t=100, seed=5, unit="pair", batch_size=64)
+        )
+        assert_that(
+            out["kept"] | beam.FlatMap(lambda r: [x["uid"] for x in r["pairs"]]),
+            equal_to(kept_uids),
+        )
+        assert_that(
+            out["kept"] | "Keys" >> beam.Map(lambda r: r["key"]), equal_to(kept_keys), label="Keys"
+        )
+        assert_that(
+            out["counts"] | "Sum" >> beam.CombinePerKey(sum),
+            equal_to(
+                [
+                    ("dropped:balanced_out", len(gone) - len(gone_no_query)),
+                    ("dropped:no_query", len(gone_no_query)),
+                    ("pairs:dropped:balanced_out", c["dropped:balanced_out"]),
+                    ("pairs:dropped:no_query", c["dropped:no_query"]),
+                ]
+            ),
+            label="Counts",
+        )
+        assert_that(out["before"], equal_to(sorted(pair_counts.items())), label="Before")
+        # every dropped pair appears once in rejected/ (whole samples, or the part of a kept one)
+        assert_that(
+            out["rejected"]
+            | "RejectedUids" >> beam.FlatMap(lambda r: [x["uid"] for x in r["pairs"]]),
+            equal_to(sorted(p["uid"] for p in dropped)),
+            label="Rejected",
+        )
+
+
+def test_balance_unit_is_validated():
+    with pytest.raises(WitError, match=r"balance\.unit"):
+        balance.BalanceSamples(t=10, seed=0, unit="caption")
 
 
 def test_prebalance_oversamples_by_the_factor():

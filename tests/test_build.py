@@ -598,6 +598,7 @@ def test_fingerprints_follow_what_each_step_computes(tmp_path):
     assert changed(**{"score.batch_size": 8, "score.accelerator": "type:x"}) == []
     assert changed(**{"balance.t": 7}) == ["prebalance", "download", "finalize", "report"]
     assert changed(**{"dedup.max_distance": 6}) == ["finalize", "report"]
+    assert changed(**{"balance.unit": "pair"}) == ["finalize", "report"]
     assert changed(**{"download.image_size": 64}) == ["download", "finalize", "report"]
     assert changed(**{"gather.captions.min_chars": 3}) == list(build.STEPS)
     (tmp_path / "a.warc.gz").write_bytes(b"y")  # same size, rewritten

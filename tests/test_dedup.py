@@ -219,6 +219,75 @@ def test_dedup_records_collapses_groups_and_counts_drops():
         )
 
 
+def test_union_find_keeps_the_best_rank_of_a_key_seen_twice():
+    uf = dedup.UnionFind()
+    uf.union("a", (-100, "a"), "b", (-200, "b"))
+    uf.union("c", (-50, "c"), "b", (-200, "b"))
+    uf.add("a", (-300, "a"))  # a second copy of "a" with more pixels: it becomes the root
+    uf.add("c", (-10, "c"))  # a worse rank changes nothing
+    assert uf.survivors() == {"a": "a", "b": "a", "c": "a"}
+    assert uf.rank == {"a": (-300, "a"), "b": (-200, "b"), "c": (-50, "c")}
+
+
+def test_overlapping_inputs_merge_copies_of_one_key_and_count_them():
+    recs = _planted_records()
+    a = next(r for r in recs if r["key"] == "a")
+    d = next(r for r in recs if r["key"] == "d")
+    extra = {"uid": "ua2", "caption": "another caption of a", "query_ids": [5]}
+    copies = [
+        {**a, "source_tar": "t2.tar"},
+        # the same URL from another download dir: more original pixels, one more caption
+        {**a, "source_tar": "t1.tar", "original_width": 1000, "pairs": [*a["pairs"], extra]},
+        {**d, "source_tar": "t1.tar"},
+        {**d, "source_tar": "t2.tar"},
+    ]
+    recs = [r for r in recs if r["key"] not in ("a", "d")] + copies
+    with _pipeline() as p:
+        out = p | beam.Create(recs) | dedup.DedupRecords(max_distance=4)
+        assert_that(
+            out["samples"]
+            | "Keys"
+            >> beam.Map(lambda r: (r["key"], r.get("source_tar"), [x["uid"] for x in r["pairs"]])),
+            equal_to(
+                [
+                    ("a", "t1.tar", ["ua", "ua2", "ub", "uc"]),  # a's 1000 px beat b's 200
+                    ("d", "t1.tar", ["ud"]),  # equal copies: the smaller source_tar
+                    ("e", None, ["ue", "uf"]),
+                    ("g", None, ["ug", "uh"]),
+                    ("i", None, ["ui"]),
+                    ("j", None, ["uj"]),
+                ]
+            ),
+            label="Samples",
+        )
+        assert_that(
+            out["rejected"]
+            | beam.Map(lambda r: (r["key"], r["reason"], r["duplicate_of"], r["distance"])),
+            equal_to(
+                [
+                    ("a", "duplicate_input", "a", 0),
+                    ("d", "duplicate_input", "d", 0),
+                    ("b", "near_duplicate", "a", 3),
+                    ("c", "near_duplicate", "a", 7),
+                    ("f", "near_duplicate", "e", 0),
+                    ("h", "near_duplicate", "g", 4),
+                ]
+            ),
+            label="Rejected",
+        )
+        assert_that(
+            out["counts"] | beam.CombinePerKey(sum),
+            equal_to(
+                [
+                    ("dropped:near_duplicate", 4),
+                    ("dropped:duplicate_input", 2),
+                    ("pairs:dropped:duplicate_input", 2),  # "ua" and "ud" were there already
+                ]
+            ),
+            label="Counts",
+        )
+
+
 def test_collapse_false_marks_groups_and_keeps_everything():
     with _pipeline() as p:
         out = (
@@ -404,6 +473,62 @@ def test_run_dedup_on_planted_duplicates_and_eval_images(planted, shared_data, t
     counts = pq.read_table(tmp_path / "query_counts.parquet").to_pydict()
     assert set(counts) >= {"query_id", "after_download", "after_dedup", "final"}
     assert counts["final"] == [None] * len(counts["query_id"])
+
+
+def test_run_dedup_on_overlapping_inputs_counts_every_copy(planted, tmp_path):
+    """Two download dirs holding the same URLs: one sample per key, every copy counted."""
+    ds, d = planted
+    p, base = ds["planted"], ds["base"]
+    extra = fx.sample(base[0]["url"], base[0]["image"], ["another caption of photo 0"])
+    again = [
+        {**base[0], "pairs": sorted(base[0]["pairs"] + extra["pairs"], key=lambda x: x["uid"])},
+        *base[1:5],
+        p["copy"],
+        p["corrupt"],
+    ]
+    other = tmp_path / "download-again"
+    fx.write_download_dir(other, again, per_shard=4)
+    stats = finalize.run_dedup([str(d), str(other)], str(tmp_path / "out"), config.BuildConfig())
+    n_in = len(ds["samples"])
+    assert stats["counters"] == {
+        "input": n_in + 7,
+        "kept": n_in - 5,
+        "dropped:duplicate_input": 6,
+        "dropped:near_duplicate": 4,
+        "dropped:undecodable_image": 2,
+    }
+    n_pairs = sum(len(s["pairs"]) for s in ds["samples"])
+    assert stats["pair_counters"] == {
+        "input": n_pairs + 8,
+        "kept": n_pairs - 1 + 1,  # the corrupt image's pair goes; photo 0's new caption joins
+        "dropped:duplicate_input": 6,
+        "dropped:undecodable_image": 2,
+    }
+    rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
+    dup = sorted(
+        (r["key"], r["duplicate_of"], r["distance"])
+        for r in rejected
+        if r["reason"] == "duplicate_input"
+    )
+    assert dup == sorted((s["key"], s["key"], 0) for s in again[:-1])
+    samples = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "samples").to_pylist()}
+    assert len(samples) == n_in - 5
+    lo, hi = sorted([base[0]["key"], p["copy"]["key"]])  # equal pixels: the smaller key survives
+    assert hi not in samples
+    assert sorted(samples[lo]["captions"]) == sorted(
+        [base[0]["pairs"][0]["caption"], "another caption of photo 0", "a copied dog photo"]
+    )
+    # after_download counts every copy's pairs whose image decodes
+    per_query = collections.Counter(
+        q
+        for s in [*ds["samples"], *again]
+        if s is not p["corrupt"]
+        for x in s["pairs"]
+        for q in x["query_ids"]
+    )
+    counts = pq.read_table(tmp_path / "out" / "query_counts.parquet").to_pydict()
+    got = dict(zip(counts["query_id"], counts["after_download"], strict=True))
+    assert {q: n for q, n in got.items() if n} == dict(per_query)
 
 
 def _expected_groups(hashes, keys, areas, k):

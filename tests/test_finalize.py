@@ -1,17 +1,19 @@
 """Final shards: dedup -> balance -> webdataset tars + Parquet, read back every way users do."""
 
 import argparse
-import functools
+import collections
 import hashlib
-import inspect
 import json
+import re
+import subprocess
+import sys
 
 import download_fixture as fx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import cli, config, finalize, shards
+from wit_pipeline import balance, cli, config, finalize, open_clip_train, shards
 
 
 def _sha(path):
@@ -163,13 +165,19 @@ def test_webdataset_and_open_clip_loader_read_the_shards(final, monkeypatch):
     )
     preprocess = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
     tokenizer = open_clip.get_tokenizer("RN50")
-    # open_clip_train 3.3's training reader predates webdataset's end-of-shard marker ({}), see
-    # open_clip#935 / webdataset#384; apply the documented fix (eof_value=None) when needed.
-    if "eof_value" in inspect.signature(open_clip_data.tar_file_expander).parameters:
+    # open_clip_train 3.3's training reader fails at the end of each shard with the installed
+    # webdataset (wit_pipeline/open_clip_train.py); use the reader that module installs
+    if open_clip_train.needs_reader_fix():
+        with pytest.raises(KeyError, match="fname"):
+            list(
+                open_clip_data.tarfile_to_samples_nothrow(
+                    [{"url": pattern.split("{")[0] + "00000.tar"}]
+                )
+            )
         monkeypatch.setattr(
             open_clip_data,
-            "tar_file_expander",
-            functools.partial(open_clip_data.tar_file_expander, eof_value=None),
+            "tarfile_to_samples_nothrow",
+            open_clip_train._tarfile_to_samples_nothrow,
         )
     train = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
     n = stats["counters"]["kept"]
@@ -180,6 +188,31 @@ def test_webdataset_and_open_clip_loader_read_the_shards(final, monkeypatch):
     seen = sum(len(b[0]) for b in val.dataloader)
     assert seen == n
     assert torch.is_tensor(images)
+
+
+def test_open_clip_trainer_runs_on_the_shards(final, tmp_path):
+    """``python -m wit_pipeline.open_clip_train``: open_clip's trainer, past the end of a shard."""
+    out, _ = final
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    pattern = str(out / "shards" / manifest["train_data"])
+    args = ["--train-data", pattern, "--train-num-samples", "16", "--dataset-type", "webdataset"]
+    args += ["--model", "wit-nano", "--batch-size", "4", "--workers", "0", "--epochs", "1"]
+    args += ["--device", "cpu", "--precision", "fp32", "--logs", str(tmp_path), "--name", "t"]
+    args += ["--save-frequency", "1", "--zeroshot-frequency", "0", "--val-frequency", "0"]
+    args += ["--report-to", "", "--log-every-n-steps", "1", "--seed", "0", "--warmup", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "wit_pipeline.open_clip_train", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    # 16 samples from shards of 8: two shard ends; every step is logged
+    steps = [int(m) for m in re.findall(r"Train Epoch: 0 \[\s*(\d+)/16 ", log)]
+    assert steps == [4, 8, 12, 16]
+    assert "KeyError" not in log
+    assert (tmp_path / "t" / "checkpoints" / "epoch_1.pt").is_file()
 
 
 def test_hf_datasets_loads_the_parquet_files(final, tmp_path):
@@ -224,6 +257,33 @@ def test_dedup_then_balance_commands_give_the_same_shards(download_dir, final, t
     counts = pq.read_table(tmp_path / "fin" / "query_counts.parquet").to_pydict()
     assert all(v is not None for v in counts["after_download"] + counts["final"])
     assert all(f >= 0 for f in counts["final"])
+
+    # balance.unit = pair: the final shards hold exactly the pairs balance_records keeps
+    pair_args = ["--t", "2", "--set", "balance.unit=pair", "--samples-per-shard", "8"]
+    fin = tmp_path / "fin-pair"
+    args = ["balance", "--input", str(tmp_path / "dd"), "--output", str(fin), *pair_args]
+    assert cli.main(args) == 0
+    pairs = [p for r in pq.read_table(tmp_path / "dd" / "samples").to_pylist() for p in r["pairs"]]
+    probs = balance.query_probabilities(balance.count_queries(pairs), 2)
+    c = collections.Counter()
+    kept, _ = balance.balance_records(
+        pairs, probs, c, seed=0, phase="balance", id_field="uid", reason="balanced_out"
+    )
+    rows = [
+        r for f in sorted((fin / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    assert sorted(u for r in rows for u in r["uids"]) == sorted(p["uid"] for p in kept)
+    pair_stats = json.loads((fin / "stats.json").read_text())["pair_counters"]
+    assert pair_stats == {
+        "input": len(pairs),
+        "kept": len(kept),
+        **{k: v for k, v in c.items() if k.startswith("dropped:")},
+    }
+    assert pair_stats["dropped:balanced_out"] > 0
+    assert len(rows) < len(kept)  # some kept samples hold several drawn pairs
+    qc = pq.read_table(fin / "query_counts.parquet").to_pydict()
+    final = dict(zip(qc["query_id"], qc["final"], strict=True))
+    assert {q: n for q, n in final.items() if n} == dict(balance.count_queries(kept))
 
 
 def test_collapse_false_makes_one_sample_per_pair(download_dir, tmp_path):

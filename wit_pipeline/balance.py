@@ -22,7 +22,9 @@ Two phases:
   several pairs after URL grouping and near-duplicate collapsing): ``E`` is the union of the
   ``query_ids`` of the sample's pairs and counts are taken over samples, exactly MetaCLIP's
   algorithm with the sample as the unit. Records that match no query are dropped (``no_query``),
-  as MetaCLIP keeps only matched texts.
+  as MetaCLIP keeps only matched texts. With ``unit="pair"`` (``balance.unit = pair``) counts and
+  draws are per pair (id = pair ``uid``), as MetaCLIP: a sample keeps the pairs drawn, and is
+  dropped when none is (``balance_sample_pairs``).
 
 Each kept sample's ``caption`` (``KEY.txt``) is the caption of its pair with the rarest query
 (smallest pool count; ties by ``uid``), so that a sample kept for a tail concept is captioned
@@ -45,10 +47,13 @@ from apache_beam.pvalue import TaggedOutput
 from wit_pipeline import beam_utils, fileio
 from wit_pipeline import counters as counters_lib
 from wit_pipeline.dedup import pair_counter
+from wit_pipeline.errors import WitError
 
 PREBALANCED_OUT = "prebalanced_out"
 BALANCED_OUT = "balanced_out"
 NO_QUERY = "no_query"
+
+UNITS = ("image", "pair")  # balance.unit: what is counted and drawn after dedup
 
 PHASE_PREBALANCE = "prebalance"
 PHASE_BALANCE = "balance"
@@ -149,6 +154,65 @@ def balance_records(
     return kept, dropped
 
 
+def balance_sample_pairs(
+    samples: Iterable[Mapping[str, Any]],
+    probs: Mapping[int, float],
+    counter: collections.Counter,
+    *,
+    seed: int,
+    phase: str,
+    reason: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Balance samples pair by pair (``balance.unit = pair``): ``(kept, dropped)``.
+
+    Every pair is decided by ``balance_records`` as a record of its own (id = its ``uid``,
+    ``E`` = its ``query_ids``), so the pairs kept are exactly those ``balance_records`` keeps
+    from the pair records. A sample keeps its drawn pairs (``query_ids`` = their union,
+    ``balance_probability`` = ``1 - prod(1 - p)`` over its pairs: the chance that any is drawn)
+    and is dropped when none is: ``no_query`` when no pair matches a query, else ``reason``.
+    ``dropped`` also holds, per kept sample and reason, a record with the pairs it lost.
+    Counts samples (``dropped:*``) and pairs (``pairs:dropped:*``, ``pairs:kept``).
+    """
+    kept, dropped = [], []
+    extra = ("_id", "reason", "balance_probability")
+
+    def strip(ps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in p.items() if k not in extra} for p in ps]
+
+    for s in samples:
+        pairs = [{**p, "_id": p.get("uid") or f"{s['key']}:{i}"} for i, p in enumerate(s["pairs"])]
+        pc: collections.Counter = collections.Counter()
+        won, lost = balance_records(
+            pairs, probs, pc, seed=seed, phase=phase, id_field="_id", reason=reason
+        )
+        for name, n in pc.items():
+            counter[pair_counter(name)] += n
+        miss = 1.0
+        for p in pairs:
+            miss *= 1.0 - keep_probability(p["query_ids"] or (), probs)
+        prob = 1.0 - miss
+        counter[counters_lib.INPUT] += 1
+        if won:
+            counter[counters_lib.KEPT] += 1
+            kept_pairs = strip(won)
+            kept.append(
+                {
+                    **s,
+                    "pairs": kept_pairs,
+                    "query_ids": sorted({q for p in kept_pairs for q in p["query_ids"]}),
+                    "balance_probability": prob,
+                }
+            )
+            for why in sorted({p["reason"] for p in lost}):
+                part = strip([p for p in lost if p["reason"] == why])
+                dropped.append({**s, "pairs": part, "reason": why, "balance_probability": prob})
+        else:
+            why = reason if any(p["query_ids"] for p in pairs) else NO_QUERY
+            counter[counters_lib.dropped(why)] += 1
+            dropped.append({**s, "reason": why, "balance_probability": prob})
+    return kept, dropped
+
+
 def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]) -> str:
     """The caption of the pair whose rarest query has the smallest count (ties: smallest uid)."""
     if not pairs:
@@ -205,13 +269,30 @@ class CountQueries(beam.PTransform):
         )
 
 
+class CountUnits(beam.PTransform):
+    """Samples -> ``(query_id, count)`` over samples (``unit="image"``) or their pairs."""
+
+    def __init__(self, *, unit: str, batch_size: int = 4096):
+        super().__init__()
+        self._unit = unit
+        self._batch_size = batch_size
+
+    def expand(self, samples):
+        if self._unit == "pair":
+            samples = samples | "Pairs" >> beam.FlatMap(lambda r: r["pairs"])
+        return samples | "Count" >> CountQueries(batch_size=self._batch_size)
+
+
 class _BalanceFn(beam.DoFn):
-    def __init__(self, *, t: float, seed: int, phase: str, id_field: str, reason: str):
+    def __init__(
+        self, *, t: float, seed: int, phase: str, id_field: str, reason: str, unit: str = "image"
+    ):
         self._t = t
         self._seed = seed
         self._phase = phase
         self._id_field = id_field
         self._reason = reason
+        self._unit = unit
 
     def setup(self):
         self._seen = None
@@ -223,15 +304,20 @@ class _BalanceFn(beam.DoFn):
             self._seen = counts
         probs = self._probs
         c: collections.Counter = collections.Counter()
-        kept, dropped = balance_records(
-            batch,
-            probs,
-            c,
-            seed=self._seed,
-            phase=self._phase,
-            id_field=self._id_field,
-            reason=self._reason,
-        )
+        if self._unit == "pair":
+            kept, dropped = balance_sample_pairs(
+                batch, probs, c, seed=self._seed, phase=self._phase, reason=self._reason
+            )
+        else:
+            kept, dropped = balance_records(
+                batch,
+                probs,
+                c,
+                seed=self._seed,
+                phase=self._phase,
+                id_field=self._id_field,
+                reason=self._reason,
+            )
         for r in kept:
             if self._phase == PHASE_BALANCE and "pairs" in r:
                 r["caption"] = choose_caption(r["pairs"], counts)
@@ -263,13 +349,16 @@ class ApplyBalance(beam.PTransform):
         phase: str,
         id_field: str,
         reason: str,
+        unit: str = "image",
         batch_size: int = 4096,
     ):
         super().__init__()
         if t <= 0:
             raise ValueError(f"t must be > 0, got {t}")
         self._counts = counts
-        self._fn = _BalanceFn(t=t, seed=seed, phase=phase, id_field=id_field, reason=reason)
+        self._fn = _BalanceFn(
+            t=t, seed=seed, phase=phase, id_field=id_field, reason=reason, unit=unit
+        )
         self._batch_size = batch_size
 
     def expand(self, records):
@@ -321,20 +410,28 @@ class PreBalance(beam.PTransform):
 
 
 class BalanceSamples(beam.PTransform):
-    """Deduplicated samples -> MetaCLIP-balanced samples (``t`` as is, counted over samples).
+    """Deduplicated samples -> MetaCLIP-balanced samples (``t`` as is).
 
-    Returns a dict: ``kept`` (with ``caption`` and ``balance_probability``), ``rejected``
-    (``balanced_out``, ``no_query``), ``counts``, ``before`` and ``after`` (``(query_id, n)``).
+    ``unit="image"``: counted over samples and drawn by sample ``key``; ``unit="pair"``: counted
+    over pairs and drawn by pair ``uid`` (``balance_sample_pairs``). Returns a dict: ``kept``
+    (with ``caption`` and ``balance_probability``), ``rejected`` (``balanced_out``,
+    ``no_query``), ``counts``, ``before`` and ``after`` (``(query_id, n)`` over the unit).
     """
 
-    def __init__(self, *, t: int, seed: int, batch_size: int = 4096):
+    def __init__(self, *, t: int, seed: int, unit: str = "image", batch_size: int = 4096):
         super().__init__()
+        if unit not in UNITS:
+            raise WitError(f"balance.unit must be one of {', '.join(UNITS)}, got {unit!r}")
         self._t = t
         self._seed = seed
+        self._unit = unit
         self._batch_size = batch_size
 
+    def _count(self, records, label: str):
+        return records | label >> CountUnits(unit=self._unit, batch_size=self._batch_size)
+
     def expand(self, samples):
-        before = samples | "CountBefore" >> CountQueries(batch_size=self._batch_size)
+        before = self._count(samples, "CountBefore")
         out = samples | "Balance" >> ApplyBalance(
             counts=before,
             t=self._t,
@@ -342,9 +439,10 @@ class BalanceSamples(beam.PTransform):
             phase=PHASE_BALANCE,
             id_field="key",
             reason=BALANCED_OUT,
+            unit=self._unit,
             batch_size=self._batch_size,
         )
-        after = out.kept | "CountAfter" >> CountQueries(batch_size=self._batch_size)
+        after = self._count(out.kept, "CountAfter")
         return {
             "kept": out.kept,
             "rejected": out[beam_utils.REJECTED],

@@ -120,7 +120,12 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
     ),
     "prebalance": (balance.PREBALANCED_OUT, balance.NO_QUERY),
     "download": download_lib.REASONS,  # plus http_<status>
-    "dedup": (dedup.UNDECODABLE, dedup.EVAL_CONTAMINATION, dedup.NEAR_DUPLICATE),
+    "dedup": (
+        dedup.UNDECODABLE,
+        dedup.EVAL_CONTAMINATION,
+        dedup.DUPLICATE_INPUT,
+        dedup.NEAR_DUPLICATE,
+    ),
     "balance": (balance.BALANCED_OUT, balance.NO_QUERY),
     "score": (score_lib.LOW_SCORE, score_lib.UNDECODABLE, score_lib.MISSING),
 }
@@ -265,7 +270,12 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
         "download": {"download": _without(c["download"], download_lib.EXECUTION_ONLY_FIELDS)},
         "finalize": {
             "dedup": c["dedup"],
-            "balance": {k: c["balance"][k] for k in ("t", "seed")},
+            # balance.unit only when not the default, so earlier builds keep their fingerprint
+            "balance": {
+                k: c["balance"][k]
+                for k in ("t", "seed", "unit")
+                if k != "unit" or c["balance"][k] != "image"
+            },
             "shards": c["shards"],
             "score": _without(c["score"], SCORE_EXECUTION_FIELDS),
             "seed_sha256": inputs.seed_sha256,
@@ -1094,6 +1104,8 @@ def validate(cfg: config.BuildConfig) -> config.BuildConfig:
         raise WitError("balance.t must be > 0")
     if cfg.balance.prebalance_factor < 0:
         raise WitError("balance.prebalance_factor must be >= 0 (0 disables pre-balancing)")
+    if cfg.balance.unit not in balance.UNITS:
+        raise WitError(f"balance.unit must be one of {', '.join(balance.UNITS)}")
     if cfg.shards.samples_per_shard < 1:
         raise WitError("shards.samples_per_shard must be >= 1")
     dedup.bands_for(cfg.dedup.max_distance)

@@ -146,6 +146,9 @@ class BalanceConfig:
     t: int = 20_000
     seed: int = 0
     prebalance_factor: float = 2.0  # oversampling before download; 0 disables pre-balance
+    # What the balance after dedup counts and draws: "image" (a sample, by key; E = union of its
+    # pairs' queries) or "pair" (each pair by uid, as MetaCLIP; a sample keeps its drawn pairs).
+    unit: str = "image"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ near-duplicate group to the group's survivor.
 Survivor rule (deterministic, runner-independent): the image with the most original pixels
 (``original_width * original_height``), ties broken by the smallest ``key``. The survivor keeps
 the pairs (captions) of every member; the others are dropped with reason ``near_duplicate`` and
-``duplicate_of`` pointing at the survivor.
+``duplicate_of`` pointing at the survivor. Several records of one key (one URL read from
+overlapping input directories) become one record holding every copy's pairs; the other copies
+are dropped with reason ``duplicate_input``.
 
 Decontamination: the hashes of evaluation images (folders of images, Parquet files with an image
 column, or TSV/CSV lists of image files, e.g. CIFAR-10 test and the Flickr8k dev split) form an
@@ -53,6 +55,7 @@ from wit_pipeline import counters as counters_lib
 from wit_pipeline.errors import WitError
 
 NEAR_DUPLICATE = "near_duplicate"
+DUPLICATE_INPUT = "duplicate_input"  # a second copy of one sample key (overlapping inputs)
 EVAL_CONTAMINATION = "eval_contamination"
 UNDECODABLE = "undecodable_image"
 PAIR_PREFIX = "pairs:"  # pair-level counters travel in the same counts output, prefixed
@@ -296,9 +299,20 @@ class UnionFind:
         self.rank: dict[str, tuple] = {}
 
     def add(self, key: str, rank: tuple) -> None:
+        """Add ``key``; a key seen again with a better rank keeps the best one (still the root
+        rule: copies of one key read from overlapping inputs may differ in original pixels)."""
+        rank = tuple(rank)
         if key not in self.parent:
             self.parent[key] = key
-            self.rank[key] = tuple(rank)
+            self.rank[key] = rank
+            return
+        if rank >= self.rank[key]:
+            return
+        self.rank[key] = rank
+        root = self.find(key)
+        if root != key and rank < self.rank[root]:
+            self.parent[root] = key
+            self.parent[key] = key
 
     def find(self, key: str) -> str:
         parent = self.parent
@@ -805,6 +819,41 @@ def merge_group(survivor: Mapping[str, Any], duplicates: Sequence[Mapping[str, A
     return out
 
 
+def _input_copy_rank(record: Mapping[str, Any]) -> tuple:
+    return (*survivor_rank(record), str(record.get("source_tar", "")), str(record.get("phash")))
+
+
+def merge_input_copies(
+    records: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, Any], list[Mapping[str, Any]], int]:
+    """One record from the copies of one sample key read from overlapping inputs.
+
+    Same key = same image URL, which the download stage turns into one sample whose captions
+    are all kept; copies are merged the same way. The kept copy has the most original pixels,
+    then the smallest ``source_tar`` path; pairs of the other copies whose ``uid`` it lacks move
+    to it. Returns ``(kept, other copies, pairs of the other copies that were already there)``.
+    """
+    ordered = sorted(records, key=_input_copy_rank)
+    kept = dict(ordered[0])
+
+    def ident(p: Mapping[str, Any]) -> str:
+        return p["uid"] or f"caption:{p['caption']}"
+
+    seen = {ident(p) for p in kept["pairs"]}
+    pairs = list(kept["pairs"])
+    repeated = 0
+    for r in ordered[1:]:
+        for p in r["pairs"]:
+            if ident(p) in seen:
+                repeated += 1
+            else:
+                seen.add(ident(p))
+                pairs.append(p)
+    kept["pairs"] = sorted(pairs, key=lambda p: p["uid"])
+    kept["query_ids"] = sorted({q for p in kept["pairs"] for q in p["query_ids"]})
+    return kept, ordered[1:], repeated
+
+
 def rejected_row(
     record: Mapping[str, Any],
     reason: str,
@@ -1135,15 +1184,39 @@ class FindNearDuplicates(beam.PTransform):
 
 
 class _CollapseFn(beam.DoFn):
-    """Join of records and survivor mapping by key -> (survivor key, tagged record)."""
+    """Join of records and survivor mapping by key -> (survivor key, tagged record).
+
+    Several records of one key (overlapping inputs) become one (``merge_input_copies``); the
+    other copies are dropped with ``duplicate_input``.
+    """
 
     def process(self, item):
+        from wit_pipeline.phash import from_hex, hamming
+
         key, grouped = item
         records = list(grouped["records"])
         survivors = list(grouped["survivor"])
         if not records:
             return
         record = records[0]
+        if len(records) > 1:
+            record, others, repeated = merge_input_copies(records)
+            c = collections.Counter()
+            c[counters_lib.dropped(DUPLICATE_INPUT)] += len(others)
+            c[pair_counter(counters_lib.dropped(DUPLICATE_INPUT))] += repeated
+            for r in others:
+                yield TaggedOutput(
+                    beam_utils.REJECTED,
+                    rejected_row(
+                        r,
+                        DUPLICATE_INPUT,
+                        detail=f"same key read again from {r['source_tar']}; "
+                        f"kept the copy from {record['source_tar']}",
+                        duplicate_of=key,
+                        distance=hamming(from_hex(record["phash"]), from_hex(r["phash"])),
+                    ),
+                )
+            yield from beam_utils.emit_counts(c)
         survivor = survivors[0] if survivors else key
         yield (survivor, (survivor == key, record))
 
@@ -1201,16 +1274,29 @@ class CollapseDuplicates(beam.PTransform):
 
     def expand(self, inputs):
         keyed = inputs["records"] | "ByKey" >> beam.Map(lambda r: (r["key"], r))
-        return (
+        joined = (
             {"records": keyed, "survivor": inputs["survivor"]}
             | "JoinSurvivor" >> beam.CoGroupByKey()
-            | "ToSurvivor" >> beam.ParDo(_CollapseFn())
+            | "ToSurvivor"
+            >> beam.ParDo(_CollapseFn()).with_outputs(
+                beam_utils.COUNTS, beam_utils.REJECTED, main="members"
+            )
+        )
+        merged = (
+            joined.members
             | "GroupBySurvivor" >> beam.GroupByKey()
             | "Merge"
             >> beam.ParDo(_MergeFn(self._collapse)).with_outputs(
                 beam_utils.COUNTS, beam_utils.REJECTED, main="samples"
             )
         )
+        return {
+            "samples": merged.samples,
+            beam_utils.REJECTED: (joined[beam_utils.REJECTED], merged[beam_utils.REJECTED])
+            | "AllRejected" >> beam.Flatten(),
+            beam_utils.COUNTS: (joined[beam_utils.COUNTS], merged[beam_utils.COUNTS])
+            | "AllCounts" >> beam.Flatten(),
+        }
 
 
 class DedupRecords(beam.PTransform):
@@ -1263,7 +1349,7 @@ class DedupRecords(beam.PTransform):
             return pcolls | f"Flatten{label}" >> beam.Flatten()
 
         return {
-            "samples": merged.samples,
+            "samples": merged["samples"],
             "rejected": _flat(rejected, "Rejected"),
             "counts": _flat(counts, "Counts"),
             "hits": _flat(hits, "Hits"),

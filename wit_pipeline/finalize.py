@@ -491,14 +491,16 @@ class Finalize(beam.PTransform):
         root = tar_paths.pipeline
         read = tar_paths | "Read" >> dedup.ReadDownloadShards()
         samples, dd = _dedup_part(read.records, root, cfg, self._out)
-        bal = samples | "Balance" >> balance.BalanceSamples(t=cfg.balance.t, seed=cfg.balance.seed)
+        bal = samples | "Balance" >> balance.BalanceSamples(
+            t=cfg.balance.t, seed=cfg.balance.seed, unit=cfg.balance.unit
+        )
         kept, final_counts = bal["kept"], bal["after"]
         rejected_parts = [read[beam_utils.REJECTED], dd["rejected"], bal["rejected"]]
         count_parts = [read[beam_utils.COUNTS], dd["counts"], bal["counts"]]
         if self._scorer is not None:
             scored = kept | "Score" >> self._scorer
             kept = scored["kept"]
-            final_counts = kept | "CountScored" >> balance.CountQueries()
+            final_counts = kept | "CountScored" >> balance.CountUnits(unit=cfg.balance.unit)
             rejected_parts.append(scored["rejected"])
             count_parts.append(scored["counts"])
         assigned = kept | "AssignShards" >> AssignShards(
@@ -513,6 +515,7 @@ class Finalize(beam.PTransform):
         _ = rejected | "WriteRejected" >> WriteRejected(fileio.join(self._out, REJECTED_DIR))
         columns = {
             **self._extra,
+            # pairs of the images that decode (undecodable ones are not in read.records)
             "after_download": read.records | "CountDownload" >> CountQueriesPerPair(),
             "after_dedup": bal["before"],
             "final": final_counts,
@@ -625,6 +628,7 @@ def run_dedup(
             extra={"inputs": list(inputs), "config": config.to_dict(cfg)},
         )
         columns = {
+            # pairs of the images that decode (undecodable ones are not in read.records)
             "after_download": read.records | "CountDownload" >> CountQueriesPerPair(),
             "after_dedup": samples | "CountDedup" >> balance.CountQueries(),
         }
@@ -684,7 +688,9 @@ def run_balance(
             | "Spread" >> beam.Reshuffle()
             | "ReadSamples" >> beam.FlatMap(_read_samples)
         )
-        bal = samples | "Balance" >> balance.BalanceSamples(t=cfg.balance.t, seed=cfg.balance.seed)
+        bal = samples | "Balance" >> balance.BalanceSamples(
+            t=cfg.balance.t, seed=cfg.balance.seed, unit=cfg.balance.unit
+        )
         assigned = bal["kept"] | "AssignShards" >> AssignShards(
             samples_per_shard=cfg.shards.samples_per_shard
         )

@@ -1,0 +1,77 @@
+"""Memory of near-duplicate grouping's final union-find merge, per image that has a duplicate.
+
+    python benchmarks/bench_union_find_memory.py             # 1,000,000 entries
+    python benchmarks/bench_union_find_memory.py --n 200000
+
+``FindNearDuplicates`` merges every partition's star edges into one union-find accumulator
+(``CombineGlobally``): the worker running the final merge holds one entry per image that has a
+near duplicate. This builds such an accumulator from star edges of groups of 2-4 images with
+real sample keys (``urls.url_uid``: 32 hex characters), pickles it (what crosses the shuffle),
+unpickles it under ``tracemalloc`` (the final worker's copy: its own key strings and rank
+tuples), then runs ``extract_output`` and the ``sorted(items)`` of the next step on top.
+Prints bytes per entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import pathlib
+import pickle
+import sys
+import tracemalloc
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wit_pipeline import dedup, urls  # noqa: E402
+
+
+def star_edges(n: int, seed: int = 0) -> list[tuple[str, tuple, str, tuple]]:
+    """Edges ``(member, rank, best, best rank)`` for ``n`` images in groups of 2-4."""
+    rng = np.random.default_rng(seed)
+    keys = [urls.url_uid(f"http://img.test/{i}.jpg") for i in range(n)]
+    neg_area = (-rng.integers(1_000, 1_000_000, n)).tolist()
+    edges = []
+    start = 0
+    while start < n:
+        members = range(start, min(n, start + int(rng.integers(2, 5))))
+        best = min(members, key=lambda j: (neg_area[j], keys[j]))
+        for j in members:
+            if j != best:
+                edges.append(
+                    (keys[j], (neg_area[j], keys[j]), keys[best], (neg_area[best], keys[best]))
+                )
+        start = members.stop
+    return edges
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=1_000_000, help="images that have a near duplicate")
+    args = ap.parse_args()
+    uf = dedup.UnionFind()
+    for edge in star_edges(args.n):
+        uf.union(*edge)
+    blob = pickle.dumps(uf, protocol=pickle.HIGHEST_PROTOCOL)
+    entries = len(uf.parent)
+    del uf
+    gc.collect()
+    tracemalloc.start()
+    acc = pickle.loads(blob)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    items = sorted(acc.survivors().items())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(items) == entries
+    print(f"entries: {entries:,}")
+    print(f"pickled accumulator: {len(blob) / entries:.0f} B/entry")
+    print(f"accumulator in memory: {held / entries:.0f} B/entry")
+    print(f"peak, accumulator + extract_output + sorted items: {peak / entries:.0f} B/entry")
+
+
+if __name__ == "__main__":
+    main()
