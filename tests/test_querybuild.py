@@ -342,7 +342,8 @@ def test_real_wordnet_files(wordnet_dir):
 def test_merge_priority_dedup_and_cap():
     result = querybuild.merge_sources(
         {
-            "titles": ["Paris", "Dog", "Hot dog", "Zebra"],
+            # Past the cap: "Zebra" and "Hot dog" repeat, "dog" repeats a kept entry.
+            "titles": ["Paris", "Dog", "Hot dog", "Zebra", "Zebra", "Hot dog", "dog", "Zebra"],
             "wordnet": ["dog", "hot  dog", "Paris", "dog"],
             "unigrams": ["dog", "cat", " ", "bird"],
         },
@@ -353,7 +354,33 @@ def test_merge_priority_dedup_and_cap():
     assert result.counters == {
         "wordnet": {"input": 4, "kept": 3, "dropped:duplicate": 1},
         "unigrams": {"input": 4, "kept": 2, "dropped:duplicate": 1, "dropped:empty": 1},
-        "titles": {"input": 4, "kept": 1, "dropped:duplicate": 1, "dropped:over_cap": 2},
+        "titles": {"input": 8, "kept": 1, "dropped:duplicate": 5, "dropped:over_cap": 2},
+    }
+    # Each distinct entry past the cap is over_cap once; its repeats are duplicates, so the
+    # manifest's after_dedup (distinct new entries, before the cap) is not overstated.
+    capped = querybuild.merge_sources(
+        {"wordnet": ["a"], "titles": ["X", "X", "X", "Y"]},
+        priority=("wordnet", "titles"),
+        max_queries=1,
+    )
+    assert capped.queries == ["a"]
+    assert capped.counters["titles"] == {
+        "input": 4,
+        "dropped:duplicate": 2,
+        "dropped:over_cap": 2,
+    }
+    manifest = querybuild.build_manifest(
+        list_path="q.txt.gz",
+        result=capped,
+        sha256="0" * 64,
+        cfg=config.QueriesConfig(priority=("wordnet", "titles"), max_queries=1),
+        sources={},
+        command="",
+        created="",
+    )
+    assert {k: v["after_dedup"] for k, v in manifest["sources"].items()} == {
+        "wordnet": 1,
+        "titles": 2,
     }
     lower = querybuild.merge_sources(
         {"wordnet": ["Paris", "paris", "Hot Dog"]},

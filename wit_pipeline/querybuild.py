@@ -855,8 +855,9 @@ def merge_sources(
     """Merge per-source candidate lists (strongest first) into one deduplicated, capped list.
 
     Sources are taken in ``priority`` order; an entry is credited to the first source that has
-    it (later copies are ``duplicate``), and once ``max_queries`` entries are in, every further
-    new entry is ``over_cap``: the cap removes the weakest entries of the last sources.
+    it (later copies are ``duplicate``, also copies of an entry the cap removed), and once
+    ``max_queries`` entries are in, every further distinct entry is ``over_cap`` once: the cap
+    removes the weakest entries of the last sources.
     """
     if case not in CASES:
         raise WitError(f"case must be one of {CASES}, got {case!r}")
@@ -879,12 +880,14 @@ def merge_sources(
                 c[dropped("empty")] += 1
             elif q in seen:
                 c[dropped("duplicate")] += 1
-            elif len(queries) >= max_queries:
-                c[dropped("over_cap")] += 1
             else:
+                # Seen before the cap test: a repeat of an over-cap entry is a duplicate.
                 seen.add(q)
-                queries.append(q)
-                c[counters_lib.KEPT] += 1
+                if len(queries) >= max_queries:
+                    c[dropped("over_cap")] += 1
+                else:
+                    queries.append(q)
+                    c[counters_lib.KEPT] += 1
         counters_lib.check_balanced(c, stage=f"merge {source}")
         stats[source] = {k: c[k] for k in sorted(c)}
     return MergeResult(queries=queries, counters=stats)
