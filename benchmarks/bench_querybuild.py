@@ -7,7 +7,9 @@ Measures, in one run and on the same file, pages/s and compressed MB/s of:
   - the Beam counting transform (``CountWikipediaNgrams`` + PMI scoring) on FnApiRunner over a
     multistream copy of the file split into byte ranges, as Dataflow would run it.
 Every figure is also given as a ratio to the baseline. Prints a Markdown table and the sizing of
-a full English Wikipedia run derived from the measured cost per compressed megabyte.
+a full English Wikipedia run derived from the measured Beam marginal cost, scaled by tokens,
+compressed bytes and articles, with the distinct bigrams extrapolated from their growth on the
+excerpt (an estimate, not a Dataflow run).
 
     python benchmarks/bench_querybuild.py [--quick] [--repeat N]
 """
@@ -33,6 +35,9 @@ from wit_pipeline import querybuild
 # English Wikipedia pages-articles, all current articles compressed: about 22.14 GB
 # (Wikipedia:Size of Wikipedia, 2 July 2023).
 FULL_DUMP_MB = 22_140
+# About 6.9 M articles and 4.5 billion words (Wikipedia:Size of Wikipedia, April 2024).
+FULL_DUMP_ARTICLES = 6_900_000
+FULL_DUMP_TOKENS = 4_500_000_000
 
 
 def multistream_copy(src: str, dst: str, pages_per_stream: int = 100, times: int = 1) -> None:
@@ -98,6 +103,28 @@ def beam_count(path: str, split_bytes: int) -> None:
         _ = ngrams | querybuild.ScoreBigrams(min_count=5, min_pmi=8.0)
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def bigram_growth(path: str) -> tuple[float, int, int]:
+    """Least-squares exponent of distinct bigrams against tokens over the excerpt's articles
+    (after the first quarter), and the final token and distinct-bigram counts."""
+    uni: collections.Counter = collections.Counter()
+    bi: collections.Counter = collections.Counter()
+    points = []
+    n = 0
+    for page in querybuild.iter_pages(path):
+        if querybuild.page_reason(page) is None:
+            n += querybuild.count_ngrams([querybuild.clean_wikitext(page.text)], uni, bi)
+            points.append((math.log(n), math.log(len(bi))))
+    points = points[len(points) // 4 :]
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return slope, n, len(bi)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one repetition of each measurement")
@@ -148,12 +175,31 @@ def main() -> int:
         f"({len(bi) / pmi_secs:,.0f} bigrams/s); it scales with distinct bigrams, not bytes."
     )
     print()
-    print("Full English Wikipedia (pages-articles, ~22,140 MB bz2), scaled by compressed bytes:")
-    print("| per-byte cost of | core-hours | n2-standard-4 workers for 1 h |")
-    print("|---|---:|---:|")
-    for name, secs in (("plain loop (baseline)", base), ("Beam, marginal", beam_marginal)):
-        core_h = secs / mb * FULL_DUMP_MB / 3600
-        print(f"| {name} | {core_h:,.1f} | {math.ceil(core_h / 4):,} |")
+    print(
+        f"Full English Wikipedia (~{FULL_DUMP_ARTICLES:,} articles, ~{FULL_DUMP_TOKENS:,} "
+        f"tokens, ~{FULL_DUMP_MB:,} MB bz2), Beam marginal cost scaled by (an estimate):"
+    )
+    print("| scaled by | arithmetic | core-hours | n2-standard-4 workers for 1 h |")
+    print("|---|---|---:|---:|")
+    for name, rate, unit, total in (
+        ("tokens", n_tokens / beam_marginal, "tokens/s", FULL_DUMP_TOKENS),
+        ("compressed bytes", mb / beam_marginal, "MB/s", FULL_DUMP_MB),
+        ("articles (upper bound)", articles / beam_marginal, "articles/s", FULL_DUMP_ARTICLES),
+    ):
+        secs = total / rate
+        print(
+            f"| {name} | {total:,} / {_rate(rate)} {unit} = {secs:,.0f} s | {secs / 3600:,.1f} "
+            f"| {math.ceil(secs / 3600 / 4):,} |"
+        )
+    slope, toks, distinct = bigram_growth(src)
+    full = distinct * (FULL_DUMP_TOKENS / toks) ** slope
+    print()
+    print(
+        f"Distinct bigrams grow as tokens^{slope:.2f} on the excerpt ({distinct:,} at {toks:,} "
+        f"tokens): {distinct:,} x ({FULL_DUMP_TOKENS:,} / {toks:,})^{slope:.2f} = "
+        f"{full / 1e9:.2f} billion at the full dump; PMI at the measured rate: "
+        f"{full / (len(bi) / pmi_secs) / 3600:.2f} core-hours (shuffles not included)."
+    )
     return 0
 
 

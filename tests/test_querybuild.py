@@ -342,7 +342,8 @@ def test_real_wordnet_files(wordnet_dir):
 def test_merge_priority_dedup_and_cap():
     result = querybuild.merge_sources(
         {
-            "titles": ["Paris", "Dog", "Hot dog", "Zebra"],
+            # Past the cap: "Zebra" and "Hot dog" repeat, "dog" repeats a kept entry.
+            "titles": ["Paris", "Dog", "Hot dog", "Zebra", "Zebra", "Hot dog", "dog", "Zebra"],
             "wordnet": ["dog", "hot  dog", "Paris", "dog"],
             "unigrams": ["dog", "cat", " ", "bird"],
         },
@@ -353,7 +354,33 @@ def test_merge_priority_dedup_and_cap():
     assert result.counters == {
         "wordnet": {"input": 4, "kept": 3, "dropped:duplicate": 1},
         "unigrams": {"input": 4, "kept": 2, "dropped:duplicate": 1, "dropped:empty": 1},
-        "titles": {"input": 4, "kept": 1, "dropped:duplicate": 1, "dropped:over_cap": 2},
+        "titles": {"input": 8, "kept": 1, "dropped:duplicate": 5, "dropped:over_cap": 2},
+    }
+    # Each distinct entry past the cap is over_cap once; its repeats are duplicates, so the
+    # manifest's after_dedup (distinct new entries, before the cap) is not overstated.
+    capped = querybuild.merge_sources(
+        {"wordnet": ["a"], "titles": ["X", "X", "X", "Y"]},
+        priority=("wordnet", "titles"),
+        max_queries=1,
+    )
+    assert capped.queries == ["a"]
+    assert capped.counters["titles"] == {
+        "input": 4,
+        "dropped:duplicate": 2,
+        "dropped:over_cap": 2,
+    }
+    manifest = querybuild.build_manifest(
+        list_path="q.txt.gz",
+        result=capped,
+        sha256="0" * 64,
+        cfg=config.QueriesConfig(priority=("wordnet", "titles"), max_queries=1),
+        sources={},
+        command="",
+        created="",
+    )
+    assert {k: v["after_dedup"] for k, v in manifest["sources"].items()} == {
+        "wordnet": 1,
+        "titles": 2,
     }
     lower = querybuild.merge_sources(
         {"wordnet": ["Paris", "paris", "Hot Dog"]},
@@ -379,6 +406,120 @@ def test_write_query_list_is_reproducible_and_loadable(tmp_path):
     assert querybuild.manifest_path(path) == str(tmp_path / "q.json")
     with pytest.raises(WitError, match="invalid query"):
         querybuild.write_query_list(path, ["two\nlines"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-text corpora (--text)
+
+# Two real entries of GCIDE (Debian dict-gcide 0.48.5+nmu2, /usr/share/dictd/gcide.dict.dz).
+GCIDE_ENTRIES = """Affear \\Af*fear"\\, v. t. [OE. aferen, AS. [=a]f?ran. See
+   {Afeard}.]
+   To frighten. [Obs.] --Spenser.
+   [1913 Webster]
+
+Bald eagle \\Bald" ea"gle\\ (Zool.)
+   The white-headed eagle ({Hali[ae]etus leucocephalus}) of
+   America. The young, until several years old, lack the white
+   feathers on the head.
+   [1913 Webster]
+
+Abandum \\A*ban"dum\\ ([.a]*b[a^]n"d[u^]m), n. [LL. See
+   {Abandon}.] (Law)
+   Anything forfeited or confiscated.
+   [1913 Webster]
+"""
+
+
+def test_dictd_paragraphs_without_markup(tmp_path):
+    path = tmp_path / "gcide.dict.dz"
+    path.write_bytes(gzip.compress(GCIDE_ENTRIES.encode()))
+    got = [" ".join(p.split()) for p in querybuild.iter_text_paragraphs(str(path))]
+    assert got == [
+        "Affear , v. t. To frighten.",
+        # The parenthesis after a pronunciation is taken for a respelling, a label here.
+        "Bald eagle The white-headed eagle (Haliaeetus leucocephalus) of America. The "
+        "young, until several years old, lack the white feathers on the head.",
+        "Abandum , n. (Law) Anything forfeited or confiscated.",
+    ]
+    uni, bi, counter = collections.Counter(), collections.Counter(), collections.Counter()
+    querybuild.count_text(str(path), uni, bi, counter)
+    assert counter == {"paragraphs": 3, "tokens": 5 + 23 + 7}
+    # No pair from the markup ("1913 webster"); hard-wrapped lines pair across the break.
+    assert bi["1913 webster"] == 0 and bi["white feathers"] == 1 and bi["of america"] == 1
+
+
+def test_text_paragraphs_join_wrapped_lines(tmp_path, monkeypatch):
+    path = tmp_path / "fortunes.gz"
+    text = "A hot dog\nstand.\n\n\n%\nIce cream  \n  truck\r\n"
+    path.write_bytes(gzip.compress(text.encode()))
+    assert list(querybuild.iter_text_paragraphs(str(path))) == [
+        "A hot dog stand.",
+        "% Ice cream     truck",
+    ]
+    uni, bi, counter = collections.Counter(), collections.Counter(), collections.Counter()
+    querybuild.count_text(str(path), uni, bi, counter)
+    assert counter == {"paragraphs": 2, "tokens": 7}
+    assert bi == {"a hot": 1, "hot dog": 1, "dog stand": 1, "ice cream": 1, "cream truck": 1}
+    # Without blank lines a paragraph is cut at a line end once it reaches the bound.
+    monkeypatch.setattr(querybuild, "MAX_PARAGRAPH_CHARS", 12)
+    plain = tmp_path / "docs.txt"
+    plain.write_text("one two\nthree four\nfive\n")
+    assert list(querybuild.iter_text_paragraphs(str(plain))) == ["one two three four", "five"]
+
+
+def test_beam_build_with_text_matches_plain_counting(tmp_path, excerpt):
+    # Real text: the Lee news corpus in the gensim wheel (299 articles, one per line).
+    lee = os.path.join(os.path.dirname(excerpt), "lee_background.cor")
+    cfg = config.apply_overrides(config.BuildConfig(), ["queries.bigrams.min_count=5"]).queries
+    out = str(tmp_path / "q.txt.gz")
+    inputs = querybuild.BuildInputs(dumps=(excerpt,), texts=(lee,))
+    manifest = querybuild.build(inputs, cfg, output=out, command="test", log=lambda *_: None)
+
+    # Plain-Python reference: the text joins the bigram corpus, not the unigram source.
+    uni, bi, pages = collections.Counter(), collections.Counter(), collections.Counter()
+    querybuild.count_pages(querybuild.iter_pages(excerpt), uni, bi, pages)
+    want_uni = querybuild.select_unigrams(
+        uni, min_count=100, max_chars=40, counter=collections.Counter()
+    )
+    text = collections.Counter()
+    querybuild.count_text(lee, uni, bi, text)
+    n_tokens = pages["tokens"] + text["tokens"]
+    assert n_tokens == sum(uni.values())
+    want_bi = querybuild.score_bigrams(
+        bi, uni, n_tokens, min_count=5, min_pmi=8.0, counter=collections.Counter()
+    )
+    work = str(tmp_path / "q.work")
+    got_uni = querybuild.read_candidates(os.path.join(work, "unigrams.tsv.gz"))
+    got_bi = querybuild.read_candidates(os.path.join(work, "bigrams.tsv.gz"))
+    assert [(w, int(c)) for w, c in got_uni] == want_uni
+    assert [(b, int(c)) for b, _, c in got_bi] == [(b, c) for b, _, c in want_bi]
+    stats = querybuild.split_counters(
+        fileio.read_json(os.path.join(work, "stats.json"))["counters"]
+    )
+    assert stats["text"] == {"paragraphs": text["paragraphs"], "tokens": text["tokens"]}
+    assert stats["corpus"] == {"tokens": pages["tokens"]}
+
+    doc = manifest["sources"]["bigrams"]
+    assert doc["tokens"] == n_tokens and doc["candidates"] == len(want_bi)
+    assert doc["inputs"][-1] == {
+        "kind": "text",
+        "files": [{"path": lee, "kind": "text", "size": os.path.getsize(lee), "format": "text"}],
+        "paragraphs": text["paragraphs"],
+        "tokens": text["tokens"],
+    }
+    assert manifest["sources"]["unigrams"]["inputs"][0]["corpus_tokens"] == pages["tokens"]
+    # Text seen by the bigrams only: a pair of the news corpus is a candidate.
+    from_text = {b for b, _, _ in want_bi} - set(_plain_bigrams(excerpt))
+    assert {"tora bora", "gaza strip", "asylum seekers"} <= from_text
+
+
+def _plain_bigrams(dump: str) -> list[str]:
+    uni, bi, pages = collections.Counter(), collections.Counter(), collections.Counter()
+    querybuild.count_pages(querybuild.iter_pages(dump), uni, bi, pages)
+    rows = querybuild.score_bigrams(
+        bi, uni, pages["tokens"], min_count=5, min_pmi=8.0, counter=collections.Counter()
+    )
+    return [b for b, _, _ in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +700,37 @@ def test_cli_build_from_title_list(tmp_path, capsys):
     assert manifest["command"].startswith("wit ")
 
 
+def test_pipeline_script_in_a_subprocess(tmp_path):
+    """pipelines/build_queries.py end to end: the Beam counting of a --text file, a title list,
+    the list and its manifest."""
+    (tmp_path / "corpus.txt").write_text(
+        "hot dog stand\n\nhot dog cart\n\nice cream truck\nice cream cone\n"
+    )
+    (tmp_path / "titles.txt").write_text("Golden_retriever\n")
+    out = tmp_path / "q.txt"
+    script = os.path.join(ROOT, "pipelines", "build_queries.py")
+    args = ["--output", str(out), "--text", str(tmp_path / "corpus.txt")]
+    args += ["--titles", str(tmp_path / "titles.txt")]
+    args += ["--bigram-min-count", "2", "--bigram-min-pmi", "2"]
+    env = {**os.environ, "PYTHONPATH": ROOT}  # this checkout, not an installed copy
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| **total** | | | **3** |" in proc.stdout
+    # 12 tokens in 3 paragraphs; "hot dog" and "ice cream" occur twice: PMI log2(2*12/(2*2)).
+    assert out.read_text() == "hot dog\nice cream\nGolden retriever\n"
+    manifest = json.loads((tmp_path / "q.json").read_text())
+    assert manifest["command"] == "python " + " ".join([script, *args])
+    assert manifest["skipped_sources"] == ["wordnet", "unigrams"]
+    bigrams = manifest["sources"]["bigrams"]
+    assert bigrams["counters"] == {"input": 7, "kept": 2, "dropped:below_min_count": 5}
+    assert bigrams["inputs"][0]["paragraphs"] == 3 and bigrams["tokens"] == 12
+    assert bigrams["thresholds"]["max_possible_pmi"] == round(math.log2(6), 3)
+    stats = json.loads((tmp_path / "q.work" / "stats.json").read_text())
+    assert stats["counters"]["text/tokens"] == 12 and stats["rows"] == {"bigrams": 2}
+
+
 def test_pipeline_translates_with_every_dofn_pickled(tmp_path):
     """What Dataflow does first: translate the graph, pickling each DoFn with its config."""
     import apache_beam as beam
@@ -573,6 +745,7 @@ def test_pipeline_translates_with_every_dofn_pickled(tmp_path):
     _ = ngrams | querybuild.ScoreBigrams(min_count=5, min_pmi=8.0)
     _ = ngrams[querybuild.UNIGRAMS] | querybuild.SelectUnigrams(min_count=100, max_chars=40)
     _ = p | querybuild.SumPageviews(files=["x.gz"], projects=("en",), min_views=70)
+    _ = p | querybuild.CountTextNgrams(files=["x.txt"], batch_paragraphs=64)
     proto = p.to_runner_api()
     payloads = [
         t.spec.payload
@@ -582,6 +755,7 @@ def test_pipeline_translates_with_every_dofn_pickled(tmp_path):
     assert len(payloads) >= 10
     for fn in (
         querybuild._CountNgramsFn(bigrams=True),
+        querybuild._CountNgramsFn(bigrams=True, wikitext=False, tokens_counter="text/tokens"),
         querybuild._SelectUnigramsFn(min_count=100, max_chars=40),
         querybuild._ScoreBigramsFn(8.0),
     ):

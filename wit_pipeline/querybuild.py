@@ -11,6 +11,8 @@ This module builds such a list from the real sources:
 - ``clean_wikitext`` + ``segment_tokens``: markup removal and tokenization; ``count_ngrams``
   counts lower-cased unigrams and the bigrams that a space-padded substring match can see.
 - ``select_unigrams`` / ``score_bigrams``: thresholds (count, PMI) with a reason for every drop.
+- ``iter_text_paragraphs`` + ``count_text``: plain-text corpora (``--text``, also dictd files)
+  that add to the bigram counts.
 - ``sum_pageviews`` / ``read_title_list`` / ``iter_wordnet_synsets``: the other sources.
 - ``merge_sources``: dedup, priority order and the size cap; ``write_query_list`` +
   ``build_manifest``: the gzip list and its JSON manifest.
@@ -464,6 +466,92 @@ def count_pages(
 
 
 # ---------------------------------------------------------------------------------------------
+# Plain-text corpora (``--text``): more real text for the bigram counts
+
+# dictd databases (``*.dict``, ``*.dict.dz``, e.g. Debian's dict-gcide) carry markup.
+DICTD_SUFFIXES = (".dict", ".dict.dz")
+# \A*ban"dum\ and the respelling that may follow it: ([.a]*b[a^]n"d[u^]m)
+_DICTD_PRONUNCIATION_RE = re.compile(r"\\[^\\\n]*\\(?:\s*\([^()\n]*\))?")
+# Accented letters inside a word: Hali[ae]etus, Vend['e]miaire, [=a]f?ran, [imac] (i macron).
+_DICTD_LETTER_RE = re.compile(
+    r"(?:(?<=[A-Za-z])|(?=\[[^\]]*\][A-Za-z]))\[[=.'`\"^~,-]?([A-Za-z]{1,2})(?:mac)?[=.'`\"^~,-]?\]"
+)
+_DICTD_NOTE_RE = re.compile(r"\[[^\[\]]*\]")  # [1913 Webster], [Obs.], [L. affectus, ...]
+_DICTD_ATTRIBUTION_RE = re.compile(r"--[A-Z][^\n]*")  # --Milton. (to the end of its line)
+_DICTD_BRACES_RE = re.compile(r"[{}]")  # {cross references}: the words are prose
+
+
+MAX_PARAGRAPH_CHARS = 1 << 16
+
+
+def text_format(path: str) -> str:
+    """``dictd`` for a dictd database file, else ``text``."""
+    return "dictd" if path.endswith(DICTD_SUFFIXES) else "text"
+
+
+def clean_dictd(paragraph: str) -> str:
+    """A dictd/GCIDE paragraph (its lines joined by newlines) as one line without markup:
+    ``--Author`` attributions and pronunciations (per line), accented-letter codes inside words
+    (``Hali[ae]etus`` -> ``Haliaetus``), bracketed notes (sources, usage labels, etymologies;
+    nested ones innermost first) and the braces of cross references (their words are kept)."""
+    text = _DICTD_ATTRIBUTION_RE.sub(" ", paragraph)
+    text = _DICTD_PRONUNCIATION_RE.sub(" ", text).replace("\n", " ")
+    text = _DICTD_LETTER_RE.sub(r"\1", text)
+    n = 1
+    while n:
+        text, n = _DICTD_NOTE_RE.subn(" ", text)
+    return _DICTD_BRACES_RE.sub("", text)
+
+
+def _text_lines(path: str) -> Iterator[str]:
+    if path.endswith(".dz"):  # dictzip is gzip with an index in its header
+        with (
+            fileio.open_file(path, "rb") as raw,
+            gzip.open(raw, "rt", encoding="utf-8", errors="replace") as f,
+        ):
+            for line in f:
+                yield line.rstrip("\r\n")
+    else:
+        yield from read_lines(path)
+
+
+def iter_text_paragraphs(path: str) -> Iterator[str]:
+    """Paragraphs of a UTF-8 text file (``.gz``, ``.bz2``, dictd ``.dz`` decompressed).
+
+    A paragraph ends at a blank line; its lines are joined with spaces, as a wikitext paragraph
+    is one line, so that hard-wrapped text pairs the words across a line break. A paragraph is
+    also cut at a line end once it holds ``MAX_PARAGRAPH_CHARS`` (a file with one document
+    per line and no blank line stays in bounded memory). dictd files are cleaned with
+    ``clean_dictd``.
+    """
+    dictd = text_format(path) == "dictd"
+    lines: list[str] = []
+    size = 0
+    for line in itertools.chain(_text_lines(path), [""]):
+        if line.strip():
+            lines.append(line)
+            size += len(line) + 1
+            if size < MAX_PARAGRAPH_CHARS:
+                continue
+        if lines:
+            yield clean_dictd("\n".join(lines)) if dictd else " ".join(lines)
+            lines = []
+            size = 0
+
+
+def count_text(
+    path: str,
+    unigrams: collections.Counter,
+    bigrams: collections.Counter | None,
+    counter: collections.Counter,
+) -> None:
+    """Count the tokens and bigrams of a text file (``paragraphs`` and ``tokens`` counted)."""
+    for paragraph in iter_text_paragraphs(path):
+        counter["paragraphs"] += 1
+        counter["tokens"] += count_ngrams([paragraph], unigrams, bigrams)
+
+
+# ---------------------------------------------------------------------------------------------
 # Unigrams and bigrams
 
 
@@ -855,8 +943,9 @@ def merge_sources(
     """Merge per-source candidate lists (strongest first) into one deduplicated, capped list.
 
     Sources are taken in ``priority`` order; an entry is credited to the first source that has
-    it (later copies are ``duplicate``), and once ``max_queries`` entries are in, every further
-    new entry is ``over_cap``: the cap removes the weakest entries of the last sources.
+    it (later copies are ``duplicate``, also copies of an entry the cap removed), and once
+    ``max_queries`` entries are in, every further distinct entry is ``over_cap`` once: the cap
+    removes the weakest entries of the last sources.
     """
     if case not in CASES:
         raise WitError(f"case must be one of {CASES}, got {case!r}")
@@ -879,12 +968,14 @@ def merge_sources(
                 c[dropped("empty")] += 1
             elif q in seen:
                 c[dropped("duplicate")] += 1
-            elif len(queries) >= max_queries:
-                c[dropped("over_cap")] += 1
             else:
+                # Seen before the cap test: a repeat of an over-cap entry is a duplicate.
                 seen.add(q)
-                queries.append(q)
-                c[counters_lib.KEPT] += 1
+                if len(queries) >= max_queries:
+                    c[dropped("over_cap")] += 1
+                else:
+                    queries.append(q)
+                    c[counters_lib.KEPT] += 1
         counters_lib.check_balanced(c, stage=f"merge {source}")
         stats[source] = {k: c[k] for k in sorted(c)}
     return MergeResult(queries=queries, counters=stats)
@@ -1074,6 +1165,8 @@ def read_candidates(path: str) -> list[list[str]]:
 UNIGRAMS = "unigrams"
 BIGRAMS = "bigrams"
 PAGES = "pages"
+TEXT = "text"
+TEXT_BATCH_PARAGRAPHS = 1024  # paragraphs of a --text file per batch handed to the counting
 
 
 def prefixed(part: str, counter: Mapping[str, int]) -> dict[str, int]:
@@ -1133,9 +1226,18 @@ class _CountNgramsFn(beam.DoFn):
     through the shuffle.
     """
 
-    def __init__(self, *, bigrams: bool, max_keys: int = 2_000_000):
+    def __init__(
+        self,
+        *,
+        bigrams: bool,
+        max_keys: int = 2_000_000,
+        wikitext: bool = True,
+        tokens_counter: str = "corpus/tokens",
+    ):
         self._bigrams = bigrams
         self._max_keys = max_keys
+        self._wikitext = wikitext  # False: plain text (``--text``), counted as it is
+        self._tokens_counter = tokens_counter
 
     def start_bundle(self):
         self._uni: collections.Counter = collections.Counter()
@@ -1143,7 +1245,8 @@ class _CountNgramsFn(beam.DoFn):
         self._tokens = 0
 
     def process(self, batch: list[str]):
-        self._tokens += count_ngrams((clean_wikitext(t) for t in batch), self._uni, self._bi)
+        texts = (clean_wikitext(t) for t in batch) if self._wikitext else batch
+        self._tokens += count_ngrams(texts, self._uni, self._bi)
         if len(self._uni) + len(self._bi or ()) >= self._max_keys:
             yield from self._flush(windowed=False)
 
@@ -1160,7 +1263,7 @@ class _CountNgramsFn(beam.DoFn):
         for item in (self._bi or {}).items():
             yield out(BIGRAMS, item)
         if self._tokens:
-            yield out(beam_utils.COUNTS, ("corpus/tokens", self._tokens))
+            yield out(beam_utils.COUNTS, (self._tokens_counter, self._tokens))
         self.start_bundle()
 
 
@@ -1209,6 +1312,65 @@ class CountWikipediaNgrams(beam.PTransform):
             | "Count"
             >> beam.ParDo(
                 _CountNgramsFn(bigrams=self._bigrams, max_keys=self._max_keys)
+            ).with_outputs(UNIGRAMS, BIGRAMS, beam_utils.COUNTS)
+        )
+        unigrams = counted[UNIGRAMS] | "SumUnigrams" >> beam.CombinePerKey(sum)
+        bigrams = counted[BIGRAMS] | "SumBigrams" >> beam.CombinePerKey(sum)
+        counts = (read[beam_utils.COUNTS], counted[beam_utils.COUNTS]) | "Counts" >> beam.Flatten()
+        return {UNIGRAMS: unigrams, BIGRAMS: bigrams, beam_utils.COUNTS: counts}
+
+
+def _read_text_batches(path: str, batch_paragraphs: int):
+    """A text file (``--text``) -> batches of paragraphs; ``text/paragraphs`` counted."""
+    batch: list[str] = []
+    n = 0
+    for paragraph in iter_text_paragraphs(path):
+        n += 1
+        batch.append(paragraph)
+        if len(batch) >= batch_paragraphs:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    yield from beam_utils.emit_counts({TEXT + "/paragraphs": n})
+
+
+class CountTextNgrams(beam.PTransform):
+    """Plain-text files -> ``{"unigrams", "bigrams", "counts"}`` like ``CountWikipediaNgrams``.
+
+    Each file is read whole by one worker (text corpora are small next to a dump); paragraph
+    batches are redistributed before the counting. Tokens are counted as ``text/tokens``.
+    """
+
+    def __init__(self, *, files: Sequence[str], batch_paragraphs: int, max_keys: int = 2_000_000):
+        super().__init__()
+        if not files:
+            raise WitError("no text files to count")
+        self._files = list(files)
+        self._batch_paragraphs = batch_paragraphs
+        self._max_keys = max_keys
+
+    def expand(self, pbegin):
+        read = (
+            pbegin
+            | "Files" >> beam.Create(self._files)
+            | "ShuffleFiles" >> beam.Reshuffle()
+            | "Read"
+            >> beam.FlatMap(_read_text_batches, self._batch_paragraphs).with_outputs(
+                beam_utils.COUNTS, main="batches"
+            )
+        )
+        counted = (
+            read.batches
+            | "ShuffleBatches" >> beam.Reshuffle()
+            | "Count"
+            >> beam.ParDo(
+                _CountNgramsFn(
+                    bigrams=True,
+                    max_keys=self._max_keys,
+                    wikitext=False,
+                    tokens_counter=TEXT + "/tokens",
+                )
             ).with_outputs(UNIGRAMS, BIGRAMS, beam_utils.COUNTS)
         )
         unigrams = counted[UNIGRAMS] | "SumUnigrams" >> beam.CombinePerKey(sum)
@@ -1693,6 +1855,7 @@ class BuildInputs:
     pageviews: tuple[str, ...] = ()  # hourly pageview files: titles with views
     titles: tuple[str, ...] = ()  # plain title lists, used when no pageviews are given
     wordnet: str | None = None  # directory with data.noun, data.verb, data.adj, data.adv
+    texts: tuple[str, ...] = ()  # plain-text corpora (also dictd .dict.dz): more bigram text
 
 
 def _fingerprint(inputs: BuildInputs, cfg: QueriesConfig, files: Mapping[str, list[str]]) -> str:
@@ -1724,6 +1887,7 @@ def run_counting_pipeline(
     dump_files: Sequence[str],
     pageview_files: Sequence[str],
     cfg: QueriesConfig,
+    text_files: Sequence[str] = (),
     work_dir: str,
     beam_args: Sequence[str] = (),
     fingerprint: str = "",
@@ -1733,13 +1897,15 @@ def run_counting_pipeline(
 
     Writes ``unigrams.tsv.gz`` (word, count), ``bigrams.tsv.gz`` (bigram, pmi, count),
     ``titles.tsv.gz`` (title, views) as far as they apply, then ``stats.json`` (counters and
-    the fingerprint) last: its presence marks the run complete.
+    the fingerprint) last: its presence marks the run complete. ``text_files`` add to the
+    bigram counts only: their words enter the PMI's counts and ``N``, not ``unigrams.tsv.gz``.
     """
     options = beam_utils.pipeline_options(beam_args)
     stats_path = fileio.join(work_dir, "stats.json")
     with beam.Pipeline(options=options) as p:
         counts = []
         written: dict[str, Any] = {}  # candidate file name -> PCollection of its row count
+        corpora = []  # the bigram corpus: the dumps and the text files
         if dump_files and (cfg.unigrams.enabled or cfg.bigrams.enabled):
             ngrams = p | "CountDumps" >> CountWikipediaNgrams(
                 files=dump_files,
@@ -1749,6 +1915,7 @@ def run_counting_pipeline(
                 max_keys=max_keys,
             )
             counts.append(ngrams[beam_utils.COUNTS])
+            corpora.append(ngrams)
             if cfg.unigrams.enabled:
                 uni = ngrams[UNIGRAMS] | "SelectUnigrams" >> SelectUnigrams(
                     min_count=cfg.unigrams.min_count, max_chars=cfg.unigrams.max_chars
@@ -1757,14 +1924,29 @@ def run_counting_pipeline(
                 written["unigrams"] = uni["kept"] | "WriteUnigrams" >> WriteCandidates(
                     fileio.join(work_dir, "unigrams.tsv.gz"), sort_key=unigram_sort_key
                 )
-            if cfg.bigrams.enabled:
-                bi = ngrams | "ScoreBigrams" >> ScoreBigrams(
-                    min_count=cfg.bigrams.min_count, min_pmi=cfg.bigrams.min_pmi
-                )
-                counts.append(bi[beam_utils.COUNTS])
-                written["bigrams"] = bi["kept"] | "WriteBigrams" >> WriteCandidates(
-                    fileio.join(work_dir, "bigrams.tsv.gz"), sort_key=bigram_sort_key
-                )
+        if text_files and cfg.bigrams.enabled:
+            text = p | "CountText" >> CountTextNgrams(
+                files=text_files, batch_paragraphs=TEXT_BATCH_PARAGRAPHS, max_keys=max_keys
+            )
+            counts.append(text[beam_utils.COUNTS])
+            corpora.append(text)
+        if corpora and cfg.bigrams.enabled:
+            if len(corpora) == 1:
+                corpus = corpora[0]
+            else:
+                corpus = {
+                    part: tuple(c[part] for c in corpora)
+                    | f"Flatten{part.title()}" >> beam.Flatten()
+                    | f"SumCorpus{part.title()}" >> beam.CombinePerKey(sum)
+                    for part in (UNIGRAMS, BIGRAMS)
+                }
+            bi = corpus | "ScoreBigrams" >> ScoreBigrams(
+                min_count=cfg.bigrams.min_count, min_pmi=cfg.bigrams.min_pmi
+            )
+            counts.append(bi[beam_utils.COUNTS])
+            written["bigrams"] = bi["kept"] | "WriteBigrams" >> WriteCandidates(
+                fileio.join(work_dir, "bigrams.tsv.gz"), sort_key=bigram_sort_key
+            )
         if pageview_files and cfg.titles.enabled:
             views = p | "Pageviews" >> SumPageviews(
                 files=pageview_files, projects=cfg.titles.projects, min_views=cfg.titles.min_views
@@ -1817,12 +1999,17 @@ def build(
     """``wit queries build``: every source that has an input, merged into ``output``."""
     dump_files = fileio.expand_inputs(inputs.dumps) if inputs.dumps else []
     pageview_files = fileio.expand_inputs(inputs.pageviews) if inputs.pageviews else []
+    text_files = fileio.expand_inputs(inputs.texts) if inputs.texts else []
     if inputs.pageviews and inputs.titles:
         raise WitError("give either --pageviews or --titles, not both")
+    if text_files and not cfg.bigrams.enabled:
+        raise WitError("--text feeds only the bigrams, and queries.bigrams.enabled is false")
     work_dir = work_dir or manifest_path(output)[: -len(".json")] + ".work"
     files = {"dumps": dump_files, "pageviews": pageview_files}
+    if text_files:  # absent otherwise: earlier work directories stay current
+        files["text"] = text_files
     stats: dict[str, Any] = {"counters": {}}
-    if dump_files or pageview_files:
+    if dump_files or pageview_files or text_files:
         fp = _fingerprint(inputs, cfg, files)
         stats_path = fileio.join(work_dir, "stats.json")
         if not force and _counts_current(work_dir, fp):
@@ -1832,6 +2019,7 @@ def build(
             stats = run_counting_pipeline(
                 dump_files=dump_files,
                 pageview_files=pageview_files,
+                text_files=text_files,
                 cfg=cfg,
                 work_dir=work_dir,
                 beam_args=beam_args,
@@ -1870,21 +2058,35 @@ def build(
             )
         if tables:
             sources.append(unigram_source(tables, cfg))
-    if cfg.bigrams.enabled and dump_files:
+    if cfg.bigrams.enabled and (dump_files or text_files):
         rows3 = [
             (b, float(s), int(c))
             for b, s, c in read_candidates(fileio.join(work_dir, "bigrams.tsv.gz"))
         ]
+        bigram_inputs = list(dump_info)
+        text_counts = parts.get(TEXT, {})
+        if text_files:
+            bigram_inputs.append(
+                {
+                    "kind": "text",
+                    "files": [
+                        input_info(p, "text", checksum=False, format=text_format(p))
+                        for p in text_files
+                    ],
+                    **text_counts,
+                }
+            )
+        bigram_tokens = n_tokens + text_counts.get("tokens", 0)
         sources.append(
             bigram_source(
                 rows3,
-                inputs=dump_info,
-                n_tokens=n_tokens,
+                inputs=bigram_inputs,
+                n_tokens=bigram_tokens,
                 counter=parts.get(BIGRAMS, {}),
                 cfg=cfg,
             )
         )
-        warn_unreachable_pmi(n_tokens, cfg, log)
+        warn_unreachable_pmi(bigram_tokens, cfg, log)
     if cfg.titles.enabled and pageview_files:
         rows2 = [(t, int(v)) for t, v in read_candidates(fileio.join(work_dir, "titles.tsv.gz"))]
         sources.append(
@@ -1988,10 +2190,11 @@ def corpus_bigrams(
     wordnet_dir: str,
     cfg: QueriesConfig,
     synsets: Sequence[Synset] | None = None,
+    texts: Sequence[str] = (),
     log=print,
 ) -> SourceResult:
-    """Bigram PMI over real text available offline: a Wikipedia dump excerpt and the glosses
-    and example sentences of WordNet (counted locally: the corpus is ~2M tokens)."""
+    """Bigram PMI over real text available offline: a Wikipedia dump excerpt, the glosses
+    and example sentences of WordNet and any ``texts`` (counted locally: a few M tokens)."""
     unigrams: collections.Counter = collections.Counter()
     bigrams: collections.Counter = collections.Counter()
     pages: collections.Counter = collections.Counter()
@@ -1999,6 +2202,13 @@ def corpus_bigrams(
     dump_tokens = pages.pop("tokens", 0)
     glosses = [s.gloss for s in (synsets or read_wordnet(wordnet_dir))]
     gloss_tokens = count_ngrams(glosses, unigrams, bigrams)
+    text_inputs = []
+    for path in texts:
+        text_counter: collections.Counter = collections.Counter()
+        count_text(path, unigrams, bigrams, text_counter)
+        text_inputs.append(
+            input_info(path, "text", format=text_format(path), **dict(sorted(text_counter.items())))
+        )
     n_tokens = sum(unigrams.values())
     counter: collections.Counter = collections.Counter()
     rows = score_bigrams(
@@ -2024,6 +2234,7 @@ def corpus_bigrams(
             "glosses": len(glosses),
             "tokens": gloss_tokens,
         },
+        *text_inputs,
     ]
     return bigram_source(rows, inputs=inputs, n_tokens=n_tokens, counter=counter, cfg=cfg)
 
@@ -2034,6 +2245,7 @@ def build_default(
     wordnet_dir: str = DEFAULT_WORDNET_DIR,
     titles: str,
     dump: str | None = None,
+    texts: Sequence[str] = (),
     wikipedia_words: int = WIKIPEDIA_WORDS,
     command: str = "",
     titles_name: str | None = None,
@@ -2062,7 +2274,9 @@ def build_default(
     ]
     sources.append(unigram_source(tables, cfg))
     sources.append(
-        corpus_bigrams(dump=dump, wordnet_dir=wordnet_dir, cfg=cfg, synsets=synsets, log=log)
+        corpus_bigrams(
+            dump=dump, wordnet_dir=wordnet_dir, cfg=cfg, synsets=synsets, texts=texts, log=log
+        )
     )
     sources.append(title_list_source([titles], cfg, names=[titles_name or titles]))
     output = fileio.join(output_dir, DEFAULT_LIST_NAME)

@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "build",
         help="build a list from a Wikipedia dump, pageview files, title lists and WordNet",
         description=(
-            "Count a Wikipedia XML dump on Beam (any runner; extra --flags are Beam pipeline "
-            "options, e.g. --runner=DataflowRunner), sum page views, read WordNet, then merge "
+            "Count a Wikipedia XML dump (and --text files, for the bigrams) on Beam (any "
+            "runner; extra --flags are Beam pipeline options, e.g. --runner=DataflowRunner; "
+            "a mistyped flag is taken for one), sum page views, read WordNet, then merge "
             "the sources in priority order, deduplicate and cap. A source without input is "
             "skipped. Writes OUTPUT (one query per line, gzip when it ends in .gz) and a JSON "
             "manifest beside it."
@@ -67,6 +68,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="PATH",
         help="plain list of article titles (Title, /wiki/Title or URLs), when no page views",
+    )
+    b.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="plain UTF-8 text files (.gz/.bz2 ok; dictd .dict/.dict.dz cleaned of markup); "
+        "repeatable. More text for the bigram counts only, not the unigram source",
     )
     b.add_argument(
         "--wordnet",
@@ -111,6 +120,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "wikipedia/vital_article_links.txt)",
     )
     d.add_argument("--dump", metavar="PATH", help="dump for bigrams (default: gensim's excerpt)")
+    d.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="more text for the bigram counts (as for build), e.g. "
+        "/usr/share/dictd/gcide.dict.dz; the shipped list uses none",
+    )
     d.set_defaults(func=run_build_default)
 
     i = sub.add_parser("info", help="count, sha256 and manifest summary of a query list")
@@ -119,6 +136,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _command_line() -> str:
+    if sys.argv and sys.argv[0].endswith("build_queries.py"):  # pipelines/build_queries.py
+        return "python " + shlex.join(sys.argv)
     return "wit " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0] else "wit queries"
 
 
@@ -153,6 +172,7 @@ def run_build(args: argparse.Namespace) -> int:
         pageviews=tuple(args.pageviews),
         titles=tuple(args.titles),
         wordnet=args.wordnet,
+        texts=tuple(args.text),
     )
     manifest = querybuild.build(
         inputs,
@@ -192,6 +212,7 @@ def run_build_default(args: argparse.Namespace) -> int:
         # The shared data folder lives outside the repository: name it portably.
         titles_name=None if args.titles else f"$WIT_SHARED_DATA/{querybuild.VITAL_ARTICLES}",
         dump=args.dump,
+        texts=tuple(args.text),
         command=_command_line(),
     )
     print(querybuild.summary_table(manifest))
