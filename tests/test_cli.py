@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import cli, queries
+from wit_pipeline import beam_utils, cli, queries
 
 
 def run_cli(*args):
@@ -146,3 +146,33 @@ def test_gather_command_end_to_end(tmp_path, table):
     )  # fmt: skip
     assert again.returncode == 0
     assert "already complete" in again.stdout
+
+
+def test_a_flag_neither_wit_nor_beam_knows_is_refused(capsys):
+    """Beam would only log "Discarding unparseable args"; a typo must not pass silently."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["gather", "--input", "x", "--queries", "y", "--output", "z", "--max-record", "3"])
+    assert e.value.code == 2
+    assert (
+        "unrecognized arguments (neither wit's nor Beam's): --max-record" in capsys.readouterr().err
+    )
+
+
+def test_beam_flags_of_every_runner_are_accepted():
+    assert beam_utils.unknown_beam_flags(
+        [
+            "--runner=DataflowRunner",
+            "--project",
+            "p",
+            "--temp_location=gs://b/t",
+            "--flink_master",
+            "localhost:8081",
+            "--spark_master_url=spark://h:7077",
+            "--direct_num_workers=2",
+            "--prism_location",
+            "/x",
+            "--experiments=use_runner_v2",
+            "--not_a_beam_flag=1",
+            "-q",
+        ]
+    ) == ["--not_a_beam_flag", "-q"]

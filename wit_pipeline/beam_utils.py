@@ -48,6 +48,25 @@ def pipeline_options(
     return opts
 
 
+def unknown_beam_flags(beam_args: Sequence[str]) -> list[str]:
+    """The flags in ``beam_args`` that no Beam ``PipelineOptions`` class defines.
+
+    Beam itself only logs "Discarding unparseable args" for them, so a mistyped flag would be
+    ignored silently; the CLI refuses them instead. Parses exactly as ``PipelineOptions`` does
+    (every registered options class, no abbreviations).
+    """
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    seen: dict[str, type] = {}
+    for cls in PipelineOptions.__subclasses__():
+        seen.setdefault(str(cls), cls)
+    for cls in seen.values():
+        cls._add_argparse_args(parser)  # Beam's registration hook for options classes
+    _, unknown = parser.parse_known_args(list(beam_args))
+    return [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+
+
 LOCAL_RUNNERS = (
     "",
     "FnApiRunner",

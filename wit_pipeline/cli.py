@@ -56,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = parser.parse_known_args(argv)
     if beam_args and not getattr(args, "accepts_beam_args", False):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    if beam_args and not getattr(args, "passes_args_through", False):
+        from wit_pipeline.beam_utils import unknown_beam_flags
+
+        unknown = unknown_beam_flags(beam_args)
+        if unknown:
+            parser.error(f"unrecognized arguments (neither wit's nor Beam's): {' '.join(unknown)}")
     args.beam_args = beam_args
     try:
         result = args.func(args)

@@ -11,7 +11,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         add_help=False,  # `wit train --help` shows the trainer's own help
         help="train a CLIP model on shards (python -m wit_pipeline.train; --help for options)",
     )
-    parser.set_defaults(func=_run, accepts_beam_args=True)
+    parser.set_defaults(func=_run, accepts_beam_args=True, passes_args_through=True)
 
 
 def _run(args: argparse.Namespace) -> int:
