@@ -4,7 +4,8 @@
         --output gs://b/gather --runner DataflowRunner --project P --region R \
         --temp_location gs://b/tmp --setup_file ./setup.py
 
-Same flags as ``wit gather`` (see ``docs/gather.md``); unknown flags go to Beam.
+Same flags as ``wit gather`` (see ``docs/gather.md``); other flags go to Beam, and one Beam does
+not know either is refused.
 """
 
 import os
