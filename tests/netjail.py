@@ -5,7 +5,8 @@ attempt to reach an address other than loopback (127.0.0.0/8, ::1) raises ``Jail
 *before* a packet is sent (Unix and other non-IP sockets pass), and wraps the name-service
 functions ``socket.getaddrinfo``, ``gethostbyname``, ``gethostbyname_ex``, ``gethostbyaddr`` and
 ``getnameinfo`` so that nothing but ``localhost`` and loopback addresses is ever looked up,
-forward or reverse (a DNS query is traffic too). A broken SSRF guard therefore fails its test
+forward or reverse (a DNS query is traffic too; the one exception, a reverse lookup of the
+machine's own name as ``socket.getfqdn()`` does, is answered without a lookup). A broken SSRF guard therefore fails its test
 instead of contacting a private, link-local or public address.
 
 Test subprocesses inherit the jail through ``tests/jail_site/sitecustomize.py`` when
@@ -66,6 +67,7 @@ def install() -> None:
     sock_cls = socket.socket
     _ORIGINALS.update({name: getattr(sock_cls, name) for name in _SOCKET_METHODS})
     _ORIGINALS.update({name: getattr(socket, name) for name in _LOOKUPS})
+    _ORIGINALS["gethostname"] = socket.gethostname
 
     def is_ip(sock) -> bool:
         return sock.family in (socket.AF_INET, socket.AF_INET6)
@@ -105,6 +107,10 @@ def install() -> None:
         return _ORIGINALS["gethostbyname_ex"](host)
 
     def gethostbyaddr(host):
+        # socket.getfqdn() (Beam's portable runner calls it) looks up the machine's own name:
+        # answered here, without a lookup, as the name itself on loopback.
+        if host == _ORIGINALS["gethostname"]():
+            return (host, [], ["127.0.0.1"])
         _check_name(host, "reverse lookup")
         return _ORIGINALS["gethostbyaddr"](host)
 

@@ -46,6 +46,15 @@ def test_jail_allows_loopback_lookups():
     assert socket.getnameinfo(("::1", 80, 0, 0), numeric) == ("::1", "80")
 
 
+def test_the_machines_own_name_is_answered_without_a_lookup():
+    """``socket.getfqdn()`` (Beam's portable runner calls it) must neither fail nor look up."""
+    start = len(netjail.violations)
+    name = socket.gethostname()
+    assert socket.gethostbyaddr(name) == (name, [], ["127.0.0.1"])
+    assert socket.getfqdn() == name
+    assert len(netjail.violations) == start
+
+
 def test_jail_refuses_datagrams_to_other_addresses():
     start = len(netjail.violations)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
