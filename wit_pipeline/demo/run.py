@@ -130,8 +130,9 @@ def _fingerprint(obj: Any) -> str:
 def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[tuple[Any, dict]]:
     """Serve the demo web under ``web_dir`` on 127.0.0.1, generating it first when needed.
 
-    A web generated earlier with the same options is served again on the port its URLs name;
-    when that port is taken (or the options differ) the web is generated anew on a free port.
+    A new web is served on ``cfg.port`` (a free port chosen by the OS when that one is taken or
+    0). A web generated earlier with the same options is served again on the port its URLs
+    name; when that port is taken (or the options differ) the web is generated anew.
     Yields ``(server, manifest)``.
     """
     from wit_pipeline.demo import server, web
@@ -157,7 +158,15 @@ def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[
         if manifest is None:
             if os.path.exists(web_dir):
                 shutil.rmtree(web_dir)
-            srv = stack.enter_context(server.serve(site))
+            try:
+                srv = stack.enter_context(server.serve(site, port=cfg.port))
+            except OSError:
+                srv = stack.enter_context(server.serve(site))
+                log(
+                    f"web: port {cfg.port} is taken; serving on {srv.base_url} instead (pair uids, "
+                    "and so the pairs pre-balancing and balancing keep, differ from a run on "
+                    f"port {cfg.port})"
+                )
             started = time.monotonic()
             manifest = web.generate_web(web_dir, base_url=srv.base_url, cfg=cfg)
             log(
