@@ -232,7 +232,12 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
             with Image.open(io.BytesIO(data)) as im:
                 data = scenes.jpeg_bytes(im.convert("RGB"), quality=60)
         url = site.put(f"/img/heldout_{k}.jpg", data)
-        plant("eval_copy", url, f"{held[j].caption()}, printed on a postcard", of=f"eval:{j}")
+        plant(
+            "eval_copy",
+            url,
+            f"{held[j].caption().rstrip('.')}, printed on a postcard",
+            of=f"eval:{j}",
+        )
     site.put("/robots.txt", b"User-agent: *\nDisallow: /private/\n")
 
     # --- Pages and the WARC crawl ----------------------------------------------------------------
