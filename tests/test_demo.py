@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = [
     "web.n_images=100",
     "web.eval_per_class=2",
+    "web.port=0",  # a free port: other runs of these tests may hold the default one
     "build.balance.t=5",
     "build.balance.prebalance_factor=0",  # every planted item reaches its stage
     "build.download.processes=1",
