@@ -94,6 +94,7 @@ def main() -> None:
         ["generate and serve the web", t["web_s"]],
         ["`wit build` (5 steps)", t["build_s"]],
         ["train + zero-shot eval (subprocess)", t["train_s"]],
+        ["score the shards with the trained model", t["score_s"]],
     ]
     parts.append(["start-up, audit, summary (rest)", demo_s - sum(p[1] for p in parts)])
     print(

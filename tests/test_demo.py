@@ -1,10 +1,12 @@
 """``wit demo run`` end to end on a small generated web, the local runners, and the notebook.
 
 One module-scoped demo (a small web, pre-balancing off so that every planted item reaches the
-stage web.py says catches it, a few training steps) is checked against the web's own list of
-planted mess; the same web is then built again with two worker processes and with Beam's
-portable runner (in-process job server, LOOPBACK workers), which must write byte-identical
-shards; and ``notebooks/inspect_shards.ipynb`` is executed against the build.
+stage web.py says catches it, a few training steps, scoring with the result) is checked against
+the web's own list of planted mess; the same web is then built again with two worker processes
+and with Beam's portable runner (in-process job server, LOOPBACK workers), which must write
+byte-identical shards; and ``notebooks/inspect_shards.ipynb`` is executed against the build and
+its scores. The default demo's build (pre-balancing on, no training) is checked for every
+planted drop reason, and ``make -n build-dataset`` for its variables.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import hashlib
 import json
 import os
 import pathlib
+import shlex
+import subprocess
 
 import pytest
 
@@ -25,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = [
     "web.n_images=100",
     "web.eval_per_class=2",
+    "web.port=0",  # a free port: other runs of these tests may hold the default one
     "build.balance.t=5",
     "build.balance.prebalance_factor=0",  # every planted item reaches its stage
     "build.download.processes=1",
@@ -49,6 +54,77 @@ def demo(tmp_path_factory):
 
 def sha_tree(d: pathlib.Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+# Every drop reason the demo web plants something for (docs/demo.md, "The planted mess"), over
+# pairs (stats.json "counters") and over images ("image_counters": near_duplicate).
+PLANTED_PAIR_REASONS = (
+    "language",
+    "unsupported_scheme",
+    "no_caption",
+    "no_match",
+    "decode_error",
+    "not_image",
+    "empty_body",
+    "http_404",
+    "too_large",
+    "robots",
+    "opt_out",
+    "blocked_address",
+    "eval_contamination",
+)
+# The default demo's build on its default port (127.0.0.1:28561): runs repeat pair for pair.
+DEFAULT_COUNTERS = {
+    "input": 3315,
+    "kept": 2114,
+    "dropped:balanced_out": 751,
+    "dropped:blocked_address": 2,
+    "dropped:decode_error": 3,
+    "dropped:empty_body": 1,
+    "dropped:eval_contamination": 5,
+    "dropped:http_404": 3,
+    "dropped:language": 28,
+    "dropped:no_caption": 1,
+    "dropped:no_match": 1,
+    "dropped:not_image": 1,
+    "dropped:opt_out": 5,
+    "dropped:prebalanced_out": 392,
+    "dropped:robots": 5,
+    "dropped:too_large": 1,
+    "dropped:unsupported_scheme": 2,
+}
+
+
+def test_default_demo_build_shows_every_planted_reason(tmp_path):
+    """The shipped config (pre-balancing on): every planted item that a download or dedup
+    stage catches gets there (its caption names a rare query), so every reason is counted."""
+    cfg = demo_run.load_demo_config()
+    assert cfg.build.balance.prebalance_factor > 0
+    lines: list[str] = []
+    summary = demo_run.run_demo(str(tmp_path / "out"), cfg, train=False, log=lines.append)
+    stats = json.loads((tmp_path / "out" / "build" / "stats.json").read_text())
+    c = stats["counters"]
+    assert c["dropped:prebalanced_out"] > 0 and c["dropped:balanced_out"] > 0
+    assert {r: c.get(f"dropped:{r}", 0) > 0 for r in PLANTED_PAIR_REASONS} == dict.fromkeys(
+        PLANTED_PAIR_REASONS, True
+    )
+    assert stats["image_counters"]["dropped:near_duplicate"] > 0
+    by_kind = summary["audit"]["by_kind"]
+    after_prebalance = [
+        kind
+        for kind, (stage, reason) in audit.EXPECTED.items()
+        if stage == "download" and reason != "one_sample"
+    ]
+    assert {k: by_kind[k]["earlier"] for k in [*after_prebalance, "eval_copy"]} == dict.fromkeys(
+        [*after_prebalance, "eval_copy"], 0
+    )
+    assert summary["audit"]["missed"] == []
+    assert "train" not in summary and "scored" not in summary
+    base_url = json.loads((tmp_path / "out" / "web" / "web.json").read_text())["base_url"]
+    if base_url == f"http://127.0.0.1:{cfg.web.port}":
+        assert c == DEFAULT_COUNTERS  # the numbers docs/demo.md quotes
+    else:  # another process holds the port: another port, other uids, other draws
+        assert f"web: port {cfg.web.port} is taken; serving on {base_url} instead" in lines[0]
 
 
 def test_demo_config_layers():
@@ -122,6 +198,37 @@ def test_summary_outputs_and_zero_shot(demo):
     assert any(line.startswith("build: [4/5] finalize") for line in lines)
 
 
+def test_the_trained_model_scores_the_shards(demo):
+    import pyarrow.parquet as pq
+
+    out, _cfg, summary, lines = demo
+    sc = summary["scored"]
+    checkpoint = str(out / "train" / "checkpoints" / "latest.pt")
+    assert sc["dir"] == str(out / "scored")
+    assert sc["command"] == (
+        f"wit score --input {out}/build/shards --output {out}/scored --pretrained {checkpoint}"
+    )
+    assert f"score: {sc['command']}" in lines
+    scores = [
+        v
+        for f in sorted((out / "scored" / "shards").glob("*.parquet"))
+        for v in pq.read_table(f, columns=["clip_score"]).column("clip_score").to_pylist()
+    ]
+    stats = json.loads((out / "scored" / "stats.json").read_text())
+    assert len(scores) == summary["build"]["samples"] == stats["counters"]["input"]
+    assert stats["counters"]["kept"] == len(scores)  # no threshold: nothing dropped
+    assert all(-1 <= v <= 1 for v in scores)
+    c = sc["clip_scores"]
+    assert c["samples"] == len(scores) and c["min"] == round(min(scores), 4)
+    report = (out / "scored" / "report.md").read_text()
+    assert "## CLIP score" in report and "(`latest.pt`) (`wit score` into" in report
+    assert "threshold none" in report and "![clip scores](plots/clip_scores.png)" in report
+    assert (out / "scored" / "plots" / "clip_scores.png").is_file()
+    text = demo_run.format_summary(summary)
+    assert f"{len(scores):,} samples scored by that model (mean CLIP score {c['mean']:.3f})" in text
+    assert f"WIT_SCORED_DIR={out}/scored jupyter lab" in text
+
+
 def test_rerun_reuses_the_web_the_build_and_the_model(demo, capsys):
     out, _cfg, summary, _ = demo
     before = sha_tree(out / "build" / "shards")
@@ -133,15 +240,34 @@ def test_rerun_reuses_the_web_the_build_and_the_model(demo, capsys):
     again = json.loads((out / "demo.json").read_text())
     assert again["zeroshot"] == summary["zeroshot"] and again["build"] == summary["build"]
     assert "(reused)" in captured.err
-    assert captured.err.count("done (skipped)") == len(build.STEPS) + 1  # + train
+    assert captured.err.count("done (skipped)") == len(build.STEPS) + 2  # + train, score
     assert captured.out == demo_run.format_summary(again) + "\n"
     assert sha_tree(out / "build" / "shards") == before
+
+
+def test_a_taken_default_port_falls_back_to_a_free_one(tmp_path):
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        overrides = ["web.n_images=10", "web.eval_per_class=1", f"web.port={port}"]
+        cfg = demo_run.load_demo_config(None, overrides).web
+        lines: list[str] = []
+        with demo_run.served_web(str(tmp_path / "web"), cfg, log=lines.append) as (srv, manifest):
+            assert manifest["base_url"] == srv.base_url != f"http://127.0.0.1:{port}"
+    assert lines[0] == (
+        f"web: port {port} is taken; serving on {srv.base_url} instead (pair uids, and so the "
+        f"pairs pre-balancing and balancing keep, differ from a run on port {port})"
+    )
 
 
 def test_a_taken_port_regenerates_the_web(tmp_path):
     import socket
 
-    cfg = demo_run.load_demo_config(None, ["web.n_images=10", "web.eval_per_class=1"]).web
+    overrides = ["web.n_images=10", "web.eval_per_class=1", "web.port=0"]
+    cfg = demo_run.load_demo_config(None, overrides).web
     web_dir = str(tmp_path / "web")
     with demo_run.served_web(web_dir, cfg, log=lambda m: None) as (_, first):
         pass
@@ -205,15 +331,54 @@ def test_notebook_runs_against_the_build(demo):
         ).execute()
     finally:
         del os.environ["WIT_BUILD_DIR"]
-    texts, pngs = [], 0
+    texts, pngs, widgets = [], 0, 0
     for cell in nb.cells:
         for o in cell.get("outputs", []):
             assert o["output_type"] != "error", o
             texts.append(o.get("text", "") + o.get("data", {}).get("text/markdown", ""))
             pngs += "image/png" in o.get("data", {})
+            widgets += "application/vnd.jupyter.widget-view+json" in o.get("data", {})
     text = "\n".join(texts)
     stats = json.loads((out / "build" / "stats.json").read_text())
     assert f"{stats['samples']:,} samples in {stats['shards']} shard(s)" in text
     assert "| gather |" in text and "`balanced_out`" in text and "**Head queries**" in text
-    assert "not scored" in text and "hit(s) for 'red circle'" in text
-    assert pngs == 3  # samples, funnel, per-query distribution
+    # The scores of the demo's scored/ (found beside the build): histogram, grid, search column.
+    assert f"scored: {out / 'scored'} (samples and CLIP scores from its shards)" in text
+    assert "not scored" not in text
+    assert f"{stats['samples']:,} scores: min " in text
+    hits = text.split("hit(s) for 'red circle'**", 1)[1].split("\n")
+    rows = [r for r in hits if r.startswith("| `")]
+    assert rows and all(r.rstrip(" |").rsplit("| ", 1)[1].startswith(("0.", "-0.")) for r in rows)
+    assert pngs == 4  # samples, funnel, per-query distribution, CLIP scores
+    assert widgets == 2  # the search box and its output area
+
+
+def _make_n(*variables: str) -> list[str]:
+    """The command ``make -n build-dataset VARIABLES`` would run, as argv (``-o install``: the
+    venv is taken as installed, so nothing is built)."""
+    proc = subprocess.run(
+        ["make", "-s", "-n", "-o", "install", "build-dataset", *variables],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return shlex.split(proc.stdout.replace("\\\n", " "))
+
+
+def test_make_build_dataset_passes_its_variables():
+    flags = ["QUERIES=q.txt.gz", "OUTPUT=o/x", "RUNNER=DirectRunner", "CONFIG=c.yaml"]
+    assert _make_n("INPUT=crawl/a.warc.gz", *flags, "ARGS=--direct_num_workers 2") == [
+        ".venv/bin/python", "-m", "wit_pipeline", "build", "--input", "crawl/a.warc.gz",
+        "--output", "o/x", "--runner", "DirectRunner", "--queries", "q.txt.gz",
+        "--config", "c.yaml", "--direct_num_workers", "2",
+    ]  # fmt: skip
+    assert _make_n(*flags, "ARGS=--set train.max_steps=5") == [
+        "HF_HUB_OFFLINE=1", "OMP_WAIT_POLICY=PASSIVE", ".venv/bin/python", "-m", "wit_pipeline",
+        "demo", "run", "--output", "o/x", "--runner", "DirectRunner", "--queries", "q.txt.gz",
+        "--config", "c.yaml", "--set", "train.max_steps=5",
+    ]  # fmt: skip
+    assert _make_n() == [
+        "HF_HUB_OFFLINE=1", "OMP_WAIT_POLICY=PASSIVE", ".venv/bin/python", "-m", "wit_pipeline",
+        "demo", "run", "--output", "out/demo", "--runner", "FnApiRunner",
+    ]  # fmt: skip

@@ -78,6 +78,42 @@ def test_manifest_lists_every_planted_case(demo):
     assert manifest["pages"] >= 5
 
 
+def test_planted_items_after_prebalancing_name_a_word_no_scene_caption_has(demo):
+    """Their pre-balance keep probability is then 1 (docs/demo.md): each caption has a word that
+    no caption of any scene has, and that word is in no more than 5 planted captions."""
+    words = {
+        w
+        for colour in scenes.COLOURS
+        for shape in scenes.SHAPES
+        for count in scenes.COUNT_WORDS
+        for bg in scenes.BACKGROUNDS
+        for i in range(len(scenes.TEMPLATES))
+        for w in scenes.Scene(colour, shape, count, bg, 0).caption(i).lower().strip(".").split()
+    }
+    late = {
+        "truncated_image",
+        "html_as_image",
+        "empty_body",
+        "http_404",
+        "decompression_bomb",
+        "robots_disallowed",
+        "x_robots_tag_noai",
+        "redirect_to_private",
+        "eval_copy",
+    }
+    _, _, manifest = demo
+    captions = [i["caption"] for i in manifest["planted_items"] if i["kind"] in late]
+    assert len(captions) == 3 + 1 + 1 + 3 + 1 + 5 + 5 + 2 + 4
+
+    def uses(word: str) -> int:
+        return sum(word in c.lower().replace(",", "").split() for c in captions)
+
+    rarest = {
+        c: min(uses(w) for w in set(c.lower().replace(",", "").split()) - words) for c in captions
+    }
+    assert max(rarest.values()) == 4  # "postcard", on the four held-out copies
+
+
 def test_server_answers_each_case(demo):
     _out, srv, _manifest = demo
     base = srv.base_url

@@ -13,6 +13,10 @@ backend when saved to PNG), and tables are Markdown strings or lists of dicts.
 - :func:`sample_grid_figure`: images of the final shards with their captions;
 - :func:`clip_score_figure`: the CLIP-score histogram and threshold, when the build scored;
 - :func:`write_report`: ``DIR/report.md`` and ``DIR/plots/*.png``.
+
+A build scored afterwards by ``wit score --input DIR/shards --output SCORED`` (the demo does this
+with the model it trained) is read with ``load_build(DIR, scored=SCORED)``: samples then come
+from ``SCORED/shards/`` (with ``clip_score``) and the histogram from ``SCORED/scores/``.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ class BuildOutput:
     config: dict[str, Any]
     manifest: dict[str, Any]
     query_counts: Any  # pyarrow.Table, or None when the file is missing
+    scored_dir: str = ""  # a `wit score` output of this build's shards ("" when none)
+    scored_manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def shards_dir(self) -> str:
-        return fileio.join(self.directory, "shards")
+        return fileio.join(self.scored_dir or self.directory, "shards")
 
     @property
     def t(self) -> int:
@@ -66,8 +72,12 @@ class BuildOutput:
         return float(self.config.get("balance", {}).get("prebalance_factor", 0))
 
 
-def load_build(directory: str) -> BuildOutput:
-    """Read ``stats.json``, the final manifest and ``query_counts.parquet`` of a build."""
+def load_build(directory: str, *, scored: str | None = None) -> BuildOutput:
+    """Read ``stats.json``, the final manifest and ``query_counts.parquet`` of a build.
+
+    ``scored``: a ``wit score`` output of the build's shards, whose shards and scores are shown
+    instead of the build's own.
+    """
     import pyarrow.parquet as pq
 
     stats = fileio.read_json(fileio.join(directory, STATS_FILE))
@@ -84,6 +94,10 @@ def load_build(directory: str) -> BuildOutput:
         config=dict(stats.get("config") or manifest.get("config") or {}),
         manifest=manifest,
         query_counts=table,
+        scored_dir=scored or "",
+        scored_manifest=(
+            fileio.read_json(fileio.join(scored, "shards", "manifest.json")) if scored else {}
+        ),
     )
 
 
@@ -459,11 +473,13 @@ def sample_grid_figure(
 
 
 def clip_scores(build: BuildOutput | str) -> np.ndarray | None:
-    """Every scored sample's CLIP score (``finalize/scores/``), or None when not scored."""
+    """Every scored sample's CLIP score (``finalize/scores/``, or ``SCORED/scores/``), or None
+    when not scored."""
     import pyarrow.parquet as pq
 
     b = _as_build(build)
-    d = fileio.join(b.directory, "finalize", "scores")
+    d = fileio.join(b.scored_dir, "scores") if b.scored_dir else None
+    d = d or fileio.join(b.directory, "finalize", "scores")
     if not fileio.exists(d):
         return None
     files = fileio.expand_inputs([d], suffixes=(".parquet",))
@@ -485,15 +501,28 @@ def clip_score_figure(build: BuildOutput | str):
     ax = fig.subplots()
     if scores.size:
         ax.hist(scores, bins=min(60, max(10, scores.size // 5)), color="#4c72b0")
-    thr = (b.stats.get("score") or {}).get("threshold")
+    thr = _score_info(b).get("threshold")
     if thr is not None:
         kept = int((scores >= thr).sum())
         ax.axvline(thr, color="#c44e52", ls="--", label=f"threshold {thr:.4f}: {kept:,} kept")
         ax.legend(fontsize=8)
     ax.set_xlabel("CLIP score (cosine similarity)")
     ax.set_ylabel("samples")
-    ax.set_title(f"CLIP scores of {scores.size:,} balanced samples")
+    ax.set_title(f"CLIP scores of {scores.size:,} {'' if b.scored_dir else 'balanced '}samples")
     return fig
+
+
+def _score_info(b: BuildOutput) -> dict[str, Any]:
+    """``{"seed_model": {model, pretrained}, "threshold": x or None}`` of the scores shown."""
+    if b.scored_dir:
+        m = b.scored_manifest
+        return {
+            "seed_model": {
+                k: (m.get("config") or {}).get("score", {}).get(k) for k in ("model", "pretrained")
+            },
+            "threshold": m.get("clip_score_threshold"),
+        }
+    return dict(b.stats.get("score") or {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,16 +599,17 @@ def report_markdown(build: BuildOutput | str, *, plots: Mapping[str, str] | None
             f"Sets hit: {', '.join(cont['sets_hit']) or 'none'}.",
             "",
         ]
-    sc = s.get("score")
+    sc = _score_info(b)
     if sc:
         seed = sc.get("seed_model") or {}
         thr = sc.get("threshold")
         thr_text = f"{thr:.4f}" if thr is not None else "none"
+        scored_by = f" (`wit score` into `{b.scored_dir}`)" if b.scored_dir else ""
         out += [
             "## CLIP score",
             "",
-            f"Seed model `{seed.get('model')}` (`{os.path.basename(str(seed.get('pretrained')))}`); "
-            f"threshold {thr_text}.",
+            f"Seed model `{seed.get('model')}` (`{os.path.basename(str(seed.get('pretrained')))}`)"
+            f"{scored_by}; threshold {thr_text}.",
             "",
         ]
         if "clip_scores" in plots:
@@ -589,9 +619,14 @@ def report_markdown(build: BuildOutput | str, *, plots: Mapping[str, str] | None
     return "\n".join(out)
 
 
-def write_report(directory: str) -> str:
-    """Write ``DIR/report.md`` and its PNG plots under ``DIR/plots/``; returns the report path."""
-    b = load_build(directory)
+def write_report(directory: str, *, scored: str | None = None) -> str:
+    """Write ``DIR/report.md`` and its PNG plots under ``DIR/plots/``; returns the report path.
+
+    With ``scored`` (a ``wit score`` output of the build's shards), the report shows its
+    samples and scores and is written to ``SCORED/report.md`` and ``SCORED/plots/``.
+    """
+    b = load_build(directory, scored=scored)
+    directory = scored or directory
     plots_dir = fileio.join(directory, PLOTS_DIR)
     fileio.makedirs(plots_dir)
     plots: dict[str, str] = {}

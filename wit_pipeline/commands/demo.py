@@ -15,9 +15,11 @@ examples:
 
 OUTPUT/web: the generated web (pages, images, robots.txt, crawl.warc.gz, pairs.parquet,
 eval/zeroshot.parquet); OUTPUT/build: the `wit build` output (shards/, report.md, stats.json);
-OUTPUT/train: the trained wit-tiny (checkpoints/, metrics.jsonl, train.yaml); OUTPUT/demo.json:
-the summary. A rerun skips what is done. Unknown --flags go to Beam (local runners only: the web
-is served from this process on 127.0.0.1). docs/demo.md explains every piece.
+OUTPUT/train: the trained wit-tiny (checkpoints/, metrics.jsonl, train.yaml); OUTPUT/scored: the
+shards scored by it (wit score, nothing dropped; report.md with the CLIP-score histogram);
+OUTPUT/demo.json: the summary. A rerun skips what is done. Unknown --flags go to Beam (local
+runners only: the web is served from this process on 127.0.0.1). docs/demo.md explains every
+piece.
 """
 
 
@@ -28,8 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Generate a small web of shape scenes with the usual mess (duplicates, broken and "
             "huge images, foreign and junk alt texts, robots.txt, opt-outs, redirects to private "
-            "addresses), serve it on 127.0.0.1, `wit build` it, train wit-tiny on the shards and "
-            "report zero-shot accuracy on held-out renders. No network needed."
+            "addresses), serve it on 127.0.0.1 (port 28561 unless taken), `wit build` it, train "
+            "wit-tiny on the shards, report zero-shot accuracy on held-out renders and score the "
+            "shards with the model. No network needed."
         ),
     )
     sub = p.add_subparsers(dest="demo_command", metavar="{run,serve}")

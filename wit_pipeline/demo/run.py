@@ -8,6 +8,9 @@ What ``make build-dataset`` runs with no arguments. Everything lives under ``OUT
   for decontamination (``shards/``, ``report.md``, ``stats.json``, ...);
 - ``train/``: ``python -m wit_pipeline.train`` on the shards (``train.yaml`` holds its options),
   with zero-shot evaluation on the held-out renders;
+- ``scored/``: ``wit score`` of the shards with the model just trained (the bootstrap flow of
+  ``docs/score.md``, no threshold: every sample kept, gaining ``clip_score``), with a
+  ``report.md`` that adds the CLIP-score histogram;
 - ``demo.json``: the summary printed at the end (zero-shot accuracy vs chance, the planted-mess
   audit, paths, timings).
 
@@ -45,6 +48,7 @@ NOTEBOOK = "notebooks/inspect_shards.ipynb"
 EVAL_SET_NAME = "heldout"
 SUMMARY_FILE = "demo.json"
 TRAIN_DONE = "demo_train.json"
+SCORE_DONE = "demo_scored.json"
 
 Log = Callable[[str], None]
 
@@ -130,8 +134,9 @@ def _fingerprint(obj: Any) -> str:
 def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[tuple[Any, dict]]:
     """Serve the demo web under ``web_dir`` on 127.0.0.1, generating it first when needed.
 
-    A web generated earlier with the same options is served again on the port its URLs name;
-    when that port is taken (or the options differ) the web is generated anew on a free port.
+    A new web is served on ``cfg.port`` (a free port chosen by the OS when that one is taken or
+    0). A web generated earlier with the same options is served again on the port its URLs
+    name; when that port is taken (or the options differ) the web is generated anew.
     Yields ``(server, manifest)``.
     """
     from wit_pipeline.demo import server, web
@@ -157,7 +162,15 @@ def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[
         if manifest is None:
             if os.path.exists(web_dir):
                 shutil.rmtree(web_dir)
-            srv = stack.enter_context(server.serve(site))
+            try:
+                srv = stack.enter_context(server.serve(site, port=cfg.port))
+            except OSError:
+                srv = stack.enter_context(server.serve(site))
+                log(
+                    f"web: port {cfg.port} is taken; serving on {srv.base_url} instead (pair uids, "
+                    "and so the pairs pre-balancing and balancing keep, differ from a run on "
+                    f"port {cfg.port})"
+                )
             started = time.monotonic()
             manifest = web.generate_web(web_dir, base_url=srv.base_url, cfg=cfg)
             log(
@@ -250,6 +263,60 @@ def run_training(tcfg: TrainConfig, *, fingerprint: str, log: Log = _stderr) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def run_scoring(
+    shards_dir: str,
+    output: str,
+    *,
+    build_dir: str,
+    model: str,
+    checkpoint: str,
+    fingerprint: str,
+    runner: str | None = None,
+    beam_args: Sequence[str] = (),
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """``wit score --input SHARDS --output OUTPUT --pretrained CHECKPOINT`` (no threshold), then
+    ``OUTPUT/report.md``; a finished run with the same fingerprint is not repeated.
+
+    Returns ``{"samples", "mean", "min", "max"}`` of the scores.
+    """
+    import apache_beam as beam
+    import numpy as np
+
+    from wit_pipeline import beam_utils, report, score
+
+    done_path = os.path.join(output, SCORE_DONE)
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            done = json.load(f)
+        if done.get("fingerprint") == fingerprint:
+            log(f"score: done (skipped): {output}")
+            return done["scores"]
+    if os.path.exists(output):
+        shutil.rmtree(output)  # scores of another model or other shards
+    log(f"score: wit score --input {shards_dir} --output {output} --pretrained {checkpoint}")
+    cfg = config_lib.ScoreConfig(model=model, pretrained=checkpoint)
+    with beam.Pipeline(options=beam_utils.pipeline_options(beam_args, runner=runner)) as p:
+        _ = p | "ScoreShards" >> score.ScoreShards(
+            input_dir=shards_dir, output_dir=output, config=cfg
+        )
+    report.write_report(build_dir, scored=output)
+    values = report.clip_scores(report.load_build(build_dir, scored=output))
+    values = np.asarray([] if values is None else values)
+    found = {
+        "samples": int(values.size),
+        "mean": round(float(values.mean()), 4) if values.size else None,
+        "min": round(float(values.min()), 4) if values.size else None,
+        "max": round(float(values.max()), 4) if values.size else None,
+    }
+    fileio.write_json(done_path, {"fingerprint": fingerprint, "scores": found})
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole demo
 
 
@@ -274,7 +341,8 @@ def run_demo(
     train: bool = True,
     log: Log = _stderr,
 ) -> dict[str, Any]:
-    """Generate, serve, build and (with ``train``) train; returns and writes the summary."""
+    """Generate, serve, build and (with ``train``) train and score; returns and writes the
+    summary."""
     from wit_pipeline import build
     from wit_pipeline.demo import audit
 
@@ -284,6 +352,7 @@ def run_demo(
     web_dir = os.path.join(output, "web")
     build_dir = os.path.join(output, "build")
     train_dir = os.path.join(output, "train")
+    scored_dir = os.path.join(output, "scored")
     timings: dict[str, float] = {}
     started = time.monotonic()
     # Worker processes relay a warning per start that says nothing to a demo user.
@@ -371,6 +440,32 @@ def run_demo(
             "chance_top1": 1.0 / n_classes,
             "chance_top5": min(1.0, 5.0 / n_classes),
         }
+        t0 = time.monotonic()
+        checkpoint = summary["train"]["checkpoint"]
+        found = run_scoring(
+            os.path.join(build_dir, "shards"),
+            scored_dir,
+            build_dir=build_dir,
+            model=tcfg.model,
+            checkpoint=checkpoint,
+            fingerprint=_fingerprint({"train": fingerprint, "model": tcfg.model}),
+            runner=runner,
+            beam_args=beam_args,
+            log=log,
+        )
+        timings["score_s"] = round(time.monotonic() - t0, 1)
+        summary["scored"] = {
+            "dir": scored_dir,
+            "report": os.path.join(scored_dir, build.REPORT_FILE),
+            "command": (
+                f"wit score --input {build_dir}/shards --output {scored_dir} "
+                f"--pretrained {checkpoint}"
+            ),
+            "clip_scores": found,
+        }
+        summary["notebook"] = (
+            f"WIT_BUILD_DIR={build_dir} WIT_SCORED_DIR={scored_dir} jupyter lab {NOTEBOOK}"
+        )
     timings["total_s"] = round(time.monotonic() - started, 1)
     fileio.write_json(os.path.join(output, SUMMARY_FILE), summary)
     return summary
@@ -399,5 +494,12 @@ def format_summary(s: Mapping[str, Any]) -> str:
             f"colour x shape classes (chance {100 * z['chance_top1']:.1f}%); top-5 "
             f"{100 * z['top5']:.1f}% (chance {100 * z['chance_top5']:.1f}%)",
         ]
+    if "scored" in s:
+        sc, c = s["scored"], s["scored"]["clip_scores"]
+        mean = f"mean CLIP score {c['mean']:.3f}" if c["samples"] else "none scored"
+        lines.append(
+            f"  scores     {sc['dir']}: {c['samples']:,} samples scored by that model "
+            f"({mean}); {sc['report']}"
+        )
     lines.append(f"  notebook   {s['notebook']}")
     return "\n".join(lines)

@@ -18,13 +18,19 @@ planted so that a stage has something to catch:
 | ``redirect_to_private``: redirects to 10.0.0.1 and 169.254.169.254 | download: ``blocked_address`` (SSRF guard) |
 | ``eval_copy``: held-out zero-shot renders (exact and re-encoded) put on pages | dedup: ``eval_contamination`` (with ``--eval-set`` the eval file) |
 
-A planted item dropped earlier for another reason (pre-balancing draws among every matched
-pair) never reaches the stage of its row. ``web.json`` lists every planted item
+Pre-balancing draws among every matched pair before the download, so a planted pair could be
+dropped there before it reaches the stage of its row. The items for the download stage and the
+held-out copies have captions that name a thing no scene caption names ("two red circles painted
+on a lighthouse"): that query matches a handful of pairs, so its keep probability
+``min(1, factor * t / c)`` is 1 and they always reach their stage; only copies and second
+captions of ordinary scenes (``exact_copy``, ..., ``same_url_second_caption``) can be dropped
+earlier. ``web.json`` lists every planted item
 (``planted_items``: kind, url, caption, and ``of``: the original of a copy), and
 ``wit_pipeline.demo.audit`` traces each through a build; ``tests/test_demo.py`` checks this
 table against a real build.
 
-Everything is deterministic for a given seed; only the server port appears in URLs.
+Everything is deterministic for a given seed and port (``WebConfig.port``); the port appears in
+every URL, and so in every pair's uid, which pre-balancing and balancing draw from.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ class WebConfig:
     eval_per_class: int = 20  # held-out zero-shot renders per colour x shape class
     eval_copies: int = 4  # held-out renders also put on the pages (decontamination catches them)
     seed: int = 0
+    # The port the web is served on, and so part of every URL and pair uid: a fixed one makes
+    # runs repeat pair for pair. 0, or a taken port, lets the OS choose a free one.
+    port: int = 28561
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,29 +186,44 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
         plant("junk_caption", site.put(f"/img/junk_{k}.jpg", good), text)
     plant("data_uri", "data:image/gif;base64,R0lGODlhAQABAAAAACw=", "a red circle spacer")
     plant("javascript_uri", "javascript:void(0)", "two blue squares")
-    for k in range(3):
+    # Each item below is caught at the download or dedup stage, after pre-balancing, so its
+    # caption names a thing no scene caption names ("lighthouse"): that query matches a handful
+    # of pairs, its pre-balance probability min(1, factor * t / c) is 1, and the item always
+    # reaches its stage, whatever the uniform draw of its uid.
+    for k, thing in enumerate(("lighthouse", "windmill", "canoe")):
         truncated = site.put(f"/broken/truncated_{k}.jpg", good[: len(good) // 3])
-        plant("truncated_image", truncated, "two red circles")
+        plant("truncated_image", truncated, f"two red circles painted on a {thing}")
     html = b"<html><body>not an image</body></html>"
     page_as_jpg = site.put("/broken/page.jpg", html, headers={"Content-Type": "image/jpeg"})
-    plant("html_as_image", page_as_jpg, "one red circle")
-    plant("empty_body", site.put("/broken/empty.jpg", b""), "three red circles")
-    for k in range(3):
+    plant("html_as_image", page_as_jpg, "one red circle painted on a violin")
+    plant("empty_body", site.put("/broken/empty.jpg", b""), "three red circles painted on a kite")
+    for k, thing in enumerate(("teapot", "bicycle", "wheelbarrow")):
         site.routes[f"/missing/{k}.jpg"] = Route(status=404)
-        plant("http_404", f"{site.base_url}/missing/{k}.jpg", "a green square")
+        plant(
+            "http_404", f"{site.base_url}/missing/{k}.jpg", f"a green square painted on a {thing}"
+        )
     bomb = site.put("/huge/bomb.png", _bomb_png())
-    plant("decompression_bomb", bomb, "a black square on a white background")
-    for k in range(5):
+    plant("decompression_bomb", bomb, "a black square on a white chessboard")
+    for k, thing in enumerate(
+        ("an umbrella", "a suitcase", "a doormat", "a birdhouse", "a mailbox")
+    ):
         private = site.put(f"/private/{k}.jpg", good)
-        plant("robots_disallowed", private, "two red circles on a grey background")
-    for k in range(5):
+        plant("robots_disallowed", private, f"two red circles painted on {thing}")
+    for k, thing in enumerate(("sailboat", "lantern", "trumpet", "skateboard", "hammock")):
         optout = site.put(f"/optout/{k}.jpg", good, headers={"X-Robots-Tag": "noai"})
-        plant("x_robots_tag_noai", optout, "two red circles")
-    for k, target in enumerate(
-        ("http://10.0.0.1/admin.jpg", "http://169.254.169.254/latest/meta-data/")
+        plant("x_robots_tag_noai", optout, f"two red circles painted on a {thing}")
+    for k, (target, thing) in enumerate(
+        (
+            ("http://10.0.0.1/admin.jpg", "tractor"),
+            ("http://169.254.169.254/latest/meta-data/", "saxophone"),
+        )
     ):
         site.routes[f"/redirect/{k}.jpg"] = Route(status=302, redirect=target)
-        plant("redirect_to_private", f"{site.base_url}/redirect/{k}.jpg", "three yellow stars")
+        plant(
+            "redirect_to_private",
+            f"{site.base_url}/redirect/{k}.jpg",
+            f"three yellow stars painted on a {thing}",
+        )
     # Held-out renders found on the web: two byte-identical copies and two re-encodes.
     for k in range(min(cfg.eval_copies, len(held))):
         j = (k * 7919) % len(held)
@@ -208,7 +232,12 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
             with Image.open(io.BytesIO(data)) as im:
                 data = scenes.jpeg_bytes(im.convert("RGB"), quality=60)
         url = site.put(f"/img/heldout_{k}.jpg", data)
-        plant("eval_copy", url, held[j].caption(), of=f"eval:{j}")
+        plant(
+            "eval_copy",
+            url,
+            f"{held[j].caption().rstrip('.')}, printed on a postcard",
+            of=f"eval:{j}",
+        )
     site.put("/robots.txt", b"User-agent: *\nDisallow: /private/\n")
 
     # --- Pages and the WARC crawl ----------------------------------------------------------------
