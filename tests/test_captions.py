@@ -65,6 +65,13 @@ def test_check_language():
     cfg = CaptionConfig(languages=("en", "de"), min_language_score=0.5)
     assert captions.check_language("en", 0.9, cfg) is None
     assert captions.check_language("fr", 0.9, cfg) == "language"
+    assert captions.check_language("fr", 0.5, cfg) == "language"
+    # A foreign detection below min_foreign_language_score (0.5) is too unsure to drop on.
+    assert captions.check_language("fr", 0.49, cfg) is None
+    assert captions.recorded_language("fr", cfg) == "und"
+    assert captions.recorded_language("de", cfg) == "de"
+    strict = dataclasses.replace(cfg, min_foreign_language_score=0.0)
+    assert captions.check_language("fr", 0.01, strict) == "language"
     assert captions.check_language("", 0.0, cfg) == "language_undetected"
     assert captions.check_language("de", 0.4, cfg) == "low_language_score"
     assert captions.check_language("fr", 0.9, dataclasses.replace(cfg, languages=())) is None
@@ -78,6 +85,7 @@ def test_validate_caption_config():
         CaptionConfig(language_detector="cld3"),
         CaptionConfig(unicode_form="NFX"),
         CaptionConfig(min_chars=10, max_chars=5),
+        CaptionConfig(min_foreign_language_score=1.5),
         CaptionConfig(languages=("English",)),
     ):
         with pytest.raises(WitError):

@@ -76,19 +76,19 @@ PLANTED_PAIR_REASONS = (
 # The default demo's build on its default port (127.0.0.1:28561): runs repeat pair for pair.
 DEFAULT_COUNTERS = {
     "input": 3315,
-    "kept": 2114,
-    "dropped:balanced_out": 751,
+    "kept": 2122,
+    "dropped:balanced_out": 763,
     "dropped:blocked_address": 2,
     "dropped:decode_error": 3,
     "dropped:empty_body": 1,
     "dropped:eval_contamination": 5,
     "dropped:http_404": 3,
-    "dropped:language": 28,
+    "dropped:language": 6,
     "dropped:no_caption": 1,
-    "dropped:no_match": 1,
+    "dropped:no_match": 2,
     "dropped:not_image": 1,
     "dropped:opt_out": 5,
-    "dropped:prebalanced_out": 392,
+    "dropped:prebalanced_out": 393,
     "dropped:robots": 5,
     "dropped:too_large": 1,
     "dropped:unsupported_scheme": 2,
@@ -156,8 +156,10 @@ def test_every_planted_item_is_caught_where_web_py_says(demo):
     assert set(audit.EXPECTED) <= kinds | {"same_url_second_caption"}  # the web is small
     junk = {r["caption"]: r["outcome"] for r in rows if r["kind"] == "junk_caption"}
     assert junk["DSC00012"] == "gather:no_match" and junk[""] == "gather:no_caption"
-    assert junk["IMG_2041.JPG"] == "gather:language"
+    # Language ID's guess for these is unsure (min_foreign_language_score): not dropped as foreign.
+    assert junk["IMG_2041.JPG"] == "gather:no_match"
     assert "gather" not in junk["click here"]  # kept by query matching, as documented
+    assert "gather" not in junk["thumbnail"]
     by_kind = summary["audit"]["by_kind"]
     assert by_kind["eval_copy"] == {"caught": 4, "earlier": 0, "missed": 0}
     assert by_kind["redirect_to_private"]["caught"] == 2

@@ -743,6 +743,37 @@ def test_language_is_detected_before_matching_only_when_it_filters():
     assert kept.column("language_score").to_pylist() == pytest.approx([0.8, 0.9])
 
 
+def test_an_unsure_foreign_detection_keeps_the_caption_as_undetermined():
+    """fastText's lite model on real short alt texts: unsure guesses do not drop English."""
+    batch = RawBatch(
+        "s",
+        [f"http://a/{i}.jpg" for i in range(4)],
+        [
+            "One blue circle",  # lite model: de, 0.26
+            "Stonehenge tours photo montage",  # LAION sample caption; lite model: de, 0.31
+            "zwei rote Kreise auf einem grauen Hintergrund",  # de, 0.999
+            "A dog on the beach",  # en
+        ],
+        [None] * 4,
+    )
+    queries = ["circle", "photo", "Kreise", "dog"]
+    counter = collections.Counter()
+    kept, rejected = _flt(queries=queries).process(batch, counter)
+    assert kept.column("caption").to_pylist() == [
+        "One blue circle",
+        "Stonehenge tours photo montage",
+        "A dog on the beach",
+    ]
+    assert kept.column("language").to_pylist() == ["und", "und", "en"]
+    assert rejected.column("reason").to_pylist() == ["language"]
+    assert dict(counter) == {"input": 4, "dropped:language": 1}
+    strict = GatherConfig(captions=captions.CaptionConfig(min_foreign_language_score=0.0))
+    counter = collections.Counter()
+    kept, _ = _flt(strict, queries).process(batch, counter)
+    assert kept.column("caption").to_pylist() == ["A dog on the beach"]
+    assert dict(counter) == {"input": 4, "dropped:language": 3}
+
+
 def test_multi_process_run_gives_the_same_output(fixture_files, tmp_path):
     qpath = write_queries(tmp_path / "q.txt")
     doc = gather.run_gather(

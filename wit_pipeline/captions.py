@@ -36,6 +36,9 @@ TOO_MANY_WORDS = "too_many_words"
 LANGUAGE = "language"
 LANGUAGE_UNDETECTED = "language_undetected"
 LOW_LANGUAGE_SCORE = "low_language_score"
+# ISO 639-2's code for "undetermined": recorded for a caption whose foreign detection was too
+# unsure to drop it (``min_foreign_language_score``).
+UNDETERMINED = "und"
 
 # C0/C1 control characters become spaces (they separate words in practice: "a\x0bb"); zero
 # width space, word joiner and byte-order marks are removed. Zero-width (non-)joiners are kept:
@@ -92,10 +95,21 @@ def check_language(language: str, score: float, cfg: CaptionConfig) -> str | Non
     if not language:
         return LANGUAGE_UNDETECTED
     if language not in cfg.languages:
-        return LANGUAGE
+        return LANGUAGE if score >= cfg.min_foreign_language_score else None
     if score < cfg.min_language_score:
         return LOW_LANGUAGE_SCORE
     return None
+
+
+def recorded_language(language: str, cfg: CaptionConfig) -> str:
+    """The language recorded for a caption that passed ``check_language``.
+
+    A foreign detection that passed was too unsure to drop the caption: it is recorded as
+    ``"und"`` rather than as a language the caption was not filtered for.
+    """
+    if cfg.languages and cfg.language_detector != "none" and language not in cfg.languages:
+        return UNDETERMINED
+    return language
 
 
 def validate_caption_config(cfg: CaptionConfig) -> None:
@@ -110,6 +124,8 @@ def validate_caption_config(cfg: CaptionConfig) -> None:
             f"config: gather.captions.unicode_form must be one of {', '.join(UNICODE_FORMS)}, "
             f"got {cfg.unicode_form!r}"
         )
+    if not 0.0 <= cfg.min_foreign_language_score <= 1.0:
+        raise WitError("config: gather.captions.min_foreign_language_score must be in [0, 1]")
     if cfg.min_chars < 0 or cfg.min_words < 0:
         raise WitError("config: gather.captions.min_chars and min_words must be >= 0")
     if cfg.max_chars and cfg.max_chars < cfg.min_chars:

@@ -34,6 +34,11 @@ class CaptionConfig:
     # or "none" (no detection; language is recorded as "").
     language_detector: str = "fasttext"
     min_language_score: float = 0.0
+    # A caption detected as a language outside `languages` is dropped (dropped:language) only
+    # when the detector is at least this sure of it; below, the detection is noise (short alt
+    # texts, product names) and the caption stays, with language "und" (undetermined); query
+    # matching still applies. 0.0 drops every foreign detection. See docs/gather.md.
+    min_foreign_language_score: float = 0.5
     language_seed: int = 0
     # Unicode normalization of captions: NFC, NFKC, NFD, NFKD or "none".
     unicode_form: str = "NFC"

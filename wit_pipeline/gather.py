@@ -143,6 +143,7 @@ class PairFilter:
         clean = captions_lib.clean_caption
         check_caption = captions_lib.check_caption
         check_language = captions_lib.check_language
+        recorded_language = captions_lib.recorded_language
         pair_uid = urls.pair_uid
         source = batch.source
 
@@ -165,6 +166,8 @@ class PairFilter:
             if reason is None and language_filter:
                 language, score = detect(caption)
                 reason = check_language(language, score, ccfg)
+                if reason is None:
+                    language = recorded_language(language, ccfg)
             if reason is None:
                 ids = match(caption)
                 if not ids and not keep_unmatched:

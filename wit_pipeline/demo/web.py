@@ -9,7 +9,7 @@ planted so that a stage has something to catch:
 | ``exact_copy``, ``reencode``, ``resized_copy``: the same scene under a second URL | dedup: ``near_duplicate`` (its captions move to the survivor) |
 | ``same_url_second_caption``: one URL on two pages with two alt texts | download fetches it once; one sample with both captions |
 | ``foreign_caption``: German, French, Spanish alt texts | gather: ``language`` |
-| ``junk_caption``: file names, "thumbnail", a missing alt, "click here", "image" | gather: ``language`` (``IMG_2041.JPG``, ``thumbnail``), ``no_match`` (``DSC00012``), ``no_caption`` (no alt); "click here" and "image" contain the queries ``click``, ``here``, ``image`` and are *kept*, as CLIP's query matching would keep them (CLIP-score filtering, ``--seed-model``, is what removes such pairs) |
+| ``junk_caption``: file names, "thumbnail", a missing alt, "click here", "image" | gather: ``no_match`` (``IMG_2041.JPG``, ``DSC00012``; language ID is too unsure of them to drop them as foreign), ``no_caption`` (no alt); "thumbnail", "click here" and "image" contain the queries ``thumbnail``, ``click``, ``here``, ``image`` and are *kept*, as CLIP's query matching would keep them (CLIP-score filtering, ``--seed-model``, is what removes such pairs) |
 | ``data_uri``, ``javascript_uri``: ``data:`` and ``javascript:`` sources | gather: ``unsupported_scheme`` |
 | ``truncated_image``, ``html_as_image``, ``empty_body``, ``http_404`` | download: ``decode_error``, ``not_image``, ``empty_body``, ``http_404`` |
 | ``decompression_bomb``: a 20,000 x 20,000 px PNG of a few kB | download: ``too_large`` (read from the header; never decoded) |
