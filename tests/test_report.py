@@ -73,3 +73,12 @@ def test_figures(output):
     assert report.clip_score_figure(output) is None  # not scored
     text = report.report_markdown(output, plots={"funnel": "plots/funnel.png"})
     assert "![funnel](plots/funnel.png)" in text and "## CLIP score" not in text
+
+
+def test_column_labels_follow_the_balancing_unit():
+    image = report.column_labels({"balance": {"unit": "image"}})
+    assert image == report.COLUMN_LABELS
+    pair = report.column_labels({"balance": {"unit": "pair"}})
+    assert pair["after_dedup"] == "after dedup (pairs)" and pair["final"] == "final (pairs)"
+    assert pair["before"] == "gathered (pairs)"
+    assert report.column_labels({}) == report.COLUMN_LABELS

@@ -47,6 +47,13 @@ COLUMN_LABELS = {
 }
 
 
+def column_labels(config: dict[str, Any]) -> dict[str, str]:
+    """``COLUMN_LABELS`` for a build: with ``balance.unit: pair`` the last two columns count pairs."""
+    if (config.get("balance") or {}).get("unit") == "pair":
+        return {k: v.replace("(samples)", "(pairs)") for k, v in COLUMN_LABELS.items()}
+    return dict(COLUMN_LABELS)
+
+
 @dataclasses.dataclass
 class BuildOutput:
     """What :func:`load_build` reads from a build directory."""
@@ -282,6 +289,7 @@ def query_distribution_figure(build: BuildOutput | str):
         "final": ("#c44e52", "-"),
     }
     drawn = False
+    labels = column_labels(b.config)
     for name, arr in cols.items():
         counts = np.sort(arr[arr > 0])[::-1]
         if counts.size == 0:
@@ -292,7 +300,7 @@ def query_distribution_figure(build: BuildOutput | str):
             counts,
             ls,
             color=color,
-            label=f"{COLUMN_LABELS[name]}: {counts.size:,} queries",
+            label=f"{labels[name]}: {counts.size:,} queries",
             drawstyle="steps-post",
         )
         drawn = True
