@@ -148,16 +148,16 @@ def _expected_keys(samples, t, seed):
     return sorted(r["key"] for r in kept)
 
 
-@pytest.mark.parametrize(
-    ("args", "batch_size"),
-    [
-        ((), 4096),
-        ((), 7),
-        (("--runner=BundleBasedDirectRunner",), 100),
-        (("--direct_num_workers=2", "--direct_running_mode=multi_threading"), 33),
-        (("--direct_num_workers=2", "--direct_running_mode=multi_processing"), 250),
-    ],
-)
+RUNNER_SETTINGS = [
+    ((), 4096),
+    ((), 7),
+    (("--runner=BundleBasedDirectRunner",), 100),
+    (("--direct_num_workers=2", "--direct_running_mode=multi_threading"), 33),
+    (("--direct_num_workers=2", "--direct_running_mode=multi_processing"), 250),
+]
+
+
+@pytest.mark.parametrize(("args", "batch_size"), RUNNER_SETTINGS)
 def test_balance_is_identical_across_runners_and_batch_sizes(args, batch_size):
     samples = _samples()
     expected = _expected_keys(samples, t=160, seed=5)
@@ -255,7 +255,9 @@ def test_balance_unit_is_validated():
         balance.BalanceSamples(t=10, seed=0, unit="caption")
 
 
-def test_prebalance_oversamples_by_the_factor():
+@pytest.mark.parametrize(("args", "batch_size"), RUNNER_SETTINGS)
+def test_prebalance_oversamples_by_the_factor(args, batch_size):
+    """The draw before download: the same kept uids on every runner setting and batch size."""
     cands = [{"uid": f"u{i}", "query_ids": [0] if i < 2700 else [1]} for i in range(3000)]
     probs = {0: 90 / 2700, 1: 90 / 300}  # t * factor = 90
     expected, _ = balance.balance_records(
@@ -274,8 +276,12 @@ def test_prebalance_oversamples_by_the_factor():
             p = probs[q]
             assert abs(after[q] - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (q, after[q])
 
-    with _pipeline() as p:
-        out = p | beam.Create(cands) | balance.PreBalance(t=30, factor=3.0, seed=1)
+    with _pipeline(*args) as p:
+        out = (
+            p
+            | beam.Create(cands)
+            | balance.PreBalance(t=30, factor=3.0, seed=1, batch_size=batch_size)
+        )
         assert_that(out["before"], equal_to([(0, 2700), (1, 300)]), label="Before")
         assert_that(out["after"], check_after, label="After")
         assert_that(
