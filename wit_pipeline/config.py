@@ -382,6 +382,11 @@ def load_config(path: str | None, cls: type[T] = BuildConfig) -> T:  # type: ign
     """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config; ``None`` gives defaults."""
     if not path:
         return cls()
+    return from_dict(cls, read_config_file(path))
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML or TOML config file (local or fsspec URL) as a dict, with one-line errors."""
     from wit_pipeline import fileio
 
     try:
@@ -405,4 +410,4 @@ def load_config(path: str | None, cls: type[T] = BuildConfig) -> T:  # type: ign
             raise WitError(f"config: {path}: {e}") from None
     if not isinstance(data, Mapping):
         raise WitError(f"config: {path} must hold a table of options")
-    return from_dict(cls, data)
+    return dict(data)

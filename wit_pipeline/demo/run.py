@@ -66,32 +66,6 @@ class DemoConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
-def _read_mapping(path: str) -> dict[str, Any]:
-    """A YAML or TOML file as a dict (one-line errors)."""
-    try:
-        with fileio.open_file(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise WitError(f"config file not found: {path}") from None
-    if path.endswith(".toml"):
-        import tomllib
-
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise WitError(f"config: {path}: {e}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(raw) or {}
-        except yaml.YAMLError as e:
-            raise WitError(f"config: {path}: {e}") from None
-    if not isinstance(data, Mapping):
-        raise WitError(f"config: {path} must hold a table of options")
-    return dict(data)
-
-
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -110,9 +84,9 @@ def load_demo_config(
     ``path`` holds ``web``/``build``/``train`` sections, or only ``wit build`` options (a file
     like ``examples/build.yaml``), which then override the ``build`` section.
     """
-    data = _read_mapping(DEMO_CONFIG)
+    data = config_lib.read_config_file(DEMO_CONFIG)
     if path:
-        user = _read_mapping(path)
+        user = config_lib.read_config_file(path)
         build_keys = {f.name for f in dataclasses.fields(config_lib.BuildConfig)}
         if user and set(user) <= build_keys:
             user = {"build": user}
