@@ -1,3 +1,4 @@
+import dataclasses
 import io
 
 import imagehash
@@ -85,15 +86,72 @@ def test_each_image_alone_equals_the_batch():
     assert [int(h) for h in batch] == alone
 
 
-@pytest.mark.parametrize("size", [1, 2, 7, 31, 33, 64, 95, 96, 97, 255, 256, 257, 1000])
+@pytest.mark.parametrize("size", [1, 2, 7, 31, 33, 64, 95, 96, 97, 255, 256, 257, 1000, 5000])
 def test_resize_matches_pillow_lanczos(size):
     rng = np.random.default_rng(size)
     for other in (1, 32, 100):
         for shape in ((other, size), (size, other)):
-            a = rng.integers(0, 256, shape, dtype=np.uint8)
-            ref = np.asarray(Image.fromarray(a, "L").resize((32, 32), Image.Resampling.LANCZOS))
-            got = phash.PHasher()._resize(a[None])[0]
-            np.testing.assert_array_equal(got.astype(np.uint8), ref)
+            # three images side by side, as hash_images lays them out
+            arrays = rng.integers(0, 256, (3, *shape), dtype=np.uint8)
+            got = phash.PHasher()._resize(arrays.transpose(1, 0, 2))
+            for a, g in zip(arrays, got, strict=True):
+                ref = Image.fromarray(a, "L").resize((32, 32), Image.Resampling.LANCZOS)
+                np.testing.assert_array_equal(g.astype(np.uint8), np.asarray(ref))
+
+
+def _exact_rows(axis, x):
+    return phash._round_clip8(x.astype(np.float64) @ axis.exact.T)
+
+
+@pytest.mark.parametrize("size", [40, 96, 256, 1000])
+def test_float32_error_stays_within_the_bound(size):
+    axis = phash._Axis.build(size)
+    assert axis.eps is not None and axis.eps < 0.01
+    x = np.random.default_rng(size).integers(0, 256, (4000, size)).astype(np.float32)
+    approx = np.concatenate([x[:, b.lo : b.hi] @ b.single for b in axis.bands], axis=1)
+    err = np.abs(approx.astype(np.float64) - x.astype(np.float64) @ axis.exact.T).max()
+    assert err < axis.eps / 4  # the bound is a worst case: real errors are far below it
+    rounded, unsure = phash._round_clip8_checked(approx.copy(), axis.eps)
+    np.testing.assert_array_equal(rounded[~unsure], _exact_rows(axis, x)[~unsure])
+
+
+@pytest.mark.parametrize("size", [96, 256])
+def test_unsure_roundings_are_recomputed_exactly(size):
+    # With a margin of 0.3 about 60% of the roundings count as unsure and go through the
+    # float64 recomputation, whose result must be Pillow's in every one of them.
+    axis = dataclasses.replace(phash._Axis.build(size), eps=0.3)
+    x = np.random.default_rng(1).integers(0, 256, (500, size)).astype(np.float32)
+    np.testing.assert_array_equal(axis.resize_rows(x), _exact_rows(axis, x))
+    t = np.ascontiguousarray(x.T)  # (size, 500): the columns pass
+    exact_columns = phash._round_clip8(axis.exact @ t.astype(np.float64))
+    np.testing.assert_array_equal(axis.resize_columns(t), exact_columns)
+
+
+def test_large_downscale_uses_float64():
+    axis = phash._Axis.build(5000)
+    assert axis.eps is None
+    x = np.random.default_rng(2).integers(0, 256, (3, 5000)).astype(np.float32)
+    np.testing.assert_array_equal(axis.resize_rows(x), _exact_rows(axis, x))
+
+
+def test_mixed_modes_of_one_size_share_a_canvas_across_chunks(monkeypatch):
+    # 4 images per chunk: chunk boundaries fall between images of different modes, and palette
+    # images with different palettes sit next to each other.
+    monkeypatch.setattr(phash, "_CHUNK_PIXELS", 4 * 60 * 45)
+    rng = np.random.default_rng(3)
+    images = []
+    for i in range(30):
+        rgb = Image.fromarray(rng.integers(0, 256, (45, 60, 3), dtype=np.uint8), "RGB")
+        mode = ["RGB", "L", "P", "RGBA", "CMYK", "LA", "1", "I"][i % 8]
+        if mode == "P":
+            images.append(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8 + i))
+        elif mode == "I":
+            images.append(rgb.convert("L").convert("I"))
+        else:
+            images.append(rgb.convert(mode))
+    tall = [Image.fromarray(rng.integers(0, 256, (500, 4), dtype=np.uint8)) for _ in range(3)]
+    images += tall
+    assert _ours(images) == _ref(images)
 
 
 def test_undecodable_bytes_are_reported_not_hashed():
