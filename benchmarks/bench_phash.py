@@ -3,6 +3,7 @@
     python benchmarks/bench_phash.py            # 7,000 photos (all of Flickr8k)
     python benchmarks/bench_phash.py --quick    # 1,000 photos
     python benchmarks/bench_phash.py --resize 256x192   # photos upscaled to the download size
+    python benchmarks/bench_phash.py --mixed-aspect 256  # many sizes, as keep_ratio downloads
 
 Both sides hash the same images and must give identical hashes (the script fails otherwise).
 Two measurements: from decoded PIL images (what ``imagehash.phash`` takes), and from JPEG bytes
@@ -23,6 +24,7 @@ import argparse
 import io
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -73,6 +75,14 @@ def main() -> int:
         "images from the download stage (image_size 256)",
     )
     ap.add_argument(
+        "--mixed-aspect",
+        type=int,
+        metavar="SIDE",
+        help="resize each photo so that its short side is SIDE and its aspect ratio is drawn "
+        "(seed 0) log-uniformly from 1 to 2, either orientation: many distinct sizes, as "
+        "img2dataset's keep_ratio gives for web images (the shared photos are all square)",
+    )
+    ap.add_argument(
         "--data",
         default=os.environ.get("WIT_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
         help="shared data folder (with flickr8k/images)",
@@ -84,10 +94,16 @@ def main() -> int:
         print(f"no photos in {args.data}/flickr8k/images", file=sys.stderr)
         return 2
     blobs = [f.read_bytes() for f in files]
-    if args.resize:
-        w, h = (int(v) for v in args.resize.lower().split("x"))
+    if args.resize or args.mixed_aspect:
+        rng = random.Random(0)
         out = []
         for b in blobs:
+            if args.resize:
+                w, h = (int(v) for v in args.resize.lower().split("x"))
+            else:
+                w = h = args.mixed_aspect
+                long_side = round(args.mixed_aspect * 2 ** rng.random())
+                w, h = (w, long_side) if rng.random() < 0.5 else (long_side, h)
             buf = io.BytesIO()
             Image.open(io.BytesIO(b)).convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(
                 buf, "JPEG", quality=90
@@ -125,10 +141,14 @@ def main() -> int:
             return 1
         results.append((name, t_ref, t_ours, ratio))
 
-    size = images[0].size
+    sizes = {im.size for im in images}
+    if len(sizes) == 1:
+        (w, h) = next(iter(sizes))
+        shape = f"{w}x{h} JPEG{', resized' if args.resize else ''}"
+    else:
+        shape = f"JPEG, {len(sizes)} distinct sizes, short side {args.mixed_aspect}"
     print(
-        f"pHash of {len(images)} Flickr8k photos ({size[0]}x{size[1]} JPEG"
-        f"{', resized' if args.resize else ''}), median of "
+        f"pHash of {len(images)} Flickr8k photos ({shape}), median of "
         f"{args.rounds} alternating rounds, {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}\n"
     )

@@ -154,6 +154,53 @@ def test_mixed_modes_of_one_size_share_a_canvas_across_chunks(monkeypatch):
     assert _ours(images) == _ref(images)
 
 
+def _noise_images(sizes, seed):
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in sizes
+    ]
+
+
+def test_mixed_sizes_share_width_and_height_passes(monkeypatch):
+    # Blocks that share a width (rows pass together), share a height (columns pass together),
+    # skip a pass (a side of 32), upscale, or resize vertically first (tall), in random order
+    # and over several chunks; one hasher for all of it, so scratch buffers are reused.
+    monkeypatch.setattr(phash, "_CHUNK_PIXELS", 150_000)
+    sizes = [(256, 300), (256, 320), (300, 256), (320, 256), (256, 256), (32, 50), (50, 32)]
+    sizes += [(32, 32), (5, 700), (4, 500), (1, 1), (13, 9), (96, 96), (256, 32), (32, 256)]
+    rng = np.random.default_rng(4)
+    order = rng.permutation(np.repeat(np.arange(len(sizes)), 3))
+    images = _noise_images([sizes[i] for i in order], seed=5)
+    hasher = phash.PHasher()
+    for batch in (images, images[:7], images[7:]):
+        got = [phash.to_hex(h) for h in hasher.hash_images(batch)]
+        assert got == _ref(batch)
+
+
+def test_resampling_weights_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(phash, "_MAX_AXES", 3)
+    hasher = phash.PHasher()
+    for seed, sizes in enumerate(([(40, 50)], [(40, 60)], [(70, 70)])):
+        images = _noise_images(sizes, seed)
+        assert [phash.to_hex(h) for h in hasher.hash_images(images)] == _ref(images)
+        assert len(hasher._axes) <= 3
+    assert list(hasher._axes) == [40, 60, 70]  # 50 was the least recently used
+
+
+def test_bytes_are_decoded_and_hashed_in_slices(monkeypatch):
+    monkeypatch.setattr(phash, "_DECODED_PIXELS", 5000)  # a slice every 1-2 images
+    blobs = []
+    for im in _noise_images([(60, 50), (70, 40), (60, 50), (33, 90)] * 3, seed=6):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    blobs.insert(3, b"broken")
+    hashes, errors = phash.PHasher().hash_bytes(blobs)
+    assert [e is None for e in errors] == [i != 3 for i in range(len(blobs))]
+    ref = [str(imagehash.phash(Image.open(io.BytesIO(b)))) for i, b in enumerate(blobs) if i != 3]
+    assert [phash.to_hex(h) for i, h in enumerate(hashes) if i != 3] == ref
+
+
 def test_undecodable_bytes_are_reported_not_hashed():
     good = io.BytesIO()
     Image.new("RGB", (40, 40), (1, 2, 3)).save(good, "PNG")

@@ -26,6 +26,7 @@ significant bit, so ``f"{h:016x}" == str(imagehash.phash(image))``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import io
@@ -45,6 +46,13 @@ _LANCZOS_SUPPORT = 3.0
 _MEDIAN_MARGIN = 1e-3
 # Images of one size are hashed together in chunks of at most this many pixels.
 _CHUNK_PIXELS = 1 << 20
+# Images decoded by ``hash_bytes`` before they are hashed (bounds its memory).
+_DECODED_PIXELS = 1 << 22
+# Resampling weights kept per ``PHasher`` (one per image side length seen; least recently used
+# dropped first).
+_MAX_AXES = 512
+# Scratch buffers larger than this are not kept from one batch to the next.
+_MAX_SCRATCH_BYTES = 32 << 20
 # Outputs per band of the float32 resampling product (see ``_Axis``).
 _BAND = 8
 # Above this error margin (about 2% of roundings unsure) the float32 path is not worth it.
@@ -113,20 +121,49 @@ def _round_clip8(scaled: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255, out=scaled)
 
 
-def _round_clip8_checked(approx: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _round_clip8_checked(
+    approx: np.ndarray, eps: float, scratch: _Scratch | None = None, tag: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """``_round_clip8`` of a float32 approximation within ``eps`` of the exact value.
 
     Returns ``(rounded, unsure)``. ``unsure`` marks the entries where ``approx - eps`` and
     ``approx + eps`` round differently; every other entry of ``rounded`` is exact (see
     ``_Axis``). ``approx`` is overwritten.
     """
-    rounded = approx + np.float32(0.5 + eps)
+    rounded = _empty(scratch, f"{tag}rounded", approx.shape, np.float32)
+    unsure = _empty(scratch, f"{tag}unsure", approx.shape, np.bool_)
+    np.add(approx, np.float32(0.5 + eps), out=rounded)
     np.floor(rounded, out=rounded)
     # Certain iff approx + 0.5 - eps has the same floor, i.e. rounded - approx <= 0.5 - eps.
     np.subtract(rounded, approx, out=approx)
-    unsure = approx > np.float32(0.5 - eps)
+    np.greater(approx, np.float32(0.5 - eps), out=unsure)
     np.clip(rounded, 0, 255, out=rounded)
     return rounded, unsure
+
+
+class _Scratch:
+    """Buffers reused from batch to batch.
+
+    Fresh arrays of a few MB are mapped from the OS and page-faulted in on every batch (glibc
+    returns them when freed); that cost a quarter of the time of hashing 96 px photos.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        size = math.prod(shape)
+        dt = np.dtype(dtype)
+        if size * dt.itemsize > _MAX_SCRATCH_BYTES:  # a huge image: do not keep it
+            return np.empty(shape, dtype=dt)
+        buf = self._buffers.get((name, dt.str))
+        if buf is None or buf.size < size:
+            buf = self._buffers[(name, dt.str)] = np.empty(size, dtype=dt)
+        return buf[:size].reshape(shape)
+
+
+def _empty(scratch: _Scratch | None, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.empty(shape, dtype=dtype) if scratch is None else scratch.get(name, shape, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,15 +240,20 @@ class _Axis:
             bands = [band(0, IMG_SIZE)]
         return cls(size, exact, tuple(bands), eps, starts, compact)
 
-    def resize_rows(self, x: np.ndarray) -> np.ndarray:
-        """``(r, size)`` 8-bit values (float32) -> ``(r, 32)`` float32, each row resampled."""
+    def resize_rows(
+        self, x: np.ndarray, scratch: _Scratch | None = None, tag: str = ""
+    ) -> np.ndarray:
+        """``(r, size)`` 8-bit values (float32) -> ``(r, 32)`` float32, each row resampled.
+
+        With ``scratch``, the result lives in its buffers named after ``tag``.
+        """
         if self.eps is None:
             return _round_clip8(x.astype(np.float64) @ self.exact.T).astype(np.float32)
-        out = np.empty((x.shape[0], IMG_SIZE), dtype=np.float32)
+        out = _empty(scratch, f"{tag}product", (x.shape[0], IMG_SIZE), np.float32)
         width = self.width
         for b in self.bands:
             np.matmul(x[:, b.lo : b.hi], b.single, out=out[:, b.j0 : b.j0 + width])
-        out, unsure = _round_clip8_checked(out, self.eps)
+        out, unsure = _round_clip8_checked(out, self.eps, scratch, tag)
         unsure = np.flatnonzero(unsure)
         if unsure.size:  # a few per image: recompute just those entries in float64
             rows, cols = np.divmod(unsure, IMG_SIZE)
@@ -220,16 +262,18 @@ class _Axis:
             out.ravel()[unsure] = _round_clip8(exact)
         return out
 
-    def resize_columns(self, x: np.ndarray) -> np.ndarray:
+    def resize_columns(
+        self, x: np.ndarray, scratch: _Scratch | None = None, tag: str = ""
+    ) -> np.ndarray:
         """``(size, c)`` 8-bit values (float32) -> ``(32, c)`` float32, each column resampled."""
         if self.eps is None:
             return _round_clip8(self.exact @ x.astype(np.float64)).astype(np.float32)
         c = x.shape[1]
-        out = np.empty((IMG_SIZE, c), dtype=np.float32)
+        out = _empty(scratch, f"{tag}product", (IMG_SIZE, c), np.float32)
         width = self.width
         for b in self.bands:
             np.matmul(b.single.T, x[b.lo : b.hi], out=out[b.j0 : b.j0 + width])
-        out, unsure = _round_clip8_checked(out, self.eps)
+        out, unsure = _round_clip8_checked(out, self.eps, scratch, tag)
         unsure = np.flatnonzero(unsure)
         if unsure.size:
             rows, cols = np.divmod(unsure, c)
@@ -240,13 +284,14 @@ class _Axis:
 
 
 class PHasher:
-    """Computes pHashes for batches of images; caches resampling weights per input size.
+    """Computes pHashes for batches of images; caches resampling weights per side length.
 
     Not thread-safe (the cache); build one per worker (e.g. in ``DoFn.setup``).
     """
 
     def __init__(self) -> None:
-        self._axes: dict[int, _Axis] = {}
+        self._axes: collections.OrderedDict[int, _Axis] = collections.OrderedDict()
+        self._scratch = _Scratch()
         n = np.arange(IMG_SIZE)
         k = np.arange(HASH_SIZE)
         # scipy.fftpack.dct type II, norm=None: y_k = 2 * sum_n x_n cos(pi k (2n + 1) / (2N)).
@@ -256,43 +301,64 @@ class PHasher:
         axis = self._axes.get(size)
         if axis is None:
             axis = self._axes[size] = _Axis.build(size)
+            if len(self._axes) > _MAX_AXES:  # least recently used first
+                del self._axes[next(iter(self._axes))]
+        else:
+            self._axes.move_to_end(size)
         return axis
 
     def _resize(self, canvas: np.ndarray) -> np.ndarray:
-        """``(H, n, W)`` 8-bit grayscale -> ``(n, 32, 32)`` float32, as Pillow resizes each image.
+        """``(H, n, W)`` 8-bit grayscale -> ``(n, 32, 32)`` float32, as Pillow resizes each image."""
+        return self._resize_side_by_side(canvas).reshape(IMG_SIZE, -1, IMG_SIZE).transpose(1, 0, 2)
+
+    def _resize_side_by_side(self, canvas: np.ndarray) -> np.ndarray:
+        """``(H, n, W)`` 8-bit grayscale -> ``(32, n * 32)`` float32, still side by side.
 
         The input holds ``n`` images side by side (row ``r`` of all of them, then row ``r + 1``),
         so that the rows pass reads it as ``(H * n, W)`` and writes ``(H, n * 32)``, which is
         what the columns pass reads: no transposes in between.
         """
         h, n, w = canvas.shape
-        x = canvas.reshape(h, n * w).astype(np.float32)
+        # Each pass writes to its own buffers (tags 1, 2), so a pass never overwrites its input.
+        x = self._scratch.get("input", (h, n * w), np.float32)
+        np.copyto(x, canvas.reshape(h, n * w))
         # Pillow resizes very tall images (height > 100 x width) vertically first, else
         # horizontally first; a pass whose size does not change is skipped.
         tall = h > 100 * w and h > IMG_SIZE
         if tall:
-            x = self._axis(h).resize_columns(x)
+            x = self._axis(h).resize_columns(x, self._scratch, "1")
             h = IMG_SIZE
         if w != IMG_SIZE:
-            x = self._axis(w).resize_rows(x.reshape(h * n, w))
+            x = self._axis(w).resize_rows(x.reshape(h * n, w), self._scratch, "2")
         if h != IMG_SIZE:
-            x = self._axis(h).resize_columns(x.reshape(h, n * IMG_SIZE))
-        return x.reshape(IMG_SIZE, n, IMG_SIZE).transpose(1, 0, 2)
+            x = self._axis(h).resize_columns(x.reshape(h, n * IMG_SIZE), self._scratch, "1")
+        return x.reshape(IMG_SIZE, n * IMG_SIZE)
 
     def hash_gray32(self, pixels: np.ndarray) -> np.ndarray:
         """pHashes of ``(n, 32, 32)`` resized grayscale images -> ``(n,)`` uint64."""
         n = pixels.shape[0]
+        side_by_side = np.asarray(pixels).transpose(1, 0, 2).reshape(IMG_SIZE, n * IMG_SIZE)
+        return self._hash_side_by_side(side_by_side)
+
+    def _hash_side_by_side(self, pixels: np.ndarray) -> np.ndarray:
+        """pHashes of ``(32, n * 32)`` resized images side by side -> ``(n,)`` uint64.
+
+        Side by side, each of the two DCT products is one matrix product for the whole batch.
+        """
+        n = pixels.shape[1] // IMG_SIZE
         if n == 0:
             return np.zeros(0, dtype=np.uint64)
-        pixels = np.asarray(pixels, dtype=np.float64)
-        coef = (self._dct @ pixels @ self._dct.T).reshape(n, HASH_SIZE * HASH_SIZE)
+        rows = self._dct @ pixels.astype(np.float64)  # (8, n * 32)
+        coef = rows.reshape(HASH_SIZE * n, IMG_SIZE) @ self._dct.T  # (8 * n, 8): [u, image, v]
+        coef = coef.reshape(HASH_SIZE, n, HASH_SIZE).transpose(1, 0, 2).reshape(n, -1)
         med = _median64(coef)
         margin = np.abs(coef - med[:, None]).min(axis=1)
         unsure = np.flatnonzero(margin < _MEDIAN_MARGIN)
         if unsure.size:
             import scipy.fftpack
 
-            exact = pixels[unsure].astype(np.uint8).astype(np.float64)
+            images = pixels.reshape(IMG_SIZE, n, IMG_SIZE)[:, unsure].transpose(1, 0, 2)
+            exact = images.astype(np.uint8).astype(np.float64)
             d = scipy.fftpack.dct(scipy.fftpack.dct(exact, axis=1), axis=2)
             d = d[:, :HASH_SIZE, :HASH_SIZE].reshape(len(unsure), -1)
             coef[unsure] = d
@@ -302,18 +368,91 @@ class PHasher:
 
     def hash_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """pHashes of PIL images (any mode Pillow can convert to ``L``) -> ``(n,)`` uint64."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            im.load()  # as ``convert`` does; a lazily opened image has no pixels before
-            groups.setdefault(im.size, []).append(i)
+        for im in images:
+            if getattr(im, "tile", None):  # opened lazily, not decoded yet: as ``convert`` does
+                im.load()
+        # Sorted by size, so that a chunk holds few distinct widths and heights.
+        order = sorted(range(len(images)), key=lambda i: images[i].size)
         out = np.zeros(len(images), dtype=np.uint64)
-        for (w, h), idx in groups.items():
-            step = max(1, _CHUNK_PIXELS // max(1, w * h))
-            for start in range(0, len(idx), step):
-                part = idx[start : start + step]
-                canvas = _gray_canvas([images[i] for i in part])
-                out[part] = self.hash_gray32(self._resize(canvas))
+        chunk: list[int] = []
+        pixels = 0
+        for i in order:
+            chunk.append(i)
+            w, h = images[i].size
+            pixels += w * h
+            if pixels >= _CHUNK_PIXELS:
+                out[chunk] = self._hash_chunk([images[k] for k in chunk])
+                chunk, pixels = [], 0
+        if chunk:
+            out[chunk] = self._hash_chunk([images[k] for k in chunk])
         return out
+
+    def _hash_chunk(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """pHashes of loaded images of any sizes (sorted by size).
+
+        Images of one size form a block, side by side (row ``r`` of each, then row ``r + 1``).
+        The rows pass runs once per distinct width, over all blocks of that width; its output
+        for a block is already the columns pass's input layout, and the columns pass runs once
+        per distinct height. So photos that share one side (downloads resized to 256 on their
+        short side) are batched even when their other side varies.
+        """
+        n = len(images)
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for k, im in enumerate(images):
+            blocks.setdefault(im.size, []).append(k)
+        gray = self._scratch.get(
+            "gray", (sum(w * h for w, h in (im.size for im in images)),), np.uint8
+        )
+        final = self._scratch.get("final", (IMG_SIZE, n, IMG_SIZE), np.float32)
+        starts: dict[tuple[int, int], int] = {}
+        offset = 0
+        for (w, h), idx in blocks.items():
+            starts[w, h] = offset
+            _paste_gray(images, idx, gray[offset : offset + w * h * len(idx)])
+            offset += w * h * len(idx)
+
+        by_width: dict[int, list[tuple[int, int]]] = {}
+        for w, h in blocks:
+            if h > 100 * w and h > IMG_SIZE:  # Pillow resizes these vertically first
+                k = len(blocks[w, h])
+                side_by_side = gray[starts[w, h] : starts[w, h] + w * h * k].reshape(h, k, w)
+                final[:, blocks[w, h]] = self._resize(side_by_side).transpose(1, 0, 2)
+            else:
+                by_width.setdefault(w, []).append((w, h))
+
+        # Rows pass, once per width; blocks of one width are next to each other in ``gray``.
+        total_rows = sum(
+            size[1] * len(blocks[size]) for sizes in by_width.values() for size in sizes
+        )
+        resized_rows = self._scratch.get("rows", (total_rows, IMG_SIZE), np.float32)
+        rows: dict[tuple[int, int], np.ndarray] = {}  # block -> its (h, k * 32) rows
+        y = 0
+        for w, sizes in by_width.items():
+            first, last = sizes[0], sizes[-1]
+            end = starts[last] + w * last[1] * len(blocks[last])
+            x = self._scratch.get("chunk", ((end - starts[first]) // w, w), np.float32)
+            np.copyto(x, gray[starts[first] : end].reshape(-1, w))
+            out = x if w == IMG_SIZE else self._axis(w).resize_rows(x, self._scratch, "w")
+            resized_rows[y : y + len(out)] = out
+            for size in sizes:
+                h, k = size[1], len(blocks[size])
+                rows[size] = resized_rows[y : y + h * k].reshape(h, k * IMG_SIZE)
+                y += h * k
+
+        # Columns pass, once per height, on the blocks of that height side by side.
+        by_height: dict[int, list[tuple[int, int]]] = {}
+        for size in rows:
+            by_height.setdefault(size[1], []).append(size)
+        for h, sizes in by_height.items():
+            idx = [k for size in sizes for k in blocks[size]]
+            if len(sizes) == 1:
+                t = rows[sizes[0]]
+            else:
+                t = self._scratch.get("columns", (h, len(idx) * IMG_SIZE), np.float32)
+                np.concatenate([rows[size] for size in sizes], axis=1, out=t)
+            v = t if h == IMG_SIZE else self._axis(h).resize_columns(t, self._scratch, "h")
+            final[:, idx] = v.reshape(IMG_SIZE, len(idx), IMG_SIZE)
+        return self._hash_side_by_side(final.reshape(IMG_SIZE, n * IMG_SIZE))
 
     def hash_bytes(self, blobs: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
         """Decode encoded images and hash them.
@@ -321,9 +460,13 @@ class PHasher:
         Returns ``(hashes, errors)``: ``errors[i]`` is ``None`` when image ``i`` was hashed, else
         a short description of why it could not be decoded (its hash is then 0).
         """
+        out = np.zeros(len(blobs), dtype=np.uint64)
+        errors: list[str | None] = [None] * len(blobs)
+        # Decoded images are hashed every _DECODED_PIXELS, so that memory stays bounded however
+        # many blobs come in (a download shard holds thousands).
         images: list[Image.Image] = []
         ok: list[int] = []
-        errors: list[str | None] = [None] * len(blobs)
+        pixels = 0
         for i, blob in enumerate(blobs):
             try:
                 im = Image.open(io.BytesIO(blob))
@@ -333,23 +476,28 @@ class PHasher:
                 continue
             images.append(im)
             ok.append(i)
-        out = np.zeros(len(blobs), dtype=np.uint64)
+            pixels += im.size[0] * im.size[1]
+            if pixels >= _DECODED_PIXELS:
+                out[ok] = self.hash_images(images)
+                images, ok, pixels = [], [], 0
         if images:
             out[ok] = self.hash_images(images)
         return out, errors
 
 
-def _gray_canvas(images: Sequence[Image.Image]) -> np.ndarray:
-    """``convert("L")`` of images of one size, side by side: ``(H, n, W)`` uint8.
+def _paste_gray(images: Sequence[Image.Image], idx: Sequence[int], out: np.ndarray) -> None:
+    """``convert("L")`` of ``images[idx]`` (one size), side by side in ``out`` (``(H, n, W)``).
 
     Each image is converted by Pillow's C core (what ``Image.convert("L")`` runs, without its
-    per-call Python overhead, for modes where it does nothing else) and pasted into one wide
-    canvas, which is read out in one call.
+    per-call Python overhead, for modes where it does nothing else) and pasted straight into
+    ``out`` through an image that shares its memory (``Image.frombuffer``): no canvas to
+    allocate, clear and copy out.
     """
-    w, h = images[0].size
-    canvas = Image.new("L", (w * len(images), h))
-    core = canvas.im
-    for i, im in enumerate(images):
+    w, h = images[idx[0]].size
+    canvas = Image.frombuffer("L", (w * len(idx), h), memoryview(out), "raw", "L", 0, 1)
+    core = canvas.im  # the core writes into ``out``; ``canvas`` itself is read-only
+    for i, k in enumerate(idx):
+        im = images[k]
         gray = None
         if im.mode not in _INDIRECT_MODES:
             with contextlib.suppress(ValueError):  # Pillow then converts via another mode
@@ -357,7 +505,6 @@ def _gray_canvas(images: Sequence[Image.Image]) -> np.ndarray:
         if gray is None:
             gray = im.convert("L").im
         core.paste(gray, (i * w, 0, (i + 1) * w, h))
-    return np.frombuffer(canvas.tobytes(), dtype=np.uint8).reshape(h, len(images), w)
 
 
 def _median64(coef: np.ndarray) -> np.ndarray:
