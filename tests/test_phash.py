@@ -175,6 +175,8 @@ def test_mixed_sizes_share_width_and_height_passes(monkeypatch):
     for batch in (images, images[:7], images[7:]):
         got = [phash.to_hex(h) for h in hasher.hash_images(batch)]
         assert got == _ref(batch)
+    # one chunk, in the given (unsorted) order
+    assert [phash.to_hex(h) for h in hasher._hash_chunk(images)] == _ref(images)
 
 
 def test_resampling_weights_cache_is_bounded(monkeypatch):

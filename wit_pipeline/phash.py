@@ -44,7 +44,7 @@ _LANCZOS_SUPPORT = 3.0
 # A coefficient closer than this to the median could flip between FFT and matrix-product
 # rounding (both are ~1e-8 off at most for values up to ~1e6); such images are redone exactly.
 _MEDIAN_MARGIN = 1e-3
-# Images of one size are hashed together in chunks of at most this many pixels.
+# Images, sorted by size, are hashed in chunks of about this many pixels.
 _CHUNK_PIXELS = 1 << 20
 # Images decoded by ``hash_bytes`` before they are hashed (bounds its memory).
 _DECODED_PIXELS = 1 << 22
@@ -308,7 +308,10 @@ class PHasher:
         return axis
 
     def _resize(self, canvas: np.ndarray) -> np.ndarray:
-        """``(H, n, W)`` 8-bit grayscale -> ``(n, 32, 32)`` float32, as Pillow resizes each image."""
+        """``(H, n, W)`` 8-bit grayscale -> ``(n, 32, 32)`` float32, as Pillow resizes each image.
+
+        The result may be a view of a scratch buffer: valid until the next call.
+        """
         return self._resize_side_by_side(canvas).reshape(IMG_SIZE, -1, IMG_SIZE).transpose(1, 0, 2)
 
     def _resize_side_by_side(self, canvas: np.ndarray) -> np.ndarray:
@@ -333,12 +336,6 @@ class PHasher:
         if h != IMG_SIZE:
             x = self._axis(h).resize_columns(x.reshape(h, n * IMG_SIZE), self._scratch, "1")
         return x.reshape(IMG_SIZE, n * IMG_SIZE)
-
-    def hash_gray32(self, pixels: np.ndarray) -> np.ndarray:
-        """pHashes of ``(n, 32, 32)`` resized grayscale images -> ``(n,)`` uint64."""
-        n = pixels.shape[0]
-        side_by_side = np.asarray(pixels).transpose(1, 0, 2).reshape(IMG_SIZE, n * IMG_SIZE)
-        return self._hash_side_by_side(side_by_side)
 
     def _hash_side_by_side(self, pixels: np.ndarray) -> np.ndarray:
         """pHashes of ``(32, n * 32)`` resized images side by side -> ``(n,)`` uint64.
@@ -388,7 +385,7 @@ class PHasher:
         return out
 
     def _hash_chunk(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """pHashes of loaded images of any sizes (sorted by size).
+        """pHashes of loaded images of any sizes.
 
         Images of one size form a block, side by side (row ``r`` of each, then row ``r + 1``).
         The rows pass runs once per distinct width, over all blocks of that width; its output
@@ -404,15 +401,18 @@ class PHasher:
             "gray", (sum(w * h for w, h in (im.size for im in images)),), np.uint8
         )
         final = self._scratch.get("final", (IMG_SIZE, n, IMG_SIZE), np.float32)
+        # Blocks laid out by width, then height: the blocks of one width are next to each other
+        # in ``gray`` (and the tall ones, with the largest heights, last among them).
         starts: dict[tuple[int, int], int] = {}
         offset = 0
-        for (w, h), idx in blocks.items():
+        for w, h in sorted(blocks):
             starts[w, h] = offset
+            idx = blocks[w, h]
             _paste_gray(images, idx, gray[offset : offset + w * h * len(idx)])
             offset += w * h * len(idx)
 
         by_width: dict[int, list[tuple[int, int]]] = {}
-        for w, h in blocks:
+        for w, h in sorted(blocks):
             if h > 100 * w and h > IMG_SIZE:  # Pillow resizes these vertically first
                 k = len(blocks[w, h])
                 side_by_side = gray[starts[w, h] : starts[w, h] + w * h * k].reshape(h, k, w)
@@ -420,7 +420,7 @@ class PHasher:
             else:
                 by_width.setdefault(w, []).append((w, h))
 
-        # Rows pass, once per width; blocks of one width are next to each other in ``gray``.
+        # Rows pass, once per width, over the (non-tall) blocks of that width at once.
         total_rows = sum(
             size[1] * len(blocks[size]) for sizes in by_width.values() for size in sizes
         )
