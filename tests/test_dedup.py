@@ -8,6 +8,7 @@ import imagehash
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -157,13 +158,15 @@ def _planted_records():
     ]
 
 
-@pytest.mark.parametrize("partitions", [1, 3, 64])
-def test_find_near_duplicates_maps_members_to_survivors(partitions):
+@pytest.mark.parametrize(("partitions", "label_rounds"), [(1, 4), (3, 0), (64, None)])
+def test_find_near_duplicates_maps_members_to_survivors(partitions, label_rounds):
     with _pipeline() as p:
         out = (
             p
             | beam.Create(_planted_records())
-            | dedup.FindNearDuplicates(max_distance=4, partitions=partitions, batch_size=3)
+            | dedup.FindNearDuplicates(
+                max_distance=4, partitions=partitions, batch_size=3, label_rounds=label_rounds
+            )
         )
         assert_that(
             out,
@@ -179,6 +182,71 @@ def test_find_near_duplicates_maps_members_to_survivors(partitions):
                 ]
             ),
         )
+
+
+def _rank(key: str, area: int = 100) -> tuple[int, str]:
+    return (-area, key)
+
+
+def _union_find_survivors(edges):
+    uf = dedup.UnionFind()
+    for a, ra, b, rb in edges:
+        uf.union(a, ra, b, rb)
+    return uf.survivors()
+
+
+def _label_components(edges, rounds) -> int:
+    """Runs LabelComponents, checks it against UnionFind; returns the nodes left to it."""
+    p = _pipeline()
+    out = p | beam.Create(edges) | dedup.LabelComponents(rounds=rounds)
+    assert_that(out, equal_to(sorted(_union_find_survivors(edges).items())))
+    result = p.run()
+    result.wait_until_finish()
+    name = MetricsFilter().with_name(dedup.RESIDUE_NODES_METRIC)
+    return sum(c.committed for c in result.metrics().query(name)["counters"])
+
+
+@pytest.mark.parametrize(("rounds", "left"), [(0, 27), (1, 24), (3, 12), (9, 12), (10, 0)])
+def test_label_components_equals_union_find_on_chains_and_stars(rounds, left):
+    # A chain of 12 (wider than 0-2 rounds reach: finished by the one-worker union-find), two
+    # stars joined through a leaf, a pair, and a key seen with two ranks (overlapping inputs):
+    # its better rank makes it its group's survivor.
+    chain = [
+        (f"c{i:02d}", _rank(f"c{i:02d}"), f"c{i + 1:02d}", _rank(f"c{i + 1:02d}"))
+        for i in range(11)
+    ]
+    chain.reverse()  # the best node (c00) at the far end of the first edges
+    stars = [(f"s{i}", _rank(f"s{i}"), "hub1", _rank("hub1", 500)) for i in range(5)]
+    stars += [(f"t{i}", _rank(f"t{i}"), "hub2", _rank("hub2", 900)) for i in range(5)]
+    stars += [("s4", _rank("s4"), "t0", _rank("t0"))]
+    pair = [("p1", _rank("p1", 50), "p2", _rank("p2", 40))]
+    copies = [("x", _rank("x", 10), "y", _rank("y", 20)), ("x", _rank("x", 30), "z", _rank("z", 5))]
+    edges = chain + stars + pair + copies
+    survivors = _union_find_survivors(edges)
+    assert survivors["c11"] == "c00" and survivors["s0"] == "hub2" and survivors["y"] == "x"
+    # The first labels reach one hop: with 0 rounds only the pair is done; 1 more round settles
+    # the copies, 3 the joined stars (s0 is 4 hops from hub2), 10 the chain (11 hops).
+    assert _label_components(edges, rounds) == left
+
+
+def test_label_components_matches_union_find_on_random_forests():
+    rng = np.random.default_rng(21)
+    keys = [f"n{i:04d}" for i in range(600)]
+    areas = rng.integers(1, 5, len(keys)) * 100
+    edges = []
+    for _ in range(700):
+        a, b = rng.choice(len(keys), 2, replace=False)
+        if abs(int(a) - int(b)) < 40:  # local edges: groups of varied sizes and diameters
+            edges.append((keys[a], _rank(keys[a], areas[a]), keys[b], _rank(keys[b], areas[b])))
+    assert len(edges) > 20
+    _label_components(edges, 3)
+
+
+def test_label_components_rejects_negative_rounds():
+    with pytest.raises(ValueError):
+        dedup.LabelComponents(rounds=-1)
+    with pytest.raises(ValueError):
+        dedup.FindNearDuplicates(max_distance=4, label_rounds=-1)
 
 
 def test_dedup_records_collapses_groups_and_counts_drops():
@@ -559,10 +627,20 @@ def test_beam_in_process_and_all_pairs_give_the_same_groups(shared_data):
         {"key": k, "phash": phash.to_hex(x), "original_width": a, "original_height": 1}
         for k, x, a in zip(keys, hashes, areas, strict=True)
     ]
-    with _pipeline() as p:
+    left = {}
+    for label_rounds in (4, 1, 0, None):
+        p = _pipeline()
         out = (
             p
             | beam.Create(records)
-            | dedup.FindNearDuplicates(max_distance=4, partitions=7, batch_size=500)
+            | dedup.FindNearDuplicates(
+                max_distance=4, partitions=7, batch_size=500, label_rounds=label_rounds
+            )
         )
         assert_that(out, equal_to(sorted(expected.items())))
+        result = p.run()
+        result.wait_until_finish()
+        name = MetricsFilter().with_name(dedup.RESIDUE_NODES_METRIC)
+        left[label_rounds] = sum(c.committed for c in result.metrics().query(name)["counters"])
+    # measured: 46 images left to the union-find after 0 rounds, 21 after 1, none after 2
+    assert left == {4: 0, 1: 21, 0: 46, None: 0}

@@ -144,6 +144,10 @@ class DedupConfig:
     partitions: int = 64
     # Records per batch for hashing the bands (near duplicates); decontamination uses <= 1024.
     batch_size: int = 16384
+    # Rounds of min-label propagation that group near duplicates across workers; groups still
+    # unconverged after them finish in a union-find on one worker (docs/dedup.md). -1: every
+    # group in that one union-find (one worker holds every image that has a near duplicate).
+    label_rounds: int = 4
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ In Beam, hashes travel in batches: each batch is split by ``(band, partition)`` 
 partition is a range of band values, and ``GroupByKey`` brings every hash of one partition
 together; within it the exact ``(band, value)`` groups are found by sorting. Each partition
 reduces its verified pairs to a spanning forest (every member linked to the best member of its
-local component), and the forests of all partitions are merged by a union-find ``CombineFn``
-(lifted: each worker merges its own edges before the shuffle; the final merge holds one entry
-per image that has a near duplicate, not one per image). The result maps every image of a
-near-duplicate group to the group's survivor.
+local component), and the forests' edges are joined into groups by rounds of min-label
+propagation (``LabelComponents``: one ``GroupByKey`` per round, one image and its neighbours per
+key), with a union-find ``CombineFn`` on one worker only for the groups the rounds did not
+finish. The result maps every image of a near-duplicate group to the group's survivor.
 
 Survivor rule (deterministic, runner-independent): the image with the most original pixels
 (``original_width * original_height``), ties broken by the smallest ``key``. The survivor keeps
@@ -1154,30 +1154,180 @@ class _UnionFindFn(beam.CombineFn):
         return acc.survivors()
 
 
+# Beam metric: nodes of groups that label propagation did not finish (left to the union-find).
+RESIDUE_NODES_METRIC = "label_rounds_unconverged_nodes"
+
+
+def _adjacency(item):
+    """(key, [(rank, neighbour, neighbour rank), ...]) -> (key, (label, rank, neighbours)).
+
+    A key can come with several ranks (copies read from overlapping inputs): the best counts, as
+    in ``UnionFind.add``. The first label is the best rank among the key and its neighbours.
+    """
+    key, entries = item
+    rank = None
+    neighbours: dict[str, tuple] = {}
+    for r, u, ru in entries:
+        r, ru = tuple(r), tuple(ru)
+        rank = r if rank is None or r < rank else rank
+        if u not in neighbours or ru < neighbours[u]:
+            neighbours[u] = ru
+    label = min([rank, *neighbours.values()])
+    return key, (label, rank, tuple(sorted(neighbours.items())))
+
+
+def _send_label(item):
+    """A node's state to itself and its label to each neighbour."""
+    key, state = item
+    yield key, state
+    label = state[0]
+    for u, _ in state[2]:
+        yield u, (label, None, None)
+
+
+def _keep_best_label(item):
+    key, values = item
+    label, rank, neighbours = None, None, None
+    for lab, r, nb in values:
+        lab = tuple(lab)
+        if nb is not None:
+            rank, neighbours = r, nb
+        if label is None or lab < label:
+            label = lab
+    return key, (label, rank, neighbours)
+
+
+def _disagreeing_labels(item):
+    """Both labels of every edge whose ends disagree: the labels of unconverged groups."""
+    _, values = item
+    values = list(values)
+    own = next(tuple(lab) for lab, _, nb in values if nb is not None)
+    for lab, _, nb in values:
+        if nb is None and tuple(lab) != own:
+            yield own
+            yield tuple(lab)
+
+
+class _SplitConvergedFn(beam.DoFn):
+    """Converged nodes -> (key, survivor key); nodes of unconverged groups -> their edges."""
+
+    RESIDUE = "residue"
+
+    def __init__(self):
+        self._left = beam.metrics.Metrics.counter("dedup", RESIDUE_NODES_METRIC)
+
+    def process(self, item, bad_labels):
+        key, (label, rank, neighbours) = item
+        bad = self._bad_set(bad_labels)
+        if tuple(label) not in bad:
+            yield key, label[1]
+            return
+        self._left.inc()
+        for u, ru in neighbours:
+            if key < u:
+                yield TaggedOutput(self.RESIDUE, (key, tuple(rank), u, tuple(ru)))
+
+    def _bad_set(self, bad_labels):
+        # The side input is the same object for every element of a bundle: convert it once.
+        if getattr(self, "_bad_source", None) is not bad_labels:
+            self._bad_source = bad_labels
+            self._bad = {tuple(b) for b in bad_labels}
+        return self._bad
+
+
+class LabelComponents(beam.PTransform):
+    """Edges ``(a, rank_a, b, rank_b)`` -> ``(key, survivor key)`` for every node of the edges.
+
+    The survivor of a connected group is its best-ranked node (smallest rank tuple), as
+    ``UnionFind`` gives it, but no worker holds every node: each node starts with the best rank
+    among itself and its neighbours, and ``rounds`` rounds of min-label propagation (one
+    ``GroupByKey`` each, holding one node and its neighbours' labels per key) spread the best
+    label ``rounds`` hops further. A group is converged when every edge's two ends agree; then
+    every node carries the group's best rank (the best node keeps its own). Groups wider than the
+    rounds reach (rare: groups are unions of stars) are found by their disagreeing edges and
+    finished by a union-find on one worker that holds only those groups.
+    """
+
+    def __init__(self, *, rounds: int = 4):
+        super().__init__()
+        if rounds < 0:
+            raise ValueError("rounds must be >= 0")
+        self._rounds = rounds
+
+    def expand(self, edges):
+        state = (
+            edges
+            | "BothEnds"
+            >> beam.FlatMap(lambda e: [(e[0], (e[1], e[2], e[3])), (e[2], (e[3], e[0], e[1]))])
+            | "GroupEnds" >> beam.GroupByKey()
+            | "Adjacency" >> beam.Map(_adjacency)
+        )
+        for r in range(self._rounds):
+            state = (
+                state
+                | f"Send{r}" >> beam.FlatMap(_send_label)
+                | f"Gather{r}" >> beam.GroupByKey()
+                | f"Update{r}" >> beam.Map(_keep_best_label)
+            )
+        bad = (
+            state
+            | "SendCheck" >> beam.FlatMap(_send_label)
+            | "GatherCheck" >> beam.GroupByKey()
+            | "Disagreements" >> beam.FlatMap(_disagreeing_labels)
+            | "DistinctBad" >> beam.Distinct()
+        )
+        split = state | "Split" >> beam.ParDo(
+            _SplitConvergedFn(), beam.pvalue.AsList(bad)
+        ).with_outputs(_SplitConvergedFn.RESIDUE, main="converged")
+        residue = (
+            split[_SplitConvergedFn.RESIDUE]
+            | "UnionFindResidue" >> beam.CombineGlobally(_UnionFindFn())
+            | "ResidueMembers" >> beam.FlatMap(lambda d: sorted(d.items()))
+        )
+        return (split.converged, residue) | "AllMembers" >> beam.Flatten()
+
+
 class FindNearDuplicates(beam.PTransform):
     """Records with ``phash`` -> ``(key, survivor key)`` for every image with a near duplicate.
 
     Images without a near duplicate are absent from the output. See the module docstring for
-    the banding, the partitions and the union-find.
+    the banding, the partitions and the grouping. ``label_rounds`` is the number of min-label
+    propagation rounds (``LabelComponents``); ``None`` merges every edge with one union-find on
+    one worker instead.
     """
 
-    def __init__(self, *, max_distance: int, partitions: int = 64, batch_size: int = 16384):
+    def __init__(
+        self,
+        *,
+        max_distance: int,
+        partitions: int = 64,
+        batch_size: int = 16384,
+        label_rounds: int | None = 4,
+    ):
         super().__init__()
         bands_for(max_distance)
         if partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if label_rounds is not None and label_rounds < 0:
+            raise ValueError("label_rounds must be >= 0")
         self._k = max_distance
         self._partitions = partitions
         self._batch_size = batch_size
+        self._label_rounds = label_rounds
 
     def expand(self, records):
-        return (
+        edges = (
             records
             | "Batch"
             >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
             | "ToBands" >> beam.ParDo(_PartitionFn(self._k, self._partitions))
             | "GroupByBand" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyFn(self._k))
+        )
+        if self._label_rounds is not None:
+            return edges | "Groups" >> LabelComponents(rounds=self._label_rounds)
+        return (
+            edges
             | "UnionFind" >> beam.CombineGlobally(_UnionFindFn())
             | "Members" >> beam.FlatMap(lambda d: sorted(d.items()))
         )
@@ -1314,6 +1464,7 @@ class DedupRecords(beam.PTransform):
         eval_index=None,
         partitions: int = 64,
         batch_size: int = 4096,
+        label_rounds: int | None = 4,
     ):
         super().__init__()
         bands_for(max_distance)
@@ -1322,6 +1473,7 @@ class DedupRecords(beam.PTransform):
         self._eval_index = eval_index
         self._partitions = partitions
         self._batch_size = batch_size
+        self._label_rounds = label_rounds
 
     def expand(self, records):
         rejected, counts, hits = [], [], []
@@ -1334,7 +1486,10 @@ class DedupRecords(beam.PTransform):
             counts.append(clean[beam_utils.COUNTS])
             hits.append(clean[HITS])
         survivor = records | "FindNearDuplicates" >> FindNearDuplicates(
-            max_distance=self._k, partitions=self._partitions, batch_size=self._batch_size
+            max_distance=self._k,
+            partitions=self._partitions,
+            batch_size=self._batch_size,
+            label_rounds=self._label_rounds,
         )
         merged = {"records": records, "survivor": survivor} | "Collapse" >> (
             CollapseDuplicates(collapse=self._collapse)

@@ -444,6 +444,7 @@ def _dedup_part(records, root, cfg: config.BuildConfig, output_dir: str):
         eval_index=index,
         partitions=dc.partitions,
         batch_size=dc.batch_size,
+        label_rounds=None if dc.label_rounds == -1 else dc.label_rounds,
     )
     if index is not None:
         _ = out["hits"] | "Contamination" >> WriteContamination(
