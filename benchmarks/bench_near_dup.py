@@ -2,7 +2,7 @@
 
     python benchmarks/bench_near_dup.py              # 1,000,000 hashes, all-pairs on 20,000
     python benchmarks/bench_near_dup.py --quick      # 100,000 hashes, all-pairs on 5,000
-    python benchmarks/bench_near_dup.py --no-beam    # skip the Beam run
+    python benchmarks/bench_near_dup.py --no-beam    # skip the Beam runs
 
 Hashes are synthetic but shaped like real pHashes: every pHash of the 17,000 Flickr8k and
 CIFAR-10 images has exactly 32 bits set and its first (DC) bit set, other bits about evenly
@@ -15,8 +15,10 @@ Three measurements, in one run:
 1. a subset: ``dedup.near_duplicate_pairs`` (banding) vs ``dedup.all_pairs_within`` (every pair,
    numpy-vectorized per row): both must find the same pairs;
 2. all hashes, in process: ``dedup.find_groups`` (bands, partitions, verification, union-find);
-3. all hashes through the Beam transform ``dedup.FindNearDuplicates`` on FnApiRunner, checked
-   equal to (2). The all-pairs time for all hashes is extrapolated (quadratic) from (1).
+3. all hashes through the Beam transform ``dedup.FindNearDuplicates`` on FnApiRunner, twice:
+   groups formed by label propagation (``--label-rounds``, the default) and by the one-worker
+   union-find; both checked equal to (2). The all-pairs time for all hashes is extrapolated
+   (quadratic) from (1).
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def _save(mapping, path):
         pickle.dump(mapping, f)
 
 
-def run_beam(h: np.ndarray, k: int, partitions: int, tmp: str) -> tuple[float, dict]:
+def run_beam(
+    h: np.ndarray, k: int, partitions: int, label_rounds: int | None, tmp: str
+) -> tuple[float, dict]:
     import apache_beam as beam
 
     from wit_pipeline import beam_utils
@@ -120,7 +124,9 @@ def run_beam(h: np.ndarray, k: int, partitions: int, tmp: str) -> tuple[float, d
             p
             | beam.Create(chunks)
             | beam.FlatMap(_records, npy)
-            | dedup.FindNearDuplicates(max_distance=k, partitions=partitions)
+            | dedup.FindNearDuplicates(
+                max_distance=k, partitions=partitions, label_rounds=label_rounds
+            )
             | beam.combiners.ToDict()
             | beam.Map(_save, out)
         )
@@ -136,7 +142,14 @@ def main() -> int:
     ap.add_argument("--subset", type=int, default=20_000)
     ap.add_argument("--k", type=int, default=4, help="max Hamming distance (default 4)")
     ap.add_argument("--partitions", type=int, default=64)
-    ap.add_argument("--no-beam", action="store_true", help="skip the Beam pipeline")
+    ap.add_argument("--no-beam", action="store_true", help="skip the Beam pipelines")
+    ap.add_argument(
+        "--label-rounds",
+        type=int,
+        default=4,
+        help="rounds of label propagation in the Beam run (default 4, as dedup.label_rounds); "
+        "the one-worker union-find (label_rounds -1) is also run, for comparison",
+    )
     args = ap.parse_args()
     n, sub = (100_000, 5_000) if args.quick else (args.n, args.subset)
     h = make_hashes(n)
@@ -161,14 +174,16 @@ def main() -> int:
     t_local = time.perf_counter() - t
     n_groups = len(set(groups.values()))
 
-    # 3. all hashes through Beam
-    t_beam = None
+    # 3. all hashes through Beam: label propagation, then the one-worker union-find
+    beam_times = {}
     if not args.no_beam:
-        with tempfile.TemporaryDirectory() as tmp:
-            t_beam, beam_groups = run_beam(h, args.k, args.partitions, tmp)
-        if beam_groups != groups:
-            print("MISMATCH: Beam and in-process groups differ", file=sys.stderr)
-            return 1
+        for rounds in (args.label_rounds, None):
+            with tempfile.TemporaryDirectory() as tmp:
+                t_beam, beam_groups = run_beam(h, args.k, args.partitions, rounds, tmp)
+            if beam_groups != groups:
+                print(f"MISMATCH: Beam ({rounds=}) and in-process groups differ", file=sys.stderr)
+                return 1
+            beam_times[rounds] = t_beam
 
     extrapolated = t_brute * (n / sub) ** 2
     print(
@@ -188,9 +203,10 @@ def main() -> int:
         f"| LSH banding + union-find, in process | {n:,} | {t_local:.1f} s | "
         f"{extrapolated / t_local:,.0f}x | {n_groups:,} groups |"
     )
-    if t_beam is not None:
+    for rounds, t_beam in beam_times.items():
+        how = f"{rounds} label rounds" if rounds is not None else "one-worker union-find"
         print(
-            f"| `FindNearDuplicates` (Beam, FnApiRunner) | {n:,} | {t_beam:.1f} s | "
+            f"| `FindNearDuplicates` (Beam, FnApiRunner, {how}) | {n:,} | {t_beam:.1f} s | "
             f"{extrapolated / t_beam:,.0f}x | same groups |"
         )
     return 0
