@@ -3,9 +3,10 @@
     python benchmarks/bench_union_find_memory.py             # 1,000,000 entries
     python benchmarks/bench_union_find_memory.py --n 200000
 
-``FindNearDuplicates`` merges every partition's star edges into one union-find accumulator
-(``CombineGlobally``): the worker running the final merge holds one entry per image that has a
-near duplicate. This builds such an accumulator from star edges of groups of 2-4 images with
+``FindNearDuplicates`` merges star edges into one union-find accumulator (``CombineGlobally``)
+for the groups that label propagation did not finish, or for all of them with
+``dedup.label_rounds: -1``: the worker running the final merge holds one entry per image in
+those groups. This builds such an accumulator from star edges of groups of 2-4 images with
 real sample keys (``urls.url_uid``: 32 hex characters), pickles it (what crosses the shuffle),
 unpickles it under ``tracemalloc`` (the final worker's copy: its own key strings and rank
 tuples), then runs ``extract_output`` and the ``sorted(items)`` of the next step on top.
