@@ -1154,6 +1154,16 @@ class _UnionFindFn(beam.CombineFn):
         return acc.survivors()
 
 
+@beam.ptransform_fn
+def _UnionFindMembers(edges):
+    """Edges -> ``(key, survivor key)``, merged by one union-find (on one worker)."""
+    return (
+        edges
+        | "UnionFind" >> beam.CombineGlobally(_UnionFindFn())
+        | "Members" >> beam.FlatMap(lambda d: sorted(d.items()))
+    )
+
+
 # Beam metric: nodes of groups that label propagation did not finish (left to the union-find).
 RESIDUE_NODES_METRIC = "label_rounds_unconverged_nodes"
 
@@ -1279,11 +1289,7 @@ class LabelComponents(beam.PTransform):
         split = state | "Split" >> beam.ParDo(
             _SplitConvergedFn(), beam.pvalue.AsList(bad)
         ).with_outputs(_SplitConvergedFn.RESIDUE, main="converged")
-        residue = (
-            split[_SplitConvergedFn.RESIDUE]
-            | "UnionFindResidue" >> beam.CombineGlobally(_UnionFindFn())
-            | "ResidueMembers" >> beam.FlatMap(lambda d: sorted(d.items()))
-        )
+        residue = split[_SplitConvergedFn.RESIDUE] | "UnionFindResidue" >> _UnionFindMembers()
         return (split.converged, residue) | "AllMembers" >> beam.Flatten()
 
 
@@ -1326,11 +1332,7 @@ class FindNearDuplicates(beam.PTransform):
         )
         if self._label_rounds is not None:
             return edges | "Groups" >> LabelComponents(rounds=self._label_rounds)
-        return (
-            edges
-            | "UnionFind" >> beam.CombineGlobally(_UnionFindFn())
-            | "Members" >> beam.FlatMap(lambda d: sorted(d.items()))
-        )
+        return edges | "UnionFind" >> _UnionFindMembers()
 
 
 class _CollapseFn(beam.DoFn):

@@ -193,7 +193,6 @@ class _Axis:
     ``_BAND`` that multiply only the inputs they read (one band of 32 for small inputs).
     """
 
-    size: int
     exact: np.ndarray  # (32, size) float64
     bands: tuple[_Band, ...]
     eps: float | None
@@ -229,7 +228,7 @@ class _Axis:
         starts = np.minimum(first, size - window)
         compact = np.stack([exact[j, s : s + window] for j, s in enumerate(starts)])
         if eps > _MAX_FLOAT32_EPS:
-            return cls(size, exact, (), None, starts, compact)
+            return cls(exact, (), None, starts, compact)
 
         def band(j0: int, j1: int) -> _Band:
             lo, hi = int(first[j0:j1].min()), int(last[j0:j1].max()) + 1
@@ -238,7 +237,7 @@ class _Axis:
         bands = [band(j0, j0 + _BAND) for j0 in range(0, IMG_SIZE, _BAND)]
         if sum(_BAND * (b.hi - b.lo) for b in bands) > 0.75 * exact.size:
             bands = [band(0, IMG_SIZE)]
-        return cls(size, exact, tuple(bands), eps, starts, compact)
+        return cls(exact, tuple(bands), eps, starts, compact)
 
     def resize_rows(
         self, x: np.ndarray, scratch: _Scratch | None = None, tag: str = ""
