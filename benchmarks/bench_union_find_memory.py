@@ -10,7 +10,8 @@ those groups. This builds such an accumulator from star edges of groups of 2-4 i
 real sample keys (``urls.url_uid``: 32 hex characters), pickles it (what crosses the shuffle),
 unpickles it under ``tracemalloc`` (the final worker's copy: its own key strings and rank
 tuples), then runs ``extract_output`` and the ``sorted(items)`` of the next step on top.
-Prints bytes per entry.
+Prints bytes per entry. Also measures label propagation's largest key (``dedup.LabelComponents``):
+one image whose group has ``--n`` members, its state built from the unpickled edge ends.
 """
 
 from __future__ import annotations
@@ -49,10 +50,37 @@ def star_edges(n: int, seed: int = 0) -> list[tuple[str, tuple, str, tuple]]:
     return edges
 
 
+def hub_state_bytes(n: int) -> tuple[float, float]:
+    """Label propagation's largest key: one image with ``n`` neighbours (one big group).
+
+    Returns bytes per neighbour for its state (``dedup._adjacency``'s output) and at the peak
+    while building it from the grouped, unpickled edge ends.
+    """
+    hub = urls.url_uid("http://img.test/placeholder.jpg")
+    ends = [
+        ((-900, hub), k, (-100, k))
+        for k in (urls.url_uid(f"http://img.test/{i}.jpg") for i in range(n))
+    ]
+    blob = pickle.dumps(ends, protocol=pickle.HIGHEST_PROTOCOL)
+    del ends
+    gc.collect()
+    tracemalloc.start()
+    values = pickle.loads(blob)
+    state = dedup._adjacency((hub, values))
+    del values
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(state[1][2]) == n
+    return held / n, peak / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=1_000_000, help="images that have a near duplicate")
     args = ap.parse_args()
+    held, peak = hub_state_bytes(args.n)
+    print(f"label propagation, one group of {args.n:,}: its key's state {held:.0f} B/neighbour,")
+    print(f"  peak while building it {peak:.0f} B/neighbour")
     uf = dedup.UnionFind()
     for edge in star_edges(args.n):
         uf.union(*edge)
