@@ -186,6 +186,15 @@ def _last_eval(metrics_path: str) -> dict[str, Any] | None:
     return last
 
 
+def _finished(done_path: str, fingerprint: str) -> dict[str, Any] | None:
+    """The completion marker at ``done_path`` if it was written for this ``fingerprint``."""
+    if not os.path.exists(done_path):
+        return None
+    with open(done_path) as f:
+        done = json.load(f)
+    return done if done.get("fingerprint") == fingerprint else None
+
+
 def run_training(tcfg: TrainConfig, *, fingerprint: str, log: Log = _stderr) -> dict[str, Any]:
     """Run ``python -m wit_pipeline.train --config OUTPUT/train.yaml`` (or reuse a finished run).
 
@@ -197,12 +206,10 @@ def run_training(tcfg: TrainConfig, *, fingerprint: str, log: Log = _stderr) -> 
 
     out = tcfg.output
     done_path = os.path.join(out, TRAIN_DONE)
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            done = json.load(f)
-        if done.get("fingerprint") == fingerprint:
-            log(f"train: done (skipped): {out}")
-            return done["eval"]
+    done = _finished(done_path, fingerprint)
+    if done is not None:
+        log(f"train: done (skipped): {out}")
+        return done["eval"]
     started_path = os.path.join(out, "demo_started.json")
     resume = False
     if os.path.exists(started_path):
@@ -263,12 +270,10 @@ def run_scoring(
     from wit_pipeline import beam_utils, report, score
 
     done_path = os.path.join(output, SCORE_DONE)
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            done = json.load(f)
-        if done.get("fingerprint") == fingerprint:
-            log(f"score: done (skipped): {output}")
-            return done["scores"]
+    done = _finished(done_path, fingerprint)
+    if done is not None:
+        log(f"score: done (skipped): {output}")
+        return done["scores"]
     if os.path.exists(output):
         shutil.rmtree(output)  # scores of another model or other shards
     log(f"score: wit score --input {shards_dir} --output {output} --pretrained {checkpoint}")
