@@ -415,7 +415,8 @@ class PHasher:
             if h > 100 * w and h > IMG_SIZE:  # Pillow resizes these vertically first
                 k = len(blocks[w, h])
                 side_by_side = gray[starts[w, h] : starts[w, h] + w * h * k].reshape(h, k, w)
-                final[:, blocks[w, h]] = self._resize(side_by_side).transpose(1, 0, 2)
+                resized = self._resize_side_by_side(side_by_side)
+                final[:, blocks[w, h]] = resized.reshape(IMG_SIZE, k, IMG_SIZE)
             else:
                 by_width.setdefault(w, []).append((w, h))
 
