@@ -35,7 +35,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wit_pipeline import balance  # noqa: E402
+from wit_pipeline.stages import balance  # noqa: E402
 
 N_QUERIES = 500_000
 

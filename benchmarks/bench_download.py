@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
 
 def start_server(images: pathlib.Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wit_pipeline.localserver", str(images), "0"],
+        [sys.executable, "-m", "wit_pipeline.loopback", str(images), "0"],
         stdout=subprocess.PIPE,
         text=True,
         env=_env(),
@@ -210,7 +210,10 @@ def main() -> None:
         for label, code in (
             ("python: import apache_beam", "import apache_beam"),
             ("python: import img2dataset.downloader", "import img2dataset.downloader"),
-            ("python: import wit_pipeline.download", "import wit_pipeline.download"),
+            (
+                "python: import wit_pipeline.stages.download.core",
+                "import wit_pipeline.stages.download.core",
+            ),
         ):
             print(f"| {label} | {timed([sys.executable, '-c', code]):.1f} |")
     print(

@@ -77,9 +77,10 @@ def child_loop(inputs: str, queries: str, out: str, detector: str) -> None:
     """The baseline: one process, a plain loop over the pure core, then write the tables."""
     import pyarrow.parquet as pq
 
-    from wit_pipeline import fileio, gather
+    from wit_pipeline import fileio
     from wit_pipeline.config import CaptionConfig, GatherConfig
     from wit_pipeline.queries import load_queries
+    from wit_pipeline.stages.gather import core as gather
 
     cfg = GatherConfig(captions=CaptionConfig(language_detector=detector))
     paths = fileio.expand_inputs([inputs])
@@ -121,11 +122,13 @@ def profile_loop(inputs: str, queries: str, detector: str, sample: int) -> list[
 
     import pyarrow as pa
 
-    from wit_pipeline import captions, fileio, gather, urls
+    from wit_pipeline import fileio, urls
     from wit_pipeline.config import CaptionConfig, GatherConfig
-    from wit_pipeline.match import QueryMatcher
     from wit_pipeline.queries import load_queries
-    from wit_pipeline.readers import iter_file_batches
+    from wit_pipeline.stages.gather import captions
+    from wit_pipeline.stages.gather import core as gather
+    from wit_pipeline.stages.gather.match import QueryMatcher
+    from wit_pipeline.stages.gather.readers import iter_file_batches
 
     cfg = GatherConfig(captions=CaptionConfig(language_detector=detector))
     paths = fileio.expand_inputs([inputs])

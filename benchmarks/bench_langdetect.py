@@ -15,8 +15,8 @@ import time
 
 import common
 
-from wit_pipeline.captions import clean_caption, make_detector
 from wit_pipeline.config import CaptionConfig
+from wit_pipeline.stages.gather.captions import clean_caption, make_detector
 
 
 def rate(detector, texts, repeats):

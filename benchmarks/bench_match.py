@@ -19,8 +19,8 @@ import time
 
 import common
 
-from wit_pipeline.captions import clean_caption
-from wit_pipeline.match import QueryMatcher, naive_match
+from wit_pipeline.stages.gather.captions import clean_caption
+from wit_pipeline.stages.gather.match import QueryMatcher, naive_match
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wit_pipeline import dedup  # noqa: E402
+from wit_pipeline.stages.dedup import core as dedup  # noqa: E402
 
 
 def random_phashes(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Batched pHash (wit_pipeline.phash) vs imagehash.phash, on real Flickr8k photos.
+"""Batched pHash (wit_pipeline.stages.dedup.phash) vs imagehash.phash, on real Flickr8k photos.
 
     python benchmarks/bench_phash.py            # 7,000 photos (all of Flickr8k)
     python benchmarks/bench_phash.py --quick    # 1,000 photos
@@ -35,7 +35,7 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wit_pipeline.phash import PHasher, to_hex  # noqa: E402
+from wit_pipeline.stages.dedup.phash import PHasher, to_hex  # noqa: E402
 
 
 def alternate(ref, ours, rounds):

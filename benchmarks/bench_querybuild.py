@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from wit_pipeline import querybuild
+from wit_pipeline.queries import build as querybuild
 
 # English Wikipedia pages-articles, all current articles compressed: about 22.14 GB
 # (Wikipedia:Size of Wikipedia, 2 July 2023).

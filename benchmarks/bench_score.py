@@ -54,8 +54,10 @@ def main() -> None:
     import apache_beam as beam
     import torch
 
-    from wit_pipeline import beam_utils, caption_sets, models, score, shards
+    from wit_pipeline import beam_utils, models, shards
     from wit_pipeline.config import ScoreConfig
+    from wit_pipeline.stages import score
+    from wit_pipeline.train import caption_sets
 
     work = tempfile.mkdtemp(prefix="bench-score-")
     images_dir = os.path.join(args.shared_data, "flickr8k", "images")

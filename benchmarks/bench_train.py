@@ -34,13 +34,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# open_clip's trainer runs as ``python -m wit_pipeline.open_clip_train``: open_clip_train.main
+# open_clip's trainer runs as ``python -m wit_pipeline.train.open_clip``: open_clip_train.main
 # with its training reader fixed for webdataset >= 0.2.87 (see that module) and the wit-*
 # architectures registered; nothing else of open_clip's trainer changes.
 
 
 def build_shards(shared: str, out: str, samples_per_shard: int) -> str:
-    from wit_pipeline import caption_sets
+    from wit_pipeline.train import caption_sets
 
     if not os.path.exists(os.path.join(out, "manifest.json")):
         caption_sets.write_caption_shards(
@@ -126,7 +126,7 @@ def run_open_clip(args, shards: str, out: str) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "wit_pipeline.open_clip_train",
+        "wit_pipeline.train.open_clip",
         "--train-data",
         pattern,
         "--train-num-samples",

@@ -80,7 +80,8 @@ def train(args, shards: str, out: str, steps: int) -> float:
 def evaluate_checkpoint(args, checkpoint: str | None) -> dict:
     import torch
 
-    from wit_pipeline import evaluate, models
+    from wit_pipeline import models
+    from wit_pipeline.train import evaluate
 
     torch.manual_seed(0)
     loaded = models.load_model(args.model, checkpoint, device=args.device)

@@ -28,7 +28,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wit_pipeline import dedup, urls  # noqa: E402
+from wit_pipeline import urls  # noqa: E402
+from wit_pipeline.stages.dedup import core as dedup  # noqa: E402
 
 
 def star_edges(n: int, seed: int = 0) -> list[tuple[str, tuple, str, tuple]]:

@@ -3,7 +3,7 @@
 Speed: iterate every record of the real Common Crawl excerpt (replicated in memory) and read
 each response block. Robustness: damage the same file (a corrupt gzip member in the middle,
 garbage between members, a record with a malformed header, a truncated last response) and
-count the HTML responses each reader returns intact; ``wit_pipeline.readers.warc`` (FastWARC
+count the HTML responses each reader returns intact; ``wit_pipeline.stages.gather.readers.warc`` (FastWARC
 plus recovery) is the third column. Baseline: warcio.
 
     .venv/bin/python benchmarks/bench_warc.py [--quick] [--copies N]
@@ -21,7 +21,7 @@ import zlib
 
 import common
 
-from wit_pipeline.readers import warc as warc_reader
+from wit_pipeline.stages.gather.readers import warc as warc_reader
 
 
 def members(data: bytes) -> list[bytes]:
@@ -93,8 +93,11 @@ def main() -> None:
     for name, fn in [
         ("warcio 1.8 (baseline)", read_warcio),
         ("FastWARC 2.0", read_fastwarc),
-        ("wit_pipeline.readers.warc", read_ours),
-        ("wit_pipeline.readers.warc, verify_digests=False", lambda d: read_ours(d, False)),
+        ("wit_pipeline.stages.gather.readers.warc", read_ours),
+        (
+            "wit_pipeline.stages.gather.readers.warc, verify_digests=False",
+            lambda d: read_ours(d, False),
+        ),
     ]:
         best = float("inf")
         for _ in range(1 if args.quick else 3):

@@ -39,10 +39,11 @@ import threading
 import imagehash
 from PIL import Image
 
-from wit_pipeline import balance, urls
+from wit_pipeline import urls
 from wit_pipeline.demo.web import write_warc
-from wit_pipeline.localserver import ImageServer
-from wit_pipeline.match import naive_match
+from wit_pipeline.loopback import ImageServer
+from wit_pipeline.stages import balance
+from wit_pipeline.stages.gather.match import naive_match
 
 COMMON = [
     "dog",
@@ -147,8 +148,8 @@ class Web:
     """The served web: call ``start()``, then ``write(dir)`` for the WARC and query list."""
 
     def __init__(self, shared: pathlib.Path):
-        from wit_pipeline import captions
         from wit_pipeline.config import CaptionConfig
+        from wit_pipeline.stages.gather import captions
 
         self.images_dir = shared / "flickr8k" / "images"
         train, dev = _flickr(shared)

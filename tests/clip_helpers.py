@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from wit_pipeline import caption_sets
+from wit_pipeline.train import caption_sets
 
 # The seed: wit-nano (32 px) for 3 epochs over the 6,000 Flickr8k training images, batch 64
 # (279 steps; about a minute on 2 cores). Fixed steps, never a time budget.
@@ -60,7 +60,7 @@ def write_flickr_shards(
 
 
 def _train_seed(shared_data: pathlib.Path, base: pathlib.Path) -> str:
-    from wit_pipeline import train
+    from wit_pipeline.train import loop as train
 
     ckpt = base / "seed-run" / "checkpoints" / "latest.pt"
     if ckpt.exists():

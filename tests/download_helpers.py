@@ -9,8 +9,9 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wit_pipeline import download, shards, urls
+from wit_pipeline import shards, urls
 from wit_pipeline.config import DownloadConfig
+from wit_pipeline.stages.download import core as download
 
 OPTIONS = ["--runner=FnApiRunner"]
 

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from wit_pipeline.localserver import ImageServer
+from wit_pipeline.loopback import ImageServer
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

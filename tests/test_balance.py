@@ -8,8 +8,9 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from wit_pipeline import balance, beam_utils
+from wit_pipeline import beam_utils
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages import balance
 
 
 def _pipeline(*args: str) -> test_pipeline.TestPipeline:

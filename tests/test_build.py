@@ -24,8 +24,9 @@ import build_fixture as bf
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import build, cli, config, counters, download, shards, urls
+from wit_pipeline import build, cli, config, counters, shards, urls
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages.download import core as download
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"
@@ -313,7 +314,7 @@ def test_without_prebalancing_download_reads_the_gathered_pairs(web, built, inpu
 
 def test_a_build_where_every_download_fails_still_reports_why(tmp_path, capsys):
     from wit_pipeline.demo.web import write_warc
-    from wit_pipeline.localserver import ImageServer
+    from wit_pipeline.loopback import ImageServer
 
     with ImageServer() as srv:
         imgs = "".join(
@@ -363,7 +364,8 @@ def seed_checkpoint(tmp_path_factory):
 def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_data, seed_checkpoint):
     import torch
 
-    from wit_pipeline import models, score
+    from wit_pipeline import models
+    from wit_pipeline.stages import score
 
     out_ref, stats_ref = built
     out = out_ref.parent / "scored"
@@ -419,7 +421,7 @@ def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_dat
 
 
 def cli_config(args: list[str]) -> config.BuildConfig:
-    from wit_pipeline.commands import build as build_cmd
+    from wit_pipeline.cli import build as build_cmd
 
     parsed, _ = cli.build_parser().parse_known_args(args)
     return build_cmd.build_config(parsed)
@@ -658,7 +660,7 @@ def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from wit_pipeline import finalize
+    from wit_pipeline.stages import finalize
 
     out, _ = built
     cfg = config.apply_overrides(

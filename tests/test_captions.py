@@ -6,9 +6,9 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import captions
 from wit_pipeline.config import CaptionConfig
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages.gather import captions
 
 
 @pytest.mark.parametrize(

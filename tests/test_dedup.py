@@ -13,8 +13,11 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from wit_pipeline import beam_utils, config, dedup, finalize, phash
+from wit_pipeline import beam_utils, config
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages import finalize
+from wit_pipeline.stages.dedup import core as dedup
+from wit_pipeline.stages.dedup import phash
 
 
 def _pipeline() -> test_pipeline.TestPipeline:

@@ -44,9 +44,11 @@ from download_server import (
 from PIL import Image
 
 import netjail
-from wit_pipeline import counters, download, netguard, urls
+from wit_pipeline import counters, urls
 from wit_pipeline.config import DownloadConfig
-from wit_pipeline.localserver import ImageServer
+from wit_pipeline.loopback import ImageServer
+from wit_pipeline.stages.download import core as download
+from wit_pipeline.stages.download import netguard
 
 # ---------------------------------------------------------------------------------------------
 # Pure cores
@@ -206,7 +208,7 @@ def test_header_size_agrees_with_pil(shared_data):
 
 
 def test_apply_verdict_and_crawl_delay():
-    from wit_pipeline import robots
+    from wit_pipeline.stages.download import robots
 
     keyed = [download.key_pair(pair(f"http://h.test/{p}", p)) for p in ("a.jpg", "private/b.jpg")]
     recs = [download.make_url_record(key, [p]) for key, p in keyed]

@@ -22,7 +22,7 @@ from download_server import encode, photo, redirect, send
 
 from wit_pipeline import urls
 from wit_pipeline.config import DownloadConfig
-from wit_pipeline.localserver import ImageServer
+from wit_pipeline.loopback import ImageServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 N_IMAGES = 40

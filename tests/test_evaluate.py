@@ -12,8 +12,9 @@ import torch
 from clip_helpers import SEED_MODEL, flickr_paths, trained_seed
 from PIL import Image
 
-from wit_pipeline import caption_sets, cli, evaluate
+from wit_pipeline import cli
 from wit_pipeline.errors import WitError
+from wit_pipeline.train import caption_sets, evaluate
 
 __all__ = ["trained_seed"]
 

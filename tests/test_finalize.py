@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import balance, cli, config, finalize, open_clip_train, shards
+from wit_pipeline import cli, config, shards
+from wit_pipeline.stages import balance, finalize
+from wit_pipeline.train import open_clip as open_clip_train
 
 
 def _sha(path):
@@ -166,7 +168,7 @@ def test_webdataset_and_open_clip_loader_read_the_shards(final, monkeypatch):
     preprocess = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
     tokenizer = open_clip.get_tokenizer("RN50")
     # open_clip_train 3.3's training reader fails at the end of each shard with the installed
-    # webdataset (wit_pipeline/open_clip_train.py); use the reader that module installs
+    # webdataset (wit_pipeline/train/open_clip.py); use the reader that module installs
     if open_clip_train.needs_reader_fix():
         with pytest.raises(KeyError, match="fname"):
             list(
@@ -191,7 +193,7 @@ def test_webdataset_and_open_clip_loader_read_the_shards(final, monkeypatch):
 
 
 def test_open_clip_trainer_runs_on_the_shards(final, tmp_path):
-    """``python -m wit_pipeline.open_clip_train``: open_clip's trainer, past the end of a shard."""
+    """``python -m wit_pipeline.train.open_clip``: open_clip's trainer, past the end of a shard."""
     out, _ = final
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     pattern = str(out / "shards" / manifest["train_data"])
@@ -201,7 +203,7 @@ def test_open_clip_trainer_runs_on_the_shards(final, tmp_path):
     args += ["--save-frequency", "1", "--zeroshot-frequency", "0", "--val-frequency", "0"]
     args += ["--report-to", "", "--log-every-n-steps", "1", "--seed", "0", "--warmup", "1"]
     proc = subprocess.run(
-        [sys.executable, "-m", "wit_pipeline.open_clip_train", *args],
+        [sys.executable, "-m", "wit_pipeline.train.open_clip", *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -15,11 +15,13 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from wit_pipeline import beam_utils, captions, counters, gather, urls
+from wit_pipeline import beam_utils, counters, urls
 from wit_pipeline.config import GatherConfig, MatchConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.match import QueryMatcher
-from wit_pipeline.readers import RawBatch
+from wit_pipeline.stages.gather import captions
+from wit_pipeline.stages.gather import core as gather
+from wit_pipeline.stages.gather.match import QueryMatcher
+from wit_pipeline.stages.gather.readers import RawBatch
 
 Q = cf.QUERIES  # dog, beach, cat, hot dog, puppy, snow
 
@@ -811,7 +813,7 @@ def test_read_pairs_transform(fixture_files):
 
 def test_progress_lines(fixture_files, tmp_path, caplog):
     qpath = write_queries(tmp_path / "q.txt")
-    caplog.set_level("INFO", logger="wit_pipeline.gather")
+    caplog.set_level("INFO", logger="wit_pipeline.stages.gather.core")
     gather.run_gather(
         fixture_files,
         str(tmp_path / "out"),
@@ -819,7 +821,7 @@ def test_progress_lines(fixture_files, tmp_path, caplog):
         queries_path=qpath,
         progress_interval=1e-9,  # a line after every batch
     )
-    lines = [r.getMessage() for r in caplog.records if r.name == "wit_pipeline.gather"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "wit_pipeline.stages.gather.core"]
     assert lines[0].startswith("gather: 3 input files (1 parquet, 1 warc, 1 wat), 6 queries")
     warc = [line for line in lines if f"[1/3] {fixture_files[0]}" in line]
     assert len([line for line in warc if "pairs so far" in line]) == 9  # 18 pairs, 2 per batch

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wit_pipeline.match import QueryMatcher, naive_match, spacing
+from wit_pipeline.stages.gather.match import QueryMatcher, naive_match, spacing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -185,7 +185,7 @@ def test_case_folded_equals_reference_on_real_captions(real_captions, real_queri
 
 @pytest.fixture(scope="module")
 def warc_alt_texts(shared_data):
-    from wit_pipeline.readers import warc
+    from wit_pipeline.stages.gather.readers import warc
 
     path = shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"
     alts = [c for batch in warc.iter_batches(str(path)) for c in batch.captions if c]

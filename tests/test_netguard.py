@@ -17,8 +17,8 @@ from download_server import JPEG, redirect, send
 from tlsutil import make_ca_and_cert
 
 import netjail
-from wit_pipeline import netguard
-from wit_pipeline.localserver import ImageServer
+from wit_pipeline.loopback import ImageServer
+from wit_pipeline.stages.download import netguard
 
 STRICT = netguard.AddressPolicy()
 LOOPBACK_OK = netguard.AddressPolicy(allow_loopback=True)

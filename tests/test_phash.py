@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from wit_pipeline import phash
+from wit_pipeline.stages.dedup import phash
 
 
 def _ref(images):

@@ -16,8 +16,9 @@ import sys
 
 import pytest
 
-from wit_pipeline import cli, config, fileio, queries, querybuild
+from wit_pipeline import cli, config, fileio, queries
 from wit_pipeline.errors import WitError
+from wit_pipeline.queries import build as querybuild
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

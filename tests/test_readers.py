@@ -12,8 +12,8 @@ import pytest
 
 from wit_pipeline.config import GatherConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.readers import detect_format, iter_file_batches, tables, warc, wat
-from wit_pipeline.readers.html import decode_html, extract_images, pick_image_url
+from wit_pipeline.stages.gather.readers import detect_format, iter_file_batches, tables, warc, wat
+from wit_pipeline.stages.gather.readers.html import decode_html, extract_images, pick_image_url
 
 
 def read_all(path, cfg=None):

@@ -7,8 +7,8 @@ import time
 import pytest
 from download_server import redirect, send
 
-from wit_pipeline import netguard, robots
-from wit_pipeline.localserver import ImageServer
+from wit_pipeline.loopback import ImageServer
+from wit_pipeline.stages.download import netguard, robots
 
 UA = "wit-pipeline/0.1 (+https://example.org/bot)"
 

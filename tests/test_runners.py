@@ -19,8 +19,10 @@ from unittest import mock
 import pyarrow as pa
 import pytest
 
-from wit_pipeline import build, cli, config, finalize, gather, queries, runners
+from wit_pipeline import build, cli, config, queries, runners
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages import finalize
+from wit_pipeline.stages.gather import core as gather
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPU = "type:nvidia-tesla-t4;count:1;install-nvidia-driver"

@@ -16,10 +16,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from clip_helpers import SEED_MODEL, flickr_paths, trained_seed, write_flickr_shards
 from PIL import Image
 
-from wit_pipeline import beam_utils, caption_sets, cli, score, shards
+from wit_pipeline import beam_utils, cli, shards
 from wit_pipeline import counters as counters_lib
 from wit_pipeline.config import ScoreConfig
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages import score
+from wit_pipeline.train import caption_sets
 
 __all__ = ["trained_seed"]
 

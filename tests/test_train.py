@@ -20,8 +20,10 @@ from clip_helpers import (
     write_flickr_shards,
 )
 
-from wit_pipeline import evaluate, models, train
+from wit_pipeline import models
 from wit_pipeline.errors import WitError
+from wit_pipeline.train import evaluate
+from wit_pipeline.train import loop as train
 
 __all__ = ["trained_seed"]  # the session fixture, imported for pytest
 

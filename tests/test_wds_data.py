@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from wit_pipeline import shards, wds_data
+from wit_pipeline import shards
 from wit_pipeline.errors import WitError
+from wit_pipeline.train import data as wds_data
 
 
 def _jpeg(color, size=(48, 40)) -> bytes:

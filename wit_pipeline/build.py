@@ -51,22 +51,16 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.pvalue import TaggedOutput
 
-from wit_pipeline import (
-    balance,
-    beam_utils,
-    captions,
-    config,
-    dedup,
-    fileio,
-    gather,
-    queries,
-    runners,
-)
+from wit_pipeline import beam_utils, config, fileio, queries, runners
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import download as download_lib
-from wit_pipeline import finalize as finalize_lib
-from wit_pipeline import score as score_lib
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages import balance
+from wit_pipeline.stages import finalize as finalize_lib
+from wit_pipeline.stages import score as score_lib
+from wit_pipeline.stages.dedup import core as dedup
+from wit_pipeline.stages.download import core as download_lib
+from wit_pipeline.stages.gather import captions
+from wit_pipeline.stages.gather import core as gather
 
 STEPS = ("gather", "prebalance", "download", "finalize", "report")
 

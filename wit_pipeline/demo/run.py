@@ -39,7 +39,7 @@ from wit_pipeline import fileio
 from wit_pipeline.demo import scenes
 from wit_pipeline.demo.web import WebConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.train import TrainConfig
+from wit_pipeline.train.loop import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(HERE, "demo.yaml")
@@ -267,7 +267,8 @@ def run_scoring(
     import apache_beam as beam
     import numpy as np
 
-    from wit_pipeline import beam_utils, report, score
+    from wit_pipeline import beam_utils, report
+    from wit_pipeline.stages import score
 
     done_path = os.path.join(output, SCORE_DONE)
     done = _finished(done_path, fingerprint)

@@ -1,0 +1,130 @@
+"""``wit eval zeroshot|retrieval``: how good is a checkpoint (and so the data it was trained on)?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="zero-shot classification and image-text retrieval of a CLIP checkpoint",
+        description="Evaluate a CLIP checkpoint offline; prints the metrics as JSON.",
+    )
+    sub = parser.add_subparsers(dest="eval_command", metavar="KIND")
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="checkpoint file (wit_pipeline.train, open_clip .pt/.safetensors) or open_clip tag",
+        )
+        p.add_argument(
+            "--model",
+            default="",
+            help="open_clip architecture (ViT-B-32, wit-tiny, ...); optional for checkpoints "
+            "written by wit_pipeline.train, which record it",
+        )
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--output", default="", help="also write the JSON to this file")
+
+    z = sub.add_parser("zeroshot", help="zero-shot accuracy on a labelled set")
+    common(z)
+    z.add_argument(
+        "--dataset",
+        required=True,
+        help="Parquet with image bytes and labels (e.g. cifar10/test.parquet) or class folders",
+    )
+    z.add_argument(
+        "--templates",
+        default="auto",
+        help="auto (the dataset's own when known, else imagenet), imagenet (CLIP's 80), "
+        "cifar10, cifar100, simple, or a file with one template per line ({} = class name)",
+    )
+    z.add_argument(
+        "--classnames", default="", help="file with one class name per line (label order)"
+    )
+    z.add_argument("--image-column", default="image")
+    z.add_argument("--label-column", default="label")
+    z.add_argument("--max-samples", type=int, default=0, help="evaluate on N evenly spaced samples")
+    z.add_argument("--no-per-class", action="store_true", help="omit per-class accuracies")
+    z.set_defaults(func=run_zeroshot)
+
+    r = sub.add_parser("retrieval", help="image<->text recall@1/5/10 on a captions.tsv set")
+    common(r)
+    r.add_argument("--images", required=True, help="folder with the images named in the TSV")
+    r.add_argument(
+        "--captions", required=True, help="TSV with image, split, caption_index, caption columns"
+    )
+    r.add_argument("--split", default="dev", help="split to evaluate ('' for all rows)")
+    r.add_argument("--max-images", type=int, default=0, help="evaluate on N evenly spaced images")
+    r.set_defaults(func=run_retrieval)
+
+
+def _emit(result: dict, output: str) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if output:
+        from wit_pipeline import fileio
+
+        fileio.write_json(output, result)
+    sys.stdout.flush()
+
+
+def _load(args: argparse.Namespace):
+    from wit_pipeline import models
+
+    return models.load_model(args.model or None, args.checkpoint, device=args.device)
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    from wit_pipeline.train import evaluate
+
+    classnames = evaluate.read_classnames(args.classnames) if args.classnames else None
+    dataset = evaluate.load_labelled_set(
+        args.dataset,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        classnames=classnames,
+        max_samples=args.max_samples,
+    )
+    templates = evaluate.resolve_templates(args.templates, dataset.name)
+    loaded = _load(args)
+    result = evaluate.run_zeroshot(
+        loaded.model,
+        loaded.preprocess,
+        loaded.tokenizer,
+        dataset,
+        templates=templates,
+        device=loaded.device,
+        batch_size=args.batch_size,
+    )
+    if args.no_per_class:
+        result.pop("per_class_top1", None)
+    result.update(model=loaded.model_name, checkpoint=args.checkpoint, templates=args.templates)
+    _emit(result, args.output)
+    return 0
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    from wit_pipeline.train import evaluate
+
+    loaded = _load(args)
+    result = evaluate.run_retrieval(
+        loaded.model,
+        loaded.preprocess,
+        loaded.tokenizer,
+        images_dir=args.images,
+        captions_tsv=args.captions,
+        split=args.split or None,
+        device=loaded.device,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+    )
+    result.update(model=loaded.model_name, checkpoint=args.checkpoint)
+    _emit(result, args.output)
+    return 0

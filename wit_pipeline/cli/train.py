@@ -1,0 +1,20 @@
+"""``wit train ...``: the same as ``python -m wit_pipeline.train ...`` (every flag passes through)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        add_help=False,  # `wit train --help` shows the trainer's own help
+        help="train a CLIP model on shards (python -m wit_pipeline.train; --help for options)",
+    )
+    parser.set_defaults(func=_run, accepts_beam_args=True, passes_args_through=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from wit_pipeline.train import loop as train
+
+    return train.main(list(args.beam_args))

@@ -1,0 +1,570 @@
+"""MetaCLIP balancing: flatten the distribution of concepts (queries) over the pool.
+
+MetaCLIP (Xu et al. 2023, ``metaclip/balancing.py``) counts how many pairs match each query
+("entry") over the whole pool; a query with count ``c`` gets probability ``p = min(1, t / c)``
+(``t = 20,000`` in the paper, for 400M pairs), and a pair whose caption matches the queries ``E``
+is kept when any of its per-query draws succeeds, i.e. with probability
+``1 - prod_{e in E} (1 - p_e)``. Head queries ("photo", "image") are sampled down to about ``t``
+pairs each; tail queries keep everything.
+
+Here the draw is one uniform number per record, derived from a keyed hash of
+``(seed, phase, id)`` (``id`` is the pair ``uid`` before download and the image ``key`` after
+it), compared with ``1 - prod(1 - p_e)``: the same keep probability as MetaCLIP's per-query
+draws, and the same decision on every runner, bundle split and worker count. Raising ``t`` only
+adds records (the kept sets are nested).
+
+Two phases:
+
+- ``PreBalance`` before download, over ``wit gather`` candidates (pairs), with ``t`` multiplied by
+  an oversampling factor ``f`` (``p = min(1, f * t / c)``): downloads are not spent on head
+  queries, while enough survive download failures and dedup for the exact balance.
+- ``BalanceSamples`` after download and dedup, over final samples (one per image, possibly with
+  several pairs after URL grouping and near-duplicate collapsing): ``E`` is the union of the
+  ``query_ids`` of the sample's pairs and counts are taken over samples, exactly MetaCLIP's
+  algorithm with the sample as the unit. Records that match no query are dropped (``no_query``),
+  as MetaCLIP keeps only matched texts. With ``unit="pair"`` (``balance.unit = pair``) counts and
+  draws are per pair (id = pair ``uid``), as MetaCLIP: a sample keeps the pairs drawn, and is
+  dropped when none is (``balance_sample_pairs``).
+
+Each kept sample's ``caption`` (``KEY.txt``) is the caption of its pair with the rarest query
+(smallest pool count; ties by ``uid``), so that a sample kept for a tail concept is captioned
+with it; every caption stays in ``captions``. Per-query counts (before, after pre-balance, after
+download, after dedup, final) are written as a Parquet table by ``WriteQueryCounts``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+
+from wit_pipeline import beam_utils, fileio
+from wit_pipeline import counters as counters_lib
+from wit_pipeline.errors import WitError
+from wit_pipeline.stages.dedup.core import pair_counter
+
+PREBALANCED_OUT = "prebalanced_out"
+BALANCED_OUT = "balanced_out"
+NO_QUERY = "no_query"
+
+UNITS = ("image", "pair")  # balance.unit: what is counted and drawn after dedup
+
+PHASE_PREBALANCE = "prebalance"
+PHASE_BALANCE = "balance"
+
+# Columns of the per-query counts table, in order.
+COUNT_COLUMNS = ("before", "after_prebalance", "after_download", "after_dedup", "final")
+
+
+def query_probabilities(counts: Mapping[int, int], t: float) -> dict[int, float]:
+    """MetaCLIP's ``p = min(1, t / c)`` for every query with a non-zero count."""
+    if t <= 0:
+        raise ValueError(f"t must be > 0, got {t}")
+    return {int(q): min(1.0, t / c) for q, c in counts.items() if c > 0}
+
+
+def keep_probability(query_ids: Iterable[int], probs: Mapping[int, float]) -> float:
+    """``1 - prod(1 - p_e)`` over the matched queries (0 for none), computed stably."""
+    query_ids = set(query_ids)
+    if len(query_ids) == 1:
+        return probs.get(next(iter(query_ids)), 0.0)
+    log_miss = 0.0
+    for q in query_ids:
+        p = probs.get(q, 0.0)
+        if p >= 1.0:
+            return 1.0
+        log_miss += math.log1p(-p)
+    return -math.expm1(log_miss) if log_miss else 0.0
+
+
+class Draws:
+    """Reproducible uniform draws in ``[0, 1)``: ``blake2b(key=seed)(phase, NUL, id)``, 53 bits."""
+
+    def __init__(self, seed: int, phase: str):
+        self._base = hashlib.blake2b(digest_size=8, key=str(int(seed)).encode())
+        self._base.update(f"{phase}\0".encode())
+
+    def __call__(self, record_id: str) -> float:
+        h = self._base.copy()
+        h.update(record_id.encode("utf-8", "surrogatepass"))
+        return (int.from_bytes(h.digest(), "big") >> 11) / float(1 << 53)
+
+
+def uniform(seed: int, phase: str, record_id: str) -> float:
+    """One draw of ``Draws(seed, phase)`` (use ``Draws`` for many)."""
+    return Draws(seed, phase)(record_id)
+
+
+def count_queries(records: Iterable[Mapping[str, Any]]) -> collections.Counter:
+    """``{query_id: records matching it}``: each record counts once per distinct query."""
+    return collections.Counter(
+        itertools.chain.from_iterable(set(r.get("query_ids") or ()) for r in records)
+    )
+
+
+def balance_records(
+    records: Iterable[Mapping[str, Any]],
+    probs: Mapping[int, float],
+    counter: collections.Counter,
+    *,
+    seed: int,
+    phase: str,
+    id_field: str,
+    reason: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split records into ``(kept, dropped)``; each kept record gets ``balance_probability``.
+
+    Counts ``input``, ``kept`` and ``dropped:<reason>`` / ``dropped:no_query`` in ``counter``;
+    records with a ``pairs`` list are counted at pair level too (``pairs:...``).
+    """
+    draw = Draws(seed, phase)
+    kept, dropped = [], []
+    n = collections.Counter()  # (outcome, unit) -> count, added to ``counter`` once
+    for r in records:
+        pairs = r.get("pairs")
+        qids = r.get("query_ids") or ()
+        p = keep_probability(qids, probs)
+        if not qids:
+            why = NO_QUERY
+        elif draw(str(r[id_field])) < p:
+            why = None
+        else:
+            why = reason
+        if why is None:
+            kept.append({**r, "balance_probability": p})
+        else:
+            dropped.append({**r, "reason": why, "balance_probability": p})
+        n[why, "records"] += 1
+        if pairs is not None:
+            n[why, "pairs"] += len(pairs)
+    for (why, unit), count in n.items():
+        name = counters_lib.KEPT if why is None else counters_lib.dropped(why)
+        if unit == "pairs":
+            counter[pair_counter(counters_lib.INPUT)] += count
+            counter[pair_counter(name)] += count
+        else:
+            counter[counters_lib.INPUT] += count
+            counter[name] += count
+    return kept, dropped
+
+
+def balance_sample_pairs(
+    samples: Iterable[Mapping[str, Any]],
+    probs: Mapping[int, float],
+    counter: collections.Counter,
+    *,
+    seed: int,
+    phase: str,
+    reason: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Balance samples pair by pair (``balance.unit = pair``): ``(kept, dropped)``.
+
+    Every pair is decided by ``balance_records`` as a record of its own (id = its ``uid``,
+    ``E`` = its ``query_ids``), so the pairs kept are exactly those ``balance_records`` keeps
+    from the pair records. A sample keeps its drawn pairs (``query_ids`` = their union,
+    ``balance_probability`` = ``1 - prod(1 - p)`` over its pairs: the chance that any is drawn)
+    and is dropped when none is: ``no_query`` when no pair matches a query, else ``reason``.
+    ``dropped`` also holds, per kept sample and reason, a record with the pairs it lost.
+    Counts samples (``dropped:*``) and pairs (``pairs:dropped:*``, ``pairs:kept``).
+    """
+    kept, dropped = [], []
+    extra = ("_id", "reason", "balance_probability")
+
+    def strip(ps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in p.items() if k not in extra} for p in ps]
+
+    for s in samples:
+        pairs = [{**p, "_id": p.get("uid") or f"{s['key']}:{i}"} for i, p in enumerate(s["pairs"])]
+        pc: collections.Counter = collections.Counter()
+        won, lost = balance_records(
+            pairs, probs, pc, seed=seed, phase=phase, id_field="_id", reason=reason
+        )
+        for name, n in pc.items():
+            counter[pair_counter(name)] += n
+        miss = 1.0
+        for p in pairs:
+            miss *= 1.0 - keep_probability(p["query_ids"] or (), probs)
+        prob = 1.0 - miss
+        counter[counters_lib.INPUT] += 1
+        if won:
+            counter[counters_lib.KEPT] += 1
+            kept_pairs = strip(won)
+            kept.append(
+                {
+                    **s,
+                    "pairs": kept_pairs,
+                    "query_ids": sorted({q for p in kept_pairs for q in p["query_ids"]}),
+                    "balance_probability": prob,
+                }
+            )
+            for why in sorted({p["reason"] for p in lost}):
+                part = strip([p for p in lost if p["reason"] == why])
+                dropped.append({**s, "pairs": part, "reason": why, "balance_probability": prob})
+        else:
+            why = reason if any(p["query_ids"] for p in pairs) else NO_QUERY
+            counter[counters_lib.dropped(why)] += 1
+            dropped.append({**s, "reason": why, "balance_probability": prob})
+    return kept, dropped
+
+
+def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]) -> str:
+    """The caption of the pair whose rarest query has the smallest count (ties: smallest uid)."""
+    if not pairs:
+        return ""
+    if len(pairs) == 1:
+        return pairs[0]["caption"]
+
+    def score(p):
+        c = [counts.get(int(q), 0) for q in p.get("query_ids") or ()]
+        c = [x for x in c if x > 0]
+        return (min(c) if c else math.inf, p.get("uid") or "")
+
+    return min(pairs, key=score)["caption"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam
+
+
+class _CountBatchFn(beam.DoFn):
+    """Counts per query over a whole bundle, emitted once at its end (fewer combiner inputs)."""
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+
+    def process(self, batch):
+        self._counts.update(count_queries(batch))
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        window = GlobalWindow()
+        ts = window.max_timestamp()
+        for item in sorted(self._counts.items()):
+            yield WindowedValue(item, ts, [window])
+        self._counts = collections.Counter()
+
+
+class CountQueries(beam.PTransform):
+    """Records with ``query_ids`` -> ``(query_id, count)`` over the whole PCollection."""
+
+    def __init__(self, *, batch_size: int = 4096):
+        super().__init__()
+        self._batch_size = batch_size
+
+    def expand(self, records):
+        return (
+            records
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "CountBatch" >> beam.ParDo(_CountBatchFn())
+            | "Sum" >> beam.CombinePerKey(sum)
+        )
+
+
+class CountUnits(beam.PTransform):
+    """Samples -> ``(query_id, count)`` over samples (``unit="image"``) or their pairs."""
+
+    def __init__(self, *, unit: str, batch_size: int = 4096):
+        super().__init__()
+        self._unit = unit
+        self._batch_size = batch_size
+
+    def expand(self, samples):
+        if self._unit == "pair":
+            samples = samples | "Pairs" >> beam.FlatMap(lambda r: r["pairs"])
+        return samples | "Count" >> CountQueries(batch_size=self._batch_size)
+
+
+class _BalanceFn(beam.DoFn):
+    def __init__(
+        self, *, t: float, seed: int, phase: str, id_field: str, reason: str, unit: str = "image"
+    ):
+        self._t = t
+        self._seed = seed
+        self._phase = phase
+        self._id_field = id_field
+        self._reason = reason
+        self._unit = unit
+
+    def setup(self):
+        self._seen = None
+        self._probs = {}
+
+    def process(self, batch, counts):
+        if counts is not self._seen:  # the side input is the same object for a whole bundle
+            self._probs = query_probabilities(counts, self._t)
+            self._seen = counts
+        probs = self._probs
+        c: collections.Counter = collections.Counter()
+        if self._unit == "pair":
+            kept, dropped = balance_sample_pairs(
+                batch, probs, c, seed=self._seed, phase=self._phase, reason=self._reason
+            )
+        else:
+            kept, dropped = balance_records(
+                batch,
+                probs,
+                c,
+                seed=self._seed,
+                phase=self._phase,
+                id_field=self._id_field,
+                reason=self._reason,
+            )
+        for r in kept:
+            if self._phase == PHASE_BALANCE and "pairs" in r:
+                r["caption"] = choose_caption(r["pairs"], counts)
+            yield r
+        for r in dropped:
+            yield TaggedOutput(beam_utils.REJECTED, r)
+        # Only drops: input is counted where records enter a pipeline and kept where they leave
+        # it, so that the stages of one pipeline add up to one balanced set of counters.
+        yield from beam_utils.emit_counts({k: v for k, v in c.items() if _is_drop(k)})
+
+
+def _is_drop(name: str) -> bool:
+    return name.startswith((counters_lib.DROPPED_PREFIX, pair_counter(counters_lib.DROPPED_PREFIX)))
+
+
+class ApplyBalance(beam.PTransform):
+    """Keep each record with probability ``1 - prod(1 - min(1, t / c_e))`` (seeded, by id).
+
+    ``counts`` is a PCollection of ``(query_id, count)`` over the pool. Outputs: main (kept,
+    with ``balance_probability``), ``rejected`` (with ``reason``), ``counts``.
+    """
+
+    def __init__(
+        self,
+        *,
+        counts,
+        t: float,
+        seed: int,
+        phase: str,
+        id_field: str,
+        reason: str,
+        unit: str = "image",
+        batch_size: int = 4096,
+    ):
+        super().__init__()
+        if t <= 0:
+            raise ValueError(f"t must be > 0, got {t}")
+        self._counts = counts
+        self._fn = _BalanceFn(
+            t=t, seed=seed, phase=phase, id_field=id_field, reason=reason, unit=unit
+        )
+        self._batch_size = batch_size
+
+    def expand(self, records):
+        return (
+            records
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "Draw"
+            >> beam.ParDo(self._fn, beam.pvalue.AsDict(self._counts)).with_outputs(
+                beam_utils.COUNTS, beam_utils.REJECTED, main="kept"
+            )
+        )
+
+
+class PreBalance(beam.PTransform):
+    """Gather candidates (pairs) -> candidates kept with ``p = min(1, factor * t / c)``.
+
+    Returns a dict: ``kept``, ``rejected`` (reason ``prebalanced_out`` or ``no_query``),
+    ``counts`` (counter pairs), ``before`` and ``after`` (``(query_id, n)`` over pairs).
+    """
+
+    def __init__(self, *, t: int, factor: float, seed: int, batch_size: int = 4096):
+        super().__init__()
+        if factor <= 0:
+            raise ValueError(f"prebalance factor must be > 0, got {factor}")
+        self._t = t * factor
+        self._seed = seed
+        self._batch_size = batch_size
+
+    def expand(self, candidates):
+        before = candidates | "CountBefore" >> CountQueries(batch_size=self._batch_size)
+        out = candidates | "Balance" >> ApplyBalance(
+            counts=before,
+            t=self._t,
+            seed=self._seed,
+            phase=PHASE_PREBALANCE,
+            id_field="uid",
+            reason=PREBALANCED_OUT,
+            batch_size=self._batch_size,
+        )
+        after = out.kept | "CountAfter" >> CountQueries(batch_size=self._batch_size)
+        return {
+            "kept": out.kept,
+            "rejected": out[beam_utils.REJECTED],
+            "counts": out[beam_utils.COUNTS],
+            "before": before,
+            "after": after,
+        }
+
+
+class BalanceSamples(beam.PTransform):
+    """Deduplicated samples -> MetaCLIP-balanced samples (``t`` as is).
+
+    ``unit="image"``: counted over samples and drawn by sample ``key``; ``unit="pair"``: counted
+    over pairs and drawn by pair ``uid`` (``balance_sample_pairs``). Returns a dict: ``kept``
+    (with ``caption`` and ``balance_probability``), ``rejected`` (``balanced_out``,
+    ``no_query``), ``counts``, ``before`` and ``after`` (``(query_id, n)`` over the unit).
+    """
+
+    def __init__(self, *, t: int, seed: int, unit: str = "image", batch_size: int = 4096):
+        super().__init__()
+        if unit not in UNITS:
+            raise WitError(f"balance.unit must be one of {', '.join(UNITS)}, got {unit!r}")
+        self._t = t
+        self._seed = seed
+        self._unit = unit
+        self._batch_size = batch_size
+
+    def _count(self, records, label: str):
+        return records | label >> CountUnits(unit=self._unit, batch_size=self._batch_size)
+
+    def expand(self, samples):
+        before = self._count(samples, "CountBefore")
+        out = samples | "Balance" >> ApplyBalance(
+            counts=before,
+            t=self._t,
+            seed=self._seed,
+            phase=PHASE_BALANCE,
+            id_field="key",
+            reason=BALANCED_OUT,
+            unit=self._unit,
+            batch_size=self._batch_size,
+        )
+        after = self._count(out.kept, "CountAfter")
+        return {
+            "kept": out.kept,
+            "rejected": out[beam_utils.REJECTED],
+            "counts": out[beam_utils.COUNTS],
+            "before": before,
+            "after": after,
+        }
+
+
+def query_counts_table(
+    columns: Mapping[str, Mapping[int, int]],
+    *,
+    queries: Sequence[str] | None = None,
+    t: float | None = None,
+    prebalance_factor: float | None = None,
+):
+    """The per-query counts table: one row per query seen in any column, sorted by id.
+
+    Count columns are ``COUNT_COLUMNS`` (those not given are null, so that ``wit build`` and
+    the separate commands write the same schema). With ``t``, ``p_balance = min(1, t / c)``
+    over ``after_dedup``; with ``prebalance_factor``, ``p_prebalance`` over ``before``.
+    """
+    import pyarrow as pa
+
+    unknown = set(columns) - set(COUNT_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown count columns: {sorted(unknown)}")
+    ids = sorted({int(q) for col in columns.values() for q in col})
+    data: dict[str, Any] = {"query_id": pa.array(ids, pa.int32())}
+    if queries is not None:
+        data["query"] = pa.array([queries[q] if 0 <= q < len(queries) else None for q in ids])
+    for name in COUNT_COLUMNS:
+        col = columns.get(name)
+        values = [int(col.get(q, 0)) for q in ids] if col is not None else [None] * len(ids)
+        data[name] = pa.array(values, pa.int64())
+
+    def prob(col_name, tt):
+        col = columns.get(col_name)
+        if col is None or tt is None:
+            return pa.array([None] * len(ids), pa.float64())
+        return pa.array([min(1.0, tt / col[q]) if col.get(q) else None for q in ids], pa.float64())
+
+    t_pre = t * prebalance_factor if (t is not None and prebalance_factor) else None
+    data["p_prebalance"] = prob("before", t_pre)
+    data["p_balance"] = prob("after_dedup", t)
+    return pa.table(data)
+
+
+def write_query_counts(path: str, table) -> None:
+    import pyarrow.parquet as pq
+
+    with fileio.atomic_write(path, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def read_query_counts(path: str) -> dict[str, dict[int, int]]:
+    """Count columns of a query-counts Parquet file (non-null columns only)."""
+    import pyarrow.parquet as pq
+
+    with fileio.open_file(path, "rb") as f:
+        table = pq.read_table(f)
+    ids = table.column("query_id").to_pylist()
+    out = {}
+    for name in COUNT_COLUMNS:
+        if name in table.column_names:
+            vals = table.column(name).to_pylist()
+            if any(v is not None for v in vals):
+                out[name] = {q: int(v) for q, v in zip(ids, vals, strict=True) if v}
+    return out
+
+
+def _write_counts_file(_, path: str, extra: Mapping[str, Any], base: str, **cols: Any) -> str:
+    columns = {k: dict(v) for k, v in cols.items()}
+    if base and fileio.exists(base):
+        for k, v in read_query_counts(base).items():
+            columns.setdefault(k, v)
+    queries = None
+    if extra.get("queries_path"):
+        from wit_pipeline.queries import load_queries
+
+        queries = load_queries(extra["queries_path"])
+    table = query_counts_table(
+        columns, queries=queries, t=extra.get("t"), prebalance_factor=extra.get("factor")
+    )
+    write_query_counts(path, table)
+    return path
+
+
+class WriteQueryCounts(beam.PTransform):
+    """``{column: PCollection[(query_id, n)]}`` -> one Parquet table at ``path``.
+
+    ``base`` is an earlier table (e.g. the dedup command's) whose columns fill the ones not
+    given here; ``queries_path`` adds the query text; ``t``/``prebalance_factor`` add the
+    probability columns.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        base: str = "",
+        queries_path: str = "",
+        t: float | None = None,
+        prebalance_factor: float | None = None,
+    ):
+        super().__init__()
+        self._path = path
+        self._base = base
+        self._extra = {"queries_path": queries_path, "t": t, "factor": prebalance_factor}
+
+    def expand(self, columns: Mapping[str, Any]):
+        unknown = set(columns) - set(COUNT_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown count columns: {sorted(unknown)}")
+        root = next(iter(columns.values())).pipeline
+        dicts = {
+            name: pcoll | f"ToDict[{name}]" >> beam.combiners.ToDict()
+            for name, pcoll in columns.items()
+        }
+        side = {n: beam.pvalue.AsSingleton(d) for n, d in sorted(dicts.items())}
+        return (
+            root
+            | "Once" >> beam.Create([None])
+            | "Write" >> beam.Map(_write_counts_file, self._path, self._extra, self._base, **side)
+        )

@@ -1,0 +1,102 @@
+"""Input readers: crawl files and tables -> batches of raw image/caption pairs.
+
+Every reader is a pure parser (``<module>.iter_batches(path, cfg=..., counter=...)``) yielding
+``RawBatch`` objects: columns of raw URLs, raw captions and page URLs from one input file, in
+file order. Nothing is filtered here except what is not a pair at all (non-HTML responses,
+broken records); URL and caption checks, with their drop reasons, happen in ``gather``.
+Reader-level events (records read, broken records skipped, charset fallbacks) are counted in
+the counter under ``<format>:<event>`` names.
+
+``wit_pipeline.stages.gather.core.ReadPairs`` is the Beam transform over these parsers.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from wit_pipeline.config import GatherConfig
+from wit_pipeline.errors import WitError
+
+FORMATS = ("warc", "wat", "parquet", "csv", "tsv", "jsonl")
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
+
+
+@dataclass
+class RawBatch:
+    """Raw pairs from one input file: parallel columns, one entry per extracted image."""
+
+    source: str
+    urls: list[str | None] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)
+    page_urls: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+
+def batched_pairs(
+    pairs: Iterable[tuple[str | None, str | None, str | None]], *, source: str, batch_size: int
+) -> Iterator[RawBatch]:
+    """Group ``(url, caption, page_url)`` triples into ``RawBatch`` objects of ``batch_size``."""
+    batch = RawBatch(source)
+    for url, caption, page_url in pairs:
+        batch.urls.append(url)
+        batch.captions.append(caption)
+        batch.page_urls.append(page_url)
+        if len(batch.urls) >= batch_size:
+            yield batch
+            batch = RawBatch(source)
+    if batch.urls:
+        yield batch
+
+
+def detect_format(path: str, input_format: str = "auto") -> str:
+    """The reader for ``path``: by ``input_format``, or by its name (compression suffix ignored)."""
+    if input_format != "auto":
+        if input_format not in FORMATS:
+            raise WitError(
+                f"unknown input format {input_format!r} (known: auto, {', '.join(FORMATS)})"
+            )
+        return input_format
+    name = path.rsplit("/", 1)[-1].lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.endswith(".wat") or name.endswith(".wat.warc"):
+        return "wat"
+    if name.endswith((".warc", ".arc")):
+        return "warc"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".tsv", ".tab")):
+        return "tsv"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    raise WitError(
+        f"cannot tell the format of {path} from its name; expected .warc[.gz], .wat[.gz], "
+        ".parquet, .csv, .tsv, .jsonl (optionally compressed), or set --input-format"
+    )
+
+
+def iter_file_batches(
+    path: str,
+    *,
+    cfg: GatherConfig | None = None,
+    counter: collections.Counter | None = None,
+    batch_size: int | None = None,
+) -> Iterator[RawBatch]:
+    """Dispatch ``path`` to its reader (see ``detect_format``)."""
+    from wit_pipeline.stages.gather.readers import tables, warc, wat
+
+    cfg = cfg or GatherConfig()
+    fmt = detect_format(path, cfg.input_format)
+    if fmt == "warc":
+        return warc.iter_batches(path, cfg=cfg, counter=counter, batch_size=batch_size)
+    if fmt == "wat":
+        return wat.iter_batches(path, cfg=cfg, counter=counter, batch_size=batch_size)
+    return tables.iter_batches(path, cfg=cfg, counter=counter, batch_size=batch_size, fmt=fmt)

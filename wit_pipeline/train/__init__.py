@@ -1,0 +1,1 @@
+"""Training and evaluation: ``python -m wit_pipeline.train`` (see docs/train.md)."""
