@@ -16,6 +16,12 @@ from collections.abc import Iterable, Mapping
 INPUT = "input"
 KEPT = "kept"
 DROPPED_PREFIX = "dropped:"
+SCOPE_SEPARATOR = "/"
+# Scopes used by more than one stage: pairs of a sample-level stage, distinct URLs of the
+# download, and what readers saw (files, WARC records, table rows).
+PAIR = "pair"
+URL = "url"
+READ = "read"
 
 Counter = collections.Counter
 
@@ -23,6 +29,30 @@ Counter = collections.Counter
 def dropped(reason: str) -> str:
     """The counter name for records dropped for ``reason``."""
     return f"{DROPPED_PREFIX}{reason}"
+
+
+def scoped(scope: str, name: str) -> str:
+    """The counter name for ``name`` counted over another unit or a sub-step: ``scope/name``.
+
+    Names without a scope count a step's own unit; ``pair/kept``, ``url/dropped:robots`` and
+    ``read/warc:records`` count something else, in the same counts output.
+    """
+    return f"{scope}{SCOPE_SEPARATOR}{name}" if scope else name
+
+
+def split_scopes(counters: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """``{scope: {name: n}}`` (scope ``""`` for unscoped names), each sorted by name.
+
+    A scope is the text before the first ``/`` of a name; a ``/`` after ``dropped:`` belongs
+    to the reason (``dropped:score/undecodable_image`` is unscoped).
+    """
+    out: dict[str, dict[str, int]] = {}
+    for name, n in sorted(counters.items()):
+        scope, sep, rest = name.partition(SCOPE_SEPARATOR)
+        if not sep or scope.startswith(DROPPED_PREFIX):
+            scope, rest = "", name
+        out.setdefault(scope, {})[rest] = n
+    return out
 
 
 def total_dropped(counters: Mapping[str, int]) -> int:

@@ -1,0 +1,342 @@
+"""The stage protocol: one shape for every stage's Beam code.
+
+A stage's pure core takes a *batch* (a list of records, or an Arrow table where the stage is
+columnar) and returns a :class:`Result`: the rows it keeps, the rows it drops, each with a
+``reason`` (and an optional ``detail``), and any counts that are not about its own rows
+(reader counts, say). :class:`StageFn`, the one base DoFn, turns a result into Beam outputs and
+owns nothing else:
+
+- kept rows on the main output (one element per row, or the batch as one element);
+- dropped rows on the ``rejected`` output, as rows of :data:`REJECTED_SCHEMA` (the one schema
+  of every ``rejected/`` folder) stamped with the stage's name;
+- counts on the ``counts`` output as ``(name, n)`` pairs (:func:`beam_utils.emit_counts`),
+  derived from the result: ``input``, ``kept`` and ``dropped:<reason>`` over the stage's unit,
+  and, for samples that carry several pairs, the same names under the ``pair/`` scope.
+
+Counter names follow one scheme everywhere (``counters``): ``input``, ``kept``,
+``dropped:<reason>`` over a step's own unit, and ``<scope>/<name>`` for other units or
+sub-steps (``pair/kept``, ``url/dropped:robots``, ``read/warc:records``). One stats writer
+(:func:`stats_document`, :class:`WriteStats`) turns summed counts into a step's ``stats.json``,
+one section per scope, and checks ``input == kept + sum(dropped:*)`` in every section that
+counts a flow.
+
+Counts travel as data, not as Beam metrics: a failed bundle's counts are discarded with its
+outputs, so the totals are exact on every runner, retries included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.pvalue import TaggedOutput
+
+from wit_pipeline import beam_utils, fileio
+from wit_pipeline import counters as counters_lib
+
+PAIR = counters_lib.PAIR  # the scope of pair-level counts of a sample-level stage
+
+# Every rejected/ folder of a build holds rows of this schema: which stage dropped the record,
+# why, and what identifies it (a pair: uid, url, caption; a sample: key, url, its pairs' uids
+# and captions). Fields a stage does not know are null.
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("key", pa.string()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+        ("page_url", pa.string()),
+        ("uids", pa.list_(pa.string())),
+        ("captions", pa.list_(pa.string())),
+        ("phash", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("distance", pa.int32()),
+        ("eval_set", pa.string()),
+        ("eval_id", pa.string()),
+        ("clip_score", pa.float32()),
+    ]
+)
+REJECTED_FIELDS = tuple(REJECTED_SCHEMA.names)
+_SAMPLE_LISTS = ("uids", "captions")
+
+
+def rejected_row(record: Mapping[str, Any], *, stage: str) -> dict[str, Any]:
+    """A dropped record as a row of :data:`REJECTED_SCHEMA`.
+
+    ``record`` holds ``reason`` (and optionally ``detail``, ``duplicate_of``, ``distance``, ...);
+    a sample's ``uids`` and ``captions`` come from its ``pairs`` when it has them.
+    """
+    row = {name: record.get(name) for name in REJECTED_FIELDS}
+    row["stage"] = stage
+    row["detail"] = record.get("detail") or ""
+    pairs = record.get("pairs")
+    if pairs is not None:
+        row["uids"] = [p.get("uid") for p in pairs]
+        row["captions"] = [p.get("caption") for p in pairs]
+    return row
+
+
+def rejected_table(table: pa.Table, *, stage: str) -> pa.Table:
+    """A columnar stage's dropped rows (with a ``reason`` column) in :data:`REJECTED_SCHEMA`."""
+    n = table.num_rows
+    columns = []
+    for field in REJECTED_SCHEMA:
+        if field.name == "stage":
+            columns.append(pa.array([stage] * n, pa.string()))
+        elif field.name == "detail" and "detail" not in table.column_names:
+            columns.append(pa.array([""] * n, pa.string()))
+        elif field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(n, field.type))
+    return pa.Table.from_arrays(columns, schema=REJECTED_SCHEMA)
+
+
+Batch = Any  # a list of records (dicts) or a pyarrow.Table
+
+
+@dataclasses.dataclass
+class Result:
+    """What a stage's core did with one batch.
+
+    ``rejected`` rows carry ``reason`` (and optionally ``detail`` and further
+    :data:`REJECTED_SCHEMA` fields). ``counts`` holds counts beyond the flow of the stage's own
+    rows (reader counts, a sub-step's), already named with their scope.
+    """
+
+    kept: Batch
+    rejected: Batch = dataclasses.field(default_factory=list)
+    counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _num_rows(batch: Batch) -> int:
+    return batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+
+
+def _reasons(rejected: Batch) -> Iterable[str]:
+    if isinstance(rejected, pa.Table):
+        return rejected.column("reason").to_pylist() if rejected.num_rows else []
+    return (r["reason"] for r in rejected)
+
+
+def flow_counts(
+    kept: Batch, rejected: Batch, *, flow: bool = True, pairs: bool = False
+) -> counters_lib.Counter:
+    """The counts a result implies: ``input``, ``kept``, ``dropped:<reason>``.
+
+    ``flow=False`` counts drops only: inside a pipeline of several stages, input is counted
+    where records enter and kept where they leave, so the stages add up to one balanced set.
+    ``pairs=True`` also counts each record's ``pairs`` under ``pair/``.
+    """
+    c: counters_lib.Counter = counters_lib.Counter()
+    n_kept = _num_rows(kept)
+    if flow:
+        c[counters_lib.KEPT] += n_kept
+        c[counters_lib.INPUT] += n_kept + _num_rows(rejected)
+    for reason in _reasons(rejected):
+        c[counters_lib.dropped(reason)] += 1
+    if pairs:
+        if flow:
+            k = sum(len(r["pairs"]) for r in kept)
+            c[counters_lib.scoped(PAIR, counters_lib.KEPT)] += k
+            c[counters_lib.scoped(PAIR, counters_lib.INPUT)] += k + sum(
+                len(r["pairs"]) for r in rejected
+            )
+        for r in rejected:
+            c[counters_lib.scoped(PAIR, counters_lib.dropped(r["reason"]))] += len(r["pairs"])
+    return c
+
+
+class StageFn(beam.DoFn):
+    """The base DoFn of every stage: a core's :class:`Result` -> kept, rejected and counts.
+
+    Subclasses implement :meth:`core` (``setup`` builds expensive state once per
+    worker, as usual). ``stage`` names the stage in rejected rows; ``flow=False`` counts drops
+    only (see :func:`flow_counts`); ``pairs=True`` also counts pairs of sample records;
+    ``kept_as="rows"`` emits each kept row, ``"batch"`` the kept batch as one element (empty
+    batches are not emitted).
+    """
+
+    KEPT_AS: ClassVar[tuple[str, ...]] = ("rows", "batch")
+
+    def __init__(
+        self, *, stage: str, flow: bool = True, pairs: bool = False, kept_as: str = "rows"
+    ):
+        super().__init__()
+        if kept_as not in self.KEPT_AS:
+            raise ValueError(f"kept_as must be one of {self.KEPT_AS}, got {kept_as!r}")
+        self.stage = stage
+        self._flow = flow
+        self._pairs = pairs
+        self._kept_as = kept_as
+
+    def core(self, batch: Batch, *args: Any) -> Result:
+        raise NotImplementedError
+
+    def process(self, batch, *args):  # no annotations: Beam would read them as type hints
+        yield from self.emit(self.core(batch, *args))
+
+    def emit(self, result: Result) -> Iterator[Any]:
+        """Yield a result's kept rows, then its rejected rows and counts as tagged outputs."""
+        kept, rejected = result.kept, result.rejected
+        if self._kept_as == "batch":
+            if _num_rows(kept):
+                yield kept
+        else:
+            yield from kept
+        yield from self.emit_rejected(rejected)
+        counts = flow_counts(kept, rejected, flow=self._flow, pairs=self._pairs)
+        counts.update(result.counts)
+        yield from beam_utils.emit_counts(counts)
+
+    def emit_rejected(self, rejected: Batch) -> Iterator[TaggedOutput]:
+        if isinstance(rejected, pa.Table):
+            if rejected.num_rows:
+                yield TaggedOutput(beam_utils.REJECTED, rejected_table(rejected, stage=self.stage))
+            return
+        for r in rejected:
+            yield TaggedOutput(beam_utils.REJECTED, rejected_row(r, stage=self.stage))
+
+
+def apply(pcoll, label: str, fn: StageFn, *side_inputs: Any) -> dict[str, Any]:
+    """``pcoll | label >> ParDo(fn)`` with the protocol's outputs: ``kept``, ``rejected``,
+    ``counts``."""
+    out = pcoll | label >> beam.ParDo(fn, *side_inputs).with_outputs(
+        beam_utils.COUNTS, beam_utils.REJECTED, main="kept"
+    )
+    return {
+        "kept": out.kept,
+        beam_utils.REJECTED: out[beam_utils.REJECTED],
+        beam_utils.COUNTS: out[beam_utils.COUNTS],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing rejected rows and stats
+
+
+def _as_table(item: Any) -> pa.Table:
+    if isinstance(item, pa.Table):
+        return item
+    return pa.Table.from_pylist(list(item), schema=REJECTED_SCHEMA)
+
+
+class WriteRejected(beam.PTransform):
+    """Rejected rows (dicts or tables of :data:`REJECTED_SCHEMA`) -> ``DIR/part-*.parquet``."""
+
+    def __init__(self, directory: str, *, batch_size: int = 4096):
+        super().__init__()
+        self._prefix = fileio.join(directory, "part")
+        self._batch_size = batch_size
+
+    def expand(self, rows):
+        tables = (
+            rows
+            | "Rows" >> beam.FlatMap(_table_rows)
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "ToTable" >> beam.Map(_as_table)
+        )
+        return tables | "Write" >> beam.io.WriteToParquetBatched(
+            self._prefix, schema=REJECTED_SCHEMA, file_name_suffix=".parquet", codec="zstd"
+        )
+
+
+def _table_rows(item: Any) -> Iterable[dict[str, Any]]:
+    return item.to_pylist() if isinstance(item, pa.Table) else [item]
+
+
+def stats_document(
+    counts: Mapping[str, int],
+    *,
+    sections: Mapping[str, str],
+    flows: Sequence[str] = ("",),
+    extra: Mapping[str, Any] | None = None,
+    stage: str = "",
+) -> dict[str, Any]:
+    """A step's ``stats.json``: summed counts split by scope into named sections.
+
+    ``sections`` maps a scope (``""`` for unscoped names) to its key in the document
+    (``{"": "counters", "pair": "pair_counters"}``); counts of a scope not listed raise. Every
+    scope in ``flows`` has ``input`` and ``kept`` (zero when absent) and must balance.
+    """
+    parts = counters_lib.split_scopes(counts)
+    unknown = sorted(set(parts) - set(sections))
+    if unknown:
+        raise AssertionError(f"{stage or 'stats'}: counts of unknown scope(s) {unknown}")
+    doc: dict[str, Any] = {}
+    for scope, key in sections.items():
+        part = dict(parts.get(scope, {}))
+        if scope in flows:
+            for name in (counters_lib.INPUT, counters_lib.KEPT):
+                part.setdefault(name, 0)
+            where = f"{stage} ({scope})" if scope else stage
+            counters_lib.check_balanced(part, stage=where)
+        doc[key] = dict(sorted(part.items()))
+    doc.update(extra or {})
+    return doc
+
+
+def _write_stats(
+    counts: Mapping[str, int],
+    path: str,
+    sections: Mapping[str, str],
+    flows: Sequence[str],
+    extra: Mapping[str, Any],
+    stage: str,
+    *side: Any,
+) -> dict[str, Any]:
+    more = dict(extra)
+    for value in side:  # side inputs: mappings merged into the document
+        more.update(value)
+    doc = stats_document(counts, sections=sections, flows=flows, extra=more, stage=stage)
+    fileio.write_json(path, doc)
+    return doc
+
+
+class WriteStats(beam.PTransform):
+    """``(name, n)`` count pairs -> ``path`` (:func:`stats_document`); returns the document.
+
+    ``extra`` is merged into the document; so is each element of ``side`` (singleton
+    PCollections of mappings, e.g. per-query counts), as side inputs.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        sections: Mapping[str, str] | None = None,
+        flows: Sequence[str] = ("",),
+        extra: Mapping[str, Any] | None = None,
+        side: Sequence[Any] = (),
+        stage: str = "",
+    ):
+        super().__init__()
+        self._path = path
+        self._sections = dict(sections or {"": "counters"})
+        missing = set(flows) - set(self._sections)
+        if missing:
+            raise ValueError(f"flows {sorted(missing)} have no section")
+        self._flows = tuple(flows)
+        self._extra = dict(extra or {})
+        self._side = list(side)
+        self._stage = stage
+
+    def expand(self, counts):
+        totals = counts | "Sum" >> beam_utils.SumCounts()
+        return totals | "Write" >> beam.Map(
+            _write_stats,
+            self._path,
+            self._sections,
+            self._flows,
+            self._extra,
+            self._stage,
+            *[beam.pvalue.AsSingleton(s) for s in self._side],
+        )
