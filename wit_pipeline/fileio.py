@@ -1,8 +1,9 @@
 """Paths, globs and atomic writes over local files and fsspec URLs (gs://, s3://, ...).
 
 Stages read and write through these helpers so that the same code runs on a laptop and on
-Dataflow workers. Writes are atomic: a file either has its final complete content or does not
-exist, which is what lets reruns skip finished work.
+Dataflow workers. Writes are atomic on every filesystem: a file either has its final complete
+content or does not exist, which is what lets reruns skip finished work. Every output file is
+written through :func:`atomic_write` (or :func:`write_json`); :func:`open_file` only reads.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob as _glob
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -20,6 +22,9 @@ import fsspec
 from wit_pipeline.errors import WitError
 
 _GLOB_CHARS = frozenset("*?[")
+_TMP_SUFFIX = ".tmp"
+
+logger = logging.getLogger(__name__)
 
 
 def is_local(path: str) -> bool:
@@ -72,9 +77,16 @@ def expand_inputs(patterns: Sequence[str], *, suffixes: Sequence[str] = ()) -> l
             fs = filesystem(pattern)
             protocol = pattern.split("://", 1)[0]
             if any(c in pattern for c in _GLOB_CHARS):
-                found = sorted(fs.glob(pattern))
+                # As Python's glob: a wildcard matches no dot-name (in-flight atomic writes)
+                # unless the pattern's own last part starts with a dot.
+                hidden_ok = pattern.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+                found = sorted(f for f in fs.glob(pattern) if hidden_ok or not _hidden(f, "."))
             elif fs.isdir(pattern):
-                found = sorted(f for f in fs.ls(pattern, detail=False) if fs.isfile(f))
+                found = sorted(
+                    f
+                    for f in fs.ls(pattern, detail=False)
+                    if not _hidden(f, ".", "_") and fs.isfile(f)
+                )
                 if suffixes:
                     found = [f for f in found if f.endswith(tuple(suffixes))]
             elif fs.exists(pattern):
@@ -85,6 +97,10 @@ def expand_inputs(patterns: Sequence[str], *, suffixes: Sequence[str] = ()) -> l
         out.extend(found)
     # Keep order, drop repeats (two patterns may match the same file).
     return list(dict.fromkeys(out))
+
+
+def _hidden(path: str, *prefixes: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith(prefixes)
 
 
 def exists(path: str) -> bool:
@@ -101,7 +117,13 @@ def makedirs(path: str) -> None:
 
 
 def open_file(path: str, mode: str = "rb", **kwargs: Any) -> IO:
-    """Open a local path or URL; ``compression="infer"`` may be passed for .gz/.bz2."""
+    """Open a local path or URL for reading; ``compression="infer"`` may be passed for .gz/.bz2.
+
+    Writing goes through :func:`atomic_write`: a file opened for writing here would be visible
+    under its final name while (and, on object stores, even after a failed) write.
+    """
+    if any(c in mode for c in "wax+"):
+        raise ValueError(f"open_file reads only (mode {mode!r}); write with fileio.atomic_write")
     if is_local(path):
         path = _strip_file(path)
         if "compression" not in kwargs:
@@ -109,21 +131,77 @@ def open_file(path: str, mode: str = "rb", **kwargs: Any) -> IO:
     return fsspec.open(path, mode, **kwargs).open()
 
 
+def temporary_path(path: str) -> str:
+    """A fresh temporary name beside ``path``: ``DIR/.NAME.<32 hex>.tmp``.
+
+    The leading dot and the ``.tmp`` suffix keep it out of every listing of the project (the
+    ``*.tar`` / ``*.parquet`` globs, :func:`expand_inputs` on a directory or a ``*`` glob).
+    """
+    name = f".{os.path.basename(path.rstrip('/'))}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+    if is_local(path):
+        return os.path.join(os.path.dirname(_strip_file(path)), name)
+    return f"{path.rstrip('/').rsplit('/', 1)[0]}/{name}"
+
+
+def is_temporary(name: str) -> bool:
+    """True for a name (or path) that :func:`temporary_path` makes."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(_TMP_SUFFIX)
+
+
+def remove_temporaries(directory: str, *, prefix: str = "") -> list[str]:
+    """Remove the temporaries of writes to ``directory/PREFIX*`` that a killed writer left.
+
+    :func:`atomic_write` removes its temporary when the write fails with an exception; only a
+    process killed mid-write (SIGKILL, a preempted VM) leaves one behind. Readers never see them;
+    call this where a rerun (re)writes files, before the writers start, to reclaim the space.
+    Lists ``directory`` once; returns the removed paths, sorted.
+    """
+    removed: list[str] = []
+    if is_local(directory):
+        d = _strip_file(directory)
+        if not os.path.isdir(d):
+            return removed
+        for entry in sorted(os.listdir(d)):
+            if is_temporary(entry) and entry.startswith(f".{prefix}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(d, entry))
+                    removed.append(os.path.join(d, entry))
+        return removed
+    fs = filesystem(directory)
+    if not fs.isdir(directory):
+        return removed
+    protocol = directory.split("://", 1)[0]
+    for f in sorted(fs.ls(directory, detail=False)):
+        base = f.rstrip("/").rsplit("/", 1)[-1]
+        if is_temporary(base) and base.startswith(f".{prefix}"):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(f)
+                removed.append(f if "://" in f else f"{protocol}://{f}")  # as expand_inputs
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     """Write ``path`` so that readers see either nothing or the complete file.
 
-    Local files are written beside their destination and renamed into place; object stores
-    (GCS, S3) publish an object only when its upload completes, so they are written directly.
+    The file is written under :func:`temporary_path` beside ``path`` and moved into place only
+    when the ``with`` block and the close (the upload's commit, on object stores) succeed; on
+    any failure the temporary is removed and nothing changes under ``path``. Locally the move
+    is an ``os.replace`` after an fsync. On fsspec filesystems it is ``fs.mv``: a rename where
+    the filesystem has one, a server-side copy and a delete on GCS and S3, whose copies publish
+    the whole object at once. (Writing the final name directly would not do: fsspec commits an
+    upload when its ``with`` block closes, even after an exception, so a failed writer would
+    publish a truncated file under the final name, and a rerun would skip it.)
     """
     if not is_local(path):
-        with fsspec.open(path, mode) as f:
+        with _remote_atomic_write(path, mode) as f:
             yield f
         return
     path = _strip_file(path)
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -133,6 +211,32 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _remote_atomic_write(path: str, mode: str) -> Iterator[IO]:
+    fs = filesystem(path)
+    tmp = temporary_path(path)
+    f = fs.open(tmp, mode)
+    try:
+        try:
+            yield f
+        except BaseException:
+            # Close before removing: an unclosed fsspec file commits itself when collected,
+            # which would publish the temporary after its removal.
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        f.close()  # the upload's commit: it may fail too
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except FileNotFoundError:
+            pass  # never created (the failure came before the upload's commit), or moved
+        except Exception as e:  # the write's own error is the one to report
+            logger.warning("could not remove the temporary %s: %s", tmp, e)
+        raise
 
 
 def write_json(path: str, obj: Any) -> None:
