@@ -88,6 +88,11 @@ def unigram_reason(word: str, count: int, *, min_count: int, max_chars: int) -> 
     return None
 
 
+def unigram_sort_key(row: tuple[str, int]) -> tuple[int, str]:
+    """The unigram source's order: most frequent first, ties alphabetical."""
+    return (-row[1], row[0])
+
+
 def select_unigrams(
     counts: Mapping[str, int] | Iterable[tuple[str, int]],
     *,
@@ -106,7 +111,7 @@ def select_unigrams(
         else:
             counter[counters_lib.KEPT] += 1
             kept.append((word, count))
-    kept.sort(key=lambda wc: (-wc[1], wc[0]))
+    kept.sort(key=unigram_sort_key)
     return kept
 
 
@@ -228,6 +233,12 @@ def bigram_prefilter_reason(bigram: str, count: int, *, min_count: int) -> str |
     return None
 
 
+def bigram_sort_key(row: tuple[str, float, int]) -> tuple[float, int, str]:
+    """The bigram source's order: highest PMI first (rounded: equal ratios of different counts
+    tie despite float rounding), then most frequent, then alphabetical."""
+    return (-round(row[1], 9), -row[2], row[0])
+
+
 def score_bigrams(
     bigram_counts: Mapping[str, int],
     unigram_counts: Mapping[str, int],
@@ -252,7 +263,7 @@ def score_bigrams(
             continue
         counter[counters_lib.KEPT] += 1
         kept.append((bigram, score, count))
-    kept.sort(key=lambda e: (-round(e[1], 9), -e[2], e[0]))
+    kept.sort(key=bigram_sort_key)
     return kept
 
 

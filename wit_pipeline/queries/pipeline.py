@@ -30,10 +30,17 @@ from wit_pipeline import beam_utils, fileio
 from wit_pipeline import counters as counters_lib
 from wit_pipeline.config import QueriesConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.queries.ngrams import bigram_prefilter_reason, count_ngrams, pmi, unigram_reason
+from wit_pipeline.queries.ngrams import (
+    bigram_prefilter_reason,
+    bigram_sort_key,
+    count_ngrams,
+    pmi,
+    unigram_reason,
+    unigram_sort_key,
+)
 from wit_pipeline.queries.reading import file_size, read_lines
 from wit_pipeline.queries.text import iter_text_paragraphs
-from wit_pipeline.queries.titles import sum_pageviews
+from wit_pipeline.queries.titles import sum_pageviews, title_sort_key
 from wit_pipeline.queries.wikipedia import (
     articles,
     clean_wikitext,
@@ -499,18 +506,6 @@ class WriteCandidates(beam.PTransform):
                 self._sort_key,
             )
         )
-
-
-def unigram_sort_key(row):
-    return (-row[1], row[0])
-
-
-def bigram_sort_key(row):
-    return (-round(row[1], 9), -row[2], row[0])
-
-
-def title_sort_key(row):
-    return (-row[1], row[0])
 
 
 def run_counting_pipeline(

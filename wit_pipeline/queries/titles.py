@@ -177,6 +177,11 @@ def sum_pageviews(
     return views
 
 
+def title_sort_key(row: tuple[str, int]) -> tuple[int, str]:
+    """The order of titles with views: most viewed first, ties alphabetical."""
+    return (-row[1], row[0])
+
+
 def select_titles(
     titles: Iterable[tuple[str, int | None]],
     *,
@@ -206,7 +211,7 @@ def select_titles(
         counter[counters_lib.KEPT] += 1
         kept.append((query, views))
     if all(v is not None for _, v in kept):
-        kept.sort(key=lambda tv: (-(tv[1] or 0), tv[0]))
+        kept.sort(key=title_sort_key)
     return kept
 
 
