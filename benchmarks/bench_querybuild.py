@@ -22,7 +22,6 @@ import collections
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from wit_pipeline.queries import build as querybuild
+from wit_pipeline.queries import default, ngrams, pipeline, wikipedia
 
 # English Wikipedia pages-articles, all current articles compressed: about 22.14 GB
 # (Wikipedia:Size of Wikipedia, 2 July 2023).
@@ -46,15 +45,8 @@ def multistream_copy(src: str, dst: str, pages_per_stream: int = 100, times: int
         xml = bz2.decompress(f.read())
     first, footer = xml.find(b"  <page>"), xml.rfind(b"</mediawiki>")
     xml = xml[:first] + xml[first:footer] * times + xml[footer:]
-    starts = [m.start() for m in re.finditer(rb"  <page>", xml)]
-    footer = xml.rfind(b"</mediawiki>")
-    parts = [xml[: starts[0]]]
-    for k in range(0, len(starts), pages_per_stream):
-        end = starts[k + pages_per_stream] if k + pages_per_stream < len(starts) else footer
-        parts.append(xml[starts[k] : end])
-    parts.append(xml[footer:])
     with open(dst, "wb") as f:
-        f.write(b"".join(bz2.compress(p) for p in parts))
+        f.write(wikipedia.multistream_bytes(xml, pages_per_stream=pages_per_stream))
 
 
 def best_of(repeat: int, fn) -> float:
@@ -69,26 +61,24 @@ def best_of(repeat: int, fn) -> float:
 
 
 def plain_parse(path: str) -> None:
-    for page in querybuild.iter_pages(path):
-        querybuild.page_reason(page)
+    for page in wikipedia.iter_pages(path):
+        wikipedia.page_reason(page)
 
 
 def plain_clean(path: str) -> None:
-    for page in querybuild.iter_pages(path):
-        if querybuild.page_reason(page) is None:
-            querybuild.clean_wikitext(page.text)
+    for page in wikipedia.iter_pages(path):
+        if wikipedia.page_reason(page) is None:
+            wikipedia.clean_wikitext(page.text)
 
 
 def plain_count(path: str):
     uni, bi, c = collections.Counter(), collections.Counter(), collections.Counter()
-    querybuild.count_pages(querybuild.iter_pages(path), uni, bi, c)
+    wikipedia.count_pages(wikipedia.iter_pages(path), uni, bi, c)
     return uni, bi, c["tokens"]
 
 
 def plain_pmi(uni, bi, n_tokens) -> None:
-    querybuild.score_bigrams(
-        bi, uni, n_tokens, min_count=5, min_pmi=8.0, counter=collections.Counter()
-    )
+    ngrams.score_bigrams(bi, uni, n_tokens, min_count=5, min_pmi=8.0, counter=collections.Counter())
 
 
 def beam_count(path: str, split_bytes: int) -> None:
@@ -97,10 +87,10 @@ def beam_count(path: str, split_bytes: int) -> None:
     from wit_pipeline import beam_utils
 
     with beam.Pipeline(options=beam_utils.pipeline_options([])) as p:
-        ngrams = p | querybuild.CountWikipediaNgrams(
+        counted = p | pipeline.CountWikipediaNgrams(
             files=[path], split_bytes=split_bytes, batch_pages=32
         )
-        _ = ngrams | querybuild.ScoreBigrams(min_count=5, min_pmi=8.0)
+        _ = counted | pipeline.ScoreBigrams(min_count=5, min_pmi=8.0)
 
 
 def _rate(x: float) -> str:
@@ -114,9 +104,9 @@ def bigram_growth(path: str) -> tuple[float, int, int]:
     bi: collections.Counter = collections.Counter()
     points = []
     n = 0
-    for page in querybuild.iter_pages(path):
-        if querybuild.page_reason(page) is None:
-            n += querybuild.count_ngrams([querybuild.clean_wikitext(page.text)], uni, bi)
+    for page in wikipedia.iter_pages(path):
+        if wikipedia.page_reason(page) is None:
+            n += ngrams.count_ngrams([wikipedia.clean_wikitext(page.text)], uni, bi)
             points.append((math.log(n), math.log(len(bi))))
     points = points[len(points) // 4 :]
     mx = sum(x for x, _ in points) / len(points)
@@ -131,9 +121,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     repeat = 1 if args.quick else args.repeat
-    src = querybuild.gensim_dump_path()
-    pages = sum(1 for _ in querybuild.iter_page_fragments(src))
-    articles = sum(1 for p in querybuild.iter_pages(src) if querybuild.page_reason(p) is None)
+    src = default.gensim_dump_path()
+    pages = sum(1 for _ in wikipedia.iter_page_fragments(src))
+    articles = sum(1 for p in wikipedia.iter_pages(src) if wikipedia.page_reason(p) is None)
     mb = os.path.getsize(src) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         ms1 = os.path.join(tmp, "enwiki-1x-pages-articles-multistream.xml.bz2")

@@ -1,9 +1,14 @@
 import gzip
+import os
+import subprocess
+import sys
 
 import pytest
 
 from wit_pipeline import queries
 from wit_pipeline.errors import WitError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_load_plain_and_gzip(tmp_path):
@@ -30,3 +35,15 @@ def test_errors_are_one_line(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(WitError, match="not UTF-8"):
         queries.load_queries(str(tmp_path / "latin1.txt"))
+
+
+def test_loading_and_the_offline_build_do_not_import_beam():
+    # Every stage loads lists without Beam; build-default counts in-process, also without it.
+    code = (
+        "import sys\n"
+        "import wit_pipeline.queries, wit_pipeline.queries.default\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'apache_beam'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[]\n"

@@ -10,15 +10,25 @@ import hashlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
-from wit_pipeline import cli, config, fileio, queries
+from wit_pipeline import cli, config, counters, fileio, queries
 from wit_pipeline.errors import WitError
-from wit_pipeline.queries import build as querybuild
+from wit_pipeline.queries import (
+    build,
+    default,
+    merge,
+    ngrams,
+    pipeline,
+    reading,
+    text,
+    titles,
+    wikipedia,
+    wordnet,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def wordnet_dir() -> str:
     """Debian's WordNet 3.0 files; skips when absent, fails in CI (like ``shared_data``)."""
-    path = os.environ.get("WIT_WORDNET_DIR", querybuild.DEFAULT_WORDNET_DIR)
+    path = os.environ.get("WIT_WORDNET_DIR", wordnet.DEFAULT_WORDNET_DIR)
     if not os.path.exists(os.path.join(path, "data.noun")):
         msg = (
             f"WordNet 3.0 database not found in {path}: apt-get install wordnet-base "
@@ -42,7 +52,7 @@ def wordnet_dir() -> str:
 def excerpt() -> str:
     """The real English Wikipedia dump excerpt shipped in the gensim wheel (206 pages)."""
     pytest.importorskip("gensim")
-    return querybuild.gensim_dump_path()
+    return default.gensim_dump_path()
 
 
 @pytest.fixture(scope="session")
@@ -51,25 +61,12 @@ def excerpt_xml(excerpt) -> bytes:
         return bz2.decompress(f.read())
 
 
-def _multistream(xml: bytes, pages_per_stream: int) -> bytes:
-    """Recompress a dump the way Wikimedia's multistream files are: header, N pages per bzip2
-    stream, footer."""
-    starts = [m.start() for m in re.finditer(rb"  <page>", xml)]
-    footer = xml.rfind(b"</mediawiki>")
-    parts = [xml[: starts[0]]]
-    for k in range(0, len(starts), pages_per_stream):
-        end = starts[k + pages_per_stream] if k + pages_per_stream < len(starts) else footer
-        parts.append(xml[starts[k] : end])
-    parts.append(xml[footer:])
-    return b"".join(bz2.compress(p) for p in parts)
-
-
 # ---------------------------------------------------------------------------------------------
 # Wikitext and tokens
 
 
 def test_clean_wikitext_removes_markup_and_keeps_prose():
-    text = (
+    wikitext = (
         "{{Infobox dog|name={{nowrap|Golden Retriever}}|image=x.jpg}}\n"
         "The '''Golden Retriever''' is a [[dog breed|breed]] of [[Scotland|Scottish]] origin."
         '<ref name="a">{{cite web|url=http://x}}</ref> It was bred<!-- comment --> for '
@@ -81,20 +78,20 @@ def test_clean_wikitext_removes_markup_and_keeps_prose():
         "[[Category:Dog breeds]]\n"
         "[[de:Golden Retriever]]"
     )
-    assert querybuild.clean_wikitext(text) == (
+    assert wikipedia.clean_wikitext(wikitext) == (
         "\nThe Golden Retriever is a breed of Scottish origin. It was bred for huntings.\n"
         "\nHistory\nIt likes water and ice cream.\n\n"
     )
 
 
 def test_unclosed_template_drops_the_rest():
-    assert querybuild.clean_wikitext("kept text {{broken|template and more") == "kept text "
+    assert wikipedia.clean_wikitext("kept text {{broken|template and more") == "kept text "
 
 
 def test_segment_tokens_only_pairs_words_separated_by_spaces():
     # A bigram query "hot dog" matches space-padded text only where the words are separated by
     # a space, so "Hot-dog" and "U.S." never pair across their punctuation.
-    assert querybuild.segment_tokens("Hot-dog stands sell the hot dog’s bun; U.S. hot  dogs") == [
+    assert ngrams.segment_tokens("Hot-dog stands sell the hot dog’s bun; U.S. hot  dogs") == [
         ["hot"],
         ["dog", "stands", "sell", "the", "hot", "dog's", "bun"],
         ["u"],
@@ -105,7 +102,7 @@ def test_segment_tokens_only_pairs_words_separated_by_spaces():
 
 def test_count_ngrams_exact():
     uni, bi = collections.Counter(), collections.Counter()
-    n = querybuild.count_ngrams(["A b a b c.", "c, a"], uni, bi)
+    n = ngrams.count_ngrams(["A b a b c.", "c, a"], uni, bi)
     assert n == 7
     assert uni == {"a": 3, "b": 2, "c": 2}
     assert bi == {"a b": 2, "b a": 1, "b c": 1}
@@ -116,19 +113,19 @@ def test_count_ngrams_exact():
 
 
 def test_real_dump_excerpt_pages(excerpt):
-    pages = list(querybuild.iter_pages(excerpt))
-    reasons = collections.Counter(querybuild.page_reason(p) for p in pages)
+    pages = list(wikipedia.iter_pages(excerpt))
+    reasons = collections.Counter(wikipedia.page_reason(p) for p in pages)
     assert len(pages) == 206
     assert reasons == {None: 106, "redirect": 99, "namespace": 1}
     anarchism = next(p for p in pages if p.title == "Anarchism")
     assert anarchism.ns == 0 and not anarchism.redirect
-    plain = querybuild.clean_wikitext(anarchism.text)
+    plain = wikipedia.clean_wikitext(anarchism.text)
     assert "Anarchism is a political philosophy" in plain
     for markup in ("{{", "}}", "[[", "]]", "'''", "<ref", "http"):
         assert markup not in plain
     counter = collections.Counter()
     uni, bi = collections.Counter(), collections.Counter()
-    querybuild.count_pages(pages, uni, bi, counter)
+    wikipedia.count_pages(pages, uni, bi, counter)
     assert counter == {
         "input": 206,
         "kept": 106,
@@ -145,7 +142,7 @@ def test_byte_range_splits_yield_every_page_exactly_once(tmp_path, excerpt, exce
     else:
         path = str(tmp_path / f"{layout}.xml.bz2")
         if layout == "multistream":
-            data = _multistream(excerpt_xml, 10)
+            data = wikipedia.multistream_bytes(excerpt_xml, pages_per_stream=10)
         else:  # pbzip2-like: streams cut at arbitrary bytes, pages cross stream boundaries
             data = b"".join(
                 bz2.compress(excerpt_xml[k : k + 50_000])
@@ -153,18 +150,18 @@ def test_byte_range_splits_yield_every_page_exactly_once(tmp_path, excerpt, exce
             )
         with open(path, "wb") as f:
             f.write(data)
-    whole = list(querybuild.iter_page_fragments(path))
+    whole = list(wikipedia.iter_page_fragments(path))
     assert len(whole) == 206
     size = os.path.getsize(path)
     for split_bytes in (20_000, 100_000, 10**9):
-        splits = querybuild.plan_splits(path, size, split_bytes)
-        got = [frag for p, s, e in splits for frag in querybuild.iter_split_pages(p, s, e)]
+        splits = wikipedia.plan_splits(path, size, split_bytes)
+        got = [frag for p, s, e in splits for frag in wikipedia.iter_split_pages(p, s, e)]
         assert got == whole, (layout, split_bytes)
     if layout == "multistream":
         # Every range of a multistream file does its share of the work.
         per_split = [
-            len(list(querybuild.iter_split_pages(p, s, e)))
-            for p, s, e in querybuild.plan_splits(path, size, 200_000)
+            len(list(wikipedia.iter_split_pages(p, s, e)))
+            for p, s, e in wikipedia.plan_splits(path, size, 200_000)
         ]
         assert len(per_split) == 9 and sum(per_split) == 206
         assert sum(1 for n in per_split if n) >= 7
@@ -176,10 +173,10 @@ def test_truncated_dump_is_an_error(tmp_path, excerpt):
     path = tmp_path / "cut.xml.bz2"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WitError, match="truncated"):
-        list(querybuild.iter_page_fragments(str(path)))
+        list(wikipedia.iter_page_fragments(str(path)))
     (tmp_path / "plain.xml.bz2").write_bytes(b"<mediawiki><page><title>x</title></page>")
     with pytest.raises(WitError, match="not a bzip2 file"):
-        list(querybuild.iter_split_pages(str(tmp_path / "plain.xml.bz2"), 0, 100))
+        list(wikipedia.iter_split_pages(str(tmp_path / "plain.xml.bz2"), 0, 100))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def test_truncated_dump_is_an_error(tmp_path, excerpt):
 
 def test_select_unigrams_reasons_and_order():
     counter = collections.Counter()
-    kept = querybuild.select_unigrams(
+    kept = ngrams.select_unigrams(
         {"dog": 500, "cat": 500, "zebu": 99, "1984": 900, "u.s": 800, "x" * 41: 1000, "": 7},
         min_count=100,
         max_chars=40,
@@ -207,23 +204,23 @@ def test_select_unigrams_reasons_and_order():
 
 def test_score_bigrams_pmi_exact():
     uni, bi = collections.Counter(), collections.Counter()
-    n = querybuild.count_ngrams(["a b a b c", "1 2"], uni, bi)
+    n = ngrams.count_ngrams(["a b a b c", "1 2"], uni, bi)
     counter = collections.Counter()
-    kept = querybuild.score_bigrams(bi, uni, n, min_count=1, min_pmi=1.0, counter=counter)
+    kept = ngrams.score_bigrams(bi, uni, n, min_count=1, min_pmi=1.0, counter=counter)
     # N = 7: pmi(a b) = log2(2 * 7 / (2 * 2)), pmi(b c) = log2(1 * 7 / (2 * 1)),
     # pmi(b a) = log2(1 * 7 / (2 * 2)) < 1.
     assert [(b, c) for b, _, c in kept] == [("a b", 2), ("b c", 1)]
     assert kept[0][1] == pytest.approx(math.log2(3.5))
     assert kept[1][1] == pytest.approx(math.log2(3.5))
     assert counter == {"input": 4, "kept": 2, "dropped:below_min_pmi": 1, "dropped:no_letter": 1}
-    assert querybuild.max_pmi(4_500_000_000, 100) == pytest.approx(25.42, abs=0.01)
+    assert ngrams.max_pmi(4_500_000_000, 100) == pytest.approx(25.42, abs=0.01)
 
 
 def test_parse_count_table_formats():
-    table = querybuild.parse_count_table(["the;175", "dog\t20", "hot dog 3", ";9", "dog;1"])
+    table = ngrams.parse_count_table(["the;175", "dog\t20", "hot dog 3", ";9", "dog;1"])
     assert table == {"the": 175, "dog": 21, "hot dog": 3, "": 9}
     with pytest.raises(WitError, match="expected 'word<TAB>count'"):
-        querybuild.parse_count_table(["dog;many"], source="t.txt")
+        ngrams.parse_count_table(["dog;many"], source="t.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +248,8 @@ def test_pageview_file_in_the_real_format(tmp_path):
     path = tmp_path / "pageviews-20240101-000000.gz"
     path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     counter = collections.Counter()
-    views = querybuild.sum_pageviews(
-        querybuild.read_lines(str(path)), projects=("en", "en.m"), counter=counter
+    views = titles.sum_pageviews(
+        reading.read_lines(str(path)), projects=("en", "en.m"), counter=counter
     )
     assert views == {
         "Golden retriever": 155,
@@ -271,7 +268,7 @@ def test_pageview_file_in_the_real_format(tmp_path):
         "dropped:malformed": 2,
     }
     sel = collections.Counter()
-    kept = querybuild.select_titles(
+    kept = titles.select_titles(
         views.items(),
         min_views=70,
         strip_disambiguation=True,
@@ -285,9 +282,9 @@ def test_pageview_file_in_the_real_format(tmp_path):
 def test_real_titles_list(shared_data):
     counter = collections.Counter()
     path = shared_data / "wikipedia" / "vital_article_links.txt"
-    titles = querybuild.read_title_list(querybuild.read_lines(str(path)), counter)
+    got = titles.read_title_list(reading.read_lines(str(path)), counter)
     assert counter == {"input": 50851, "kept": 49952, "dropped:namespace": 899}
-    names = [t for t, _ in titles]
+    names = [t for t, _ in got]
     assert names[:3] == ["Vishnu Sharma", "Aesop", "Apuleius"]
     for title in ("Sei Shōnagon", "Ibn al-Muqaffa'", "François de La Rochefoucauld (writer)"):
         assert title in names
@@ -306,34 +303,34 @@ def test_wordnet_data_line_parsing():
         "07697537 13 n 03 hotdog 2 hot_dog 2 red_hot 0 004 @ 07695965 n 0000 %p 07676602 n 0000 "
         "%p 07690019 n 0000 ~ 07865105 n 0000 | a frankfurter served hot on a bun  ",
     ]
-    synsets = list(querybuild.iter_wordnet_synsets(lines))
+    synsets = list(wordnet.iter_wordnet_synsets(lines))
     assert [(s.offset, s.pos, s.lemmas) for s in synsets] == [
         (14358, "s", ("abounding", "galore")),
         (7697537, "n", ("hotdog", "hot dog", "red hot")),
     ]
     assert synsets[1].gloss == "a frankfurter served hot on a bun"
     counter = collections.Counter()
-    assert querybuild.wordnet_entries(synsets, lemmas="first", counter=counter) == [
+    assert wordnet.wordnet_entries(synsets, lemmas="first", counter=counter) == [
         "abounding",
         "hotdog",
     ]
     assert counter == {"synsets": 2, "input": 5, "kept": 2, "dropped:not_first_lemma": 3}
     with pytest.raises(WitError, match="not a WordNet data line"):
-        list(querybuild.iter_wordnet_synsets(["00001 00 n zz dog 0 | x"], source="data.noun"))
+        list(wordnet.iter_wordnet_synsets(["00001 00 n zz dog 0 | x"], source="data.noun"))
 
 
 def test_real_wordnet_files(wordnet_dir):
-    synsets = querybuild.read_wordnet(wordnet_dir)
+    synsets = wordnet.read_wordnet(wordnet_dir)
     assert len(synsets) == 117_659  # WordNet 3.0: 82,115 + 13,767 + 18,156 + 3,621
     counter = collections.Counter()
-    entries = querybuild.wordnet_entries(synsets, lemmas="all", counter=counter)
+    entries = wordnet.wordnet_entries(synsets, lemmas="all", counter=counter)
     assert counter == {"synsets": 117_659, "input": 206_978, "kept": 206_978}
     unique = set(entries)
     assert len(unique) == 148_730
     for lemma in ("golden retriever", "hot dog", "ice cream", "dog", "Albert Einstein"):
         assert lemma in unique
     assert not any("_" in e or e.endswith(("(a)", "(p)", "(ip)")) for e in unique)
-    assert querybuild.wordnet_version(wordnet_dir) == "WordNet 3.0"
+    assert wordnet.wordnet_version(wordnet_dir) == "WordNet 3.0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +338,7 @@ def test_real_wordnet_files(wordnet_dir):
 
 
 def test_merge_priority_dedup_and_cap():
-    result = querybuild.merge_sources(
+    result = merge.merge_sources(
         {
             # Past the cap: "Zebra" and "Hot dog" repeat, "dog" repeats a kept entry.
             "titles": ["Paris", "Dog", "Hot dog", "Zebra", "Zebra", "Hot dog", "dog", "Zebra"],
@@ -359,7 +356,7 @@ def test_merge_priority_dedup_and_cap():
     }
     # Each distinct entry past the cap is over_cap once; its repeats are duplicates, so the
     # manifest's after_dedup (distinct new entries, before the cap) is not overstated.
-    capped = querybuild.merge_sources(
+    capped = merge.merge_sources(
         {"wordnet": ["a"], "titles": ["X", "X", "X", "Y"]},
         priority=("wordnet", "titles"),
         max_queries=1,
@@ -370,7 +367,7 @@ def test_merge_priority_dedup_and_cap():
         "dropped:duplicate": 2,
         "dropped:over_cap": 2,
     }
-    manifest = querybuild.build_manifest(
+    manifest = merge.build_manifest(
         list_path="q.txt.gz",
         result=capped,
         sha256="0" * 64,
@@ -383,7 +380,7 @@ def test_merge_priority_dedup_and_cap():
         "wordnet": 1,
         "titles": 2,
     }
-    lower = querybuild.merge_sources(
+    lower = merge.merge_sources(
         {"wordnet": ["Paris", "paris", "Hot Dog"]},
         priority=("wordnet",),
         max_queries=10,
@@ -391,22 +388,22 @@ def test_merge_priority_dedup_and_cap():
     )
     assert lower.queries == ["paris", "hot dog"]
     with pytest.raises(WitError, match="missing from the priority"):
-        querybuild.merge_sources({"titles": ["x"]}, priority=("wordnet",), max_queries=1)
+        merge.merge_sources({"titles": ["x"]}, priority=("wordnet",), max_queries=1)
     with pytest.raises(WitError, match="case must be one of"):
-        querybuild.merge_sources({}, priority=(), max_queries=1, case="upper")
+        merge.merge_sources({}, priority=(), max_queries=1, case="upper")
 
 
 def test_write_query_list_is_reproducible_and_loadable(tmp_path):
     path = str(tmp_path / "q.txt.gz")
-    sha = querybuild.write_query_list(path, ["dog", "hot dog", "Café"])
+    sha = merge.write_query_list(path, ["dog", "hot dog", "Café"])
     first = (tmp_path / "q.txt.gz").read_bytes()
-    assert querybuild.write_query_list(path, ["dog", "hot dog", "Café"]) == sha
+    assert merge.write_query_list(path, ["dog", "hot dog", "Café"]) == sha
     assert (tmp_path / "q.txt.gz").read_bytes() == first  # no timestamp in the gzip header
     assert queries.load_queries(path) == ["dog", "hot dog", "Café"]
     assert queries.queries_sha256(path) == sha
-    assert querybuild.manifest_path(path) == str(tmp_path / "q.json")
+    assert merge.manifest_path(path) == str(tmp_path / "q.json")
     with pytest.raises(WitError, match="invalid query"):
-        querybuild.write_query_list(path, ["two\nlines"])
+        merge.write_query_list(path, ["two\nlines"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +431,7 @@ Abandum \\A*ban"dum\\ ([.a]*b[a^]n"d[u^]m), n. [LL. See
 def test_dictd_paragraphs_without_markup(tmp_path):
     path = tmp_path / "gcide.dict.dz"
     path.write_bytes(gzip.compress(GCIDE_ENTRIES.encode()))
-    got = [" ".join(p.split()) for p in querybuild.iter_text_paragraphs(str(path))]
+    got = [" ".join(p.split()) for p in text.iter_text_paragraphs(str(path))]
     assert got == [
         "Affear , v. t. To frighten.",
         # The parenthesis after a pronunciation is taken for a respelling, a label here.
@@ -443,7 +440,7 @@ def test_dictd_paragraphs_without_markup(tmp_path):
         "Abandum , n. (Law) Anything forfeited or confiscated.",
     ]
     uni, bi, counter = collections.Counter(), collections.Counter(), collections.Counter()
-    querybuild.count_text(str(path), uni, bi, counter)
+    text.count_text(str(path), uni, bi, counter)
     assert counter == {"paragraphs": 3, "tokens": 5 + 23 + 7}
     # No pair from the markup ("1913 webster"); hard-wrapped lines pair across the break.
     assert bi["1913 webster"] == 0 and bi["white feathers"] == 1 and bi["of america"] == 1
@@ -451,21 +448,21 @@ def test_dictd_paragraphs_without_markup(tmp_path):
 
 def test_text_paragraphs_join_wrapped_lines(tmp_path, monkeypatch):
     path = tmp_path / "fortunes.gz"
-    text = "A hot dog\nstand.\n\n\n%\nIce cream  \n  truck\r\n"
-    path.write_bytes(gzip.compress(text.encode()))
-    assert list(querybuild.iter_text_paragraphs(str(path))) == [
+    content = "A hot dog\nstand.\n\n\n%\nIce cream  \n  truck\r\n"
+    path.write_bytes(gzip.compress(content.encode()))
+    assert list(text.iter_text_paragraphs(str(path))) == [
         "A hot dog stand.",
         "% Ice cream     truck",
     ]
     uni, bi, counter = collections.Counter(), collections.Counter(), collections.Counter()
-    querybuild.count_text(str(path), uni, bi, counter)
+    text.count_text(str(path), uni, bi, counter)
     assert counter == {"paragraphs": 2, "tokens": 7}
     assert bi == {"a hot": 1, "hot dog": 1, "dog stand": 1, "ice cream": 1, "cream truck": 1}
     # Without blank lines a paragraph is cut at a line end once it reaches the bound.
-    monkeypatch.setattr(querybuild, "MAX_PARAGRAPH_CHARS", 12)
+    monkeypatch.setattr(text, "MAX_PARAGRAPH_CHARS", 12)
     plain = tmp_path / "docs.txt"
     plain.write_text("one two\nthree four\nfive\n")
-    assert list(querybuild.iter_text_paragraphs(str(plain))) == ["one two three four", "five"]
+    assert list(text.iter_text_paragraphs(str(plain))) == ["one two three four", "five"]
 
 
 def test_beam_build_with_text_matches_plain_counting(tmp_path, excerpt):
@@ -473,31 +470,32 @@ def test_beam_build_with_text_matches_plain_counting(tmp_path, excerpt):
     lee = os.path.join(os.path.dirname(excerpt), "lee_background.cor")
     cfg = config.apply_overrides(config.BuildConfig(), ["queries.bigrams.min_count=5"]).queries
     out = str(tmp_path / "q.txt.gz")
-    inputs = querybuild.BuildInputs(dumps=(excerpt,), texts=(lee,))
-    manifest = querybuild.build(inputs, cfg, output=out, command="test", log=lambda *_: None)
+    inputs = build.BuildInputs(dumps=(excerpt,), texts=(lee,))
+    manifest = build.build(inputs, cfg, output=out, command="test", log=lambda *_: None)
 
     # Plain-Python reference: the text joins the bigram corpus, not the unigram source.
     uni, bi, pages = collections.Counter(), collections.Counter(), collections.Counter()
-    querybuild.count_pages(querybuild.iter_pages(excerpt), uni, bi, pages)
-    want_uni = querybuild.select_unigrams(
+    wikipedia.count_pages(wikipedia.iter_pages(excerpt), uni, bi, pages)
+    want_uni = ngrams.select_unigrams(
         uni, min_count=100, max_chars=40, counter=collections.Counter()
     )
-    text = collections.Counter()
-    querybuild.count_text(lee, uni, bi, text)
-    n_tokens = pages["tokens"] + text["tokens"]
+    text_counts = collections.Counter()
+    text.count_text(lee, uni, bi, text_counts)
+    n_tokens = pages["tokens"] + text_counts["tokens"]
     assert n_tokens == sum(uni.values())
-    want_bi = querybuild.score_bigrams(
+    want_bi = ngrams.score_bigrams(
         bi, uni, n_tokens, min_count=5, min_pmi=8.0, counter=collections.Counter()
     )
     work = str(tmp_path / "q.work")
-    got_uni = querybuild.read_candidates(os.path.join(work, "unigrams.tsv.gz"))
-    got_bi = querybuild.read_candidates(os.path.join(work, "bigrams.tsv.gz"))
+    got_uni = pipeline.read_candidates(os.path.join(work, "unigrams.tsv.gz"))
+    got_bi = pipeline.read_candidates(os.path.join(work, "bigrams.tsv.gz"))
     assert [(w, int(c)) for w, c in got_uni] == want_uni
     assert [(b, int(c)) for b, _, c in got_bi] == [(b, c) for b, _, c in want_bi]
-    stats = querybuild.split_counters(
-        fileio.read_json(os.path.join(work, "stats.json"))["counters"]
-    )
-    assert stats["text"] == {"paragraphs": text["paragraphs"], "tokens": text["tokens"]}
+    stats = counters.split_scopes(fileio.read_json(os.path.join(work, "stats.json"))["counters"])
+    assert stats["text"] == {
+        "paragraphs": text_counts["paragraphs"],
+        "tokens": text_counts["tokens"],
+    }
     assert stats["corpus"] == {"tokens": pages["tokens"]}
 
     doc = manifest["sources"]["bigrams"]
@@ -505,8 +503,8 @@ def test_beam_build_with_text_matches_plain_counting(tmp_path, excerpt):
     assert doc["inputs"][-1] == {
         "kind": "text",
         "files": [{"path": lee, "kind": "text", "size": os.path.getsize(lee), "format": "text"}],
-        "paragraphs": text["paragraphs"],
-        "tokens": text["tokens"],
+        "paragraphs": text_counts["paragraphs"],
+        "tokens": text_counts["tokens"],
     }
     assert manifest["sources"]["unigrams"]["inputs"][0]["corpus_tokens"] == pages["tokens"]
     # Text seen by the bigrams only: a pair of the news corpus is a candidate.
@@ -516,8 +514,8 @@ def test_beam_build_with_text_matches_plain_counting(tmp_path, excerpt):
 
 def _plain_bigrams(dump: str) -> list[str]:
     uni, bi, pages = collections.Counter(), collections.Counter(), collections.Counter()
-    querybuild.count_pages(querybuild.iter_pages(dump), uni, bi, pages)
-    rows = querybuild.score_bigrams(
+    wikipedia.count_pages(wikipedia.iter_pages(dump), uni, bi, pages)
+    rows = ngrams.score_bigrams(
         bi, uni, pages["tokens"], min_count=5, min_pmi=8.0, counter=collections.Counter()
     )
     return [b for b, _, _ in rows]
@@ -529,7 +527,7 @@ def _plain_bigrams(dump: str) -> list[str]:
 
 def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
     dump = tmp_path / "enwiki-20160101-pages-articles-multistream.xml.bz2"
-    dump.write_bytes(_multistream(excerpt_xml, 10))
+    dump.write_bytes(wikipedia.multistream_bytes(excerpt_xml, pages_per_stream=10))
     views = tmp_path / "pageviews-20240101-000000.gz"
     views.write_bytes(
         gzip.compress(b"en Golden_retriever 120 0\nen.m Hot_dog 90 0\nen Rare 1 0\nxx\n")
@@ -540,13 +538,11 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
     ).queries
     out = str(tmp_path / "out" / "q.txt.gz")
     work = str(tmp_path / "out" / "q.work")
-    inputs = querybuild.BuildInputs(dumps=(str(dump),), pageviews=(str(views),))
+    inputs = build.BuildInputs(dumps=(str(dump),), pageviews=(str(views),))
     # Count first with a tiny flush size (partial counts leave the DoFn many times per bundle),
     # then build: the build finds the completed counts and only merges.
-    fingerprint = querybuild._fingerprint(
-        inputs, cfg, {"dumps": [str(dump)], "pageviews": [str(views)]}
-    )
-    querybuild.run_counting_pipeline(
+    fingerprint = build._fingerprint(inputs, cfg, {"dumps": [str(dump)], "pageviews": [str(views)]})
+    pipeline.run_counting_pipeline(
         dump_files=[str(dump)],
         pageview_files=[str(views)],
         cfg=cfg,
@@ -555,28 +551,28 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
         max_keys=500,
     )
     logs: list[str] = []
-    manifest = querybuild.build(inputs, cfg, output=out, command="test", log=logs.append)
+    manifest = build.build(inputs, cfg, output=out, command="test", log=logs.append)
     assert any("not recounting" in line for line in logs)
 
     # Plain-Python reference over the original single-stream file.
     uni, bi, pages = collections.Counter(), collections.Counter(), collections.Counter()
-    querybuild.count_pages(querybuild.iter_pages(excerpt), uni, bi, pages)
+    wikipedia.count_pages(wikipedia.iter_pages(excerpt), uni, bi, pages)
     n_tokens = pages.pop("tokens")
-    want_uni = querybuild.select_unigrams(
+    want_uni = ngrams.select_unigrams(
         uni, min_count=100, max_chars=40, counter=collections.Counter()
     )
-    want_bi = querybuild.score_bigrams(
+    want_bi = ngrams.score_bigrams(
         bi, uni, n_tokens, min_count=5, min_pmi=8.0, counter=collections.Counter()
     )
-    got_uni = querybuild.read_candidates(os.path.join(work, "unigrams.tsv.gz"))
-    got_bi = querybuild.read_candidates(os.path.join(work, "bigrams.tsv.gz"))
+    got_uni = pipeline.read_candidates(os.path.join(work, "unigrams.tsv.gz"))
+    got_bi = pipeline.read_candidates(os.path.join(work, "bigrams.tsv.gz"))
     assert [(w, int(c)) for w, c in got_uni] == want_uni
     assert [(b, c) for b, _, c in map(tuple, got_bi)] == [(b, str(c)) for b, _, c in want_bi]
     assert [float(s) for _, s, _ in got_bi] == pytest.approx([s for _, s, _ in want_bi], abs=1e-6)
 
     marker = fileio.read_json(os.path.join(work, "stats.json"))
     assert marker["rows"] == {"bigrams": len(want_bi), "titles": 2, "unigrams": len(want_uni)}
-    stats = querybuild.split_counters(marker["counters"])
+    stats = counters.split_scopes(marker["counters"])
 
     assert stats["pages"] == {
         "input": 206,
@@ -594,7 +590,7 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
         manifest["total"] == len(got)
         and queries.queries_sha256(out) == manifest["queries"]["sha256"]
     )
-    assert [querybuild.normalize_query(q) for q in got] == got
+    assert [merge.normalize_query(q) for q in got] == got
     assert len(set(got)) == len(got)
     # Titles keep Wikipedia's casing; words are lower case: "Hot dog" and "hot" are both kept.
     assert manifest["sources"]["titles"]["in_list"] == 2
@@ -604,7 +600,7 @@ def test_beam_build_matches_plain_counting(tmp_path, excerpt, excerpt_xml):
 
     # A rerun with the same inputs reuses the counts; a missing candidate file forces a recount.
     os.remove(os.path.join(work, "bigrams.tsv.gz"))
-    assert not querybuild._counts_current(work, fingerprint)
+    assert not build._counts_current(work, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,35 +616,35 @@ def test_shipped_default_list():
     entries = queries.load_queries(path)
     assert 400_000 <= len(entries) <= 500_000
     assert len(set(entries)) == len(entries)
-    assert all(q == querybuild.normalize_query(q) for q in entries)
+    assert all(q == merge.normalize_query(q) for q in entries)
     present = set(entries)
     for q in EVERYDAY + MULTIWORD:
         assert q in present, q
-    manifest = fileio.read_json(querybuild.manifest_path(path))
+    manifest = fileio.read_json(merge.manifest_path(path))
     assert manifest["total"] == manifest["queries"]["count"] == len(entries)
     assert manifest["queries"]["sha256"] == queries.queries_sha256(path)
     assert set(manifest["sources"]) == {"wordnet", "unigrams", "bigrams", "titles"}
     assert sum(s["in_list"] for s in manifest["sources"].values()) == len(entries)
     # Nothing from ../shared is named by a machine path in the committed manifest.
-    text = json.dumps(manifest)
-    assert "/work/" not in text and "site-packages" not in text
+    dumped = json.dumps(manifest)
+    assert "/work/" not in dumped and "site-packages" not in dumped
 
 
 def test_build_default_reproduces_the_shipped_list(tmp_path, shared_data, wordnet_dir, excerpt):
     pytest.importorskip("pywordfreq")
-    titles = str(shared_data / querybuild.VITAL_ARTICLES)
-    manifest = querybuild.build_default(
+    titles = str(shared_data / default.VITAL_ARTICLES)
+    manifest = default.build_default(
         output_dir=str(tmp_path),
         wordnet_dir=wordnet_dir,
         titles=titles,
-        titles_name=f"$WIT_SHARED_DATA/{querybuild.VITAL_ARTICLES}",
+        titles_name=f"$WIT_SHARED_DATA/{default.VITAL_ARTICLES}",
         command="wit queries build-default --output queries/",
         log=lambda *_: None,
     )
-    built = tmp_path / querybuild.DEFAULT_LIST_NAME
+    built = tmp_path / default.DEFAULT_LIST_NAME
     shipped = queries.default_queries_path()
     assert gzip.decompress(built.read_bytes()) == queries.read_query_bytes(shipped)
-    want = fileio.read_json(querybuild.manifest_path(shipped))
+    want = fileio.read_json(merge.manifest_path(shipped))
     for doc in (manifest, want):
         doc.pop("created")
     assert manifest == want
@@ -740,13 +736,13 @@ def test_pipeline_translates_with_every_dofn_pickled(tmp_path):
     dump = tmp_path / "enwiki-20240101-pages-articles1.xml.bz2"
     dump.write_bytes(bz2.compress(b"<mediawiki></mediawiki>"))
     p = beam.Pipeline()  # translated, never run
-    ngrams = p | querybuild.CountWikipediaNgrams(
+    counted = p | pipeline.CountWikipediaNgrams(
         files=[str(dump)], split_bytes=1 << 20, batch_pages=8
     )
-    _ = ngrams | querybuild.ScoreBigrams(min_count=5, min_pmi=8.0)
-    _ = ngrams[querybuild.UNIGRAMS] | querybuild.SelectUnigrams(min_count=100, max_chars=40)
-    _ = p | querybuild.SumPageviews(files=["x.gz"], projects=("en",), min_views=70)
-    _ = p | querybuild.CountTextNgrams(files=["x.txt"], batch_paragraphs=64)
+    _ = counted | pipeline.ScoreBigrams(min_count=5, min_pmi=8.0)
+    _ = counted[pipeline.UNIGRAMS] | pipeline.SelectUnigrams(min_count=100, max_chars=40)
+    _ = p | pipeline.SumPageviews(files=["x.gz"], projects=("en",), min_views=70)
+    _ = p | pipeline.CountTextNgrams(files=["x.txt"], batch_paragraphs=64)
     proto = p.to_runner_api()
     payloads = [
         t.spec.payload
@@ -755,9 +751,9 @@ def test_pipeline_translates_with_every_dofn_pickled(tmp_path):
     ]
     assert len(payloads) >= 10
     for fn in (
-        querybuild._CountNgramsFn(bigrams=True),
-        querybuild._CountNgramsFn(bigrams=True, wikitext=False, tokens_counter="text/tokens"),
-        querybuild._SelectUnigramsFn(min_count=100, max_chars=40),
-        querybuild._ScoreBigramsFn(8.0),
+        pipeline._CountNgramsFn(bigrams=True),
+        pipeline._CountNgramsFn(bigrams=True, wikitext=False, tokens_counter="text/tokens"),
+        pipeline._SelectUnigramsFn(min_count=100, max_chars=40),
+        pipeline._ScoreBigramsFn(8.0),
     ):
         assert type(pickler.loads(pickler.dumps(fn))) is type(fn)

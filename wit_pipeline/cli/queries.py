@@ -162,10 +162,10 @@ def _config(args: argparse.Namespace):
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from wit_pipeline.queries import build as querybuild
+    from wit_pipeline.queries import build, merge
 
     cfg = _config(args)
-    inputs = querybuild.BuildInputs(
+    inputs = build.BuildInputs(
         dumps=tuple(args.dump),
         unigram_counts=tuple(args.unigram_counts),
         wordfreq_tokens=int(args.wordfreq_tokens),
@@ -174,7 +174,7 @@ def run_build(args: argparse.Namespace) -> int:
         wordnet=args.wordnet,
         texts=tuple(args.text),
     )
-    manifest = querybuild.build(
+    manifest = build.build(
         inputs,
         cfg,
         output=args.output,
@@ -183,13 +183,13 @@ def run_build(args: argparse.Namespace) -> int:
         command=_command_line(),
         force=args.force,
     )
-    print(querybuild.summary_table(manifest))
+    print(merge.summary_table(manifest))
     print(f"wrote {args.output} ({manifest['total']:,} queries) and its manifest")
     return 0
 
 
 def _default_titles() -> str:
-    from wit_pipeline.queries.build import VITAL_ARTICLES
+    from wit_pipeline.queries.default import VITAL_ARTICLES
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     base = os.environ.get("WIT_SHARED_DATA") or os.path.join(
@@ -202,34 +202,34 @@ def _default_titles() -> str:
 
 
 def run_build_default(args: argparse.Namespace) -> int:
-    from wit_pipeline.queries import build as querybuild
+    from wit_pipeline.queries import default, merge
 
     titles = args.titles or _default_titles()
-    manifest = querybuild.build_default(
+    manifest = default.build_default(
         output_dir=args.output,
         wordnet_dir=args.wordnet,
         titles=titles,
         # The shared data folder lives outside the repository: name it portably.
-        titles_name=None if args.titles else f"$WIT_SHARED_DATA/{querybuild.VITAL_ARTICLES}",
+        titles_name=None if args.titles else f"$WIT_SHARED_DATA/{default.VITAL_ARTICLES}",
         dump=args.dump,
         texts=tuple(args.text),
         command=_command_line(),
     )
-    print(querybuild.summary_table(manifest))
-    print(f"wrote {os.path.join(args.output, querybuild.DEFAULT_LIST_NAME)} and its manifest")
+    print(merge.summary_table(manifest))
+    print(f"wrote {os.path.join(args.output, default.DEFAULT_LIST_NAME)} and its manifest")
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
     from wit_pipeline import fileio, queries
-    from wit_pipeline.queries import build as querybuild
+    from wit_pipeline.queries import merge
 
     path = args.path or queries.default_queries_path()
     entries = queries.load_queries(path)
     print(f"{path}: {len(entries):,} queries, sha256 {queries.queries_sha256(path)}")
-    mpath = querybuild.manifest_path(path)
+    mpath = merge.manifest_path(path)
     if fileio.exists(mpath):
         manifest = fileio.read_json(mpath)
-        print(querybuild.summary_table(manifest))
+        print(merge.summary_table(manifest))
         print(f"built {manifest.get('created', '?')} by: {manifest.get('command', '?')}")
     return 0

@@ -1,11 +1,24 @@
-"""The query list: loading (every stage) and building (``wit queries build``).
+"""The query list: loading (every stage) and building (``wit queries``).
 
-Building lives in ``queries/build.py`` (sources, merge, Beam counting); this module only reads lists,
-so every stage can import it without Beam.
+This module only reads lists, so every stage can import it without Beam. A query list is a text
+file, optionally gzip-compressed, with one query per line. A query's id is its 0-based position
+among the non-empty lines; ``query_ids`` in every later stage index into that list, so a
+dataset records which list (path and sha256) it was matched against.
 
-A query list is a text file, optionally gzip-compressed, with one query per line. A query's id
-is its 0-based position among the non-empty lines; ``query_ids`` in every later stage index into
-that list, so a dataset records which list (path and sha256) it was matched against.
+Building a list (CLIP's ~500k queries: Wikipedia words and bigrams, titles, WordNet) lives in
+the modules of this package, in the order a reader needs them:
+
+- ``reading``: input files (lines, sizes, checksums) and their records in the manifest.
+- ``wikipedia``: dump pages, byte-range splits, wikitext cleaning, counting articles.
+- ``ngrams``: tokens; the unigram source (dump counts, count tables, wordfreq) and the bigram
+  source (PMI).
+- ``text``: plain-text and dictd corpora, more text for the bigrams.
+- ``titles``: article titles from pageview files or plain lists.
+- ``wordnet``: the lemmas of WordNet's synsets.
+- ``merge``: every source's candidates merged (dedup, priority, cap); the list and its manifest.
+- ``pipeline``: the Beam counting pipeline (the one part that needs a cluster).
+- ``build``: ``wit queries build`` (count once, then merge).
+- ``default``: ``wit queries build-default``, the shipped list from offline sources (no Beam).
 """
 
 from __future__ import annotations
