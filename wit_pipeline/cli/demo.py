@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 EPILOG = """\
 examples:
@@ -91,10 +90,9 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import json
     import os
-    import time
 
-    from wit_pipeline.demo import server
     from wit_pipeline.errors import WitError
+    from wit_pipeline.loopback import ImageServer
 
     manifest_path = os.path.join(args.web_dir, "web.json")
     if not os.path.exists(manifest_path):
@@ -103,17 +101,10 @@ def serve(args: argparse.Namespace) -> int:
         base_url = json.load(f)["base_url"]
     port = int(base_url.rsplit(":", 1)[1])
     try:
-        ctx = server.serve(os.path.join(args.web_dir, "site"), port=port)
-        srv = ctx.__enter__()
+        srv = ImageServer(os.path.join(args.web_dir, "site"), mount="/", port=port)
     except OSError as e:
         raise WitError(f"cannot serve on port {port} (the port its URLs name): {e}") from None
-    try:
-        srv.load_routes(os.path.join(args.web_dir, "routes.json"))
-        print(f"serving {args.web_dir} at {srv.base_url}/pages/0000.html (Ctrl-C stops)")
-        sys.stdout.flush()
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        ctx.__exit__(None, None, None)
+    srv.load_routes(os.path.join(args.web_dir, "routes.json"))
+    print(f"serving {args.web_dir} at {srv.base_url}/pages/0000.html (Ctrl-C stops)", flush=True)
+    srv.serve_forever()
+    return 0
