@@ -401,3 +401,22 @@ def test_help_of_every_command_shows_the_config_defaults():
     assert "pairs per model batch (default: 256)" in helps["score"]
     for words in ("gather", "build", "dedup", "balance", "download", "score", "queries build"):
         assert "--set KEY=VALUE" in helps[words] and "--config FILE" in helps[words], words
+
+
+def test_make_help_lists_every_target_and_test_fast_leaves_out_slow_tests():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "Makefile")) as f:
+        phony = next(line for line in f if line.startswith(".PHONY:")).split()[1:]
+    shown = subprocess.run(
+        ["make", "-s", "help"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    listed = [line.split()[1] for line in shown.splitlines() if line.startswith("make ")]
+    assert sorted(listed) == sorted(phony)
+    dry = subprocess.run(
+        ["make", "-s", "-n", "-o", "install", "test-fast", "PYTEST_ARGS=tests/test_cli.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert dry.strip().endswith('-m pytest -m "not slow" tests/test_cli.py')
