@@ -198,7 +198,7 @@ def overrides_of(*argv: str, cfg: config.BuildConfig | None = None) -> dict:
     return cli_args.flag_overrides(parsed, cfg or config.BuildConfig())
 
 
-# (argv, the exact overrides its flags give): every command with config flags, each flag once.
+# (argv, the exact overrides its flags give): each config flag of each command in some case.
 OVERRIDE_CASES = [
     (["gather", "-i", "a", "-o", "o"], {}),
     (
