@@ -5,6 +5,7 @@ Each sub-command lives in ``wit_pipeline/cli/<name>.py``: its ``HELP`` line (and
 adds its own arguments and sets ``func``. Arguments several commands share, and the one table
 from flags to config fields, are in ``cli/args.py``. Heavy imports (Beam, torch) happen only
 when a command runs, so ``wit --help`` is instant.
+
 Unknown ``--flags`` are passed to Beam as pipeline options (``--runner``, ``--direct_num_workers``,
 ``--project``, ...). User errors print one line and exit with status 2, without a traceback.
 """
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"wit_pipeline.cli.{name}":
                 continue  # command not part of this build
             raise
-        parser_of_command = args_lib.add_command(
+        command = args_lib.add_command(
             sub,
             name,
             help=module.HELP,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=getattr(module, "EPILOG", ""),
             add_help=getattr(module, "ADD_HELP", True),
         )
-        module.add_arguments(parser_of_command)
+        module.add_arguments(command)
     return parser
 
 
