@@ -184,9 +184,14 @@ FLAGS: dict[str, Flag] = {
 }
 
 
+def field_of(cfg: Any, path: str) -> Any:
+    """The value of the field at dotted ``path`` of ``cfg`` (``AttributeError`` if none)."""
+    return functools.reduce(getattr, path.split("."), cfg)
+
+
 def default_of(path: str) -> Any:
-    """The default of the config field at dotted ``path`` (``AttributeError`` if none)."""
-    return functools.reduce(getattr, path.split("."), config_lib.BuildConfig())
+    """The default of the config field at dotted ``path``."""
+    return field_of(config_lib.BuildConfig(), path)
 
 
 def _show(value: Any) -> str:
@@ -224,7 +229,7 @@ def flag_overrides(args: argparse.Namespace, cfg: config_lib.BuildConfig) -> dic
         if f.convert is not None:
             value = f.convert(value)
         if f.append:
-            value = [*functools.reduce(getattr, f.path.split("."), cfg), *value]
+            value = [*field_of(cfg, f.path), *value]
         for other in f.clears:
             out[other] = None
         out[f.path] = value
