@@ -19,13 +19,18 @@ ARGS ?=
 .PHONY: help install test test-fast lint format build-dataset queries benchmarks clean
 
 help:
+	@echo "make help           this list"
 	@echo "make install        create $(VENV)/ and install wit-pipeline with pinned dependencies"
-	@echo "make test           run the test suite (installs first when $(VENV)/ is missing)"
+	@echo "make test           run the test suite (installs first when $(VENV)/ is missing;"
+	@echo "                    PYTEST_ARGS= passes more pytest arguments, e.g. tests/test_cli.py)"
+	@echo "make test-fast      the test suite without the tests marked slow (the demo runs)"
 	@echo "make lint           ruff check + format check"
+	@echo "make format         ruff: fix what it can and format"
 	@echo "make build-dataset  the built-in demo (web -> shards -> report -> wit-tiny), or with INPUT= a"
 	@echo "                    'wit build' of your crawl (QUERIES= OUTPUT= RUNNER= CONFIG= ARGS=)"
 	@echo "make queries        rebuild the shipped query list in queries/"
 	@echo "make benchmarks     run the benchmarks in benchmarks/"
+	@echo "make clean          remove out/, pytest caches and build leftovers"
 
 install: $(STAMP)
 
@@ -35,9 +40,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE \
-	  $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

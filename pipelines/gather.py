@@ -2,10 +2,11 @@
 
     python pipelines/gather.py --input 'gs://b/wat/*.wat.gz' --queries gs://b/q.txt.gz \
         --output gs://b/gather --runner DataflowRunner --project P --region R \
-        --temp_location gs://b/tmp --setup_file ./setup.py
+        --temp_location gs://b/tmp --setup_file ./pyproject.toml
 
 Same flags as ``wit gather`` (see ``docs/gather.md``); other flags go to Beam, and one Beam does
-not know either is refused.
+not know either is refused. ``--setup_file ./pyproject.toml`` ships this package to the Dataflow
+workers (or use ``--sdk_container_image`` built from the ``Dockerfile``; see ``docs/scaling.md``).
 """
 
 import os

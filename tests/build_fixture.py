@@ -1,6 +1,6 @@
 """A small web of real Flickr8k photos for the ``wit build`` tests, and its expected outcome.
 
-``Web`` serves Flickr8k photos on 127.0.0.1 (``localserver.ImageServer``) behind gallery pages
+``Web`` serves Flickr8k photos on 127.0.0.1 (``loopback.ImageServer``) behind gallery pages
 written into a WARC (as ``wit_pipeline/demo/web.py`` does), with planted cases, each with the
 fate the pipeline must give it:
 

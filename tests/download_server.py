@@ -223,12 +223,16 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         time.sleep(8)
         send(req, 200, JPEG)
 
-    def drip(req):
+    def jpeg_headers(req):
+        """The headers of a full JPEG answer; the handler then writes (some of) the body."""
         req.close_connection = True
         req.send_response(200)
         req.send_header("Content-Type", "image/jpeg")
         req.send_header("Content-Length", str(len(JPEG)))
         req.end_headers()
+
+    def drip(req):
+        jpeg_headers(req)
         deadline = time.monotonic() + 30
         for i in range(len(JPEG)):
             if time.monotonic() > deadline:
@@ -238,11 +242,7 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
             time.sleep(0.1)
 
     def short_body(req):
-        req.close_connection = True
-        req.send_response(200)
-        req.send_header("Content-Type", "image/jpeg")
-        req.send_header("Content-Length", str(len(JPEG)))
-        req.end_headers()
+        jpeg_headers(req)
         req.wfile.write(JPEG[:100])
         req.wfile.flush()
 

@@ -421,10 +421,10 @@ def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_dat
 
 
 def cli_config(args: list[str]) -> config.BuildConfig:
-    from wit_pipeline.cli import build as build_cmd
+    from wit_pipeline.cli import args as cli_args
 
     parsed, _ = cli.build_parser().parse_known_args(args)
-    return build_cmd.build_config(parsed)
+    return cli_args.build_config(parsed)
 
 
 # ---------------------------------------------------------------------------------------------

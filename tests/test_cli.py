@@ -1,5 +1,6 @@
 """The ``wit`` command line: help, one-line errors (no traceback), and ``wit gather`` itself."""
 
+import argparse
 import gzip
 import json
 import os
@@ -11,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import beam_utils, cli, queries
+from wit_pipeline import beam_utils, cli, config, queries
+from wit_pipeline.cli import args as cli_args
 
 
 def run_cli(*args):
@@ -176,3 +178,219 @@ def test_beam_flags_of_every_runner_are_accepted():
             "-q",
         ]
     ) == ["--not_a_beam_flag", "-q"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared arguments and the table from flags to config fields (wit_pipeline/cli/args.py)
+
+
+def command_parsers(parser, prefix=()):
+    """``(("queries", "build"), parser)`` for every (sub-)command of ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from command_parsers(sub, (*prefix, name))
+
+
+def overrides_of(*argv: str, cfg: config.BuildConfig | None = None) -> dict:
+    parsed, _ = cli.build_parser().parse_known_args(list(argv))
+    return cli_args.flag_overrides(parsed, cfg or config.BuildConfig())
+
+
+# (argv, the exact overrides its flags give): each config flag of each command in some case.
+OVERRIDE_CASES = [
+    (["gather", "-i", "a", "-o", "o"], {}),
+    (
+        [
+            "gather", "-i", "a", "-o", "o", "--input-format", "csv", "--url-column", "u",
+            "--caption-column", "c", "--languages", "en,de", "--language-detector", "none",
+            "--keep-unmatched", "--no-rejected", "--num-shards", "3",
+        ],
+        {
+            "gather.input_format": "csv",
+            "gather.url_column": "u",
+            "gather.caption_column": "c",
+            "gather.captions.languages": "en,de",
+            "gather.captions.language_detector": "none",
+            "gather.match.keep_unmatched": True,
+            "gather.write_rejected": False,
+            "gather.num_output_shards": 3,
+        },
+    ),
+    (["gather", "-i", "a", "-o", "o", "--languages", " ALL"], {"gather.captions.languages": ""}),
+    (["queries", "build", "--output", "q.txt"], {}),
+    (
+        [
+            "queries", "build", "--output", "q.txt", "--min-count", "5",
+            "--bigram-min-count", "6", "--bigram-min-pmi", "7.5", "--min-views", "8",
+            "--max-queries", "9", "--priority", "titles,wordnet", "--case", "lower",
+        ],
+        {
+            "queries.unigrams.min_count": 5,
+            "queries.bigrams.min_count": 6,
+            "queries.bigrams.min_pmi": 7.5,
+            "queries.titles.min_views": 8,
+            "queries.max_queries": 9,
+            "queries.priority": "titles,wordnet",
+            "queries.case": "lower",
+        },
+    ),
+    (["download", "-i", "a", "-o", "o"], {}),
+    (["download", "-i", "a", "-o", "o", "--allow-loopback"], {"download.allow_loopback": True}),
+    (["dedup", "-i", "a", "-o", "o"], {}),
+    (
+        [
+            "dedup", "-i", "a", "-o", "o", "--eval-set", "e=x.parquet", "--max-distance", "6",
+            "--eval-max-distance", "2", "--no-collapse", "--eval-set", "y",
+        ],
+        {
+            "dedup.eval_sets": ["e=x.parquet", "y"],
+            "dedup.max_distance": 6,
+            "dedup.eval_max_distance": 2,
+            "dedup.collapse": False,
+        },
+    ),
+    (["balance", "-i", "a", "-o", "o"], {}),
+    (
+        [
+            "balance", "-i", "a", "-o", "o", "--t", "0", "--seed", "3", "--factor", "1.5",
+            "--samples-per-shard", "7",
+        ],
+        {
+            "balance.t": 0,
+            "balance.seed": 3,
+            "balance.prebalance_factor": 1.5,
+            "shards.samples_per_shard": 7,
+        },
+    ),
+    (["build", "-i", "a", "-o", "o"], {}),
+    (
+        [
+            "build", "-i", "a", "b", "-o", "o", "--allow-loopback", "--eval-set", "e",
+            "--seed-model", "ckpt.pt", "--seed-arch", "wit-tiny",
+        ],
+        {
+            "download.allow_loopback": True,
+            "dedup.eval_sets": ["e"],
+            "score.pretrained": "ckpt.pt",
+            "score.model": "wit-tiny",
+        },
+    ),
+    (["score", "-i", "a", "-o", "o"], {}),
+    (
+        [
+            "score", "-i", "a", "-o", "o", "--model", "m", "--pretrained", "p",
+            "--threshold", "0.2", "--batch-size", "8", "--device", "cpu",
+        ],
+        {
+            "score.model": "m",
+            "score.pretrained": "p",
+            "score.keep_fraction": None,
+            "score.threshold": 0.2,
+            "score.batch_size": 8,
+            "score.device": "cpu",
+        },
+    ),
+    (
+        ["score", "-i", "a", "-o", "o", "--keep-fraction", "0.3"],
+        {"score.threshold": None, "score.keep_fraction": 0.3},
+    ),
+]  # fmt: skip
+
+
+def test_every_flag_names_a_config_field_and_the_cases_try_each_commands_flags():
+    defaults = config.BuildConfig()
+    for name, flag in cli_args.FLAGS.items():
+        for path in (flag.path, *flag.clears):
+            value = cli_args.default_of(path)  # AttributeError for a path that does not exist
+            assert config.override(defaults, path, value) == defaults, (name, path)
+    used = {
+        words: set(parser.get_default("config_flags"))
+        for words, parser in command_parsers(cli.build_parser())
+        if parser.get_default("config_flags")
+    }
+    tried: dict[tuple[str, ...], set[str]] = {}
+    for argv, _ in OVERRIDE_CASES:
+        words = tuple(argv[:2]) if argv[0] == "queries" else (argv[0],)
+        tried.setdefault(words, set()).update(a for a in argv if a in cli_args.FLAGS)
+    assert tried == used
+    assert set().union(*used.values()) == set(cli_args.FLAGS)
+    assert len(used) == 7
+
+
+@pytest.mark.parametrize("argv, expected", OVERRIDE_CASES)
+def test_each_commands_flags_give_exactly_these_overrides(argv, expected):
+    got = overrides_of(*argv)
+    assert got == expected
+    # The field a flag clears is reset before the flag's own is set.
+    assert list(got) == list(expected)
+
+
+def test_config_file_then_set_then_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "dedup:\n  eval_sets: [a]\n  max_distance: 3\n  partitions: 16\n"
+        "score:\n  keep_fraction: 0.5\n  device: cpu\n"
+    )
+    base = ["--config", str(tmp_path / "c.yaml")]
+
+    def cfg_of(*argv):
+        parsed, _ = cli.build_parser().parse_known_args(list(argv))
+        return cli_args.build_config(parsed)
+
+    cfg = cfg_of("dedup", "-i", "x", "-o", "y", *base, "--set", "dedup.max_distance=5")
+    assert (cfg.dedup.eval_sets, cfg.dedup.max_distance, cfg.dedup.partitions) == (("a",), 5, 16)
+    cfg = cfg_of(
+        "dedup", "-i", "x", "-o", "y", *base, "--set", "dedup.max_distance=5",
+        "--set", "dedup.eval_sets=c,d", "--max-distance", "6", "--eval-set", "b",
+    )  # fmt: skip
+    assert (cfg.dedup.eval_sets, cfg.dedup.max_distance) == (("c", "d", "b"), 6)
+    cfg = cfg_of("score", "-i", "x", "-o", "y", *base, "--threshold", "0.1")
+    assert (cfg.score.threshold, cfg.score.keep_fraction, cfg.score.device) == (0.1, None, "cpu")
+    assert cfg_of("score", "-i", "x", "-o", "y", *base).score.keep_fraction == 0.5
+
+
+def test_exclusive_flags_and_flag_values_are_refused(capsys, tmp_path, table):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["score", "-i", "x", "-o", "y", "--threshold", "1", "--keep-fraction", "0.1"])
+    assert e.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    msg = one_line_error(capsys, ["gather", "-i", str(table), "-o", "o", "--num-shards", "0"])
+    assert msg == "wit: error: --num-shards must be >= 1"
+
+
+def test_help_of_every_command_shows_the_config_defaults():
+    helps = {
+        " ".join(words): parser.format_help()
+        for words, parser in command_parsers(cli.build_parser())
+    }
+    assert sorted(helps) == [
+        "balance", "build", "dedup", "demo", "demo run", "demo serve", "download", "eval",
+        "eval retrieval", "eval zeroshot", "gather", "queries", "queries build",
+        "queries build-default", "queries info", "report", "score", "train",
+    ]  # fmt: skip
+    assert "target count per query (default: 20000)" in helps["balance"]
+    assert "codes to keep (default: en)" in helps["gather"]
+    assert "merge order (default: wordnet,unigrams,bigrams,titles)" in helps["queries build"]
+    assert "pairs per model batch (default: 256)" in helps["score"]
+    for words in ("gather", "build", "dedup", "balance", "download", "score", "queries build"):
+        assert "--set KEY=VALUE" in helps[words] and "--config FILE" in helps[words], words
+
+
+def test_make_help_lists_every_target_and_test_fast_leaves_out_slow_tests():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "Makefile")) as f:
+        phony = next(line for line in f if line.startswith(".PHONY:")).split()[1:]
+    shown = subprocess.run(
+        ["make", "-s", "help"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    listed = [line.split()[1] for line in shown.splitlines() if line.startswith("make ")]
+    assert sorted(listed) == sorted(phony)
+    dry = subprocess.run(
+        ["make", "-s", "-n", "-o", "install", "test-fast", "PYTEST_ARGS=tests/test_cli.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert dry.strip().endswith('-m pytest -m "not slow" tests/test_cli.py')

@@ -6,7 +6,8 @@ the web's own list of planted mess; the same web is then built again with two wo
 and with Beam's portable runner (in-process job server, LOOPBACK workers), which must write
 byte-identical shards; and ``notebooks/inspect_shards.ipynb`` is executed against the build and
 its scores. The default demo's build (pre-balancing on, no training) is checked for every
-planted drop reason, and ``make -n build-dataset`` for its variables.
+planted drop reason, and ``make -n build-dataset`` for its variables. The tests that run a demo
+are marked ``slow`` (``make test-fast`` leaves them out).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ DEFAULT_COUNTERS = {
 }
 
 
+@pytest.mark.slow
 def test_default_demo_build_shows_every_planted_reason(tmp_path):
     """The shipped config (pre-balancing on): every planted item that a download or dedup
     stage catches gets there (its caption names a rare query), so every reason is counted."""
@@ -146,6 +148,7 @@ def test_demo_refuses_remote_runners(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_every_planted_item_is_caught_where_web_py_says(demo):
     out, _cfg, summary, _ = demo
     manifest = json.loads((out / "web" / "web.json").read_text())
@@ -167,6 +170,7 @@ def test_every_planted_item_is_caught_where_web_py_says(demo):
     assert stats["contamination"]["sets_hit"] == [demo_run.EVAL_SET_NAME]
 
 
+@pytest.mark.slow
 def test_audit_tells_a_missed_item(demo):
     out, *_ = demo
     trace = audit.trace_urls(str(out / "build"))
@@ -177,6 +181,7 @@ def test_audit_tells_a_missed_item(demo):
     assert audit.judge({**bomb, "kind": "http_404"}, trace) == ("missed", "download:too_large")
 
 
+@pytest.mark.slow
 def test_summary_outputs_and_zero_shot(demo):
     out, _cfg, summary, lines = demo
     b = summary["build"]
@@ -200,6 +205,7 @@ def test_summary_outputs_and_zero_shot(demo):
     assert any(line.startswith("build: [4/5] finalize") for line in lines)
 
 
+@pytest.mark.slow
 def test_the_trained_model_scores_the_shards(demo):
     import pyarrow.parquet as pq
 
@@ -231,6 +237,7 @@ def test_the_trained_model_scores_the_shards(demo):
     assert f"WIT_SCORED_DIR={out}/scored jupyter lab" in text
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_web_the_build_and_the_model(demo, capsys):
     out, _cfg, summary, _ = demo
     before = sha_tree(out / "build" / "shards")
@@ -295,6 +302,7 @@ def test_a_taken_port_regenerates_the_web(tmp_path):
     ],
     ids=["two-worker-processes", "portable-loopback"],
 )
+@pytest.mark.slow
 def test_other_local_runners_write_the_same_shards(demo, runner_args, tmp_path):
     out, cfg, _summary, _ = demo
     assert runners.workers_share_filesystem(runners.runner_of(runner_args), runner_args)
@@ -317,6 +325,7 @@ def test_other_local_runners_write_the_same_shards(demo, runner_args, tmp_path):
     assert a["counters"] == b["counters"] and a["image_counters"] == b["image_counters"]
 
 
+@pytest.mark.slow
 def test_notebook_runs_against_the_build(demo):
     import nbformat
     from nbclient import NotebookClient

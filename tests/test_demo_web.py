@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from wit_pipeline.demo import scenes, server, web
+from wit_pipeline.demo import scenes, web
+from wit_pipeline.loopback import ImageServer
 
 
 def _get(url):
@@ -30,7 +31,7 @@ def _get(url):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("web")
-    with server.serve(str(out / "site")) as srv:
+    with ImageServer(str(out / "site"), mount="/") as srv:
         manifest = web.generate_web(
             str(out), base_url=srv.base_url, cfg=web.WebConfig(n_images=120)
         )

@@ -130,6 +130,7 @@ def test_kill_and_resume(tmp_path, capsys):
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
         assert f"{N_IMAGES}/{N_IMAGES + 2} images" in stderr
+        assert f"download: resuming ({len(finished)} shard(s) already finished)" in stderr
         again = {urls.normalize_url(server.url(p)) for _, p in server.requests}
         assert again and not (again & done_urls)  # finished shards were not downloaded again
 

@@ -1193,3 +1193,42 @@ def run_build(
 def step_status(output: str) -> dict[str, dict[str, Any] | None]:
     """``{step: marker or None}`` for a build directory (what a rerun would skip)."""
     return {s: read_marker(output, s) for s in STEPS}
+
+
+def run_download(
+    candidates: str,
+    output: str,
+    cfg: config.DownloadConfig,
+    *,
+    beam_args: Sequence[str] = (),
+    runner: str | None = None,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Run (or resume) the download step into ``output``: ``wit download``, and this build's step.
+
+    ``candidates``: a ``wit gather`` or pre-balance output directory, or Parquet files with a
+    ``url`` column. A rerun whose plan differs from the first run's is refused with one line; one
+    with finished shards resumes after them (and says so). Returns ``output``'s ``stats.json``
+    document, plus ``resumed_shards``: how many shards an earlier run had finished.
+    """
+    download_lib.validate_config(cfg)
+    files = download_lib.candidate_files(candidates)
+    download_lib.check_plan_config(output, cfg)
+    done_before = len(download_lib.finished_shards(output)) if fileio.exists(output) else 0
+    if done_before:
+        log(f"download: resuming ({done_before} shard(s) already finished)")
+    args = list(beam_args)
+    if runner:
+        args = [a for a in args if not a.startswith("--runner")] + [f"--runner={runner}"]
+    options = beam_utils.pipeline_options(beam_utils.local_parallelism(args, cfg.processes))
+    try:
+        with beam.Pipeline(options=options) as p:
+            add_download(p, files=files, output_dir=output, cfg=cfg)
+    except Exception as e:
+        # A WitError raised inside a worker reaches us wrapped by the runner: report its line.
+        m = re.search(r"(\S+ holds a download run with a different input[^\n'\"]*)", str(e))
+        if m:
+            raise WitError(m.group(1)) from None
+        raise
+    stats = fileio.read_json(fileio.join(output, download_lib.STATS_FILE))
+    return {**stats, "resumed_shards": done_before}

@@ -1,7 +1,11 @@
 """The ``wit`` command line: one sub-command per stage, plus ``build`` for the whole pipeline.
 
-Each sub-command lives in ``wit_pipeline/cli/<name>.py`` with ``add_parser(subparsers)``;
-heavy imports (Beam, torch) happen only when a command runs, so ``wit --help`` is instant.
+Each sub-command lives in ``wit_pipeline/cli/<name>.py``: its ``HELP`` line (and optionally
+``DESCRIPTION``, ``EPILOG`` examples, ``ADD_HELP = False``) and ``add_arguments(parser)``, which
+adds its own arguments and sets ``func``. Arguments several commands share, and the one table
+from flags to config fields, are in ``cli/args.py``. Heavy imports (Beam, torch) happen only
+when a command runs, so ``wit --help`` is instant.
+
 Unknown ``--flags`` are passed to Beam as pipeline options (``--runner``, ``--direct_num_workers``,
 ``--project``, ...). User errors print one line and exit with status 2, without a traceback.
 """
@@ -14,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from wit_pipeline.cli import args as args_lib
 from wit_pipeline.errors import WitError
 
 # Order is the order shown in --help.
@@ -46,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"wit_pipeline.cli.{name}":
                 continue  # command not part of this build
             raise
-        module.add_parser(sub)
+        command = args_lib.add_command(
+            sub,
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", ""),
+            epilog=getattr(module, "EPILOG", ""),
+            add_help=getattr(module, "ADD_HELP", True),
+        )
+        module.add_arguments(command)
     return parser
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from wit_pipeline.cli import args as args_lib
+
 EPILOG = """\
 examples:
   wit balance --input out/dedup --output out/final            # final shards
@@ -20,68 +22,37 @@ DIR/stats.json and DIR/query_counts.parquet. With --pre: DIR/candidates/*.parque
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "balance",
-        help="MetaCLIP per-query balancing; writes the final webdataset shards",
-        description=(
-            "Count matches per query over the pool, keep each sample with probability "
-            "1 - prod(1 - min(1, t / count)) over its queries (seeded by its id, identical on "
-            "every runner), and write training shards. --pre balances gather candidates "
-            "before download with t multiplied by an oversampling factor."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--input",
-        "-i",
-        required=True,
+HELP = "MetaCLIP per-query balancing; writes the final webdataset shards"
+DESCRIPTION = (
+    "Count matches per query over the pool, keep each sample with probability "
+    "1 - prod(1 - min(1, t / count)) over its queries (seeded by its id, identical on "
+    "every runner), and write training shards. --pre balances gather candidates "
+    "before download with t multiplied by an oversampling factor."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    args_lib.add_input(
+        p,
+        "`wit dedup` output (or `wit gather` output with --pre)",
         metavar="DIR",
-        help="`wit dedup` output (or `wit gather` output with --pre)",
+        many=False,
     )
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    args_lib.add_output(p)
     p.add_argument("--pre", action="store_true", help="pre-balance gather candidates")
-    p.add_argument("--config", metavar="FILE", help="YAML/TOML config (balance, shards sections)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set shards.samples_per_shard=5000 (repeatable)",
+    args_lib.add_config(
+        p, sections="its balance and shards sections", example="shards.samples_per_shard=5000"
     )
-    p.add_argument("--t", type=int, metavar="N", help="target count per query (20000)")
-    p.add_argument("--seed", type=int, help="seed of the keep draws (0)")
-    p.add_argument("--factor", type=float, help="oversampling factor of --pre (2.0)")
-    p.add_argument("--samples-per-shard", type=int, metavar="N", help="final shard size (10000)")
-    p.add_argument("--queries", metavar="FILE", help="query list, for the query-counts table")
-    p.add_argument("--runner", help="Beam runner (default FnApiRunner; DirectRunner, Dataflow)")
-    p.set_defaults(func=run, accepts_beam_args=True)
-    return p
-
-
-def balance_config(args):
-    from wit_pipeline import config as config_lib
-
-    cfg = config_lib.load_config(args.config)
-    cfg = config_lib.apply_overrides(cfg, args.overrides)
-    flags = {}
-    if args.t is not None:
-        flags["balance.t"] = args.t
-    if args.seed is not None:
-        flags["balance.seed"] = args.seed
-    if args.factor is not None:
-        flags["balance.prebalance_factor"] = args.factor
-    if args.samples_per_shard is not None:
-        flags["shards.samples_per_shard"] = args.samples_per_shard
-    return config_lib.apply_overrides(cfg, flags)
+    args_lib.add_flags(p, "--t", "--seed", "--factor", "--samples-per-shard")
+    args_lib.add_queries(p, "query list, for the query-counts table")
+    args_lib.add_runner(p)
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from wit_pipeline.stages import finalize
 
-    cfg = balance_config(args)
+    cfg = args_lib.build_config(args)
     kwargs = dict(queries_path=args.queries or "", beam_args=args.beam_args, runner=args.runner)
     if args.pre:
         doc = finalize.run_prebalance(args.input, args.output, cfg, **kwargs)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from wit_pipeline.cli import args as args_lib
+
 EPILOG = """\
 examples:
   wit build --input 'crawl/*.warc.gz' --output out/build
@@ -24,97 +26,33 @@ Unknown --flags are passed to Beam as pipeline options (docs/build.md).
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "build",
-        help="the whole pipeline: crawl files in, balanced and deduplicated training shards out",
-        description=(
-            "Build a WIT-style dataset end to end: gather query-matched pairs from crawls or "
-            "tables, pre-balance, download, deduplicate and decontaminate, balance (MetaCLIP), "
-            "optionally filter by CLIP score, and write webdataset shards with a report."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="WARC/WAT files, URL/caption tables, directories or globs (local or fsspec URLs)",
-    )
-    p.add_argument(
-        "--queries", "-q", metavar="FILE", help="query list (default: the shipped English list)"
-    )
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="build directory")
-    p.add_argument("--config", metavar="FILE", help="YAML/TOML build config (every stage)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config field, e.g. --set balance.t=5000 (repeatable)",
-    )
-    p.add_argument(
-        "--allow-loopback",
-        action="store_true",
-        help="let the downloader reach 127.0.0.0/8 and ::1 (tests, the local demo)",
-    )
-    p.add_argument(
-        "--eval-set",
-        dest="eval_sets",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="evaluation image set to decontaminate against, [NAME=]PATH[?col=value] "
-        "(repeatable; adds to dedup.eval_sets)",
-    )
-    p.add_argument(
-        "--seed-model",
-        metavar="CKPT_OR_TAG",
-        help="CLIP-score the balanced samples with this seed (a checkpoint or an open_clip tag; "
-        "sets score.pretrained); filter with score.threshold or score.keep_fraction",
-    )
-    p.add_argument(
-        "--seed-arch",
-        metavar="NAME",
-        help="architecture of the seed model (score.model; read from trainer checkpoints)",
-    )
-    p.add_argument("--runner", help="Beam runner (default FnApiRunner; DirectRunner, Dataflow)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="rebuild the steps whose settings changed (by default such a rerun is refused)",
-    )
-    p.set_defaults(func=run, accepts_beam_args=True)
-    return p
+HELP = "the whole pipeline: crawl files in, balanced and deduplicated training shards out"
+DESCRIPTION = (
+    "Build a WIT-style dataset end to end: gather query-matched pairs from crawls or "
+    "tables, pre-balance, download, deduplicate and decontaminate, balance (MetaCLIP), "
+    "optionally filter by CLIP score, and write webdataset shards with a report."
+)
 
 
-def build_config(args: argparse.Namespace):
-    """The config file, then ``--set`` overrides, then the specific flags."""
-    from wit_pipeline import config as config_lib
-
-    cfg = config_lib.load_config(args.config)
-    cfg = config_lib.apply_overrides(cfg, args.overrides)
-    flags: dict[str, object] = {}
-    if args.allow_loopback:
-        flags["download.allow_loopback"] = True
-    if args.eval_sets:
-        flags["dedup.eval_sets"] = list(cfg.dedup.eval_sets) + list(args.eval_sets)
-    if args.seed_model:
-        flags["score.pretrained"] = args.seed_model
-    if args.seed_arch:
-        flags["score.model"] = args.seed_arch
-    return config_lib.apply_overrides(cfg, flags)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    args_lib.add_input(
+        p, "WARC/WAT files, URL/caption tables, directories or globs (local or fsspec URLs)"
+    )
+    args_lib.add_queries(p, "query list (default: the shipped English list)")
+    args_lib.add_output(p, "build directory")
+    args_lib.add_config(p, sections="every stage", example="balance.t=5000")
+    args_lib.add_flags(p, "--allow-loopback", "--eval-set", "--seed-model", "--seed-arch")
+    args_lib.add_runner(p)
+    args_lib.add_overwrite(
+        p, "rebuild the steps whose settings changed (by default such a rerun is refused)"
+    )
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from wit_pipeline import build
 
-    cfg = build_config(args)
+    cfg = args_lib.build_config(args)
     doc = build.run_build(
         args.input,
         args.output,

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from wit_pipeline.cli import args as args_lib
+
 EPILOG = """\
 examples:
   wit dedup --input out/download --output out/dedup
@@ -23,83 +25,30 @@ Unknown --flags are passed to Beam as pipeline options (see docs/dedup.md).
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "dedup",
-        help="near-duplicate removal (pHash + LSH) and eval-set decontamination",
-        description=(
-            "Hash every downloaded image (pHash, identical to imagehash), group near "
-            "duplicates within a Hamming distance with LSH banding, keep one survivor per group "
-            "with every caption of the group, and drop images that match evaluation sets."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+HELP = "near-duplicate removal (pHash + LSH) and eval-set decontamination"
+DESCRIPTION = (
+    "Hash every downloaded image (pHash, identical to imagehash), group near "
+    "duplicates within a Hamming distance with LSH banding, keep one survivor per group "
+    "with every caption of the group, and drop images that match evaluation sets."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    args_lib.add_input(
+        p, "`wit download` output directories (DIR/shards/NNNNN.tar + .parquet)", metavar="DIR"
     )
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="DIR",
-        help="`wit download` output directories (DIR/shards/NNNNN.tar + .parquet)",
-    )
-    p.add_argument(
-        "--output", "-o", metavar="DIR", help="output directory (required without --finalize)"
-    )
-    p.add_argument("--config", metavar="FILE", help="YAML/TOML config (its dedup section)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set dedup.partitions=256 (repeatable)",
-    )
-    p.add_argument(
-        "--eval-set",
-        dest="eval_sets",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="evaluation image set to decontaminate against (repeatable; see below)",
-    )
-    p.add_argument(
-        "--max-distance", type=int, metavar="K", help="near-duplicate Hamming distance (4)"
-    )
-    p.add_argument("--eval-max-distance", type=int, metavar="K", help="contamination distance (4)")
-    p.add_argument(
-        "--no-collapse",
-        action="store_true",
-        help="keep one sample per pair and only mark near-duplicate groups",
-    )
+    args_lib.add_output(p, "output directory (required without --finalize)", required=False)
+    args_lib.add_config(p, sections="its dedup section", example="dedup.partitions=256")
+    args_lib.add_flags(p, "--eval-set", "--max-distance", "--eval-max-distance", "--no-collapse")
     p.add_argument(
         "--finalize",
         metavar="FINAL_DIR",
         help="also balance and write the final shards to FINAL_DIR, in the same pipeline "
         "(no intermediate samples are written)",
     )
-    p.add_argument("--queries", metavar="FILE", help="query list, for the query-counts table")
-    p.add_argument("--runner", help="Beam runner (default FnApiRunner; DirectRunner, Dataflow)")
-    p.set_defaults(func=run, accepts_beam_args=True)
-    return p
-
-
-def dedup_config(args):
-    from wit_pipeline import config as config_lib
-
-    cfg = config_lib.load_config(args.config)
-    cfg = config_lib.apply_overrides(cfg, args.overrides)
-    flags = {}
-    if args.eval_sets:
-        flags["dedup.eval_sets"] = list(cfg.dedup.eval_sets) + list(args.eval_sets)
-    if args.max_distance is not None:
-        flags["dedup.max_distance"] = args.max_distance
-    if args.eval_max_distance is not None:
-        flags["dedup.eval_max_distance"] = args.eval_max_distance
-    if args.no_collapse:
-        flags["dedup.collapse"] = False
-    return config_lib.apply_overrides(cfg, flags)
+    args_lib.add_queries(p, "query list, for the query-counts table")
+    args_lib.add_runner(p)
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -108,7 +57,7 @@ def run(args) -> int:
 
     if not args.output and not args.finalize:
         raise WitError("dedup: --output DIR (or --finalize FINAL_DIR) is required")
-    cfg = dedup_config(args)
+    cfg = args_lib.build_config(args)
     if args.finalize:
         doc = finalize.run_finalize(
             args.input,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-EPILOG = """\
+from wit_pipeline.cli import args as args_lib
+
+RUN_EPILOG = """\
 examples:
   wit demo run --output out/demo                      # what `make build-dataset` runs
   wit demo run --output out/demo --set web.n_images=1000 --set train.max_steps=100
@@ -23,53 +24,38 @@ piece.
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "demo",
-        help="the built-in demo: a generated web, crawled, built into shards, trained on",
-        description=(
-            "Generate a small web of shape scenes with the usual mess (duplicates, broken and "
-            "huge images, foreign and junk alt texts, robots.txt, opt-outs, redirects to private "
-            "addresses), serve it on 127.0.0.1 (port 28561 unless taken), `wit build` it, train "
-            "wit-tiny on the shards, report zero-shot accuracy on held-out renders and score the "
-            "shards with the model. No network needed."
-        ),
-    )
-    sub = p.add_subparsers(dest="demo_command", metavar="{run,serve}")
-    sub.required = True
-    r = sub.add_parser(
-        "run",
-        help="generate, serve, build and train (make build-dataset)",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+HELP = "the built-in demo: a generated web, crawled, built into shards, trained on"
+DESCRIPTION = (
+    "Generate a small web of shape scenes with the usual mess (duplicates, broken and "
+    "huge images, foreign and junk alt texts, robots.txt, opt-outs, redirects to private "
+    "addresses), serve it on 127.0.0.1 (port 28561 unless taken), `wit build` it, train "
+    "wit-tiny on the shards, report zero-shot accuracy on held-out renders and score the "
+    "shards with the model. No network needed."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = args_lib.add_subcommands(p, "demo_command", "{run,serve}")
+    r = args_lib.add_command(
+        sub, "run", help="generate, serve, build and train (make build-dataset)", epilog=RUN_EPILOG
     )
     r.add_argument("--output", "-o", default="out/demo", metavar="DIR", help="demo directory")
-    r.add_argument(
-        "--queries", "-q", metavar="FILE", help="query list (default: the shipped English list)"
-    )
+    args_lib.add_queries(r, "query list (default: the shipped English list)")
     r.add_argument(
         "--config",
         metavar="FILE",
         help="YAML/TOML over the shipped demo config (web/build/train sections, or build "
         "options alone)",
     )
-    r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one option, e.g. --set build.balance.t=50 --set train.max_steps=100",
-    )
-    r.add_argument("--runner", help="Beam runner (FnApiRunner, DirectRunner; local only)")
+    args_lib.add_set(r, "build.balance.t=50 --set train.max_steps=100")
+    args_lib.add_runner(r, "Beam runner (FnApiRunner, DirectRunner; local only)")
     r.add_argument(
         "--no-train", dest="train", action="store_false", help="stop after the build and report"
     )
-    r.set_defaults(func=run, accepts_beam_args=True)
+    r.set_defaults(func=run)
     s = sub.add_parser("serve", help="serve a generated demo web on 127.0.0.1 until Ctrl-C")
     s.add_argument("web_dir", metavar="WEB_DIR", help="OUTPUT/web of a demo run")
     s.set_defaults(func=serve)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,10 +77,9 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import json
     import os
-    import time
 
-    from wit_pipeline.demo import server
     from wit_pipeline.errors import WitError
+    from wit_pipeline.loopback import ImageServer
 
     manifest_path = os.path.join(args.web_dir, "web.json")
     if not os.path.exists(manifest_path):
@@ -103,17 +88,10 @@ def serve(args: argparse.Namespace) -> int:
         base_url = json.load(f)["base_url"]
     port = int(base_url.rsplit(":", 1)[1])
     try:
-        ctx = server.serve(os.path.join(args.web_dir, "site"), port=port)
-        srv = ctx.__enter__()
+        srv = ImageServer(os.path.join(args.web_dir, "site"), mount="/", port=port)
     except OSError as e:
         raise WitError(f"cannot serve on port {port} (the port its URLs name): {e}") from None
-    try:
-        srv.load_routes(os.path.join(args.web_dir, "routes.json"))
-        print(f"serving {args.web_dir} at {srv.base_url}/pages/0000.html (Ctrl-C stops)")
-        sys.stdout.flush()
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        ctx.__exit__(None, None, None)
+    srv.load_routes(os.path.join(args.web_dir, "routes.json"))
+    print(f"serving {args.web_dir} at {srv.base_url}/pages/0000.html (Ctrl-C stops)", flush=True)
+    srv.serve_forever()
+    return 0

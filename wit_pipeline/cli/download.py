@@ -3,77 +3,40 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
+from wit_pipeline.cli import args as args_lib
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "download",
-        help="download candidate images (img2dataset inside Beam): robots.txt, opt-outs, "
-        "SSRF guard, resumable webdataset shards",
-        description=(
-            "Download the images of the candidate pairs written by `wit gather` (DIR/candidates/"
-            "*.parquet, or Parquet files with a url column) into OUTPUT/shards/ (webdataset "
-            "tars + Parquet), OUTPUT/rejected/ and OUTPUT/stats.json. Rerunning with the same "
-            "OUTPUT resumes: finished shards are skipped. Unknown --flags go to Beam "
-            "(--runner, --direct_num_workers, ...)."
-        ),
-    )
-    p.add_argument("--input", required=True, help="a `wit gather` output dir, or Parquet files")
-    p.add_argument("--output", required=True, help="output directory (local or fsspec URL)")
-    p.add_argument("--config", help="YAML/TOML config file (the `download:` section is used)")
-    p.add_argument(
-        "--allow-loopback",
-        action="store_true",
-        help="also allow 127.0.0.0/8 and ::1 (tests, the local demo); private, link-local "
-        "and other internal addresses stay refused",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config field, e.g. --set download.image_size=128 (repeatable)",
-    )
-    p.set_defaults(func=run, accepts_beam_args=True)
+HELP = (
+    "download candidate images (img2dataset inside Beam): robots.txt, opt-outs, "
+    "SSRF guard, resumable webdataset shards"
+)
+DESCRIPTION = (
+    "Download the images of the candidate pairs written by `wit gather` (DIR/candidates/"
+    "*.parquet, or Parquet files with a url column) into OUTPUT/shards/ (webdataset "
+    "tars + Parquet), OUTPUT/rejected/ and OUTPUT/stats.json. Rerunning with the same "
+    "OUTPUT resumes: finished shards are skipped. Unknown --flags go to Beam "
+    "(--runner, --direct_num_workers, ...)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    args_lib.add_input(p, "a `wit gather` output dir, or Parquet files", many=False)
+    args_lib.add_output(p, "output directory (local or fsspec URL)")
+    args_lib.add_config(p, sections="its download section", example="download.image_size=128")
+    args_lib.add_flags(p, "--allow-loopback")
+    args_lib.add_runner(p)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import apache_beam as beam
-
-    from wit_pipeline import beam_utils, config, fileio
-    from wit_pipeline.errors import WitError
+    from wit_pipeline import build, fileio
     from wit_pipeline.stages.download import core as download
 
-    cfg = config.load_config(args.config)
-    cfg = config.apply_overrides(cfg, args.overrides)
-    dl = cfg.download
-    if args.allow_loopback:
-        dl = dataclasses.replace(dl, allow_loopback=True)
-    download.validate_config(dl)
-    files = download.candidate_files(args.input)
-    download.check_plan_config(args.output, dl)
-    options = beam_utils.pipeline_options(
-        beam_utils.local_parallelism(args.beam_args, dl.processes)
+    cfg = args_lib.build_config(args).download
+    stats = build.run_download(
+        args.input, args.output, cfg, beam_args=args.beam_args, runner=args.runner
     )
-    try:
-        with beam.Pipeline(options=options) as p:
-            _ = (
-                p
-                | "ReadCandidates" >> download.ReadCandidates(files)
-                | "DownloadImages" >> download.DownloadImages(output_dir=args.output, config=dl)
-            )
-    except Exception as e:
-        # A WitError raised inside a worker reaches us wrapped by the runner: report its line.
-        m = re.search(r"(\S+ holds a download run with a different input[^\n'\"]*)", str(e))
-        if m:
-            raise WitError(m.group(1)) from None
-        raise
-    stats = fileio.read_json(fileio.join(args.output, download.STATS_FILE))
     pairs, url_level = stats["counters"], stats["url_counters"]
     print(
         f"wit download: {url_level.get('kept', 0)}/{url_level.get('input', 0)} images, "

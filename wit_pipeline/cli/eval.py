@@ -6,15 +6,14 @@ import argparse
 import json
 import sys
 
+from wit_pipeline.cli import args as args_lib
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="zero-shot classification and image-text retrieval of a CLIP checkpoint",
-        description="Evaluate a CLIP checkpoint offline; prints the metrics as JSON.",
-    )
-    sub = parser.add_subparsers(dest="eval_command", metavar="KIND")
-    sub.required = True
+HELP = "zero-shot classification and image-text retrieval of a CLIP checkpoint"
+DESCRIPTION = "Evaluate a CLIP checkpoint offline; prints the metrics as JSON."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = args_lib.add_subcommands(parser, "eval_command", "KIND")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(

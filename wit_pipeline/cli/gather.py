@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 
+from wit_pipeline.cli import args as args_lib
 from wit_pipeline.errors import WitError
 
 EPILOG = """\
@@ -23,76 +24,36 @@ DIR/rejected/*.parquet and DIR/stats.json (see docs/gather.md).
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "gather",
-        help="extract, clean, filter and query-match image/caption pairs",
-        description=(
-            "Read WARC/WAT crawl files or URL/caption tables, clean and filter the captions, "
-            "keep the pairs whose caption matches the query list (MetaCLIP substring "
-            "semantics), and write candidates, rejected pairs with reasons, and stats."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="files, directories, globs or fsspec URLs (.warc[.gz], .wat[.gz], .parquet, "
+HELP = "extract, clean, filter and query-match image/caption pairs"
+DESCRIPTION = (
+    "Read WARC/WAT crawl files or URL/caption tables, clean and filter the captions, "
+    "keep the pairs whose caption matches the query list (MetaCLIP substring "
+    "semantics), and write candidates, rejected pairs with reasons, and stats."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    args_lib.add_input(
+        p,
+        "files, directories, globs or fsspec URLs (.warc[.gz], .wat[.gz], .parquet, "
         ".csv, .tsv, .jsonl, optionally compressed)",
     )
-    p.add_argument(
-        "--queries",
-        "-q",
-        metavar="FILE",
-        help="query list, one per line (.txt or .txt.gz); default: the shipped list",
-    )
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--config", metavar="FILE", help="YAML/TOML config (its gather section)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set gather.captions.min_chars=3 (repeatable)",
-    )
-    p.add_argument("--runner", help="Beam runner (default FnApiRunner; DirectRunner, Dataflow)")
-    p.add_argument(
+    args_lib.add_queries(p)
+    args_lib.add_output(p)
+    args_lib.add_config(p, sections="its gather section", example="gather.captions.min_chars=3")
+    args_lib.add_runner(p)
+    args_lib.add_flags(
+        p,
         "--input-format",
-        choices=["auto", "warc", "wat", "parquet", "csv", "tsv", "jsonl"],
-        help="format of every input (default: from the file names)",
-    )
-    p.add_argument("--url-column", help="table column with the image URL")
-    p.add_argument("--caption-column", help="table column with the caption")
-    p.add_argument(
+        "--url-column",
+        "--caption-column",
         "--languages",
-        help="comma-separated ISO 639-1 codes to keep (default en); 'all' keeps every language",
-    )
-    p.add_argument(
         "--language-detector",
-        choices=["fasttext", "langdetect", "none"],
-        help="fasttext (default, bundled lite model), langdetect (seeded, slower), none",
-    )
-    p.add_argument("--keep-unmatched", action="store_true", help="keep pairs that match no query")
-    p.add_argument(
+        "--keep-unmatched",
         "--no-rejected",
-        action="store_true",
-        help="do not write rejected/ (for very large crawls; counters are still exact)",
-    )
-    p.add_argument(
         "--num-shards",
-        type=int,
-        metavar="N",
-        help="output files per directory (default: about one per 128 MiB of input)",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="recompute even if DIR is already complete"
-    )
+    args_lib.add_overwrite(p, "recompute even if DIR is already complete")
     p.add_argument(
         "--progress-interval",
         type=float,
@@ -101,8 +62,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="seconds between progress lines for a file being read (0: per file only)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=run, accepts_beam_args=True)
-    return p
+    p.set_defaults(func=run)
 
 
 class _DropImportNoise(logging.Filter):
@@ -130,34 +90,6 @@ def setup_logging(quiet: bool) -> None:
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def _gather_config(args):
-    from wit_pipeline import config as config_lib
-
-    cfg = config_lib.load_config(args.config)
-    cfg = config_lib.apply_overrides(cfg, args.overrides)
-    flags = {}
-    if args.input_format:
-        flags["gather.input_format"] = args.input_format
-    if args.url_column:
-        flags["gather.url_column"] = args.url_column
-    if args.caption_column:
-        flags["gather.caption_column"] = args.caption_column
-    if args.languages:
-        langs = "" if args.languages.strip().lower() == "all" else args.languages
-        flags["gather.captions.languages"] = langs
-    if args.language_detector:
-        flags["gather.captions.language_detector"] = args.language_detector
-    if args.keep_unmatched:
-        flags["gather.match.keep_unmatched"] = True
-    if args.no_rejected:
-        flags["gather.write_rejected"] = False
-    if args.num_shards is not None:
-        if args.num_shards < 1:
-            raise WitError("--num-shards must be >= 1")
-        flags["gather.num_output_shards"] = args.num_shards
-    return config_lib.apply_overrides(cfg, flags).gather
-
-
 def _beam_error_message(e: Exception) -> str | None:
     """The message of a ``WitError`` raised inside a Beam worker, if that is what failed."""
     m = re.search(r"WitError: ([^\n]+)", str(e))
@@ -168,7 +100,7 @@ def run(args) -> int:
     setup_logging(args.quiet)
     from wit_pipeline import counters, fileio, queries
 
-    cfg = _gather_config(args)
+    cfg = args_lib.build_config(args).gather
     fileio.expand_inputs(args.input)  # a missing input is reported before anything else
     queries_path = args.queries
     if queries_path is None:

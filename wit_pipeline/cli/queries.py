@@ -8,17 +8,15 @@ import os
 import shlex
 import sys
 
+from wit_pipeline.cli import args as args_lib
 from wit_pipeline.errors import WitError
 
+HELP = "build the ~500k query list (Wikipedia words, bigrams, titles, WordNet)"
+DESCRIPTION = "Build CLIP's query list from Wikipedia dumps, page views and WordNet."
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "queries",
-        help="build the ~500k query list (Wikipedia words, bigrams, titles, WordNet)",
-        description="Build CLIP's query list from Wikipedia dumps, page views and WordNet.",
-    )
-    sub = parser.add_subparsers(dest="queries_command", metavar="SUBCOMMAND")
-    sub.required = True
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = args_lib.add_subcommands(parser, "queries_command", "SUBCOMMAND")
 
     b = sub.add_parser(
         "build",
@@ -82,21 +80,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="WordNet 3.0 database directory with data.noun etc. (Debian: /usr/share/wordnet)",
     )
-    b.add_argument("--config", help="YAML/TOML config; its [queries] section is used")
-    b.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set queries.bigrams.min_pmi=10",
+    args_lib.add_config(b, sections="its queries section", example="queries.bigrams.min_pmi=10")
+    args_lib.add_flags(
+        b,
+        "--min-count",
+        "--bigram-min-count",
+        "--bigram-min-pmi",
+        "--min-views",
+        "--max-queries",
+        "--priority",
+        "--case",
     )
-    b.add_argument("--min-count", type=int, help="unigram threshold (default 100)")
-    b.add_argument("--bigram-min-count", type=int, help="bigram minimum count (default 100)")
-    b.add_argument("--bigram-min-pmi", type=float, help="bigram PMI threshold (default 8)")
-    b.add_argument("--min-views", type=int, help="title page-view threshold (default 70)")
-    b.add_argument("--max-queries", type=int, help="cap on the list size (default 500000)")
-    b.add_argument("--priority", help="merge order, e.g. wordnet,unigrams,bigrams,titles")
-    b.add_argument("--case", choices=("keep", "lower"), help="casing of the entries")
     b.add_argument("--work-dir", help="where counts are kept (default: OUTPUT's stem + .work)")
     b.add_argument("--force", action="store_true", help="recount even when counts are current")
     b.set_defaults(func=run_build, accepts_beam_args=True)
@@ -141,30 +135,10 @@ def _command_line() -> str:
     return "wit " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0] else "wit queries"
 
 
-def _config(args: argparse.Namespace):
-    from wit_pipeline import config
-
-    cfg = config.load_config(args.config)
-    overrides: list[str] = list(args.set)
-    for flag, key in (
-        ("min_count", "queries.unigrams.min_count"),
-        ("bigram_min_count", "queries.bigrams.min_count"),
-        ("bigram_min_pmi", "queries.bigrams.min_pmi"),
-        ("min_views", "queries.titles.min_views"),
-        ("max_queries", "queries.max_queries"),
-        ("priority", "queries.priority"),
-        ("case", "queries.case"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return config.apply_overrides(cfg, overrides).queries
-
-
 def run_build(args: argparse.Namespace) -> int:
     from wit_pipeline.queries import build, merge
 
-    cfg = _config(args)
+    cfg = args_lib.build_config(args).queries
     inputs = build.BuildInputs(
         dumps=tuple(args.dump),
         unigram_counts=tuple(args.unigram_counts),

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "write DIR/report.md and DIR/plots/*.png for a `wit build` output directory"
+DESCRIPTION = (
+    "Read a build directory (stats.json, query_counts.parquet, shards/) and write the "
+    "funnel per stage, the per-query distribution before and after balancing, sample "
+    "images and, when scored, the CLIP-score histogram."
+)
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "report",
-        help="write DIR/report.md and DIR/plots/*.png for a `wit build` output directory",
-        description=(
-            "Read a build directory (stats.json, query_counts.parquet, shards/) and write the "
-            "funnel per stage, the per-query distribution before and after balancing, sample "
-            "images and, when scored, the CLIP-score histogram."
-        ),
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", metavar="DIR", help="a `wit build --output` directory")
     p.add_argument(
         "--stats",
@@ -22,7 +20,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="recompose DIR/stats.json from the steps' files first (checks every counter)",
     )
     p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

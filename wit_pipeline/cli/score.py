@@ -6,39 +6,28 @@ import argparse
 import json
 import os
 
+from wit_pipeline.cli import args as args_lib
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "score",
-        help="add clip_score to shards with a seed CLIP; filter by threshold or top fraction",
-        description=(
-            "Score every image-caption pair of a shard directory with a seed CLIP (Beam "
-            "RunInference) and write the shards back with clip_score in KEY.json and the "
-            "Parquet; --threshold or --keep-fraction drops the rest with reason low_clip_score. "
-            "Unknown --flags go to Beam (--runner, --direct_num_workers, ...)."
-        ),
+HELP = "add clip_score to shards with a seed CLIP; filter by threshold or top fraction"
+DESCRIPTION = (
+    "Score every image-caption pair of a shard directory with a seed CLIP (Beam "
+    "RunInference) and write the shards back with clip_score in KEY.json and the "
+    "Parquet; --threshold or --keep-fraction drops the rest with reason low_clip_score. "
+    "Unknown --flags go to Beam (--runner, --direct_num_workers, ...)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    args_lib.add_input(
+        parser, "directory of finished shards (or its parent)", metavar="DIR", many=False
     )
-    parser.add_argument(
-        "--input", required=True, help="directory of finished shards (or its parent)"
-    )
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--model", default=None, help="open_clip architecture (ViT-B-32, wit-tiny)")
-    parser.add_argument(
-        "--pretrained",
-        default=None,
-        help="seed weights: a checkpoint (wit_pipeline.train or open_clip) or an open_clip tag",
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--threshold", type=float, default=None, help="keep clip_score >= X (LAION: 0.28)"
-    )
-    group.add_argument(
-        "--keep-fraction", type=float, default=None, help="keep the top F by score (DataComp: 0.3)"
-    )
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--device", default=None, help="auto (GPU when present), cpu, cuda")
-    parser.add_argument("--config", default=None, help="YAML/TOML build config (its score section)")
-    parser.set_defaults(func=run, accepts_beam_args=True)
+    args_lib.add_output(parser)
+    args_lib.add_flags(parser, "--model", "--pretrained")
+    args_lib.add_flags(parser, "--threshold", "--keep-fraction", exclusive=True)
+    args_lib.add_flags(parser, "--batch-size", "--device")
+    args_lib.add_config(parser, sections="its score section", example="score.batch_size=64")
+    args_lib.add_runner(parser)
+    parser.set_defaults(func=run)
 
 
 def _input_dir(path: str) -> str:
@@ -54,20 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     import apache_beam as beam
 
-    from wit_pipeline import beam_utils, config, models
+    from wit_pipeline import beam_utils, models
     from wit_pipeline.errors import WitError
     from wit_pipeline.stages import score
 
-    cfg = config.load_config(args.config).score
-    updates = {
-        "model": args.model,
-        "pretrained": args.pretrained,
-        "batch_size": args.batch_size,
-        "device": args.device,
-    }
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in updates.items() if v is not None})
-    if args.threshold is not None or args.keep_fraction is not None:
-        cfg = dataclasses.replace(cfg, threshold=args.threshold, keep_fraction=args.keep_fraction)
+    cfg = args_lib.build_config(args).score
     if not cfg.pretrained:
         raise WitError("wit score needs a seed model: --pretrained CHECKPOINT_OR_TAG")
     # Fail here, in one line, rather than inside a Beam worker: a missing or mismatched
@@ -77,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, model=loaded.model_name)
     del loaded
     input_dir = _input_dir(args.input)
-    options = beam_utils.pipeline_options(args.beam_args)
+    options = beam_utils.pipeline_options(args.beam_args, runner=args.runner)
     with beam.Pipeline(options=options) as p:
         _ = p | "ScoreShards" >> score.ScoreShards(
             input_dir=input_dir, output_dir=args.output, config=cfg

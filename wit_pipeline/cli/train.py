@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "train a CLIP model on shards (python -m wit_pipeline.train; --help for options)"
+ADD_HELP = False  # `wit train --help` shows the trainer's own help
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        add_help=False,  # `wit train --help` shows the trainer's own help
-        help="train a CLIP model on shards (python -m wit_pipeline.train; --help for options)",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_run, accepts_beam_args=True, passes_args_through=True)
 
 

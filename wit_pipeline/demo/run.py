@@ -113,7 +113,8 @@ def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[
     name; when that port is taken (or the options differ) the web is generated anew.
     Yields ``(server, manifest)``.
     """
-    from wit_pipeline.demo import server, web
+    from wit_pipeline.demo import web
+    from wit_pipeline.loopback import ImageServer
 
     manifest_path = os.path.join(web_dir, "web.json")
     site = os.path.join(web_dir, "site")
@@ -127,7 +128,7 @@ def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[
         if manifest is not None:
             port = int(manifest["base_url"].rsplit(":", 1)[1])
             try:
-                srv = stack.enter_context(server.serve(site, port=port))
+                srv = stack.enter_context(ImageServer(site, mount="/", port=port))
             except OSError:
                 log(f"web: port {port} is taken; generating the web again on a free port")
                 manifest = None
@@ -137,9 +138,9 @@ def served_web(web_dir: str, cfg: WebConfig, *, log: Log = _stderr) -> Iterator[
             if os.path.exists(web_dir):
                 shutil.rmtree(web_dir)
             try:
-                srv = stack.enter_context(server.serve(site, port=cfg.port))
+                srv = stack.enter_context(ImageServer(site, mount="/", port=cfg.port))
             except OSError:
-                srv = stack.enter_context(server.serve(site))
+                srv = stack.enter_context(ImageServer(site, mount="/"))
                 log(
                     f"web: port {cfg.port} is taken; serving on {srv.base_url} instead (pair uids, "
                     "and so the pairs pre-balancing and balancing keep, differ from a run on "
