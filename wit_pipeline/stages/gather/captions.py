@@ -17,7 +17,6 @@ import html
 import importlib.resources
 import re
 import unicodedata
-from collections.abc import Sequence
 from typing import Protocol
 
 from wit_pipeline.config import CaptionConfig
@@ -246,7 +245,3 @@ def make_detector(cfg: CaptionConfig) -> LanguageDetector:
     if cfg.language_detector == "langdetect":
         return LangdetectLanguageDetector(cfg.language_seed)
     return NoLanguageDetector()
-
-
-def detect_many(detector: LanguageDetector, texts: Sequence[str]) -> list[tuple[str, float]]:
-    return [detector.detect(t) for t in texts]
