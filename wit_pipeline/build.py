@@ -60,7 +60,8 @@ from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages.dedup import core as dedup
 from wit_pipeline.stages.download import core as download_lib
 from wit_pipeline.stages.gather import captions
-from wit_pipeline.stages.gather import core as gather
+from wit_pipeline.stages.gather import pairs as gather_pairs
+from wit_pipeline.stages.gather import transforms as gather
 
 STEPS = ("gather", "prebalance", "download", "finalize", "report")
 
@@ -97,9 +98,9 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
 # run-level name says which stage dropped the pair.
 STAGE_REASONS: dict[str, tuple[str, ...]] = {
     "gather": (
-        gather.NO_URL,
-        gather.UNSUPPORTED_SCHEME,
-        gather.BAD_URL,
+        gather_pairs.NO_URL,
+        gather_pairs.UNSUPPORTED_SCHEME,
+        gather_pairs.BAD_URL,
         captions.NO_CAPTION,
         captions.BAD_ENCODING,
         captions.TOO_SHORT,
@@ -109,8 +110,8 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
         captions.LANGUAGE,
         captions.LANGUAGE_UNDETECTED,
         captions.LOW_LANGUAGE_SCORE,
-        gather.NO_MATCH,
-        gather.DUPLICATE,
+        gather_pairs.NO_MATCH,
+        gather_pairs.DUPLICATE,
     ),
     "prebalance": (balance.PREBALANCED_OUT, balance.NO_QUERY),
     "download": download_lib.REASONS,  # plus http_<status>
@@ -658,7 +659,7 @@ def _run_gather(ctx: StepContext) -> dict[str, Any]:
     doc = gather.run_gather(
         list(ctx.inputs.files),
         _step_dir(ctx, "gather"),
-        cfg=ctx.cfg.gather,
+        config=ctx.cfg.gather,
         queries_path=ctx.inputs.queries_path,
         beam_args=ctx.beam_args,
         runner=ctx.runner,
