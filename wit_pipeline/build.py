@@ -58,7 +58,8 @@ from wit_pipeline.stages import balance
 from wit_pipeline.stages import finalize as finalize_lib
 from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages.dedup import core as dedup
-from wit_pipeline.stages.download import core as download_lib
+from wit_pipeline.stages.download import plan as download_plan
+from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import captions
 from wit_pipeline.stages.gather import pairs as gather_pairs
 from wit_pipeline.stages.gather import transforms as gather
@@ -114,7 +115,7 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
         gather_pairs.DUPLICATE,
     ),
     "prebalance": (balance.PREBALANCED_OUT, balance.NO_QUERY),
-    "download": download_lib.REASONS,  # plus http_<status>
+    "download": download_plan.REASONS,  # plus http_<status>
     "dedup": (
         dedup.UNDECODABLE,
         dedup.EVAL_CONTAMINATION,
@@ -243,7 +244,7 @@ def _without(d: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
 SCORE_EXECUTION_FIELDS = ("batch_size", "device", "accelerator")
 # Options that change how fast a step runs, never what it computes (dotted names).
 EXECUTION_ONLY = frozenset(
-    [f"download.{f}" for f in download_lib.EXECUTION_ONLY_FIELDS]
+    [f"download.{f}" for f in download_plan.EXECUTION_ONLY_FIELDS]
     + [f"score.{f}" for f in SCORE_EXECUTION_FIELDS]
 )
 
@@ -262,7 +263,7 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
                 k: c["balance"][k] for k in ("t", "seed", "prebalance_factor")
             },  # factor 0 disables the step; still part of what decides the result
         },
-        "download": {"download": _without(c["download"], download_lib.EXECUTION_ONLY_FIELDS)},
+        "download": {"download": _without(c["download"], download_plan.EXECUTION_ONLY_FIELDS)},
         "finalize": {
             "dedup": c["dedup"],
             # balance.unit only when not the default, so earlier builds keep their fingerprint
@@ -713,7 +714,7 @@ def add_download(
     """Add the download step to ``p``: candidate Parquet files -> ``output_dir``'s shards."""
     _ = (
         p
-        | "ReadCandidates" >> download_lib.ReadCandidates(files)
+        | "ReadCandidates" >> download_lib.ReadCandidates(files=files)
         | "DownloadImages" >> download_lib.DownloadImages(output_dir=output_dir, config=cfg)
     )
 
@@ -722,8 +723,8 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
     dl = ctx.cfg.download
     out = _step_dir(ctx, "download")
     files = download_lib.candidate_files(_candidates_dir(ctx))
-    download_lib.check_plan_config(out, dl)
-    done_before = len(download_lib.finished_shards(out)) if fileio.exists(out) else 0
+    download_plan.check_plan_config(out, dl)
+    done_before = len(download_plan.finished_shards(out)) if fileio.exists(out) else 0
     if done_before:
         ctx.log(f"download: resuming ({done_before} shard(s) already finished)")
     options = beam_utils.pipeline_options(_beam_args(ctx, dl.processes))
@@ -1094,7 +1095,7 @@ def validate(cfg: config.BuildConfig) -> config.BuildConfig:
     Returns the config with ``score.model`` filled from a trainer checkpoint when omitted.
     """
     captions.validate_caption_config(cfg.gather.captions)
-    download_lib.validate_config(cfg.download)
+    download_plan.validate_config(cfg.download)
     if cfg.balance.t <= 0:
         raise WitError("balance.t must be > 0")
     if cfg.balance.prebalance_factor < 0:

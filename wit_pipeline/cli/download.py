@@ -47,16 +47,17 @@ def run(args: argparse.Namespace) -> int:
 
     from wit_pipeline import beam_utils, config, fileio
     from wit_pipeline.errors import WitError
-    from wit_pipeline.stages.download import core as download
+    from wit_pipeline.stages.download import plan
+    from wit_pipeline.stages.download import transforms as download
 
     cfg = config.load_config(args.config)
     cfg = config.apply_overrides(cfg, args.overrides)
     dl = cfg.download
     if args.allow_loopback:
         dl = dataclasses.replace(dl, allow_loopback=True)
-    download.validate_config(dl)
+    plan.validate_config(dl)
     files = download.candidate_files(args.input)
-    download.check_plan_config(args.output, dl)
+    plan.check_plan_config(args.output, dl)
     options = beam_utils.pipeline_options(
         beam_utils.local_parallelism(args.beam_args, dl.processes)
     )
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         with beam.Pipeline(options=options) as p:
             _ = (
                 p
-                | "ReadCandidates" >> download.ReadCandidates(files)
+                | "ReadCandidates" >> download.ReadCandidates(files=files)
                 | "DownloadImages" >> download.DownloadImages(output_dir=args.output, config=dl)
             )
     except Exception as e:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wit download: {url_level.get('kept', 0)}/{url_level.get('input', 0)} images, "
         f"{pairs.get('kept', 0)}/{pairs.get('input', 0)} pairs kept -> "
-        f"{fileio.join(args.output, download.SHARDS_DIR)}",
+        f"{fileio.join(args.output, plan.SHARDS_DIR)}",
         file=sys.stderr,
     )
     dropped = {k: v for k, v in url_level.items() if k.startswith("dropped:")}
