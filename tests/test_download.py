@@ -47,7 +47,7 @@ import netjail
 from wit_pipeline import counters, stage, urls
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.loopback import ImageServer
-from wit_pipeline.stages.download import fetch, netguard, plan
+from wit_pipeline.stages.download import fetch, guarded_http, netguard, plan
 from wit_pipeline.stages.download import transforms as download
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
         try:
             assert a._opener is b._opener and a._opener.limiter is b._opener.limiter
             # Another transform's settings may not take over (or share) the active guard.
-            with pytest.raises(netguard.GuardConflictError):
+            with pytest.raises(guarded_http.GuardConflictError):
                 other.setup()
             other.teardown()
             a.teardown()
@@ -549,7 +549,7 @@ def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
     finally:
         a.teardown()  # a second teardown is a no-op
     assert urllib.request._opener is before
-    assert netguard.PROCESS_OPENER.users == 0
+    assert guarded_http.PROCESS_OPENER.users == 0
 
 
 def test_rerun_on_other_input_is_refused(tmp_path, capsys):

@@ -8,6 +8,9 @@
   (``header_size``, ``ProbingResizer``), error reasons, the guard and opener options.
 - ``transforms.py``: the Beam side: ``ReadCandidates``, ``DownloadImages`` (robots.txt per
   origin, one DoFn per shard, ``stats.json``).
-- ``netguard.py``: the SSRF guard (checked addresses, deadlines) and the guarded HTTP clients.
+- ``netguard.py``: the SSRF guard: address policy, resolvers, checked connections, deadline
+  sockets, error reasons.
+- ``guarded_http.py``: HTTP through the guard: the process-wide ``urllib`` opener img2dataset
+  uses, the ``requests`` session for robots.txt, per-host limits.
 - ``robots.py``: robots.txt fetching and policy.
 """

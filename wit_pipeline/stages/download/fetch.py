@@ -5,8 +5,9 @@ runs with a sample writer of ours (``_Collector``) that keeps each URL's ``plan.
 memory, and a resizer of ours (``ProbingResizer``) that refuses decompression bombs, tiny and
 oddly shaped images and non-images from their headers (``header_size``) before img2dataset's
 resizer decodes them. Every request goes through the process's guarded ``urllib`` opener
-(``netguard``; ``make_guard`` and ``fetch_options`` build it from the config), and errors keep
-their stable reasons through img2dataset's error strings (``reason_from_message``).
+(``guarded_http`` over ``netguard``; ``make_guard`` and ``fetch_options`` build it from the
+config), and errors keep their stable reasons through img2dataset's error strings
+(``reason_from_message``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow as pa
 
 from wit_pipeline import shards
 from wit_pipeline.config import DownloadConfig
-from wit_pipeline.stages.download import netguard, robots
+from wit_pipeline.stages.download import guarded_http, netguard, robots
 from wit_pipeline.stages.download.plan import Outcome
 
 # img2dataset 1.47 reports these resizer and downloader messages as plain strings.
@@ -43,8 +44,8 @@ def reason_from_message(message: str | None, *, default: str) -> tuple[str, str]
     return reason, text[:500]
 
 
-def fetch_options(config: DownloadConfig) -> netguard.FetchOptions:
-    return netguard.FetchOptions(
+def fetch_options(config: DownloadConfig) -> guarded_http.FetchOptions:
+    return guarded_http.FetchOptions(
         timeout=config.timeout,
         connect_timeout=config.connect_timeout,
         retries=config.retries,

@@ -43,7 +43,7 @@ from wit_pipeline import fileio, shards, stage, urls
 from wit_pipeline.beam_utils import COUNTS, SumCounts, emit_counts
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages.download import netguard, robots
+from wit_pipeline.stages.download import guarded_http, netguard, robots
 from wit_pipeline.stages.download.fetch import (
     ProbingResizer,
     fetch_options,
@@ -133,7 +133,7 @@ class _RobotsFn(beam.DoFn):
     def _session(self):
         s = getattr(self._local, "session", None)
         if s is None:
-            s = self._local.session = netguard.requests_session(self._guard, self._options)
+            s = self._local.session = guarded_http.requests_session(self._guard, self._options)
         return s
 
     def _fetch(self, origin_url: str) -> tuple[str, robots.RobotsVerdict]:
@@ -179,13 +179,13 @@ class _DownloadShardFn(beam.DoFn):
     def setup(self):
         self._resizer = ProbingResizer(make_img2dataset_resizer(self._config), self._config)
         self._workdir = tempfile.mkdtemp(prefix="wit-download-")
-        self._opener = netguard.PROCESS_OPENER.acquire(
+        self._opener = guarded_http.PROCESS_OPENER.acquire(
             self._owner, make_guard(self._config, self._resolver), fetch_options(self._config)
         )
 
     def _ensure_guard(self):
         # Fail closed: if anything replaced the process-wide opener, put the guard back.
-        netguard.PROCESS_OPENER.ensure(self._opener)
+        guarded_http.PROCESS_OPENER.ensure(self._opener)
 
     def process(self, element: tuple[int, Iterable[dict[str, Any]]]):
         shard_id, records = element
@@ -217,7 +217,7 @@ class _DownloadShardFn(beam.DoFn):
         opener = getattr(self, "_opener", None)
         if opener is not None:
             self._opener = None
-            netguard.PROCESS_OPENER.release(opener)
+            guarded_http.PROCESS_OPENER.release(opener)
         workdir = getattr(self, "_workdir", None)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
