@@ -255,7 +255,10 @@ def test_config_is_validated_at_construction(tmp_path):
         DownloadConfig(max_aspect_ratio=0.5),
     ):
         with pytest.raises(WitError):
+            plan.validate_config(bad)  # the download section's one check
+        with pytest.raises(WitError):
             download.DownloadImages(output_dir=str(tmp_path), config=bad)
+    plan.validate_config(DownloadConfig())
 
 
 # ---------------------------------------------------------------------------------------------

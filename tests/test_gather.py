@@ -396,6 +396,46 @@ def test_gather_pairs_validates_at_construction():
         gather.GatherPairs(config=GatherConfig(), queries=Q, num_buckets=0)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (GatherConfig(input_format="xml"), "unknown input format 'xml'"),
+        (GatherConfig(batch_size=0), "gather.batch_size must be >= 1"),
+        (GatherConfig(num_output_shards=-1), r"gather.num_output_shards must be within 0..4096"),
+        (GatherConfig(num_output_shards=4097), r"gather.num_output_shards must be within 0..4096"),
+        (
+            GatherConfig(captions=captions.CaptionConfig(unicode_form="NFX")),
+            "gather.captions.unicode_form",
+        ),
+    ],
+)
+def test_the_gather_section_is_checked_by_one_function(bad, message):
+    with pytest.raises(WitError, match=message):
+        pairs.validate_config(bad)
+    # Every transform that takes the section checks it with that function, at construction.
+    with pytest.raises(WitError, match=message):
+        gather.GatherPairs(config=bad, queries=Q, num_buckets=1)
+    with pytest.raises(WitError, match=message):
+        gather.ReadPairs(config=bad)
+    pairs.validate_config(GatherConfig())  # the defaults pass
+
+
+def test_a_bad_setting_leaves_a_finished_output_untouched(fixture_files, tmp_path):
+    """The graph (and with it the config) is checked before any old output is cleared."""
+    qpath = write_queries(tmp_path / "q.txt")
+    out = tmp_path / "out"
+    gather.run_gather(fixture_files, str(out), config=GatherConfig(), queries_path=qpath)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for bad, message in [
+        (GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")), "detector"),
+        (GatherConfig(batch_size=0), "batch_size"),
+    ]:
+        with pytest.raises(WitError, match=message):
+            gather.run_gather(fixture_files, str(out), config=bad, queries_path=qpath)
+        after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert after == before
+
+
 def test_pipeline_survives_runner_api_round_trip(fixture_files, tmp_path):
     """What a remote runner does with the pipeline: translate it and unpickle every DoFn."""
     p = beam.Pipeline(options=beam_utils.pipeline_options([]))

@@ -320,13 +320,14 @@ class GatherPairs(beam.PTransform):
     a path to it: pass a path for large lists (workers load it in ``setup()``; on Dataflow it
     must be readable by them, e.g. ``gs://``), with its sha256 to detect a changed file.
     ``num_buckets`` is the number of output files (``config.num_output_shards``, or
-    ``pairs.auto_num_buckets`` when that is 0).
+    ``pairs.auto_num_buckets`` when that is 0). ``config`` is the ``gather`` section (default:
+    the defaults), checked once here by ``pairs.validate_config``.
     """
 
     def __init__(
         self,
         *,
-        config: GatherConfig,
+        config: GatherConfig | None = None,
         queries: Sequence[str] | str,
         num_buckets: int,
         total_files: int = 0,
@@ -334,6 +335,7 @@ class GatherPairs(beam.PTransform):
         progress_interval: float = 10.0,
     ):
         super().__init__()
+        config = config or GatherConfig()
         validate_config(config)
         if not 1 <= num_buckets <= MAX_BUCKETS:
             raise WitError(f"number of output shards must be within 1..{MAX_BUCKETS}")
@@ -458,11 +460,12 @@ class WriteGather(beam.PTransform):
         self,
         *,
         output_dir: str,
-        config: GatherConfig,
+        config: GatherConfig | None = None,
         num_buckets: int,
         extra: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        config = config or GatherConfig()
         if not output_dir:
             raise WitError("WriteGather needs an output_dir")
         self._output_dir = output_dir
