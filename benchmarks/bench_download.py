@@ -211,8 +211,8 @@ def main() -> None:
             ("python: import apache_beam", "import apache_beam"),
             ("python: import img2dataset.downloader", "import img2dataset.downloader"),
             (
-                "python: import wit_pipeline.stages.download.core",
-                "import wit_pipeline.stages.download.core",
+                "python: import wit_pipeline.stages.download.transforms",
+                "import wit_pipeline.stages.download.transforms",
             ),
         ):
             print(f"| {label} | {timed([sys.executable, '-c', code]):.1f} |")

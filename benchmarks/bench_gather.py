@@ -8,7 +8,7 @@ clean, filter by length and language, match the queries, deduplicate and write c
 rejected pairs; both are timed from process start to exit (interpreter, imports, automaton and
 model loading included), and their outputs must be identical.
 
-The baseline loop is ``gather.gather_loop`` (the pure per-batch core in a ``for`` loop) plus
+The baseline loop is ``pairs.gather_loop`` (the pure per-batch core in a ``for`` loop) plus
 writing its tables. A second table shows where the loop's time goes, component by component.
 
     .venv/bin/python benchmarks/bench_gather.py [--quick] [--rows N] [--files N]
@@ -77,20 +77,20 @@ def child_loop(inputs: str, queries: str, out: str, detector: str) -> None:
     """The baseline: one process, a plain loop over the pure core, then write the tables."""
     import pyarrow.parquet as pq
 
-    from wit_pipeline import fileio
+    from wit_pipeline import fileio, stage
     from wit_pipeline.config import CaptionConfig, GatherConfig
     from wit_pipeline.queries import load_queries
-    from wit_pipeline.stages.gather import core as gather
+    from wit_pipeline.stages.gather import pairs
 
     cfg = GatherConfig(captions=CaptionConfig(language_detector=detector))
     paths = fileio.expand_inputs([inputs])
-    cand, rej, counter = gather.gather_loop(paths, cfg=cfg, query_list=load_queries(queries))
+    cand, rej, counter = pairs.gather_loop(paths, config=cfg, query_list=load_queries(queries))
     os.makedirs(out, exist_ok=True)
     pq.write_table(cand, os.path.join(out, "candidates.parquet"), compression="zstd")
     pq.write_table(rej, os.path.join(out, "rejected.parquet"), compression="zstd")
-    pairs, _ = gather.split_counters(counter)
+    doc = stage.stats_document(counter, sections=pairs.STATS_SECTIONS)
     with open(os.path.join(out, "stats.json"), "w") as f:
-        json.dump({"counters": pairs}, f)
+        json.dump({"counters": doc["counters"]}, f)
 
 
 def timed(cmd: list[str]) -> float:
@@ -118,15 +118,13 @@ def same_output(loop_out: str, pipe_out: str) -> dict:
 
 def profile_loop(inputs: str, queries: str, detector: str, sample: int) -> list[list[str]]:
     """Time each component of the per-pair work, in isolation, on the first ``sample`` pairs."""
-    import collections
 
     import pyarrow as pa
 
     from wit_pipeline import fileio, urls
     from wit_pipeline.config import CaptionConfig, GatherConfig
     from wit_pipeline.queries import load_queries
-    from wit_pipeline.stages.gather import captions
-    from wit_pipeline.stages.gather import core as gather
+    from wit_pipeline.stages.gather import captions, pairs
     from wit_pipeline.stages.gather.match import QueryMatcher
     from wit_pipeline.stages.gather.readers import iter_file_batches
 
@@ -154,7 +152,7 @@ def profile_loop(inputs: str, queries: str, detector: str, sample: int) -> list[
         times[name] = time.perf_counter() - t0
         return out
 
-    checked = t("URL check + normalize_url", lambda: [gather.check_url(u) for u in url_l])
+    checked = t("URL check + normalize_url", lambda: [pairs.check_url(u) for u in url_l])
     cleaned = t("clean_caption", lambda: [captions.clean_caption(c or "") for c in cap_l])
     t("check_caption (lengths)", lambda: [captions.check_caption(c, cfg.captions) for c in cleaned])
     det = captions.make_detector(cfg.captions)
@@ -165,13 +163,12 @@ def profile_loop(inputs: str, queries: str, detector: str, sample: int) -> list[
         "pair_uid (blake2b)",
         lambda: [urls.pair_uid(u or "", c) for (u, _), c in zip(checked, cleaned, strict=True)],
     )
-    flt = gather.PairFilter(cfg, matcher, det)
-    counter = collections.Counter()
+    flt = pairs.PairFilter(cfg, matcher, det)
     t0 = time.perf_counter()
-    kept = [flt.process(b, counter)[0] for b in batches]
+    kept = [flt.process(b).kept for b in batches]
     whole = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gather.dedup_candidates(pa.concat_tables(kept), collections.Counter())
+    pairs.dedup_candidates(pa.concat_tables(kept))
     dedup = time.perf_counter() - t0
     total = read_s + whole + dedup
     rows = [

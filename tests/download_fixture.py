@@ -18,27 +18,9 @@ import pyarrow as pa
 from PIL import Image
 
 from wit_pipeline import shards, urls
+from wit_pipeline.stages.download import plan as download_plan
 
 QUERIES = ["dog", "man", "woman", "boy", "girl", "water", "grass", "ball", "snow", "people"]
-
-PAIR_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("query_ids", pa.list_(pa.int32())),
-        ("source", pa.string()),
-        ("page_url", pa.string()),
-        ("language", pa.string()),
-        ("language_score", pa.float32()),
-        ("key", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-    ]
-)
 
 
 def match(caption: str, queries: Sequence[str] = QUERIES) -> list[int]:
@@ -122,7 +104,7 @@ def write_download_dir(
                     }
                 )
         info = shards.write_shard(
-            str(out), shard_id, wds, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+            str(out), shard_id, wds, pa.Table.from_pylist(rows, schema=download_plan.SHARD_SCHEMA)
         )
         tars.append(info.tar)
     return tars

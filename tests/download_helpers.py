@@ -9,9 +9,9 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wit_pipeline import shards, urls
+from wit_pipeline import schemas, shards, urls
 from wit_pipeline.config import DownloadConfig
-from wit_pipeline.stages.download import core as download
+from wit_pipeline.stages.download import transforms as download
 
 OPTIONS = ["--runner=FnApiRunner"]
 
@@ -36,21 +36,7 @@ def write_candidates(directory: pathlib.Path, rows: list[dict], parts: int = 2) 
     cand.mkdir(parents=True, exist_ok=True)
     for i in range(parts):
         chunk = rows[i::parts]
-        table = pa.Table.from_pylist(
-            chunk,
-            schema=pa.schema(
-                [
-                    ("uid", pa.string()),
-                    ("url", pa.string()),
-                    ("caption", pa.string()),
-                    ("query_ids", pa.list_(pa.int32())),
-                    ("source", pa.string()),
-                    ("page_url", pa.string()),
-                    ("language", pa.string()),
-                    ("language_score", pa.float32()),
-                ]
-            ),
-        )
+        table = pa.Table.from_pylist(chunk, schema=schemas.CANDIDATE_SCHEMA)
         pq.write_table(table, cand / f"part-{i:05d}.parquet")
     return str(directory)
 
@@ -59,7 +45,7 @@ def run_download(input_dir: str, output_dir: str, config: DownloadConfig, resolv
     with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(OPTIONS)) as p:
         _ = (
             p
-            | download.ReadCandidates(download.candidate_files(input_dir))
+            | download.ReadCandidates(files=download.candidate_files(input_dir))
             | download.DownloadImages(output_dir=output_dir, config=config, resolver=resolver)
         )
     return json.loads((pathlib.Path(output_dir) / "stats.json").read_text())

@@ -26,7 +26,7 @@ import pytest
 
 from wit_pipeline import build, cli, config, counters, shards, urls
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages.download import core as download
+from wit_pipeline.stages.download import plan as download
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"

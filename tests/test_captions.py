@@ -123,6 +123,11 @@ def test_none_detector():
     assert det.detect("A dog") == ("", 0.0)
 
 
+def test_make_detector_refuses_an_unknown_name():
+    with pytest.raises(WitError, match="unknown language detector 'cld9'"):
+        captions.make_detector(CaptionConfig(language_detector="cld9"))
+
+
 @pytest.fixture(scope="module")
 def real_captions(shared_data):
     texts = pq.read_table(shared_data / "laion-sample" / "laion_10000.parquet").column("TEXT")

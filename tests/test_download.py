@@ -44,18 +44,18 @@ from download_server import (
 from PIL import Image
 
 import netjail
-from wit_pipeline import counters, urls
+from wit_pipeline import counters, stage, urls
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.loopback import ImageServer
-from wit_pipeline.stages.download import core as download
-from wit_pipeline.stages.download import netguard
+from wit_pipeline.stages.download import fetch, guarded_http, netguard, plan
+from wit_pipeline.stages.download import transforms as download
 
 # ---------------------------------------------------------------------------------------------
 # Pure cores
 
 
 def test_key_pair_normalizes_and_fills_ids():
-    key, p = download.key_pair(
+    key, p = plan.key_pair(
         {"url": "HTTP://Example.COM:80/a/./b.jpg#frag", "caption": "a dog", "query_ids": [3, 1, 3]}
     )
     assert p["url"] == "http://example.com/a/b.jpg"
@@ -63,17 +63,17 @@ def test_key_pair_normalizes_and_fills_ids():
     assert p["uid"] == urls.pair_uid("http://example.com/a/b.jpg", "a dog")
     assert p["query_ids"] == [1, 3]
     assert p["invalid"] is False
-    key, p = download.key_pair({"url": "javascript:alert(1)", "caption": "x", "uid": "u1"})
+    key, p = plan.key_pair({"url": "javascript:alert(1)", "caption": "x", "uid": "u1"})
     assert (p["url"], p["uid"], p["invalid"]) == ("javascript:alert(1)", "u1", True)
     assert key == urls.url_uid("javascript:alert(1)")
 
 
 def test_url_record_sets_duplicate_pairs_aside():
     pairs = [
-        {**download.key_pair(pair("http://h.test/a.jpg", c))[1], "source": s}
+        {**plan.key_pair(pair("http://h.test/a.jpg", c))[1], "source": s}
         for c, s in [("b cap", "f2"), ("a cap", "f1"), ("b cap", "f1")]
     ]
-    rec = download.make_url_record("k", pairs)
+    rec = plan.make_url_record("k", pairs)
     assert [p["caption"] for p in rec["pairs"]] == sorted(
         ["a cap", "b cap"], key=lambda c: urls.pair_uid("http://h.test/a.jpg", c)
     )
@@ -83,19 +83,19 @@ def test_url_record_sets_duplicate_pairs_aside():
 
 def test_shard_of_is_stable_and_spread():
     keys = [urls.url_uid(f"http://h.test/{i}.jpg") for i in range(4000)]
-    ids = [download.shard_of(k, 4) for k in keys]
-    assert ids == [download.shard_of(k, 4) for k in keys]
+    ids = [plan.shard_of(k, 4) for k in keys]
+    assert ids == [plan.shard_of(k, 4) for k in keys]
     assert all(900 < ids.count(s) < 1100 for s in range(4))
-    assert download.num_shards_for(4000, 1000) == 4
-    assert download.num_shards_for(4001, 1000) == 5
-    assert download.num_shards_for(0, 1000) == 1
+    assert plan.num_shards_for(4000, 1000) == 4
+    assert plan.num_shards_for(4001, 1000) == 5
+    assert plan.num_shards_for(0, 1000) == 1
 
 
 def test_assemble_shard_and_counters_are_exact():
     def rec(url, captions, verdict=None):
-        key, _ = download.key_pair({"url": url})
-        pairs = [download.key_pair(pair(url, c, query_ids=(i,)))[1] for i, c in enumerate(captions)]
-        r = download.make_url_record(key, pairs)
+        key, _ = plan.key_pair({"url": url})
+        pairs = [plan.key_pair(pair(url, c, query_ids=(i,)))[1] for i, c in enumerate(captions)]
+        r = plan.make_url_record(key, pairs)
         if verdict:
             r["verdict"] = verdict
         return r
@@ -105,10 +105,10 @@ def test_assemble_shard_and_counters_are_exact():
     robots_rec = rec("http://h.test/private/x.jpg", ["four", "five"], ("robots", "disallowed"))
     lost = rec("http://h.test/lost.jpg", ["six"])
     outcomes = {
-        ok["key"]: download.Outcome(JPEG, 96, 64, 120, 80, "abc"),
-        bad["key"]: download.Outcome(reason="http_404", detail="HTTP 404: Not Found"),
+        ok["key"]: plan.Outcome(JPEG, 96, 64, 120, 80, "abc"),
+        bad["key"]: plan.Outcome(reason="http_404", detail="HTTP 404: Not Found"),
     }
-    samples, kept, rejected = download.assemble_shard([ok, bad, robots_rec, lost], outcomes)
+    samples, kept, rejected = plan.assemble_shard([ok, bad, robots_rec, lost], outcomes)
     assert [s.key for s in samples] == [ok["key"]]
     meta = samples[0].meta
     assert meta["captions"] == [p["caption"] for p in ok["pairs"]]
@@ -126,7 +126,21 @@ def test_assemble_shard_and_counters_are_exact():
         ("six", "internal_error"),
         ("three", "http_404"),
     ]
-    assert download.shard_counters(kept, rejected) == {
+    # Rows of the one rejected-row schema, stamped with the stage, keyed by their URL.
+    assert rejected.schema == stage.REJECTED_SCHEMA
+    three = next(r for r in rejected.to_pylist() if r["caption"] == "three")
+    assert three == {
+        **dict.fromkeys(stage.REJECTED_FIELDS),
+        "stage": "download",
+        "reason": "http_404",
+        "detail": "HTTP 404: Not Found",
+        "key": bad["key"],
+        "uid": urls.pair_uid("http://h.test/404.jpg", "three"),
+        "url": "http://h.test/404.jpg",
+        "caption": "three",
+        "source": "test",
+    }
+    assert plan.shard_counters(kept, rejected) == {
         "dropped:duplicate_pair": 1,
         "dropped:http_404": 1,
         "dropped:internal_error": 1,
@@ -156,12 +170,12 @@ def test_assemble_shard_and_counters_are_exact():
     ],
 )
 def test_reason_from_message(message, default, expected):
-    assert download.reason_from_message(message, default=default)[0] == expected
+    assert fetch.reason_from_message(message, default=default)[0] == expected
 
 
 def test_probing_resizer_refuses_before_decoding():
     cfg = DownloadConfig(image_size=64, min_image_size=32, max_aspect_ratio=4.0)
-    resizer = download.ProbingResizer(download.make_img2dataset_resizer(cfg), cfg)
+    resizer = fetch.ProbingResizer(fetch.make_img2dataset_resizer(cfg), cfg)
     cases = {
         b"": "empty_body",
         png_bomb(): "too_large",
@@ -199,26 +213,26 @@ def test_header_size_agrees_with_pil(shared_data):
     for data in generated + [p.read_bytes() for p in photos]:
         with Image.open(io.BytesIO(data)) as im:
             want = (im.format, *im.size)
-        got = download.header_size(data)
+        got = fetch.header_size(data)
         assert got is None if want[0] == "WEBP" else got == want
-    assert download.header_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut short
-    assert download.header_size(b"<html>") is None
-    assert download.header_size(gif_bomb()) == ("GIF", 30_000, 30_000)
-    assert download.header_size(gif_bomb()[:20]) is None  # cut before the first frame
+    assert fetch.header_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut short
+    assert fetch.header_size(b"<html>") is None
+    assert fetch.header_size(gif_bomb()) == ("GIF", 30_000, 30_000)
+    assert fetch.header_size(gif_bomb()[:20]) is None  # cut before the first frame
 
 
 def test_apply_verdict_and_crawl_delay():
     from wit_pipeline.stages.download import robots
 
-    keyed = [download.key_pair(pair(f"http://h.test/{p}", p)) for p in ("a.jpg", "private/b.jpg")]
-    recs = [download.make_url_record(key, [p]) for key, p in keyed]
+    keyed = [plan.key_pair(pair(f"http://h.test/{p}", p)) for p in ("a.jpg", "private/b.jpg")]
+    recs = [plan.make_url_record(key, [p]) for key, p in keyed]
     rules = robots.parse("User-agent: *\nDisallow: /private/\nCrawl-delay: 3\n", "wit")
     verdict = robots.RobotsVerdict(robots.RULES, rules)
 
     def run(**cfg):
         # Records first: the verdict may come anywhere among the grouped values.
         values = [("r", {**r, "verdict": None}) for r in recs] + [("v", verdict)]
-        out = list(download.apply_verdict(("http://h.test", values), DownloadConfig(**cfg)))
+        out = list(plan.apply_verdict(("http://h.test", values), DownloadConfig(**cfg)))
         return [(r["verdict"], r.get("crawl_delay")) for r in out]
 
     robots_drop = ("robots", "disallowed by robots.txt")
@@ -241,7 +255,10 @@ def test_config_is_validated_at_construction(tmp_path):
         DownloadConfig(max_aspect_ratio=0.5),
     ):
         with pytest.raises(WitError):
+            plan.validate_config(bad)  # the download section's one check
+        with pytest.raises(WitError):
             download.DownloadImages(output_dir=str(tmp_path), config=bad)
+    plan.validate_config(DownloadConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,10 +518,14 @@ def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
     import pickle
 
     fn = download._DownloadShardFn(
-        str(tmp_path), HOSTILE_CONFIG, netguard.StaticResolver.of(RESOLVER_TABLE)
+        output_dir=str(tmp_path),
+        config=HOSTILE_CONFIG,
+        resolver=netguard.StaticResolver.of(RESOLVER_TABLE),
     )
     a, b = (pickle.loads(pickle.dumps(fn)) for _ in range(2))  # as a worker unpickles them
-    other = download._DownloadShardFn(str(tmp_path), HOSTILE_CONFIG, None)
+    other = download._DownloadShardFn(
+        output_dir=str(tmp_path), config=HOSTILE_CONFIG, resolver=None
+    )
     before = urllib.request._opener
     a.setup()
     try:
@@ -512,7 +533,7 @@ def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
         try:
             assert a._opener is b._opener and a._opener.limiter is b._opener.limiter
             # Another transform's settings may not take over (or share) the active guard.
-            with pytest.raises(netguard.GuardConflictError):
+            with pytest.raises(guarded_http.GuardConflictError):
                 other.setup()
             other.teardown()
             a.teardown()
@@ -531,7 +552,7 @@ def test_guard_stays_on_until_the_last_download_fn_is_torn_down(tmp_path):
     finally:
         a.teardown()  # a second teardown is a no-op
     assert urllib.request._opener is before
-    assert netguard.PROCESS_OPENER.users == 0
+    assert guarded_http.PROCESS_OPENER.users == 0
 
 
 def test_rerun_on_other_input_is_refused(tmp_path, capsys):
@@ -553,7 +574,7 @@ def test_rerun_on_other_input_is_refused(tmp_path, capsys):
 
 
 def test_transform_counts_with_test_pipeline(tmp_path):
-    """DownloadImages' output PCollection is the summed counter dict."""
+    """DownloadImages' output PCollection is the stats.json document of the summed counts."""
     with ImageServer() as server:
         server.route("/a.jpg", lambda req: req.send_plain(200, JPEG, "image/jpeg"))
         rows = [pair(server.url("/a.jpg"), "a"), pair(server.url("/b.jpg"), "b")]
@@ -573,12 +594,8 @@ def test_transform_counts_with_test_pipeline(tmp_path):
                 equal_to(
                     [
                         {
-                            "dropped:http_404": 1,
-                            "input": 2,
-                            "kept": 1,
-                            "url/dropped:http_404": 1,
-                            "url/input": 2,
-                            "url/kept": 1,
+                            "counters": {"dropped:http_404": 1, "input": 2, "kept": 1},
+                            "url_counters": {"dropped:http_404": 1, "input": 2, "kept": 1},
                         }
                     ]
                 ),

@@ -15,11 +15,11 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from wit_pipeline import beam_utils, counters, urls
+from wit_pipeline import beam_utils, counters, stage, urls
 from wit_pipeline.config import GatherConfig, MatchConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages.gather import captions
-from wit_pipeline.stages.gather import core as gather
+from wit_pipeline.stages.gather import captions, pairs
+from wit_pipeline.stages.gather import transforms as gather
 from wit_pipeline.stages.gather.match import QueryMatcher
 from wit_pipeline.stages.gather.readers import RawBatch
 
@@ -122,6 +122,35 @@ def rejected_rows(table, files):
     )
 
 
+def pair_counters(counts):
+    """The ``counters`` section of gather's stats.json for these counts."""
+    return stage.stats_document(counts, sections=pairs.STATS_SECTIONS)["counters"]
+
+
+def counted(result):
+    """What a core's result counts (as the Beam DoFns emit it), as a plain dict."""
+    return dict(pairs.add_counts(collections.Counter(), result))
+
+
+def candidate_table(uids):
+    return pa.Table.from_pylist(
+        [
+            {
+                "uid": u,
+                "url": "u",
+                "caption": "c",
+                "query_ids": [],
+                "source": "s",
+                "page_url": None,
+                "language": "",
+                "language_score": 0.0,
+            }
+            for u in uids
+        ],
+        schema=pairs.CANDIDATE_SCHEMA,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure core
 
@@ -147,12 +176,12 @@ def rejected_rows(table, files):
     ],
 )
 def test_check_url(url, page, want):
-    assert gather.check_url(url, page) == want
+    assert pairs.check_url(url, page) == want
 
 
 def _flt(cfg=None, queries=Q):
     cfg = cfg or GatherConfig()
-    return gather.PairFilter(cfg, QueryMatcher(queries, case_sensitive=cfg.match.case_sensitive))
+    return pairs.PairFilter(cfg, QueryMatcher(queries, case_sensitive=cfg.match.case_sensitive))
 
 
 def test_pair_filter_exact_outputs_and_counters():
@@ -162,8 +191,8 @@ def test_pair_filter_exact_outputs_and_counters():
         ["A dog on the beach", "Sunset over the sea", "a dog", None, "Un chien sur la plage"],
         ["http://p/", None, None, None, None],
     )
-    counter = collections.Counter()
-    kept, rejected = _flt().process(batch, counter)
+    result = _flt().process(batch)
+    kept, rejected = result.kept, result.rejected
     got = kept.to_pylist()
     assert [
         (
@@ -218,15 +247,24 @@ def test_pair_filter_exact_outputs_and_counters():
             "page_url": None,
         },
     ]
-    assert counter == {
+    assert counted(result) == {
         "input": 5,
         "dropped:no_match": 1,
         "dropped:unsupported_scheme": 1,
         "dropped:no_caption": 1,
         "dropped:language": 1,
     }
-    assert kept.schema == gather.CANDIDATE_SCHEMA
-    assert rejected.schema == gather.REJECTED_SCHEMA
+    assert kept.schema == pairs.CANDIDATE_SCHEMA
+    # Written as rows of the one rejected-row schema, stamped with the stage.
+    assert stage.rejected_table(rejected, stage="gather").to_pylist()[0] == {
+        **dict.fromkeys(stage.REJECTED_FIELDS),
+        "stage": "gather",
+        "reason": "no_match",
+        "detail": "",
+        "url": "http://a/2.jpg",
+        "caption": "Sunset over the sea",
+        "source": "src",
+    }
 
 
 def test_pair_filter_options():
@@ -238,13 +276,13 @@ def test_pair_filter_options():
         match=MatchConfig(case_sensitive=False, keep_unmatched=True),
         write_rejected=False,
     )
-    counter = collections.Counter()
-    kept, rejected = _flt(cfg).process(batch, counter)
-    assert rejected is None
+    result = _flt(cfg).process(batch)
+    assert result.rejected.num_rows == 0
     assert [
-        (r["caption"], r["query_ids"], r["language"], r["language_score"]) for r in kept.to_pylist()
+        (r["caption"], r["query_ids"], r["language"], r["language_score"])
+        for r in result.kept.to_pylist()
     ] == [("Un chien", [], "", 0.0), ("A DOG sleeping", [0], "", 0.0)]
-    assert counter == {"input": 2}
+    assert counted(result) == {"input": 2}
 
 
 def test_dedup_is_order_independent_and_exact():
@@ -259,69 +297,54 @@ def test_dedup_is_order_independent_and_exact():
         {"url": "u", "caption": "c", "query_ids": [0], "language": "en", "language_score": 1.0, **r}
         for r in rows
     ]
-    table = pa.Table.from_pylist(full, schema=gather.CANDIDATE_SCHEMA)
+    table = pa.Table.from_pylist(full, schema=pairs.CANDIDATE_SCHEMA)
     for seed in range(5):
         shuffled = list(full)
         random.Random(seed).shuffle(shuffled)
-        counter = collections.Counter()
-        kept, dups = gather.dedup_candidates(
-            pa.Table.from_pylist(shuffled, schema=gather.CANDIDATE_SCHEMA), counter
+        result = pairs.dedup_candidates(
+            pa.Table.from_pylist(shuffled, schema=pairs.CANDIDATE_SCHEMA)
         )
+        kept, dups = result.kept, result.rejected
         assert [(r["uid"][0], r["source"], r["page_url"]) for r in kept.to_pylist()] == [
             ("a", "s1", None),
             ("b", "s2", None),
             ("c", "s1", "p"),
         ]
-        assert sorted((r["source"], r["page_url"] or "") for r in dups.to_pylist()) == [
-            ("s1", "p9"),
-            ("s2", "p2"),
-        ]
-        assert counter == {"kept": 3, "dropped:duplicate": 2}
-    counter = collections.Counter()
-    kept, dups = gather.dedup_candidates(table, counter, dedup=False)
-    assert kept.num_rows == 5 and dups.num_rows == 0 and counter == {"kept": 5}
+        assert sorted(
+            (r["source"], r["page_url"] or "", r["reason"]) for r in dups.to_pylist()
+        ) == [("s1", "p9", "duplicate"), ("s2", "p2", "duplicate")]
+        assert counted(result) == {"kept": 3, "dropped:duplicate": 2}
+    result = pairs.dedup_candidates(table, dedup=False)
+    assert result.kept.num_rows == 5 and result.rejected.num_rows == 0
+    assert counted(result) == {"kept": 5}
 
 
 def test_split_by_bucket_partitions_by_uid():
-    uids = [urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(200)]
-    table = pa.Table.from_pylist(
-        [
-            {
-                "uid": u,
-                "url": "u",
-                "caption": "c",
-                "query_ids": [],
-                "source": "s",
-                "page_url": None,
-                "language": "",
-                "language_score": 0.0,
-            }
-            for u in uids
-        ],
-        schema=gather.CANDIDATE_SCHEMA,
-    )
-    parts = list(gather.split_by_bucket(table, 7))
+    table = candidate_table([urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(200)])
+    parts = list(pairs.split_by_bucket(table, 7))
     assert sorted(b for b, _ in parts) == list(range(7))
     assert sum(p.num_rows for _, p in parts) == 200
     for b, p in parts:
-        assert all(gather.bucket_of(u, 7) == b for u in p.column("uid").to_pylist())
-    assert [b for b, _ in gather.split_by_bucket(table, 1)] == [0]
+        assert all(pairs.bucket_of(u, 7) == b for u in p.column("uid").to_pylist())
+    assert [b for b, _ in pairs.split_by_bucket(table, 1)] == [0]
 
 
 def test_query_count_arrays():
     table = pa.table({"query_ids": pa.array([[0, 3], [3], [], [7, 0]], pa.list_(pa.int32()))})
-    ids, counts = gather.query_count_arrays(table)
+    ids, counts = pairs.query_count_arrays(table)
     assert ids.tolist() == [0, 3, 7] and counts.tolist() == [2, 2, 1]
 
 
 def test_gather_loop_on_fixtures(fixture_files):
-    cand, rej, counter = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    cand, rej, counter = pairs.gather_loop(fixture_files, config=GatherConfig(), query_list=Q)
     assert kept_rows(cand, fixture_files) == sorted(EXPECTED_KEPT)
     assert rejected_rows(rej, fixture_files) == sorted(EXPECTED_REJECTED, key=repr)
-    pairs, read = gather.split_counters(counter)
-    assert pairs == EXPECTED_COUNTERS
-    assert read["files:read"] == 3 and read["warc:read_errors"] == 1
-    counters.check_balanced(pairs)
+    assert rej.schema == stage.REJECTED_SCHEMA
+    assert set(rej.column("stage").to_pylist()) == {"gather"}
+    assert counter["read/files:read"] == 3 and counter["read/warc:read_errors"] == 1
+    doc = stage.stats_document(counter, sections=pairs.STATS_SECTIONS)
+    assert doc["counters"] == EXPECTED_COUNTERS
+    assert doc["read_counters"]["files:read"] == 3 and doc["read_counters"]["warc:read_errors"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,12 +356,12 @@ def test_gather_pairs_transform(fixture_files):
         result = (
             p
             | beam.Create(list(enumerate(fixture_files)))
-            | gather.GatherPairs(cfg=GatherConfig(), queries=Q, num_buckets=3)
+            | gather.GatherPairs(config=GatherConfig(), queries=Q, num_buckets=3)
         )
         kept = result["candidates"] | "KeptRows" >> beam.FlatMap(
-            lambda kv, files: [
+            lambda t, files: [
                 (r["url"], r["caption"], tuple(r["query_ids"]), files.index(r["source"]))
-                for r in kv[1].to_pylist()
+                for r in t.to_pylist()
             ],
             fixture_files,
         )
@@ -348,31 +371,69 @@ def test_gather_pairs_transform(fixture_files):
             label="CheckKept",
         )
         reasons = result["rejected"] | "Reasons" >> beam.FlatMap(
-            lambda kv: kv[1].column("reason").to_pylist()
+            lambda t: [(r["stage"], r["reason"]) for r in t.to_pylist()]
         )
         assert_that(
-            reasons, equal_to([r for _, _, r, _ in EXPECTED_REJECTED]), label="CheckReasons"
+            reasons,
+            equal_to([("gather", r) for _, _, r, _ in EXPECTED_REJECTED]),
+            label="CheckReasons",
         )
-        totals = (
-            result["counts"]
-            | beam_utils.SumCounts()
-            | beam.Map(lambda d: gather.split_counters(d)[0])
-        )
+        totals = result["counts"] | beam_utils.SumCounts() | beam.Map(pair_counters)
         assert_that(totals, equal_to([EXPECTED_COUNTERS]), label="CheckCounts")
         assert_that(result["query_counts"], equal_to([EXPECTED_QUERY_COUNTS]), label="CheckQC")
 
 
 def test_gather_pairs_validates_at_construction():
     with pytest.raises(WitError, match="query list is empty"):
-        gather.GatherPairs(cfg=GatherConfig(), queries=[], num_buckets=1)
+        gather.GatherPairs(config=GatherConfig(), queries=[], num_buckets=1)
     with pytest.raises(WitError, match="language_detector"):
         gather.GatherPairs(
-            cfg=GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")),
+            config=GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")),
             queries=Q,
             num_buckets=1,
         )
     with pytest.raises(WitError, match="output shards"):
-        gather.GatherPairs(cfg=GatherConfig(), queries=Q, num_buckets=0)
+        gather.GatherPairs(config=GatherConfig(), queries=Q, num_buckets=0)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (GatherConfig(input_format="xml"), "unknown input format 'xml'"),
+        (GatherConfig(batch_size=0), "gather.batch_size must be >= 1"),
+        (GatherConfig(num_output_shards=-1), r"gather.num_output_shards must be within 0..4096"),
+        (GatherConfig(num_output_shards=4097), r"gather.num_output_shards must be within 0..4096"),
+        (
+            GatherConfig(captions=captions.CaptionConfig(unicode_form="NFX")),
+            "gather.captions.unicode_form",
+        ),
+    ],
+)
+def test_the_gather_section_is_checked_by_one_function(bad, message):
+    with pytest.raises(WitError, match=message):
+        pairs.validate_config(bad)
+    # Every transform that takes the section checks it with that function, at construction.
+    with pytest.raises(WitError, match=message):
+        gather.GatherPairs(config=bad, queries=Q, num_buckets=1)
+    with pytest.raises(WitError, match=message):
+        gather.ReadPairs(config=bad)
+    pairs.validate_config(GatherConfig())  # the defaults pass
+
+
+def test_a_bad_setting_leaves_a_finished_output_untouched(fixture_files, tmp_path):
+    """The graph (and with it the config) is checked before any old output is cleared."""
+    qpath = write_queries(tmp_path / "q.txt")
+    out = tmp_path / "out"
+    gather.run_gather(fixture_files, str(out), config=GatherConfig(), queries_path=qpath)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for bad, message in [
+        (GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")), "detector"),
+        (GatherConfig(batch_size=0), "batch_size"),
+    ]:
+        with pytest.raises(WitError, match=message):
+            gather.run_gather(fixture_files, str(out), config=bad, queries_path=qpath)
+        after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert after == before
 
 
 def test_pipeline_survives_runner_api_round_trip(fixture_files, tmp_path):
@@ -381,9 +442,11 @@ def test_pipeline_survives_runner_api_round_trip(fixture_files, tmp_path):
     result = (
         p
         | beam.Create(list(enumerate(fixture_files)))
-        | gather.GatherPairs(cfg=GatherConfig(), queries=str(tmp_path / "q.txt"), num_buckets=2)
+        | gather.GatherPairs(config=GatherConfig(), queries=str(tmp_path / "q.txt"), num_buckets=2)
     )
-    _ = result | gather.WriteGather(str(tmp_path / "out"), num_buckets=2)
+    _ = result | gather.WriteGather(
+        output_dir=str(tmp_path / "out"), config=GatherConfig(), num_buckets=2
+    )
     proto = p.to_runner_api()
     restored = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
     names = {t.full_label for t in restored.transforms_stack[0].parts}
@@ -391,7 +454,7 @@ def test_pipeline_survives_runner_api_round_trip(fixture_files, tmp_path):
     from apache_beam.internal import pickler
 
     fn = gather._ReadFilterFn(
-        cfg=GatherConfig(),
+        config=GatherConfig(),
         query_spec=Q,
         queries_sha256=None,
         num_buckets=2,
@@ -403,20 +466,24 @@ def test_pipeline_survives_runner_api_round_trip(fixture_files, tmp_path):
     out = list(clone.process((0, fixture_files[2])))
     rows = collections.Counter()
     for o in out:
-        if isinstance(o, beam.pvalue.TaggedOutput):
-            rows[o.value[0]] += o.value[1]
-        else:
-            bucket, (kind, table) = o
+        if not isinstance(o, beam.pvalue.TaggedOutput):
+            bucket, table = o
             assert 0 <= bucket < 2
-            rows[kind] += table.num_rows
+            rows["candidates"] += table.num_rows
+        elif o.tag == beam_utils.REJECTED:
+            assert o.value.schema == stage.REJECTED_SCHEMA
+            rows["rejected"] += o.value.num_rows
+        else:
+            assert o.tag == beam_utils.COUNTS
+            rows[o.value[0]] += o.value[1]
     assert rows == {
-        "c": 2,
-        "r": 2,
+        "candidates": 2,
+        "rejected": 2,
         "input": 4,
         "dropped:unsupported_scheme": 1,
         "dropped:bad_url": 1,
-        "files:read": 1,
-        "table:rows": 4,
+        "read/files:read": 1,
+        "read/table:rows": 4,
     }
 
 
@@ -452,7 +519,7 @@ def test_run_gather_end_to_end(fixture_files, tmp_path, runner, beam_args):
     doc = gather.run_gather(
         fixture_files,
         str(out),
-        cfg=GatherConfig(num_output_shards=2),
+        config=GatherConfig(num_output_shards=2),
         queries_path=qpath,
         runner=runner,
         beam_args=beam_args,
@@ -470,19 +537,22 @@ def test_run_gather_end_to_end(fixture_files, tmp_path, runner, beam_args):
     assert names == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
     parts = [pq.read_table(out / "candidates" / n) for n in names]
     for b, part in enumerate(parts):
-        assert part.schema == gather.CANDIDATE_SCHEMA
+        assert part.schema == pairs.CANDIDATE_SCHEMA
         uids = part.column("uid").to_pylist()
         assert uids == sorted(uids)
-        assert all(gather.bucket_of(u, 2) == b for u in uids)
+        assert all(pairs.bucket_of(u, 2) == b for u in uids)
     cand = pa.concat_tables(parts)
     assert kept_rows(cand, fixture_files) == sorted(EXPECTED_KEPT)
     for r in cand.to_pylist():
         assert r["uid"] == urls.pair_uid(r["url"], r["caption"])
-    rej = pa.concat_tables(pq.read_table(p) for p in sorted((out / "rejected").iterdir()))
+    rej_names = sorted(p.name for p in (out / "rejected").iterdir())
+    assert rej_names == names
+    rej = pa.concat_tables(pq.read_table(out / "rejected" / n) for n in rej_names)
+    assert rej.schema == stage.REJECTED_SCHEMA
     assert rejected_rows(rej, fixture_files) == sorted(EXPECTED_REJECTED, key=repr)
 
     # The Beam run equals the single-process loop, row for row.
-    loop_cand, _, _ = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    loop_cand, _, _ = pairs.gather_loop(fixture_files, config=GatherConfig(), query_list=Q)
     assert cand.sort_by("uid").equals(loop_cand)
 
 
@@ -492,7 +562,7 @@ def test_output_does_not_depend_on_shards_or_batches(fixture_files, tmp_path):
     for i, cfg in enumerate(
         [GatherConfig(num_output_shards=1), GatherConfig(num_output_shards=5, batch_size=2)]
     ):
-        gather.run_gather(fixture_files, str(tmp_path / f"o{i}"), cfg=cfg, queries_path=qpath)
+        gather.run_gather(fixture_files, str(tmp_path / f"o{i}"), config=cfg, queries_path=qpath)
         tables.append(pq.read_table(tmp_path / f"o{i}" / "candidates").sort_by("uid"))
     assert tables[0].equals(tables[1])
     assert len(list((tmp_path / "o1" / "candidates").iterdir())) == 5
@@ -502,15 +572,15 @@ def test_rerun_skips_and_overwrite_clears_stale_parts(fixture_files, tmp_path):
     qpath = write_queries(tmp_path / "q.txt")
     out = tmp_path / "out"
     first = gather.run_gather(
-        fixture_files, str(out), cfg=GatherConfig(num_output_shards=3), queries_path=qpath
+        fixture_files, str(out), config=GatherConfig(num_output_shards=3), queries_path=qpath
     )
     again = gather.run_gather(
-        fixture_files, str(out), cfg=GatherConfig(num_output_shards=3), queries_path=qpath
+        fixture_files, str(out), config=GatherConfig(num_output_shards=3), queries_path=qpath
     )
     assert again["skipped"] is True and again["counters"] == first["counters"]
     # A different config reruns; stale part files of the old layout are removed.
     gather.run_gather(
-        fixture_files, str(out), cfg=GatherConfig(num_output_shards=2), queries_path=qpath
+        fixture_files, str(out), config=GatherConfig(num_output_shards=2), queries_path=qpath
     )
     assert sorted(p.name for p in (out / "candidates").iterdir()) == [
         "part-00000-of-00002.parquet",
@@ -520,10 +590,59 @@ def test_rerun_skips_and_overwrite_clears_stale_parts(fixture_files, tmp_path):
     (out / "stats.json").unlink()
     (out / "candidates" / "part-00007-of-00009.parquet").write_bytes(b"junk")
     doc = gather.run_gather(
-        fixture_files, str(out), cfg=GatherConfig(num_output_shards=2), queries_path=qpath
+        fixture_files, str(out), config=GatherConfig(num_output_shards=2), queries_path=qpath
     )
     assert "skipped" not in doc
     assert len(list((out / "candidates").iterdir())) == 2
+
+
+def test_rejected_rows_are_stage_rows_of_the_one_schema(fixture_files, tmp_path):
+    """Filtered and duplicate pairs alike: exact rows of stage.REJECTED_SCHEMA, stage gather."""
+    table = fixture_files[2]
+    copy = tmp_path / "d.parquet"  # the same rows again: its kept pairs are duplicates
+    copy.write_bytes(pathlib.Path(table).read_bytes())
+    out = tmp_path / "out"
+    doc = gather.run_gather(
+        [table, str(copy)],
+        str(out),
+        config=GatherConfig(num_output_shards=1),
+        queries_path=write_queries(tmp_path / "q.txt"),
+    )
+    assert doc["counters"] == {
+        "input": 8,
+        "kept": 2,
+        "dropped:bad_url": 2,
+        "dropped:duplicate": 2,
+        "dropped:unsupported_scheme": 2,
+    }
+    assert doc["read_counters"] == {"files:read": 2, "table:rows": 8}
+    rejected = pq.read_table(out / "rejected" / "part-00000-of-00001.parquet")
+    assert rejected.schema == stage.REJECTED_SCHEMA
+
+    def row(url, caption, reason, source, uid=None):
+        return {
+            **dict.fromkeys(stage.REJECTED_FIELDS),
+            "stage": "gather",
+            "reason": reason,
+            "detail": "",
+            "uid": uid,
+            "url": url,
+            "caption": caption,
+            "source": source,
+        }
+
+    dog, hot_dog = (
+        ("http://example.com/static/dog.jpg", "A dog on the beach"),
+        ("https://example.com/t.jpg", "A hot dog with mustard"),
+    )
+    expected = [
+        row(*dog, "duplicate", str(copy), uid=urls.pair_uid(*dog)),
+        row(*hot_dog, "duplicate", str(copy), uid=urls.pair_uid(*hot_dog)),
+    ]
+    for source in (table, str(copy)):
+        expected.append(row("ftp://x/y.jpg", "a dog on ftp", "unsupported_scheme", source))
+        expected.append(row("relative.jpg", "a dog relative", "bad_url", source))
+    assert sorted(rejected.to_pylist(), key=repr) == sorted(expected, key=repr)
 
 
 def test_no_rejected_and_empty_inputs(tmp_path):
@@ -534,13 +653,13 @@ def test_no_rejected_and_empty_inputs(tmp_path):
     )
     out = tmp_path / "out"
     doc = gather.run_gather(
-        [str(empty)], str(out), cfg=GatherConfig(write_rejected=False), queries_path=qpath
+        [str(empty)], str(out), config=GatherConfig(write_rejected=False), queries_path=qpath
     )
     assert doc["counters"] == {"input": 0, "kept": 0}
     assert doc["query_counts"] == {}
     assert not (out / "rejected").exists()
     files = list((out / "candidates").iterdir())
-    assert len(files) == 1 and pq.read_table(files[0]).schema == gather.CANDIDATE_SCHEMA
+    assert len(files) == 1 and pq.read_table(files[0]).schema == pairs.CANDIDATE_SCHEMA
 
 
 def test_expensive_state_is_built_once_per_worker(fixture_files, tmp_path, monkeypatch):
@@ -568,7 +687,7 @@ def test_expensive_state_is_built_once_per_worker(fixture_files, tmp_path, monke
             copies.append(str(dst))
     qpath = write_queries(tmp_path / "q.txt")
     doc = gather.run_gather(
-        copies, str(tmp_path / "out"), cfg=GatherConfig(batch_size=2), queries_path=qpath
+        copies, str(tmp_path / "out"), config=GatherConfig(batch_size=2), queries_path=qpath
     )
     assert doc["read_counters"]["files:read"] == 12
     assert doc["counters"]["input"] == 4 * 27
@@ -590,7 +709,9 @@ def test_dofn_instances_in_one_process_share_one_filter(tmp_path, monkeypatch):
     monkeypatch.setattr(QueryMatcher, "__init__", matcher_init)
     qpath = write_queries(tmp_path / "q.txt")
     kwargs = dict(num_buckets=2, total_files=1, progress_interval=0.0)
-    fn = gather._ReadFilterFn(cfg=GatherConfig(), query_spec=qpath, queries_sha256=None, **kwargs)
+    fn = gather._ReadFilterFn(
+        config=GatherConfig(), query_spec=qpath, queries_sha256=None, **kwargs
+    )
     # What a runner does: unpickle one copy of the DoFn per thread, call setup() on each.
     payload = pickle.dumps(fn)
     a, b = pickle.loads(payload), pickle.loads(payload)
@@ -601,7 +722,7 @@ def test_dofn_instances_in_one_process_share_one_filter(tmp_path, monkeypatch):
     assert built == {"matcher": 1}
     # Another DoFn (another handle, or another config) builds its own.
     other = gather._ReadFilterFn(
-        cfg=GatherConfig(match=MatchConfig(case_sensitive=False)),
+        config=GatherConfig(match=MatchConfig(case_sensitive=False)),
         query_spec=Q,
         queries_sha256=None,
         **kwargs,
@@ -615,9 +736,11 @@ def test_dofn_instances_in_one_process_share_one_filter(tmp_path, monkeypatch):
 def test_shared_filter_is_freed_after_the_run(fixture_files, tmp_path):
     """Once the pipeline's DoFns are torn down, no PairFilter stays alive in the process."""
     qpath = write_queries(tmp_path / "q.txt")
-    gather.run_gather(fixture_files, str(tmp_path / "out"), cfg=GatherConfig(), queries_path=qpath)
+    gather.run_gather(
+        fixture_files, str(tmp_path / "out"), config=GatherConfig(), queries_path=qpath
+    )
     gc.collect()
-    assert [o for o in gc.get_objects() if isinstance(o, gather.PairFilter)] == []
+    assert [o for o in gc.get_objects() if isinstance(o, pairs.PairFilter)] == []
 
 
 def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
@@ -631,7 +754,7 @@ def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
     ]
     out = tmp_path / "out"
     doc = gather.run_gather(
-        inputs, str(out), cfg=GatherConfig(num_output_shards=4), queries_path=qpath
+        inputs, str(out), config=GatherConfig(num_output_shards=4), queries_path=qpath
     )
     c = doc["counters"]
     assert c["input"] == 153 + 10_000
@@ -640,9 +763,11 @@ def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
     assert c["dropped:no_url"] == 4  # the WARC's <img> tags without any src
     cand = pq.read_table(out / "candidates")
     assert cand.num_rows == c["kept"]
-    loop_cand, _, loop_counter = gather.gather_loop(inputs, cfg=GatherConfig(), query_list=queries)
+    loop_cand, _, loop_counter = pairs.gather_loop(
+        inputs, config=GatherConfig(), query_list=queries
+    )
     assert cand.sort_by("uid").equals(loop_cand)
-    assert gather.split_counters(loop_counter)[0] == c
+    assert pair_counters(loop_counter) == c
     # Per-query counts are exactly what the candidates say.
     recount = collections.Counter(q for ids in cand.column("query_ids").to_pylist() for q in ids)
     assert doc["query_counts"] == {str(k): v for k, v in sorted(recount.items())}
@@ -653,32 +778,16 @@ def test_real_data_pipeline_equals_loop(shared_data, tmp_path):
 
 def test_bucket_buffer_groups_rows_into_large_elements():
     uids = [urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(100)]
-    table = pa.Table.from_pylist(
-        [
-            {
-                "uid": u,
-                "url": "u",
-                "caption": "c",
-                "query_ids": [],
-                "source": "s",
-                "page_url": None,
-                "language": "",
-                "language_score": 0.0,
-            }
-            for u in uids
-        ],
-        schema=gather.CANDIDATE_SCHEMA,
-    )
+    table = candidate_table(uids)
     buf = gather._BucketBuffer(flush_rows=10, max_rows=40)
     out = []
     for start in range(0, 100, 7):  # batches of 7 rows, each split over 4 buckets
-        for bucket, part in gather.split_by_bucket(table.slice(start, 7), 4):
+        for bucket, part in pairs.split_by_bucket(table.slice(start, 7), 4):
             out.extend(buf.add(bucket, part))
     out.extend(buf.flush())
-    assert sorted(u for _, (_, t) in out for u in t.column("uid").to_pylist()) == sorted(uids)
-    assert all(kind == "c" for _, (kind, _) in out)
-    for bucket, (_, t) in out:
-        assert {gather.bucket_of(u, 4) for u in t.column("uid").to_pylist()} == {bucket}
+    assert sorted(u for _, t in out for u in t.column("uid").to_pylist()) == sorted(uids)
+    for bucket, t in out:
+        assert {pairs.bucket_of(u, 4) for u in t.column("uid").to_pylist()} == {bucket}
     assert len(out) < 100 // 7 * 4 / 2  # far fewer elements than batch x bucket slices
 
 
@@ -696,7 +805,7 @@ def test_fsspec_urls_in_and_out(fixture_files, tmp_path):
         doc = gather.run_gather(
             ["memory://bucket/in/*.gz", "memory://bucket/in/c.parquet"],
             "memory://bucket/out",
-            cfg=GatherConfig(num_output_shards=2),
+            config=GatherConfig(num_output_shards=2),
             queries_path="memory://bucket/q.txt",
         )
         assert doc["counters"] == EXPECTED_COUNTERS
@@ -729,16 +838,16 @@ def test_language_is_detected_before_matching_only_when_it_filters():
         [None] * 4,
     )
     det = _CountingDetector()
-    flt = gather.PairFilter(GatherConfig(), QueryMatcher(Q), det)
-    counter = collections.Counter()
-    kept, _ = flt.process(batch, counter)
+    flt = pairs.PairFilter(GatherConfig(), QueryMatcher(Q), det)
+    result = flt.process(batch)
+    kept, counter = result.kept, counted(result)
     # Filtering: every caption that passed the length checks is detected, matched or not.
     assert det.seen == ["A dog on a sofa", "Un chien dog", "Sunset over the sea"]
     assert kept.column("language").to_pylist() == ["en"]
     assert counter["dropped:language"] == 1 and counter["dropped:no_match"] == 1
     det = _CountingDetector()
     cfg = GatherConfig(captions=captions.CaptionConfig(languages=()))
-    kept, _ = gather.PairFilter(cfg, QueryMatcher(Q), det).process(batch, collections.Counter())
+    kept = pairs.PairFilter(cfg, QueryMatcher(Q), det).process(batch).kept
     # No filter: only kept pairs are detected, and their language is recorded.
     assert det.seen == ["A dog on a sofa", "Un chien dog"]
     assert kept.column("language").to_pylist() == ["en", "fr"]
@@ -759,8 +868,8 @@ def test_an_unsure_foreign_detection_keeps_the_caption_as_undetermined():
         [None] * 4,
     )
     queries = ["circle", "photo", "Kreise", "dog"]
-    counter = collections.Counter()
-    kept, rejected = _flt(queries=queries).process(batch, counter)
+    result = _flt(queries=queries).process(batch)
+    kept, rejected = result.kept, result.rejected
     assert kept.column("caption").to_pylist() == [
         "One blue circle",
         "Stonehenge tours photo montage",
@@ -768,12 +877,11 @@ def test_an_unsure_foreign_detection_keeps_the_caption_as_undetermined():
     ]
     assert kept.column("language").to_pylist() == ["und", "und", "en"]
     assert rejected.column("reason").to_pylist() == ["language"]
-    assert dict(counter) == {"input": 4, "dropped:language": 1}
+    assert counted(result) == {"input": 4, "dropped:language": 1}
     strict = GatherConfig(captions=captions.CaptionConfig(min_foreign_language_score=0.0))
-    counter = collections.Counter()
-    kept, _ = _flt(strict, queries).process(batch, counter)
-    assert kept.column("caption").to_pylist() == ["A dog on the beach"]
-    assert dict(counter) == {"input": 4, "dropped:language": 3}
+    result = _flt(strict, queries).process(batch)
+    assert result.kept.column("caption").to_pylist() == ["A dog on the beach"]
+    assert counted(result) == {"input": 4, "dropped:language": 3}
 
 
 def test_multi_process_run_gives_the_same_output(fixture_files, tmp_path):
@@ -781,14 +889,14 @@ def test_multi_process_run_gives_the_same_output(fixture_files, tmp_path):
     doc = gather.run_gather(
         fixture_files,
         str(tmp_path / "out"),
-        cfg=GatherConfig(num_output_shards=3),
+        config=GatherConfig(num_output_shards=3),
         queries_path=qpath,
         beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
     )
     assert doc["counters"] == EXPECTED_COUNTERS
     assert doc["query_counts"] == EXPECTED_QUERY_COUNTS
     cand = pq.read_table(tmp_path / "out" / "candidates").sort_by("uid")
-    loop_cand, _, _ = gather.gather_loop(fixture_files, cfg=GatherConfig(), query_list=Q)
+    loop_cand, _, _ = pairs.gather_loop(fixture_files, config=GatherConfig(), query_list=Q)
     assert cand.equals(loop_cand)
 
 
@@ -805,7 +913,10 @@ def test_read_pairs_transform(fixture_files):
         )
         counts = result[beam_utils.COUNTS] | beam_utils.SumCounts()
         assert_that(
-            counts | beam.Map(lambda d: (d["files:read"], d["warc:html_pages"], d["wat:records"])),
+            counts
+            | beam.Map(
+                lambda d: (d["read/files:read"], d["read/warc:html_pages"], d["read/wat:records"])
+            ),
             equal_to([(2, 5, 6)]),
             label="CheckCounts",
         )
@@ -813,15 +924,17 @@ def test_read_pairs_transform(fixture_files):
 
 def test_progress_lines(fixture_files, tmp_path, caplog):
     qpath = write_queries(tmp_path / "q.txt")
-    caplog.set_level("INFO", logger="wit_pipeline.stages.gather.core")
+    caplog.set_level("INFO", logger="wit_pipeline.stages.gather.transforms")
     gather.run_gather(
         fixture_files,
         str(tmp_path / "out"),
-        cfg=GatherConfig(batch_size=2),
+        config=GatherConfig(batch_size=2),
         queries_path=qpath,
         progress_interval=1e-9,  # a line after every batch
     )
-    lines = [r.getMessage() for r in caplog.records if r.name == "wit_pipeline.stages.gather.core"]
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "wit_pipeline.stages.gather.transforms"
+    ]
     assert lines[0].startswith("gather: 3 input files (1 parquet, 1 warc, 1 wat), 6 queries")
     warc = [line for line in lines if f"[1/3] {fixture_files[0]}" in line]
     assert len([line for line in warc if "pairs so far" in line]) == 9  # 18 pairs, 2 per batch

@@ -185,10 +185,10 @@ def test_case_folded_equals_reference_on_real_captions(real_captions, real_queri
 
 @pytest.fixture(scope="module")
 def warc_alt_texts(shared_data):
-    from wit_pipeline.stages.gather.readers import warc
+    from wit_pipeline.stages.gather.readers import iter_file_batches
 
     path = shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"
-    alts = [c for batch in warc.iter_batches(str(path)) for c in batch.captions if c]
+    alts = [c for batch in iter_file_batches(str(path)) for c in batch.captions if c]
     assert len(alts) == 32
     return alts
 

@@ -18,7 +18,7 @@ from tlsutil import make_ca_and_cert
 
 import netjail
 from wit_pipeline.loopback import ImageServer
-from wit_pipeline.stages.download import netguard
+from wit_pipeline.stages.download import guarded_http, netguard
 
 STRICT = netguard.AddressPolicy()
 LOOPBACK_OK = netguard.AddressPolicy(allow_loopback=True)
@@ -171,7 +171,7 @@ def _opener(**kw):
     guard = netguard.Guard(policy=LOOPBACK_OK, resolver=resolver, connect_timeout=2)
     opts = dict(timeout=3.0, retries=1, retry_backoff=0.01, user_agent="wit-test/1.0")
     opts.update(kw)
-    return netguard.build_opener(guard, netguard.FetchOptions(**opts))
+    return guarded_http.build_opener(guard, guarded_http.FetchOptions(**opts))
 
 
 def _reason(opener, url):
@@ -215,10 +215,10 @@ def test_urlopen_goes_through_the_installed_guard(server):
     server.route("/meta", lambda req: redirect(req, "http://169.254.169.254/"))
     before = urllib.request._opener
     try:
-        opener = netguard.install_urllib_opener(
-            netguard.Guard(policy=LOOPBACK_OK), netguard.FetchOptions(retries=0)
+        opener = guarded_http.install_urllib_opener(
+            netguard.Guard(policy=LOOPBACK_OK), guarded_http.FetchOptions(retries=0)
         )
-        assert netguard.installed_opener() is opener
+        assert guarded_http.installed_opener() is opener
         with pytest.raises(netguard.FetchError) as e:
             urllib.request.urlopen(urllib.request.Request(server.url("/meta")), timeout=3)
         assert e.value.reason == "blocked_address"
@@ -290,7 +290,9 @@ def test_connect_timeout_ends_a_connection_nobody_accepts():
             else:
                 pytest.fail("the listen backlog never filled up")
             guard = netguard.Guard(policy=LOOPBACK_OK, connect_timeout=0.25)
-            opener = netguard.build_opener(guard, netguard.FetchOptions(timeout=60.0, retries=0))
+            opener = guarded_http.build_opener(
+                guard, guarded_http.FetchOptions(timeout=60.0, retries=0)
+            )
             with pytest.raises(netguard.FetchError) as e:
                 opener.open(f"http://127.0.0.1:{port}/x.jpg")
         finally:
@@ -336,27 +338,29 @@ def test_https_through_the_guard(tmp_path):
         assert _reason(opener, srv.url("/meta", "localhost")) == "blocked_address"
         # Without our CA the certificate is refused.
         assert _reason(_opener(retries=0), srv.url("/ok.jpg", "localhost")) == "tls_error"
-        session = netguard.requests_session(
+        session = guarded_http.requests_session(
             netguard.Guard(policy=LOOPBACK_OK),
-            netguard.FetchOptions(ca_bundle=ca, user_agent="wit-test/1.0"),
+            guarded_http.FetchOptions(ca_bundle=ca, user_agent="wit-test/1.0"),
         )
         assert session.get(srv.url("/ok.jpg", "localhost"), timeout=3).content == JPEG
 
 
 def test_requests_session_is_guarded(server):
     resolver = netguard.StaticResolver.of({"metadata.test": ["169.254.169.254"]})
-    session = netguard.requests_session(
-        netguard.Guard(policy=LOOPBACK_OK, resolver=resolver), netguard.FetchOptions()
+    session = guarded_http.requests_session(
+        netguard.Guard(policy=LOOPBACK_OK, resolver=resolver), guarded_http.FetchOptions()
     )
     assert session.get(server.url("/ok.jpg"), timeout=3).content == JPEG
     for url in ("http://169.254.169.254/", "http://metadata.test/", "http://[::ffff:a00:1]/"):
         with pytest.raises(Exception) as e:
             session.get(url, timeout=3)
-        assert netguard.classify_requests_error(e.value).reason == "blocked_address"
-    strict = netguard.requests_session(netguard.Guard(policy=STRICT), netguard.FetchOptions())
+        assert guarded_http.classify_requests_error(e.value).reason == "blocked_address"
+    strict = guarded_http.requests_session(
+        netguard.Guard(policy=STRICT), guarded_http.FetchOptions()
+    )
     with pytest.raises(Exception) as e:
         strict.get(server.url("/ok.jpg"), timeout=3)
-    assert netguard.classify_requests_error(e.value).reason == "blocked_address"
+    assert guarded_http.classify_requests_error(e.value).reason == "blocked_address"
 
 
 def test_jail_would_catch_an_unguarded_fetch():
@@ -386,7 +390,9 @@ def test_ipv6_loopback_only_with_allow_loopback():
         assert url.startswith("http://[::1]:")
         with _opener().open(url) as r:
             assert r.read() == JPEG
-        strict = netguard.build_opener(netguard.Guard(policy=STRICT), netguard.FetchOptions())
+        strict = guarded_http.build_opener(
+            netguard.Guard(policy=STRICT), guarded_http.FetchOptions()
+        )
         assert _reason(strict, url) == "blocked_address"
 
 
@@ -425,7 +431,7 @@ def test_per_host_concurrency_and_rate(server):
         sleeps.append(seconds)
         clock["now"] += seconds
 
-    limiter = netguard.HostLimiter(rate=4.0, clock=lambda: clock["now"], sleep=sleep)
+    limiter = guarded_http.HostLimiter(rate=4.0, clock=lambda: clock["now"], sleep=sleep)
     limiter.set_interval("slow.test", 0.5)
     starts = []
     for host in ("fast.test", "slow.test", "fast.test", "slow.test", "fast.test", "other.test"):

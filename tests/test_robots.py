@@ -8,7 +8,7 @@ import pytest
 from download_server import redirect, send
 
 from wit_pipeline.loopback import ImageServer
-from wit_pipeline.stages.download import netguard, robots
+from wit_pipeline.stages.download import guarded_http, netguard, robots
 
 UA = "wit-pipeline/0.1 (+https://example.org/bot)"
 
@@ -103,7 +103,7 @@ def _fetch(server, host="127.0.0.1", resolver=None, timeout=2.0):
         resolver=resolver or netguard.system_resolver,
         connect_timeout=2,
     )
-    session = netguard.requests_session(guard, netguard.FetchOptions(user_agent=UA))
+    session = guarded_http.requests_session(guard, guarded_http.FetchOptions(user_agent=UA))
     return robots.fetch_robots(
         session,
         f"http://{host}:{server.port}",

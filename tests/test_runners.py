@@ -22,7 +22,7 @@ import pytest
 from wit_pipeline import build, cli, config, queries, runners
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages import finalize
-from wit_pipeline.stages.gather import core as gather
+from wit_pipeline.stages.gather import transforms as gather
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPU = "type:nvidia-tesla-t4;count:1;install-nvidia-driver"
@@ -234,7 +234,7 @@ def test_gather_prebalance_and_download_translate_for_dataflow():
             p,
             files,
             f"{out}/gather",
-            cfg=cfg.gather,
+            config=cfg.gather,
             queries=f"{BUCKET}/queries.txt.gz",  # a large list: workers load it in setup()
             num_buckets=8,
             queries_sha256="0" * 64,

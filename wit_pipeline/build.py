@@ -58,9 +58,11 @@ from wit_pipeline.stages import balance
 from wit_pipeline.stages import finalize as finalize_lib
 from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages.dedup import core as dedup
-from wit_pipeline.stages.download import core as download_lib
+from wit_pipeline.stages.download import plan as download_plan
+from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import captions
-from wit_pipeline.stages.gather import core as gather
+from wit_pipeline.stages.gather import pairs as gather_pairs
+from wit_pipeline.stages.gather import transforms as gather
 
 STEPS = ("gather", "prebalance", "download", "finalize", "report")
 
@@ -97,9 +99,9 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
 # run-level name says which stage dropped the pair.
 STAGE_REASONS: dict[str, tuple[str, ...]] = {
     "gather": (
-        gather.NO_URL,
-        gather.UNSUPPORTED_SCHEME,
-        gather.BAD_URL,
+        gather_pairs.NO_URL,
+        gather_pairs.UNSUPPORTED_SCHEME,
+        gather_pairs.BAD_URL,
         captions.NO_CAPTION,
         captions.BAD_ENCODING,
         captions.TOO_SHORT,
@@ -109,11 +111,11 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
         captions.LANGUAGE,
         captions.LANGUAGE_UNDETECTED,
         captions.LOW_LANGUAGE_SCORE,
-        gather.NO_MATCH,
-        gather.DUPLICATE,
+        gather_pairs.NO_MATCH,
+        gather_pairs.DUPLICATE,
     ),
     "prebalance": (balance.PREBALANCED_OUT, balance.NO_QUERY),
-    "download": download_lib.REASONS,  # plus http_<status>
+    "download": download_plan.REASONS,  # plus http_<status>
     "dedup": (
         dedup.UNDECODABLE,
         dedup.EVAL_CONTAMINATION,
@@ -242,7 +244,7 @@ def _without(d: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
 SCORE_EXECUTION_FIELDS = ("batch_size", "device", "accelerator")
 # Options that change how fast a step runs, never what it computes (dotted names).
 EXECUTION_ONLY = frozenset(
-    [f"download.{f}" for f in download_lib.EXECUTION_ONLY_FIELDS]
+    [f"download.{f}" for f in download_plan.EXECUTION_ONLY_FIELDS]
     + [f"score.{f}" for f in SCORE_EXECUTION_FIELDS]
 )
 
@@ -261,7 +263,7 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
                 k: c["balance"][k] for k in ("t", "seed", "prebalance_factor")
             },  # factor 0 disables the step; still part of what decides the result
         },
-        "download": {"download": _without(c["download"], download_lib.EXECUTION_ONLY_FIELDS)},
+        "download": {"download": _without(c["download"], download_plan.EXECUTION_ONLY_FIELDS)},
         "finalize": {
             "dedup": c["dedup"],
             # balance.unit only when not the default, so earlier builds keep their fingerprint
@@ -658,7 +660,7 @@ def _run_gather(ctx: StepContext) -> dict[str, Any]:
     doc = gather.run_gather(
         list(ctx.inputs.files),
         _step_dir(ctx, "gather"),
-        cfg=ctx.cfg.gather,
+        config=ctx.cfg.gather,
         queries_path=ctx.inputs.queries_path,
         beam_args=ctx.beam_args,
         runner=ctx.runner,
@@ -712,29 +714,21 @@ def add_download(
     """Add the download step to ``p``: candidate Parquet files -> ``output_dir``'s shards."""
     _ = (
         p
-        | "ReadCandidates" >> download_lib.ReadCandidates(files)
+        | "ReadCandidates" >> download_lib.ReadCandidates(files=files)
         | "DownloadImages" >> download_lib.DownloadImages(output_dir=output_dir, config=cfg)
     )
 
 
 def _run_download(ctx: StepContext) -> dict[str, Any]:
-    dl = ctx.cfg.download
     out = _step_dir(ctx, "download")
-    files = download_lib.candidate_files(_candidates_dir(ctx))
-    download_lib.check_plan_config(out, dl)
-    done_before = len(download_lib.finished_shards(out)) if fileio.exists(out) else 0
-    if done_before:
-        ctx.log(f"download: resuming ({done_before} shard(s) already finished)")
-    options = beam_utils.pipeline_options(_beam_args(ctx, dl.processes))
-    try:
-        with beam.Pipeline(options=options) as p:
-            add_download(p, files=files, output_dir=out, cfg=dl)
-    except Exception as e:
-        m = re.search(r"(\S+ holds a download run with a different input[^\n'\"]*)", str(e))
-        if m:
-            raise WitError(m.group(1)) from None
-        raise
-    stats = fileio.read_json(fileio.join(out, download_lib.STATS_FILE))
+    stats = run_download(
+        _candidates_dir(ctx),
+        out,
+        ctx.cfg.download,
+        beam_args=ctx.beam_args,
+        runner=ctx.runner,
+        log=ctx.log,
+    )
     urls_c, pairs_c = stats["url_counters"], stats["counters"]
     ctx.log(
         f"download: {urls_c.get('kept', 0):,} of {urls_c.get('input', 0):,} images, "
@@ -742,7 +736,7 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
     )
     if not urls_c.get("kept"):
         ctx.log(f"download: no image was downloaded (reasons: {out}/rejected/, the report)")
-    return {"resumed_shards": done_before}
+    return {"resumed_shards": stats["resumed_shards"]}
 
 
 def _query_count_columns(ctx: StepContext) -> dict[str, dict[int, int]]:
@@ -1093,7 +1087,7 @@ def validate(cfg: config.BuildConfig) -> config.BuildConfig:
     Returns the config with ``score.model`` filled from a trainer checkpoint when omitted.
     """
     captions.validate_caption_config(cfg.gather.captions)
-    download_lib.validate_config(cfg.download)
+    download_plan.validate_config(cfg.download)
     if cfg.balance.t <= 0:
         raise WitError("balance.t must be > 0")
     if cfg.balance.prebalance_factor < 0:
@@ -1211,10 +1205,9 @@ def run_download(
     with finished shards resumes after them (and says so). Returns ``output``'s ``stats.json``
     document, plus ``resumed_shards``: how many shards an earlier run had finished.
     """
-    download_lib.validate_config(cfg)
     files = download_lib.candidate_files(candidates)
-    download_lib.check_plan_config(output, cfg)
-    done_before = len(download_lib.finished_shards(output)) if fileio.exists(output) else 0
+    download_plan.check_plan_config(output, cfg)
+    done_before = len(download_plan.finished_shards(output)) if fileio.exists(output) else 0
     if done_before:
         log(f"download: resuming ({done_before} shard(s) already finished)")
     args = list(beam_args)

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wit_pipeline import build, fileio
-    from wit_pipeline.stages.download import core as download
+    from wit_pipeline.stages.download import plan
 
     cfg = args_lib.build_config(args).download
     stats = build.run_download(
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wit download: {url_level.get('kept', 0)}/{url_level.get('input', 0)} images, "
         f"{pairs.get('kept', 0)}/{pairs.get('input', 0)} pairs kept -> "
-        f"{fileio.join(args.output, download.SHARDS_DIR)}",
+        f"{fileio.join(args.output, plan.SHARDS_DIR)}",
         file=sys.stderr,
     )
     dropped = {k: v for k, v in url_level.items() if k.startswith("dropped:")}

@@ -110,13 +110,13 @@ def run(args) -> int:
                 f"query file not found: {queries_path} (the shipped default list; "
                 "pass --queries FILE)"
             )
-    from wit_pipeline.stages.gather.core import run_gather
+    from wit_pipeline.stages.gather.transforms import run_gather
 
     try:
         doc = run_gather(
             args.input,
             args.output,
-            cfg=cfg,
+            config=cfg,
             queries_path=queries_path,
             beam_args=args.beam_args,
             runner=args.runner,

@@ -170,7 +170,7 @@ def fetch_robots(
     timeout: float,
 ) -> RobotsVerdict:
     """Fetch ``origin_url/robots.txt`` with a guarded ``requests`` session; apply the policy."""
-    from wit_pipeline.stages.download import netguard
+    from wit_pipeline.stages.download import guarded_http
 
     url = origin_url.rstrip("/") + "/robots.txt"
     for hop in range(MAX_ROBOTS_REDIRECTS + 1):
@@ -197,7 +197,7 @@ def fetch_robots(
                 return RobotsVerdict(DISALLOW_ALL, detail=f"robots.txt unreachable: HTTP {status}")
         except Exception as e:
             session.close()
-            err = netguard.classify_requests_error(e)
+            err = guarded_http.classify_requests_error(e)
             if hop == 0 and err.reason in ("blocked_address", "dns_error"):
                 return RobotsVerdict(BLOCKED, reason=err.reason, detail=err.detail)
             return RobotsVerdict(

@@ -1,1 +1,13 @@
-"""The gather stage."""
+"""The gather stage: crawl data in, query-matched image/caption candidates out.
+
+- ``readers/``: input files (WARC, WAT, Parquet, CSV, TSV, JSONL) -> raw (URL, caption,
+  page URL) batches; ``readers/html.py`` extracts ``<img>`` pairs from HTML.
+- ``captions.py``: caption cleaning, length bounds, language detection, and the
+  ``gather.captions`` config check.
+- ``match.py``: query matching with MetaCLIP's substring semantics (Aho-Corasick).
+- ``pairs.py``: the pure core: URL checks, ``PairFilter`` (clean, filter, match one batch),
+  ``dedup_candidates``, output buckets, ``gather_loop`` (the stage without Beam) and
+  ``validate_config`` (the ``gather`` section's one check).
+- ``transforms.py``: the Beam side: ``GatherPairs``, ``WriteGather``, ``ReadPairs``,
+  ``add_gather`` (the step's graph) and ``run_gather`` (``wit gather``).
+"""

@@ -17,7 +17,6 @@ import html
 import importlib.resources
 import re
 import unicodedata
-from collections.abc import Sequence
 from typing import Protocol
 
 from wit_pipeline.config import CaptionConfig
@@ -113,7 +112,10 @@ def recorded_language(language: str, cfg: CaptionConfig) -> str:
 
 
 def validate_caption_config(cfg: CaptionConfig) -> None:
-    """Raise ``WitError`` for an inconsistent caption section (checked before a run starts)."""
+    """Raise ``WitError`` for an inconsistent ``gather.captions`` section.
+
+    Part of ``pairs.validate_config``, the gather section's one check.
+    """
     if cfg.language_detector not in DETECTORS:
         raise WitError(
             f"config: gather.captions.language_detector must be one of {', '.join(DETECTORS)}, "
@@ -240,13 +242,10 @@ class LangdetectLanguageDetector:
 
 def make_detector(cfg: CaptionConfig) -> LanguageDetector:
     """The detector named by ``cfg.language_detector``; call once per worker."""
-    validate_caption_config(cfg)
     if cfg.language_detector == "fasttext":
         return FastTextLanguageDetector(cfg.fasttext_model or None)
     if cfg.language_detector == "langdetect":
         return LangdetectLanguageDetector(cfg.language_seed)
-    return NoLanguageDetector()
-
-
-def detect_many(detector: LanguageDetector, texts: Sequence[str]) -> list[tuple[str, float]]:
-    return [detector.detect(t) for t in texts]
+    if cfg.language_detector == "none":
+        return NoLanguageDetector()
+    raise WitError(f"unknown language detector {cfg.language_detector!r}")

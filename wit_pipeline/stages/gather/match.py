@@ -95,9 +95,6 @@ class QueryMatcher:
             return sorted({i for k in found for i in key_ids[k]})
         return sorted(found)
 
-    def match_many(self, texts: Iterable[str]) -> list[list[int]]:
-        return [self.match(t) for t in texts]
-
 
 def _rebuild(queries: list[str], case_sensitive: bool) -> QueryMatcher:
     return QueryMatcher(queries, case_sensitive=case_sensitive)

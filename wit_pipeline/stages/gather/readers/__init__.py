@@ -1,21 +1,25 @@
 """Input readers: crawl files and tables -> batches of raw image/caption pairs.
 
-Every reader is a pure parser (``<module>.iter_batches(path, cfg=..., counter=...)``) yielding
-``RawBatch`` objects: columns of raw URLs, raw captions and page URLs from one input file, in
-file order. Nothing is filtered here except what is not a pair at all (non-HTML responses,
-broken records); URL and caption checks, with their drop reasons, happen in ``gather``.
-Reader-level events (records read, broken records skipped, charset fallbacks) are counted in
-the counter under ``<format>:<event>`` names.
+Every reader is a pure parser of one input file, in file order: the crawl readers (``warc``,
+``wat``) turn an open stream into ``(url, caption, page_url)`` triples
+(``iter_page_images(f, cfg=..., counter=...)``), the table reader into ``RawBatch`` objects
+(``tables.iter_batches``). :func:`iter_file_batches` opens any input and returns ``RawBatch``
+objects: columns of raw URLs, raw captions and page URLs. Nothing is filtered here except what
+is not a pair at all (non-HTML responses, broken records); URL and caption checks, with their
+drop reasons, happen in ``gather.pairs``. Reader-level events (records read, broken records
+skipped, charset fallbacks) are counted in the counter under ``<format>:<event>`` names; the
+gather stage reports them under the ``read/`` scope (``read_counters`` in its ``stats.json``).
 
-``wit_pipeline.stages.gather.core.ReadPairs`` is the Beam transform over these parsers.
+``wit_pipeline.stages.gather.transforms.ReadPairs`` is the Beam transform over these parsers.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from wit_pipeline import fileio
 from wit_pipeline.config import GatherConfig
 from wit_pipeline.errors import WitError
 
@@ -90,13 +94,30 @@ def iter_file_batches(
     counter: collections.Counter | None = None,
     batch_size: int | None = None,
 ) -> Iterator[RawBatch]:
-    """Dispatch ``path`` to its reader (see ``detect_format``)."""
+    """Read ``path`` with its reader (see ``detect_format``) into ``RawBatch`` objects."""
     from wit_pipeline.stages.gather.readers import tables, warc, wat
 
     cfg = cfg or GatherConfig()
+    counter = counter if counter is not None else collections.Counter()
     fmt = detect_format(path, cfg.input_format)
+    size = batch_size or cfg.batch_size
     if fmt == "warc":
-        return warc.iter_batches(path, cfg=cfg, counter=counter, batch_size=batch_size)
+        return _crawl_batches(path, warc.iter_page_images, cfg=cfg, counter=counter, size=size)
     if fmt == "wat":
-        return wat.iter_batches(path, cfg=cfg, counter=counter, batch_size=batch_size)
-    return tables.iter_batches(path, cfg=cfg, counter=counter, batch_size=batch_size, fmt=fmt)
+        return _crawl_batches(path, wat.iter_page_images, cfg=cfg, counter=counter, size=size)
+    return tables.iter_batches(path, cfg=cfg, counter=counter, batch_size=size, fmt=fmt)
+
+
+def _crawl_batches(
+    path: str,
+    page_images: Callable[..., Iterable[tuple[str | None, str | None, str | None]]],
+    *,
+    cfg: GatherConfig,
+    counter: collections.Counter,
+    size: int,
+) -> Iterator[RawBatch]:
+    """One crawl file (WARC or WAT) into batches of raw pairs (``source`` = ``path``)."""
+    with fileio.open_file(path, "rb") as f:
+        yield from batched_pairs(
+            page_images(f, cfg=cfg, counter=counter), source=path, batch_size=size
+        )

@@ -21,9 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from wit_pipeline import fileio
 from wit_pipeline.config import GatherConfig
-from wit_pipeline.stages.gather.readers import RawBatch, batched_pairs
 from wit_pipeline.stages.gather.readers.html import decode_html, extract_images
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -309,21 +307,3 @@ def iter_page_images(
             caption_attributes=cfg.caption_attributes,
         ):
             yield url, caption, page_url
-
-
-def iter_batches(
-    path: str,
-    *,
-    cfg: GatherConfig | None = None,
-    counter: collections.Counter | None = None,
-    batch_size: int | None = None,
-) -> Iterator[RawBatch]:
-    """Read one WARC file into batches of raw pairs (``source`` = ``path``)."""
-    cfg = cfg or GatherConfig()
-    counter = counter if counter is not None else collections.Counter()
-    with fileio.open_file(path, "rb") as f:
-        yield from batched_pairs(
-            iter_page_images(f, cfg=cfg, counter=counter),
-            source=path,
-            batch_size=batch_size or cfg.batch_size,
-        )

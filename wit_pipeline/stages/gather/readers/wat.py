@@ -27,9 +27,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, Any
 
-from wit_pipeline import fileio
 from wit_pipeline.config import GatherConfig
-from wit_pipeline.stages.gather.readers import RawBatch, batched_pairs
 from wit_pipeline.stages.gather.readers.html import resolve_url
 from wit_pipeline.stages.gather.readers.warc import iter_records
 
@@ -107,21 +105,3 @@ def iter_page_images(
             counter["wat:bad_json"] += 1
             continue
         yield from images_from_wat_json(doc, cfg=cfg, counter=counter)
-
-
-def iter_batches(
-    path: str,
-    *,
-    cfg: GatherConfig | None = None,
-    counter: collections.Counter | None = None,
-    batch_size: int | None = None,
-) -> Iterator[RawBatch]:
-    """Read one WAT file into batches of raw pairs (``source`` = ``path``)."""
-    cfg = cfg or GatherConfig()
-    counter = counter if counter is not None else collections.Counter()
-    with fileio.open_file(path, "rb") as f:
-        yield from batched_pairs(
-            iter_page_images(f, cfg=cfg, counter=counter),
-            source=path,
-            batch_size=batch_size or cfg.batch_size,
-        )

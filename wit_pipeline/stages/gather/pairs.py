@@ -1,0 +1,374 @@
+"""The gather stage's pure core: raw image/caption pairs -> query-matched, deduplicated candidates.
+
+For every input file (WARC, WAT, or a table) each extracted image/caption pair goes through:
+
+1. URL: present (``no_url``), http(s) (``unsupported_scheme``: ``data:``, ``javascript:``,
+   ``blob:``, ...), normalizable (``bad_url``, ``urls.normalize_url``);
+2. caption: present (``no_caption``), cleaned (``captions.clean_caption``), undamaged
+   (``bad_encoding``), within length bounds (``too_short``, ``too_long``, ``too_few_words``,
+   ``too_many_words``);
+3. language (``language``, ``language_undetected``, ``low_language_score``);
+4. query matching with MetaCLIP's substring semantics (``no_match``);
+5. exact duplicates across the whole input: one pair per ``uid`` is kept (``duplicate``).
+
+Both cores return a :class:`wit_pipeline.stage.Result` over Arrow tables: ``PairFilter.process``
+(steps 1-4, one batch) and ``dedup_candidates`` (step 5, one bucket). Every pair is counted:
+the filter counts ``input`` where pairs enter the stage, the dedup counts ``kept`` where they
+leave it, and each rejected row is a ``dropped:<reason>`` (``stage.flow_counts`` with
+``flow=False``), so that ``input == kept + sum(dropped:*)`` over the whole stage. Reader
+counts (``warc:records``, ``files:read``, ...) are scoped ``read/``. ``gather_loop`` runs the
+stage in one process; ``transforms`` runs the same cores in Beam.
+
+Candidates are hash-partitioned by ``uid`` into buckets (``bucket_of``); each bucket is
+deduplicated alone and becomes one output file, so the output is identical whatever the
+runner, the batching or the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from wit_pipeline import counters as counters_lib
+from wit_pipeline import fileio, queries, schemas, stage, urls
+from wit_pipeline.config import GatherConfig
+from wit_pipeline.errors import WitError
+from wit_pipeline.stages.gather import captions as captions_lib
+from wit_pipeline.stages.gather.match import QueryMatcher
+from wit_pipeline.stages.gather.readers import FORMATS, RawBatch, iter_file_batches
+from wit_pipeline.stages.gather.readers.html import resolve_url
+
+STAGE = "gather"  # the stage name in rejected rows
+
+# Drop reasons decided here (caption and language reasons live in ``captions``).
+NO_URL = "no_url"
+UNSUPPORTED_SCHEME = "unsupported_scheme"
+BAD_URL = "bad_url"
+NO_MATCH = "no_match"
+DUPLICATE = "duplicate"
+
+FILES_READ = "files:read"  # a reader count (``read/files:read``): input files read to the end
+# stats.json: pair counts under "counters", reader counts under "read_counters".
+STATS_SECTIONS = {"": "counters", counters_lib.READ: "read_counters"}
+
+CANDIDATE_SCHEMA = schemas.CANDIDATE_SCHEMA
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
+_HTTP_PREFIXES = ("http://", "https://")
+_BUCKET_TARGET_BYTES = 128 << 20
+MAX_BUCKETS = 4096
+
+
+def validate_config(config: GatherConfig) -> None:
+    """Raise ``WitError`` for an impossible ``gather`` section (``captions`` included)."""
+    captions_lib.validate_caption_config(config.captions)
+    if config.input_format not in ("auto", *FORMATS):
+        raise WitError(f"unknown input format {config.input_format!r}")
+    if config.batch_size < 1:
+        raise WitError("config: gather.batch_size must be >= 1")
+    if not 0 <= config.num_output_shards <= MAX_BUCKETS:
+        raise WitError(
+            f"config: gather.num_output_shards must be within 0..{MAX_BUCKETS} (0 = automatic)"
+        )
+
+
+def check_url(url: str | None, page_url: str | None = None) -> tuple[str | None, str | None]:
+    """``(normalized URL, None)`` or ``(None, reason)`` for a raw image URL.
+
+    A relative URL (tables only: readers of HTML resolve them) is resolved against the page
+    URL when there is one, else it is a ``bad_url``.
+    """
+    if not url or not url.strip():
+        return None, NO_URL
+    url = url.strip()
+    if not url[:8].lower().startswith(_HTTP_PREFIXES):
+        m = _SCHEME.match(url)
+        if m and m.group(1).lower() not in urls.HTTP_SCHEMES:
+            return None, UNSUPPORTED_SCHEME
+        if m is None:
+            # Relative: resolvable only against an http(s) page URL.
+            if page_url and page_url[:8].lower().startswith(_HTTP_PREFIXES):
+                return check_url(resolve_url(page_url, url), None)
+            return None, BAD_URL
+    normalized = urls.normalize_url(url)
+    if normalized is None:
+        return None, BAD_URL
+    return normalized, None
+
+
+class PairFilter:
+    """Cleans, filters and matches raw pairs; build once per worker (it holds the automaton).
+
+    ``process`` returns the batch's candidates (until ``dedup_candidates`` has seen every
+    other batch) and its rejected pairs, each with its ``reason``; its counts are ``input``.
+    """
+
+    def __init__(
+        self,
+        config: GatherConfig,
+        matcher: QueryMatcher,
+        detector: captions_lib.LanguageDetector | None = None,
+    ):
+        self.config = config
+        self.matcher = matcher
+        self.detector = detector or captions_lib.make_detector(config.captions)
+
+    def process(self, batch: RawBatch) -> stage.Result:
+        """Candidates (``CANDIDATE_SCHEMA``) and rejected pairs (``url``, ``caption``,
+        ``reason``, ``source``, ``page_url``) of one batch, as Arrow tables."""
+        ccfg = self.config.captions
+        form = ccfg.unicode_form
+        detect = self.detector.detect if self.detector.name != "none" else None
+        # Detection runs before matching when it filters (a caption's language is checked like
+        # its length); without a filter it runs only for the pairs that are kept.
+        language_filter = bool(ccfg.languages) and detect is not None
+        match = self.matcher.match
+        keep_unmatched = self.config.match.keep_unmatched
+        clean = captions_lib.clean_caption
+        check_caption = captions_lib.check_caption
+        check_language = captions_lib.check_language
+        recorded_language = captions_lib.recorded_language
+        pair_uid = urls.pair_uid
+        source = batch.source
+
+        k_uid, k_url, k_caption, k_ids, k_page, k_lang, k_score = [], [], [], [], [], [], []
+        r_url, r_caption, r_reason, r_page = [], [], [], []
+
+        for url, raw_caption, page_url in zip(
+            batch.urls, batch.captions, batch.page_urls, strict=True
+        ):
+            caption = raw_caption
+            normalized, reason = check_url(url, page_url)
+            if reason is None:
+                if not raw_caption:
+                    reason = captions_lib.NO_CAPTION
+                else:
+                    caption = clean(raw_caption, unicode_form=form)
+                    reason = check_caption(caption, ccfg)
+            language, score = "", 0.0
+            if reason is None and language_filter:
+                language, score = detect(caption)
+                reason = check_language(language, score, ccfg)
+                if reason is None:
+                    language = recorded_language(language, ccfg)
+            if reason is None:
+                ids = match(caption)
+                if not ids and not keep_unmatched:
+                    reason = NO_MATCH
+                elif detect is not None and not language_filter:
+                    # No filter: the language is only recorded, so only for kept pairs.
+                    language, score = detect(caption)
+            if reason is not None:
+                r_url.append(normalized or url)
+                r_caption.append(caption)
+                r_reason.append(reason)
+                r_page.append(page_url)
+                continue
+            k_uid.append(pair_uid(normalized, caption))
+            k_url.append(normalized)
+            k_caption.append(caption)
+            k_ids.append(ids)
+            k_page.append(page_url)
+            k_lang.append(language)
+            k_score.append(score)
+
+        n = len(k_uid)
+        candidates = pa.Table.from_arrays(
+            [
+                pa.array(k_uid, pa.string()),
+                pa.array(k_url, pa.string()),
+                pa.array(k_caption, pa.string()),
+                pa.array(k_ids, pa.list_(pa.int32())),
+                pa.array([source] * n, pa.string()),
+                pa.array(k_page, pa.string()),
+                pa.array(k_lang, pa.string()),
+                pa.array(k_score, pa.float32()),
+            ],
+            schema=CANDIDATE_SCHEMA,
+        )
+        rejected = pa.Table.from_arrays(
+            [
+                pa.array(r_url, pa.string()),
+                pa.array(r_caption, pa.string()),
+                pa.array(r_reason, pa.string()),
+                pa.array([source] * len(r_url), pa.string()),
+                pa.array(r_page, pa.string()),
+            ],
+            names=["url", "caption", "reason", "source", "page_url"],
+        )
+        return stage.Result(candidates, rejected, {counters_lib.INPUT: len(batch)})
+
+
+def _sorted_for_dedup(table: pa.Table) -> pa.Table:
+    keys = pa.table(
+        {
+            "uid": table.column("uid"),
+            "source": table.column("source"),
+            "page_url": pc.fill_null(table.column("page_url"), ""),
+        }
+    )
+    order = pc.sort_indices(
+        keys,
+        sort_keys=[("uid", "ascending"), ("source", "ascending"), ("page_url", "ascending")],
+    )
+    return table.take(order)
+
+
+def _with_reason(table: pa.Table, reason: str) -> pa.Table:
+    return table.append_column("reason", pa.array([reason] * table.num_rows, pa.string()))
+
+
+def dedup_candidates(table: pa.Table, *, dedup: bool = True) -> stage.Result:
+    """Keep one pair per ``uid`` (smallest ``source``, then ``page_url``); sort by ``uid``.
+
+    The rejected rows are the other copies (reason ``duplicate``); the counts are ``kept``.
+    The result depends only on the set of input rows, not on their order or partitioning.
+    """
+    if table.num_rows:
+        table = _sorted_for_dedup(table)
+    mask = None
+    if dedup and table.num_rows > 1:
+        uid = table.column("uid").combine_chunks()
+        first = np.ones(len(uid), dtype=bool)
+        same = pc.equal(uid.slice(1), uid.slice(0, len(uid) - 1)).to_numpy(zero_copy_only=False)
+        first[1:] = ~same
+        mask = pa.array(first)
+    kept = table if mask is None else table.filter(mask)
+    duplicates = table.slice(0, 0) if mask is None else table.filter(pc.invert(mask))
+    return stage.Result(
+        kept, _with_reason(duplicates, DUPLICATE), {counters_lib.KEPT: kept.num_rows}
+    )
+
+
+def add_counts(counter: collections.Counter, result: stage.Result) -> collections.Counter:
+    """Add what a core's result counts (its drops by reason, and its own counts) to ``counter``.
+
+    The same counts the Beam DoFns emit for it (``stage.StageFn`` with ``flow=False``).
+    """
+    counter.update(stage.flow_counts(result.kept, result.rejected, flow=False))
+    counter.update({k: v for k, v in result.counts.items() if v})
+    return counter
+
+
+def read_counts(reader_counter: Mapping[str, int]) -> dict[str, int]:
+    """A reader's counts (``warc:records``, ...) under the ``read/`` scope."""
+    return {counters_lib.scoped(counters_lib.READ, k): v for k, v in reader_counter.items() if v}
+
+
+def query_count_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """``(query ids, pair counts)`` of the non-zero entries, for ``stats.json``."""
+    flat = pc.list_flatten(table.column("query_ids")).to_numpy(zero_copy_only=False)
+    if flat.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    counts = np.bincount(flat.astype(np.int64))
+    ids = np.flatnonzero(counts)
+    return ids, counts[ids]
+
+
+def bucket_of(uid: str, num_buckets: int) -> int:
+    """The output bucket of a pair: a stable function of its ``uid``."""
+    return int(uid[:8], 16) % num_buckets
+
+
+def split_by_bucket(table: pa.Table, num_buckets: int) -> Iterator[tuple[int, pa.Table]]:
+    """``(bucket, rows)`` for every bucket that ``table``'s rows fall into."""
+    if table.num_rows == 0:
+        return
+    if num_buckets == 1:
+        yield 0, table
+        return
+    buckets = np.fromiter(
+        (int(u[:8], 16) for u in table.column("uid").to_pylist()),
+        dtype=np.int64,
+        count=table.num_rows,
+    )
+    buckets %= num_buckets
+    order = np.argsort(buckets, kind="stable")
+    table = table.take(pa.array(order))
+    sorted_buckets = buckets[order]
+    edges = np.flatnonzero(np.diff(sorted_buckets)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [len(order)]])
+    for s, e in zip(starts, ends, strict=True):
+        yield int(sorted_buckets[s]), table.slice(int(s), int(e - s))
+
+
+def rejected_bucket(table: pa.Table, num_buckets: int) -> int:
+    """A stable bucket for a batch of rejected rows (they need no grouping, only spreading)."""
+    first = table.slice(0, 1).to_pylist()[0] if table.num_rows else {}
+    key = f"{first.get('source')}\0{first.get('url')}\0{first.get('caption')}\0{table.num_rows}"
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_buckets
+
+
+def auto_num_buckets(paths: Sequence[str]) -> int:
+    """About one output file per 128 MiB of input (sizes from a sample of up to 64 files)."""
+    if not paths:
+        return 1
+    step = max(1, len(paths) // 64)
+    sample = paths[::step][:64]
+    sizes = []
+    for p in sample:
+        try:
+            if fileio.is_local(p):
+                sizes.append(os.path.getsize(p.removeprefix("file://")))
+            else:
+                sizes.append(int(fileio.filesystem(p).size(p) or 0))
+        except (OSError, ValueError, WitError):
+            continue
+    mean = sum(sizes) / len(sizes) if sizes else _BUCKET_TARGET_BYTES
+    return int(min(MAX_BUCKETS, max(1, math.ceil(mean * len(paths) / _BUCKET_TARGET_BYTES))))
+
+
+def load_query_list(spec: Sequence[str] | str) -> list[str]:
+    """A literal list, or a query-list path (``queries.load_queries``)."""
+    if isinstance(spec, str):
+        return queries.load_queries(spec)
+    return list(spec)
+
+
+def gather_loop(
+    paths: Sequence[str],
+    *,
+    config: GatherConfig,
+    query_list: Sequence[str],
+    counter: collections.Counter | None = None,
+) -> tuple[pa.Table, pa.Table, collections.Counter]:
+    """The whole stage in one process, without Beam: ``(candidates, rejected, counts)``.
+
+    ``rejected`` holds ``stage.REJECTED_SCHEMA`` rows (none unless ``config.write_rejected``);
+    ``counts`` are the ones the Beam pipeline sums (``stage.stats_document`` with
+    ``STATS_SECTIONS`` splits them as ``stats.json`` does). The reference the Beam pipeline is
+    tested and benchmarked against; fine for small inputs.
+    """
+    counter = counter if counter is not None else collections.Counter()
+    flt = PairFilter(config, QueryMatcher(query_list, case_sensitive=config.match.case_sensitive))
+    kept, rejected = [], []
+
+    def reject(table: pa.Table) -> None:
+        if config.write_rejected and table.num_rows:
+            rejected.append(stage.rejected_table(table, stage=STAGE))
+
+    for path in paths:
+        read: collections.Counter[str] = collections.Counter()
+        for batch in iter_file_batches(path, cfg=config, counter=read):
+            result = flt.process(batch)
+            add_counts(counter, result)
+            kept.append(result.kept)
+            reject(result.rejected)
+        read[FILES_READ] += 1
+        counter.update(read_counts(read))
+    deduped = dedup_candidates(
+        pa.concat_tables(kept) if kept else CANDIDATE_SCHEMA.empty_table(), dedup=config.dedup
+    )
+    add_counts(counter, deduped)
+    reject(deduped.rejected)
+    rejected_rows = pa.concat_tables(rejected) if rejected else stage.REJECTED_SCHEMA.empty_table()
+    return deduped.kept, rejected_rows, counter
