@@ -58,7 +58,7 @@ def one_line_error(capsys, argv):
     assert code == 2
     msgs = [line for line in err if line.startswith("wit: error:")]
     assert len(msgs) == 1, err
-    assert not any("Traceback" in line for line in err)
+    assert not any("Traceback" in line for line in err), "\n".join(err)
     return msgs[0]
 
 

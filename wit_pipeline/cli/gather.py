@@ -72,17 +72,33 @@ class _DropImportNoise(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not when the handler was made
+    (a caller, or a test capturing output, may swap the stream after logging is set up)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(quiet: bool) -> None:
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler.addFilter(_DropImportNoise())
         root.addHandler(handler)
         root.setLevel(logging.WARNING)
     log = logging.getLogger("wit_pipeline")
     if not any(getattr(h, "_wit", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         handler._wit = True  # type: ignore[attr-defined]
         log.addHandler(handler)
