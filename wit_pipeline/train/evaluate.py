@@ -15,7 +15,6 @@ Everything runs offline; metrics are plain dicts, ready for JSON.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -27,6 +26,7 @@ import numpy as np
 
 from wit_pipeline import fileio
 from wit_pipeline.errors import WitError
+from wit_pipeline.models import autocast
 from wit_pipeline.train import caption_sets
 
 TEMPLATES_FILE = os.path.join(
@@ -107,15 +107,6 @@ def retrieval_metrics(
 # Encoding
 
 
-def _autocast(device: str) -> Any:
-    import torch
-
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def _open_rgb(item: Any) -> Any:
     from PIL import Image
 
@@ -142,7 +133,7 @@ def encode_images(
     import torch
 
     feats = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             x = torch.stack([preprocess(_open_rgb(im)) for im in chunk]).to(device)
@@ -165,7 +156,7 @@ def encode_texts(
     import torch
 
     feats = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(texts), batch_size):
             tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
             feats.append(model.encode_text(tokens, normalize=True).float().cpu())
@@ -353,7 +344,7 @@ def run_zeroshot(
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device):
+        with autocast(device):
             classifier = build_zero_shot_classifier(
                 model,
                 tokenizer=tokenizer,

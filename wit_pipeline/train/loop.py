@@ -291,25 +291,6 @@ def init_runtime(device: str) -> Runtime:
     return Runtime(rank, local_rank, world_size, device, world_size > 1)
 
 
-def _precision(cfg: TrainConfig, device: str) -> str:
-    import torch
-
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def _autocast(precision: str, device: str) -> Any:
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.split(":")[0], dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -582,7 +563,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rt = init_runtime(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    precision = _precision(cfg, rt.device)
+    precision = models.resolve_precision(cfg.precision, rt.device)
     if rt.is_main:
         fileio.makedirs(checkpoint_dir(cfg.output))
 
@@ -749,7 +730,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         desc="train",
         file=sys.stderr,
     )
-    autocast = _autocast(precision, rt.device)
+    autocast = models.autocast(rt.device, precision)
     non_blocking = rt.device.startswith("cuda")
     last_eval: dict[str, Any] = {}
     stopped = False
