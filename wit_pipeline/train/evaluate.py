@@ -28,6 +28,7 @@ from wit_pipeline import fileio
 from wit_pipeline.errors import WitError
 from wit_pipeline.models import autocast
 from wit_pipeline.train import caption_sets
+from wit_pipeline.train.config import TrainConfig
 
 TEMPLATES_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "zeroshot_templates.json"
@@ -406,3 +407,65 @@ def eval_transform(model: Any) -> Callable[[Any], Any]:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# During training
+
+
+class EpochEvaluator:
+    """The trainer's ``--eval-*`` sets, loaded once and run on the current model after epochs."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.sets: list[tuple[str, Any, list[str]]] = []
+        for spec in cfg.eval_zeroshot:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = "", spec
+            ds = load_labelled_set(path, max_samples=cfg.eval_max_samples)
+            name = name or ds.name
+            templates = resolve_templates(cfg.eval_zeroshot_templates, ds.name)
+            self.sets.append((name, ds, templates))
+        if cfg.eval_retrieval_captions:  # a bad file fails now, not after the first epoch
+            caption_sets.read_captions_tsv(
+                cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sets or self.cfg.eval_retrieval_captions)
+
+    def __call__(self, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+        """Metrics of ``model`` (not DDP-wrapped) on every set, keyed ``NAME/top1`` etc."""
+        preprocess = eval_transform(model)
+        out: dict[str, Any] = {}
+        for name, ds, templates in self.sets:
+            res = run_zeroshot(
+                model,
+                preprocess,
+                tokenizer,
+                ds,
+                templates=templates,
+                device=device,
+                batch_size=self.cfg.eval_batch_size,
+            )
+            out[f"{name}/top1"] = res["top1"]
+            out[f"{name}/top5"] = res["top5"]
+            out[f"{name}/mean_per_class_top1"] = res["mean_per_class_top1"]
+        if self.cfg.eval_retrieval_captions:
+            res = run_retrieval(
+                model,
+                preprocess,
+                tokenizer,
+                images_dir=self.cfg.eval_retrieval_images,
+                captions_tsv=self.cfg.eval_retrieval_captions,
+                split=self.cfg.eval_retrieval_split or None,
+                device=device,
+                batch_size=self.cfg.eval_batch_size,
+                max_images=self.cfg.eval_max_samples,
+            )
+            for k, v in res.items():
+                if "R@" in k:
+                    out[f"retrieval/{k}"] = v
+        return out
