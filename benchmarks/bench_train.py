@@ -110,7 +110,9 @@ def run_timed(module: str, argv: list[str]) -> tuple[str, float]:
     return log, wall
 
 
-def run_wit(args, shards: str, out: str) -> dict:
+def run_wit_train(args, shards: str, out: str, **more: Any) -> float:
+    """``python -m wit_pipeline.train`` on ``shards`` into ``out`` with the benchmark's model,
+    batch size, workers, learning rate and device, and the options ``more``; its wall seconds."""
     _, wall = run_timed(
         "wit_pipeline.train",
         flags(
@@ -118,19 +120,29 @@ def run_wit(args, shards: str, out: str) -> dict:
             model=args.model,
             batch_size=args.batch_size,
             workers=args.workers,
-            max_steps=args.steps,
-            epochs=100,
             lr=args.lr,
-            warmup=args.warmup,
-            wd=0.2,
-            precision=args.precision,
             device=args.device,
             output=out,
-            log_every=1,
             progress=False,
-            plots=False,
-            grad_clip=1.0,
+            **more,
         ),
+    )
+    return wall
+
+
+def run_wit(args, shards: str, out: str) -> dict:
+    wall = run_wit_train(
+        args,
+        shards,
+        out,
+        max_steps=args.steps,
+        epochs=100,
+        warmup=args.warmup,
+        wd=0.2,
+        precision=args.precision,
+        log_every=1,
+        plots=False,
+        grad_clip=1.0,
     )
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     rates = [r["samples_per_s"] for r in rows if r.get("type") == "train"]

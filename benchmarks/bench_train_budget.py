@@ -25,32 +25,23 @@ import tempfile
 import time
 
 import common
-from bench_train import base_parser, build_shards, flags, read_jsonl, run_timed
+from bench_train import base_parser, build_shards, read_jsonl, run_wit_train
 
 
 def train(args, shards: str, out: str, steps: int) -> float:
-    """``python -m wit_pipeline.train`` for ``steps`` steps into ``out``; its wall seconds."""
-    _, wall = run_timed(
-        "wit_pipeline.train",
-        flags(
-            train_data=shards,
-            model=args.model,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            epochs=1000,
-            max_steps=steps,
-            lr=args.lr,
-            warmup=min(args.warmup, max(1, steps // 10)),
-            wd=args.wd,
-            crop_scale_min=args.crop_scale_min,
-            device=args.device,
-            output=out,
-            log_every=5,
-            progress=False,
-            seed=0,
-        ),
+    """``steps`` training steps into ``out``; the process's wall seconds."""
+    return run_wit_train(
+        args,
+        shards,
+        out,
+        epochs=1000,
+        max_steps=steps,
+        warmup=min(args.warmup, max(1, steps // 10)),
+        wd=args.wd,
+        crop_scale_min=args.crop_scale_min,
+        log_every=5,
+        seed=0,
     )
-    return wall
 
 
 def evaluate_checkpoint(args, checkpoint: str | None) -> dict:

@@ -450,9 +450,8 @@ class EpochEvaluator:
                 device=device,
                 batch_size=self.cfg.eval_batch_size,
             )
-            out[f"{name}/top1"] = res["top1"]
-            out[f"{name}/top5"] = res["top5"]
-            out[f"{name}/mean_per_class_top1"] = res["mean_per_class_top1"]
+            for k in ("top1", "top5", "mean_per_class_top1"):
+                out[f"{name}/{k}"] = res[k]
         if self.cfg.eval_retrieval_captions:
             res = run_retrieval(
                 model,

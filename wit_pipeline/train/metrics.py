@@ -68,11 +68,7 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
         )
         ax2.set_ylabel("learning rate", color="tab:orange")
         ax.set_title("training loss")
-        fig.tight_layout()
-        path = os.path.join(output, "loss.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(output, "loss.png")))
     evals = [r for r in rows if r.get("type") == "eval"]
     series: dict[str, list[tuple[float, float]]] = {}
     for r in evals:
@@ -87,12 +83,17 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
         ax.set_ylabel("accuracy / recall")
         ax.legend(fontsize=7)
         ax.set_title("evaluation")
-        fig.tight_layout()
-        path = os.path.join(output, "eval.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(output, "eval.png")))
     return written
+
+
+def _save(fig: Any, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 @dataclasses.dataclass
