@@ -23,7 +23,8 @@ from clip_helpers import (
 
 from wit_pipeline import models
 from wit_pipeline.errors import WitError
-from wit_pipeline.train import evaluate, loop, recipe
+from wit_pipeline.train import checkpoint, evaluate, loop, recipe
+from wit_pipeline.train.checkpoint import TrainState
 from wit_pipeline.train.config import TrainConfig, parse_config, validate
 
 __all__ = ["trained_seed"]  # the session fixture, imported for pytest
@@ -234,6 +235,34 @@ def _small_cfg(shards_dir, output, **kw):
     )
     args.update(kw)
     return TrainConfig(**args)
+
+
+def test_resume_state_maps_the_data_position(caplog):
+    """Same layout: each worker continues after its own batches; another layout: the epoch's
+    average fraction, with a warning; no position: the epoch's start."""
+    ckpt = {
+        "step": 11,
+        "data_position": {
+            "epoch": 1,
+            "consumed": [[3, 5], [4, 4]],
+            "samples_seen": 352,
+            "workers": 2,
+            "world_size": 2,
+            "batch_size": 32,
+        },
+    }
+    layout = dict(workers=2, world_size=2, batch_size=32)
+    assert checkpoint.resume_state(ckpt, rank=1, **layout) == TrainState(11, 1, 352, [4, 4])
+    assert checkpoint.resume_state(ckpt, rank=0, **layout) == TrainState(11, 1, 352, [3, 5])
+    assert not caplog.records
+    # One rank of 3 workers: 16 batches over 3 readers -> 5 each.
+    got = checkpoint.resume_state(ckpt, workers=3, world_size=1, rank=0, batch_size=32)
+    assert got == TrainState(11, 1, 352, [5, 5, 5])
+    assert [r.getMessage() for r in caplog.records] == [
+        "resume with a different workers/world size/batch size: data position is approximate"
+    ]
+    bare = checkpoint.resume_state({"step": 4}, workers=2, world_size=1, rank=0, batch_size=8)
+    assert bare == TrainState(4, 0, 0, [0, 0])
 
 
 def _weights(path):

@@ -70,9 +70,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     shard_paths = data.expand_shard_patterns(cfg.train_data)
 
     run = setup(cfg, shard_paths)
-    state = (
-        resume(run, resume_path) if resume_path else TrainState(consumed=[0] * run.stream.workers)
-    )
+    state = TrainState(consumed=[0] * run.stream.workers)
+    if resume_path:
+        state = resume(run, resume_path)
     log_config(run, state, num_shards=len(shard_paths))
     evaluator = EpochEvaluator(cfg) if run.rt.is_main else None
     bar = progress_bar(run, state)
@@ -244,6 +244,7 @@ def log_config(run: Run, state: TrainState, *, num_shards: int) -> None:
 
 
 def progress_bar(run: Run, state: TrainState) -> Any:
+    """Steps done of the run's total on stderr (main rank, unless ``--no-progress``)."""
     from tqdm import tqdm
 
     return tqdm(

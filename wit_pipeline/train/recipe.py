@@ -17,6 +17,7 @@ import contextlib
 import math
 from typing import Any
 
+from wit_pipeline import models
 from wit_pipeline.train.config import TrainConfig
 from wit_pipeline.train.distributed import unwrap
 
@@ -27,8 +28,6 @@ def build_model(cfg: TrainConfig, device: str) -> Any:
     """A fresh (or ``--pretrained``-initialized) open_clip model in training mode."""
     import open_clip
     import torch
-
-    from wit_pipeline import models
 
     models.model_config(cfg.model)  # clear error for unknown names
     if cfg.pretrained:
@@ -58,6 +57,7 @@ def no_weight_decay(name: str, param: Any) -> bool:
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: first the parameters without weight decay, then those with it."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
