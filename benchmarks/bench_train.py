@@ -30,16 +30,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common
 
 # open_clip's trainer runs as ``python -m wit_pipeline.train.open_clip``: open_clip_train.main
 # with its training reader fixed for webdataset >= 0.2.87 (see that module) and the wit-*
 # architectures registered; nothing else of open_clip's trainer changes.
 
 
+def base_parser(doc: str, *, workers: int, lr: float, warmup: int) -> argparse.ArgumentParser:
+    """The options of the training benchmarks (this one and bench_train_budget.py)."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shared-data", default="", help="real data (default: $WIT_SHARED_DATA, ../shared/data)"
+    )
+    parser.add_argument("--model", default="wit-tiny")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=workers)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
 def build_shards(shared: str, out: str, samples_per_shard: int) -> str:
+    """Final-format shards of Flickr8k train (6,000 images, their 5 captions each) in ``out``."""
     from wit_pipeline.train import caption_sets
 
     if not os.path.exists(os.path.join(out, "manifest.json")):
@@ -59,62 +77,80 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _env() -> dict[str, str]:
+def flags(**values: Any) -> list[str]:
+    """``--name value`` per keyword (``name_x`` is ``--name-x``; True: ``--name``; False:
+    ``--no-name``), the convention of both trainers."""
+    out: list[str] = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def run_timed(module: str, argv: list[str]) -> tuple[str, float]:
+    """``python -m module argv`` with the repository importable: its output and wall seconds.
+
+    Exits with the end of the output when the process fails.
+    """
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-    return env
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.ROOT), env.get("PYTHONPATH")) if p)
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env
+    )
+    wall = time.time() - t0
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"{module} failed:\n{log[-3000:]}")
+    return log, wall
+
+
+def run_wit_train(args, shards: str, out: str, **more: Any) -> float:
+    """``python -m wit_pipeline.train`` on ``shards`` into ``out`` with the benchmark's model,
+    batch size, workers, learning rate and device, and the options ``more``; its wall seconds."""
+    _, wall = run_timed(
+        "wit_pipeline.train",
+        flags(
+            train_data=shards,
+            model=args.model,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            lr=args.lr,
+            device=args.device,
+            output=out,
+            progress=False,
+            **more,
+        ),
+    )
+    return wall
 
 
 def run_wit(args, shards: str, out: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "wit_pipeline.train",
-        "--train-data",
+    wall = run_wit_train(
+        args,
         shards,
-        "--model",
-        args.model,
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--max-steps",
-        str(args.steps),
-        "--epochs",
-        "100",
-        "--lr",
-        str(args.lr),
-        "--warmup",
-        str(args.warmup),
-        "--wd",
-        "0.2",
-        "--precision",
-        args.precision,
-        "--device",
-        args.device,
-        "--output",
         out,
-        "--log-every",
-        "1",
-        "--no-progress",
-        "--no-plots",
-        "--grad-clip",
-        "1.0",
-    ]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"wit_pipeline.train failed:\n{proc.stderr[-3000:]}")
+        max_steps=args.steps,
+        epochs=100,
+        warmup=args.warmup,
+        wd=0.2,
+        precision=args.precision,
+        log_every=1,
+        plots=False,
+        grad_clip=1.0,
+    )
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     rates = [r["samples_per_s"] for r in rows if r.get("type") == "train"]
     return {"wall_s": wall, "rates": rates}
 
 
 _OC_LINE = re.compile(r"Batch \(t\): ([0-9.]+), ([0-9.]+)/s")
+_OC_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 
 
 def run_open_clip(args, shards: str, out: str) -> dict:
@@ -122,89 +158,47 @@ def run_open_clip(args, shards: str, out: str) -> dict:
 
     with open(os.path.join(shards, shards_lib.MANIFEST)) as f:
         manifest = json.load(f)
-    pattern = os.path.join(shards, manifest["train_data"])
-    cmd = [
-        sys.executable,
-        "-m",
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    log, wall = run_timed(
         "wit_pipeline.train.open_clip",
-        "--train-data",
-        pattern,
-        "--train-num-samples",
-        str(args.steps * args.batch_size),
-        "--dataset-type",
-        "webdataset",
-        "--model",
-        args.model,
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--epochs",
-        "1",
-        "--lr",
-        str(args.lr),
-        "--warmup",
-        str(args.warmup),
-        "--wd",
-        "0.2",
-        "--grad-clip-norm",
-        "1.0",
-        "--precision",
-        {
-            "fp32": "fp32",
-            "bf16": "amp_bf16",
-            "fp16": "amp",
-            "auto": "amp_bf16" if args.device.startswith("cuda") else "fp32",
-        }[args.precision],
-        "--device",
-        args.device,
-        "--logs",
-        out,
-        "--name",
-        "bench",
-        "--log-every-n-steps",
-        "1",
-        "--save-frequency",
-        "0",
-        "--zeroshot-frequency",
-        "0",
-        "--val-frequency",
-        "0",
-        "--report-to",
-        "",
-        "--seed",
-        "0",
-    ]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    wall = time.time() - t0
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise SystemExit(f"open_clip_train failed:\n{log[-3000:]}")
+        flags(
+            train_data=os.path.join(shards, manifest["train_data"]),
+            train_num_samples=args.steps * args.batch_size,
+            dataset_type="webdataset",
+            model=args.model,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            epochs=1,
+            lr=args.lr,
+            warmup=args.warmup,
+            wd=0.2,
+            grad_clip_norm=1.0,
+            precision=_OC_PRECISION[precision],
+            device=args.device,
+            logs=out,
+            name="bench",
+            log_every_n_steps=1,
+            save_frequency=0,
+            zeroshot_frequency=0,
+            val_frequency=0,
+            report_to="",
+            seed=0,
+        ),
+    )
     rates = [float(m.group(2)) for m in _OC_LINE.finditer(log)]
     return {"wall_s": wall, "rates": rates}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--shared-data",
-        default=os.environ.get("WIT_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data")),
-    )
-    parser.add_argument("--model", default="wit-tiny")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = base_parser(__doc__, workers=2, lr=5e-4, warmup=10)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
         "--skip-steps", type=int, default=5, help="warm-up steps left out of the steady rate"
     )
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each trainer")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="24 steps, one repeat")
     parser.add_argument("--work-dir", default="")
@@ -212,7 +206,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.repeats = 24, 1
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-train-")
-    shards = build_shards(args.shared_data, os.path.join(work, "shards"), args.samples_per_shard)
+    shared = args.shared_data or str(common.shared_data())
+    shards = build_shards(shared, os.path.join(work, "shards"), args.samples_per_shard)
 
     results: dict[str, list[dict]] = {"wit_pipeline.train": [], "open_clip_train.main": []}
     for r in range(args.repeats):

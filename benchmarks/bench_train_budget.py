@@ -16,65 +16,32 @@ One command (run it once, on a quiet machine; ``--quick`` is a 1-minute smoke ve
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from bench_train import _env, build_shards, read_jsonl  # noqa: E402
+import common
+from bench_train import base_parser, build_shards, read_jsonl, run_wit_train
 
 
 def train(args, shards: str, out: str, steps: int) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        "wit_pipeline.train",
-        "--train-data",
+    """``steps`` training steps into ``out``; the process's wall seconds."""
+    return run_wit_train(
+        args,
         shards,
-        "--model",
-        args.model,
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--epochs",
-        "1000",
-        "--max-steps",
-        str(steps),
-        "--lr",
-        str(args.lr),
-        "--warmup",
-        str(min(args.warmup, max(1, steps // 10))),
-        "--wd",
-        str(args.wd),
-        "--crop-scale-min",
-        str(args.crop_scale_min),
-        "--device",
-        args.device,
-        "--output",
         out,
-        "--log-every",
-        "5",
-        "--no-progress",
-        "--seed",
-        "0",
-    ]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    if proc.returncode != 0:
-        raise SystemExit(f"training failed:\n{proc.stderr[-3000:]}")
-    return time.time() - t0
+        epochs=1000,
+        max_steps=steps,
+        warmup=min(args.warmup, max(1, steps // 10)),
+        wd=args.wd,
+        crop_scale_min=args.crop_scale_min,
+        log_every=5,
+        seed=0,
+    )
 
 
 def evaluate_checkpoint(args, checkpoint: str | None) -> dict:
@@ -120,27 +87,16 @@ def evaluate_checkpoint(args, checkpoint: str | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--shared-data",
-        default=os.environ.get("WIT_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data")),
-    )
+    parser = base_parser(__doc__, workers=1, lr=1e-3, warmup=100)
     parser.add_argument("--budget-minutes", type=float, default=10.0)
-    parser.add_argument("--model", default="wit-tiny")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--wd", type=float, default=0.2)
-    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--crop-scale-min", type=float, default=0.6)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--calibration-steps", type=int, default=25)
     parser.add_argument("--cifar-samples", type=int, default=0, help="0: all 10,000")
     parser.add_argument("--quick", action="store_true", help="1-minute budget, 2,000 CIFAR images")
     parser.add_argument("--run-dir", default="", help="re-evaluate a finished run of this script")
     args = parser.parse_args()
+    args.shared_data = args.shared_data or str(common.shared_data())
     if args.quick:
         args.budget_minutes, args.cifar_samples, args.calibration_steps = 1.0, 2000, 12
 

@@ -60,14 +60,15 @@ def write_flickr_shards(
 
 
 def _train_seed(shared_data: pathlib.Path, base: pathlib.Path) -> str:
-    from wit_pipeline.train import loop as train
+    from wit_pipeline.train.config import TrainConfig
+    from wit_pipeline.train.loop import train
 
     ckpt = base / "seed-run" / "checkpoints" / "latest.pt"
     if ckpt.exists():
         return str(ckpt)
     shards_dir = write_flickr_shards(shared_data, base / "flickr-train")
-    cfg = train.TrainConfig(train_data=(shards_dir,), output=str(base / "seed-run"), **SEED_ARGS)
-    train.train(cfg)
+    cfg = TrainConfig(train_data=(shards_dir,), output=str(base / "seed-run"), **SEED_ARGS)
+    train(cfg)
     return str(ckpt)
 
 

@@ -20,6 +20,20 @@ __all__ = ["trained_seed"]
 
 torch.set_num_threads(2)
 
+# CIFAR-10's class names in label order.
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
 
 def _unit(*v):
     t = torch.tensor(v, dtype=torch.float32)
@@ -122,18 +136,7 @@ def test_labelled_sets_from_parquet_and_class_folders(tmp_path):
 def test_cifar10_labels_use_the_canonical_class_order(shared_data):
     ds = evaluate.load_labelled_set(str(shared_data / "cifar10" / "test.parquet"), max_samples=50)
     assert ds.name == "cifar10"
-    assert ds.classnames == [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    assert ds.classnames == CIFAR10_CLASSES
     assert len(ds.images) == 50 and len(set(ds.labels)) > 5
 
 
@@ -186,18 +189,7 @@ def test_wit_eval_zeroshot_on_a_cifar10_subset(trained_seed, shared_data, capsys
     assert result == json.loads((tmp_path / "z.json").read_text())
     assert result["num_samples"] == 2000 and result["num_classes"] == 10
     assert result["num_templates"] == 18 and result["dataset"] == "cifar10"
-    assert set(result["per_class_top1"]) == {
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    }
+    assert set(result["per_class_top1"]) == set(CIFAR10_CLASSES)
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     assert result["top5"] > result["top1"]
     # Mean per-class accuracy equals top-1 on this balanced set.

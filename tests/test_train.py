@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -22,8 +23,9 @@ from clip_helpers import (
 
 from wit_pipeline import models
 from wit_pipeline.errors import WitError
-from wit_pipeline.train import evaluate
-from wit_pipeline.train import loop as train
+from wit_pipeline.train import checkpoint, evaluate, loop, recipe
+from wit_pipeline.train.checkpoint import TrainState
+from wit_pipeline.train.config import TrainConfig, parse_config, validate
 
 __all__ = ["trained_seed"]  # the session fixture, imported for pytest
 
@@ -52,28 +54,28 @@ def test_clip_loss_matches_hand_computed_value():
 
 
 def test_temperature_initialized_to_007_and_clamped_at_100():
-    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
-    model = train.build_model(cfg, "cpu")
+    cfg = TrainConfig(train_data=("x",), model=SEED_MODEL)
+    model = recipe.build_model(cfg, "cpu")
     assert float(model.logit_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) ~ 22026
-    train.clamp_logit_scale(model)
+    recipe.clamp_logit_scale(model)
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(100.0), abs=1e-7)
     assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0, rel=1e-6)
     with torch.no_grad():
         model.logit_scale.fill_(-3.0)
-    train.clamp_logit_scale(model)
+    recipe.clamp_logit_scale(model)
     assert float(model.logit_scale.detach()) == 0.0  # scale never below 1
 
 
 def test_custom_temperature_init():
-    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL, temperature_init=0.05)
-    model = train.build_model(cfg, "cpu")
+    cfg = TrainConfig(train_data=("x",), model=SEED_MODEL, temperature_init=0.05)
+    model = recipe.build_model(cfg, "cpu")
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(20.0), abs=1e-6)
 
 
 def test_lr_schedule_warmup_then_cosine():
-    lr = [train.lr_at(s, base_lr=1.0, warmup=4, total=14, min_lr=0.1) for s in range(15)]
+    lr = [recipe.lr_at(s, base_lr=1.0, warmup=4, total=14, min_lr=0.1) for s in range(15)]
     assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lr[4] == pytest.approx(1.0)
     assert lr[9] == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)  # 0.55
@@ -82,9 +84,9 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_no_weight_decay_on_gains_biases_and_logit_scale():
-    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
-    model = train.build_model(cfg, "cpu")
-    groups = train.param_groups(model, 0.2)
+    cfg = TrainConfig(train_data=("x",), model=SEED_MODEL)
+    model = recipe.build_model(cfg, "cpu")
+    groups = recipe.param_groups(model, 0.2)
     by_id = {id(p): n for n, p in model.named_parameters()}
     no_decay = {by_id[id(p)] for p in groups[0]["params"]}
     decay = {by_id[id(p)] for p in groups[1]["params"]}
@@ -104,20 +106,20 @@ def test_gradient_accumulation_equals_one_big_batch():
     """Cached-feature accumulation gives the gradients of the whole contrastive batch."""
     from open_clip import ClipLoss
 
-    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
+    cfg = TrainConfig(train_data=("x",), model=SEED_MODEL)
     torch.manual_seed(1)
     x = torch.randn(8, 3, 32, 32)
     t = torch.randint(1, 1000, (8, 32))
     grads = []
     for parts in (1, 2, 4):
-        model = train.build_model(cfg, "cpu")
+        model = recipe.build_model(cfg, "cpu")
         model.zero_grad()
-        loss = train._forward_backward(
+        loss = recipe.forward_backward(
             model,
             ClipLoss(),
             list(x.chunk(parts)),
             list(t.chunk(parts)),
-            train.contextlib.nullcontext(),
+            contextlib.nullcontext(),
             None,
         )
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -132,17 +134,17 @@ def test_grad_clip_bounds_the_gradient_norm():
     """With SGD at lr 1 the update is the gradient: its norm is the clip value, not the raw norm."""
     from open_clip import ClipLoss
 
-    cfg = train.TrainConfig(train_data=("x",), model=SEED_MODEL)
+    cfg = TrainConfig(train_data=("x",), model=SEED_MODEL)
     torch.manual_seed(2)
     x = torch.randn(8, 3, 32, 32)
     t = torch.randint(1, 1000, (8, 32))
     for clip in (0.05, 0.0):
-        model = train.build_model(cfg, "cpu")
+        model = recipe.build_model(cfg, "cpu")
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        train._forward_backward(model, ClipLoss(), [x], [t], train.contextlib.nullcontext(), None)
+        recipe.forward_backward(model, ClipLoss(), [x], [t], contextlib.nullcontext(), None)
         raw = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
-        norm = train._optimizer_step(model, optimizer, None, clip)
+        norm = recipe.optimizer_step(model, optimizer, None, clip)
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         step = float((before - after).norm())
         if clip:
@@ -158,7 +160,7 @@ def test_grad_clip_bounds_the_gradient_norm():
 
 
 def test_flags_are_generated_from_the_dataclass(tmp_path):
-    cfg = train.parse_config(
+    cfg = parse_config(
         [
             "--train-data",
             "a/{00000..00002}.tar",
@@ -177,15 +179,15 @@ def test_flags_are_generated_from_the_dataclass(tmp_path):
     assert cfg.eval_zeroshot == ("cifar10=x.parquet",)
     assert cfg.model == "wit-tiny"  # default
     (tmp_path / "c.yaml").write_text("epochs: 7\nbatch_size: 16\ntrain_data: [s/]\n")
-    cfg = train.parse_config(["--config", str(tmp_path / "c.yaml"), "--batch-size", "8"])
+    cfg = parse_config(["--config", str(tmp_path / "c.yaml"), "--batch-size", "8"])
     assert (cfg.epochs, cfg.batch_size, cfg.train_data) == (7, 8, ("s/",))
     (tmp_path / "bad.yaml").write_text("epoch: 7\n")
     with pytest.raises(WitError, match="unknown option epoch"):
-        train.parse_config(["--config", str(tmp_path / "bad.yaml")])
+        parse_config(["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(SystemExit):
-        train.parse_config(["--no-such-flag", "1"])
+        parse_config(["--no-such-flag", "1"])
     with pytest.raises(WitError, match="batch_size must be an integer"):
-        train.parse_config(["--batch-size", "many"])
+        parse_config(["--batch-size", "many"])
 
 
 @pytest.mark.parametrize(
@@ -202,7 +204,7 @@ def test_invalid_options_are_one_line_errors(kwargs, message):
     base = {"train_data": ("x",)}
     base.update(kwargs)
     with pytest.raises(WitError, match=message):
-        train.validate(train.TrainConfig(**base))
+        validate(TrainConfig(**base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +234,35 @@ def _small_cfg(shards_dir, output, **kw):
         shuffle_buffer=50,
     )
     args.update(kw)
-    return train.TrainConfig(**args)
+    return TrainConfig(**args)
+
+
+def test_resume_state_maps_the_data_position(caplog):
+    """Same layout: each worker continues after its own batches; another layout: the epoch's
+    average fraction, with a warning; no position: the epoch's start."""
+    ckpt = {
+        "step": 11,
+        "data_position": {
+            "epoch": 1,
+            "consumed": [[3, 5], [4, 4]],
+            "samples_seen": 352,
+            "workers": 2,
+            "world_size": 2,
+            "batch_size": 32,
+        },
+    }
+    layout = dict(workers=2, world_size=2, batch_size=32)
+    assert checkpoint.resume_state(ckpt, rank=1, **layout) == TrainState(11, 1, 352, [4, 4])
+    assert checkpoint.resume_state(ckpt, rank=0, **layout) == TrainState(11, 1, 352, [3, 5])
+    assert not caplog.records
+    # One rank of 3 workers: 16 batches over 3 readers -> 5 each.
+    got = checkpoint.resume_state(ckpt, workers=3, world_size=1, rank=0, batch_size=32)
+    assert got == TrainState(11, 1, 352, [5, 5, 5])
+    assert [r.getMessage() for r in caplog.records] == [
+        "resume with a different workers/world size/batch size: data position is approximate"
+    ]
+    bare = checkpoint.resume_state({"step": 4}, workers=2, world_size=1, rank=0, batch_size=8)
+    assert bare == TrainState(4, 0, 0, [0, 0])
 
 
 def _weights(path):
@@ -242,7 +272,7 @@ def _weights(path):
 def test_checkpoint_round_trip(small_shards, tmp_path):
     import open_clip
 
-    summary = train.train(_small_cfg(small_shards, tmp_path / "run", epochs=1, plots=True))
+    summary = loop.train(_small_cfg(small_shards, tmp_path / "run", epochs=1, plots=True))
     assert summary["step"] == summary["total_steps"] == 8  # 256 samples / 32
     ckpt_path = tmp_path / "run" / "checkpoints" / "latest.pt"
     assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()
@@ -280,24 +310,24 @@ def test_checkpoint_round_trip(small_shards, tmp_path):
 
     # A second run into the same output is refused unless it resumes.
     with pytest.raises(WitError, match="--resume latest"):
-        train.train(_small_cfg(small_shards, tmp_path / "run", epochs=1))
+        loop.train(_small_cfg(small_shards, tmp_path / "run", epochs=1))
     # Resuming a finished run does nothing and keeps the weights.
-    again = train.train(_small_cfg(small_shards, tmp_path / "run", epochs=1, resume="latest"))
+    again = loop.train(_small_cfg(small_shards, tmp_path / "run", epochs=1, resume="latest"))
     assert again["step"] == 8
     after = _weights(ckpt_path)
     assert all(torch.equal(after[k], v) for k, v in ckpt["state_dict"].items())
 
 
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(small_shards, tmp_path):
-    full = train.train(_small_cfg(small_shards, tmp_path / "full"))
+    full = loop.train(_small_cfg(small_shards, tmp_path / "full"))
     assert full["step"] == 16
     # Same run, stopped after 11 steps (in the second epoch), then resumed.
-    part = train.train(_small_cfg(small_shards, tmp_path / "split", stop_after_steps=11))
+    part = loop.train(_small_cfg(small_shards, tmp_path / "split", stop_after_steps=11))
     assert part["step"] == 11 and part["stopped_early"]
     ckpt = models.read_checkpoint(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
     assert ckpt["step"] == 11
     assert ckpt["data_position"]["epoch"] == 1 and ckpt["data_position"]["consumed"] == [[3]]
-    rest = train.train(_small_cfg(small_shards, tmp_path / "split", resume="latest"))
+    rest = loop.train(_small_cfg(small_shards, tmp_path / "split", resume="latest"))
     assert rest["step"] == 16 and rest["samples_seen"] == 16 * 32
     a = _weights(str(tmp_path / "full" / "checkpoints" / "latest.pt"))
     b = _weights(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
@@ -311,14 +341,14 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(small_shards, tmp_pat
 def test_resume_with_gradient_accumulation_reproduces_the_uninterrupted_run(small_shards, tmp_path):
     """--accum-freq 2: the data position counts micro-batches; stop then resume is bitwise equal."""
     kw = dict(batch_size=16, accum_freq=2)
-    full = train.train(_small_cfg(small_shards, tmp_path / "full", **kw))
+    full = loop.train(_small_cfg(small_shards, tmp_path / "full", **kw))
     assert full["step"] == 16 and full["samples_seen"] == 16 * 32
-    part = train.train(_small_cfg(small_shards, tmp_path / "split", stop_after_steps=11, **kw))
+    part = loop.train(_small_cfg(small_shards, tmp_path / "split", stop_after_steps=11, **kw))
     assert part["step"] == 11 and part["stopped_early"]
     ckpt = models.read_checkpoint(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
     # 8 steps (16 micro-batches) per epoch: step 11 is 3 steps, 6 micro-batches, into epoch 1.
     assert ckpt["data_position"]["epoch"] == 1 and ckpt["data_position"]["consumed"] == [[6]]
-    rest = train.train(_small_cfg(small_shards, tmp_path / "split", resume="latest", **kw))
+    rest = loop.train(_small_cfg(small_shards, tmp_path / "split", resume="latest", **kw))
     assert rest["step"] == 16 and rest["samples_seen"] == 16 * 32
     a = _weights(str(tmp_path / "full" / "checkpoints" / "latest.pt"))
     b = _weights(str(tmp_path / "split" / "checkpoints" / "latest.pt"))
@@ -349,7 +379,7 @@ def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_dat
         eval_retrieval_images=images,
         eval_max_samples=20,
     )
-    summary = train.train(cfg)
+    summary = loop.train(cfg)
     assert summary["step"] == 8  # 2 epochs of 256 / 64
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     evals = [r for r in rows if r["type"] == "eval"]
@@ -377,7 +407,7 @@ def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_dat
 
 
 def test_bf16_autocast_runs_on_cpu(small_shards, tmp_path):
-    summary = train.train(
+    summary = loop.train(
         _small_cfg(small_shards, tmp_path / "bf16", precision="bf16", max_steps=2, log_every=1)
     )
     assert summary["step"] == 2
@@ -386,7 +416,7 @@ def test_bf16_autocast_runs_on_cpu(small_shards, tmp_path):
     losses = [r["loss"] for r in rows if r["type"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
     after = _weights(str(tmp_path / "bf16" / "checkpoints" / "latest.pt"))
-    before = train.build_model(_small_cfg(small_shards, tmp_path / "x"), "cpu").state_dict()
+    before = recipe.build_model(_small_cfg(small_shards, tmp_path / "x"), "cpu").state_dict()
     # Weights stay fp32 (autocast only lowers the matmuls), finite, and they moved.
     assert all(v.dtype == before[k].dtype and torch.isfinite(v).all() for k, v in after.items())
     assert not torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"])
@@ -424,7 +454,7 @@ def _synthetic_shards(directory, shard_sizes, corrupt=()):
 def test_a_batch_without_any_decodable_image_makes_no_update(tmp_path):
     corrupt = {f"s0i{i:03d}" for i in range(4)}
     data = _synthetic_shards(tmp_path / "shards", [8], corrupt=corrupt)
-    summary = train.train(
+    summary = loop.train(
         _small_cfg(
             data, tmp_path / "run", batch_size=4, epochs=1, workers=0, shuffle_buffer=0,
             log_every=1,
@@ -440,11 +470,11 @@ def test_a_batch_without_any_decodable_image_makes_no_update(tmp_path):
 
 def test_resume_errors(small_shards, tmp_path):
     with pytest.raises(WitError, match="checkpoint to resume not found"):
-        train.train(_small_cfg(small_shards, tmp_path / "r", resume="latest"))
+        loop.train(_small_cfg(small_shards, tmp_path / "r", resume="latest"))
     with pytest.raises(WitError, match="unknown model"):
-        train.train(_small_cfg(small_shards, tmp_path / "m", model="no-such-model"))
+        loop.train(_small_cfg(small_shards, tmp_path / "m", model="no-such-model"))
     with pytest.raises(WitError, match="training shard not found"):
-        train.train(_small_cfg(str(tmp_path / "missing.tar"), tmp_path / "d"))
+        loop.train(_small_cfg(str(tmp_path / "missing.tar"), tmp_path / "d"))
 
 
 def test_command_line_entry_point(small_shards, tmp_path, capsys):
@@ -459,7 +489,7 @@ def test_command_line_entry_point(small_shards, tmp_path, capsys):
     summary = json.loads(out.stdout)
     assert summary["step"] == 2 and summary["total_steps"] == 2
     # User errors: one line on stderr, exit status 2 (checked in-process: same main()).
-    assert train.main(["--train-data", str(tmp_path / "nope")]) == 2
+    assert loop.main(["--train-data", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"wit train: error: training shard not found: {tmp_path / 'nope'}"]
 

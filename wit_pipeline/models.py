@@ -145,6 +145,32 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 on a GPU that supports it, else fp16 on GPU and fp32 on CPU; others as given."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: str, precision: str = "auto") -> Any:
+    """The autocast context for ``precision`` (see :func:`resolve_precision`) on ``device``.
+
+    fp32 is a no-op context; bf16 and fp16 lower matmuls and convolutions, weights stay fp32.
+    Training, evaluation and scoring all run their models under it.
+    """
+    import torch
+
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.split(":")[0], dtype=dtype)
+
+
 def _mismatch_message(error: Exception) -> str:
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     detail = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln), None)

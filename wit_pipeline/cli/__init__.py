@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from wit_pipeline.cli import args as args_lib
-from wit_pipeline.errors import WitError
+from wit_pipeline.errors import exit_status
 
 # Order is the order shown in --help.
 COMMANDS = (
@@ -76,15 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments (neither wit's nor Beam's): {' '.join(unknown)}")
     args.beam_args = beam_args
-    try:
-        result = args.func(args)
-    except WitError as e:
-        print(f"wit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wit: interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
+    return exit_status(lambda: args.func(args), prog="wit")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from wit_pipeline.train import loop as train
+    from wit_pipeline.train.loop import main
 
-    return train.main(list(args.beam_args))
+    return main(list(args.beam_args))

@@ -39,7 +39,7 @@ from wit_pipeline import fileio
 from wit_pipeline.demo import scenes
 from wit_pipeline.demo.web import WebConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.train.loop import TrainConfig
+from wit_pipeline.train.config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(HERE, "demo.yaml")

@@ -88,7 +88,7 @@ def score_pairs(
     """
     import torch
 
-    from wit_pipeline.train.evaluate import _autocast
+    from wit_pipeline.models import autocast as _autocast
 
     if len(images) != len(captions):
         raise ValueError("one caption per image")

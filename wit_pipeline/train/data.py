@@ -462,11 +462,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield out
 
 
-def collate_identity(batch: Any) -> Any:
-    """DataLoader collate for streams that already yield whole batches."""
-    return batch
-
-
 def make_loader(
     stream: ShardStream, *, num_workers: int, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:

@@ -15,7 +15,6 @@ Everything runs offline; metrics are plain dicts, ready for JSON.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -27,7 +26,9 @@ import numpy as np
 
 from wit_pipeline import fileio
 from wit_pipeline.errors import WitError
+from wit_pipeline.models import autocast
 from wit_pipeline.train import caption_sets
+from wit_pipeline.train.config import TrainConfig
 
 TEMPLATES_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "zeroshot_templates.json"
@@ -107,15 +108,6 @@ def retrieval_metrics(
 # Encoding
 
 
-def _autocast(device: str) -> Any:
-    import torch
-
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def _open_rgb(item: Any) -> Any:
     from PIL import Image
 
@@ -142,7 +134,7 @@ def encode_images(
     import torch
 
     feats = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             x = torch.stack([preprocess(_open_rgb(im)) for im in chunk]).to(device)
@@ -165,7 +157,7 @@ def encode_texts(
     import torch
 
     feats = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(texts), batch_size):
             tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
             feats.append(model.encode_text(tokens, normalize=True).float().cpu())
@@ -353,7 +345,7 @@ def run_zeroshot(
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device):
+        with autocast(device):
             classifier = build_zero_shot_classifier(
                 model,
                 tokenizer=tokenizer,
@@ -415,3 +407,64 @@ def eval_transform(model: Any) -> Callable[[Any], Any]:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# During training
+
+
+class EpochEvaluator:
+    """The trainer's ``--eval-*`` sets, loaded once and run on the current model after epochs."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.sets: list[tuple[str, Any, list[str]]] = []
+        for spec in cfg.eval_zeroshot:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = "", spec
+            ds = load_labelled_set(path, max_samples=cfg.eval_max_samples)
+            name = name or ds.name
+            templates = resolve_templates(cfg.eval_zeroshot_templates, ds.name)
+            self.sets.append((name, ds, templates))
+        if cfg.eval_retrieval_captions:  # a bad file fails now, not after the first epoch
+            caption_sets.read_captions_tsv(
+                cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sets or self.cfg.eval_retrieval_captions)
+
+    def __call__(self, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+        """Metrics of ``model`` (not DDP-wrapped) on every set, keyed ``NAME/top1`` etc."""
+        preprocess = eval_transform(model)
+        out: dict[str, Any] = {}
+        for name, ds, templates in self.sets:
+            res = run_zeroshot(
+                model,
+                preprocess,
+                tokenizer,
+                ds,
+                templates=templates,
+                device=device,
+                batch_size=self.cfg.eval_batch_size,
+            )
+            for k in ("top1", "top5", "mean_per_class_top1"):
+                out[f"{name}/{k}"] = res[k]
+        if self.cfg.eval_retrieval_captions:
+            res = run_retrieval(
+                model,
+                preprocess,
+                tokenizer,
+                images_dir=self.cfg.eval_retrieval_images,
+                captions_tsv=self.cfg.eval_retrieval_captions,
+                split=self.cfg.eval_retrieval_split or None,
+                device=device,
+                batch_size=self.cfg.eval_batch_size,
+                max_images=self.cfg.eval_max_samples,
+            )
+            for k, v in res.items():
+                if "R@" in k:
+                    out[f"retrieval/{k}"] = v
+        return out

@@ -1,614 +1,130 @@
 """Contrastive training of CLIP models on webdataset shards: ``python -m wit_pipeline.train``.
 
-The CLIP recipe (Radford et al. 2021, section 2.5) on open_clip models:
+The loop, read top to bottom in :func:`train`: set a run up once (:func:`setup`: runtime, data,
+model, optimizer, loss), resume it (:func:`resume`), then train epoch by epoch
+(:func:`train_one_epoch`: per step :func:`next_micro_batches`, :func:`train_step`,
+:func:`log_train_row`, mid-epoch checkpoints) and close each epoch (:func:`end_epoch`:
+evaluation, checkpoint, plots). The pieces live beside it in ``wit_pipeline/train/``:
 
-- symmetric cross-entropy over cosine-similarity logits (open_clip's ``ClipLoss``, features
-  gathered across ranks under DDP, so negatives come from the global batch);
-- a learnable temperature, initialized to 0.07 and clamped so logits are scaled by at most 100;
-- AdamW with decoupled weight decay, none on gains, biases and the logit scale;
-- linear warmup then cosine decay; gradient clipping; gradient accumulation that keeps the
-  contrastive batch whole (features of the other micro-batches are cached, as open_clip does);
-- bf16/fp16 autocast on GPU; DDP under ``torchrun``.
+- ``config.py``: :class:`~wit_pipeline.train.config.TrainConfig`, every option a ``--flag``;
+- ``data.py``: shards -> decoded, augmented, tokenized batches, a pure function of the seed;
+- ``recipe.py``: the CLIP recipe (model init, AdamW groups, schedule, accumulation, clipping);
+- ``distributed.py``: rank and device under ``torchrun``, what the ranks agree on each step;
+- ``checkpoint.py``: what a checkpoint holds, writing it, resuming from it;
+- ``metrics.py``: ``metrics.jsonl``, ``loss.png``, ``eval.png``;
+- ``evaluate.py``: zero-shot and retrieval evaluation (also ``wit eval``).
 
-Options are one dataclass, :class:`TrainConfig`: every field is a ``--flag`` (``--batch-size``),
-and ``--config FILE`` (YAML/TOML) sets several at once. Output in ``--output``:
-``checkpoints/latest.pt`` and ``checkpoints/epoch_N.pt`` (loadable with
-``torch.load(..., weights_only=True)`` and ``open_clip.create_model_and_transforms(name,
-pretrained=PATH)``), ``metrics.jsonl``, ``loss.png`` and ``eval.png``.
-
-Resume (``--resume latest`` or a path) restores weights, optimizer, scaler, step and the data
-position. With the same shards, seed, batch size, worker count and world size, a resumed epoch
-delivers exactly the batches the interrupted one had not consumed yet: no sample is repeated or
-skipped (see ``wds_data``); only the interleaving of workers after the resume point may differ.
+Output in ``--output``: ``checkpoints/latest.pt`` and ``checkpoints/epoch_N.pt``,
+``metrics.jsonl``, ``loss.png`` and ``eval.png`` (docs/train.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
-import typing
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from wit_pipeline import config as config_lib
-from wit_pipeline import fileio
-from wit_pipeline.errors import WitError
+from wit_pipeline import fileio, models
+from wit_pipeline.errors import WitError, exit_status
+from wit_pipeline.train import checkpoint, data, distributed, recipe
+from wit_pipeline.train.checkpoint import TrainState
+from wit_pipeline.train.config import TrainConfig, parse_config, validate
+from wit_pipeline.train.distributed import Runtime, unwrap
+from wit_pipeline.train.evaluate import EpochEvaluator
+from wit_pipeline.train.metrics import LogWindow, MetricsLog, write_plots
 
 LOG = logging.getLogger("wit_pipeline.train")
-MAX_LOGIT_SCALE = 100.0
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A dataclass field with its ``--help`` text."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every option of ``python -m wit_pipeline.train`` (each field is a ``--flag``)."""
-
-    # Data: shard tars (brace ranges, globs, directories; several values or "a::b" sources).
-    train_data: tuple[str, ...] = _opt(
-        (), "shard tars: brace ranges, globs, directories, fsspec URLs; several values or 'a::b'"
-    )
-    shuffle_buffer: int = _opt(1000, "samples per worker's shuffle buffer")
-    caption_choice: str = _opt("random", "among a sample's captions: random | first")
-    crop_scale_min: float = _opt(
-        0.9, "random resized crop keeps this much area or more (open_clip)"
-    )
-    workers: int = _opt(2, "data loader processes per rank (0: load in the training process)")
-    # Model.
-    model: str = _opt(
-        "wit-tiny",
-        "open_clip architecture (ViT-B-32, RN50, ...) or a built-in wit-nano/wit-tiny/wit-small",
-    )
-    pretrained: str = _opt("", "initial weights: a checkpoint file or an open_clip tag")
-    temperature_init: float = _opt(
-        0.07, "initial softmax temperature (CLIP: 0.07); the learned scale is clamped at 100"
-    )
-    # Optimization.
-    epochs: int = _opt(1, "passes over all shards")
-    max_steps: int = _opt(0, "cap on optimizer steps (and the schedule's length); 0: epochs decide")
-    batch_size: int = _opt(128, "per rank and micro-batch")
-    accum_freq: int = _opt(1, "micro-batches per optimizer step (contrastive batch = all of them)")
-    lr: float = _opt(5e-4, "peak learning rate (after warmup)")
-    min_lr: float = _opt(0.0, "cosine floor")
-    warmup: int = _opt(100, "warmup steps")
-    wd: float = _opt(0.2, "AdamW decoupled weight decay (not on gains, biases, logit scale)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.98, "AdamW beta2")
-    eps: float = _opt(1e-6, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "max global gradient norm; 0 disables")
-    precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
-    seed: int = _opt(0, "seed of the model init, shard order, shuffle, caption draws and crops")
-    # Where it runs.
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = _opt(
-        0, "torch intra-op threads in the training process; 0 keeps torch's default"
-    )
-    # Output.
-    output: str = _opt("runs/wit", "output folder: checkpoints/, metrics.jsonl, loss.png, eval.png")
-    resume: str = _opt("", '"latest" (OUTPUT/checkpoints/latest.pt) or a checkpoint path')
-    save_every_steps: int = _opt(0, "also refresh latest.pt every N steps (0: at epoch ends only)")
-    epoch_checkpoints: bool = _opt(True, "also keep checkpoints/epoch_N.pt after every epoch")
-    stop_after_steps: int = _opt(
-        0, "end this run after N total steps (schedule unchanged); resume later"
-    )
-    log_every: int = _opt(10, "steps between metrics.jsonl records")
-    progress: bool = _opt(True, "progress bar on stderr")
-    plots: bool = _opt(True, "loss.png and eval.png")
-    # Evaluation after each `eval_every` epochs (and at the end).
-    eval_zeroshot: tuple[str, ...] = _opt((), "labelled sets: PATH or NAME=PATH")
-    eval_zeroshot_templates: str = _opt(
-        "auto", "auto | imagenet | cifar10 | cifar100 | simple | a template file"
-    )
-    eval_retrieval_captions: str = _opt("", "captions.tsv of an image-caption set")
-    eval_retrieval_images: str = _opt("", "its image folder")
-    eval_retrieval_split: str = _opt("dev", "split of the captions.tsv to evaluate")
-    eval_every: int = _opt(1, "evaluate after every N epochs (and after the last)")
-    eval_max_samples: int = _opt(0, "cap per eval set (evenly spaced); 0: all")
-    eval_batch_size: int = _opt(256, "images per evaluation batch")
-
-
-def validate(cfg: TrainConfig) -> None:
-    """One-line errors for options that cannot work, before anything expensive starts."""
-    if not cfg.train_data:
-        raise WitError("--train-data is required (shard tars, brace ranges, globs or folders)")
-    positive = ("epochs", "batch_size", "accum_freq", "log_every", "eval_every", "eval_batch_size")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise WitError(f"--{name.replace('_', '-')} must be positive")
-    for name in (
-        "max_steps",
-        "warmup",
-        "workers",
-        "threads",
-        "save_every_steps",
-        "stop_after_steps",
-    ):
-        if getattr(cfg, name) < 0:
-            raise WitError(f"--{name.replace('_', '-')} must not be negative")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
-        raise WitError("--lr must be positive and --min-lr between 0 and --lr")
-    if not 0 < cfg.crop_scale_min <= 1:
-        raise WitError("--crop-scale-min must be in (0, 1]")
-    if not 0 < cfg.temperature_init < 1:
-        raise WitError("--temperature-init must be in (0, 1)")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise WitError("--precision must be auto, fp32, bf16 or fp16")
-    if cfg.caption_choice not in ("random", "first"):
-        raise WitError("--caption-choice must be random or first")
-    if bool(cfg.eval_retrieval_captions) != bool(cfg.eval_retrieval_images):
-        raise WitError("--eval-retrieval-captions and --eval-retrieval-images go together")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line generated from the dataclass
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser(
-    cls: type = TrainConfig, prog: str = "python -m wit_pipeline.train"
-) -> argparse.ArgumentParser:
-    """``--key value`` flags for every field of ``cls`` (tuples take several values)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(cls.__doc__ or "").strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML or TOML file of options; flags override it")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": argparse.SUPPRESS,
-            "help": f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}",
-        }
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is tuple:
-            kwargs["nargs"] = "+"
-            kwargs["metavar"] = f.name.upper()
-        else:
-            kwargs["metavar"] = getattr(tp, "__name__", "VALUE").upper()
-        parser.add_argument(_flag(f.name), **kwargs)
-    return parser
-
-
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """A :class:`TrainConfig` from ``--config`` (if given) overridden by flags."""
-    args = build_parser().parse_args(argv)
-    values = vars(args)
-    path = values.pop("config", None)
-    base = config_lib.to_dict(config_lib.load_config(path, TrainConfig)) if path else {}
-    base.update(values)
-    return config_lib.from_dict(TrainConfig, base)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure pieces: schedule, parameter groups, loss
-
-
-def lr_at(step: int, *, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Learning rate at optimizer step ``step`` (0-based): linear warmup, then cosine decay."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    decay_steps = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / decay_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
-
-
-def no_weight_decay(name: str, param: Any) -> bool:
-    """Gains, biases, the logit scale (and other 1-d parameters) get no weight decay (CLIP)."""
-    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-
-def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
-
-
-def clamp_logit_scale(model: Any, max_scale: float = MAX_LOGIT_SCALE) -> None:
-    """Keep ``exp(logit_scale)`` in [1, max_scale] (the CLIP paper clips it at 100)."""
-    import torch
-
-    with torch.no_grad():
-        unwrap(model).logit_scale.clamp_(0, math.log(max_scale))
-
-
-def unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)
-
-
-def make_optimizer(model: Any, cfg: TrainConfig, device: str) -> Any:
-    import torch
-
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    # The fused kernel updates every tensor in one pass (CPU and CUDA), several times faster than
-    # the per-tensor loop for models with a large token embedding.
-    try:
-        return torch.optim.AdamW(param_groups(model, cfg.wd), fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # devices without a fused kernel
-        return torch.optim.AdamW(param_groups(model, cfg.wd), **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed setup
-
-
-@dataclass
-class Runtime:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_runtime(device: str) -> Runtime:
-    """Rank and device from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
-    import torch
-    import torch.distributed as dist
-
-    from wit_pipeline import models
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = models.resolve_device(device)
-    if world_size > 1:
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Runtime(rank, local_rank, world_size, device, world_size > 1)
-
-
-def _precision(cfg: TrainConfig, device: str) -> str:
-    import torch
-
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def _autocast(precision: str, device: str) -> Any:
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.split(":")[0], dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_dir(output: str) -> str:
-    return fileio.join(output, "checkpoints")
-
-
-def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """``torch.save`` through an atomic write: a crash never leaves a half-written checkpoint."""
-    import torch
-
-    with fileio.atomic_write(path, "wb") as f:
-        torch.save(payload, f)
-
-
-def resolve_resume(cfg: TrainConfig) -> str | None:
-    """The checkpoint to resume from, or None; refuses to overwrite a run by accident."""
-    latest = fileio.join(checkpoint_dir(cfg.output), "latest.pt")
-    if not cfg.resume:
-        if fileio.exists(latest):
-            raise WitError(
-                f"{cfg.output} already holds a run ({latest}); pass --resume latest to continue "
-                f"it or choose another --output"
-            )
-        return None
-    path = latest if cfg.resume == "latest" else cfg.resume
-    if not fileio.exists(path):
-        raise WitError(f"checkpoint to resume not found: {path}")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics and plots
-
-
-class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` (main rank only)."""
-
-    def __init__(self, path: str, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records newer than ``step`` (written after the checkpoint a run resumes from)."""
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        with fileio.atomic_write(self.path, "w") as f:
-            for row in rows:
-                if int(row.get("step", 0)) <= step:
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    def rows(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-
-def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
-    """``loss.png`` (loss and learning rate by step) and ``eval.png`` (eval metrics by epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    train = [r for r in rows if r.get("type") == "train"]
-    if train:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("contrastive loss")
-        ax2 = ax.twinx()
-        ax2.plot(
-            [r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", alpha=0.5
-        )
-        ax2.set_ylabel("learning rate", color="tab:orange")
-        ax.set_title("training loss")
-        fig.tight_layout()
-        path = os.path.join(output, "loss.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    evals = [r for r in rows if r.get("type") == "eval"]
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in evals:
-        for name, value in r.get("metrics", {}).items():
-            if isinstance(value, int | float) and (name.endswith(("top1", "top5")) or "R@" in name):
-                series.setdefault(name, []).append((r["epoch"], float(value)))
-    if series:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, pts in sorted(series.items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy / recall")
-        ax.legend(fontsize=7)
-        ax.set_title("evaluation")
-        fig.tight_layout()
-        path = os.path.join(output, "eval.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation hook
-
-
-class EpochEvaluator:
-    """Runs the configured zero-shot and retrieval sets on the current model."""
-
-    def __init__(self, cfg: TrainConfig):
-        from wit_pipeline.train import evaluate
-
-        self.cfg = cfg
-        self.sets: list[tuple[str, Any, list[str]]] = []
-        for spec in cfg.eval_zeroshot:
-            name, sep, path = spec.partition("=")
-            if not sep:
-                name, path = "", spec
-            ds = evaluate.load_labelled_set(path, max_samples=cfg.eval_max_samples)
-            name = name or ds.name
-            templates = evaluate.resolve_templates(cfg.eval_zeroshot_templates, ds.name)
-            self.sets.append((name, ds, templates))
-        if cfg.eval_retrieval_captions:
-            from wit_pipeline.train import caption_sets
-
-            caption_sets.read_captions_tsv(
-                cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split
-            )
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.sets or self.cfg.eval_retrieval_captions)
-
-    def __call__(self, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
-        from wit_pipeline.train import evaluate
-
-        model = unwrap(model)
-        preprocess = evaluate.eval_transform(model)
-        out: dict[str, Any] = {}
-        for name, ds, templates in self.sets:
-            res = evaluate.run_zeroshot(
-                model,
-                preprocess,
-                tokenizer,
-                ds,
-                templates=templates,
-                device=device,
-                batch_size=self.cfg.eval_batch_size,
-            )
-            out[f"{name}/top1"] = res["top1"]
-            out[f"{name}/top5"] = res["top5"]
-            out[f"{name}/mean_per_class_top1"] = res["mean_per_class_top1"]
-        if self.cfg.eval_retrieval_captions:
-            res = evaluate.run_retrieval(
-                model,
-                preprocess,
-                tokenizer,
-                images_dir=self.cfg.eval_retrieval_images,
-                captions_tsv=self.cfg.eval_retrieval_captions,
-                split=self.cfg.eval_retrieval_split or None,
-                device=device,
-                batch_size=self.cfg.eval_batch_size,
-                max_images=self.cfg.eval_max_samples,
-            )
-            for k, v in res.items():
-                if "R@" in k:
-                    out[f"retrieval/{k}"] = v
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-
-
-def _model_cfg_for_checkpoint(name: str) -> dict[str, Any]:
-    from wit_pipeline import models
-
-    return models.model_config(name)
-
-
-def build_model(cfg: TrainConfig, device: str) -> Any:
-    """A fresh (or ``--pretrained``-initialized) open_clip model in training mode."""
-    import open_clip
-    import torch
-
-    from wit_pipeline import models
-
-    models.model_config(cfg.model)  # clear error for unknown names
-    if cfg.pretrained:
-        model = models.load_model(cfg.model, cfg.pretrained, device="cpu").model
-    else:
-        torch.manual_seed(cfg.seed)
-        with models.quiet_open_clip():
-            model = open_clip.create_model(cfg.model, device="cpu")
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(1.0 / cfg.temperature_init))
-    model.output_dict = True
-    return model.to(torch.device(device)).train()
-
-
-def _sync_step(
-    exhausted: bool, sizes: Sequence[int], skipped: int, rt: Runtime
-) -> tuple[bool, list[int], int, int]:
-    """What every rank must agree on before a step (one tiny all_gather under DDP).
-
-    Returns whether any rank ran out of batches; the smallest size of each micro-batch over the
-    ranks (a rank's batch is short when images in it failed to decode); the samples skipped on
-    all ranks together; and how many samples all ranks together drop by trimming their
-    micro-batches to those sizes. Every rank trims: the features gathered for the contrastive
-    loss must have the same shape on every rank.
-    """
-    if not rt.distributed:
-        return exhausted, list(sizes), skipped, 0
-    import torch
-    import torch.distributed as dist
-
-    device = rt.device if rt.device.startswith("cuda") else "cpu"
-    mine = torch.tensor([int(exhausted), skipped, *sizes], dtype=torch.long, device=device)
-    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
-    dist.all_gather(every, mine)
-    table = torch.stack(every).cpu()
-    smallest = table[:, 2:].min(dim=0).values
-    return (
-        bool(table[:, 0].max()),
-        [int(x) for x in smallest],
-        int(table[:, 1].sum()),
-        int((table[:, 2:] - smallest).sum()),
-    )
-
-
-def _gather_positions(consumed: list[int], rt: Runtime) -> list[list[int]]:
-    if not rt.distributed:
-        return [list(consumed)]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * rt.world_size
-    dist.all_gather_object(out, list(consumed))
-    return [list(x) for x in out]
+@dataclasses.dataclass
+class Run:
+    """What a run sets up once. The loop reads it; only the model and optimizer change."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    precision: str  # fp32 | bf16 | fp16 (``auto`` resolved for the device)
+    stream: data.ShardStream
+    loader: Any  # torch DataLoader over ``stream``, iterated once per epoch
+    steps_per_epoch: list[int]
+    total_steps: int
+    model_cfg: dict[str, Any]
+    model: Any  # open_clip CLIP, under DistributedDataParallel when distributed
+    optimizer: Any
+    scaler: Any  # GradScaler for fp16, else None
+    loss_fn: Any
+    tokenizer: Any
+    metrics: MetricsLog
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary (steps, samples, last metrics, paths)."""
-    from wit_pipeline.train import data as wds_data
-
     # User errors first, before the slow imports.
     validate(cfg)
-    resume_path = resolve_resume(cfg)
-    shard_paths = wds_data.expand_shard_patterns(cfg.train_data)
+    resume_path = checkpoint.resolve_resume(cfg)
+    shard_paths = data.expand_shard_patterns(cfg.train_data)
 
+    run = setup(cfg, shard_paths)
+    state = TrainState(consumed=[0] * run.stream.workers)
+    if resume_path:
+        state = resume(run, resume_path)
+    log_config(run, state, num_shards=len(shard_paths))
+    evaluator = EpochEvaluator(cfg) if run.rt.is_main else None
+    bar = progress_bar(run, state)
+
+    last_eval: dict[str, Any] = {}
+    stopped = False
+    run.model.train()
+    while state.epoch < cfg.epochs and state.step < run.total_steps:
+        stopped = train_one_epoch(run, state, bar)
+        if stopped:
+            break
+        last_eval = end_epoch(run, state, evaluator) or last_eval
+    bar.close()
+    if stopped:
+        save(run, state)
+    if run.rt.is_main and cfg.plots:
+        write_plots(run.metrics.rows(), cfg.output)
+    summary = {
+        "step": state.step,
+        "total_steps": run.total_steps,
+        "epoch": state.epoch,
+        "samples_seen": state.samples_seen,
+        "stopped_early": stopped,
+        "eval": last_eval,
+        "checkpoint": checkpoint.latest_path(cfg.output),
+        "output": cfg.output,
+    }
+    distributed.shutdown(run.rt)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def setup(cfg: TrainConfig, shard_paths: Sequence[str]) -> Run:
+    """Runtime, data stream, model, optimizer, loss and metrics log of a run."""
     import open_clip
     import torch
     from open_clip import ClipLoss
-    from tqdm import tqdm
-
-    from wit_pipeline import models
 
     models.register_model_configs()
-    rt = init_runtime(cfg.device)
+    rt = distributed.init_runtime(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    precision = _precision(cfg, rt.device)
+    precision = models.resolve_precision(cfg.precision, rt.device)
     if rt.is_main:
-        fileio.makedirs(checkpoint_dir(cfg.output))
+        fileio.makedirs(checkpoint.checkpoint_dir(cfg.output))
 
-    # Data.
-    counts = wds_data.shard_sample_counts(shard_paths)
-    model_cfg = _model_cfg_for_checkpoint(cfg.model)
-    size = model_cfg["vision_cfg"]["image_size"]
-    image_size = int(size[0] if isinstance(size, list | tuple) else size)
-    model_name = cfg.model
-    stream = wds_data.ShardStream(
-        shard_paths,
-        counts,
-        batch_size=cfg.batch_size,
-        image_size=image_size,
-        tokenizer_factory=_TokenizerFactory(model_name, model_cfg),
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        crop_scale=(cfg.crop_scale_min, 1.0),
-        caption_choice=cfg.caption_choice,
-        workers=max(1, cfg.workers),
-        rank=rt.rank,
-        world_size=rt.world_size,
-    )
-    loader = wds_data.make_loader(
-        stream, num_workers=cfg.workers, pin_memory=rt.device.startswith("cuda")
-    )
+    counts = data.shard_sample_counts(shard_paths)
+    model_cfg = models.model_config(cfg.model)
+    stream, loader = make_stream(cfg, rt, shard_paths, counts, model_cfg)
     steps_per_epoch = [stream.batches_per_epoch(e) // cfg.accum_freq for e in range(cfg.epochs)]
     total_steps = sum(steps_per_epoch)
     if cfg.max_steps:
@@ -619,15 +135,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"{cfg.batch_size} x {cfg.accum_freq} per rank and worker; lower --batch-size or --workers"
         )
 
-    # Model, optimizer, loss.
-    model = build_model(cfg, rt.device)
-    optimizer = make_optimizer(model, cfg, rt.device)
+    model = recipe.build_model(cfg, rt.device)
+    optimizer = recipe.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    tokenizer = open_clip.get_tokenizer(model_name)
-    if rt.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device.startswith("cuda") else None
-        )
+    tokenizer = open_clip.get_tokenizer(cfg.model)
+    model = distributed.wrap(model, rt)
     # Under DDP each rank scores its own rows against the gathered global batch; gradients flow
     # back through the gather, and DDP's averaging then gives the full-batch gradient.
     loss_fn = ClipLoss(
@@ -637,342 +149,296 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rank=rt.rank,
         world_size=rt.world_size,
     )
-
-    step, epoch, samples_seen = 0, 0, 0
-    consumed = [0] * stream.workers
-    metrics = MetricsLog(fileio.join(cfg.output, "metrics.jsonl"), rt.is_main)
-    if resume_path:
-        ckpt = models.read_checkpoint(resume_path)
-        if ckpt.get("model_name") != model_name:
-            raise WitError(
-                f"checkpoint {resume_path} holds a {ckpt.get('model_name')} model, not {model_name}"
-            )
-        unwrap(model).load_state_dict(models.state_dict_of(ckpt))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
-        pos = ckpt.get("data_position", {})
-        epoch = int(pos.get("epoch", 0))
-        samples_seen = int(pos.get("samples_seen", 0))
-        saved = pos.get("consumed") or []
-        same_layout = (
-            int(pos.get("workers", -1)) == stream.workers
-            and int(pos.get("world_size", -1)) == rt.world_size
-            and int(pos.get("batch_size", -1)) == cfg.batch_size
-        )
-        if same_layout and len(saved) == rt.world_size:
-            consumed = [int(x) for x in saved[rt.rank]]
-        elif any(any(x) for x in saved):
-            # A different layout cannot map worker positions; continue the epoch with the batches
-            # it has left, reading each worker's stream from the equivalent fraction onwards.
-            done = sum(sum(x) for x in saved) // max(1, stream.workers * rt.world_size)
-            consumed = [done] * stream.workers
-            LOG.warning(
-                "resume with a different workers/world size/batch size: data position is approximate"
-            )
-        metrics.truncate_after(step)
-        LOG.info("resumed from %s at step %d (epoch %d)", resume_path, step, epoch)
-    if rt.is_main:
-        metrics.write(
-            {
-                "type": "config",
-                "step": step,
-                "time": time.time(),
-                "config": config_lib.to_dict(cfg),
-                "total_steps": total_steps,
-                "num_shards": len(shard_paths),
-                "num_samples": sum(counts),
-                "world_size": rt.world_size,
-                "precision": precision,
-                "device": rt.device,
-            }
-        )
-    evaluator = EpochEvaluator(cfg) if rt.is_main else None
-
-    def payload() -> dict[str, Any]:
-        positions = _gather_positions(consumed, rt)
-        return {
-            "format": models.CHECKPOINT_FORMAT,
-            "version": models.CHECKPOINT_VERSION,
-            "model_name": model_name,
-            "model_cfg": model_cfg,
-            "state_dict": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step,
-            "total_steps": total_steps,
-            "data_position": {
-                "epoch": epoch,
-                "consumed": positions,
-                "samples_seen": samples_seen,
-                "workers": stream.workers,
-                "world_size": rt.world_size,
-                "batch_size": cfg.batch_size,
-            },
-            "config": config_lib.to_dict(cfg),
-            "time": time.time(),
-        }
-
-    def save(extra_names: Sequence[str] = ()) -> None:
-        data = payload()  # collective under DDP: every rank builds it
-        if rt.is_main:
-            latest = fileio.join(checkpoint_dir(cfg.output), "latest.pt")
-            save_checkpoint(latest, data)
-            for name in extra_names:
-                save_checkpoint(fileio.join(checkpoint_dir(cfg.output), name), data)
-
-    def run_eval(finished_epoch: int) -> dict[str, Any]:
-        """Evaluate after epoch ``finished_epoch`` (0-based, as in the train rows)."""
-        result: dict[str, Any] = {}
-        if rt.is_main and evaluator is not None and evaluator.enabled:
-            t0 = time.time()
-            result = evaluator(model, tokenizer, rt.device)
-            metrics.write(
-                {
-                    "type": "eval",
-                    "step": step,
-                    "epoch": finished_epoch,
-                    "metrics": result,
-                    "seconds": round(time.time() - t0, 3),
-                }
-            )
-        if rt.distributed:
-            torch.distributed.barrier()
-        return result
-
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        disable=not (cfg.progress and rt.is_main),
-        dynamic_ncols=True,
-        desc="train",
-        file=sys.stderr,
+    return Run(
+        cfg=cfg,
+        rt=rt,
+        precision=precision,
+        stream=stream,
+        loader=loader,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        model_cfg=model_cfg,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        loss_fn=loss_fn,
+        tokenizer=tokenizer,
+        metrics=MetricsLog(fileio.join(cfg.output, "metrics.jsonl"), rt.is_main),
     )
-    autocast = _autocast(precision, rt.device)
-    non_blocking = rt.device.startswith("cuda")
-    last_eval: dict[str, Any] = {}
-    stopped = False
-    window = _new_window()
-    model.train()
-    while epoch < cfg.epochs and step < total_steps and not stopped:
-        epoch_steps = steps_per_epoch[epoch]
-        stream.set_epoch(epoch, consumed)
-        batches = iter(loader)
-        done_in_epoch = sum(consumed) // cfg.accum_freq
-        t_data = time.time()
-        while done_in_epoch < epoch_steps and step < total_steps:
-            micro = []
-            exhausted = False
-            for _ in range(cfg.accum_freq):
-                try:
-                    micro.append(next(batches))
-                except StopIteration:
-                    exhausted = True
-                    break
-            sizes = [len(b["keys"]) for b in micro]
-            sizes += [0] * (cfg.accum_freq - len(sizes))
-            local_skipped = sum(int(b["skipped"]) for b in micro)
-            exhausted, sizes, skipped, trimmed = _sync_step(exhausted, sizes, local_skipped, rt)
-            if exhausted:
-                break
-            # Under DDP a rank whose batch lost undecodable images sets the size for all: the
-            # others drop their last samples (counted as trimmed). Empty micro-batches are left
-            # out; a step with no sample at all makes no update (it still counts as a step).
-            used = [
-                {**b, "images": b["images"][:n], "texts": b["texts"][:n], "keys": b["keys"][:n]}
-                for b, n in zip(micro, sizes, strict=True)
-                if n > 0
-            ]
-            data_s = time.time() - t_data
-            lr = lr_at(
-                step, base_lr=cfg.lr, warmup=cfg.warmup, total=total_steps, min_lr=cfg.min_lr
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = [
-                wds_data.normalize(b["images"].to(rt.device, non_blocking=non_blocking))
-                for b in used
-            ]
-            texts = [b["texts"].to(rt.device, non_blocking=non_blocking) for b in used]
-            optimizer.zero_grad(set_to_none=True)
-            if used:
-                loss_value = _forward_backward(model, loss_fn, images, texts, autocast, scaler)
-                _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
-                window["loss"] += loss_value
-                window["n"] += 1
-            else:
-                LOG.warning("step %d: no decodable image in its batches; no update", step + 1)
-            step += 1
-            done_in_epoch += 1
-            n_samples = sum(len(b["keys"]) for b in used) * rt.world_size
-            samples_seen += n_samples
-            for b in micro:
-                consumed[b["worker"]] = b["index"] + 1
-            window["skipped"] += skipped
-            window["trimmed"] += trimmed
-            window["samples"] += n_samples
-            window["data_s"] += data_s
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps or done_in_epoch == epoch_steps:
-                elapsed = max(1e-9, time.time() - window["t0"])
-                row = {
-                    "type": "train",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": window["loss"] / window["n"] if window["n"] else None,
-                    "lr": lr,
-                    "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
-                    "samples_per_s": window["samples"] / elapsed,
-                    "data_wait_fraction": window["data_s"] / elapsed,
-                    "samples_seen": samples_seen,
-                    "samples_skipped": window["skipped"],
-                    "samples_trimmed": window["trimmed"],
-                    "time": time.time(),
-                }
-                metrics.write(row)
-                shown = "-" if row["loss"] is None else f"{row['loss']:.3f}"
-                bar.set_postfix(loss=shown, sps=f"{row['samples_per_s']:.0f}")
-                window = _new_window()
-            if cfg.stop_after_steps and step >= cfg.stop_after_steps and step < total_steps:
-                stopped = True
-                break
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                save()
-            t_data = time.time()
-        del batches
-        if stopped:
-            break
-        finished_epoch = epoch
-        epoch += 1
-        consumed = [0] * stream.workers
-        is_last = epoch >= cfg.epochs or step >= total_steps
-        if (evaluator is not None or rt.distributed) and (is_last or epoch % cfg.eval_every == 0):
-            last_eval = run_eval(finished_epoch) or last_eval
-        save(extra_names=[f"epoch_{finished_epoch + 1}.pt"] if cfg.epoch_checkpoints else [])
-        if rt.is_main and cfg.plots:
-            write_plots(metrics.rows(), cfg.output)
-        window = _new_window()  # throughput excludes evaluation and checkpointing
-    bar.close()
-    if stopped:
-        save()
-    if rt.is_main and cfg.plots:
-        write_plots(metrics.rows(), cfg.output)
-    summary = {
-        "step": step,
-        "total_steps": total_steps,
-        "epoch": epoch,
-        "samples_seen": samples_seen,
-        "stopped_early": stopped,
-        "eval": last_eval,
-        "checkpoint": fileio.join(checkpoint_dir(cfg.output), "latest.pt"),
-        "output": cfg.output,
-    }
-    if rt.distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return summary
 
 
-def _new_window() -> dict[str, float]:
-    """Accumulators for one logging interval."""
-    return {
-        "loss": 0.0,
-        "n": 0,
-        "samples": 0,
-        "data_s": 0.0,
-        "t0": time.time(),
-        "skipped": 0,
-        "trimmed": 0,
-    }
+def make_stream(
+    cfg: TrainConfig,
+    rt: Runtime,
+    shard_paths: Sequence[str],
+    counts: Sequence[int],
+    model_cfg: dict[str, Any],
+) -> tuple[data.ShardStream, Any]:
+    """This rank's batch stream over the shards, and the DataLoader that runs its workers."""
+    size = model_cfg["vision_cfg"]["image_size"]
+    stream = data.ShardStream(
+        shard_paths,
+        counts,
+        batch_size=cfg.batch_size,
+        image_size=int(size[0] if isinstance(size, list | tuple) else size),
+        tokenizer_factory=TokenizerFactory(cfg.model),
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        crop_scale=(cfg.crop_scale_min, 1.0),
+        caption_choice=cfg.caption_choice,
+        workers=max(1, cfg.workers),
+        rank=rt.rank,
+        world_size=rt.world_size,
+    )
+    loader = data.make_loader(
+        stream, num_workers=cfg.workers, pin_memory=rt.device.startswith("cuda")
+    )
+    return stream, loader
 
 
-def _optimizer_step(model: Any, optimizer: Any, scaler: Any, grad_clip: float) -> float:
-    """Unscale, clip the global gradient norm to ``grad_clip`` (0: no clipping), step, clamp.
-
-    Returns the gradient norm before clipping (inf/nan when an fp16 step overflowed; the scaler
-    then skips the update), or 0.0 without clipping.
-    """
-    import torch
-
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    norm = 0.0
-    if grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    clamp_logit_scale(model)
-    return norm
-
-
-def _forward_backward(
-    model: Any, loss_fn: Any, images: list, texts: list, autocast: Any, scaler: Any
-) -> float:
-    """Loss and gradients for one optimizer step over ``len(images)`` micro-batches.
-
-    With one micro-batch this is the plain step. With several, the features of every
-    micro-batch are first computed without gradients; each micro-batch is then re-run with
-    gradients and its loss computed against the cached features of the others, so the
-    contrastive batch (and every negative) is the whole accumulated batch.
-
-    Under DDP every backward but the last runs in ``model.no_sync()`` (gradients accumulate
-    locally), and the last one, where DDP reduces, reaches every parameter: it is the one that
-    takes the temperature's gradient. DDP without ``find_unused_parameters`` needs both.
-    """
-    import torch
-
-    def backward(loss: Any) -> None:
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    if len(images) == 1:
-        with autocast:
-            out = model(images[0], texts[0])
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        backward(loss)
-        return float(loss.detach())
-    cached_img, cached_txt = [], []
-    with torch.no_grad(), autocast:
-        for x, t in zip(images, texts, strict=True):
-            out = model(x, t)
-            cached_img.append(out["image_features"])
-            cached_txt.append(out["text_features"])
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
-    last = len(images) - 1
-    total = 0.0
-    for j, (x, t) in enumerate(zip(images, texts, strict=True)):
-        # DDP's no_sync must cover the forward too: the forward arms the reducer.
-        with no_sync() if j < last else contextlib.nullcontext():
-            with autocast:
-                out = model(x, t)
-                img = torch.cat([*cached_img[:j], out["image_features"], *cached_img[j + 1 :]])
-                txt = torch.cat([*cached_txt[:j], out["text_features"], *cached_txt[j + 1 :]])
-                # Every pass sees the whole loss; the temperature's gradient is taken once (on
-                # the last pass), so the summed gradients equal one step over the whole batch.
-                scale = out["logit_scale"] if j == last else out["logit_scale"].detach()
-                loss = loss_fn(img, txt, scale)
-            backward(loss)
-        total = float(loss.detach())
-    return total
-
-
-class _TokenizerFactory:
+class TokenizerFactory:
     """Builds the model's tokenizer inside each data worker (picklable for spawn start methods)."""
 
-    def __init__(self, model_name: str, model_cfg: dict[str, Any]):
+    def __init__(self, model_name: str):
         self.model_name = model_name
-        self.model_cfg = model_cfg
 
     def __call__(self) -> Any:
         import open_clip
 
-        from wit_pipeline import models
-
         models.register_model_configs()
         return open_clip.get_tokenizer(self.model_name)
+
+
+def resume(run: Run, path: str) -> TrainState:
+    """Restore weights, optimizer, scaler and position from ``path``; drop newer metrics rows."""
+    ckpt = checkpoint.read_for_resume(path, run.cfg.model)
+    checkpoint.restore(ckpt, model=unwrap(run.model), optimizer=run.optimizer, scaler=run.scaler)
+    state = checkpoint.resume_state(
+        ckpt,
+        workers=run.stream.workers,
+        world_size=run.rt.world_size,
+        rank=run.rt.rank,
+        batch_size=run.cfg.batch_size,
+    )
+    run.metrics.truncate_after(state.step)
+    LOG.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+    return state
+
+
+def log_config(run: Run, state: TrainState, *, num_shards: int) -> None:
+    """The ``config`` row that opens every (re)start in ``metrics.jsonl``."""
+    run.metrics.write(
+        {
+            "type": "config",
+            "step": state.step,
+            "time": time.time(),
+            "config": config_lib.to_dict(run.cfg),
+            "total_steps": run.total_steps,
+            "num_shards": num_shards,
+            "num_samples": sum(run.stream.counts),
+            "world_size": run.rt.world_size,
+            "precision": run.precision,
+            "device": run.rt.device,
+        }
+    )
+
+
+def progress_bar(run: Run, state: TrainState) -> Any:
+    """Steps done of the run's total on stderr (main rank, unless ``--no-progress``)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=run.total_steps,
+        initial=state.step,
+        disable=not (run.cfg.progress and run.rt.is_main),
+        dynamic_ncols=True,
+        desc="train",
+        file=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# An epoch, a step
+
+
+def train_one_epoch(run: Run, state: TrainState, bar: Any) -> bool:
+    """Steps until the epoch's batches or the run's steps are done; True when
+    ``--stop-after-steps`` ended the run inside the epoch."""
+    cfg = run.cfg
+    epoch_steps = run.steps_per_epoch[state.epoch]
+    window = LogWindow()
+    run.stream.set_epoch(state.epoch, state.consumed)
+    batches = iter(run.loader)
+    done_in_epoch = sum(state.consumed) // cfg.accum_freq
+    t_data = time.time()
+    while done_in_epoch < epoch_steps and state.step < run.total_steps:
+        micro, exhausted = next_micro_batches(batches, cfg.accum_freq)
+        sizes = [len(b["keys"]) for b in micro]
+        sizes += [0] * (cfg.accum_freq - len(sizes))
+        local_skipped = sum(int(b["skipped"]) for b in micro)
+        exhausted, sizes, skipped, trimmed = distributed.sync_step(
+            exhausted, sizes, local_skipped, run.rt
+        )
+        if exhausted:
+            break
+        used = trim_to(micro, sizes)
+        data_s = time.time() - t_data
+        lr, loss = train_step(run, state.step, used)
+        state.step += 1
+        done_in_epoch += 1
+        n_samples = sum(len(b["keys"]) for b in used) * run.rt.world_size
+        state.samples_seen += n_samples
+        for b in micro:
+            state.consumed[b["worker"]] = b["index"] + 1
+        window.add(loss=loss, samples=n_samples, data_s=data_s, skipped=skipped, trimmed=trimmed)
+        bar.update(1)
+        if (
+            state.step % cfg.log_every == 0
+            or state.step == run.total_steps
+            or done_in_epoch == epoch_steps
+        ):
+            log_train_row(run, state, window, lr, bar)
+            window = LogWindow()
+        if cfg.stop_after_steps and cfg.stop_after_steps <= state.step < run.total_steps:
+            return True
+        if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
+            save(run, state)
+        t_data = time.time()
+    return False
+
+
+def next_micro_batches(batches: Iterator[dict[str, Any]], n: int) -> tuple[list[dict], bool]:
+    """Up to ``n`` batches of this rank's stream, and whether the stream ran out first."""
+    micro = []
+    for _ in range(n):
+        try:
+            micro.append(next(batches))
+        except StopIteration:
+            return micro, True
+    return micro, False
+
+
+def trim_to(micro: Sequence[dict[str, Any]], sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """Each micro-batch cut to the size all ranks agreed on; empty ones left out.
+
+    Under DDP a rank whose batch lost undecodable images sets the size for all: the others drop
+    their last samples (counted as trimmed). A step with no sample at all makes no update (it
+    still counts as a step).
+    """
+    return [
+        {**b, "images": b["images"][:n], "texts": b["texts"][:n], "keys": b["keys"][:n]}
+        for b, n in zip(micro, sizes, strict=True)
+        if n > 0
+    ]
+
+
+def train_step(run: Run, step: int, used: Sequence[dict[str, Any]]) -> tuple[float, float | None]:
+    """Optimizer step ``step`` (0-based) over the micro-batches ``used``: the scheduled learning
+    rate, forward and backward, the update. Returns the learning rate and the loss (None: no
+    batch held a decodable image, no update)."""
+    cfg, device = run.cfg, run.rt.device
+    lr = recipe.lr_at(
+        step, base_lr=cfg.lr, warmup=cfg.warmup, total=run.total_steps, min_lr=cfg.min_lr
+    )
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    non_blocking = device.startswith("cuda")
+    images = [data.normalize(b["images"].to(device, non_blocking=non_blocking)) for b in used]
+    texts = [b["texts"].to(device, non_blocking=non_blocking) for b in used]
+    run.optimizer.zero_grad(set_to_none=True)
+    if not used:
+        LOG.warning("step %d: no decodable image in its batches; no update", step + 1)
+        return lr, None
+    autocast = models.autocast(device, run.precision)
+    loss = recipe.forward_backward(run.model, run.loss_fn, images, texts, autocast, run.scaler)
+    recipe.optimizer_step(run.model, run.optimizer, run.scaler, cfg.grad_clip)
+    return lr, loss
+
+
+def log_train_row(run: Run, state: TrainState, window: LogWindow, lr: float, bar: Any) -> None:
+    """The ``train`` row of the window that ends at this step; loss and speed on the bar."""
+    logit_scale = float(unwrap(run.model).logit_scale.detach().exp())
+    row = window.row(
+        step=state.step,
+        epoch=state.epoch,
+        lr=lr,
+        logit_scale=logit_scale,
+        samples_seen=state.samples_seen,
+    )
+    run.metrics.write(row)
+    shown = "-" if row["loss"] is None else f"{row['loss']:.3f}"
+    bar.set_postfix(loss=shown, sps=f"{row['samples_per_s']:.0f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# End of an epoch: evaluation, checkpoints, plots
+
+
+def end_epoch(run: Run, state: TrainState, evaluator: EpochEvaluator | None) -> dict[str, Any]:
+    """Move to the next epoch; evaluate (every ``--eval-every`` epochs and after the last),
+    write ``latest.pt`` and ``epoch_N.pt``, redraw the plots. Returns the evaluation's metrics
+    (empty when none ran)."""
+    cfg = run.cfg
+    finished = state.epoch
+    state.epoch += 1
+    state.consumed = [0] * run.stream.workers
+    is_last = state.epoch >= cfg.epochs or state.step >= run.total_steps
+    result: dict[str, Any] = {}
+    if (evaluator is not None or run.rt.distributed) and (
+        is_last or state.epoch % cfg.eval_every == 0
+    ):
+        result = evaluate_epoch(run, state, evaluator, finished)
+    save(run, state, extra_names=[checkpoint.epoch_name(finished)] if cfg.epoch_checkpoints else [])
+    if run.rt.is_main and cfg.plots:
+        write_plots(run.metrics.rows(), cfg.output)
+    return result
+
+
+def evaluate_epoch(
+    run: Run, state: TrainState, evaluator: EpochEvaluator | None, finished_epoch: int
+) -> dict[str, Any]:
+    """Evaluate after ``finished_epoch`` (0-based, as in the train rows) on the main rank, and
+    write its ``eval`` row; the other ranks wait."""
+    result: dict[str, Any] = {}
+    if evaluator is not None and evaluator.enabled:
+        t0 = time.time()
+        result = evaluator(unwrap(run.model), run.tokenizer, run.rt.device)
+        run.metrics.write(
+            {
+                "type": "eval",
+                "step": state.step,
+                "epoch": finished_epoch,
+                "metrics": result,
+                "seconds": round(time.time() - t0, 3),
+            }
+        )
+    distributed.barrier(run.rt)
+    return result
+
+
+def save(run: Run, state: TrainState, extra_names: Sequence[str] = ()) -> None:
+    """``latest.pt`` (and ``extra_names``): every rank takes part (the data positions of all
+    ranks are gathered), the main rank writes."""
+    positions = distributed.gather_positions(state.consumed, run.rt)
+    if not run.rt.is_main:
+        return
+    payload = checkpoint.make_checkpoint(
+        cfg=run.cfg,
+        model=unwrap(run.model),
+        model_cfg=run.model_cfg,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        state=state,
+        positions=positions,
+        total_steps=run.total_steps,
+        workers=run.stream.workers,
+        world_size=run.rt.world_size,
+    )
+    checkpoint.write_checkpoints(run.cfg.output, payload, extra_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
 
 
 def _quiet_open_clip(record: logging.LogRecord) -> bool:
@@ -981,23 +447,22 @@ def _quiet_open_clip(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m wit_pipeline.train [FLAGS]``: train, print the summary as JSON."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_open_clip)
-    try:
-        cfg = parse_config(argv)
-        summary = train(cfg)
-    except WitError as e:
-        print(f"wit train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wit train: interrupted (resume with --resume latest)", file=sys.stderr)
-        return 130
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
+
+    def run() -> int:
+        summary = train(parse_config(argv))
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+
+    return exit_status(
+        run, prog="wit train", interrupted="interrupted (resume with --resume latest)"
+    )
 
 
 if __name__ == "__main__":
