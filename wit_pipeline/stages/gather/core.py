@@ -844,41 +844,6 @@ def validate_inputs(paths: Sequence[str], cfg: GatherConfig) -> dict[str, int]:
     return dict(formats)
 
 
-def add_gather(
-    p: beam.Pipeline,
-    paths: Sequence[str],
-    output: str,
-    *,
-    cfg: GatherConfig,
-    queries: Sequence[str] | str,
-    num_buckets: int,
-    queries_sha256: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-    progress_interval: float = 10.0,
-) -> None:
-    """Add the gather step to ``p``: input files -> ``output``'s candidates, rejected, stats.
-
-    The graph of :func:`run_gather` (and of ``wit build``'s first step), for building it on any
-    runner without running it (e.g. a Dataflow ``--dry_run``).
-    """
-    result = (
-        p
-        | "Inputs" >> beam.Create(list(enumerate(paths)))
-        | "Gather"
-        >> GatherPairs(
-            cfg=cfg,
-            queries=queries,
-            num_buckets=num_buckets,
-            total_files=len(paths),
-            queries_sha256=queries_sha256,
-            progress_interval=progress_interval,
-        )
-    )
-    _ = result | "Write" >> WriteGather(
-        output, num_buckets=num_buckets, write_rejected=cfg.write_rejected, extra=extra
-    )
-
-
 def run_gather(
     inputs: Sequence[str],
     output: str,
@@ -935,12 +900,14 @@ def run_gather(
     # Small lists travel inside the pipeline; large ones are loaded by each worker from the path.
     query_spec: Sequence[str] | str = query_list if len(query_list) <= 10_000 else queries_path
     started = time.monotonic()
+    from wit_pipeline import pipeline
+
     with beam.Pipeline(options=options) as p:
-        add_gather(
+        pipeline.gather(
             p,
-            paths,
-            output,
-            cfg=cfg,
+            paths=paths,
+            output=output,
+            config=cfg,
             queries=query_spec,
             num_buckets=num_buckets,
             queries_sha256=sha,
