@@ -48,7 +48,8 @@ DUPLICATE_TYPE = pa.struct(
     [("key", pa.string()), ("url", pa.string()), ("phash", pa.string()), ("distance", pa.int32())]
 )
 # A deduplicated sample at rest (``wit dedup`` -> ``wit balance``): the final row's fields
-# (``stages.shards.FINAL_SCHEMA``) before balancing, and where the image's bytes are.
+# (``stages.shards.FINAL_SCHEMA`` adds ``caption`` and ``balance_probability``) and where the
+# image's bytes are.
 SAMPLE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),

@@ -286,10 +286,6 @@ class _ScoresToArray(beam.CombineFn):
         return self.merge_accumulators([acc])[1][0]
 
 
-def _threshold_from_scores(scores: np.ndarray, keep_fraction: float) -> float:
-    return top_fraction_threshold(scores, keep_fraction)
-
-
 class _FilterFn(stage.StageFn):
     """Scored records and the threshold (a side input) -> kept and dropped ones."""
 
@@ -307,7 +303,7 @@ def compute_threshold(scores, *, config: ScoreConfig):
         return (
             scores
             | "AllScores" >> beam.CombineGlobally(_ScoresToArray())
-            | "TopFraction" >> beam.Map(_threshold_from_scores, config.keep_fraction)
+            | "TopFraction" >> beam.Map(top_fraction_threshold, config.keep_fraction)
         )
     return scores.pipeline | "FixedThreshold" >> beam.Create([config.threshold])
 

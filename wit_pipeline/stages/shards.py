@@ -29,29 +29,20 @@ STAGE = "shards"
 SHARDS_DIR = "shards"
 SIZES = "sizes.json"
 
+
+def _final_schema() -> pa.Schema:
+    """A sample's fields (``samples.SAMPLE_SCHEMA``) without where its bytes are, with its
+    ``caption`` (after ``url``) and ``balance_probability`` (after ``duplicate_group``)."""
+    schema = samples.SAMPLE_SCHEMA
+    for name in ("source_tar", "image_ext"):
+        schema = schema.remove(schema.get_field_index(name))
+    schema = schema.insert(schema.get_field_index("url") + 1, pa.field("caption", pa.string()))
+    at = schema.get_field_index("duplicate_group") + 1
+    return schema.insert(at, pa.field("balance_probability", pa.float64()))
+
+
 # One row per final sample (``shards/NNNNN.parquet``); ``KEY.json`` holds the same fields.
-FINAL_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("captions", pa.list_(pa.string())),
-        ("uids", pa.list_(pa.string())),
-        ("query_ids", pa.list_(pa.int32())),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-        ("phash", pa.string()),
-        ("image_key", pa.string()),
-        ("duplicate_of", pa.string()),
-        ("duplicate_group", pa.string()),
-        ("balance_probability", pa.float64()),
-        ("pairs", pa.list_(samples.PAIR_TYPE)),
-        ("duplicates", pa.list_(samples.DUPLICATE_TYPE)),
-    ]
-)
+FINAL_SCHEMA = _final_schema()
 # Final rows of a build with CLIP scoring (``wit build --seed-model``): ``clip_score`` appended.
 SCORED_SCHEMA = FINAL_SCHEMA.append(pa.field("clip_score", pa.float32()))
 
