@@ -252,6 +252,11 @@ def test_pair_unit_keeps_exactly_what_balance_records_keeps_of_the_pairs():
             equal_to(sorted(p["uid"] for p in dropped)),
             label="Rejected",
         )
+        assert_that(
+            out["rejected"] | "Stages" >> beam.Map(lambda r: r["stage"]) | beam.Distinct(),
+            equal_to(["balance"]),
+            label="Stage",
+        )
 
 
 def test_balance_unit_is_validated():

@@ -418,6 +418,10 @@ def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_dat
     rejected = pq.read_table(out / "rejected").to_pylist()
     low = [r for r in rejected if r["reason"] == "low_clip_score"]
     assert sorted(r["key"] for r in low) == sorted(set(keys) - set(top))
+    assert {r["stage"] for r in low} == {"score"}
+    for r in low:
+        assert r["clip_score"] == pytest.approx(scores[r["key"]])
+        assert r["detail"] == f"clip_score {r['clip_score']:.4f} < threshold {threshold:.4f}"
 
 
 def cli_config(args: list[str]) -> config.BuildConfig:

@@ -523,6 +523,7 @@ def test_run_dedup_on_planted_duplicates_and_eval_images(planted, shared_data, t
         "dropped:undecodable_image": 1,
     }
     rejected = pq.read_table(tmp_path / "rejected").to_pylist()
+    assert {r["stage"] for r in rejected} == {"dedup"}
     got = {(r["key"], r["reason"], r["duplicate_of"], r["eval_set"]) for r in rejected}
 
     def same_size(a, b):  # equal original pixels: the smaller key survives

@@ -62,9 +62,19 @@ def test_counters_balance_and_name_every_drop(download_dir, final):
     assert c["dropped:near_duplicate"] == 4
     assert "dropped:eval_contamination" not in c  # no eval sets configured here
     assert c["dropped:undecodable_image"] == 1
-    rejected = pq.read_table(out / "rejected").to_pylist()
+    table = pq.read_table(out / "rejected")
+    assert table.schema == stage.REJECTED_SCHEMA
+    rejected = table.to_pylist()
     no_query = [r for r in rejected if r["reason"] == "no_query"]
     assert c["dropped:no_query"] == len(no_query) > 0
+    # every row names the stage that dropped it (one schema for every stage)
+    assert {(r["stage"], r["reason"]) for r in rejected} == {
+        ("dedup", "undecodable_image"),
+        ("dedup", "near_duplicate"),
+        ("balance", "no_query"),
+    }
+    assert {r["detail"] for r in no_query} == {"matches no query"}
+    assert all(r["uids"] and r["key"] for r in rejected)
     # t = 20,000 is far above every count here: balancing drops only what matches no query
     assert "dropped:balanced_out" not in c
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
@@ -355,3 +365,12 @@ def test_prebalance_writes_gather_format_candidates(tmp_path):
     assert stats["query_counts"] == {"0": c["kept"] - 90, "1": 90}
     counts = pq.read_table(tmp_path / "p" / "query_counts.parquet").to_pydict()
     assert counts["before"] == [900, 90] and counts["p_prebalance"] == [100 / 900, 1.0]
+    rejected = pq.read_table(tmp_path / "p" / "rejected")
+    assert rejected.schema == stage.REJECTED_SCHEMA
+    rows = rejected.to_pylist()
+    assert len(rows) == c["dropped:no_query"] + c["dropped:prebalanced_out"]
+    assert {r["stage"] for r in rows} == {"prebalance"}
+    assert {r["detail"] for r in rows if r["reason"] == "no_query"} == {"matches no query"}
+    drawn = [r for r in rows if r["reason"] == "prebalanced_out"]
+    assert {r["detail"] for r in drawn} == {f"keep probability {100 / 900:.6g}"}
+    assert all(r["uid"] and r["url"] and r["caption"] == "dog" for r in drawn)

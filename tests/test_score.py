@@ -327,8 +327,10 @@ def test_wit_score_end_to_end(trained_seed, dev_shards, tmp_path, capsys):
             kept_scores[row["key"]] = row["clip_score"]
         if shard_id < 3:
             assert set(table.column_names) >= {"key", "url", "captions", "caption", "clip_score"}
-    rejected = pq.read_table(out / "rejected").to_pylist()
-    assert len(rejected) == 46
+    table = pq.read_table(out / "rejected")
+    assert table.schema == stage.REJECTED_SCHEMA
+    rejected = table.to_pylist()
+    assert len(rejected) == 46 and {r["stage"] for r in rejected} == {"score"}
     assert {r["reason"] for r in rejected} == {"low_clip_score", "undecodable_image"}
     assert [r["key"] for r in rejected if r["reason"] == "undecodable_image"] == ["broken"]
     assert all(r["clip_score"] < threshold for r in rejected if r["reason"] == "low_clip_score")

@@ -6,11 +6,14 @@ shards), one pipeline per step (``build.py`` runs them, resumes and fingerprints
 in two halves, with ``samples/`` in between. Every step writes ``stats.json``
 (``stage.WriteStats``) and ``rejected/`` (``stage.WriteRejected``, ``stage.REJECTED_SCHEMA``).
 
-Constructor rule, the same for every transform: keyword-only arguments; a stage transform takes
-its own config section whole as ``config=`` (``GatherPairs``, ``PreBalance``,
-``DownloadImages``, ``DedupRecords``, ``BalanceSamples``, ``ScoreSamples``, ``AssignShards``),
-which validated itself when it was made, so the transform checks nothing again; other inputs
-(paths, side inputs, batch sizes) are typed keyword-only values.
+Constructor rule, the same for every transform: keyword-only arguments (a reader's input or a
+writer's output path may come first: ``ReadCandidates(files)``, ``stage.WriteStats(path)``); a
+stage transform takes its own config section whole as ``config=`` (``GatherPairs``,
+``PreBalance``, ``DownloadImages``, ``DedupRecords``, ``BalanceSamples``, ``ScoreSamples``,
+``AssignShards``, ``FilterByClipScore``), which validated itself when it was made
+(``config.py``), so the transform checks none of its options again; anything else (paths, side
+inputs, batch sizes, building blocks such as ``FindNearDuplicates``) is a typed keyword-only
+value.
 """
 
 from __future__ import annotations
@@ -98,7 +101,11 @@ def prebalance(
     _ = out[REJECTED] | "WriteRejected" >> stage.WriteRejected(
         fileio.join(output_dir, stage.REJECTED_DIR)
     )
-    after = out["after"] | "AfterDict" >> beam.combiners.ToDict() | beam.Map(_query_counts_doc)
+    after = (
+        out["after"]
+        | "AfterDict" >> beam.combiners.ToDict()
+        | "QueryCountsDoc" >> beam.Map(_query_counts_doc)
+    )
     _ = out[COUNTS] | "Stats" >> stage.WriteStats(
         fileio.join(output_dir, stage.STATS_FILE), extra=extra, side=[after], stage="prebalance"
     )
