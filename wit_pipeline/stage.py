@@ -9,7 +9,8 @@ owns nothing else:
 - kept rows on the main output (one element per row, the batch as one element, or nothing when
   the core has written them itself: a shard writer);
 - dropped rows on the ``rejected`` output, as rows of :data:`REJECTED_SCHEMA` (the one schema
-  of every ``rejected/`` folder) stamped with the stage's name;
+  of every ``rejected/`` folder) stamped with the stage's name; so are *partial* rows, the
+  pairs a kept sample lost (counted as dropped pairs, not as dropped samples);
 - counts on the ``counts`` output as ``(name, n)`` pairs (:func:`beam_utils.emit_counts`),
   derived from the result: ``input``, ``kept`` and ``dropped:<reason>`` over the stage's unit,
   and, for samples that carry several pairs, the same names under the ``pair/`` scope;
