@@ -20,7 +20,6 @@ The kept counts must agree within binomial noise. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import pathlib
 import pickle
@@ -35,6 +34,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from wit_pipeline.config import BalanceConfig  # noqa: E402
 from wit_pipeline.stages import balance  # noqa: E402
 
 N_QUERIES = 500_000
@@ -80,16 +80,15 @@ def metaclip_reference(qids: list[list[int]], t: int, seed: int) -> int:
 
 def ours_pure(recs: list[dict], t: int, seed: int) -> int:
     counts = balance.count_queries(recs)
-    kept, _ = balance.balance_records(
+    result = balance.balance_records(
         recs,
         balance.query_probabilities(counts, t),
-        collections.Counter(),
         seed=seed,
         phase="balance",
         id_field="key",
         reason="balanced_out",
     )
-    return len(kept)
+    return len(result.kept)
 
 
 def _gen(item, path):
@@ -118,7 +117,7 @@ def ours_beam(qids: list[list[int]], t: int, seed: int) -> tuple[float, int]:
         start = time.perf_counter()
         with beam.Pipeline(options=beam_utils.pipeline_options([])) as p:
             recs = p | beam.Create(chunks) | beam.FlatMap(_gen, src)
-            res = recs | balance.BalanceSamples(t=t, seed=seed)
+            res = recs | balance.BalanceSamples(config=BalanceConfig(t=t, seed=seed))
             _ = res["kept"] | beam.combiners.Count.Globally() | beam.Map(_save, out)
         elapsed = time.perf_counter() - start
         with open(out) as f:

@@ -12,10 +12,10 @@ as re-encodes and resizes do, and 1 in 10 by 5-6 bits, just outside the default 
 exact copies (1%), and one heavy group of 2,000 identical hashes (blank images).
 
 Three measurements, in one run:
-1. a subset: ``dedup.near_duplicate_pairs`` (banding) vs ``dedup.all_pairs_within`` (every pair,
+1. a subset: ``lsh.near_duplicate_pairs`` (banding) vs ``lsh.all_pairs_within`` (every pair,
    numpy-vectorized per row): both must find the same pairs;
-2. all hashes, in process: ``dedup.find_groups`` (bands, partitions, verification, union-find);
-3. all hashes through the Beam transform ``dedup.FindNearDuplicates`` on FnApiRunner, twice:
+2. all hashes, in process: ``groups.find_groups`` (bands, partitions, verification, union-find);
+3. all hashes through the Beam transform ``groups.FindNearDuplicates`` on FnApiRunner, twice:
    groups formed by label propagation (``--label-rounds``, the default) and by the one-worker
    union-find; both checked equal to (2). The all-pairs time for all hashes is extrapolated
    (quadratic) from (1).
@@ -40,7 +40,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wit_pipeline.stages.dedup import core as dedup  # noqa: E402
+from wit_pipeline.stages.dedup import groups, lsh  # noqa: E402
 
 
 def random_phashes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -124,7 +124,7 @@ def run_beam(
             p
             | beam.Create(chunks)
             | beam.FlatMap(_records, npy)
-            | dedup.FindNearDuplicates(
+            | groups.FindNearDuplicates(
                 max_distance=k, partitions=partitions, label_rounds=label_rounds
             )
             | beam.combiners.ToDict()
@@ -159,10 +159,10 @@ def main() -> int:
     # 1. subset: banded pairs vs all pairs
     hs = h[:sub]
     t = time.perf_counter()
-    brute = dedup.all_pairs_within(hs, args.k)
+    brute = lsh.all_pairs_within(hs, args.k)
     t_brute = time.perf_counter() - t
     t = time.perf_counter()
-    banded = dedup.near_duplicate_pairs(hs, args.k)
+    banded = lsh.near_duplicate_pairs(hs, args.k)
     t_banded_sub = time.perf_counter() - t
     if banded != brute:
         print(f"MISMATCH on the subset: {len(banded)} vs {len(brute)} pairs", file=sys.stderr)
@@ -170,9 +170,9 @@ def main() -> int:
 
     # 2. all hashes in process
     t = time.perf_counter()
-    groups = dedup.find_groups(h, keys, areas, args.k, partitions=args.partitions)
+    survivors = groups.find_groups(h, keys, areas, args.k, partitions=args.partitions)
     t_local = time.perf_counter() - t
-    n_groups = len(set(groups.values()))
+    n_groups = len(set(survivors.values()))
 
     # 3. all hashes through Beam: label propagation, then the one-worker union-find
     beam_times = {}
@@ -180,7 +180,7 @@ def main() -> int:
         for rounds in (args.label_rounds, None):
             with tempfile.TemporaryDirectory() as tmp:
                 t_beam, beam_groups = run_beam(h, args.k, args.partitions, rounds, tmp)
-            if beam_groups != groups:
+            if beam_groups != survivors:
                 print(f"MISMATCH: Beam ({rounds=}) and in-process groups differ", file=sys.stderr)
                 return 1
             beam_times[rounds] = t_beam
@@ -188,7 +188,7 @@ def main() -> int:
     extrapolated = t_brute * (n / sub) ** 2
     print(
         f"Near-duplicate grouping, k={args.k}, {n:,} synthetic pHashes "
-        f"({len(groups):,} in {n_groups:,} groups), {platform.machine()}, "
+        f"({len(survivors):,} in {n_groups:,} groups), {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}\n"
     )
     print("| method | hashes | time | vs all-pairs | result |")

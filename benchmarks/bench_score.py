@@ -106,10 +106,12 @@ def main() -> None:
             | beam.Create(shards.list_shards(in_dir))
             | beam.FlatMap(score.read_shard_records)
             | score.ScoreWithClip(
-                model_name=args.model,
-                pretrained=pretrained,
-                device=args.device,
-                batch_size=args.batch_size,
+                config=ScoreConfig(
+                    model=args.model,
+                    pretrained=pretrained,
+                    device=args.device,
+                    batch_size=args.batch_size,
+                )
             )
             | beam.Map(lambda r: r["clip_score"])
         )

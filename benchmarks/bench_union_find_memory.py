@@ -10,7 +10,7 @@ those groups. This builds such an accumulator from star edges of groups of 2-4 i
 real sample keys (``urls.url_uid``: 32 hex characters), pickles it (what crosses the shuffle),
 unpickles it under ``tracemalloc`` (the final worker's copy: its own key strings and rank
 tuples), then runs ``extract_output`` and the ``sorted(items)`` of the next step on top.
-Prints bytes per entry. Also measures label propagation's largest key (``dedup.LabelComponents``):
+Prints bytes per entry. Also measures label propagation's largest key (``groups.LabelComponents``):
 one image whose group has ``--n`` members, its state built from the unpickled edge ends.
 """
 
@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from wit_pipeline import urls  # noqa: E402
-from wit_pipeline.stages.dedup import core as dedup  # noqa: E402
+from wit_pipeline.stages.dedup import groups  # noqa: E402
 
 
 def star_edges(n: int, seed: int = 0) -> list[tuple[str, tuple, str, tuple]]:
@@ -54,7 +54,7 @@ def star_edges(n: int, seed: int = 0) -> list[tuple[str, tuple, str, tuple]]:
 def hub_state_bytes(n: int) -> tuple[float, float]:
     """Label propagation's largest key: one image with ``n`` neighbours (one big group).
 
-    Returns bytes per neighbour for its state (``dedup._adjacency``'s output) and at the peak
+    Returns bytes per neighbour for its state (``groups._adjacency``'s output) and at the peak
     while building it from the grouped, unpickled edge ends.
     """
     hub = urls.url_uid("http://img.test/placeholder.jpg")
@@ -67,7 +67,7 @@ def hub_state_bytes(n: int) -> tuple[float, float]:
     gc.collect()
     tracemalloc.start()
     values = pickle.loads(blob)
-    state = dedup._adjacency((hub, values))
+    state = groups._adjacency((hub, values))
     del values
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -82,7 +82,7 @@ def main() -> None:
     held, peak = hub_state_bytes(args.n)
     print(f"label propagation, one group of {args.n:,}: its key's state {held:.0f} B/neighbour,")
     print(f"  peak while building it {peak:.0f} B/neighbour")
-    uf = dedup.UnionFind()
+    uf = groups.UnionFind()
     for edge in star_edges(args.n):
         uf.union(*edge)
     blob = pickle.dumps(uf, protocol=pickle.HIGHEST_PROTOCOL)

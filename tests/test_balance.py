@@ -8,7 +8,8 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from wit_pipeline import beam_utils
+from wit_pipeline import beam_utils, stage
+from wit_pipeline.config import BalanceConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages import balance
 
@@ -82,10 +83,11 @@ def test_keep_rate_per_query_matches_metaclip_probabilities():
     assert dict(counts) == {0: 22_000, 1: 6_000, 2: 500}
     t = 1000
     probs = balance.query_probabilities(counts, t)
-    c = collections.Counter()
-    kept, _ = balance.balance_records(
-        recs, probs, c, seed=11, phase="balance", id_field="key", reason="balanced_out"
+    result = balance.balance_records(
+        recs, probs, seed=11, phase="balance", id_field="key", reason="balanced_out"
     )
+    kept = result.kept
+    c = stage.flow_counts(result.kept, result.rejected, pairs=True)
     p0, p1 = t / 22_000, t / 6_000
     groups = {"a": (20_000, p0), "b": (4_000, p1), "c": (2_000, 1 - (1 - p0) * (1 - p1))}
     by_group = collections.Counter(r["key"][0] for r in kept)
@@ -96,7 +98,7 @@ def test_keep_rate_per_query_matches_metaclip_probabilities():
     assert by_group["e"] == 0
     assert c["dropped:no_query"] == 100
     assert c["input"] == len(recs) == c["kept"] + c["dropped:balanced_out"] + 100
-    assert c["pairs:input"] == len(recs) + 4_000
+    assert c["pair/input"] == len(recs) + 4_000
     # the balanced pool is flat: head queries end near t
     after = balance.count_queries(kept)
     assert abs(after[0] - (20_000 * p0 + 2_000 * groups["c"][1])) < 200
@@ -108,15 +110,14 @@ def test_larger_t_keeps_a_superset():
     counts = balance.count_queries(recs)
     kept = {}
     for t in (500, 2000):
-        k, _ = balance.balance_records(
+        k = balance.balance_records(
             recs,
             balance.query_probabilities(counts, t),
-            collections.Counter(),
             seed=4,
             phase="balance",
             id_field="key",
             reason="balanced_out",
-        )
+        ).kept
         kept[t] = {r["key"] for r in k}
     assert kept[500] < kept[2000]
 
@@ -137,15 +138,14 @@ def _samples(n=1200):
 
 def _expected_keys(samples, t, seed):
     counts = balance.count_queries(samples)
-    kept, _ = balance.balance_records(
+    kept = balance.balance_records(
         samples,
         balance.query_probabilities(counts, t),
-        collections.Counter(),
         seed=seed,
         phase="balance",
         id_field="key",
         reason="balanced_out",
-    )
+    ).kept
     return sorted(r["key"] for r in kept)
 
 
@@ -165,7 +165,9 @@ def test_balance_is_identical_across_runners_and_batch_sizes(args, batch_size):
     assert 300 < len(expected) < 1000
     with _pipeline(*args) as p:
         out = (
-            p | beam.Create(samples) | balance.BalanceSamples(t=160, seed=5, batch_size=batch_size)
+            p
+            | beam.Create(samples)
+            | balance.BalanceSamples(config=BalanceConfig(t=160, seed=5), batch_size=batch_size)
         )
         assert_that(out["kept"] | beam.Map(lambda r: r["key"]), equal_to(expected))
         assert_that(
@@ -173,7 +175,7 @@ def test_balance_is_identical_across_runners_and_batch_sizes(args, batch_size):
             equal_to(
                 [
                     ("dropped:balanced_out", 1200 - len(expected)),
-                    ("pairs:dropped:balanced_out", 1200 - len(expected)),
+                    ("pair/dropped:balanced_out", 1200 - len(expected)),
                 ]
             ),
             label="Counts",
@@ -198,16 +200,16 @@ def test_pair_unit_keeps_exactly_what_balance_records_keeps_of_the_pairs():
     sample_of = {p["uid"]: s for s in samples for p in s["pairs"]}
     pairs = list(itertools.chain.from_iterable(s["pairs"] for s in samples))
     pair_counts = balance.count_queries(pairs)
-    c = collections.Counter()
-    kept, dropped = balance.balance_records(
+    result = balance.balance_records(
         pairs,
         balance.query_probabilities(pair_counts, 100),
-        c,
         seed=5,
         phase="balance",
         id_field="uid",
         reason="balanced_out",
     )
+    kept, dropped = result.kept, result.rejected
+    c = stage.flow_counts(kept, dropped)
     kept_uids = sorted(p["uid"] for p in kept)
     kept_keys = sorted({sample_of[u]["key"] for u in kept_uids})
     gone = [s for s in samples if s["key"] not in set(kept_keys)]
@@ -220,7 +222,9 @@ def test_pair_unit_keeps_exactly_what_balance_records_keeps_of_the_pairs():
         out = (
             p
             | beam.Create(samples)
-            | balance.BalanceSamples(t=100, seed=5, unit="pair", batch_size=64)
+            | balance.BalanceSamples(
+                config=BalanceConfig(t=100, seed=5, unit="pair"), batch_size=64
+            )
         )
         assert_that(
             out["kept"] | beam.FlatMap(lambda r: [x["uid"] for x in r["pairs"]]),
@@ -235,8 +239,8 @@ def test_pair_unit_keeps_exactly_what_balance_records_keeps_of_the_pairs():
                 [
                     ("dropped:balanced_out", len(gone) - len(gone_no_query)),
                     ("dropped:no_query", len(gone_no_query)),
-                    ("pairs:dropped:balanced_out", c["dropped:balanced_out"]),
-                    ("pairs:dropped:no_query", c["dropped:no_query"]),
+                    ("pair/dropped:balanced_out", c["dropped:balanced_out"]),
+                    ("pair/dropped:no_query", c["dropped:no_query"]),
                 ]
             ),
             label="Counts",
@@ -244,16 +248,20 @@ def test_pair_unit_keeps_exactly_what_balance_records_keeps_of_the_pairs():
         assert_that(out["before"], equal_to(sorted(pair_counts.items())), label="Before")
         # every dropped pair appears once in rejected/ (whole samples, or the part of a kept one)
         assert_that(
-            out["rejected"]
-            | "RejectedUids" >> beam.FlatMap(lambda r: [x["uid"] for x in r["pairs"]]),
+            out["rejected"] | "RejectedUids" >> beam.FlatMap(lambda r: r["uids"]),
             equal_to(sorted(p["uid"] for p in dropped)),
             label="Rejected",
+        )
+        assert_that(
+            out["rejected"] | "Stages" >> beam.Map(lambda r: r["stage"]) | beam.Distinct(),
+            equal_to(["balance"]),
+            label="Stage",
         )
 
 
 def test_balance_unit_is_validated():
     with pytest.raises(WitError, match=r"balance\.unit"):
-        balance.BalanceSamples(t=10, seed=0, unit="caption")
+        BalanceConfig(t=10, seed=0, unit="caption")
 
 
 @pytest.mark.parametrize(("args", "batch_size"), RUNNER_SETTINGS)
@@ -261,15 +269,9 @@ def test_prebalance_oversamples_by_the_factor(args, batch_size):
     """The draw before download: the same kept uids on every runner setting and batch size."""
     cands = [{"uid": f"u{i}", "query_ids": [0] if i < 2700 else [1]} for i in range(3000)]
     probs = {0: 90 / 2700, 1: 90 / 300}  # t * factor = 90
-    expected, _ = balance.balance_records(
-        cands,
-        probs,
-        collections.Counter(),
-        seed=1,
-        phase="prebalance",
-        id_field="uid",
-        reason="prebalanced_out",
-    )
+    expected = balance.balance_records(
+        cands, probs, seed=1, phase="prebalance", id_field="uid", reason="prebalanced_out"
+    ).kept
 
     def check_after(after):
         after = dict(after)
@@ -281,7 +283,9 @@ def test_prebalance_oversamples_by_the_factor(args, batch_size):
         out = (
             p
             | beam.Create(cands)
-            | balance.PreBalance(t=30, factor=3.0, seed=1, batch_size=batch_size)
+            | balance.PreBalance(
+                config=BalanceConfig(t=30, prebalance_factor=3.0, seed=1), batch_size=batch_size
+            )
         )
         assert_that(out["before"], equal_to([(0, 2700), (1, 300)]), label="Before")
         assert_that(out["after"], check_after, label="After")

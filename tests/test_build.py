@@ -24,7 +24,7 @@ import build_fixture as bf
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import build, cli, config, counters, shards, urls
+from wit_pipeline import build, cli, config, counters, pipeline, run_stats, samples, shards, urls
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import plan as download
 
@@ -418,6 +418,10 @@ def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_dat
     rejected = pq.read_table(out / "rejected").to_pylist()
     low = [r for r in rejected if r["reason"] == "low_clip_score"]
     assert sorted(r["key"] for r in low) == sorted(set(keys) - set(top))
+    assert {r["stage"] for r in low} == {"score"}
+    for r in low:
+        assert r["clip_score"] == pytest.approx(scores[r["key"]])
+        assert r["detail"] == f"clip_score {r['clip_score']:.4f} < threshold {threshold:.4f}"
 
 
 def cli_config(args: list[str]) -> config.BuildConfig:
@@ -459,7 +463,7 @@ FINALIZE = {
 
 
 def test_compose_stats_names_every_drop_by_its_stage():
-    doc = build.compose_stats(
+    doc = run_stats.compose_stats(
         gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=FINALIZE
     )
     assert doc["counters"] == {
@@ -515,7 +519,7 @@ def test_compose_stats_with_scoring_and_without_prebalance():
         },
     }
     gather_doc = {"counters": {"input": 7, "kept": 6, "dropped:language": 1}}
-    doc = build.compose_stats(
+    doc = run_stats.compose_stats(
         gather_doc=gather_doc,
         prebalance_doc=None,
         download_doc=DOWNLOAD,
@@ -539,7 +543,7 @@ def test_compose_stats_with_scoring_and_without_prebalance():
         "score",
     ]
     with pytest.raises(AssertionError, match="ran no score stage"):
-        build.compose_stats(
+        run_stats.compose_stats(
             gather_doc=gather_doc, prebalance_doc=None, download_doc=DOWNLOAD, finalize_doc=fin
         )
 
@@ -550,7 +554,7 @@ def test_compose_stats_with_one_sample_per_pair():
         "counters": {"input": 5, "kept": 4, "dropped:balanced_out": 1},
         "pair_counters": {"input": 5, "kept": 4, "dropped:balanced_out": 1},
     }
-    doc = build.compose_stats(
+    doc = run_stats.compose_stats(
         gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=fin
     )
     assert doc["image_counters"] is None and doc["funnel"]["images"] is None
@@ -561,12 +565,12 @@ def test_compose_stats_with_one_sample_per_pair():
 def test_compose_stats_refuses_lost_records():
     lost = {**DOWNLOAD, "counters": {"input": 5, "kept": 5}}
     with pytest.raises(AssertionError, match="prebalance kept 6, download read 5"):
-        build.compose_stats(
+        run_stats.compose_stats(
             gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=lost, finalize_doc=FINALIZE
         )
     unbalanced = {**FINALIZE, "pair_counters": {**FINALIZE["pair_counters"], "kept": 4}}
     with pytest.raises(AssertionError, match="do not chain"):
-        build.compose_stats(
+        run_stats.compose_stats(
             gather_doc=GATHER,
             prebalance_doc=PREBALANCE,
             download_doc=DOWNLOAD,
@@ -575,9 +579,9 @@ def test_compose_stats_refuses_lost_records():
 
 
 def test_colliding_reasons_are_qualified_by_stage():
-    assert sorted(build.COLLIDING_REASONS) == ["no_query", "undecodable_image"]
-    assert build.run_reason("prebalance", "no_query") == "prebalance/no_query"
-    assert build.run_reason("download", "robots") == "robots"
+    assert sorted(run_stats.COLLIDING_REASONS) == ["no_query", "undecodable_image"]
+    assert run_stats.run_reason("prebalance", "no_query") == "prebalance/no_query"
+    assert run_stats.run_reason("download", "robots") == "robots"
 
 
 def _inputs(tmp_path) -> build.BuildInputs:
@@ -660,8 +664,6 @@ def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from wit_pipeline.stages import finalize
-
     out, _ = built
     cfg = config.apply_overrides(
         config.load_config(str(out / "config.yaml")),
@@ -683,11 +685,13 @@ def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint
         ]
     )
     p = beam.Pipeline(options=options)
-    build.add_finalize(
+    pipeline.finalize(
         p,
-        output="gs://bucket/out",
-        cfg=cfg,
-        tars=finalize.download_tars([str(out / "download")]),
+        output_dir="gs://bucket/out",
+        config=cfg,
+        work_dir="gs://bucket/out/finalize",
+        score=True,
+        tars=samples.download_tars([str(out / "download")]),
         query_columns={"before": {0: 3}, "after_prebalance": {0: 2}},
     )
     job = p.run().job  # translates the graph and pickles every DoFn; submits nothing
@@ -699,9 +703,9 @@ def test_finalize_translates_for_dataflow_with_a_gpu_hint(built, seed_checkpoint
         and comps.environments[t.environment_id].resource_hints.get("beam:resources:accelerator:v1")
         == b"type:nvidia-tesla-t4;count:1;install-nvidia-driver"
     )
-    assert "Finalize/Score/ClipScore/Score/RunInference" in hinted
-    assert "Finalize/Score/ClipScore/AttachImages" in hinted
-    assert all(name.startswith("Finalize/Score/ClipScore") for name in hinted)
+    assert "Score/ClipScore/Score/RunInference" in hinted
+    assert "Score/ClipScore/AttachImages" in hinted
+    assert all(name.startswith("Score/ClipScore") for name in hinted)
 
 
 def test_local_parallelism_applies_to_local_runners_only():

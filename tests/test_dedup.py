@@ -13,11 +13,10 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from wit_pipeline import beam_utils, config
+from wit_pipeline import beam_utils, config, samples, steps
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages import finalize
 from wit_pipeline.stages.dedup import core as dedup
-from wit_pipeline.stages.dedup import phash
+from wit_pipeline.stages.dedup import decontaminate, groups, lsh, phash
 
 
 def _pipeline() -> test_pipeline.TestPipeline:
@@ -37,20 +36,20 @@ def _flip(h: int, *bits: int) -> int:
 
 def test_bands_partition_the_64_bits():
     for n in (1, 2, 5, 9, 33):
-        masks = dedup.Bands(n).masks
+        masks = lsh.Bands(n).masks
         total = 0
         for m in masks.tolist():
             assert total & m == 0
             total |= m
         assert total == (1 << 64) - 1
-    bands = dedup.Bands(5)
+    bands = lsh.Bands(5)
     # band b holds bits b, b + 5, ... counted from the most significant bit
     assert bands.values(np.array([1 << 63], np.uint64))[:, 0].tolist() == [1 << 12, 0, 0, 0, 0]
     assert bands.values(np.array([1 << 62], np.uint64))[:, 0].tolist() == [0, 1 << 12, 0, 0, 0]
 
 
 def test_first_shared_band():
-    bands = dedup.Bands(3)
+    bands = lsh.Bands(3)
     masks = bands.masks.tolist()
     x = np.array([0, masks[0], masks[0] | masks[1], (1 << 64) - 1], dtype=np.uint64)
     assert bands.first_shared(x).tolist() == [0, 1, 2, 3]
@@ -58,9 +57,9 @@ def test_first_shared_band():
 
 def test_max_distance_is_validated():
     with pytest.raises(WitError):
-        dedup.bands_for(-1)
+        lsh.bands_for(-1)
     with pytest.raises(WitError):
-        dedup.bands_for(40)
+        lsh.bands_for(40)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 4, 8])
@@ -73,27 +72,27 @@ def test_banded_pairs_equal_all_pairs_on_real_hashes_with_planted_neighbours(sha
         flips = rng.choice(64, int(rng.integers(0, 10)), replace=False).tolist()
         planted.append(_flip(int(real[i]), *flips))
     hashes = np.concatenate([real, np.array(planted, np.uint64), real[:10]])
-    expected = dedup.all_pairs_within(hashes, k)
+    expected = lsh.all_pairs_within(hashes, k)
     assert len(expected) > 10  # the planted neighbours and exact repeats are there
-    assert dedup.near_duplicate_pairs(hashes, k) == expected
+    assert lsh.near_duplicate_pairs(hashes, k) == expected
 
 
 def test_band_pairs_reports_each_pair_once_in_its_first_shared_band():
     base = 0x0123456789ABCDEF
     hashes = np.array([base, _flip(base, 0), _flip(base, 63), _flip(base, 5, 6, 7)], np.uint64)
-    bands = dedup.bands_for(2)
+    bands = lsh.bands_for(2)
     found = collections.Counter()
     for b in range(bands.num_bands):
-        i, j = dedup.band_pairs(hashes, b, bands, 2)
+        i, j = lsh.band_pairs(hashes, b, bands, 2)
         found.update((min(a, c), max(a, c)) for a, c in zip(i.tolist(), j.tolist(), strict=True))
     assert found == {(0, 1): 1, (0, 2): 1, (1, 2): 1}
 
 
 def test_band_pairs_chunks_large_buckets():
     hashes = np.array([_flip(0, b) for b in range(40)] + [0], np.uint64)
-    bands = dedup.bands_for(2)
-    full = dedup.band_pairs(hashes, 0, bands, 2)
-    small = dedup.band_pairs(hashes, 0, bands, 2, budget=7)
+    bands = lsh.bands_for(2)
+    full = lsh.band_pairs(hashes, 0, bands, 2)
+    small = lsh.band_pairs(hashes, 0, bands, 2, budget=7)
     assert sorted(zip(*map(np.ndarray.tolist, full), strict=True)) == sorted(
         zip(*map(np.ndarray.tolist, small), strict=True)
     )
@@ -101,10 +100,10 @@ def test_band_pairs_chunks_large_buckets():
 
 def test_band_components_link_identical_hashes_on_band_zero_only():
     h = np.array([5, 5, 5, 1 << 40], np.uint64)
-    bands = dedup.bands_for(1)
-    assert dedup.band_components(h, 0, bands, 1).tolist()[:3] == [0, 0, 0]
-    assert dedup.band_components(h, 0, bands, 1)[3] == -1
-    assert dedup.band_components(h, 1, bands, 1).tolist() == [-1, -1, -1, -1]
+    bands = lsh.bands_for(1)
+    assert lsh.band_components(h, 0, bands, 1).tolist()[:3] == [0, 0, 0]
+    assert lsh.band_components(h, 0, bands, 1)[3] == -1
+    assert lsh.band_components(h, 1, bands, 1).tolist() == [-1, -1, -1, -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +111,12 @@ def test_band_components_link_identical_hashes_on_band_zero_only():
 
 
 def test_union_find_root_is_the_best_ranked_member():
-    uf = dedup.UnionFind()
+    uf = groups.UnionFind()
     uf.union("b", (-100, "b"), "a", (-100, "a"))
     uf.union("c", (-900, "c"), "b", (-100, "b"))
     uf.union("x", (-1, "x"), "y", (-1, "y"))
     assert uf.survivors() == {"a": "c", "b": "c", "c": "c", "x": "x", "y": "x"}
-    other = dedup.UnionFind()
+    other = groups.UnionFind()
     other.union("y", (-1, "y"), "z", (-5000, "z"))
     uf.merge(other)
     assert uf.survivors()["x"] == "z"
@@ -129,7 +128,7 @@ def test_survivor_rank_prefers_original_pixels_then_smallest_key():
         {"key": "a", "original_width": 100, "original_height": 100},
         {"key": "c", "original_width": 0, "original_height": 0, "width": 90, "height": 90},
     ]
-    assert [r["key"] for r in sorted(recs, key=dedup.survivor_rank)] == ["a", "b", "c"]
+    assert [r["key"] for r in sorted(recs, key=groups.survivor_rank)] == ["a", "b", "c"]
 
 
 def _rec(key, h, area=100):
@@ -167,7 +166,7 @@ def test_find_near_duplicates_maps_members_to_survivors(partitions, label_rounds
         out = (
             p
             | beam.Create(_planted_records())
-            | dedup.FindNearDuplicates(
+            | groups.FindNearDuplicates(
                 max_distance=4, partitions=partitions, batch_size=3, label_rounds=label_rounds
             )
         )
@@ -192,7 +191,7 @@ def _rank(key: str, area: int = 100) -> tuple[int, str]:
 
 
 def _union_find_survivors(edges):
-    uf = dedup.UnionFind()
+    uf = groups.UnionFind()
     for a, ra, b, rb in edges:
         uf.union(a, ra, b, rb)
     return uf.survivors()
@@ -201,7 +200,7 @@ def _union_find_survivors(edges):
 def _label_components(edges, rounds) -> int:
     """Runs LabelComponents, checks it against UnionFind; returns the nodes left to it."""
     p = _pipeline()
-    out = p | beam.Create(edges) | dedup.LabelComponents(rounds=rounds)
+    out = p | beam.Create(edges) | groups.LabelComponents(rounds=rounds)
     assert_that(out, equal_to(sorted(_union_find_survivors(edges).items())))
     return _nodes_left_to_union_find(p)
 
@@ -210,7 +209,7 @@ def _nodes_left_to_union_find(p) -> int:
     """Runs ``p``; the images that label propagation left to the one-worker union-find."""
     result = p.run()
     result.wait_until_finish()
-    name = MetricsFilter().with_name(dedup.RESIDUE_NODES_METRIC)
+    name = MetricsFilter().with_name(groups.RESIDUE_NODES_METRIC)
     return sum(c.committed for c in result.metrics().query(name)["counters"])
 
 
@@ -252,14 +251,18 @@ def test_label_components_matches_union_find_on_random_forests():
 
 def test_label_components_rejects_negative_rounds():
     with pytest.raises(ValueError):
-        dedup.LabelComponents(rounds=-1)
+        groups.LabelComponents(rounds=-1)
     with pytest.raises(ValueError):
-        dedup.FindNearDuplicates(max_distance=4, label_rounds=-1)
+        groups.FindNearDuplicates(max_distance=4, label_rounds=-1)
 
 
 def test_dedup_records_collapses_groups_and_counts_drops():
     with _pipeline() as p:
-        out = p | beam.Create(_planted_records()) | dedup.DedupRecords(max_distance=4)
+        out = (
+            p
+            | beam.Create(_planted_records())
+            | dedup.DedupRecords(config=config.DedupConfig(max_distance=4))
+        )
         assert_that(
             out["samples"]
             | "Keys" >> beam.Map(lambda r: (r["key"], [x["uid"] for x in r["pairs"]])),
@@ -296,7 +299,7 @@ def test_dedup_records_collapses_groups_and_counts_drops():
 
 
 def test_union_find_keeps_the_best_rank_of_a_key_seen_twice():
-    uf = dedup.UnionFind()
+    uf = groups.UnionFind()
     uf.union("a", (-100, "a"), "b", (-200, "b"))
     uf.union("c", (-50, "c"), "b", (-200, "b"))
     uf.add("a", (-300, "a"))  # a second copy of "a" with more pixels: it becomes the root
@@ -319,7 +322,7 @@ def test_overlapping_inputs_merge_copies_of_one_key_and_count_them():
     ]
     recs = [r for r in recs if r["key"] not in ("a", "d")] + copies
     with _pipeline() as p:
-        out = p | beam.Create(recs) | dedup.DedupRecords(max_distance=4)
+        out = p | beam.Create(recs) | dedup.DedupRecords(config=config.DedupConfig(max_distance=4))
         assert_that(
             out["samples"]
             | "Keys"
@@ -357,7 +360,7 @@ def test_overlapping_inputs_merge_copies_of_one_key_and_count_them():
                 [
                     ("dropped:near_duplicate", 4),
                     ("dropped:duplicate_input", 2),
-                    ("pairs:dropped:duplicate_input", 2),  # "ua" and "ud" were there already
+                    ("pair/dropped:duplicate_input", 2),  # "ua" and "ud" were there already
                 ]
             ),
             label="Counts",
@@ -367,7 +370,9 @@ def test_overlapping_inputs_merge_copies_of_one_key_and_count_them():
 def test_collapse_false_marks_groups_and_keeps_everything():
     with _pipeline() as p:
         out = (
-            p | beam.Create(_planted_records()) | dedup.DedupRecords(max_distance=4, collapse=False)
+            p
+            | beam.Create(_planted_records())
+            | dedup.DedupRecords(config=config.DedupConfig(max_distance=4, collapse=False))
         )
         assert_that(
             out["samples"]
@@ -404,50 +409,54 @@ def test_merge_group_keeps_every_caption_once():
 
 
 def test_parse_eval_set():
-    es = dedup.parse_eval_set("flickr-dev=/data/flickr8k/captions.tsv?split=dev&column=image")
-    assert es == dedup.EvalSet(
+    es = decontaminate.parse_eval_set(
+        "flickr-dev=/data/flickr8k/captions.tsv?split=dev&column=image"
+    )
+    assert es == decontaminate.EvalSet(
         "flickr-dev", "/data/flickr8k/captions.tsv", "image", None, None, (("split", "dev"),)
     )
     assert es.kind == "table"
-    auto = dedup.parse_eval_set("/data/cifar10/test.parquet")
+    auto = decontaminate.parse_eval_set("/data/cifar10/test.parquet")
     assert (auto.name, auto.kind) == ("cifar10-test", "parquet")
-    assert dedup.parse_eval_set("imgs/").kind == "folder"
+    assert decontaminate.parse_eval_set("imgs/").kind == "folder"
     with pytest.raises(WitError):
-        dedup.parse_eval_set("name=")
+        decontaminate.parse_eval_set("name=")
 
 
 def test_eval_sets_from_parquet_tsv_and_folder(shared_data, tmp_path):
-    cifar = dedup.parse_eval_set(f"cifar={shared_data}/cifar10/test.parquet")
-    ids = dedup.list_eval_items(cifar)
+    cifar = decontaminate.parse_eval_set(f"cifar={shared_data}/cifar10/test.parquet")
+    ids = decontaminate.list_eval_items(cifar)
     assert len(ids) == 10_000 and ids[0] == "airplane/0000.jpg"
-    dev = dedup.parse_eval_set(f"dev={shared_data}/flickr8k/captions.tsv?split=dev")
-    dev_ids = dedup.list_eval_items(dev)
+    dev = decontaminate.parse_eval_set(f"dev={shared_data}/flickr8k/captions.tsv?split=dev")
+    dev_ids = decontaminate.list_eval_items(dev)
     assert len(dev_ids) == 1000  # 5 captions per image, counted once
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.jpg").write_bytes(fx.flickr_bytes(shared_data, dev_ids[0]))
     (tmp_path / "a.png").write_bytes(b"broken")
     (tmp_path / "notes.txt").write_text("not an image")
-    folder = dedup.parse_eval_set(f"mine={tmp_path}")
-    assert dedup.list_eval_items(folder) == ["a.png", "sub/b.jpg"]
-    chunk = dedup.hash_eval_chunk(folder, ["a.png", "sub/b.jpg"])
+    folder = decontaminate.parse_eval_set(f"mine={tmp_path}")
+    assert decontaminate.list_eval_items(folder) == ["a.png", "sub/b.jpg"]
+    chunk = decontaminate.hash_eval_chunk(folder, ["a.png", "sub/b.jpg"])
     assert (chunk.ids, chunk.undecodable) == (["sub/b.jpg"], 1)
     with pytest.raises(WitError, match="no column"):
-        dedup.list_eval_items(dedup.parse_eval_set(f"x={shared_data}/flickr8k/captions.tsv?fold=1"))
+        decontaminate.list_eval_items(
+            decontaminate.parse_eval_set(f"x={shared_data}/flickr8k/captions.tsv?fold=1")
+        )
     with pytest.raises(WitError, match="not found"):
-        dedup.list_eval_items(dedup.parse_eval_set(f"{tmp_path}/missing.parquet"))
+        decontaminate.list_eval_items(decontaminate.parse_eval_set(f"{tmp_path}/missing.parquet"))
 
 
 def test_eval_index_finds_every_match_within_distance():
     rng = np.random.default_rng(3)
     ev = rng.integers(0, 2**63, 400, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     chunks = [
-        dedup.EvalHashes("setA", [f"a{i}" for i in range(200)], ev[:200]),
-        dedup.EvalHashes("setB", [f"b{i}" for i in range(200)], ev[200:]),
+        decontaminate.EvalHashes("setA", [f"a{i}" for i in range(200)], ev[:200]),
+        decontaminate.EvalHashes("setB", [f"b{i}" for i in range(200)], ev[200:]),
     ]
-    index = dedup.EvalIndex(chunks, max_distance=3)
+    index = decontaminate.EvalIndex(chunks, max_distance=3)
     queries = [_flip(int(ev[5]), 2, 9), _flip(int(ev[250]), 1, 2, 3, 4), int(ev[399]), 12345]
     q = np.array(queries, np.uint64)
-    got = dedup.contamination_matches(index, q)
+    got = decontaminate.contamination_matches(index, q)
     brute = {}
     for qi, h in enumerate(queries):
         for ei, e in enumerate(ev.tolist()):
@@ -474,7 +483,7 @@ def planted(shared_data, tmp_path_factory):
 
 def test_read_download_shard_hashes_every_image(planted):
     ds, d = planted
-    records, bad = dedup.read_download_shard(str(d / "shards" / "00000.tar"))
+    records, bad = samples.read_download_shard(str(d / "shards" / "00000.tar"))
     first = ds["samples"][:9]
     assert [r["key"] for r in records] == [s["key"] for s in first]
     assert bad == []
@@ -496,7 +505,7 @@ def test_run_dedup_on_planted_duplicates_and_eval_images(planted, shared_data, t
             ]
         },
     )
-    stats = finalize.run_dedup([str(d)], str(tmp_path), cfg)
+    stats = steps.run_dedup([str(d)], str(tmp_path), cfg)
     n_in = len(ds["samples"])
     assert stats["counters"] == {
         "input": n_in,
@@ -514,6 +523,7 @@ def test_run_dedup_on_planted_duplicates_and_eval_images(planted, shared_data, t
         "dropped:undecodable_image": 1,
     }
     rejected = pq.read_table(tmp_path / "rejected").to_pylist()
+    assert {r["stage"] for r in rejected} == {"dedup"}
     got = {(r["key"], r["reason"], r["duplicate_of"], r["eval_set"]) for r in rejected}
 
     def same_size(a, b):  # equal original pixels: the smaller key survives
@@ -564,7 +574,7 @@ def test_run_dedup_on_overlapping_inputs_counts_every_copy(planted, tmp_path):
     ]
     other = tmp_path / "download-again"
     fx.write_download_dir(other, again, per_shard=4)
-    stats = finalize.run_dedup([str(d), str(other)], str(tmp_path / "out"), config.BuildConfig())
+    stats = steps.run_dedup([str(d), str(other)], str(tmp_path / "out"), config.BuildConfig())
     n_in = len(ds["samples"])
     assert stats["counters"] == {
         "input": n_in + 7,
@@ -609,8 +619,8 @@ def test_run_dedup_on_overlapping_inputs_counts_every_copy(planted, tmp_path):
 
 def _expected_groups(hashes, keys, areas, k):
     """Reference: connected components of the all-pairs graph, survivor by the documented rule."""
-    uf = dedup.UnionFind()
-    for i, j in dedup.all_pairs_within(hashes, k):
+    uf = groups.UnionFind()
+    for i, j in lsh.all_pairs_within(hashes, k):
         uf.union(keys[i], (-areas[i], keys[i]), keys[j], (-areas[j], keys[j]))
     return uf.survivors()
 
@@ -630,7 +640,7 @@ def test_beam_in_process_and_all_pairs_give_the_same_groups(shared_data):
     areas = rng.choice([96 * 96, 128 * 128, 64 * 64], len(h)).tolist()
     expected = _expected_groups(h, keys, areas, 4)
     assert len(expected) > 200
-    assert dedup.find_groups(h, keys, areas, 4, partitions=5) == expected
+    assert groups.find_groups(h, keys, areas, 4, partitions=5) == expected
     records = [
         {"key": k, "phash": phash.to_hex(x), "original_width": a, "original_height": 1}
         for k, x, a in zip(keys, hashes, areas, strict=True)
@@ -641,7 +651,7 @@ def test_beam_in_process_and_all_pairs_give_the_same_groups(shared_data):
         out = (
             p
             | beam.Create(records)
-            | dedup.FindNearDuplicates(
+            | groups.FindNearDuplicates(
                 max_distance=4, partitions=7, batch_size=500, label_rounds=label_rounds
             )
         )

@@ -1,7 +1,6 @@
 """Final shards: dedup -> balance -> webdataset tars + Parquet, read back every way users do."""
 
 import argparse
-import collections
 import hashlib
 import json
 import re
@@ -13,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import cli, config, shards
-from wit_pipeline.stages import balance, finalize
+from wit_pipeline import cli, config, shards, stage, steps
+from wit_pipeline.stages import balance
 from wit_pipeline.train import open_clip as open_clip_train
 
 
@@ -63,9 +62,19 @@ def test_counters_balance_and_name_every_drop(download_dir, final):
     assert c["dropped:near_duplicate"] == 4
     assert "dropped:eval_contamination" not in c  # no eval sets configured here
     assert c["dropped:undecodable_image"] == 1
-    rejected = pq.read_table(out / "rejected").to_pylist()
+    table = pq.read_table(out / "rejected")
+    assert table.schema == stage.REJECTED_SCHEMA
+    rejected = table.to_pylist()
     no_query = [r for r in rejected if r["reason"] == "no_query"]
     assert c["dropped:no_query"] == len(no_query) > 0
+    # every row names the stage that dropped it (one schema for every stage)
+    assert {(r["stage"], r["reason"]) for r in rejected} == {
+        ("dedup", "undecodable_image"),
+        ("dedup", "near_duplicate"),
+        ("balance", "no_query"),
+    }
+    assert {r["detail"] for r in no_query} == {"matches no query"}
+    assert all(r["uids"] and r["key"] for r in rejected)
     # t = 20,000 is far above every count here: balancing drops only what matches no query
     assert "dropped:balanced_out" not in c
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
@@ -131,10 +140,10 @@ def test_rerun_is_byte_identical_and_removes_stale_shards(download_dir, final, t
     first = _tree(out / "shards")
     again = tmp_path / "again"
     small = config.apply_overrides(CFG, {"shards.samples_per_shard": 3})
-    finalize.run_finalize([str(d)], str(again), small)
+    steps.run_finalize([str(d)], str(again), small)
     assert len(list((again / "shards").glob("*.tar"))) > len(first) // 2
     # another runner and bundling, into a directory holding more (stale) shards: the same bytes
-    finalize.run_finalize([str(d)], str(again), CFG, runner="BundleBasedDirectRunner")
+    steps.run_finalize([str(d)], str(again), CFG, runner="BundleBasedDirectRunner")
     assert _tree(again / "shards") == first
 
 
@@ -267,10 +276,11 @@ def test_dedup_then_balance_commands_give_the_same_shards(download_dir, final, t
     assert cli.main(args) == 0
     pairs = [p for r in pq.read_table(tmp_path / "dd" / "samples").to_pylist() for p in r["pairs"]]
     probs = balance.query_probabilities(balance.count_queries(pairs), 2)
-    c = collections.Counter()
-    kept, _ = balance.balance_records(
-        pairs, probs, c, seed=0, phase="balance", id_field="uid", reason="balanced_out"
+    result = balance.balance_records(
+        pairs, probs, seed=0, phase="balance", id_field="uid", reason="balanced_out"
     )
+    kept = result.kept
+    c = stage.flow_counts(result.kept, result.rejected)
     rows = [
         r for f in sorted((fin / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
     ]
@@ -291,7 +301,7 @@ def test_dedup_then_balance_commands_give_the_same_shards(download_dir, final, t
 def test_collapse_false_makes_one_sample_per_pair(download_dir, tmp_path):
     ds, d = download_dir
     cfg = config.apply_overrides(CFG, {"dedup.collapse": False})
-    stats = finalize.run_finalize([str(d)], str(tmp_path), cfg)
+    stats = steps.run_finalize([str(d)], str(tmp_path), cfg)
     assert stats["unit"] == "pair"
     rows = shards.read_table(str(tmp_path / "shards")).to_pylist()
     assert all(len(r["uids"]) == 1 and r["key"] == r["uids"][0] for r in rows)
@@ -355,3 +365,12 @@ def test_prebalance_writes_gather_format_candidates(tmp_path):
     assert stats["query_counts"] == {"0": c["kept"] - 90, "1": 90}
     counts = pq.read_table(tmp_path / "p" / "query_counts.parquet").to_pydict()
     assert counts["before"] == [900, 90] and counts["p_prebalance"] == [100 / 900, 1.0]
+    rejected = pq.read_table(tmp_path / "p" / "rejected")
+    assert rejected.schema == stage.REJECTED_SCHEMA
+    rows = rejected.to_pylist()
+    assert len(rows) == c["dropped:no_query"] + c["dropped:prebalanced_out"]
+    assert {r["stage"] for r in rows} == {"prebalance"}
+    assert {r["detail"] for r in rows if r["reason"] == "no_query"} == {"matches no query"}
+    drawn = [r for r in rows if r["reason"] == "prebalanced_out"]
+    assert {r["detail"] for r in drawn} == {f"keep probability {100 / 900:.6g}"}
+    assert all(r["uid"] and r["url"] and r["caption"] == "dog" for r in drawn)

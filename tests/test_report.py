@@ -6,12 +6,12 @@ import pyarrow as pa
 import pytest
 from test_build import DOWNLOAD, FINALIZE, GATHER, PREBALANCE
 
-from wit_pipeline import build, report
+from wit_pipeline import report, run_stats
 
 
 @pytest.fixture
 def output(tmp_path) -> report.BuildOutput:
-    stats = build.compose_stats(
+    stats = run_stats.compose_stats(
         gather_doc=GATHER, prebalance_doc=PREBALANCE, download_doc=DOWNLOAD, finalize_doc=FINALIZE
     )
     table = pa.table(

@@ -19,10 +19,8 @@ from unittest import mock
 import pyarrow as pa
 import pytest
 
-from wit_pipeline import build, cli, config, queries, runners
+from wit_pipeline import build, cli, config, pipeline, queries, runners
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages import finalize
-from wit_pipeline.stages.gather import transforms as gather
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPU = "type:nvidia-tesla-t4;count:1;install-nvidia-driver"
@@ -230,10 +228,10 @@ def test_gather_prebalance_and_download_translate_for_dataflow():
     files = [f"{BUCKET}/crawl/part-{i}.warc.gz" for i in range(3)] + [f"{BUCKET}/laion.parquet"]
     out = f"{BUCKET}/build"
     job = _translate(
-        lambda p: gather.add_gather(
+        lambda p: pipeline.gather(
             p,
-            files,
-            f"{out}/gather",
+            paths=files,
+            output=f"{out}/gather",
             config=cfg.gather,
             queries=f"{BUCKET}/queries.txt.gz",  # a large list: workers load it in setup()
             num_buckets=8,
@@ -251,11 +249,11 @@ def test_gather_prebalance_and_download_translate_for_dataflow():
     schema = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
     schema = schema.append(pa.field("query_ids", pa.list_(pa.int32())))
     job = _translate(
-        lambda p: finalize.add_prebalance(
+        lambda p: pipeline.prebalance(
             p,
             gather_dir=f"{out}/gather",
             output_dir=f"{out}/prebalance",
-            cfg=cfg,
+            config=cfg.balance,
             schema=schema,
             queries_path=f"{BUCKET}/queries.txt.gz",
         )
@@ -266,11 +264,11 @@ def test_gather_prebalance_and_download_translate_for_dataflow():
     assert any(n.startswith("PreBalance/") for n in _names(job))
 
     job = _translate(
-        lambda p: build.add_download(
+        lambda p: pipeline.download(
             p,
             files=[f"{out}/prebalance/candidates/part-0000{i}.parquet" for i in range(2)],
             output_dir=f"{out}/download",
-            cfg=cfg.download,
+            config=cfg.download,
         )
     )
     names = _names(job)
@@ -289,10 +287,12 @@ def test_finalize_with_scoring_translates_with_package_and_gpu_hint(tmp_path):
     out = f"{BUCKET}/build"
     setup_file = str(ROOT / "pyproject.toml")
     job = _translate(
-        lambda p: build.add_finalize(
+        lambda p: pipeline.finalize(
             p,
-            output=out,
-            cfg=cfg,
+            output_dir=out,
+            config=cfg,
+            work_dir=f"{out}/finalize",
+            score=True,
             tars=[f"{out}/download/shards/{i:05d}.tar" for i in range(4)],
             query_columns={"before": {0: 3}, "after_prebalance": {0: 2}},
             queries_path=f"{BUCKET}/queries.txt.gz",
@@ -302,9 +302,9 @@ def test_finalize_with_scoring_translates_with_package_and_gpu_hint(tmp_path):
         "--max_num_workers=8",
     )
     hinted = _hinted(job, GPU)
-    assert "Finalize/Score/ClipScore/Score/RunInference" in hinted
-    assert "Finalize/Score/ClipScore/AttachImages" in hinted
-    assert all(n.startswith("Finalize/Score/ClipScore") for n in hinted)
+    assert "Score/ClipScore/Score/RunInference" in hinted
+    assert "Score/ClipScore/AttachImages" in hinted
+    assert all(n.startswith("Score/ClipScore") for n in hinted)
     # The package travels as an sdist built from pyproject.toml; it holds the package data the
     # workers need (model configs, templates, the demo config).
     deps = [

@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from clip_helpers import SEED_MODEL, flickr_paths, trained_seed, write_flickr_shards
 from PIL import Image
 
-from wit_pipeline import beam_utils, cli, shards
+from wit_pipeline import beam_utils, cli, shards, stage
 from wit_pipeline import counters as counters_lib
 from wit_pipeline.config import ScoreConfig
 from wit_pipeline.errors import WitError
@@ -50,9 +50,9 @@ def test_filter_scored_counts_every_drop():
         {"key": "d", "clip_score": 0.28},
         {"key": "e", "reason": "no_image_or_caption"},
     ]
-    counter = counters_lib.Counter()
-    kept = score.filter_scored(records, 0.28, counter)
-    assert [r["key"] for r in kept] == ["a", "d"]
+    result = score.filter_scored(records, 0.28)
+    assert [r["key"] for r in result.kept] == ["a", "d"]
+    counter = stage.flow_counts(result.kept, result.rejected)
     assert dict(counter) == {
         "input": 5,
         "kept": 2,
@@ -60,23 +60,22 @@ def test_filter_scored_counts_every_drop():
         "dropped:undecodable_image": 1,
         "dropped:no_image_or_caption": 1,
     }
-    assert [r.get("reason") for r in records] == [
-        None,
-        "low_clip_score",
-        "undecodable_image",
-        None,
-        "no_image_or_caption",
+    assert [(r["key"], r["reason"]) for r in result.rejected] == [
+        ("b", "low_clip_score"),
+        ("c", "undecodable_image"),
+        ("e", "no_image_or_caption"),
     ]
+    assert result.rejected[0]["detail"] == "clip_score 0.2700 < threshold 0.2800"
     counters_lib.check_balanced(counter)
 
 
 def test_filter_options_are_validated():
     with pytest.raises(WitError, match="not both"):
-        score.FilterByClipScore(threshold=0.2, keep_fraction=0.3)
+        ScoreConfig(threshold=0.2, keep_fraction=0.3)
     with pytest.raises(WitError, match="between 0 and 1"):
-        score.FilterByClipScore(keep_fraction=1.5)
+        ScoreConfig(keep_fraction=1.5)
     with pytest.raises(WitError, match="needs a seed model"):
-        score.ScoreWithClip(model_name="ViT-B-32", pretrained="")
+        score.ScoreWithClip(config=ScoreConfig(model="ViT-B-32", pretrained=""))
 
 
 def test_write_scored_shard_matches_parquet_rows_by_key(tmp_path):
@@ -91,16 +90,14 @@ def test_write_scored_shard_matches_parquet_rows_by_key(tmp_path):
     ]
     rows = pa.table({"key": ["k1", "k1", "k2", "k3"], "uid": ["a", "b", "c", "d"]})
     shards.write_shard(str(tmp_path / "in"), 7, samples, rows)
-    out = list(
-        score.write_scored_shard(
-            "00007", {"k1": 0.31, "k2": 0.12}, 0.3,
-            input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
-        )
+    result = score.write_scored_shard(
+        "00007", {"k1": 0.31, "k2": 0.12}, 0.3,
+        input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
     )  # fmt: skip
-    counts = dict(o.value for o in out if o.tag == beam_utils.COUNTS)
+    counts = dict(stage.flow_counts(result.kept, result.rejected))
     assert counts == {"input": 3, "kept": 1, "dropped:low_clip_score": 1,
                       "dropped:no_image_or_caption": 1}  # fmt: skip
-    info = next(o.value for o in out if o.tag == "infos")
+    (info,) = result.outputs["infos"]
     assert info["num_samples"] == 1 and info["tar"] == "00007.tar"
     tar, parquet = shards.shard_paths(str(tmp_path / "out" / "shards"), 7)
     kept = list(shards.iter_samples(tar))
@@ -113,7 +110,7 @@ def test_write_scored_shard_matches_parquet_rows_by_key(tmp_path):
     table = pq.read_table(parquet).to_pylist()
     assert [(r["key"], r["uid"]) for r in table] == [("k1", "a"), ("k1", "b")]
     assert all(r["clip_score"] == pytest.approx(0.31) for r in table)
-    rejected = pq.read_table(tmp_path / "out" / "rejected" / "00007.parquet").to_pylist()
+    rejected = result.rejected
     assert [(r["key"], r["reason"]) for r in rejected] == [
         ("k2", "low_clip_score"), ("k3", "no_image_or_caption")]  # fmt: skip
     assert rejected[0]["clip_score"] == pytest.approx(0.12) and rejected[1]["clip_score"] is None
@@ -140,9 +137,11 @@ def _keys(records):
 
 def test_filter_by_threshold_pipeline():
     with _pipeline() as p:
-        out = p | beam.Create(RECORDS) | score.FilterByClipScore(threshold=0.5)
+        out = p | beam.Create(RECORDS) | score.FilterByClipScore(config=ScoreConfig(threshold=0.5))
         assert_that(
-            out.kept | "K" >> beam.Map(lambda r: r["key"]), equal_to(["a", "c", "e"]), label="kept"
+            out["kept"] | "K" >> beam.Map(lambda r: r["key"]),
+            equal_to(["a", "c", "e"]),
+            label="kept",
         )
         assert_that(
             out[beam_utils.REJECTED] | "R" >> beam.Map(lambda r: (r["key"], r["reason"])),
@@ -170,9 +169,13 @@ def test_filter_by_threshold_pipeline():
 def test_filter_by_top_fraction_pipeline():
     # 5 scored records, top 40% -> the 2 best; the undecodable one is dropped on its own.
     with _pipeline() as p:
-        out = p | beam.Create(RECORDS) | score.FilterByClipScore(keep_fraction=0.4)
+        out = (
+            p
+            | beam.Create(RECORDS)
+            | score.FilterByClipScore(config=ScoreConfig(keep_fraction=0.4))
+        )
         assert_that(
-            out.kept | "K" >> beam.Map(lambda r: r["key"]), equal_to(["a", "e"]), label="kept"
+            out["kept"] | "K" >> beam.Map(lambda r: r["key"]), equal_to(["a", "e"]), label="kept"
         )
         assert_that(
             out[beam_utils.COUNTS] | beam_utils.SumCounts(),
@@ -227,7 +230,9 @@ def test_scorer_separates_true_pairs_from_shuffled_ones(trained_seed, shared_dat
         scored = (
             p
             | beam.Create(records)
-            | score.ScoreWithClip(model_name=SEED_MODEL, pretrained=trained_seed, batch_size=128)
+            | score.ScoreWithClip(
+                config=ScoreConfig(model=SEED_MODEL, pretrained=trained_seed, batch_size=128)
+            )
             | beam.Map(lambda r: (r["key"], r["clip_score"]))
         )
         assert_that(scored, check)
@@ -322,8 +327,10 @@ def test_wit_score_end_to_end(trained_seed, dev_shards, tmp_path, capsys):
             kept_scores[row["key"]] = row["clip_score"]
         if shard_id < 3:
             assert set(table.column_names) >= {"key", "url", "captions", "caption", "clip_score"}
-    rejected = pq.read_table(out / "rejected").to_pylist()
-    assert len(rejected) == 46
+    table = pq.read_table(out / "rejected")
+    assert table.schema == stage.REJECTED_SCHEMA
+    rejected = table.to_pylist()
+    assert len(rejected) == 46 and {r["stage"] for r in rejected} == {"score"}
     assert {r["reason"] for r in rejected} == {"low_clip_score", "undecodable_image"}
     assert [r["key"] for r in rejected if r["reason"] == "undecodable_image"] == ["broken"]
     assert all(r["clip_score"] < threshold for r in rejected if r["reason"] == "low_clip_score")

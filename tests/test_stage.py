@@ -235,3 +235,90 @@ def test_write_stats_and_rejected(tmp_path):
     table = pq.read_table(rejected_dir)
     assert table.schema == stage.REJECTED_SCHEMA
     assert sorted(table.column("key").to_pylist()) == ["0", "1", "3"]
+
+
+def test_partial_rows_are_pair_drops_of_kept_records():
+    kept = [_sample("a", 1)]  # a sample that lost one of its two pairs
+    partial = [{**_sample("a", 1), "reason": "balanced_out"}]
+    rejected = [{**_sample("b", 2), "reason": "no_query"}]
+    assert dict(stage.flow_counts(kept, rejected, pairs=True, partial=partial)) == {
+        "input": 2,
+        "kept": 1,
+        "dropped:no_query": 1,
+        "pair/input": 4,
+        "pair/kept": 1,
+        "pair/dropped:no_query": 2,
+        "pair/dropped:balanced_out": 1,
+    }
+    assert dict(stage.count_records([_sample("a", 2), _sample("b", 3)], "kept", pairs=True)) == {
+        "kept": 2,
+        "pair/kept": 5,
+    }
+
+
+class _WriteOdd(stage.StageFn):
+    """A writer: consumes the odd numbers it keeps (kept_as="none"), reports them as ``infos``."""
+
+    def __init__(self):
+        super().__init__(stage="writer", pairs=True, kept_as="none", outputs=("infos",))
+
+    def core(self, batch, *args):
+        kept = [_sample(str(n), n) for n in batch if n % 2]
+        partial = [{**_sample(str(n), 1), "reason": "trimmed"} for n in batch if n % 2]
+        rejected = [{**_sample(str(n), n), "reason": "even"} for n in batch if not n % 2]
+        return stage.Result(kept, rejected, partial=partial, outputs={"infos": [len(kept)]})
+
+
+def test_stage_fn_writer_outputs_partial_rows_and_further_outputs():
+    with _pipeline() as p:
+        out = stage.apply(p | beam.Create([[1, 2, 3]]), "Write", _WriteOdd())
+        assert_that(out["kept"], equal_to([]), label="Kept")
+        assert_that(out["infos"], equal_to([2]), label="Infos")
+        assert_that(
+            out["rejected"] | beam.Map(lambda r: (r["stage"], r["key"], r["reason"], r["uids"])),
+            equal_to(
+                [
+                    ("writer", "2", "even", ["20", "21"]),
+                    ("writer", "1", "trimmed", ["10"]),
+                    ("writer", "3", "trimmed", ["30"]),
+                ]
+            ),
+            label="Rejected",
+        )
+        assert_that(
+            out["counts"] | beam.CombinePerKey(sum),
+            equal_to(
+                [
+                    ("input", 3),
+                    ("kept", 2),
+                    ("dropped:even", 1),
+                    ("pair/input", 8),
+                    ("pair/kept", 4),
+                    ("pair/dropped:even", 2),
+                    ("pair/dropped:trimmed", 2),
+                ]
+            ),
+            label="Counts",
+        )
+
+
+def test_undeclared_outputs_and_reserved_tags_are_refused():
+    with pytest.raises(ValueError, match="protocol's own"):
+        stage.StageFn(stage="s", outputs=("rejected",))
+    with pytest.raises(ValueError, match="kept_as"):
+        stage.StageFn(stage="s", kept_as="table")
+    fn = stage.StageFn(stage="s")
+    with pytest.raises(ValueError, match="not declared"):
+        list(fn.emit(stage.Result([], outputs={"hits": [1]})))
+
+
+def test_stats_document_writes_a_scope_under_several_keys_or_none():
+    counts = {"input": 3, "kept": 1, "dropped:x": 1, "pair/input": 4, "pair/kept": 4}
+    # one sample per pair: image counts do not hold end to end, pairs are both sections
+    doc = stage.stats_document(
+        counts, sections={"": None, "pair": ("pair_counters", "counters")}, flows=("pair",)
+    )
+    assert doc == {
+        "counters": {"input": 4, "kept": 4},
+        "pair_counters": {"input": 4, "kept": 4},
+    }

@@ -1,15 +1,14 @@
-"""Beam plumbing shared by every stage: options, counted outputs, stats files.
+"""Beam plumbing shared by every stage: options, the counts output, reading stats back.
 
-Stage DoFns follow one pattern: the pure core takes a batch of records and a ``Counter`` and
-returns what it keeps; the DoFn emits the kept records on the main output, dropped records on the
-``rejected`` output (with a ``reason``) and the counter on the ``counts`` output as
-``(name, n)`` pairs. Counts travel as data, so totals are exact on every runner, retried bundles
-included; they are mirrored to Beam metrics for monitoring.
+Stages follow one protocol (``wit_pipeline.stage``): kept records on the main output, dropped
+ones on the ``rejected`` output, counts on the ``counts`` output as ``(name, n)`` pairs
+(:func:`emit_counts`). Counts travel as data, so totals are exact on every runner, retried
+bundles included; they are mirrored to Beam metrics for monitoring. ``stage.WriteStats`` writes
+them to ``stats.json``.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,33 +125,6 @@ class SumCounts(beam.PTransform):
             | "ToDict" >> beam.combiners.ToDict()
             | "Sort" >> beam.Map(lambda d: dict(sorted(d.items())))
         )
-
-
-def _write_stats(counts: dict[str, int], path: str, extra: Mapping[str, Any]) -> str:
-    doc = {"counters": counts, **extra}
-    fileio.write_json(path, doc)
-    return path
-
-
-class WriteStats(beam.PTransform):
-    """Sum ``(name, n)`` count pairs and write ``{"counters": {...}}`` to a JSON file."""
-
-    def __init__(self, path: str, *, extra: Mapping[str, Any] | None = None):
-        super().__init__()
-        self._path = path
-        self._extra = dict(extra or {})
-
-    def expand(self, pcoll):
-        totals = pcoll | "Sum" >> SumCounts()
-        # ToDict yields {} on an empty input, so the file is written even when nothing came in.
-        return totals | "Write" >> beam.Map(_write_stats, self._path, self._extra)
-
-
-def counter_dict(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
-    c: collections.Counter[str] = collections.Counter()
-    for k, v in pairs:
-        c[k] += v
-    return dict(sorted(c.items()))
 
 
 def check_stats_file(path: str) -> dict[str, int]:

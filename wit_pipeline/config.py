@@ -3,6 +3,11 @@
 Beam ``PipelineOptions`` decide only *where* it runs. A config is loaded from YAML or TOML,
 every key checked against the tree (a typo is an error, not a silently ignored option), and
 command-line flags override single fields by dotted path (``download.image_size=128``).
+
+Each option is validated once, here, where its section is defined: a section checks its values
+when it is made (``__post_init__``: defaults, files, ``--set`` overrides and ``replace`` alike)
+and raises a one-line ``WitError`` naming the option. Stage transforms take their section
+(``config=``), so they receive only checked values and check nothing again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from typing import Any, TypeVar
 from wit_pipeline.errors import WitError
 
 T = TypeVar("T")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise WitError(f"config: {message}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,9 @@ class DownloadConfig:
     per_host_rate: float = 0.0  # requests/s per host, 0 = unlimited
 
 
+MAX_HASH_DISTANCE = 32  # the largest pHash distance dedup searches (33 bands of 64 bits)
+
+
 @dataclass(frozen=True)
 class DedupConfig:
     max_distance: int = 4  # Hamming distance on 64-bit pHash for near duplicates
@@ -149,6 +162,23 @@ class DedupConfig:
     # group in that one union-find (one worker holds every image that has a near duplicate).
     label_rounds: int = 4
 
+    def __post_init__(self):
+        for name in ("max_distance", "eval_max_distance"):
+            v = getattr(self, name)
+            _require(
+                0 <= v <= MAX_HASH_DISTANCE,
+                f"dedup.{name} must be between 0 and {MAX_HASH_DISTANCE} bits, got {v}",
+            )
+        _require(self.partitions >= 1, f"dedup.partitions must be >= 1, got {self.partitions}")
+        _require(self.batch_size >= 1, f"dedup.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.label_rounds >= -1,
+            f"dedup.label_rounds must be >= 0 (or -1: one union-find), got {self.label_rounds}",
+        )
+
+
+BALANCE_UNITS = ("image", "pair")
+
 
 @dataclass(frozen=True)
 class BalanceConfig:
@@ -159,10 +189,33 @@ class BalanceConfig:
     # pairs' queries) or "pair" (each pair by uid, as MetaCLIP; a sample keeps its drawn pairs).
     unit: str = "image"
 
+    def __post_init__(self):
+        _require(self.t > 0, f"balance.t must be > 0, got {self.t}")
+        _require(
+            self.prebalance_factor >= 0,
+            "balance.prebalance_factor must be >= 0 (0 disables pre-balancing), "
+            f"got {self.prebalance_factor}",
+        )
+        _require(
+            self.unit in BALANCE_UNITS,
+            f"balance.unit must be one of {', '.join(BALANCE_UNITS)}, got {self.unit!r}",
+        )
+
+    @property
+    def prebalance(self) -> bool:
+        """Whether candidates are pre-balanced before download (``prebalance_factor > 0``)."""
+        return self.prebalance_factor > 0
+
 
 @dataclass(frozen=True)
 class ShardConfig:
     samples_per_shard: int = 10_000
+
+    def __post_init__(self):
+        _require(
+            self.samples_per_shard >= 1,
+            f"shards.samples_per_shard must be >= 1, got {self.samples_per_shard}",
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +229,23 @@ class ScoreConfig:
     # Beam accelerator resource hint for the scoring step (Dataflow), e.g.
     # "type:nvidia-tesla-t4;count:1;install-nvidia-driver"; "" runs on the default workers.
     accelerator: str = ""
+
+    def __post_init__(self):
+        _require(
+            self.threshold is None or self.keep_fraction is None,
+            "give score.threshold (--threshold) or score.keep_fraction (--keep-fraction), not both",
+        )
+        _require(
+            self.keep_fraction is None or 0.0 <= self.keep_fraction <= 1.0,
+            f"score.keep_fraction (--keep-fraction) must be between 0 and 1, "
+            f"got {self.keep_fraction}",
+        )
+        _require(
+            self.threshold is None or -1.0 <= self.threshold <= 1.0,
+            "score.threshold (--threshold) is a cosine similarity: between -1 and 1, "
+            f"got {self.threshold}",
+        )
+        _require(self.batch_size > 0, f"score.batch_size must be > 0, got {self.batch_size}")
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,19 @@ columnar) and returns a :class:`Result`: the rows it keeps, the rows it drops, e
 (reader counts, say). :class:`StageFn`, the one base DoFn, turns a result into Beam outputs and
 owns nothing else:
 
-- kept rows on the main output (one element per row, or the batch as one element);
+- kept rows on the main output (one element per row, the batch as one element, or nothing when
+  the core has written them itself: a shard writer);
 - dropped rows on the ``rejected`` output, as rows of :data:`REJECTED_SCHEMA` (the one schema
-  of every ``rejected/`` folder) stamped with the stage's name;
+  of every ``rejected/`` folder) stamped with the stage's name; so are *partial* rows, the
+  pairs a kept sample lost (counted as dropped pairs, not as dropped samples);
 - counts on the ``counts`` output as ``(name, n)`` pairs (:func:`beam_utils.emit_counts`),
   derived from the result: ``input``, ``kept`` and ``dropped:<reason>`` over the stage's unit,
-  and, for samples that carry several pairs, the same names under the ``pair/`` scope.
+  and, for samples that carry several pairs, the same names under the ``pair/`` scope;
+- any further outputs the core names (``Result.outputs``, e.g. eval-set hits, shard infos).
+
+Inside a pipeline of several stages only the drops are counted per stage (``flow=False``): the
+stage where records enter counts ``input`` and the one where they leave counts ``kept``
+(:func:`count_records`, :class:`CountRecords`), so that the stages add up to one balanced set.
 
 Counter names follow one scheme everywhere (``counters``): ``input``, ``kept``,
 ``dropped:<reason>`` over a step's own unit, and ``<scope>/<name>`` for other units or
@@ -27,6 +34,7 @@ outputs, so the totals are exact on every runner, retries included.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -38,6 +46,8 @@ from wit_pipeline import beam_utils, fileio
 from wit_pipeline import counters as counters_lib
 
 PAIR = counters_lib.PAIR  # the scope of pair-level counts of a sample-level stage
+STATS_FILE = "stats.json"  # every step's counters (stats_document)
+REJECTED_DIR = "rejected"  # every step's dropped records (REJECTED_SCHEMA)
 
 # Every rejected/ folder of a build holds rows of this schema: which stage dropped the record,
 # why, and what identifies it (a pair: uid, url, caption; a sample: key, url, its pairs' uids
@@ -107,13 +117,18 @@ class Result:
     """What a stage's core did with one batch.
 
     ``rejected`` rows carry ``reason`` (and optionally ``detail`` and further
-    :data:`REJECTED_SCHEMA` fields). ``counts`` holds counts beyond the flow of the stage's own
-    rows (reader counts, a sub-step's), already named with their scope.
+    :data:`REJECTED_SCHEMA` fields). ``partial`` rows are parts of kept records (the pairs a
+    kept sample lost): written to ``rejected/`` like the others, counted as dropped pairs only.
+    ``counts`` holds counts beyond the flow of the stage's own rows (reader counts, a
+    sub-step's), already named with their scope. ``outputs`` holds elements of further tagged
+    outputs, by tag (the stage's ``StageFn`` lists the tags).
     """
 
     kept: Batch
     rejected: Batch = dataclasses.field(default_factory=list)
     counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    partial: Batch = dataclasses.field(default_factory=list)
+    outputs: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
 
 
 def _num_rows(batch: Batch) -> int:
@@ -127,13 +142,19 @@ def _reasons(rejected: Batch) -> Iterable[str]:
 
 
 def flow_counts(
-    kept: Batch, rejected: Batch, *, flow: bool = True, pairs: bool = False
+    kept: Batch,
+    rejected: Batch,
+    *,
+    flow: bool = True,
+    pairs: bool = False,
+    partial: Batch = (),
 ) -> counters_lib.Counter:
     """The counts a result implies: ``input``, ``kept``, ``dropped:<reason>``.
 
     ``flow=False`` counts drops only: inside a pipeline of several stages, input is counted
     where records enter and kept where they leave, so the stages add up to one balanced set.
-    ``pairs=True`` also counts each record's ``pairs`` under ``pair/``.
+    ``pairs=True`` also counts each record's ``pairs`` under ``pair/``, including the pairs of
+    ``partial`` rows (parts of kept records: not drops of the stage's unit).
     """
     c: counters_lib.Counter = counters_lib.Counter()
     n_kept = _num_rows(kept)
@@ -147,11 +168,39 @@ def flow_counts(
             k = sum(len(r["pairs"]) for r in kept)
             c[counters_lib.scoped(PAIR, counters_lib.KEPT)] += k
             c[counters_lib.scoped(PAIR, counters_lib.INPUT)] += k + sum(
-                len(r["pairs"]) for r in rejected
+                len(r["pairs"]) for r in itertools.chain(rejected, partial)
             )
-        for r in rejected:
+        for r in itertools.chain(rejected, partial):
             c[counters_lib.scoped(PAIR, counters_lib.dropped(r["reason"]))] += len(r["pairs"])
     return c
+
+
+def count_records(
+    records: Iterable[Mapping[str, Any]], name: str, *, pairs: bool = False
+) -> counters_lib.Counter:
+    """``name`` once per record (and ``pair/<name>`` once per pair): where records enter a
+    pipeline (``input``) or leave it (``kept``)."""
+    c: counters_lib.Counter = counters_lib.Counter()
+    for r in records:
+        c[name] += 1
+        if pairs:
+            c[counters_lib.scoped(PAIR, name)] += len(r["pairs"])
+    return c
+
+
+class CountRecords(beam.PTransform):
+    """Records -> ``(name, n)`` count pairs of :func:`count_records` (one batch per bundle)."""
+
+    def __init__(self, name: str, *, pairs: bool = False):
+        super().__init__()
+        self._name = name
+        self._pairs = pairs
+
+    def expand(self, records):
+        name, pairs = self._name, self._pairs
+        return records | "Count" >> beam.FlatMap(
+            lambda r: count_records([r], name, pairs=pairs).items()
+        )
 
 
 class StageFn(beam.DoFn):
@@ -161,18 +210,29 @@ class StageFn(beam.DoFn):
     worker, as usual). ``stage`` names the stage in rejected rows; ``flow=False`` counts drops
     only (see :func:`flow_counts`); ``pairs=True`` also counts pairs of sample records;
     ``kept_as="rows"`` emits each kept row, ``"batch"`` the kept batch as one element (empty
-    batches are not emitted).
+    batches are not emitted), ``"none"`` nothing (the core wrote them; they are counted);
+    ``outputs`` names the further tagged outputs the core fills (``Result.outputs``).
     """
 
-    KEPT_AS: ClassVar[tuple[str, ...]] = ("rows", "batch")
+    KEPT_AS: ClassVar[tuple[str, ...]] = ("rows", "batch", "none")
 
     def __init__(
-        self, *, stage: str, flow: bool = True, pairs: bool = False, kept_as: str = "rows"
+        self,
+        *,
+        stage: str,
+        flow: bool = True,
+        pairs: bool = False,
+        kept_as: str = "rows",
+        outputs: Sequence[str] = (),
     ):
         super().__init__()
         if kept_as not in self.KEPT_AS:
             raise ValueError(f"kept_as must be one of {self.KEPT_AS}, got {kept_as!r}")
+        reserved = {beam_utils.COUNTS, beam_utils.REJECTED} & set(outputs)
+        if reserved:
+            raise ValueError(f"outputs {sorted(reserved)} are the protocol's own")
         self.stage = stage
+        self.outputs = tuple(outputs)
         self._flow = flow
         self._pairs = pairs
         self._kept_as = kept_as
@@ -184,15 +244,25 @@ class StageFn(beam.DoFn):
         yield from self.emit(self.core(batch, *args))
 
     def emit(self, result: Result) -> Iterator[Any]:
-        """Yield a result's kept rows, then its rejected rows and counts as tagged outputs."""
+        """Yield a result's kept rows, then its rejected rows, further outputs and counts as
+        tagged outputs."""
         kept, rejected = result.kept, result.rejected
         if self._kept_as == "batch":
             if _num_rows(kept):
                 yield kept
-        else:
+        elif self._kept_as == "rows":
             yield from kept
         yield from self.emit_rejected(rejected)
-        counts = flow_counts(kept, rejected, flow=self._flow, pairs=self._pairs)
+        yield from self.emit_rejected(result.partial)
+        unknown = set(result.outputs) - set(self.outputs)
+        if unknown:
+            raise ValueError(f"{self.stage}: outputs {sorted(unknown)} are not declared")
+        for tag, elements in result.outputs.items():
+            for e in elements:
+                yield TaggedOutput(tag, e)
+        counts = flow_counts(
+            kept, rejected, flow=self._flow, pairs=self._pairs, partial=result.partial
+        )
         counts.update(result.counts)
         yield from beam_utils.emit_counts(counts)
 
@@ -207,14 +277,15 @@ class StageFn(beam.DoFn):
 
 def apply(pcoll, label: str, fn: StageFn, *side_inputs: Any) -> dict[str, Any]:
     """``pcoll | label >> ParDo(fn)`` with the protocol's outputs: ``kept``, ``rejected``,
-    ``counts``."""
+    ``counts`` (and the stage's further ``outputs``, by tag)."""
     out = pcoll | label >> beam.ParDo(fn, *side_inputs).with_outputs(
-        beam_utils.COUNTS, beam_utils.REJECTED, main="kept"
+        beam_utils.COUNTS, beam_utils.REJECTED, *fn.outputs, main="kept"
     )
     return {
         "kept": out.kept,
         beam_utils.REJECTED: out[beam_utils.REJECTED],
         beam_utils.COUNTS: out[beam_utils.COUNTS],
+        **{tag: out[tag] for tag in fn.outputs},
     }
 
 
@@ -253,10 +324,13 @@ def _table_rows(item: Any) -> Iterable[dict[str, Any]]:
     return item.to_pylist() if isinstance(item, pa.Table) else [item]
 
 
+Section = str | Sequence[str] | None
+
+
 def stats_document(
     counts: Mapping[str, int],
     *,
-    sections: Mapping[str, str],
+    sections: Mapping[str, Section],
     flows: Sequence[str] = ("",),
     extra: Mapping[str, Any] | None = None,
     stage: str = "",
@@ -264,22 +338,27 @@ def stats_document(
     """A step's ``stats.json``: summed counts split by scope into named sections.
 
     ``sections`` maps a scope (``""`` for unscoped names) to its key in the document
-    (``{"": "counters", "pair": "pair_counters"}``); counts of a scope not listed raise. Every
-    scope in ``flows`` has ``input`` and ``kept`` (zero when absent) and must balance.
+    (``{"": "counters", "pair": "pair_counters"}``), to several keys (the same counts under
+    each), or to ``None`` (counted, not reported: a unit that does not hold end to end); counts
+    of a scope not listed raise. Every reported scope in ``flows`` has ``input`` and ``kept``
+    (zero when absent) and must balance.
     """
     parts = counters_lib.split_scopes(counts)
     unknown = sorted(set(parts) - set(sections))
     if unknown:
         raise AssertionError(f"{stage or 'stats'}: counts of unknown scope(s) {unknown}")
     doc: dict[str, Any] = {}
-    for scope, key in sections.items():
+    for scope, keys in sections.items():
+        if keys is None:
+            continue
         part = dict(parts.get(scope, {}))
         if scope in flows:
             for name in (counters_lib.INPUT, counters_lib.KEPT):
                 part.setdefault(name, 0)
             where = f"{stage} ({scope})" if scope else stage
             counters_lib.check_balanced(part, stage=where)
-        doc[key] = dict(sorted(part.items()))
+        for key in [keys] if isinstance(keys, str) else keys:
+            doc[key] = dict(sorted(part.items()))
     doc.update(extra or {})
     return doc
 
@@ -287,11 +366,11 @@ def stats_document(
 def _write_stats(
     counts: Mapping[str, int],
     path: str,
-    sections: Mapping[str, str],
+    sections: Mapping[str, Section],
     flows: Sequence[str],
     extra: Mapping[str, Any],
     stage: str,
-    *side: Any,
+    *side,  # no annotation: Beam would read it as a type hint
 ) -> dict[str, Any]:
     more = dict(extra)
     for value in side:  # side inputs: mappings merged into the document
@@ -312,7 +391,7 @@ class WriteStats(beam.PTransform):
         self,
         path: str,
         *,
-        sections: Mapping[str, str] | None = None,
+        sections: Mapping[str, Section] | None = None,
         flows: Sequence[str] = ("",),
         extra: Mapping[str, Any] | None = None,
         side: Sequence[Any] = (),

@@ -50,14 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from wit_pipeline.stages import finalize
+    from wit_pipeline import steps
 
     cfg = args_lib.build_config(args)
     kwargs = dict(queries_path=args.queries or "", beam_args=args.beam_args, runner=args.runner)
     if args.pre:
-        doc = finalize.run_prebalance(args.input, args.output, cfg, **kwargs)
+        doc = steps.run_prebalance(args.input, args.output, cfg, **kwargs)
     else:
-        doc = finalize.run_balance(args.input, args.output, cfg, **kwargs)
+        doc = steps.run_balance(args.input, args.output, cfg, **kwargs)
     json.dump({"counters": doc["counters"]}, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

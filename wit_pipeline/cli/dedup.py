@@ -52,14 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from wit_pipeline import steps
     from wit_pipeline.errors import WitError
-    from wit_pipeline.stages import finalize
 
     if not args.output and not args.finalize:
         raise WitError("dedup: --output DIR (or --finalize FINAL_DIR) is required")
     cfg = args_lib.build_config(args)
     if args.finalize:
-        doc = finalize.run_finalize(
+        doc = steps.run_finalize(
             args.input,
             args.finalize,
             cfg,
@@ -68,7 +68,7 @@ def run(args) -> int:
             runner=args.runner,
         )
     else:
-        doc = finalize.run_dedup(
+        doc = steps.run_dedup(
             args.input, args.output, cfg, beam_args=args.beam_args, runner=args.runner
         )
     json.dump({"counters": doc["counters"]}, sys.stdout, indent=1)

@@ -29,13 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def _log(msg: str) -> None:
+    print(f"wit {msg}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from wit_pipeline import build, fileio
+    from wit_pipeline import fileio, steps
     from wit_pipeline.stages.download import plan
 
     cfg = args_lib.build_config(args).download
-    stats = build.run_download(
-        args.input, args.output, cfg, beam_args=args.beam_args, runner=args.runner
+    stats = steps.run_download(
+        args.input, args.output, cfg, beam_args=args.beam_args, runner=args.runner, log=_log
     )
     pairs, url_level = stats["counters"], stats["url_counters"]
     print(

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wit_pipeline import build, fileio, report
+    from wit_pipeline import build, fileio, report, run_stats
     from wit_pipeline.errors import WitError
 
     if not fileio.exists(fileio.join(args.directory, build.STATS_FILE)) and not args.stats:
@@ -31,6 +31,6 @@ def run(args: argparse.Namespace) -> int:
             raise WitError(f"{args.directory} is not a `wit build` output (no stats.json)")
         args.stats = True
     if args.stats:
-        build.write_run_stats(args.directory)
+        run_stats.write_run_stats(args.directory)
     print(report.write_report(args.directory))
     return 0

@@ -2,8 +2,8 @@
 
 ``web.json`` lists every planted item (kind, URL, caption and, for copies, the original). A
 build leaves a record of every pair it dropped, per step (``gather/rejected``,
-``prebalance/rejected``, ``download/rejected``, ``DIR/rejected``) and of every sample it kept
-(``shards/*.parquet``). :func:`trace_urls` reads them into one outcome per URL; :func:`audit`
+``prebalance/rejected``, ``download/rejected``, ``DIR/rejected``: rows naming the stage that
+dropped them, ``stage.REJECTED_SCHEMA``) and of every sample it kept (``shards/*.parquet``). :func:`trace_urls` reads them into one outcome per URL; :func:`audit`
 compares each planted item with :data:`EXPECTED` (the table in ``web.py``'s docstring).
 
 An item is ``caught`` when its outcome is the documented one, ``earlier`` when an earlier stage
@@ -22,16 +22,6 @@ from wit_pipeline import fileio, urls
 
 # Pipeline order of the stages that drop pairs or images.
 STAGE_ORDER = ("gather", "prebalance", "download", "dedup", "balance", "score")
-# Reasons given by the finalize step and the stage each belongs to.
-FINAL_REASON_STAGE = {
-    "undecodable_image": "dedup",
-    "eval_contamination": "dedup",
-    "near_duplicate": "dedup",
-    "balanced_out": "balance",
-    "no_query": "balance",
-    "low_clip_score": "score",
-    "score/undecodable_image": "score",
-}
 KEPT = "kept"
 
 # kind -> (stage, reason) the web's docstring promises; "pass:<stage>" means the item gets
@@ -113,19 +103,19 @@ def trace_urls(build_dir: str) -> dict[str, list[Outcome]]:
         out.setdefault(_norm(url), []).append(o)
 
     j = fileio.join
-    for r in _rows(j(build_dir, "gather", "rejected"), ["url", "reason"]):
-        add(r["url"], Outcome("gather", r["reason"]))
-    for r in _rows(j(build_dir, "prebalance", "rejected"), ["url", "reason"]):
-        add(r["url"], Outcome("prebalance", r["reason"]))
-    for r in _rows(j(build_dir, "download", "rejected"), ["url", "reason", "key"]):
-        add(r["url"], Outcome("download", r["reason"], key=r.get("key") or ""))
-    for r in _rows(j(build_dir, "rejected")):
-        reason = r["reason"]
+    # Rows name their stage; gather and download rows may predate that column.
+    for r in _rows(j(build_dir, "gather", "rejected"), ["url", "reason", "stage"]):
+        add(r["url"], Outcome(r.get("stage") or "gather", r["reason"]))
+    for r in _rows(j(build_dir, "prebalance", "rejected"), ["url", "reason", "stage"]):
+        add(r["url"], Outcome(r["stage"], r["reason"]))
+    for r in _rows(j(build_dir, "download", "rejected"), ["url", "reason", "key", "stage"]):
+        add(r["url"], Outcome(r.get("stage") or "download", r["reason"], key=r.get("key") or ""))
+    for r in _rows(j(build_dir, "rejected")):  # dedup, balance and score (the finalize step)
         add(
             r["url"],
             Outcome(
-                FINAL_REASON_STAGE.get(reason, "finalize"),
-                reason,
+                r["stage"],
+                r["reason"],
                 key=r.get("key") or "",
                 duplicate_of=r.get("duplicate_of") or "",
                 captions=tuple(r.get("captions") or ()),

@@ -42,22 +42,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.pvalue import TaggedOutput
 
-from wit_pipeline import beam_utils, fileio
 from wit_pipeline import counters as counters_lib
+from wit_pipeline import fileio, stage
+from wit_pipeline.config import BalanceConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages.dedup.core import pair_counter
 
 PREBALANCED_OUT = "prebalanced_out"
 BALANCED_OUT = "balanced_out"
 NO_QUERY = "no_query"
 
-UNITS = ("image", "pair")  # balance.unit: what is counted and drawn after dedup
-
 PHASE_PREBALANCE = "prebalance"
 PHASE_BALANCE = "balance"
 
+QUERY_COUNTS = "query_counts.parquet"  # the per-query counts table of a step
 # Columns of the per-query counts table, in order.
 COUNT_COLUMNS = ("before", "after_prebalance", "after_download", "after_dedup", "final")
 
@@ -108,92 +106,82 @@ def count_queries(records: Iterable[Mapping[str, Any]]) -> collections.Counter:
     )
 
 
+def drop_detail(reason: str, probability: float) -> str:
+    """The ``detail`` of a record the draw dropped: why, or with which keep probability."""
+    if reason == NO_QUERY:
+        return "matches no query"
+    return f"keep probability {probability:.6g}"
+
+
 def balance_records(
     records: Iterable[Mapping[str, Any]],
     probs: Mapping[int, float],
-    counter: collections.Counter,
     *,
     seed: int,
     phase: str,
     id_field: str,
     reason: str,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split records into ``(kept, dropped)``; each kept record gets ``balance_probability``.
+) -> stage.Result:
+    """Draw each record: kept ones get ``balance_probability``, dropped ones a ``reason``.
 
-    Counts ``input``, ``kept`` and ``dropped:<reason>`` / ``dropped:no_query`` in ``counter``;
-    records with a ``pairs`` list are counted at pair level too (``pairs:...``).
+    A record that matches no query is dropped with ``no_query``, one whose draw fails with
+    ``reason``; both carry the keep probability (and a ``detail`` saying it).
     """
     draw = Draws(seed, phase)
     kept, dropped = [], []
-    n = collections.Counter()  # (outcome, unit) -> count, added to ``counter`` once
     for r in records:
-        pairs = r.get("pairs")
         qids = r.get("query_ids") or ()
         p = keep_probability(qids, probs)
         if not qids:
             why = NO_QUERY
         elif draw(str(r[id_field])) < p:
-            why = None
+            kept.append({**r, "balance_probability": p})
+            continue
         else:
             why = reason
-        if why is None:
-            kept.append({**r, "balance_probability": p})
-        else:
-            dropped.append({**r, "reason": why, "balance_probability": p})
-        n[why, "records"] += 1
-        if pairs is not None:
-            n[why, "pairs"] += len(pairs)
-    for (why, unit), count in n.items():
-        name = counters_lib.KEPT if why is None else counters_lib.dropped(why)
-        if unit == "pairs":
-            counter[pair_counter(counters_lib.INPUT)] += count
-            counter[pair_counter(name)] += count
-        else:
-            counter[counters_lib.INPUT] += count
-            counter[name] += count
-    return kept, dropped
+        dropped.append(
+            {**r, "reason": why, "balance_probability": p, "detail": drop_detail(why, p)}
+        )
+    return stage.Result(kept, dropped)
 
 
 def balance_sample_pairs(
     samples: Iterable[Mapping[str, Any]],
     probs: Mapping[int, float],
-    counter: collections.Counter,
     *,
     seed: int,
     phase: str,
     reason: str,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Balance samples pair by pair (``balance.unit = pair``): ``(kept, dropped)``.
+) -> stage.Result:
+    """Balance samples pair by pair (``balance.unit = pair``).
 
     Every pair is decided by ``balance_records`` as a record of its own (id = its ``uid``,
     ``E`` = its ``query_ids``), so the pairs kept are exactly those ``balance_records`` keeps
     from the pair records. A sample keeps its drawn pairs (``query_ids`` = their union,
     ``balance_probability`` = ``1 - prod(1 - p)`` over its pairs: the chance that any is drawn)
-    and is dropped when none is: ``no_query`` when no pair matches a query, else ``reason``.
-    ``dropped`` also holds, per kept sample and reason, a record with the pairs it lost.
-    Counts samples (``dropped:*``) and pairs (``pairs:dropped:*``, ``pairs:kept``).
+    and is dropped when none is (``rejected``): ``no_query`` when no pair matches a query, else
+    ``reason``. ``partial`` holds, per kept sample and reason, a record with the pairs it lost.
+    ``counts`` counts every dropped pair under its own reason (``pair/dropped:*``: the pairs of
+    a dropped sample may have lost for different reasons).
     """
-    kept, dropped = [], []
-    extra = ("_id", "reason", "balance_probability")
+    kept, dropped, partial = [], [], []
+    pair_drops: counters_lib.Counter = counters_lib.Counter()
+    extra = ("_id", "reason", "balance_probability", "detail")
 
     def strip(ps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return [{k: v for k, v in p.items() if k not in extra} for p in ps]
 
     for s in samples:
         pairs = [{**p, "_id": p.get("uid") or f"{s['key']}:{i}"} for i, p in enumerate(s["pairs"])]
-        pc: collections.Counter = collections.Counter()
-        won, lost = balance_records(
-            pairs, probs, pc, seed=seed, phase=phase, id_field="_id", reason=reason
-        )
-        for name, n in pc.items():
-            counter[pair_counter(name)] += n
+        drawn = balance_records(pairs, probs, seed=seed, phase=phase, id_field="_id", reason=reason)
+        won, lost = drawn.kept, drawn.rejected
+        for p in lost:
+            pair_drops[counters_lib.scoped(stage.PAIR, counters_lib.dropped(p["reason"]))] += 1
         miss = 1.0
         for p in pairs:
             miss *= 1.0 - keep_probability(p["query_ids"] or (), probs)
         prob = 1.0 - miss
-        counter[counters_lib.INPUT] += 1
         if won:
-            counter[counters_lib.KEPT] += 1
             kept_pairs = strip(won)
             kept.append(
                 {
@@ -205,12 +193,21 @@ def balance_sample_pairs(
             )
             for why in sorted({p["reason"] for p in lost}):
                 part = strip([p for p in lost if p["reason"] == why])
-                dropped.append({**s, "pairs": part, "reason": why, "balance_probability": prob})
+                partial.append(
+                    {
+                        **s,
+                        "pairs": part,
+                        "reason": why,
+                        "balance_probability": prob,
+                        "detail": drop_detail(why, prob),
+                    }
+                )
         else:
             why = reason if any(p["query_ids"] for p in pairs) else NO_QUERY
-            counter[counters_lib.dropped(why)] += 1
-            dropped.append({**s, "reason": why, "balance_probability": prob})
-    return kept, dropped
+            dropped.append(
+                {**s, "reason": why, "balance_probability": prob, "detail": drop_detail(why, prob)}
+            )
+    return stage.Result(kept, dropped, pair_drops, partial=partial)
 
 
 def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]) -> str:
@@ -283,10 +280,21 @@ class CountUnits(beam.PTransform):
         return samples | "Count" >> CountQueries(batch_size=self._batch_size)
 
 
-class _BalanceFn(beam.DoFn):
+class _BalanceFn(stage.StageFn):
+    """A batch of records and the pool's counts per query -> the draw's kept and dropped ones.
+
+    Counts drops only when balancing inside a pipeline of several stages (``flow=False``):
+    the stage where records enter counts input, the one where they leave counts kept.
+    """
+
     def __init__(
-        self, *, t: float, seed: int, phase: str, id_field: str, reason: str, unit: str = "image"
+        self, *, t: float, seed: int, phase: str, id_field: str, reason: str, unit: str = ""
     ):
+        super().__init__(
+            stage=phase,
+            flow=phase == PHASE_PREBALANCE,  # pre-balancing is a step of its own
+            pairs=unit == "image",  # a dropped sample's pairs go with it
+        )
         self._t = t
         self._seed = seed
         self._phase = phase
@@ -298,133 +306,100 @@ class _BalanceFn(beam.DoFn):
         self._seen = None
         self._probs = {}
 
-    def process(self, batch, counts):
+    def core(self, batch, counts):
         if counts is not self._seen:  # the side input is the same object for a whole bundle
             self._probs = query_probabilities(counts, self._t)
             self._seen = counts
-        probs = self._probs
-        c: collections.Counter = collections.Counter()
         if self._unit == "pair":
-            kept, dropped = balance_sample_pairs(
-                batch, probs, c, seed=self._seed, phase=self._phase, reason=self._reason
+            result = balance_sample_pairs(
+                batch, self._probs, seed=self._seed, phase=self._phase, reason=self._reason
             )
         else:
-            kept, dropped = balance_records(
+            result = balance_records(
                 batch,
-                probs,
-                c,
+                self._probs,
                 seed=self._seed,
                 phase=self._phase,
                 id_field=self._id_field,
                 reason=self._reason,
             )
-        for r in kept:
-            if self._phase == PHASE_BALANCE and "pairs" in r:
+        if self._phase == PHASE_BALANCE:
+            for r in result.kept:
                 r["caption"] = choose_caption(r["pairs"], counts)
-            yield r
-        for r in dropped:
-            yield TaggedOutput(beam_utils.REJECTED, r)
-        # Only drops: input is counted where records enter a pipeline and kept where they leave
-        # it, so that the stages of one pipeline add up to one balanced set of counters.
-        yield from beam_utils.emit_counts({k: v for k, v in c.items() if _is_drop(k)})
+        return result
 
 
-def _is_drop(name: str) -> bool:
-    return name.startswith((counters_lib.DROPPED_PREFIX, pair_counter(counters_lib.DROPPED_PREFIX)))
-
-
-class ApplyBalance(beam.PTransform):
+class _Draw(beam.PTransform):
     """Keep each record with probability ``1 - prod(1 - min(1, t / c_e))`` (seeded, by id).
 
-    ``counts`` is a PCollection of ``(query_id, count)`` over the pool. Outputs: main (kept,
-    with ``balance_probability``), ``rejected`` (with ``reason``), ``counts``.
+    ``counts`` is a PCollection of ``(query_id, count)`` over the pool. Returns the stage
+    outputs (``stage.apply``): ``kept`` (with ``balance_probability``), ``rejected``, ``counts``.
     """
 
-    def __init__(
-        self,
-        *,
-        counts,
-        t: float,
-        seed: int,
-        phase: str,
-        id_field: str,
-        reason: str,
-        unit: str = "image",
-        batch_size: int = 4096,
-    ):
+    def __init__(self, *, counts, fn: _BalanceFn, batch_size: int):
         super().__init__()
-        if t <= 0:
-            raise ValueError(f"t must be > 0, got {t}")
         self._counts = counts
-        self._fn = _BalanceFn(
-            t=t, seed=seed, phase=phase, id_field=id_field, reason=reason, unit=unit
-        )
+        self._fn = fn
         self._batch_size = batch_size
 
     def expand(self, records):
-        return (
-            records
-            | "Batch"
-            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
-            | "Draw"
-            >> beam.ParDo(self._fn, beam.pvalue.AsDict(self._counts)).with_outputs(
-                beam_utils.COUNTS, beam_utils.REJECTED, main="kept"
-            )
+        batches = records | "Batch" >> beam.BatchElements(
+            min_batch_size=self._batch_size, max_batch_size=self._batch_size
         )
+        return stage.apply(batches, "Draw", self._fn, beam.pvalue.AsDict(self._counts))
 
 
 class PreBalance(beam.PTransform):
     """Gather candidates (pairs) -> candidates kept with ``p = min(1, factor * t / c)``.
 
-    Returns a dict: ``kept``, ``rejected`` (reason ``prebalanced_out`` or ``no_query``),
-    ``counts`` (counter pairs), ``before`` and ``after`` (``(query_id, n)`` over pairs).
+    ``balance.prebalance_factor`` is the oversampling factor (0 disables the step: refused
+    here). Returns a dict: ``kept``, ``rejected`` (reason ``prebalanced_out`` or ``no_query``),
+    ``counts`` (input, kept and drops), ``before`` and ``after`` (``(query_id, n)`` over pairs).
     """
 
-    def __init__(self, *, t: int, factor: float, seed: int, batch_size: int = 4096):
+    def __init__(self, *, config: BalanceConfig, batch_size: int = 4096):
         super().__init__()
-        if factor <= 0:
-            raise ValueError(f"prebalance factor must be > 0, got {factor}")
-        self._t = t * factor
-        self._seed = seed
+        if not config.prebalance:
+            raise WitError("balance.prebalance_factor is 0: pre-balancing is disabled")
+        self._fn = _BalanceFn(
+            t=config.t * config.prebalance_factor,
+            seed=config.seed,
+            phase=PHASE_PREBALANCE,
+            id_field="uid",
+            reason=PREBALANCED_OUT,
+        )
         self._batch_size = batch_size
 
     def expand(self, candidates):
         before = candidates | "CountBefore" >> CountQueries(batch_size=self._batch_size)
-        out = candidates | "Balance" >> ApplyBalance(
-            counts=before,
-            t=self._t,
-            seed=self._seed,
-            phase=PHASE_PREBALANCE,
-            id_field="uid",
-            reason=PREBALANCED_OUT,
-            batch_size=self._batch_size,
+        out = candidates | "Balance" >> _Draw(
+            counts=before, fn=self._fn, batch_size=self._batch_size
         )
-        after = out.kept | "CountAfter" >> CountQueries(batch_size=self._batch_size)
-        return {
-            "kept": out.kept,
-            "rejected": out[beam_utils.REJECTED],
-            "counts": out[beam_utils.COUNTS],
-            "before": before,
-            "after": after,
-        }
+        after = out["kept"] | "CountAfter" >> CountQueries(batch_size=self._batch_size)
+        return {**out, "before": before, "after": after}
 
 
 class BalanceSamples(beam.PTransform):
-    """Deduplicated samples -> MetaCLIP-balanced samples (``t`` as is).
+    """Deduplicated samples -> MetaCLIP-balanced samples (``balance.t`` as is).
 
-    ``unit="image"``: counted over samples and drawn by sample ``key``; ``unit="pair"``: counted
-    over pairs and drawn by pair ``uid`` (``balance_sample_pairs``). Returns a dict: ``kept``
-    (with ``caption`` and ``balance_probability``), ``rejected`` (``balanced_out``,
-    ``no_query``), ``counts``, ``before`` and ``after`` (``(query_id, n)`` over the unit).
+    ``balance.unit = image``: counted over samples and drawn by sample ``key``; ``pair``:
+    counted over pairs and drawn by pair ``uid`` (``balance_sample_pairs``). Returns a dict:
+    ``kept`` (with ``caption`` and ``balance_probability``), ``rejected`` (``balanced_out``,
+    ``no_query``), ``counts`` (drops only), ``before`` and ``after`` (``(query_id, n)`` over
+    the unit).
     """
 
-    def __init__(self, *, t: int, seed: int, unit: str = "image", batch_size: int = 4096):
+    def __init__(self, *, config: BalanceConfig, batch_size: int = 4096):
         super().__init__()
-        if unit not in UNITS:
-            raise WitError(f"balance.unit must be one of {', '.join(UNITS)}, got {unit!r}")
-        self._t = t
-        self._seed = seed
-        self._unit = unit
+        self._unit = config.unit
+        self._fn = _BalanceFn(
+            t=config.t,
+            seed=config.seed,
+            phase=PHASE_BALANCE,
+            id_field="key",
+            reason=BALANCED_OUT,
+            unit=config.unit,
+        )
         self._batch_size = batch_size
 
     def _count(self, records, label: str):
@@ -432,24 +407,9 @@ class BalanceSamples(beam.PTransform):
 
     def expand(self, samples):
         before = self._count(samples, "CountBefore")
-        out = samples | "Balance" >> ApplyBalance(
-            counts=before,
-            t=self._t,
-            seed=self._seed,
-            phase=PHASE_BALANCE,
-            id_field="key",
-            reason=BALANCED_OUT,
-            unit=self._unit,
-            batch_size=self._batch_size,
-        )
-        after = self._count(out.kept, "CountAfter")
-        return {
-            "kept": out.kept,
-            "rejected": out[beam_utils.REJECTED],
-            "counts": out[beam_utils.COUNTS],
-            "before": before,
-            "after": after,
-        }
+        out = samples | "Balance" >> _Draw(counts=before, fn=self._fn, batch_size=self._batch_size)
+        after = self._count(out["kept"], "CountAfter")
+        return {**out, "before": before, "after": after}
 
 
 def query_counts_table(

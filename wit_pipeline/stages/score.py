@@ -7,15 +7,18 @@ or a checkpoint written by ``wit_pipeline.train``: train on raw data, then filte
 
 Pieces, from pure to pipeline:
 
-- :func:`score_pairs`: embeddings and cosine similarities for a batch (``None`` for an image that
-  does not decode);
+- :func:`score_pairs`: cosine similarities for a batch (``None`` for an image that does not
+  decode);
+- :func:`filter_scored`: the one filter core: keep records at or above a threshold, drop the
+  rest with reason ``low_clip_score`` (``undecodable_image`` for images the model could not
+  read); :func:`top_fraction_threshold` turns ``keep_fraction`` into that threshold (exact: the
+  k-th largest score over the whole collection, :func:`compute_threshold` in Beam);
 - :class:`OpenClipModelHandler`: a Beam ``ModelHandler`` for ``RunInference`` (batched, model
   loaded once per worker, GPU when present);
-- :class:`ScoreWithClip`: records in, the same records with ``clip_score`` out (composable: the
-  shard-level command and ``wit build`` both use it);
-- :class:`FilterByClipScore`: keeps records by ``threshold`` or ``keep_fraction`` (exact: the
-  threshold is the k-th largest score over the whole collection), drops the rest with reason
-  ``low_clip_score`` (``undecodable_image`` for images the model could not read);
+- :class:`ScoreWithClip`: records in, the same records with ``clip_score`` out;
+  :class:`FilterByClipScore`: scored records in, kept and dropped ones out;
+- :class:`ScoreSamples`: ``wit build --seed-model``: balanced samples are scored (their images
+  read back from the download shards) and filtered before they are written to shards;
 - :class:`ScoreShards`: ``wit score``: shard tars in, shard tars out with ``clip_score`` in every
   ``KEY.json`` and Parquet row, ``rejected/``, ``stats.json`` and ``manifest.json``. Scores are
   cached per shard in ``scores/``, so a rerun only scores the shards it has not finished.
@@ -34,21 +37,25 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.pvalue import TaggedOutput
 
-from wit_pipeline import beam_utils, fileio, shards
-from wit_pipeline import counters as counters_lib
+from wit_pipeline import beam_utils, fileio, samples, shards, stage
+from wit_pipeline import config as config_lib
 from wit_pipeline.config import ScoreConfig
 from wit_pipeline.errors import WitError
 
+STAGE = "score"
 SCORE_FIELD = "clip_score"
 LOW_SCORE = "low_clip_score"
 UNDECODABLE = "undecodable_image"
 MISSING = "no_image_or_caption"
 SCORES_DIR = "scores"
 SCORES_MODEL_FILE = "_model.json"
+SCORE_FILE = "score.json"  # the threshold a build used (wit build --seed-model)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Scores written by ``wit build --seed-model`` (``finalize/scores/``): every sample, kept or not.
+SCORES_SCHEMA = pa.schema([("key", pa.string()), (SCORE_FIELD, pa.float32())])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,29 +136,31 @@ def top_fraction_threshold(scores: Sequence[float] | np.ndarray, keep_fraction: 
 
 
 def filter_scored(
-    records: Iterable[dict[str, Any]], threshold: float | None, counter: counters_lib.Counter
-) -> list[dict[str, Any]]:
-    """Keep records whose ``clip_score`` >= ``threshold`` (all scored ones when None).
+    records: Iterable[Mapping[str, Any]],
+    threshold: float | None,
+    *,
+    undecodable: str = UNDECODABLE,
+) -> stage.Result:
+    """Keep records whose ``clip_score`` >= ``threshold`` (every scored one when None).
 
-    Drops are counted as ``dropped:low_clip_score`` and ``dropped:undecodable_image`` and marked
-    with ``reason`` in place, so a caller can route them to a rejected output.
+    A record that already has a ``reason`` (nothing to score) is dropped with it; one without a
+    score (the model could not read the image) with ``undecodable`` (``undecodable_image``);
+    one below the threshold with ``low_clip_score``. Each dropped record says why in ``detail``.
     """
-    kept = []
+    kept, rejected = [], []
     for r in records:
-        counter[counters_lib.INPUT] += 1
         score = r.get(SCORE_FIELD)
         if r.get("reason"):
-            counter[counters_lib.dropped(r["reason"])] += 1
+            rejected.append(r)
         elif score is None:
-            r["reason"] = UNDECODABLE
-            counter[counters_lib.dropped(UNDECODABLE)] += 1
+            detail = "the seed model could not read the image"
+            rejected.append({**r, "reason": undecodable, "detail": detail})
         elif threshold is not None and score < threshold:
-            r["reason"] = LOW_SCORE
-            counter[counters_lib.dropped(LOW_SCORE)] += 1
+            detail = f"clip_score {score:.4f} < threshold {threshold:.4f}"
+            rejected.append({**r, "reason": LOW_SCORE, "detail": detail})
         else:
-            counter[counters_lib.KEPT] += 1
             kept.append(r)
-    return kept
+    return stage.Result(kept, rejected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,25 +171,17 @@ class OpenClipModelHandler(ModelHandler[dict, PredictionResult, Any]):
     """``RunInference`` handler: records with image bytes and a caption -> cosine similarity.
 
     The model is loaded once per worker process (``RunInference`` shares it between threads);
-    ``device="auto"`` uses the GPU when one is present. Records are batched to ``batch_size``.
+    ``score.device = auto`` uses the GPU when one is present. Records are batched to
+    ``score.batch_size``.
     """
 
     def __init__(
-        self,
-        *,
-        model_name: str,
-        pretrained: str,
-        device: str = "auto",
-        batch_size: int = 256,
-        image_field: str = "image",
-        caption_field: str = "caption",
+        self, *, config: ScoreConfig, image_field: str = "image", caption_field: str = "caption"
     ):
-        if batch_size <= 0:
-            raise WitError("score batch_size must be positive")
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self._model_name = model_name
-        self._pretrained = pretrained
-        self._device = device
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
+        self._model_name = config.model
+        self._pretrained = config.pretrained
+        self._device = config.device
         self._image_field = image_field
         self._caption_field = caption_field
 
@@ -222,46 +223,29 @@ class ScoreWithClip(beam.PTransform):
     """Adds ``clip_score`` (float, or None for an undecodable image) to every record.
 
     Records are dicts with the encoded image under ``image_field`` and the caption under
-    ``caption_field``; everything else passes through unchanged. Give ``model_name`` and
-    ``pretrained`` (a checkpoint path or an open_clip tag), or a ready ``model_handler``.
+    ``caption_field``; everything else passes through unchanged. The seed model is
+    ``score.pretrained`` (a checkpoint path or an open_clip tag) with ``score.model``, or a ready
+    ``model_handler``.
     """
 
     def __init__(
         self,
         *,
-        model_name: str = "",
-        pretrained: str = "",
-        device: str = "auto",
-        batch_size: int = 256,
+        config: ScoreConfig | None = None,
         image_field: str = "image",
         caption_field: str = "caption",
         model_handler: ModelHandler | None = None,
     ):
         super().__init__()
         if model_handler is None:
-            if not pretrained:
+            if config is None or not config.pretrained:
                 raise WitError("the scorer needs a seed model: --pretrained CHECKPOINT_OR_TAG")
-            if not model_name and not fileio.exists(pretrained):
-                raise WitError(f"--model is required with the pretrained tag {pretrained!r}")
+            if not config.model and not fileio.exists(config.pretrained):
+                raise WitError(f"--model is required with the pretrained tag {config.pretrained!r}")
             model_handler = OpenClipModelHandler(
-                model_name=model_name,
-                pretrained=pretrained,
-                device=device,
-                batch_size=batch_size,
-                image_field=image_field,
-                caption_field=caption_field,
+                config=config, image_field=image_field, caption_field=caption_field
             )
         self._handler = model_handler
-
-    @classmethod
-    def from_config(cls, cfg: ScoreConfig, **kwargs: Any) -> ScoreWithClip:
-        return cls(
-            model_name=cfg.model,
-            pretrained=cfg.pretrained,
-            device=cfg.device,
-            batch_size=cfg.batch_size,
-            **kwargs,
-        )
 
     def expand(self, pcoll):
         return (
@@ -302,58 +286,155 @@ class _ScoresToArray(beam.CombineFn):
         return self.merge_accumulators([acc])[1][0]
 
 
-def _threshold_from_scores(scores: np.ndarray, keep_fraction: float) -> float:
-    return top_fraction_threshold(scores, keep_fraction)
+class _FilterFn(stage.StageFn):
+    """Scored records and the threshold (a side input) -> kept and dropped ones."""
+
+    def __init__(self, *, flow: bool = True, pairs: bool = False, undecodable: str = UNDECODABLE):
+        super().__init__(stage=STAGE, flow=flow, pairs=pairs)
+        self._undecodable = undecodable
+
+    def core(self, record, threshold):
+        return filter_scored([record], threshold, undecodable=self._undecodable)
 
 
-def validate_filter(threshold: float | None, keep_fraction: float | None) -> None:
-    if threshold is not None and keep_fraction is not None:
-        raise WitError("give --threshold or --keep-fraction, not both")
-    if keep_fraction is not None and not 0.0 <= keep_fraction <= 1.0:
-        raise WitError("--keep-fraction must be between 0 and 1")
-    if threshold is not None and not -1.0 <= threshold <= 1.0:
-        raise WitError("--threshold is a cosine similarity: between -1 and 1")
-
-
-class _FilterDoFn(beam.DoFn):
-    def process(self, record, threshold):
-        counter: counters_lib.Counter = counters_lib.Counter()
-        kept = filter_scored([record], threshold, counter)
-        if kept:
-            yield kept[0]
-        else:
-            yield TaggedOutput(beam_utils.REJECTED, record)
-        yield from beam_utils.emit_counts(counter)
-
-
-def compute_threshold(scores, *, threshold: float | None, keep_fraction: float | None):
+def compute_threshold(scores, *, config: ScoreConfig):
     """A singleton PCollection holding the threshold (None keeps every scored record)."""
-    if keep_fraction is not None:
+    if config.keep_fraction is not None:
         return (
             scores
             | "AllScores" >> beam.CombineGlobally(_ScoresToArray())
-            | "TopFraction" >> beam.Map(_threshold_from_scores, keep_fraction)
+            | "TopFraction" >> beam.Map(top_fraction_threshold, config.keep_fraction)
         )
-    return scores.pipeline | "FixedThreshold" >> beam.Create([threshold])
+    return scores.pipeline | "FixedThreshold" >> beam.Create([config.threshold])
 
 
 class FilterByClipScore(beam.PTransform):
-    """Scored records -> kept (main), ``rejected`` (with ``reason``) and ``counts`` outputs."""
+    """Scored records -> the stage outputs: ``kept``, ``rejected`` (with ``reason``), ``counts``.
 
-    def __init__(self, *, threshold: float | None = None, keep_fraction: float | None = None):
+    The threshold is ``score.threshold``, or the exact top ``score.keep_fraction``, or none.
+    """
+
+    def __init__(self, *, config: ScoreConfig):
         super().__init__()
-        validate_filter(threshold, keep_fraction)
-        self._threshold = threshold
-        self._keep_fraction = keep_fraction
+        self._config = config
 
     def expand(self, pcoll):
         scores = pcoll | "Scores" >> beam.Map(lambda r: r.get(SCORE_FIELD))
-        thr = compute_threshold(
-            scores, threshold=self._threshold, keep_fraction=self._keep_fraction
+        thr = compute_threshold(scores, config=self._config)
+        return stage.apply(pcoll, "Filter", _FilterFn(), beam.pvalue.AsSingleton(thr))
+
+
+# ---------------------------------------------------------------------------------------------
+# Balanced samples in, scored samples out (`wit build --seed-model`)
+
+
+class _AttachImagesFn(beam.DoFn):
+    """``(download tar, samples)`` -> samples with their image bytes under ``image``."""
+
+    def process(self, item):
+        tar_path, records = item
+        for r, image in samples.attach_images(tar_path, records):
+            yield {**r, "image": image}
+
+
+def _strip_image(r: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in r.items() if k != "image"}
+    out[SCORE_FIELD] = _round_score(out.get(SCORE_FIELD))
+    return out
+
+
+class _ScoreImages(beam.PTransform):
+    """``(download tar, samples)`` -> samples with ``clip_score`` (images read, scored, dropped)."""
+
+    def __init__(self, scorer: beam.PTransform):
+        super().__init__()
+        self._scorer = scorer
+
+    def expand(self, grouped):
+        return (
+            grouped
+            | "AttachImages" >> beam.ParDo(_AttachImagesFn())
+            | "Score" >> self._scorer
+            | "DropImages" >> beam.Map(_strip_image)
         )
-        return pcoll | "Filter" >> beam.ParDo(
-            _FilterDoFn(), beam.pvalue.AsSingleton(thr)
-        ).with_outputs(beam_utils.COUNTS, beam_utils.REJECTED, main="kept")
+
+
+def _threshold_doc(threshold: float | None, path: str, identity: Mapping[str, Any]) -> str:
+    finite = threshold is not None and not math.isinf(threshold)
+    fileio.write_json(path, {**dict(identity), "threshold": float(threshold) if finite else None})
+    return path
+
+
+def _score_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    return {"key": r["key"], SCORE_FIELD: r[SCORE_FIELD]}
+
+
+class ScoreSamples(beam.PTransform):
+    """Balanced samples -> samples with ``clip_score``, filtered by threshold or top fraction.
+
+    The images are read from the download shards (each tar once, grouped by ``source_tar``),
+    scored by :class:`ScoreWithClip` (Beam ``RunInference``; with ``score.accelerator`` set, on
+    workers with that accelerator via a Beam resource hint, e.g. a GPU on Dataflow), then
+    dropped again before any shuffle. The threshold (:func:`compute_threshold`) is written to
+    ``threshold_path``; with ``scores_dir``, every sample's score is written there as
+    ``part-*.parquet`` (``key``, ``clip_score``). Returns the stage outputs: ``kept``,
+    ``rejected`` and ``counts`` (drops only, over samples and pairs: input and kept are counted
+    where samples enter and leave the pipeline). ``undecodable_image`` is also a reason of
+    dedup, in the same counters: here it is ``score/undecodable_image``.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ScoreConfig,
+        threshold_path: str,
+        scores_dir: str = "",
+        model_handler: Any = None,
+    ):
+        super().__init__()
+        self._config = config
+        self._scorer = ScoreWithClip(config=config, model_handler=model_handler)
+        self._path = threshold_path
+        self._scores_dir = scores_dir
+
+    def expand(self, samples_pcoll):
+        cfg = self._config
+        score_images = _ScoreImages(self._scorer)
+        if cfg.accelerator:
+            # Reading the images sits inside the hinted part too: on Dataflow the GPU workers
+            # read them from the download shards, and only metadata crosses to them.
+            score_images = score_images.with_resource_hints(accelerator=cfg.accelerator)
+        scored = (
+            samples_pcoll
+            | "BySourceTar" >> beam.Map(lambda r: (r["source_tar"], r))
+            | "GroupSourceTar" >> beam.GroupByKey()
+            | "ClipScore" >> score_images
+        )
+        threshold = compute_threshold(
+            scored | "Scores" >> beam.Map(lambda r: r.get(SCORE_FIELD)), config=cfg
+        )
+        identity = {
+            "model": cfg.model,
+            "pretrained": cfg.pretrained,
+            "threshold_given": cfg.threshold,
+            "keep_fraction": cfg.keep_fraction,
+        }
+        _ = threshold | "WriteThreshold" >> beam.Map(_threshold_doc, self._path, identity)
+        if self._scores_dir:
+            # Every score, kept or not: pick another threshold later without scoring again.
+            _ = (
+                scored
+                | "ScoreRows" >> beam.Map(_score_row)
+                | "WriteScores"
+                >> beam.io.WriteToParquet(
+                    fileio.join(self._scores_dir, "part"),
+                    schema=SCORES_SCHEMA,
+                    file_name_suffix=".parquet",
+                    codec="zstd",
+                )
+            )
+        fn = _FilterFn(flow=False, pairs=True, undecodable=f"{STAGE}/{UNDECODABLE}")
+        return stage.apply(scored, "Filter", fn, beam.pvalue.AsSingleton(threshold))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,50 +506,43 @@ def write_scored_shard(
     *,
     input_dir: str,
     output_dir: str,
-) -> Iterable[Any]:
-    """Rewrite one shard with ``clip_score`` added, dropping low scores; yields counts and info."""
-    import pyarrow as pa
+) -> stage.Result:
+    """Rewrite one shard with ``clip_score`` added, dropping low scores (:func:`filter_scored`).
+
+    Returns the filter's result over the shard's samples; ``outputs["infos"]`` holds the
+    written shard's info.
+    """
     import pyarrow.parquet as pq
 
     shard_id = int(shard)
     tar_path, parquet_path = shards.shard_paths(input_dir, shard_id)
-    counter: counters_lib.Counter = counters_lib.Counter()
-    kept_samples: list[shards.Sample] = []
-    kept_keys: set[str] = set()
-    rejected: list[dict[str, Any]] = []
+    records, images = [], {}
     for sample in shards.iter_samples(tar_path):
         key = sample["__key__"]
-        image = _sample_image(sample)
         caption = (sample.get("txt") or b"").decode("utf-8", errors="replace")
         meta = json.loads(sample["json"]) if sample.get("json") else {}
-        score = _round_score(scores.get(key))
-        record = {SCORE_FIELD: score}
-        if image is None or not caption.strip():
+        record = {"key": key, "url": meta.get("url"), "caption": caption, "meta": meta}
+        record[SCORE_FIELD] = _round_score(scores.get(key))
+        ext = next((e for e in IMAGE_EXTS if sample.get(e)), None)
+        if ext is None or not caption.strip():
             record["reason"] = MISSING
-        kept = filter_scored([record], threshold, counter)
-        if not kept:
-            rejected.append(
-                {
-                    "shard": shard,
-                    "key": key,
-                    "url": meta.get("url"),
-                    "caption": caption,
-                    SCORE_FIELD: score,
-                    "reason": record["reason"],
-                }
-            )
-            continue
-        meta[SCORE_FIELD] = score
-        ext = next(e for e in IMAGE_EXTS if sample.get(e))
-        kept_samples.append(shards.Sample(key, image or b"", caption, meta, image_ext=ext))
-        kept_keys.add(key)
+            record["detail"] = "no image or no caption in the shard"
+        else:
+            images[key] = (sample[ext], ext)
+        records.append(record)
+    result = filter_scored(records, threshold)
+    kept_samples = []
+    for r in result.kept:
+        meta = {**r["meta"], SCORE_FIELD: r[SCORE_FIELD]}
+        image, ext = images[r["key"]]
+        kept_samples.append(shards.Sample(r["key"], image, r["caption"], meta, image_ext=ext))
+    kept_keys = {s.key for s in kept_samples}
     table = pq.read_table(parquet_path) if fileio.exists(parquet_path) else pa.table({})
     if "key" in table.column_names:
         keys = table.column("key").to_pylist()
-        mask = [k in kept_keys for k in keys]
-        table = table.filter(pa.array(mask, type=pa.bool_()))
+        table = table.filter(pa.array([k in kept_keys for k in keys], type=pa.bool_()))
         col = [_round_score(scores.get(k)) for k in table.column("key").to_pylist()]
-    elif table.num_rows == len(kept_samples) + len(rejected) and table.num_rows:
+    elif table.num_rows == len(records) and table.num_rows:
         raise WitError(f"{parquet_path}: no key column to attach scores to")
     else:
         table = pa.Table.from_pylist([dict(s.meta) for s in kept_samples])
@@ -477,26 +551,22 @@ def write_scored_shard(
         table = table.drop_columns([SCORE_FIELD])
     table = table.append_column(SCORE_FIELD, pa.array(col, type=pa.float32()))
     info = shards.write_shard(fileio.join(output_dir, "shards"), shard_id, kept_samples, table)
-    if rejected:
-        rtable = pa.Table.from_pylist(
-            rejected,
-            schema=pa.schema(
-                [
-                    ("shard", pa.string()),
-                    ("key", pa.string()),
-                    ("url", pa.string()),
-                    ("caption", pa.string()),
-                    (SCORE_FIELD, pa.float32()),
-                    ("reason", pa.string()),
-                ]
-            ),
+    return dataclasses.replace(result, outputs={"infos": [info.to_dict()]})
+
+
+class _WriteScoredShard(stage.StageFn):
+    """``(shard, scores)`` and the threshold -> the scored shard, written; its samples counted."""
+
+    def __init__(self, input_dir: str, output_dir: str):
+        super().__init__(stage=STAGE, kept_as="none", outputs=("infos",))
+        self._input_dir = input_dir
+        self._output_dir = output_dir
+
+    def core(self, kv, threshold):
+        shard, scores = kv
+        return write_scored_shard(
+            shard, scores, threshold, input_dir=self._input_dir, output_dir=self._output_dir
         )
-        with fileio.atomic_write(
-            fileio.join(output_dir, "rejected", f"{shard}.parquet"), "wb"
-        ) as f:
-            pq.write_table(rtable, f)
-    yield from beam_utils.emit_counts(counter)
-    yield TaggedOutput("infos", info.to_dict())
 
 
 def _write_manifest(
@@ -551,7 +621,7 @@ class ScoreShards(beam.PTransform):
 
     Applied to a pipeline (``p | ScoreShards(...)``). Output layout (``output_dir``):
     ``shards/NNNNN.{tar,parquet}`` (same shard ids), ``shards/manifest.json``,
-    ``rejected/NNNNN.parquet``, ``scores/NNNNN.parquet`` (the per-shard score cache) and
+    ``rejected/part-*.parquet``, ``scores/NNNNN.parquet`` (the per-shard score cache) and
     ``stats.json`` (``input == kept + dropped:*`` over samples).
     """
 
@@ -564,7 +634,6 @@ class ScoreShards(beam.PTransform):
         model_handler: ModelHandler | None = None,
     ):
         super().__init__()
-        validate_filter(config.threshold, config.keep_fraction)
         tars = shards.list_shards(input_dir)
         if not tars:
             raise WitError(f"no finished shards (NNNNN.tar with NNNNN.parquet) in {input_dir}")
@@ -602,11 +671,7 @@ class ScoreShards(beam.PTransform):
                 | "Reshuffle" >> beam.Reshuffle()
             )
             unscorable = records | "Unscorable" >> beam.Filter(_has_reason)
-            scorer = (
-                ScoreWithClip(model_handler=self._handler)
-                if self._handler is not None
-                else ScoreWithClip.from_config(cfg)
-            )
+            scorer = ScoreWithClip(config=cfg, model_handler=self._handler)
             scored = records | "Scorable" >> beam.Filter(_no_reason) | "Score" >> scorer
             parts.append(
                 (scored, unscorable)
@@ -623,17 +688,21 @@ class ScoreShards(beam.PTransform):
             )
         per_shard = parts[0] if len(parts) == 1 else tuple(parts) | "AllShards" >> beam.Flatten()
         all_scores = per_shard | "ScoreValues" >> beam.FlatMap(_score_items)
-        thr = compute_threshold(
-            all_scores, threshold=cfg.threshold, keep_fraction=cfg.keep_fraction
+        thr = compute_threshold(all_scores, config=cfg)
+        written = stage.apply(
+            per_shard,
+            "WriteShards",
+            _WriteScoredShard(self._input_dir, out),
+            beam.pvalue.AsSingleton(thr),
         )
-        written = per_shard | "WriteShards" >> beam.ParDo(
-            _WriteScoredShard(self._input_dir, out), beam.pvalue.AsSingleton(thr)
-        ).with_outputs(beam_utils.COUNTS, "infos", main="unused")
-        stats = written[beam_utils.COUNTS] | "WriteStats" >> beam_utils.WriteStats(
-            fileio.join(out, "stats.json"), extra={"seed_model": self._model_identity()}
+        _ = written[beam_utils.REJECTED] | "WriteRejected" >> stage.WriteRejected(
+            fileio.join(out, stage.REJECTED_DIR)
         )
-        from wit_pipeline import config as config_lib
-
+        stats = written[beam_utils.COUNTS] | "WriteStats" >> stage.WriteStats(
+            fileio.join(out, stage.STATS_FILE),
+            extra={"seed_model": self._model_identity()},
+            stage=STAGE,
+        )
         manifest = (
             written["infos"]
             | "CollectInfos" >> beam.combiners.ToList()
@@ -646,18 +715,6 @@ class ScoreShards(beam.PTransform):
             )
         )
         return {"stats": stats, "manifest": manifest}
-
-
-class _WriteScoredShard(beam.DoFn):
-    def __init__(self, input_dir: str, output_dir: str):
-        self._input_dir = input_dir
-        self._output_dir = output_dir
-
-    def process(self, kv, threshold):
-        shard, scores = kv
-        yield from write_scored_shard(
-            shard, scores, threshold, input_dir=self._input_dir, output_dir=self._output_dir
-        )
 
 
 def write_scores_to(

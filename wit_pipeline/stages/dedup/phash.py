@@ -514,11 +514,6 @@ def _median64(coef: np.ndarray) -> np.ndarray:
     return (part[:, mid - 1] + part[:, mid]) / 2
 
 
-def phash_images(images: Sequence[Image.Image]) -> np.ndarray:
-    """pHashes (``uint64``) of PIL images, equal to ``imagehash.phash``."""
-    return PHasher().hash_images(images)
-
-
 def phash_image(image: Image.Image) -> int:
     """The pHash of one image as a Python int (use ``PHasher`` for many)."""
     return int(PHasher().hash_images([image])[0])

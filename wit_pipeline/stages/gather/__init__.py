@@ -9,5 +9,5 @@
   ``dedup_candidates``, output buckets, ``gather_loop`` (the stage without Beam) and
   ``validate_config`` (the ``gather`` section's one check).
 - ``transforms.py``: the Beam side: ``GatherPairs``, ``WriteGather``, ``ReadPairs``,
-  ``add_gather`` (the step's graph) and ``run_gather`` (``wit gather``).
+  ``run_gather`` (``wit gather``; the step's graph is ``pipeline.gather``).
 """

@@ -1,6 +1,6 @@
 """The gather stage in Beam: ``GatherPairs`` (read + filter + deduplicate), ``WriteGather``
 (``candidates/``, ``rejected/``, then ``stats.json``), ``ReadPairs`` (the readers alone), and
-``add_gather``/``run_gather`` (the step's graph and ``wit gather``).
+``run_gather`` (``wit gather``, whose graph is ``pipeline.gather``).
 
 The DoFns run the pure cores of ``pairs`` through the stage protocol (``stage.StageFn``): one
 DoFn reads each input file and filters its batches, another deduplicates each ``uid`` bucket
@@ -532,41 +532,6 @@ def validate_inputs(paths: Sequence[str], config: GatherConfig) -> dict[str, int
     return dict(formats)
 
 
-def add_gather(
-    p: beam.Pipeline,
-    paths: Sequence[str],
-    output_dir: str,
-    *,
-    config: GatherConfig,
-    queries: Sequence[str] | str,
-    num_buckets: int,
-    queries_sha256: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-    progress_interval: float = 10.0,
-) -> None:
-    """Add the gather step to ``p``: input files -> ``output_dir``'s candidates, rejected, stats.
-
-    The graph of :func:`run_gather` (and of ``wit build``'s first step), for building it on any
-    runner without running it (e.g. a Dataflow ``--dry_run``).
-    """
-    result = (
-        p
-        | "Inputs" >> beam.Create(list(enumerate(paths)))
-        | "Gather"
-        >> GatherPairs(
-            config=config,
-            queries=queries,
-            num_buckets=num_buckets,
-            total_files=len(paths),
-            queries_sha256=queries_sha256,
-            progress_interval=progress_interval,
-        )
-    )
-    _ = result | "Write" >> WriteGather(
-        output_dir=output_dir, config=config, num_buckets=num_buckets, extra=extra
-    )
-
-
 def run_gather(
     inputs: Sequence[str],
     output_dir: str,
@@ -623,11 +588,13 @@ def run_gather(
     # Small lists travel inside the pipeline; large ones are loaded by each worker from the path.
     query_spec: Sequence[str] | str = query_list if len(query_list) <= 10_000 else queries_path
     started = time.monotonic()
+    from wit_pipeline import pipeline  # the step's graph (pipeline imports this module)
+
     with beam.Pipeline(options=options) as p:
-        add_gather(
+        pipeline.gather(
             p,
-            paths,
-            output_dir,
+            paths=paths,
+            output=output_dir,
             config=config,
             queries=query_spec,
             num_buckets=num_buckets,
