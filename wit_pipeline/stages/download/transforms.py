@@ -68,7 +68,6 @@ from wit_pipeline.stages.download.plan import (
     shard_counters,
     shard_of,
     shards_dir,
-    validate_config,
     write_shard_files,
 )
 
@@ -244,9 +243,8 @@ class DownloadImages(beam.PTransform):
     ``output_dir/stats.json``; returns the PCollection holding the ``stats.json`` document
     (``counters`` over pairs, ``url_counters`` over distinct URLs).
 
-    ``config`` is the ``download`` section (checked by ``plan.validate_config`` here, at
-    construction); ``resolver`` replaces DNS resolution for the guard (tests; pinned
-    deployments); it must be picklable.
+    ``config`` is the ``download`` section (it checked itself when it was made); ``resolver``
+    replaces DNS resolution for the guard (tests; pinned deployments); it must be picklable.
     """
 
     def __init__(
@@ -257,12 +255,10 @@ class DownloadImages(beam.PTransform):
         resolver: netguard.Resolver | None = None,
     ):
         super().__init__()
-        config = config or DownloadConfig()
-        validate_config(config)
         if not output_dir:
             raise WitError("DownloadImages needs an output_dir")
         self._output_dir = output_dir
-        self._config = config
+        self._config = config or DownloadConfig()
         self._resolver = resolver
 
     def expand(self, tables):

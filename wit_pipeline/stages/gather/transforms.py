@@ -26,13 +26,12 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils import shared
 
 from wit_pipeline import beam_utils, fileio, queries, stage
-from wit_pipeline.config import GatherConfig
+from wit_pipeline.config import MAX_BUCKETS, GatherConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather.match import QueryMatcher
 from wit_pipeline.stages.gather.pairs import (
     CANDIDATE_SCHEMA,
     FILES_READ,
-    MAX_BUCKETS,
     STAGE,
     STATS_SECTIONS,
     PairFilter,
@@ -44,7 +43,6 @@ from wit_pipeline.stages.gather.pairs import (
     read_counts,
     rejected_bucket,
     split_by_bucket,
-    validate_config,
 )
 from wit_pipeline.stages.gather.readers import RawBatch, detect_format, iter_file_batches
 
@@ -111,9 +109,7 @@ class ReadPairs(beam.PTransform):
 
     def __init__(self, *, config: GatherConfig | None = None, batch_size: int | None = None):
         super().__init__()
-        config = config or GatherConfig()
-        validate_config(config)
-        self._config = config
+        self._config = config or GatherConfig()
         self._batch_size = batch_size
 
     def expand(self, paths):
@@ -321,7 +317,7 @@ class GatherPairs(beam.PTransform):
     must be readable by them, e.g. ``gs://``), with its sha256 to detect a changed file.
     ``num_buckets`` is the number of output files (``config.num_output_shards``, or
     ``pairs.auto_num_buckets`` when that is 0). ``config`` is the ``gather`` section (default:
-    the defaults), checked once here by ``pairs.validate_config``.
+    the defaults), which checked itself when it was made.
     """
 
     def __init__(
@@ -336,7 +332,6 @@ class GatherPairs(beam.PTransform):
     ):
         super().__init__()
         config = config or GatherConfig()
-        validate_config(config)
         if not 1 <= num_buckets <= MAX_BUCKETS:
             raise WitError(f"number of output shards must be within 1..{MAX_BUCKETS}")
         if not isinstance(queries, str) and not queries:
