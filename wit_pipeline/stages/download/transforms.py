@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio, shards, stage, urls
-from wit_pipeline.beam_utils import COUNTS, SumCounts, emit_counts
+from wit_pipeline.beam_utils import COUNTS, emit_counts
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import guarded_http, netguard, robots
@@ -226,14 +226,6 @@ def _read_back(shard_id: int, output_dir: str):
     yield from emit_counts(read_back_counters(output_dir, shard_id))
 
 
-def _write_stats(counts: dict[str, int], path: str) -> dict[str, Any]:
-    doc = stage.stats_document(
-        counts, sections=STATS_SECTIONS, flows=tuple(STATS_SECTIONS), stage=STAGE
-    )
-    fileio.write_json(path, doc)
-    return doc
-
-
 class DownloadImages(beam.PTransform):
     """Candidate pairs (Arrow tables) -> webdataset shards, rejected pairs and stats in a dir.
 
@@ -324,8 +316,13 @@ class DownloadImages(beam.PTransform):
         return (
             (counts_new, counts_old)
             | "AllCounts" >> beam.Flatten()
-            | "SumCounts" >> SumCounts()
-            | "WriteStats" >> beam.Map(_write_stats, fileio.join(out, STATS_FILE))
+            | "WriteStats"
+            >> stage.WriteStats(
+                fileio.join(out, STATS_FILE),
+                sections=STATS_SECTIONS,
+                flows=tuple(STATS_SECTIONS),
+                stage=STAGE,
+            )
         )
 
 
