@@ -100,7 +100,10 @@ def test_config_and_column_errors(capsys, tmp_path, table):
     msg = one_line_error(capsys, [*base, "--url-column", "link"])
     assert "no URL column 'link'" in msg
     msg = one_line_error(capsys, [*base, "--set", "gather.captions.language_detector=cld3"])
-    assert "language_detector must be one of" in msg
+    assert msg == (
+        "wit: error: config: gather.captions.language_detector (--language-detector) must be "
+        "one of fasttext, langdetect, none, got 'cld3'"
+    )
     msg = one_line_error(
         capsys, ["gather", "-i", str(tmp_path / "q.txt"), "-o", "x", "-q", str(tmp_path / "q.txt")]
     )

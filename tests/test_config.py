@@ -1,4 +1,7 @@
+import functools
+
 import pytest
+import yaml
 
 from wit_pipeline import config
 from wit_pipeline.errors import WitError
@@ -77,19 +80,101 @@ def test_config_is_frozen():
         ("score.keep_fraction", 1.5, r"score\.keep_fraction \(--keep-fraction\) must be between"),
         ("score.threshold", 2, r"score\.threshold \(--threshold\) is a cosine similarity"),
         ("score.batch_size", 0, r"score\.batch_size must be > 0, got 0"),
+        (
+            "gather.input_format",
+            "xml",
+            r"gather\.input_format \(--input-format\) must be one of auto, warc, wat, parquet, "
+            r"csv, tsv, jsonl, got 'xml'",
+        ),
+        ("gather.batch_size", 0, r"gather\.batch_size must be > 0, got 0"),
+        (
+            "gather.num_output_shards",
+            -1,
+            r"gather\.num_output_shards \(--num-shards\) must be within 0\.\.4096 "
+            r"\(0 = automatic\), got -1",
+        ),
+        ("gather.num_output_shards", 4097, r"gather\.num_output_shards .* within 0\.\.4096"),
+        (
+            "gather.captions.language_detector",
+            "cld3",
+            r"gather\.captions\.language_detector \(--language-detector\) must be one of "
+            r"fasttext, langdetect, none, got 'cld3'",
+        ),
+        (
+            "gather.captions.unicode_form",
+            "NFX",
+            r"gather\.captions\.unicode_form must be one of NFC, NFKC, NFD, NFKD, none, got 'NFX'",
+        ),
+        (
+            "gather.captions.min_foreign_language_score",
+            1.5,
+            r"gather\.captions\.min_foreign_language_score must be between 0 and 1, got 1\.5",
+        ),
+        ("gather.captions.min_chars", -1, r"gather\.captions\.min_chars must be >= 0, got -1"),
+        ("gather.captions.min_words", -1, r"gather\.captions\.min_words must be >= 0, got -1"),
+        (
+            "gather.captions.max_chars",
+            3,
+            r"gather\.captions\.max_chars must be >= min_chars \(5; 0 = no limit\), got 3",
+        ),
+        (
+            "gather.captions.languages",
+            ("en", "English"),
+            r"gather\.captions\.languages \(--languages\) must hold ISO 639 codes such as 'en', "
+            r"got 'English'",
+        ),
+        (
+            "download.resize_mode",
+            "stretch",
+            r"download\.resize_mode must be one of no, border, keep_ratio, keep_ratio_largest, "
+            r"center_crop, got 'stretch'",
+        ),
+        ("download.image_size", 0, r"download\.image_size must be > 0, got 0"),
+        ("download.encode_quality", 101, r"download\.encode_quality must be within 0\.\.100"),
+        ("download.timeout", 0, r"download\.timeout must be > 0, got 0"),
+        ("download.connect_timeout", -1, r"download\.connect_timeout must be > 0, got -1"),
+        ("download.retries", -1, r"download\.retries must be >= 0, got -1"),
+        ("download.max_redirects", -1, r"download\.max_redirects must be >= 0, got -1"),
+        ("download.samples_per_shard", 0, r"download\.samples_per_shard must be > 0, got 0"),
+        ("download.num_shards", -1, r"download\.num_shards must be >= 0, got -1"),
+        ("download.threads", 0, r"download\.threads must be > 0, got 0"),
+        ("download.processes", 0, r"download\.processes must be > 0, got 0"),
+        ("download.max_crawl_delay", -1, r"download\.max_crawl_delay must be >= 0, got -1"),
+        ("download.per_host_rate", -1, r"download\.per_host_rate must be >= 0, got -1"),
+        ("download.per_host_concurrency", -1, r"download\.per_host_concurrency must be >= 0"),
+        ("download.max_aspect_ratio", 0.5, r"download\.max_aspect_ratio must be >= 1, got 0\.5"),
+        (
+            "queries.priority",
+            ("wordnet", "books"),
+            r"queries\.priority \(--priority\) names unknown sources: books "
+            r"\(known: wordnet, unigrams, bigrams, titles\)",
+        ),
+        ("queries.case", "upper", r"queries\.case \(--case\) must be one of keep, lower"),
+        ("queries.max_queries", 0, r"queries\.max_queries must be > 0, got 0"),
+        ("queries.split_bytes", 0, r"queries\.split_bytes must be > 0, got 0"),
+        ("queries.batch_pages", 0, r"queries\.batch_pages must be > 0, got 0"),
+        (
+            "queries.wordnet.lemmas",
+            "second",
+            r"queries\.wordnet\.lemmas must be one of all, first, got 'second'",
+        ),
     ],
 )
 def test_each_option_is_validated_where_its_section_is_defined(tmp_path, option, value, message):
-    section, name = option.split(".")
+    *sections, name = option.split(".")
     # a --set override, a config file and a section made in code fail alike, with one line
     with pytest.raises(WitError, match=f"^config: {message}"):
         config.override(config.BuildConfig(), option, value)
-    (tmp_path / "c.yaml").write_text(f"{section}:\n  {name}: {value!r}\n".replace("'", ""))
-    with pytest.raises(WitError, match=message):
+    doc = {name: list(value) if isinstance(value, tuple) else value}
+    for section in reversed(sections):
+        doc = {section: doc}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(WitError, match=f"^config: {message}"):
         config.load_config(str(tmp_path / "c.yaml"))
-    cls = type(getattr(config.BuildConfig(), section))
-    with pytest.raises(WitError, match=message):
+    cls = type(functools.reduce(getattr, sections, config.BuildConfig()))
+    with pytest.raises(WitError, match=f"^config: {message}"):
         cls(**{name: value})
+    # so no stage transform ever receives the value: none checks it again
 
 
 def test_score_filter_takes_a_threshold_or_a_fraction():

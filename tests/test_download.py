@@ -245,20 +245,22 @@ def test_apply_verdict_and_crawl_delay():
     ]
 
 
-def test_config_is_validated_at_construction(tmp_path):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"resize_mode": "stretch"}, r"download\.resize_mode must be one of no, border, "),
+        ({"timeout": 0}, r"download\.timeout must be > 0"),
+        ({"samples_per_shard": 0}, r"download\.samples_per_shard must be > 0"),
+        ({"max_aspect_ratio": 0.5}, r"download\.max_aspect_ratio must be >= 1"),
+    ],
+)
+def test_the_download_section_checks_itself_when_made(bad, message):
+    """A bad section never reaches ``DownloadImages`` (which checks none of its options)."""
     from wit_pipeline.errors import WitError
 
-    for bad in (
-        DownloadConfig(resize_mode="stretch"),
-        DownloadConfig(timeout=0),
-        DownloadConfig(samples_per_shard=0),
-        DownloadConfig(max_aspect_ratio=0.5),
-    ):
-        with pytest.raises(WitError):
-            plan.validate_config(bad)  # the download section's one check
-        with pytest.raises(WitError):
-            download.DownloadImages(output_dir=str(tmp_path), config=bad)
-    plan.validate_config(DownloadConfig())
+    with pytest.raises(WitError, match=f"^config: {message}"):
+        DownloadConfig(**bad)
+    DownloadConfig()  # the defaults pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from wit_pipeline import beam_utils, counters, stage, urls
+from wit_pipeline import config as config_lib
 from wit_pipeline.config import GatherConfig, MatchConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather import captions, pairs
@@ -386,12 +387,6 @@ def test_gather_pairs_transform(fixture_files):
 def test_gather_pairs_validates_at_construction():
     with pytest.raises(WitError, match="query list is empty"):
         gather.GatherPairs(config=GatherConfig(), queries=[], num_buckets=1)
-    with pytest.raises(WitError, match="language_detector"):
-        gather.GatherPairs(
-            config=GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")),
-            queries=Q,
-            num_buckets=1,
-        )
     with pytest.raises(WitError, match="output shards"):
         gather.GatherPairs(config=GatherConfig(), queries=Q, num_buckets=0)
 
@@ -399,36 +394,35 @@ def test_gather_pairs_validates_at_construction():
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (GatherConfig(input_format="xml"), "unknown input format 'xml'"),
-        (GatherConfig(batch_size=0), "gather.batch_size must be >= 1"),
-        (GatherConfig(num_output_shards=-1), r"gather.num_output_shards must be within 0..4096"),
-        (GatherConfig(num_output_shards=4097), r"gather.num_output_shards must be within 0..4096"),
         (
-            GatherConfig(captions=captions.CaptionConfig(unicode_form="NFX")),
-            "gather.captions.unicode_form",
+            {"input_format": "xml"},
+            r"gather\.input_format .*must be one of auto, warc, .* got 'xml'",
+        ),
+        ({"batch_size": 0}, r"gather\.batch_size must be > 0"),
+        ({"num_output_shards": -1}, r"gather\.num_output_shards .*must be within 0\.\.4096"),
+        ({"num_output_shards": 4097}, r"gather\.num_output_shards .*must be within 0\.\.4096"),
+        (
+            {"captions": {"unicode_form": "NFX"}},
+            r"gather\.captions\.unicode_form must be one of",
         ),
     ],
 )
-def test_the_gather_section_is_checked_by_one_function(bad, message):
-    with pytest.raises(WitError, match=message):
-        pairs.validate_config(bad)
-    # Every transform that takes the section checks it with that function, at construction.
-    with pytest.raises(WitError, match=message):
-        gather.GatherPairs(config=bad, queries=Q, num_buckets=1)
-    with pytest.raises(WitError, match=message):
-        gather.ReadPairs(config=bad)
-    pairs.validate_config(GatherConfig())  # the defaults pass
+def test_the_gather_section_checks_itself_when_made(bad, message):
+    """A bad section never reaches ``GatherPairs``, ``ReadPairs`` or ``run_gather``."""
+    with pytest.raises(WitError, match=f"^config: {message}"):
+        config_lib.from_dict(GatherConfig, bad)
+    GatherConfig()  # the defaults pass
 
 
 def test_a_bad_setting_leaves_a_finished_output_untouched(fixture_files, tmp_path):
-    """The graph (and with it the config) is checked before any old output is cleared."""
+    """The inputs are checked against the config before any old output is cleared."""
     qpath = write_queries(tmp_path / "q.txt")
     out = tmp_path / "out"
     gather.run_gather(fixture_files, str(out), config=GatherConfig(), queries_path=qpath)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for bad, message in [
-        (GatherConfig(captions=captions.CaptionConfig(language_detector="cld9")), "detector"),
-        (GatherConfig(batch_size=0), "batch_size"),
+        (GatherConfig(url_column="link"), "no URL column 'link'"),
+        (GatherConfig(input_format="csv"), r"a\.warc\.gz: no URL column"),
     ]:
         with pytest.raises(WitError, match=message):
             gather.run_gather(fixture_files, str(out), config=bad, queries_path=qpath)

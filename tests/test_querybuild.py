@@ -389,8 +389,9 @@ def test_merge_priority_dedup_and_cap():
     assert lower.queries == ["paris", "hot dog"]
     with pytest.raises(WitError, match="missing from the priority"):
         merge.merge_sources({"titles": ["x"]}, priority=("wordnet",), max_queries=1)
-    with pytest.raises(WitError, match="case must be one of"):
-        merge.merge_sources({}, priority=(), max_queries=1, case="upper")
+    # queries.case, queries.priority and queries.max_queries are checked by QueriesConfig
+    with pytest.raises(WitError, match=r"^config: queries\.case \(--case\) must be one of"):
+        config.QueriesConfig(case="upper")
 
 
 def test_write_query_list_is_reproducible_and_loadable(tmp_path):

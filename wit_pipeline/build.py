@@ -44,7 +44,6 @@ from wit_pipeline.stages import balance
 from wit_pipeline.stages import shards as shards_lib
 from wit_pipeline.stages.dedup import decontaminate
 from wit_pipeline.stages.download import plan as download_plan
-from wit_pipeline.stages.gather import captions
 from wit_pipeline.stages.gather import transforms as gather
 
 STEPS = ("gather", "prebalance", "download", "finalize", "report")
@@ -548,13 +547,11 @@ _RUNNERS: dict[str, Callable[[StepContext], dict[str, Any]]] = {
 
 def validate(cfg: config.BuildConfig) -> config.BuildConfig:
     """Check what would otherwise fail late (after hours of download): the inputs the options
-    name (eval sets, the seed model) and the options of the gather and download sections.
+    name (eval sets, the seed model) and a score filter without a seed model.
 
-    The other sections validated themselves when they were made (``config``). Returns the config
-    with ``score.model`` filled from a trainer checkpoint when omitted.
+    Every section validated its options itself when it was made (``config``). Returns the
+    config with ``score.model`` filled from a trainer checkpoint when omitted.
     """
-    captions.validate_caption_config(cfg.gather.captions)
-    download_plan.validate_config(cfg.download)
     for spec in cfg.dedup.eval_sets:
         if not decontaminate.list_eval_items(decontaminate.parse_eval_set(spec)):
             raise WitError(f"eval set {spec!r} holds no images")

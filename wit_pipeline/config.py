@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +29,27 @@ T = TypeVar("T")
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise WitError(f"config: {message}")
+
+
+def _require_one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _require_at_least(section: Any, prefix: str, names: tuple[str, ...], low: float) -> None:
+    for name in names:
+        v = getattr(section, name)
+        _require(v >= low, f"{prefix}.{name} must be >= {low}, got {v}")
+
+
+def _require_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(section, name)
+        _require(v > 0, f"{prefix}.{name} must be > 0, got {v}")
+
+
+LANGUAGE_DETECTORS = ("fasttext", "langdetect", "none")
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,31 @@ class CaptionConfig:
     # lid.176.ftz (offline). A local or gs:// path to lid.176.bin may be given instead.
     fasttext_model: str = ""
 
+    def __post_init__(self):
+        p = "gather.captions"
+        _require_one_of(
+            f"{p}.language_detector (--language-detector)",
+            self.language_detector,
+            LANGUAGE_DETECTORS,
+        )
+        _require_one_of(f"{p}.unicode_form", self.unicode_form, UNICODE_FORMS)
+        _require(
+            0.0 <= self.min_foreign_language_score <= 1.0,
+            f"{p}.min_foreign_language_score must be between 0 and 1, "
+            f"got {self.min_foreign_language_score}",
+        )
+        _require_at_least(self, p, ("min_chars", "min_words"), 0)
+        for low, high in (("min_chars", "max_chars"), ("min_words", "max_words")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            _require(
+                not hi or hi >= lo, f"{p}.{high} must be >= {low} ({lo}; 0 = no limit), got {hi}"
+            )
+        for code in self.languages:
+            _require(
+                _LANGUAGE_CODE.fullmatch(code) is not None,
+                f"{p}.languages (--languages) must hold ISO 639 codes such as 'en', got {code!r}",
+            )
+
 
 @dataclass(frozen=True)
 class MatchConfig:
@@ -64,6 +111,10 @@ class MatchConfig:
     case_sensitive: bool = True
     # Keep pairs whose caption matches no query (query_ids empty) instead of dropping them.
     keep_unmatched: bool = False
+
+
+INPUT_FORMATS = ("warc", "wat", "parquet", "csv", "tsv", "jsonl")  # gather's readers
+MAX_BUCKETS = 4096  # the most gather output files (candidates are hash-partitioned by uid)
 
 
 @dataclass(frozen=True)
@@ -100,6 +151,20 @@ class GatherConfig:
     # Output files for candidates/rejected (pairs are hash-partitioned by uid); 0 = automatic,
     # about one per 128 MiB of input.
     num_output_shards: int = 0
+
+    def __post_init__(self):
+        _require_one_of(
+            "gather.input_format (--input-format)", self.input_format, ("auto", *INPUT_FORMATS)
+        )
+        _require_positive(self, "gather", ("batch_size",))
+        _require(
+            0 <= self.num_output_shards <= MAX_BUCKETS,
+            f"gather.num_output_shards (--num-shards) must be within 0..{MAX_BUCKETS} "
+            f"(0 = automatic), got {self.num_output_shards}",
+        )
+
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")  # img2dataset
 
 
 @dataclass(frozen=True)
@@ -139,6 +204,39 @@ class DownloadConfig:
     threads: int = 16
     per_host_concurrency: int = 4
     per_host_rate: float = 0.0  # requests/s per host, 0 = unlimited
+
+    def __post_init__(self):
+        _require_one_of("download.resize_mode", self.resize_mode, RESIZE_MODES)
+        _require(
+            0 <= self.encode_quality <= 100,
+            f"download.encode_quality must be within 0..100, got {self.encode_quality}",
+        )
+        _require_positive(
+            self,
+            "download",
+            (
+                "image_size",
+                "timeout",
+                "connect_timeout",
+                "samples_per_shard",
+                "threads",
+                "processes",
+            ),
+        )
+        _require_at_least(
+            self,
+            "download",
+            (
+                "retries",
+                "max_redirects",
+                "num_shards",
+                "max_crawl_delay",
+                "per_host_rate",
+                "per_host_concurrency",
+            ),
+            0,
+        )
+        _require_at_least(self, "download", ("max_aspect_ratio",), 1)
 
 
 MAX_HASH_DISTANCE = 32  # the largest pHash distance dedup searches (33 bands of 64 bits)
@@ -288,12 +386,22 @@ class TitleConfig:
     drop_list_pages: bool = True  # "List of ..." pages name no visual concept
 
 
+WORDNET_LEMMAS = ("all", "first")
+
+
 @dataclass(frozen=True)
 class WordNetConfig:
     """WordNet synsets: every lemma ("all") or each synset's first lemma only ("first")."""
 
     enabled: bool = True
     lemmas: str = "all"
+
+    def __post_init__(self):
+        _require_one_of("queries.wordnet.lemmas", self.lemmas, WORDNET_LEMMAS)
+
+
+QUERY_SOURCES = ("wordnet", "unigrams", "bigrams", "titles")
+QUERY_CASES = ("keep", "lower")
 
 
 @dataclass(frozen=True)
@@ -315,6 +423,16 @@ class QueriesConfig:
     # per batch handed to the counting step.
     split_bytes: int = 64 * 1024 * 1024
     batch_pages: int = 256
+
+    def __post_init__(self):
+        unknown = [s for s in self.priority if s not in QUERY_SOURCES]
+        _require(
+            not unknown,
+            f"queries.priority (--priority) names unknown sources: {', '.join(unknown)} "
+            f"(known: {', '.join(QUERY_SOURCES)})",
+        )
+        _require_one_of("queries.case (--case)", self.case, QUERY_CASES)
+        _require_positive(self, "queries", ("max_queries", "split_bytes", "batch_pages"))
 
 
 @dataclass(frozen=True)

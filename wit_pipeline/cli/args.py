@@ -58,7 +58,7 @@ FLAGS: dict[str, Flag] = {
     "--input-format": Flag(
         "gather.input_format",
         "format of every input (default: from the file names)",
-        choices=("auto", "warc", "wat", "parquet", "csv", "tsv", "jsonl"),
+        choices=("auto", *config_lib.INPUT_FORMATS),
     ),
     "--url-column": Flag("gather.url_column", "table column with the image URL"),
     "--caption-column": Flag("gather.caption_column", "table column with the caption"),
@@ -70,7 +70,7 @@ FLAGS: dict[str, Flag] = {
     "--language-detector": Flag(
         "gather.captions.language_detector",
         "fasttext (default, bundled lite model), langdetect (seeded, slower), none",
-        choices=("fasttext", "langdetect", "none"),
+        choices=config_lib.LANGUAGE_DETECTORS,
     ),
     "--keep-unmatched": Flag(
         "gather.match.keep_unmatched", "keep pairs that match no query", const=True
@@ -180,7 +180,7 @@ FLAGS: dict[str, Flag] = {
         "queries.max_queries", "cap on the list size (default: {default})", type=int
     ),
     "--priority": Flag("queries.priority", "merge order (default: {default})"),
-    "--case": Flag("queries.case", "casing of the entries", choices=("keep", "lower")),
+    "--case": Flag("queries.case", "casing of the entries", choices=config_lib.QUERY_CASES),
 }
 
 

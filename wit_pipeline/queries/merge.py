@@ -20,11 +20,8 @@ from typing import Any
 
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio
-from wit_pipeline.config import QueriesConfig
+from wit_pipeline.config import QUERY_SOURCES, QueriesConfig
 from wit_pipeline.errors import WitError
-
-SOURCES = ("wordnet", "unigrams", "bigrams", "titles")
-CASES = ("keep", "lower")
 
 dropped = counters_lib.dropped
 
@@ -68,12 +65,9 @@ def merge_sources(
     Sources are taken in ``priority`` order; an entry is credited to the first source that has
     it (later copies are ``duplicate``, also copies of an entry the cap removed), and once
     ``max_queries`` entries are in, every further distinct entry is ``over_cap`` once: the cap
-    removes the weakest entries of the last sources.
+    removes the weakest entries of the last sources. ``priority``, ``max_queries`` and
+    ``case`` are the ``queries`` section's (checked when it was made).
     """
-    if case not in CASES:
-        raise WitError(f"case must be one of {CASES}, got {case!r}")
-    if max_queries <= 0:
-        raise WitError(f"max_queries must be positive, got {max_queries}")
     unknown = [s for s in candidates if s not in priority]
     if unknown:
         raise WitError(f"sources missing from the priority order: {', '.join(unknown)}")
@@ -198,9 +192,6 @@ def assemble(
     if not sources:
         raise WitError("no query source has an input: nothing to build")
     names = [s.name for s in sources]
-    unknown = [n for n in cfg.priority if n not in SOURCES]
-    if unknown:
-        raise WitError(f"unknown source in priority: {', '.join(unknown)} (known: {SOURCES})")
     result = merge_sources(
         {s.name: s.entries for s in sources},
         priority=cfg.priority,
@@ -220,7 +211,7 @@ def assemble(
         created=created or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     )
     manifest["config"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    manifest["skipped_sources"] = [n for n in SOURCES if n not in names]
+    manifest["skipped_sources"] = [n for n in QUERY_SOURCES if n not in names]
     fileio.write_json(manifest_path(output), manifest)
     return manifest
 

@@ -171,7 +171,9 @@ class CountWikipediaNgrams(beam.PTransform):
 
     Totals are exact: ``(token, count)`` partials are summed with ``CombinePerKey``. Byte ranges
     of ``.bz2`` files are read in parallel (``split_bytes`` each) and the page batches are
-    redistributed before the counting, which dominates the cost.
+    redistributed before the counting, which dominates the cost. ``split_bytes`` and
+    ``batch_pages`` are ``queries.split_bytes`` and ``queries.batch_pages`` (positive: the
+    section checked them when it was made).
     """
 
     def __init__(
@@ -187,8 +189,6 @@ class CountWikipediaNgrams(beam.PTransform):
         if not files:
             raise WitError("no dump files to count")
         self._max_keys = max_keys
-        if split_bytes <= 0 or batch_pages <= 0:
-            raise WitError("split_bytes and batch_pages must be positive")
         self._files = list(files)
         self._split_bytes = split_bytes
         self._batch_pages = batch_pages

@@ -251,9 +251,8 @@ def iter_split_pages(path: str, start: int, end: int) -> Iterator[bytes]:
 
 
 def plan_splits(path: str, size: int, split_bytes: int) -> list[tuple[str, int, int]]:
-    """Byte ranges of a dump file: ranges of ``split_bytes`` for ``.bz2``, else the whole file."""
-    if split_bytes <= 0:
-        raise WitError(f"split_bytes must be positive, got {split_bytes}")
+    """Byte ranges of a dump file: ranges of ``split_bytes`` (``queries.split_bytes``, > 0) for
+    ``.bz2``, else the whole file."""
     if not path.endswith(".bz2") or size <= split_bytes:
         return [(path, 0, max(size, 1))]
     return [(path, s, min(s + split_bytes, size)) for s in range(0, size, split_bytes)]

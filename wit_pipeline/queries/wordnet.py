@@ -21,7 +21,6 @@ from wit_pipeline.errors import WitError
 from wit_pipeline.queries.merge import SourceResult
 from wit_pipeline.queries.reading import input_info
 
-WORDNET_LEMMAS = ("all", "first")
 WORDNET_DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"  # Debian/Ubuntu: apt-get install wordnet-base
 
@@ -65,9 +64,8 @@ def iter_wordnet_synsets(lines: Iterable[str], *, source: str = "data") -> Itera
 def wordnet_entries(
     synsets: Iterable[Synset], *, lemmas: str, counter: collections.Counter
 ) -> list[str]:
-    """Lemma names of ``synsets``: every lemma, or only each synset's first."""
-    if lemmas not in WORDNET_LEMMAS:
-        raise WitError(f"wordnet lemmas must be one of {WORDNET_LEMMAS}, got {lemmas!r}")
+    """Lemma names of ``synsets``: every lemma (``lemmas="all"``), or only each synset's first
+    (``"first"``): ``queries.wordnet.lemmas``, one of ``config.WORDNET_LEMMAS``."""
     out = []
     for ss in synsets:
         counter["synsets"] += 1

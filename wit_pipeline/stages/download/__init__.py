@@ -2,8 +2,8 @@
 
 - ``plan.py``: the pure core: URL records (``key_pair``, ``make_url_record``,
   ``apply_verdict``), the shard plan (``num_shards_for``, ``shard_of``, ``plan.json``), shard
-  assembly (``assemble_shard``, ``shard_counters``), shard files, and ``validate_config`` (the
-  ``download`` section's one check).
+  assembly (``assemble_shard``, ``shard_counters``), shard files. The ``download`` config
+  section checks itself (``config.DownloadConfig``).
 - ``fetch.py``: the fetch side: img2dataset's ``Downloader`` for one shard, the header probe
   (``header_size``, ``ProbingResizer``), error reasons, the guard and opener options.
 - ``transforms.py``: the Beam side: ``ReadCandidates``, ``DownloadImages`` (robots.txt per

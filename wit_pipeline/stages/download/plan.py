@@ -16,7 +16,7 @@
 - Shard files: ``rejected/NNNNN.parquet``, then ``shards/NNNNN.tar``, then
   ``shards/NNNNN.parquet`` (atomically, the last one marking completion).
 
-``validate_config`` is the ``download`` config section's one check.
+The ``download`` config section checks its options itself, when it is made (``config.py``).
 """
 
 from __future__ import annotations
@@ -85,30 +85,6 @@ SHARD_SCHEMA = pa.schema(
 
 # Fields that change how fast a run goes, not what it produces: a rerun may change them.
 EXECUTION_ONLY_FIELDS = ("processes", "threads", "per_host_concurrency", "per_host_rate")
-
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-
-
-def validate_config(config: DownloadConfig) -> None:
-    """Raise ``WitError`` for an impossible ``download`` section, before any worker starts."""
-    if config.resize_mode not in RESIZE_MODES:
-        raise WitError(f"download.resize_mode: unknown mode {config.resize_mode!r}")
-    if config.image_size <= 0:
-        raise WitError("download.image_size must be positive")
-    if not 0 <= config.encode_quality <= 100:
-        raise WitError("download.encode_quality must be in 0..100")
-    if config.timeout <= 0 or config.connect_timeout <= 0:
-        raise WitError("download.timeout and download.connect_timeout must be positive")
-    if config.retries < 0 or config.max_redirects < 0:
-        raise WitError("download.retries and download.max_redirects must be >= 0")
-    if config.samples_per_shard <= 0 or config.num_shards < 0:
-        raise WitError("download.samples_per_shard must be positive, num_shards >= 0")
-    if config.threads <= 0 or config.processes <= 0:
-        raise WitError("download.threads and download.processes must be positive")
-    if config.max_crawl_delay < 0 or config.per_host_rate < 0 or config.per_host_concurrency < 0:
-        raise WitError("download: max_crawl_delay, per_host_rate, per_host_concurrency >= 0")
-    if config.max_aspect_ratio < 1:
-        raise WitError("download.max_aspect_ratio must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio, shards, stage, urls
-from wit_pipeline.beam_utils import COUNTS, SumCounts, emit_counts
+from wit_pipeline.beam_utils import COUNTS, emit_counts
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import guarded_http, netguard, robots
@@ -68,7 +68,6 @@ from wit_pipeline.stages.download.plan import (
     shard_counters,
     shard_of,
     shards_dir,
-    validate_config,
     write_shard_files,
 )
 
@@ -227,14 +226,6 @@ def _read_back(shard_id: int, output_dir: str):
     yield from emit_counts(read_back_counters(output_dir, shard_id))
 
 
-def _write_stats(counts: dict[str, int], path: str) -> dict[str, Any]:
-    doc = stage.stats_document(
-        counts, sections=STATS_SECTIONS, flows=tuple(STATS_SECTIONS), stage=STAGE
-    )
-    fileio.write_json(path, doc)
-    return doc
-
-
 class DownloadImages(beam.PTransform):
     """Candidate pairs (Arrow tables) -> webdataset shards, rejected pairs and stats in a dir.
 
@@ -244,9 +235,8 @@ class DownloadImages(beam.PTransform):
     ``output_dir/stats.json``; returns the PCollection holding the ``stats.json`` document
     (``counters`` over pairs, ``url_counters`` over distinct URLs).
 
-    ``config`` is the ``download`` section (checked by ``plan.validate_config`` here, at
-    construction); ``resolver`` replaces DNS resolution for the guard (tests; pinned
-    deployments); it must be picklable.
+    ``config`` is the ``download`` section (it checked itself when it was made); ``resolver``
+    replaces DNS resolution for the guard (tests; pinned deployments); it must be picklable.
     """
 
     def __init__(
@@ -257,12 +247,10 @@ class DownloadImages(beam.PTransform):
         resolver: netguard.Resolver | None = None,
     ):
         super().__init__()
-        config = config or DownloadConfig()
-        validate_config(config)
         if not output_dir:
             raise WitError("DownloadImages needs an output_dir")
         self._output_dir = output_dir
-        self._config = config
+        self._config = config or DownloadConfig()
         self._resolver = resolver
 
     def expand(self, tables):
@@ -328,8 +316,13 @@ class DownloadImages(beam.PTransform):
         return (
             (counts_new, counts_old)
             | "AllCounts" >> beam.Flatten()
-            | "SumCounts" >> SumCounts()
-            | "WriteStats" >> beam.Map(_write_stats, fileio.join(out, STATS_FILE))
+            | "WriteStats"
+            >> stage.WriteStats(
+                fileio.join(out, STATS_FILE),
+                sections=STATS_SECTIONS,
+                flows=tuple(STATS_SECTIONS),
+                stage=STAGE,
+            )
         )
 
 

@@ -39,11 +39,11 @@ import pyarrow.compute as pc
 
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio, queries, schemas, stage, urls
-from wit_pipeline.config import GatherConfig
+from wit_pipeline.config import MAX_BUCKETS, GatherConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather import captions as captions_lib
 from wit_pipeline.stages.gather.match import QueryMatcher
-from wit_pipeline.stages.gather.readers import FORMATS, RawBatch, iter_file_batches
+from wit_pipeline.stages.gather.readers import RawBatch, iter_file_batches
 from wit_pipeline.stages.gather.readers.html import resolve_url
 
 STAGE = "gather"  # the stage name in rejected rows
@@ -64,20 +64,6 @@ CANDIDATE_SCHEMA = schemas.CANDIDATE_SCHEMA
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _HTTP_PREFIXES = ("http://", "https://")
 _BUCKET_TARGET_BYTES = 128 << 20
-MAX_BUCKETS = 4096
-
-
-def validate_config(config: GatherConfig) -> None:
-    """Raise ``WitError`` for an impossible ``gather`` section (``captions`` included)."""
-    captions_lib.validate_caption_config(config.captions)
-    if config.input_format not in ("auto", *FORMATS):
-        raise WitError(f"unknown input format {config.input_format!r}")
-    if config.batch_size < 1:
-        raise WitError("config: gather.batch_size must be >= 1")
-    if not 0 <= config.num_output_shards <= MAX_BUCKETS:
-        raise WitError(
-            f"config: gather.num_output_shards must be within 0..{MAX_BUCKETS} (0 = automatic)"
-        )
 
 
 def check_url(url: str | None, page_url: str | None = None) -> tuple[str | None, str | None]:

@@ -26,13 +26,12 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils import shared
 
 from wit_pipeline import beam_utils, fileio, queries, stage
-from wit_pipeline.config import GatherConfig
+from wit_pipeline.config import MAX_BUCKETS, GatherConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather.match import QueryMatcher
 from wit_pipeline.stages.gather.pairs import (
     CANDIDATE_SCHEMA,
     FILES_READ,
-    MAX_BUCKETS,
     STAGE,
     STATS_SECTIONS,
     PairFilter,
@@ -44,7 +43,6 @@ from wit_pipeline.stages.gather.pairs import (
     read_counts,
     rejected_bucket,
     split_by_bucket,
-    validate_config,
 )
 from wit_pipeline.stages.gather.readers import RawBatch, detect_format, iter_file_batches
 
@@ -111,9 +109,7 @@ class ReadPairs(beam.PTransform):
 
     def __init__(self, *, config: GatherConfig | None = None, batch_size: int | None = None):
         super().__init__()
-        config = config or GatherConfig()
-        validate_config(config)
-        self._config = config
+        self._config = config or GatherConfig()
         self._batch_size = batch_size
 
     def expand(self, paths):
@@ -321,7 +317,7 @@ class GatherPairs(beam.PTransform):
     must be readable by them, e.g. ``gs://``), with its sha256 to detect a changed file.
     ``num_buckets`` is the number of output files (``config.num_output_shards``, or
     ``pairs.auto_num_buckets`` when that is 0). ``config`` is the ``gather`` section (default:
-    the defaults), checked once here by ``pairs.validate_config``.
+    the defaults), which checked itself when it was made.
     """
 
     def __init__(
@@ -336,7 +332,6 @@ class GatherPairs(beam.PTransform):
     ):
         super().__init__()
         config = config or GatherConfig()
-        validate_config(config)
         if not 1 <= num_buckets <= MAX_BUCKETS:
             raise WitError(f"number of output shards must be within 1..{MAX_BUCKETS}")
         if not isinstance(queries, str) and not queries:
@@ -420,9 +415,8 @@ def _write_rejected(item: tuple[int, Iterable[pa.Table]], directory: str, n: int
     return write_table(fileio.join(directory, part_name(bucket, n)), pa.concat_tables(list(tables)))
 
 
-def _write_stats(
-    counts: dict[str, int],
-    query_counts: Mapping[str, int],
+def _fill_empty_buckets(
+    _,
     written: Sequence[str],
     *,
     output_dir: str,
@@ -430,7 +424,8 @@ def _write_stats(
     write_rejected: bool,
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Write empty files for empty buckets, then ``stats.json`` (last: it marks completion)."""
+    """Write empty files for empty buckets; returns ``extra`` for ``stats.json``, which waits
+    for it (``stats.json`` is written last: it marks completion)."""
     written_set = set(written)
     dirs = [(CANDIDATES_DIR, CANDIDATE_SCHEMA)]
     if write_rejected:
@@ -440,12 +435,11 @@ def _write_stats(
             path = fileio.join(output_dir, sub, part_name(b, num_buckets))
             if path not in written_set:
                 write_table(path, schema.empty_table())
-    by_id = dict(sorted(query_counts.items(), key=lambda kv: int(kv[0])))
-    doc = stage.stats_document(
-        counts, sections=STATS_SECTIONS, extra={QUERY_COUNTS: by_id, **extra}, stage=STAGE
-    )
-    fileio.write_json(fileio.join(output_dir, STATS_FILE), doc)
-    return doc
+    return dict(extra)
+
+
+def _query_counts_doc(query_counts: Mapping[str, int]) -> dict[str, Any]:
+    return {QUERY_COUNTS: dict(sorted(query_counts.items(), key=lambda kv: int(kv[0])))}
 
 
 class WriteGather(beam.PTransform):
@@ -488,15 +482,20 @@ class WriteGather(beam.PTransform):
                 | "WriteRejected" >> beam.Map(_write_rejected, fileio.join(out, REJECTED_DIR), n)
             )
         paths = tuple(written) | "AllWritten" >> beam.Flatten()
-        totals = result[beam_utils.COUNTS] | "SumCounts" >> beam_utils.SumCounts()
-        return totals | "WriteStats" >> beam.Map(
-            _write_stats,
-            beam.pvalue.AsSingleton(result[QUERY_COUNTS]),
+        filled = result[QUERY_COUNTS] | "FillEmptyBuckets" >> beam.Map(
+            _fill_empty_buckets,
             beam.pvalue.AsList(paths),
             output_dir=out,
             num_buckets=n,
             write_rejected=self._write_rejected,
             extra=self._extra,
+        )
+        query_counts = result[QUERY_COUNTS] | "QueryCounts" >> beam.Map(_query_counts_doc)
+        return result[beam_utils.COUNTS] | "WriteStats" >> stage.WriteStats(
+            fileio.join(out, STATS_FILE),
+            sections=STATS_SECTIONS,
+            side=[query_counts, filled],
+            stage=STAGE,
         )
 
 

@@ -23,7 +23,6 @@ from wit_pipeline import fileio
 from wit_pipeline.config import GatherConfig
 from wit_pipeline.errors import WitError
 
-FORMATS = ("warc", "wat", "parquet", "csv", "tsv", "jsonl")
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 
 
@@ -57,12 +56,9 @@ def batched_pairs(
 
 
 def detect_format(path: str, input_format: str = "auto") -> str:
-    """The reader for ``path``: by ``input_format``, or by its name (compression suffix ignored)."""
+    """The reader for ``path``: by ``input_format`` (``gather.input_format``, one of
+    ``config.INPUT_FORMATS``), or by its name (compression suffix ignored) when it is "auto"."""
     if input_format != "auto":
-        if input_format not in FORMATS:
-            raise WitError(
-                f"unknown input format {input_format!r} (known: auto, {', '.join(FORMATS)})"
-            )
         return input_format
     name = path.rsplit("/", 1)[-1].lower()
     for suffix in _COMPRESSION_SUFFIXES:
