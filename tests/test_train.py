@@ -23,7 +23,7 @@ from clip_helpers import (
 
 from wit_pipeline import models
 from wit_pipeline.errors import WitError
-from wit_pipeline.train import checkpoint, evaluate, loop, recipe
+from wit_pipeline.train import checkpoint, evaluate, loop, recipe, retrieval_sets
 from wit_pipeline.train.checkpoint import TrainState
 from wit_pipeline.train.config import TrainConfig, parse_config, validate
 
@@ -196,7 +196,13 @@ def test_flags_are_generated_from_the_dataclass(tmp_path):
         ({"train_data": ()}, "--train-data is required"),
         ({"batch_size": 0}, "--batch-size must be positive"),
         ({"precision": "fp8"}, "--precision"),
-        ({"eval_retrieval_captions": "c.tsv"}, "go together"),
+        (
+            {"eval_retrieval_images": "imgs"},
+            "--eval-retrieval-images needs --eval-retrieval-captions",
+        ),
+        ({"eval_retrieval_format": "xml"}, "--eval-retrieval-format must be one of auto, coco,"),
+        ({"eval_suite_every": 5}, "--eval-suite-every needs --eval-suite"),
+        ({"eval_suite": "s.yaml", "eval_suite_every": -1}, "--eval-suite-every must not be"),
         ({"min_lr": 1.0}, "--min-lr"),
     ],
 )
@@ -377,6 +383,7 @@ def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_dat
         eval_zeroshot_templates="simple",
         eval_retrieval_captions=captions,
         eval_retrieval_images=images,
+        eval_retrieval_split="dev",
         eval_max_samples=20,
     )
     summary = loop.train(cfg)
@@ -571,14 +578,12 @@ def test_training_on_flickr8k_measurably_learns(trained_seed, shared_data):
     def recall(pretrained):
         loaded = models.load_model(SEED_MODEL, pretrained, device="cpu")
         return evaluate.run_retrieval(
-            loaded.model,
-            loaded.preprocess,
-            loaded.tokenizer,
-            images_dir=images,
-            captions_tsv=captions,
-            split="dev",
-            device="cpu",
+            loaded.model, loaded.preprocess, loaded.tokenizer, dev, device="cpu"
         )
+
+    dev = retrieval_sets.load_retrieval_set(
+        captions, images=images, options=retrieval_sets.CaptionOptions(split="dev")
+    )
 
     trained = recall(trained_seed)
     untrained = recall(None)
