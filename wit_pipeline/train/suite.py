@@ -308,10 +308,14 @@ def figure(doc: Mapping[str, Any]) -> Any:
             label = key.rsplit("_", 1)[-1] if "R@" in key else key.replace("_", " ")
             bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, values, width, label=label)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        mean = doc["metrics"].get(f"{MEAN_NAME}/top1")
+        if keys == ZEROSHOT_METRICS and mean is not None:
+            ax.axhline(100 * mean, color="0.3", ls="--", lw=1, label=f"mean top1 {100 * mean:.1f}")
         ax.set_xticks(x, names, rotation=20 if len(names) > 3 else 0, fontsize=8)
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 125)
+        ax.set_yticks(range(0, 101, 20))
         ax.set_title(title)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
     return fig
 
 
