@@ -413,6 +413,75 @@ def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_dat
     assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()
 
 
+def test_eval_suite_every_n_steps_writes_rows_and_the_final_table(
+    small_shards, shared_data, tmp_path
+):
+    """`--eval-suite` every 3 steps: `eval_suite` rows at steps 3 and 6, the final weights' run
+    at step 8, written as eval_suite/suite.{json,md,png}; a run ending on a suite step reuses it."""
+    from PIL import Image
+
+    classes = tmp_path / "colours"
+    for name, rgb in (("red", (200, 20, 20)), ("dark_blue", (10, 10, 120))):
+        (classes / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 40), tuple(c + 10 * i for c in rgb)).save(
+                classes / name / f"{i}.jpg"
+            )
+    images, captions = flickr_paths(shared_data)
+    evals = tmp_path / "evals.yaml"
+    evals.write_text(
+        f"sets:\n"
+        f"  colours: {{kind: zeroshot, path: {classes}, templates: simple}}\n"
+        f"  flickr: {{kind: retrieval, captions: {captions}, images: {images}, split: dev,"
+        f" max_images: 12}}\n"
+    )
+    cfg = _small_cfg(
+        small_shards,
+        tmp_path / "run",
+        batch_size=64,
+        plots=True,
+        eval_suite=str(evals),
+        eval_suite_every=3,
+    )
+    summary = loop.train(cfg)
+    assert summary["step"] == 8
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval_suite"]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(3, 0), (6, 1), (8, 1)]
+    keys = {
+        "colours/top1",
+        "colours/top5",
+        "colours/mean_per_class_top1",
+        "zeroshot_mean/top1",
+        *(f"flickr/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
+    }
+    assert all(set(r["metrics"]) == keys for r in rows)
+    assert rows[-1]["metrics"]["zeroshot_mean/top1"] == rows[-1]["metrics"]["colours/top1"]
+    out = tmp_path / "run" / "eval_suite"
+    doc = json.loads((out / "suite.json").read_text())
+    assert doc["metrics"] == rows[-1]["metrics"] == summary["eval_suite"]
+    assert (doc["step"], doc["model"]) == (8, SEED_MODEL)
+    assert doc["sets"]["flickr"]["result"]["num_images"] == 12
+    assert (out / "suite.md").read_text().startswith("| set | kind | samples | top-1 |")
+    assert (out / "suite.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "eval_suite.png").stat().st_size > 1000
+    # The last step is a suite step: one run there, not two.
+    again = loop.train(
+        _small_cfg(
+            small_shards,
+            tmp_path / "again",
+            batch_size=64,
+            epochs=1,
+            eval_suite=str(evals),
+            eval_suite_every=4,
+        )
+    )
+    rows = [
+        r for r in read_jsonl(tmp_path / "again" / "metrics.jsonl") if r["type"] == "eval_suite"
+    ]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(4, 0)]
+    assert again["eval_suite"] == rows[0]["metrics"]
+
+
 def test_bf16_autocast_runs_on_cpu(small_shards, tmp_path):
     summary = loop.train(
         _small_cfg(small_shards, tmp_path / "bf16", precision="bf16", max_steps=2, log_every=1)

@@ -314,7 +314,7 @@ def train_one_epoch(run: Run, state: TrainState, bar: Any) -> bool:
             save(run, state)
         if cfg.eval_suite_every and state.step % cfg.eval_suite_every == 0:
             t_suite = time.time()
-            evaluate_suite(run, state)
+            evaluate_suite(run, state, state.epoch)
             window.t0 += time.time() - t_suite  # the suite's time is not training time
         t_data = time.time()
     return False
@@ -429,9 +429,9 @@ def evaluate_epoch(
     return result
 
 
-def evaluate_suite(run: Run, state: TrainState) -> dict[str, Any]:
+def evaluate_suite(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     """Run ``--eval-suite`` on the main rank and write its ``eval_suite`` row (``epoch``: the
-    one the step belongs to, as in train rows); the other ranks wait. Returns its metrics."""
+    0-based epoch of the step, as in train rows); the other ranks wait. Returns its metrics."""
     doc: dict[str, Any] = {}
     if run.suite is not None:
         t0 = time.time()
@@ -447,7 +447,7 @@ def evaluate_suite(run: Run, state: TrainState) -> dict[str, Any]:
             {
                 "type": "eval_suite",
                 "step": state.step,
-                "epoch": state.epoch,
+                "epoch": epoch,
                 "metrics": doc["metrics"],
                 "seconds": round(time.time() - t0, 3),
             }
@@ -461,7 +461,7 @@ def finish_suite(run: Run, state: TrainState) -> dict[str, Any]:
     """At the end of a run: the suite on the final weights (its run at this step when there was
     one), written as ``OUTPUT/eval_suite/suite.{json,md,png}``. Returns its metrics."""
     if run.suite_last is None or run.suite_last[0] != state.step:
-        evaluate_suite(run, state)
+        evaluate_suite(run, state, max(0, state.epoch - 1))  # the epochs are closed: the last one
     if run.suite is None or run.suite_last is None:  # not the main rank
         return {}
     doc = {
