@@ -362,17 +362,23 @@ def test_resume_with_gradient_accumulation_reproduces_the_uninterrupted_run(smal
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
-def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_data, tmp_path):
-    """Zero-shot and retrieval after each epoch: `type: eval` rows (0-based epoch) and eval.png."""
+def _colour_classes(root, per_class: int):
+    """Class folders ``red`` and ``dark_blue`` of ``per_class`` plain images each."""
     from PIL import Image
 
-    classes = tmp_path / "colours"
     for name, rgb in (("red", (200, 20, 20)), ("dark_blue", (10, 10, 120))):
-        (classes / name).mkdir(parents=True)
-        for i in range(3):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
             Image.new("RGB", (40, 40), tuple(c + 10 * i for c in rgb)).save(
-                classes / name / f"{i}.jpg"
+                root / name / f"{i}.jpg"
             )
+    return root
+
+
+def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_data, tmp_path):
+    """Zero-shot and retrieval after each epoch: `type: eval` rows (0-based epoch) and eval.png."""
+
+    classes = _colour_classes(tmp_path / "colours", 3)
     images, captions = flickr_paths(shared_data)
     cfg = _small_cfg(
         small_shards,
@@ -418,15 +424,8 @@ def test_eval_suite_every_n_steps_writes_rows_and_the_final_table(
 ):
     """`--eval-suite` every 3 steps: `eval_suite` rows at steps 3 and 6, the final weights' run
     at step 8, written as eval_suite/suite.{json,md,png}; a run ending on a suite step reuses it."""
-    from PIL import Image
 
-    classes = tmp_path / "colours"
-    for name, rgb in (("red", (200, 20, 20)), ("dark_blue", (10, 10, 120))):
-        (classes / name).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (40, 40), tuple(c + 10 * i for c in rgb)).save(
-                classes / name / f"{i}.jpg"
-            )
+    classes = _colour_classes(tmp_path / "colours", 2)
     images, captions = flickr_paths(shared_data)
     evals = tmp_path / "evals.yaml"
     evals.write_text(

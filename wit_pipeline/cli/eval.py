@@ -119,7 +119,11 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
         "none (Karpathy files: test); several splits need one named",
     )
     p.add_argument(
-        "--captions-format", default="auto", choices=FORMATS, help="default: by name and content"
+        "--captions-format",
+        dest="format",
+        default="auto",
+        choices=FORMATS,
+        help="default: by name and content",
     )
     p.add_argument("--image-column", default="", help="tables: the image column (default: detect)")
     p.add_argument(
@@ -181,13 +185,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     dataset = retrieval_sets.load_retrieval_set(
         args.captions,
         images=args.images,
-        options=retrieval_sets.CaptionOptions(
-            format=args.captions_format,
-            split=args.split,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            split_column=args.split_column,
-        ),
+        options=retrieval_sets.CaptionOptions.from_values(vars(args)),
         max_images=args.max_images,
     )
     loaded = _load(args)

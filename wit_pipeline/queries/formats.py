@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -120,39 +118,13 @@ def can_ever_match(entry: str) -> bool:
 
 def detect_format(path: str, raw: bytes) -> str:
     """By the name (without ``.gz``), else by content: Parquet's magic, a JSON array or
-    object, else text lines."""
-    name = path[:-3] if path.endswith(".gz") else path
-    fmt = _SUFFIX_FORMATS.get(os.path.splitext(name)[1].lower())
-    if fmt:
-        return fmt
-    if raw[:4] == b"PAR1":
-        return "parquet"
-    head = raw.lstrip()[:1]
-    if head in (b"[", b"{"):
-        try:
-            json.loads(raw)
-            return "json"
-        except ValueError:
-            pass  # text whose first line starts with a bracket
-    return "text"
+    object, else text lines (also text whose first line starts with a bracket)."""
+    return fileio.sniff_format(path, raw, _SUFFIX_FORMATS) or "text"
 
 
 def read_file_bytes(path: str) -> tuple[bytes, bytes]:
     """``(stored bytes, decompressed bytes)`` of a query file, with one-line errors."""
-    try:
-        with fileio.open_file(path, "rb") as f:
-            stored = f.read()
-    except FileNotFoundError:
-        raise WitError(f"query file not found: {path}") from None
-    except (OSError, IsADirectoryError) as e:
-        raise WitError(f"cannot read query file {path}: {e}") from None
-    raw = stored
-    if stored[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(stored)
-        except (OSError, EOFError) as e:
-            raise WitError(f"cannot read query file {path}: not a valid gzip file ({e})") from None
-    return stored, raw
+    return fileio.read_bytes_gunzipped(path, "query file")
 
 
 def _decode(raw: bytes, source: str) -> str:

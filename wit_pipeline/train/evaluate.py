@@ -406,12 +406,8 @@ class EpochEvaluator:
             self.retrieval = retrieval_sets.load_retrieval_set(
                 cfg.eval_retrieval_captions,
                 images=cfg.eval_retrieval_images,
-                options=retrieval_sets.CaptionOptions(
-                    format=cfg.eval_retrieval_format,
-                    split=cfg.eval_retrieval_split,
-                    image_column=cfg.eval_retrieval_image_column,
-                    caption_column=cfg.eval_retrieval_caption_column,
-                    split_column=cfg.eval_retrieval_split_column,
+                options=retrieval_sets.CaptionOptions.from_values(
+                    dataclasses.asdict(cfg), "eval_retrieval_"
                 ),
                 max_images=cfg.eval_max_samples,
                 option=lambda field: "--eval-retrieval-" + field.replace("_", "-"),

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,6 +65,17 @@ class CaptionOptions:
     image_column: str = ""
     caption_column: str = ""
     split_column: str = ""
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], prefix: str = "") -> CaptionOptions:
+        """From ``values[prefix + field]`` (parsed flags, a config as a dict, a suite set's
+        options); missing or empty values keep the defaults."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            value = values.get(prefix + f.name)
+            if value:
+                out[f.name] = value
+        return cls(**out)
 
 
 def cli_option(field: str) -> str:
@@ -106,38 +116,13 @@ class _Record:
     order: Any = None  # caption_index
 
 
-def _read_bytes(path: str) -> bytes:
-    try:
-        with fileio.open_file(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise WitError(f"captions file not found: {path}") from None
-    except (OSError, IsADirectoryError) as e:
-        raise WitError(f"cannot read captions file {path}: {e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise WitError(
-                f"cannot read captions file {path}: not a valid gzip file ({e})"
-            ) from None
-    return raw
-
-
 def _file_format(path: str, raw: bytes) -> str:
     """json | jsonl | parquet | csv | tsv, by name (without ``.gz``) or else by content."""
-    name = path[:-3] if path.endswith(".gz") else path
-    fmt = _SUFFIX_FORMATS.get(os.path.splitext(name)[1].lower())
-    if fmt:
-        return fmt
-    if raw[:4] == b"PAR1":
-        return "parquet"
+    found = fileio.sniff_format(path, raw, _SUFFIX_FORMATS)
+    if found:
+        return found
     if raw.lstrip()[:1] in (b"{", b"["):
-        try:
-            json.loads(raw)
-            return "json"
-        except ValueError:
-            return "jsonl"
+        return "jsonl"  # not one JSON document: JSON lines
     first_line = raw.split(b"\n", 1)[0]
     return "tsv" if b"\t" in first_line else "csv"
 
@@ -357,7 +342,7 @@ def load_retrieval_set(
     """
     if options.format not in FORMATS:
         raise WitError(f"{option('format')} must be one of {', '.join(FORMATS)}")
-    raw = _read_bytes(captions)
+    raw = fileio.read_bytes_gunzipped(captions, "captions file")[1]
     found = _file_format(captions, raw)
     fmt = options.format if options.format != "auto" else found
     columns: dict[str, str] = {}

@@ -185,13 +185,7 @@ class Suite:
                 rs = retrieval_sets.load_retrieval_set(
                     o["captions"],
                     images=o.get("images", ""),
-                    options=retrieval_sets.CaptionOptions(
-                        format=o.get("format") or "auto",
-                        split=o.get("split", ""),
-                        image_column=o.get("image_column", ""),
-                        caption_column=o.get("caption_column", ""),
-                        split_column=o.get("split_column", ""),
-                    ),
+                    options=retrieval_sets.CaptionOptions.from_values(o),
                     max_images=o.get("max_images", max_samples),
                     name=spec.name,
                     option=_suite_option(spec.name),
