@@ -9,7 +9,7 @@ import sys
 
 from wit_pipeline.cli import args as args_lib
 
-HELP = "zero-shot classification and image-text retrieval of a CLIP checkpoint"
+HELP = "zero-shot classification, image-text retrieval and eval suites of a CLIP checkpoint"
 DESCRIPTION = "Evaluate a CLIP checkpoint offline; prints the metrics as JSON."
 
 
