@@ -48,7 +48,7 @@ def evaluate_checkpoint(args, checkpoint: str | None) -> dict:
     import torch
 
     from wit_pipeline import models
-    from wit_pipeline.train import evaluate
+    from wit_pipeline.train import evaluate, retrieval_sets
 
     torch.manual_seed(0)
     loaded = models.load_model(args.model, checkpoint, device=args.device)
@@ -58,14 +58,13 @@ def evaluate_checkpoint(args, checkpoint: str | None) -> dict:
         with torch.no_grad():
             loaded.model.logit_scale.fill_(math.log(1 / 0.07))
     flickr = os.path.join(args.shared_data, "flickr8k")
+    dev = retrieval_sets.load_retrieval_set(
+        os.path.join(flickr, "captions.tsv"),
+        images=os.path.join(flickr, "images"),
+        options=retrieval_sets.CaptionOptions(split="dev"),
+    )
     ret = evaluate.run_retrieval(
-        loaded.model,
-        loaded.preprocess,
-        loaded.tokenizer,
-        images_dir=os.path.join(flickr, "images"),
-        captions_tsv=os.path.join(flickr, "captions.tsv"),
-        split="dev",
-        device=loaded.device,
+        loaded.model, loaded.preprocess, loaded.tokenizer, dev, device=loaded.device
     )
     ds = evaluate.load_labelled_set(
         os.path.join(args.shared_data, "cifar10", "test.parquet"), max_samples=args.cifar_samples

@@ -227,6 +227,48 @@ def test_rerun_skips_every_step_and_keeps_the_shards(web, built, inputs, shared_
     assert json.loads((out / "stats.json").read_text()) == stats
 
 
+def test_queries_record_and_the_same_list_as_json_is_the_same_build(
+    web, built, inputs, shared_data, tmp_path, capsys
+):
+    out, stats = built
+    text = pathlib.Path(inputs[1]).read_bytes()
+    want = {
+        "path": os.path.abspath(inputs[1]),
+        "format": "text",
+        "key": "",
+        "gzip": False,
+        "sha256": hashlib.sha256(text).hexdigest(),  # a clean text list: its text's sha256
+        "file_sha256": hashlib.sha256(text).hexdigest(),
+        "count": len(bf.QUERIES),
+        "unmatchable": 0,
+    }
+    assert json.loads((out / "build.json").read_text())["inputs"]["queries"] == want
+    assert stats["queries"] == want
+    # The same entries as a MetaCLIP-style JSON array are the same list: every step is done.
+    as_json = tmp_path / "metadata.json"
+    as_json.write_text(json.dumps(bf.QUERIES))
+    argv = build_args(web, (inputs[0], str(as_json)), out, shared_data)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err.count("done (skipped)") == len(build.STEPS)
+    # A list with entries MetaCLIP's spacing can never match counts them; the format and the
+    # key are recorded.
+    as_json.write_text(json.dumps({"entries": [*bf.QUERIES, "St. Louis", "a . b", "Yahoo!"]}))
+    got = build.resolve_inputs([inputs[0]], f"{as_json}#entries", config.BuildConfig())
+    assert got.to_dict()["queries"] == {
+        "path": f"{as_json}#entries",
+        "format": "json",
+        "key": "entries",
+        "gzip": False,
+        "sha256": hashlib.sha256(
+            ("\n".join([*bf.QUERIES, "St. Louis", "a . b", "Yahoo!"]) + "\n").encode()
+        ).hexdigest(),
+        "file_sha256": hashlib.sha256(as_json.read_bytes()).hexdigest(),
+        "count": len(bf.QUERIES) + 3,
+        "unmatchable": 2,
+    }
+
+
 def test_other_settings_are_refused_in_one_line(web, built, inputs, shared_data, capsys):
     out, _ = built
     shards_before = tree(out / "shards")

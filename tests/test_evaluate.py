@@ -226,7 +226,7 @@ def test_wit_eval_retrieval_prints_recalls(trained_seed, shared_data, capsys):
 
 def test_wit_eval_errors_are_one_line(trained_seed, shared_data, capsys, tmp_path):
     images, captions = flickr_paths(shared_data)
-    base = ["eval", "retrieval", "--images", images, "--captions", captions]
+    base = ["eval", "retrieval", "--images", images, "--captions", captions, "--split", "dev"]
     rc, _, err = _run([*base, "--checkpoint", str(tmp_path / "missing.pt")], capsys)
     assert rc == 2 and err.strip() == f"wit: error: checkpoint not found: {tmp_path / 'missing.pt'}"
     rc, _, err = _run([*base, "--checkpoint", trained_seed, "--model", "wit-tiny"], capsys)

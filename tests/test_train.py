@@ -23,7 +23,7 @@ from clip_helpers import (
 
 from wit_pipeline import models
 from wit_pipeline.errors import WitError
-from wit_pipeline.train import checkpoint, evaluate, loop, recipe
+from wit_pipeline.train import checkpoint, evaluate, loop, recipe, retrieval_sets
 from wit_pipeline.train.checkpoint import TrainState
 from wit_pipeline.train.config import TrainConfig, parse_config, validate
 
@@ -196,7 +196,13 @@ def test_flags_are_generated_from_the_dataclass(tmp_path):
         ({"train_data": ()}, "--train-data is required"),
         ({"batch_size": 0}, "--batch-size must be positive"),
         ({"precision": "fp8"}, "--precision"),
-        ({"eval_retrieval_captions": "c.tsv"}, "go together"),
+        (
+            {"eval_retrieval_images": "imgs"},
+            "--eval-retrieval-images needs --eval-retrieval-captions",
+        ),
+        ({"eval_retrieval_format": "xml"}, "--eval-retrieval-format must be one of auto, coco,"),
+        ({"eval_suite_every": 5}, "--eval-suite-every needs --eval-suite"),
+        ({"eval_suite": "s.yaml", "eval_suite_every": -1}, "--eval-suite-every must not be"),
         ({"min_lr": 1.0}, "--min-lr"),
     ],
 )
@@ -356,17 +362,23 @@ def test_resume_with_gradient_accumulation_reproduces_the_uninterrupted_run(smal
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
-def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_data, tmp_path):
-    """Zero-shot and retrieval after each epoch: `type: eval` rows (0-based epoch) and eval.png."""
+def _colour_classes(root, per_class: int):
+    """Class folders ``red`` and ``dark_blue`` of ``per_class`` plain images each."""
     from PIL import Image
 
-    classes = tmp_path / "colours"
     for name, rgb in (("red", (200, 20, 20)), ("dark_blue", (10, 10, 120))):
-        (classes / name).mkdir(parents=True)
-        for i in range(3):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
             Image.new("RGB", (40, 40), tuple(c + 10 * i for c in rgb)).save(
-                classes / name / f"{i}.jpg"
+                root / name / f"{i}.jpg"
             )
+    return root
+
+
+def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_data, tmp_path):
+    """Zero-shot and retrieval after each epoch: `type: eval` rows (0-based epoch) and eval.png."""
+
+    classes = _colour_classes(tmp_path / "colours", 3)
     images, captions = flickr_paths(shared_data)
     cfg = _small_cfg(
         small_shards,
@@ -377,6 +389,7 @@ def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_dat
         eval_zeroshot_templates="simple",
         eval_retrieval_captions=captions,
         eval_retrieval_images=images,
+        eval_retrieval_split="dev",
         eval_max_samples=20,
     )
     summary = loop.train(cfg)
@@ -404,6 +417,68 @@ def test_epoch_evaluation_writes_eval_rows_and_eval_png(small_shards, shared_dat
     assert summary["eval"] == evals[-1]["metrics"]
     assert (tmp_path / "run" / "eval.png").stat().st_size > 1000
     assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_eval_suite_every_n_steps_writes_rows_and_the_final_table(
+    small_shards, shared_data, tmp_path
+):
+    """`--eval-suite` every 3 steps: `eval_suite` rows at steps 3 and 6, the final weights' run
+    at step 8, written as eval_suite/suite.{json,md,png}; a run ending on a suite step reuses it."""
+
+    classes = _colour_classes(tmp_path / "colours", 2)
+    images, captions = flickr_paths(shared_data)
+    evals = tmp_path / "evals.yaml"
+    evals.write_text(
+        f"sets:\n"
+        f"  colours: {{kind: zeroshot, path: {classes}, templates: simple}}\n"
+        f"  flickr: {{kind: retrieval, captions: {captions}, images: {images}, split: dev,"
+        f" max_images: 12}}\n"
+    )
+    cfg = _small_cfg(
+        small_shards,
+        tmp_path / "run",
+        batch_size=64,
+        plots=True,
+        eval_suite=str(evals),
+        eval_suite_every=3,
+    )
+    summary = loop.train(cfg)
+    assert summary["step"] == 8
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval_suite"]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(3, 0), (6, 1), (8, 1)]
+    keys = {
+        "colours/top1",
+        "colours/top5",
+        "colours/mean_per_class_top1",
+        "zeroshot_mean/top1",
+        *(f"flickr/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
+    }
+    assert all(set(r["metrics"]) == keys for r in rows)
+    assert rows[-1]["metrics"]["zeroshot_mean/top1"] == rows[-1]["metrics"]["colours/top1"]
+    out = tmp_path / "run" / "eval_suite"
+    doc = json.loads((out / "suite.json").read_text())
+    assert doc["metrics"] == rows[-1]["metrics"] == summary["eval_suite"]
+    assert (doc["step"], doc["model"]) == (8, SEED_MODEL)
+    assert doc["sets"]["flickr"]["result"]["num_images"] == 12
+    assert (out / "suite.md").read_text().startswith("| set | kind | samples | top-1 |")
+    assert (out / "suite.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "eval_suite.png").stat().st_size > 1000
+    # The last step is a suite step: one run there, not two.
+    again = loop.train(
+        _small_cfg(
+            small_shards,
+            tmp_path / "again",
+            batch_size=64,
+            epochs=1,
+            eval_suite=str(evals),
+            eval_suite_every=4,
+        )
+    )
+    rows = [
+        r for r in read_jsonl(tmp_path / "again" / "metrics.jsonl") if r["type"] == "eval_suite"
+    ]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(4, 0)]
+    assert again["eval_suite"] == rows[0]["metrics"]
 
 
 def test_bf16_autocast_runs_on_cpu(small_shards, tmp_path):
@@ -571,14 +646,12 @@ def test_training_on_flickr8k_measurably_learns(trained_seed, shared_data):
     def recall(pretrained):
         loaded = models.load_model(SEED_MODEL, pretrained, device="cpu")
         return evaluate.run_retrieval(
-            loaded.model,
-            loaded.preprocess,
-            loaded.tokenizer,
-            images_dir=images,
-            captions_tsv=captions,
-            split="dev",
-            device="cpu",
+            loaded.model, loaded.preprocess, loaded.tokenizer, dev, device="cpu"
         )
+
+    dev = retrieval_sets.load_retrieval_set(
+        captions, images=images, options=retrieval_sets.CaptionOptions(split="dev")
+    )
 
     trained = recall(trained_seed)
     untrained = recall(None)

@@ -91,15 +91,19 @@ class BuildInputs:
     files: tuple[str, ...]
     identities: tuple[str, ...]  # per file: size and modification time (or object etag)
     queries_path: str
-    queries_sha256: str
+    queries_sha256: str  # of the list (queries.formats.list_sha256), whatever its format
     queries_count: int
     seed_sha256: str = ""  # sha256 of a local seed checkpoint ("" for a tag or no seed)
+    # The rest of the list's record (queries.formats.QueryList.record): format, key, gzip,
+    # file_sha256, unmatchable.
+    queries_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": list(self.files),
             "identities": list(self.identities),
             "queries": {
+                **self.queries_info,
                 "path": self.queries_path,
                 "sha256": self.queries_sha256,
                 "count": self.queries_count,
@@ -150,7 +154,8 @@ def resolve_inputs(
     """Expand ``--input`` patterns, read the query list and identify the seed checkpoint."""
     files = [_abs(f) for f in fileio.expand_inputs(list(inputs))]
     qpath = _abs(queries_path) if queries_path else queries.default_queries_path()
-    qlist = queries.load_queries(qpath)
+    qlist = queries.read_query_list(qpath)
+    record = qlist.record()
     seed_sha = ""
     pretrained = cfg.score.pretrained
     if pretrained and fileio.exists(pretrained) and not os.path.isdir(pretrained):
@@ -159,9 +164,12 @@ def resolve_inputs(
         files=tuple(files),
         identities=tuple(file_identity(f) for f in files),
         queries_path=qpath,
-        queries_sha256=queries.queries_sha256(qpath),
-        queries_count=len(qlist),
+        queries_sha256=qlist.sha256,
+        queries_count=len(qlist.entries),
         seed_sha256=seed_sha,
+        queries_info={
+            k: record[k] for k in ("format", "key", "gzip", "file_sha256", "unmatchable")
+        },
     )
 
 

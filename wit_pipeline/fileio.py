@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import glob as _glob
+import gzip
 import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import fsspec
@@ -248,3 +249,39 @@ def write_json(path: str, obj: Any) -> None:
 def read_json(path: str) -> Any:
     with open_file(path, "r") as f:
         return json.load(f)
+
+
+def read_bytes_gunzipped(path: str, what: str = "file") -> tuple[bytes, bytes]:
+    """``(stored bytes, bytes decompressed when gzip)`` of a small file (a query list, a caption
+    file), with one-line ``WitError`` messages naming ``what`` it is."""
+    try:
+        with open_file(path, "rb") as f:
+            stored = f.read()
+    except FileNotFoundError:
+        raise WitError(f"{what} not found: {path}") from None
+    except (OSError, IsADirectoryError) as e:
+        raise WitError(f"cannot read {what} {path}: {e}") from None
+    if stored[:2] != b"\x1f\x8b":
+        return stored, stored
+    try:
+        return stored, gzip.decompress(stored)
+    except (OSError, EOFError) as e:
+        raise WitError(f"cannot read {what} {path}: not a valid gzip file ({e})") from None
+
+
+def sniff_format(path: str, raw: bytes, by_suffix: Mapping[str, str]) -> str:
+    """A file's format: ``by_suffix[extension]`` (``.gz`` stripped first), else ``parquet`` for
+    Parquet's magic bytes, ``json`` for content that parses as JSON, else ``""`` (undecided)."""
+    name = path[:-3] if path.endswith(".gz") else path
+    fmt = by_suffix.get(os.path.splitext(name)[1].lower())
+    if fmt:
+        return fmt
+    if raw[:4] == b"PAR1":
+        return "parquet"
+    if raw.lstrip()[:1] in (b"[", b"{"):
+        try:
+            json.loads(raw)
+            return "json"
+        except ValueError:
+            pass
+    return ""

@@ -1,4 +1,5 @@
-"""``wit eval zeroshot|retrieval``: how good is a checkpoint (and so the data it was trained on)?"""
+"""``wit eval zeroshot|retrieval|suite``: how good is a checkpoint (and so the data it was trained
+on)?"""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import sys
 
 from wit_pipeline.cli import args as args_lib
 
-HELP = "zero-shot classification and image-text retrieval of a CLIP checkpoint"
+HELP = "zero-shot classification, image-text retrieval and eval suites of a CLIP checkpoint"
 DESCRIPTION = "Evaluate a CLIP checkpoint offline; prints the metrics as JSON."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = args_lib.add_subcommands(parser, "eval_command", "KIND")
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(
+        p: argparse.ArgumentParser, output_help: str = "also write the JSON to this file"
+    ) -> None:
         p.add_argument(
             "--checkpoint",
             required=True,
@@ -29,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         p.add_argument("--batch-size", type=int, default=256)
-        p.add_argument("--output", default="", help="also write the JSON to this file")
+        p.add_argument("--output", default="", help=output_help)
 
     z = sub.add_parser("zeroshot", help="zero-shot accuracy on a labelled set")
     common(z)
@@ -53,15 +56,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     z.add_argument("--no-per-class", action="store_true", help="omit per-class accuracies")
     z.set_defaults(func=run_zeroshot)
 
-    r = sub.add_parser("retrieval", help="image<->text recall@1/5/10 on a captions.tsv set")
-    common(r)
-    r.add_argument("--images", required=True, help="folder with the images named in the TSV")
-    r.add_argument(
-        "--captions", required=True, help="TSV with image, split, caption_index, caption columns"
+    r = sub.add_parser(
+        "retrieval",
+        help="image<->text recall@1/5/10 on a caption set (COCO, Karpathy, CSV/TSV/Parquet)",
     )
-    r.add_argument("--split", default="dev", help="split to evaluate ('' for all rows)")
+    common(r)
+    add_caption_arguments(r)
     r.add_argument("--max-images", type=int, default=0, help="evaluate on N evenly spaced images")
     r.set_defaults(func=run_retrieval)
+
+    s = sub.add_parser(
+        "suite",
+        help="every set of a suite (zero-shot and retrieval): one JSON, one table, one plot",
+        description="Evaluate a checkpoint on every set of a suite file and of --set; writes "
+        "suite.json, suite.md and suite.png to --output and prints the table.",
+    )
+    common(s, "folder for suite.json, suite.md and suite.png (default: eval-suite)")
+    s.add_argument(
+        "--config",
+        default="",
+        metavar="FILE",
+        help="suite file (YAML or TOML): sets: {NAME: {kind: zeroshot|retrieval, ...}}",
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="NAME=KIND:PATH[,key=value...]",
+        help="add (or replace) a set, e.g. cifar10=zeroshot:cifar10/test.parquet or "
+        "coco=retrieval:captions_val2017.json,images=val2017 (repeatable)",
+    )
+    s.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="cap every set at N evenly spaced samples/images (a set's own cap wins)",
+    )
+    s.set_defaults(func=run_suite)
+
+
+def add_caption_arguments(p: argparse.ArgumentParser) -> None:
+    """``--captions`` and how to read it (formats in docs/train.md)."""
+    from wit_pipeline.train.retrieval_sets import FORMATS
+
+    p.add_argument(
+        "--captions",
+        required=True,
+        help="caption file: COCO captions JSON, Karpathy split JSON (dataset_coco.json), or a "
+        "CSV/TSV/Parquet/JSONL table with an image and a caption column",
+    )
+    p.add_argument(
+        "--images",
+        default="",
+        help="folder the file's image names are relative to (not needed when the file embeds "
+        "the images or names absolute paths)",
+    )
+    p.add_argument(
+        "--split",
+        default="",
+        help="split to evaluate; default: the file's only split, or every image when it has "
+        "none (Karpathy files: test); several splits need one named",
+    )
+    p.add_argument(
+        "--captions-format",
+        dest="format",
+        default="auto",
+        choices=FORMATS,
+        help="default: by name and content",
+    )
+    p.add_argument("--image-column", default="", help="tables: the image column (default: detect)")
+    p.add_argument(
+        "--caption-column", default="", help="tables: the caption column (default: detect)"
+    )
+    p.add_argument(
+        "--split-column", default="", help="tables: the split column (default: 'split' if any)"
+    )
 
 
 def _emit(result: dict, output: str) -> None:
@@ -110,20 +180,43 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
-    from wit_pipeline.train import evaluate
+    from wit_pipeline.train import evaluate, retrieval_sets
 
+    dataset = retrieval_sets.load_retrieval_set(
+        args.captions,
+        images=args.images,
+        options=retrieval_sets.CaptionOptions.from_values(vars(args)),
+        max_images=args.max_images,
+    )
     loaded = _load(args)
     result = evaluate.run_retrieval(
         loaded.model,
         loaded.preprocess,
         loaded.tokenizer,
-        images_dir=args.images,
-        captions_tsv=args.captions,
-        split=args.split or None,
+        dataset,
         device=loaded.device,
         batch_size=args.batch_size,
-        max_images=args.max_images,
     )
     result.update(model=loaded.model_name, checkpoint=args.checkpoint)
     _emit(result, args.output)
+    return 0
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    from wit_pipeline.train import suite as suite_lib
+
+    suite = suite_lib.Suite.from_file(args.config, args.sets, max_samples=args.max_samples)
+    loaded = _load(args)
+    doc = suite.run(
+        loaded.model,
+        loaded.preprocess,
+        loaded.tokenizer,
+        device=loaded.device,
+        batch_size=args.batch_size,
+    )
+    doc = {"checkpoint": args.checkpoint, "model": loaded.model_name, **doc}
+    paths = suite_lib.write_outputs(doc, args.output or "eval-suite")
+    print(suite_lib.markdown(doc), end="")
+    print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    sys.stdout.flush()
     return 0

@@ -125,7 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.set_defaults(func=run_build_default)
 
     i = sub.add_parser("info", help="count, sha256 and manifest summary of a query list")
-    i.add_argument("path", nargs="?", help="a query list (default: the shipped one)")
+    i.add_argument(
+        "path",
+        nargs="?",
+        help="a query list in any format (docs/queries.md), PATH#KEY for a JSON key or a table "
+        "column (default: the shipped list)",
+    )
     i.set_defaults(func=run_info)
 
 
@@ -199,8 +204,18 @@ def run_info(args: argparse.Namespace) -> int:
     from wit_pipeline.queries import merge
 
     path = args.path or queries.default_queries_path()
-    entries = queries.load_queries(path)
-    print(f"{path}: {len(entries):,} queries, sha256 {queries.queries_sha256(path)}")
+    qlist = queries.read_query_list(path)
+    key = f", key {qlist.key!r}" if qlist.key else ""
+    packed = " (gzip)" if qlist.gzip else ""
+    print(f"{path}: {len(qlist.entries):,} queries, sha256 {qlist.sha256}")
+    print(f"format {qlist.format}{packed}{key}, file sha256 {qlist.file_sha256}")
+    never = qlist.unmatchable
+    examples = ", ".join(repr(qlist.entries[i]) for i in never[:5])
+    print(
+        f"{len(never):,} entries can never match (MetaCLIP spacing: ,.;:?! or a backtick "
+        f"next to another character, or a tab or line break)"
+        + (f", e.g. {examples}" if never else "")
+    )
     mpath = merge.manifest_path(path)
     if fileio.exists(mpath):
         manifest = fileio.read_json(mpath)

@@ -1,13 +1,16 @@
 """The query list: loading (every stage) and building (``wit queries``).
 
 This module only reads lists, so every stage can import it without Beam. A query list is a text
-file, optionally gzip-compressed, with one query per line. A query's id is its 0-based position
-among the non-empty lines; ``query_ids`` in every later stage index into that list, so a
-dataset records which list (path and sha256) it was matched against.
+file with one query per line, a JSON array (MetaCLIP's ``metadata.json``) or an object holding
+one, or a ``query`` column of a Parquet/CSV/TSV file, each optionally gzip-compressed
+(``formats``). A query's id is its 0-based position in the loaded list; ``query_ids`` in every
+later stage index into that list, so a dataset records which list (path, format and sha256) it
+was matched against.
 
 Building a list (CLIP's ~500k queries: Wikipedia words and bigrams, titles, WordNet) lives in
 the modules of this package, in the order a reader needs them:
 
+- ``formats``: loading a list in any of its formats, its sha256, entries that can never match.
 - ``reading``: input files (lines, sizes, checksums) and their records in the manifest.
 - ``wikipedia``: dump pages, byte-range splits, wikitext cleaning, counting articles.
 - ``ngrams``: tokens; the unigram source (dump counts, count tables, wordfreq) and the bigram
@@ -23,12 +26,10 @@ the modules of this package, in the order a reader needs them:
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
 
-from wit_pipeline import fileio
 from wit_pipeline.errors import WitError
+from wit_pipeline.queries import formats
 
 REPO_QUERIES_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "queries"
@@ -42,37 +43,29 @@ def default_queries_path() -> str:
 
 
 def read_query_bytes(path: str) -> bytes:
-    try:
-        with fileio.open_file(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise WitError(f"query file not found: {path}") from None
-    except (OSError, IsADirectoryError) as e:
-        raise WitError(f"cannot read query file {path}: {e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise WitError(f"cannot read query file {path}: not a valid gzip file ({e})") from None
-    return raw
+    """The file's bytes, decompressed when gzip."""
+    return formats.read_file_bytes(path)[1]
 
 
 def parse_queries(raw: bytes, *, source: str = "<bytes>") -> list[str]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise WitError(f"cannot read query file {source}: not UTF-8 text ({e})") from None
-    queries = [q for q in (line.strip() for line in text.splitlines()) if q]
+    """Text lines (trimmed, blank lines skipped); raises ``WitError`` when there are none."""
+    queries = formats.parse_text(raw, source)
     if not queries:
         raise WitError(f"query list is empty: {source}")
     return queries
 
 
-def load_queries(path: str) -> list[str]:
-    """Read a query list (``.txt`` or ``.txt.gz``); raises ``WitError`` when missing or empty."""
-    return parse_queries(read_query_bytes(path), source=path)
+def read_query_list(spec: str) -> formats.QueryList:
+    """The list at ``spec`` (a path, ``PATH#key`` for a JSON key or table column) and its ids."""
+    return formats.read_query_list(spec)
 
 
-def queries_sha256(path: str) -> str:
-    """sha256 of the decompressed list: identifies which list ``query_ids`` refer to."""
-    return hashlib.sha256(read_query_bytes(path)).hexdigest()
+def load_queries(spec: str) -> list[str]:
+    """The entries of a query list in any format; raises ``WitError`` when missing or empty."""
+    return formats.read_query_list(spec).entries
+
+
+def queries_sha256(spec: str) -> str:
+    """sha256 of the list (its canonical text, ``formats.list_sha256``): identifies which list
+    ``query_ids`` refer to, whatever format the file is in."""
+    return formats.read_query_list(spec).sha256

@@ -2,7 +2,8 @@
 
 A caption set is a folder of images plus a TSV with a header and the columns ``image`` (file name
 in the folder), ``split`` (train/dev/test/...), ``caption_index`` and ``caption``: several rows per
-image. Retrieval evaluation reads it directly; :func:`write_caption_shards` turns one split into
+image. Retrieval evaluation reads it (and COCO, Karpathy and other table formats) through
+``retrieval_sets``; :func:`write_caption_shards` turns one split into
 final-format webdataset shards (``docs/data-format.md``: one sample per image with every caption
 in ``KEY.json``'s ``captions``), so that a training run can use a human-captioned set.
 """

@@ -16,6 +16,7 @@ from typing import Any
 
 from wit_pipeline import config as config_lib
 from wit_pipeline.errors import WitError
+from wit_pipeline.train import retrieval_sets
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -82,12 +83,27 @@ class TrainConfig:
     eval_zeroshot_templates: str = _opt(
         "auto", "auto | imagenet | cifar10 | cifar100 | simple | a template file"
     )
-    eval_retrieval_captions: str = _opt("", "captions.tsv of an image-caption set")
-    eval_retrieval_images: str = _opt("", "its image folder")
-    eval_retrieval_split: str = _opt("dev", "split of the captions.tsv to evaluate")
+    eval_retrieval_captions: str = _opt(
+        "", "an image-caption set: COCO or Karpathy JSON, CSV/TSV/Parquet/JSONL (docs/train.md)"
+    )
+    eval_retrieval_images: str = _opt(
+        "", "its image folder (not needed when the file embeds the images)"
+    )
+    eval_retrieval_split: str = _opt(
+        "", "split to evaluate; '': the file's only split (Karpathy files: test)"
+    )
+    eval_retrieval_format: str = _opt(
+        "auto", "auto | coco | karpathy | csv | tsv | parquet | jsonl"
+    )
+    eval_retrieval_image_column: str = _opt("", "tables: the image column ('': detect)")
+    eval_retrieval_caption_column: str = _opt("", "tables: the caption column ('': detect)")
+    eval_retrieval_split_column: str = _opt("", "tables: the split column ('': 'split' if any)")
     eval_every: int = _opt(1, "evaluate after every N epochs (and after the last)")
     eval_max_samples: int = _opt(0, "cap per eval set (evenly spaced); 0: all")
     eval_batch_size: int = _opt(256, "images per evaluation batch")
+    # An evaluation suite (wit eval suite's YAML) every N steps and at the end.
+    eval_suite: str = _opt("", "a suite file (wit eval suite --config): run every N steps")
+    eval_suite_every: int = _opt(0, "steps between suite runs (0: only at the end)")
 
 
 def _flag(name: str) -> str:
@@ -123,8 +139,16 @@ def validate(cfg: TrainConfig) -> None:
         raise WitError("--precision must be auto, fp32, bf16 or fp16")
     if cfg.caption_choice not in ("random", "first"):
         raise WitError("--caption-choice must be random or first")
-    if bool(cfg.eval_retrieval_captions) != bool(cfg.eval_retrieval_images):
-        raise WitError("--eval-retrieval-captions and --eval-retrieval-images go together")
+    if cfg.eval_retrieval_images and not cfg.eval_retrieval_captions:
+        raise WitError("--eval-retrieval-images needs --eval-retrieval-captions")
+    if cfg.eval_retrieval_format not in retrieval_sets.FORMATS:
+        raise WitError(
+            f"--eval-retrieval-format must be one of {', '.join(retrieval_sets.FORMATS)}"
+        )
+    if cfg.eval_suite_every < 0:
+        raise WitError("--eval-suite-every must not be negative")
+    if cfg.eval_suite_every and not cfg.eval_suite:
+        raise WitError("--eval-suite-every needs --eval-suite")
 
 
 def build_parser(

@@ -6,9 +6,10 @@
   image bytes and a label (``cifar10/test.parquet``) or a folder of class folders. Templates:
   the 80 CLIP ImageNet templates (``open_clip.zero_shot_metadata``), the CLIP repository's
   per-dataset templates shipped in ``wit_pipeline/data/zeroshot_templates.json``, or a file.
-- Retrieval: image-caption sets in the ``captions.tsv`` layout (``caption_sets``); text-to-image
-  R@k is the fraction of captions whose image ranks in the top k, image-to-text R@k the fraction
-  of images with at least one of their captions in the top k (as in CLIP and clip_benchmark).
+- Retrieval: image-caption sets in COCO, Karpathy, CSV/TSV/Parquet/JSONL form
+  (``retrieval_sets``); text-to-image R@k is the fraction of captions whose image ranks in the
+  top k of all images, image-to-text R@k the fraction of images with at least one of their
+  captions in the top k of all captions (CLIP's and open_clip/clip_benchmark's definition).
 
 Everything runs offline; metrics are plain dicts, ready for JSON.
 """
@@ -27,7 +28,7 @@ import numpy as np
 from wit_pipeline import fileio
 from wit_pipeline.errors import WitError
 from wit_pipeline.models import autocast
-from wit_pipeline.train import caption_sets
+from wit_pipeline.train import retrieval_sets
 from wit_pipeline.train.config import TrainConfig
 
 TEMPLATES_FILE = os.path.join(
@@ -178,15 +179,6 @@ class LabelledSet:
     classnames: list[str]
 
 
-def _dataset_name(path: str) -> str:
-    """``.../cifar10/test.parquet`` -> ``cifar10``; ``.../cifar10_test`` -> ``cifar10_test``."""
-    norm = os.path.normpath(path)
-    stem = os.path.splitext(os.path.basename(norm))[0]
-    if stem in ("test", "val", "validation", "train", "dev", "data") and os.path.dirname(norm):
-        return os.path.basename(os.path.dirname(norm))
-    return stem
-
-
 def _known_templates() -> dict[str, Any]:
     with open(TEMPLATES_FILE) as f:
         return json.load(f)
@@ -194,13 +186,6 @@ def _known_templates() -> dict[str, Any]:
 
 def _prompt_name(label: str) -> str:
     return label.replace("_", " ").strip()
-
-
-def _subsample(n: int, max_samples: int) -> list[int]:
-    """Evenly spaced indices (deterministic) when a set is capped, every index otherwise."""
-    if not max_samples or max_samples >= n:
-        return list(range(n))
-    return sorted({int(i) for i in np.linspace(0, n - 1, max_samples)})
 
 
 def load_labelled_set(
@@ -216,7 +201,7 @@ def load_labelled_set(
     String labels are the class names (sorted); integer labels need ``classnames`` (a list in
     label order) unless the set is one with known names (cifar10).
     """
-    name = _dataset_name(path)
+    name = retrieval_sets.dataset_name(path)
     if os.path.isdir(path):
         classes = sorted(
             d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and d[0] != "."
@@ -231,7 +216,7 @@ def load_labelled_set(
         if not images:
             raise WitError(f"{path}: no images in class folders")
         names = list(classnames) if classnames else [_prompt_name(c) for c in classes]
-        keep = _subsample(len(images), max_samples)
+        keep = retrieval_sets.subsample(len(images), max_samples)
         return LabelledSet(name, [images[i] for i in keep], [labels[i] for i in keep], names)
 
     if not fileio.exists(path):
@@ -249,7 +234,7 @@ def load_labelled_set(
                 f"{path}: no column {col!r} (columns: {', '.join(table.column_names)}); "
                 f"set --image-column/--label-column"
             )
-    keep = _subsample(table.num_rows, max_samples)
+    keep = retrieval_sets.subsample(table.num_rows, max_samples)
     raw_images = table.column(image_column).to_pylist()
     raw_labels = table.column(label_column).to_pylist()
     images = []
@@ -370,35 +355,24 @@ def run_retrieval(
     model: Any,
     preprocess: Callable[[Any], Any],
     tokenizer: Callable[..., Any],
+    dataset: retrieval_sets.RetrievalSet,
     *,
-    images_dir: str,
-    captions_tsv: str,
-    split: str | None = "dev",
     device: str,
     batch_size: int = 256,
-    max_images: int = 0,
 ) -> dict[str, Any]:
-    """Recall@1/5/10 in both directions on one split of a ``captions.tsv`` set."""
-    items = caption_sets.read_captions_tsv(captions_tsv, split=split)
-    items = [items[i] for i in _subsample(len(items), max_images)]
-    paths = caption_sets.image_paths(images_dir, items)
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise WitError(f"{len(missing)} image(s) of {captions_tsv} missing, e.g. {missing[0]}")
-    texts, owner = [], []
-    for i, item in enumerate(items):
-        for c in item.captions:
-            texts.append(c)
-            owner.append(i)
+    """Recall@1/5/10 in both directions on a caption set (``retrieval_sets.load_retrieval_set``)."""
+    texts, owner = dataset.texts_and_owners()
     was_training = model.training
     model.eval()
     try:
-        img = encode_images(model, preprocess, paths, device=device, batch_size=batch_size)
+        img = encode_images(model, preprocess, dataset.images, device=device, batch_size=batch_size)
         txt = encode_texts(model, tokenizer, texts, device=device, batch_size=max(batch_size, 512))
     finally:
         model.train(was_training)
     out: dict[str, Any] = dict(retrieval_metrics(img, txt, owner))
-    out["split"] = split if split is not None else "all"
+    out.update(
+        dataset=dataset.name, format=dataset.format, split=dataset.split, skipped=dataset.skipped
+    )
     return out
 
 
@@ -427,14 +401,21 @@ class EpochEvaluator:
             name = name or ds.name
             templates = resolve_templates(cfg.eval_zeroshot_templates, ds.name)
             self.sets.append((name, ds, templates))
+        self.retrieval: retrieval_sets.RetrievalSet | None = None
         if cfg.eval_retrieval_captions:  # a bad file fails now, not after the first epoch
-            caption_sets.read_captions_tsv(
-                cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split
+            self.retrieval = retrieval_sets.load_retrieval_set(
+                cfg.eval_retrieval_captions,
+                images=cfg.eval_retrieval_images,
+                options=retrieval_sets.CaptionOptions.from_values(
+                    dataclasses.asdict(cfg), "eval_retrieval_"
+                ),
+                max_images=cfg.eval_max_samples,
+                option=lambda field: "--eval-retrieval-" + field.replace("_", "-"),
             )
 
     @property
     def enabled(self) -> bool:
-        return bool(self.sets or self.cfg.eval_retrieval_captions)
+        return bool(self.sets or self.retrieval)
 
     def __call__(self, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
         """Metrics of ``model`` (not DDP-wrapped) on every set, keyed ``NAME/top1`` etc."""
@@ -452,17 +433,14 @@ class EpochEvaluator:
             )
             for k in ("top1", "top5", "mean_per_class_top1"):
                 out[f"{name}/{k}"] = res[k]
-        if self.cfg.eval_retrieval_captions:
+        if self.retrieval is not None:
             res = run_retrieval(
                 model,
                 preprocess,
                 tokenizer,
-                images_dir=self.cfg.eval_retrieval_images,
-                captions_tsv=self.cfg.eval_retrieval_captions,
-                split=self.cfg.eval_retrieval_split or None,
+                self.retrieval,
                 device=device,
                 batch_size=self.cfg.eval_batch_size,
-                max_images=self.cfg.eval_max_samples,
             )
             for k, v in res.items():
                 if "R@" in k:

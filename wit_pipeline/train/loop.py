@@ -12,10 +12,12 @@ evaluation, checkpoint, plots). The pieces live beside it in ``wit_pipeline/trai
 - ``distributed.py``: rank and device under ``torchrun``, what the ranks agree on each step;
 - ``checkpoint.py``: what a checkpoint holds, writing it, resuming from it;
 - ``metrics.py``: ``metrics.jsonl``, ``loss.png``, ``eval.png``;
-- ``evaluate.py``: zero-shot and retrieval evaluation (also ``wit eval``).
+- ``evaluate.py``: zero-shot and retrieval evaluation (also ``wit eval``);
+- ``suite.py``: an evaluation suite (``--eval-suite``, also ``wit eval suite``).
 
 Output in ``--output``: ``checkpoints/latest.pt`` and ``checkpoints/epoch_N.pt``,
-``metrics.jsonl``, ``loss.png`` and ``eval.png`` (docs/train.md).
+``metrics.jsonl``, ``loss.png`` and ``eval.png``, and with ``--eval-suite`` ``eval_suite.png`` and
+``eval_suite/suite.{json,md,png}`` (docs/train.md).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from wit_pipeline.train import checkpoint, data, distributed, recipe
 from wit_pipeline.train.checkpoint import TrainState
 from wit_pipeline.train.config import TrainConfig, parse_config, validate
 from wit_pipeline.train.distributed import Runtime, unwrap
-from wit_pipeline.train.evaluate import EpochEvaluator
+from wit_pipeline.train.evaluate import EpochEvaluator, eval_transform
 from wit_pipeline.train.metrics import LogWindow, MetricsLog, write_plots
+from wit_pipeline.train.suite import Suite, write_outputs
 
 LOG = logging.getLogger("wit_pipeline.train")
 
@@ -60,6 +63,8 @@ class Run:
     loss_fn: Any
     tokenizer: Any
     metrics: MetricsLog
+    suite: Suite | None = None  # --eval-suite, loaded on the main rank
+    suite_last: tuple[int, dict[str, Any]] | None = None  # (step, document) of its latest run
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -75,6 +80,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = resume(run, resume_path)
     log_config(run, state, num_shards=len(shard_paths))
     evaluator = EpochEvaluator(cfg) if run.rt.is_main else None
+    if cfg.eval_suite and run.rt.is_main:
+        run.suite = Suite.from_file(cfg.eval_suite, max_samples=cfg.eval_max_samples)
     bar = progress_bar(run, state)
 
     last_eval: dict[str, Any] = {}
@@ -88,6 +95,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar.close()
     if stopped:
         save(run, state)
+    suite_metrics = finish_suite(run, state) if cfg.eval_suite and not stopped else {}
     if run.rt.is_main and cfg.plots:
         write_plots(run.metrics.rows(), cfg.output)
     summary = {
@@ -97,6 +105,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "samples_seen": state.samples_seen,
         "stopped_early": stopped,
         "eval": last_eval,
+        **({"eval_suite": suite_metrics} if suite_metrics else {}),
         "checkpoint": checkpoint.latest_path(cfg.output),
         "output": cfg.output,
     }
@@ -303,6 +312,10 @@ def train_one_epoch(run: Run, state: TrainState, bar: Any) -> bool:
             return True
         if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
             save(run, state)
+        if cfg.eval_suite_every and state.step % cfg.eval_suite_every == 0:
+            t_suite = time.time()
+            evaluate_suite(run, state, state.epoch)
+            window.t0 += time.time() - t_suite  # the suite's time is not training time
         t_data = time.time()
     return False
 
@@ -414,6 +427,51 @@ def evaluate_epoch(
         )
     distributed.barrier(run.rt)
     return result
+
+
+def evaluate_suite(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
+    """Run ``--eval-suite`` on the main rank and write its ``eval_suite`` row (``epoch``: the
+    0-based epoch of the step, as in train rows); the other ranks wait. Returns its metrics."""
+    doc: dict[str, Any] = {}
+    if run.suite is not None:
+        t0 = time.time()
+        model = unwrap(run.model)
+        doc = run.suite.run(
+            model,
+            eval_transform(model),
+            run.tokenizer,
+            device=run.rt.device,
+            batch_size=run.cfg.eval_batch_size,
+        )
+        run.metrics.write(
+            {
+                "type": "eval_suite",
+                "step": state.step,
+                "epoch": epoch,
+                "metrics": doc["metrics"],
+                "seconds": round(time.time() - t0, 3),
+            }
+        )
+    run.suite_last = (state.step, doc)  # on every rank: they agree on when the suite ran
+    distributed.barrier(run.rt)
+    return doc.get("metrics", {})
+
+
+def finish_suite(run: Run, state: TrainState) -> dict[str, Any]:
+    """At the end of a run: the suite on the final weights (its run at this step when there was
+    one), written as ``OUTPUT/eval_suite/suite.{json,md,png}``. Returns its metrics."""
+    if run.suite_last is None or run.suite_last[0] != state.step:
+        evaluate_suite(run, state, max(0, state.epoch - 1))  # the epochs are closed: the last one
+    if run.suite is None or run.suite_last is None:  # not the main rank
+        return {}
+    doc = {
+        "checkpoint": checkpoint.latest_path(run.cfg.output),
+        "model": run.cfg.model,
+        "step": state.step,
+        **run.suite_last[1],
+    }
+    write_outputs(doc, fileio.join(run.cfg.output, "eval_suite"))
+    return doc["metrics"]
 
 
 def save(run: Run, state: TrainState, extra_names: Sequence[str] = ()) -> None:

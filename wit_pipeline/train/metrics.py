@@ -1,8 +1,10 @@
-"""What a run reports: ``metrics.jsonl`` rows, the logging window, ``loss.png`` and ``eval.png``.
+"""What a run reports: ``metrics.jsonl`` rows, the logging window, ``loss.png``, ``eval.png`` and
+``eval_suite.png``.
 
 ``metrics.jsonl`` holds one JSON object per line: a ``config`` row at every (re)start, a
 ``train`` row every ``--log-every`` steps (and at each epoch's last step), an ``eval`` row after
-each evaluation (see docs/train.md for the fields). Only the main rank writes.
+each evaluation, an ``eval_suite`` row after each ``--eval-suite`` run (see docs/train.md for the
+fields). Only the main rank writes.
 """
 
 from __future__ import annotations
@@ -76,15 +78,37 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
             if isinstance(value, int | float) and (name.endswith(("top1", "top5")) or "R@" in name):
                 series.setdefault(name, []).append((r["epoch"], float(value)))
     if series:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, pts in sorted(series.items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy / recall")
-        ax.legend(fontsize=7)
-        ax.set_title("evaluation")
-        written.append(_save(fig, os.path.join(output, "eval.png")))
+        path = os.path.join(output, "eval.png")
+        written.append(_series_figure(series, "epoch", "accuracy / recall", "evaluation", path))
+    # --eval-suite runs by step: each set's top-1 or R@1, and the mean zero-shot top-1.
+    suite_series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("type") == "eval_suite":
+            for name, value in r.get("metrics", {}).items():
+                if name.endswith(("/top1", "_R@1")):
+                    suite_series.setdefault(name, []).append((r["step"], float(value)))
+    if suite_series:
+        path = os.path.join(output, "eval_suite.png")
+        written.append(
+            _series_figure(suite_series, "step", "top-1 / R@1", "evaluation suite", path)
+        )
     return written
+
+
+def _series_figure(
+    series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str, path: str
+) -> str:
+    """One line per named series of ``(x, y)`` points, saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: str) -> str:

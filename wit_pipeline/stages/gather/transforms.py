@@ -552,13 +552,13 @@ def run_gather(
     queries_path = queries_path or queries.default_queries_path()
     paths = fileio.expand_inputs(list(inputs))
     formats = validate_inputs(paths, config)
-    query_list = queries.load_queries(queries_path)
-    sha = queries.queries_sha256(queries_path)
+    loaded = queries.read_query_list(queries_path)
+    query_list, sha = loaded.entries, loaded.sha256
     num_buckets = config.num_output_shards or auto_num_buckets(paths)
     from wit_pipeline.config import to_dict
 
     extra = {
-        "queries": {"path": queries_path, "sha256": sha, "count": len(query_list)},
+        "queries": loaded.record(),
         "inputs": {"count": len(paths), "formats": formats, "files": paths},
         "config": to_dict(config),
         "num_output_shards": num_buckets,
