@@ -40,6 +40,7 @@ from wit_pipeline.stages.dedup import core as dedup
 from wit_pipeline.stages.dedup.decontaminate import CONTAMINATION
 from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import transforms as gather_lib
+from wit_pipeline.takedown import Blocklist
 
 REJECTED, COUNTS = beam_utils.REJECTED, beam_utils.COUNTS
 
@@ -55,6 +56,7 @@ def gather(
     queries_sha256: str | None = None,
     extra: Mapping[str, Any] | None = None,
     progress_interval: float = 10.0,
+    blocklist: Blocklist | None = None,
 ) -> None:
     """Crawl files -> ``output``'s candidates, rejected pairs and stats."""
     result = (
@@ -68,6 +70,7 @@ def gather(
             total_files=len(paths),
             queries_sha256=queries_sha256,
             progress_interval=progress_interval,
+            blocklist=blocklist,
         )
     )
     _ = result | "Write" >> gather_lib.WriteGather(
