@@ -235,7 +235,8 @@ def test_apply_verdict_and_crawl_delay():
         out = list(plan.apply_verdict(("http://h.test", values), DownloadConfig(**cfg)))
         return [(r["verdict"], r.get("crawl_delay")) for r in out]
 
-    robots_drop = ("robots", "disallowed by robots.txt")
+    # A refusal names the policy it rests on (here a verdict made without a fetch: None).
+    robots_drop = ("robots", "disallowed by robots.txt", None, None)
     assert run() == [(None, None), (robots_drop, None)]
     assert run(respect_crawl_delay=True) == [(None, 3.0), (robots_drop, None)]
     too_slow = ("robots", "Crawl-delay 3s exceeds max_crawl_delay 2s")
@@ -503,7 +504,7 @@ def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
         server.route("/robots.txt", lambda req: req.send_plain(200, b"User-agent: *\nDisallow: /"))
         server.route("/a.jpg", lambda req: req.send_plain(200, JPEG, "image/jpeg"))
         input_dir = write_candidates(tmp_path / "in", [pair(server.url("/a.jpg"), "a")], parts=1)
-        cfg = DownloadConfig(allow_loopback=True, respect_robots=False)
+        cfg = DownloadConfig(allow_loopback=True, respect_robots=False, respect_tdmrep=False)
         before = urllib.request._opener
         stats = run_download(input_dir, str(tmp_path / "out"), cfg)
         assert server.paths_requested() == ["/a.jpg"]
@@ -596,6 +597,7 @@ def test_transform_counts_with_test_pipeline(tmp_path):
                         {
                             "counters": {"dropped:http_404": 1, "input": 2, "kept": 1},
                             "url_counters": {"dropped:http_404": 1, "input": 2, "kept": 1},
+                            "opt_out_counters": {},
                         }
                     ]
                 ),
