@@ -124,7 +124,9 @@ def page_signal(
     value) and its meta tags, or None: meta robots, then X-Robots-Tag, then TDMRep."""
     return (
         meta_robots(metas, agents, directives)
-        or _prefixed("x-robots-tag:", x_robots_tag(headers.get("x-robots-tag", ()), agents, directives))
+        or _prefixed(
+            "x-robots-tag:", x_robots_tag(headers.get("x-robots-tag", ()), agents, directives)
+        )
         or (tdm_page(next(iter(headers.get("tdm-reservation", ())), None), metas) if tdm else None)
     )
 

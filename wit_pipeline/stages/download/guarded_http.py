@@ -196,9 +196,7 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     max_repeats = 1_000
     max_redirections = 1_000
 
-    def __init__(
-        self, max_redirects: int, hop_check: Callable[[str, str], None] | None = None
-    ):
+    def __init__(self, max_redirects: int, hop_check: Callable[[str, str], None] | None = None):
         super().__init__()
         self.max_redirects = max_redirects
         self.hop_check = hop_check
@@ -313,10 +311,8 @@ class GuardedOpener(urllib.request.OpenerDirector):
         )
         if directive is not None:
             return f"x-robots-tag:{directive}"
-        if self.options.respect_tdmrep:
-            if optout.tdm_reservation(headers.get("tdm-reservation")) == 1:
-                return optout.TDM_HEADER
-        return None
+        reserved = optout.tdm_reservation(headers.get("tdm-reservation")) == 1
+        return optout.TDM_HEADER if self.options.respect_tdmrep and reserved else None
 
 
 class FetchedResponse:

@@ -9,8 +9,8 @@ The file is a JSON array of rules, each an object with ``location`` (a path patt
   robots.txt's percent-encoding normalization (``robots._normalize_path``);
 - the rules are taken in file order and the first one that matches applies ("the most specific
   match is the first in sequence");
-- no matching rule, or a rule whose ``tdm-reservation`` is neither 0 nor 1 (a protocol error),
-  leaves the reservation unset: the URL may be fetched.
+- no matching rule, or a first matching rule whose ``tdm-reservation`` is neither 0 nor 1 (a
+  protocol error), leaves the reservation unset: the URL may be fetched.
 
 Fetch policy (:func:`fetch_tdmrep`), once per origin like robots.txt: redirects are followed
 (at most 5, http(s) only, each hop through the SSRF guard); a 2xx body of at most
@@ -41,10 +41,11 @@ MAX_TDMREP_REDIRECTS = 5
 class TdmRules:
     """The rules of one tdmrep.json: ``(location pattern, reservation, policy URL)``."""
 
-    rules: tuple[tuple[str, int, str], ...] = ()
+    rules: tuple[tuple[str, int | None, str], ...] = ()
 
-    def reservation(self, url: str) -> tuple[int, str] | None:
-        """``(reservation, pattern)`` of the first rule that matches ``url``, else None."""
+    def reservation(self, url: str) -> tuple[int | None, str] | None:
+        """``(reservation, pattern)`` of the first rule that matches ``url`` (reservation None:
+        that rule's value is a protocol error, so unset), else None."""
         parts = urlsplit(url)
         target = robots._normalize_path(
             (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -57,19 +58,23 @@ class TdmRules:
 
 def parse(text: str) -> tuple[TdmRules, int]:
     """``(rules, number of malformed rules skipped)``; ``ValueError`` when the text is not a
-    JSON array (the origin then does not implement the protocol)."""
+    JSON array (the origin then does not implement the protocol).
+
+    A rule without a ``location`` string is skipped; a rule whose ``tdm-reservation`` is not 0
+    or 1 (a number, or the same as a string) is kept with the value None: when it is the first
+    to match, the reservation is unset, as the protocol says of a protocol error.
+    """
     doc = json.loads(text)
     if not isinstance(doc, list):
         raise ValueError(f"a JSON {type(doc).__name__}, not an array of rules")
     rules, bad = [], 0
     for item in doc:
         location = item.get("location") if isinstance(item, dict) else None
-        value = item.get("tdm-reservation") if isinstance(item, dict) else None
-        # 1 and 0, as numbers (the protocol's examples) or strings; anything else is an error.
-        value = optout.tdm_reservation(str(value)) if isinstance(value, int | str) else None
-        if not isinstance(location, str) or not location or value is None:
+        if not isinstance(location, str) or not location:
             bad += 1
             continue
+        raw = item.get("tdm-reservation")
+        value = None if isinstance(raw, bool) or raw is None else optout.tdm_reservation(str(raw))
         if not location.startswith(("/", "*")):
             location = "/" + location
         policy = item.get("tdm-policy")
@@ -98,9 +103,7 @@ class TdmVerdict:
         return (optout.OPT_OUT, optout.TDMREP_JSON, self.url, self.fetched)
 
 
-def fetch_tdmrep(
-    session, origin_url: str, *, connect_timeout: float, timeout: float
-) -> TdmVerdict:
+def fetch_tdmrep(session, origin_url: str, *, connect_timeout: float, timeout: float) -> TdmVerdict:
     """Fetch ``origin_url/.well-known/tdmrep.json`` with a guarded ``requests`` session."""
     from wit_pipeline.stages.download import guarded_http
 
@@ -120,9 +123,7 @@ def fetch_tdmrep(
     if not 200 <= resp.status < 300:
         return TdmVerdict(None, resp.url, fetched, f"HTTP {resp.status}: no reservation")
     if resp.truncated:
-        return TdmVerdict(
-            None, resp.url, fetched, f"larger than {MAX_TDMREP_BYTES} bytes: ignored"
-        )
+        return TdmVerdict(None, resp.url, fetched, f"larger than {MAX_TDMREP_BYTES} bytes: ignored")
     try:
         rules, bad = parse(resp.body.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as e:

@@ -42,12 +42,10 @@ import apache_beam as beam
 import pyarrow as pa
 
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import fileio, shards, stage, urls
+from wit_pipeline import fileio, optout, shards, stage, urls
 from wit_pipeline.beam_utils import COUNTS, SumCounts, emit_counts
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.takedown import Blocklist
-from wit_pipeline import optout
 from wit_pipeline.stages.download import guarded_http, netguard, policy
 from wit_pipeline.stages.download.fetch import (
     ProbingResizer,
@@ -76,6 +74,7 @@ from wit_pipeline.stages.download.plan import (
     validate_config,
     write_shard_files,
 )
+from wit_pipeline.takedown import Blocklist
 
 STATS_FILE = "stats.json"
 # stats.json: pair counts under "counters", distinct-URL counts under "url_counters", pairs

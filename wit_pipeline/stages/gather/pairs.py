@@ -45,12 +45,12 @@ import pyarrow.compute as pc
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio, optout, queries, schemas, stage, urls
 from wit_pipeline.config import GatherConfig
-from wit_pipeline.takedown import TAKEDOWN, Blocklist
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather import captions as captions_lib
 from wit_pipeline.stages.gather.match import QueryMatcher
 from wit_pipeline.stages.gather.readers import FORMATS, RawBatch, iter_file_batches
 from wit_pipeline.stages.gather.readers.html import resolve_url
+from wit_pipeline.takedown import TAKEDOWN, Blocklist
 
 STAGE = "gather"  # the stage name in rejected rows
 

@@ -95,7 +95,7 @@ def page_signal(doc: Any, *, cfg: GatherConfig) -> str | None:
         return None
     headers: dict[str, list[str]] = {}
     raw = http.get("Headers")
-    for name, value in (raw.items() if isinstance(raw, dict) else ()):
+    for name, value in raw.items() if isinstance(raw, dict) else ():
         values = value if isinstance(value, list) else [value]
         headers.setdefault(str(name).lower(), []).extend(str(v) for v in values)
     metas = []
