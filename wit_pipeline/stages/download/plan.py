@@ -410,25 +410,36 @@ def finished_shards(output_dir: str) -> list[int]:
     return sorted(out)
 
 
-def plan_doc(config: DownloadConfig, num_urls: int) -> dict[str, Any]:
-    """What fixes the shard assignment and the shard contents of a run."""
+def plan_doc(config: DownloadConfig, num_urls: int, takedown: str = "") -> dict[str, Any]:
+    """What fixes the shard assignment and the shard contents of a run (``takedown``: the
+    digest of the blocklist's url and domain entries, recorded when there are any)."""
     cfg = to_dict(config)
     for name in EXECUTION_ONLY_FIELDS:
         cfg.pop(name, None)
-    return {
+    doc = {
         "num_urls": num_urls,
         "num_shards": config.num_shards or num_shards_for(num_urls, config.samples_per_shard),
         "config": cfg,
     }
+    if takedown:
+        doc["takedown"] = takedown
+    return doc
 
 
-def check_plan_config(output_dir: str, config: DownloadConfig) -> None:
-    """Before a rerun starts: refuse a configuration that differs from the first run's."""
+def check_plan_config(output_dir: str, config: DownloadConfig, takedown: str = "") -> None:
+    """Before a rerun starts: refuse a configuration (or takedown entries) that differs from
+    the first run's."""
     path = fileio.join(output_dir, PLAN_FILE)
     if not fileio.exists(path):
         return
-    old = fileio.read_json(path).get("config")
+    previous = fileio.read_json(path)
+    old = previous.get("config")
     new = plan_doc(config, 0)["config"]
+    if previous.get("takedown", "") != takedown:
+        raise WitError(
+            f"{output_dir} holds a download run with other takedown entries (--blocklist); "
+            "use a new --output directory or the same blocklists"
+        )
     if old != new:
         changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
         raise WitError(

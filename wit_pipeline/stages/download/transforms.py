@@ -113,8 +113,10 @@ class _KeyPairsFn(beam.DoFn):
             yield key_pair(row)
 
 
-def _plan_num_shards(num_urls: int, output_dir: str, config: DownloadConfig) -> int:
-    return check_plan(output_dir, plan_doc(config, num_urls))
+def _plan_num_shards(
+    num_urls: int, output_dir: str, config: DownloadConfig, takedown: str = ""
+) -> int:
+    return check_plan(output_dir, plan_doc(config, num_urls, takedown))
 
 
 def _assign_shard(
@@ -292,7 +294,10 @@ class DownloadImages(beam.PTransform):
         num_shards = (
             records
             | "CountUrls" >> beam.combiners.Count.Globally()
-            | "Plan" >> beam.Map(_plan_num_shards, out, cfg)
+            | "Plan"
+            >> beam.Map(
+                _plan_num_shards, out, cfg, self._blocklist.url_digest() if self._blocklist else ""
+            )
         )
         start = tables.pipeline | "OutputDir" >> beam.Create([out])
         finished_ids = start | "ListFinished" >> beam.FlatMap(finished_shards)
