@@ -196,8 +196,10 @@ def run_dedup(
     *,
     beam_args: Sequence[str] = (),
     runner: str | None = None,
+    blocklist: Blocklist | None = None,
 ) -> dict[str, Any]:
-    """Download output dirs -> ``DIR/samples/*.parquet`` (deduplicated, decontaminated)."""
+    """Download output dirs -> ``DIR/samples/*.parquet`` (deduplicated, decontaminated; the
+    images ``blocklist``'s hash entries match dropped first)."""
     tars = samples.download_tars(inputs)
     fileio.makedirs(output_dir)
     for sub in (samples.SAMPLES_DIR, stage.REJECTED_DIR):
@@ -210,6 +212,7 @@ def run_dedup(
             output_dir=output_dir,
             config=cfg,
             stats_extra={"inputs": list(inputs), "config": config_lib.to_dict(cfg)},
+            blocklist=blocklist,
         )
 
     run(graph, beam_args=beam_args, runner=runner)

@@ -243,6 +243,11 @@ def merge(lists: Iterable[Blocklist]) -> Blocklist:
     )
 
 
+def from_config(config: Any) -> Blocklist | None:
+    """The blocklists a ``takedown`` config section names, read and merged (None: none)."""
+    return load_blocklists(config.blocklists) if config.blocklists else None
+
+
 def load_blocklists(paths: Sequence[str]) -> Blocklist:
     """Read and merge the blocklist files (local or fsspec URLs); one-line errors."""
     parsed = []
