@@ -579,7 +579,13 @@ def test_compose_stats_refuses_lost_records():
 
 
 def test_colliding_reasons_are_qualified_by_stage():
-    assert sorted(run_stats.COLLIDING_REASONS) == ["no_query", "undecodable_image"]
+    assert sorted(run_stats.COLLIDING_REASONS) == [
+        "no_query",
+        "opt_out",
+        "takedown",
+        "undecodable_image",
+    ]
+    assert run_stats.run_reason("gather", "opt_out") == "gather/opt_out"
     assert run_stats.run_reason("prebalance", "no_query") == "prebalance/no_query"
     assert run_stats.run_reason("download", "robots") == "robots"
 

@@ -367,7 +367,7 @@ def test_help_of_every_command_shows_the_config_defaults():
     assert sorted(helps) == [
         "balance", "build", "dedup", "demo", "demo run", "demo serve", "download", "eval",
         "eval retrieval", "eval zeroshot", "gather", "queries", "queries build",
-        "queries build-default", "queries info", "report", "score", "train",
+        "queries build-default", "queries info", "remove", "report", "score", "train",
     ]  # fmt: skip
     assert "target count per query (default: 20000)" in helps["balance"]
     assert "codes to keep (default: en)" in helps["gather"]
