@@ -154,14 +154,6 @@ def file_identity(path: str) -> str:
     return f"{info.get('size', '')}:{tag}"
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with fileio.open_file(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_inputs(
     inputs: Sequence[str], queries_path: str | None, cfg: config.BuildConfig
 ) -> BuildInputs:
@@ -172,7 +164,7 @@ def resolve_inputs(
     seed_sha = ""
     pretrained = cfg.score.pretrained
     if pretrained and fileio.exists(pretrained) and not os.path.isdir(pretrained):
-        seed_sha = _file_sha256(pretrained)
+        seed_sha = fileio.sha256_file(pretrained)
     blocklists = [_abs(b) for b in cfg.takedown.blocklists]
     return BuildInputs(
         files=tuple(files),

@@ -77,14 +77,6 @@ def match_sample(row: Mapping[str, Any], blocklist: takedown.Blocklist) -> str |
     return None
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with fileio.open_file(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _copy(src: str, dst: str) -> tuple[int, str]:
     """Copy a file byte for byte; ``(size, sha256)`` of what was copied."""
     h, size = hashlib.sha256(), 0
@@ -224,7 +216,7 @@ def remove_samples(
         "format": RELEASE_FORMAT,
         "previous": {
             "path": _abs(input_dir),
-            "manifest_sha256": _sha256(old_manifest_path),
+            "manifest_sha256": fileio.sha256_file(old_manifest_path),
             "num_samples": old.get("num_samples"),
         },
         "blocklists": blocklist.describe(),
