@@ -4,15 +4,19 @@
   opener whose HTTP(S) handlers use guarded connections (``netguard.Guard.connect``), that
   follows at most ``max_redirects`` http(s)-only redirects, refuses proxies and non-http(s)
   schemes, retries only retryable errors, enforces a total deadline per attempt, a body size
-  limit, per-host concurrency and rate limits (:class:`HostLimiter`), sends our User-Agent and
-  refuses ``X-Robots-Tag`` opt-outs before reading the body. It is installed process-wide with
+  limit, per-host concurrency and rate limits (:class:`HostLimiter`), sends our User-Agent,
+  passes every redirect target to a check before requesting it (``hop_check``:
+  ``policy.RedirectCheck``, robots.txt and tdmrep.json of new origins, takedown entries) and
+  refuses ``X-Robots-Tag`` and ``tdm-reservation`` opt-outs before reading the body (the refusal
+  names the signal, the URL and the time: ``optout.with_policy``). It is installed process-wide with
   ``urllib.request.install_opener``, the hook ``urllib.request.urlopen`` (and so img2dataset's
   ``download_image``) goes through. The download DoFn acquires it from :data:`PROCESS_OPENER`
   in ``setup()`` (one opener and one per-host limiter per worker process, reference counted,
   so that no instance's ``teardown()`` can switch the guard off under another) and re-checks
   it before every shard.
-- ``requests`` (robots.txt): :func:`requests_session` returns a session whose adapters use the
-  same guarded connections.
+- ``requests`` (robots.txt, tdmrep.json): :func:`requests_session` returns a session whose
+  adapters use the same guarded connections; :func:`get_small` fetches such a policy file
+  with its redirects followed hop by hop.
 
 Errors are ``netguard.FetchError`` with a stable reason, as for the guard itself.
 """
