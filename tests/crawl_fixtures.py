@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import uuid
+from urllib.parse import urljoin
 
 QUERIES = ["dog", "beach", "cat", "hot dog", "puppy", "snow"]
 
@@ -309,3 +310,139 @@ def wat_records() -> list[bytes]:
 
 def wat_gz() -> bytes:
     return b"".join(gz(r) for r in wat_records())
+
+
+# ---------------------------------------------------------------------------------------------
+# Page-level opt-outs: one page per signal (and per way of not opting out), each with one image.
+
+OPT_OUT_DATE = "2020-08-08T17:27:41Z"  # every fixture record's WARC-Date
+
+
+def _opt_page(n: int, head: str = "") -> bytes:
+    return (
+        f"<!doctype html><html><head>{head}</head><body>"
+        f'<img src="/img/{n}.jpg" alt="A dog on the beach {n}"></body></html>'
+    ).encode()
+
+
+# (page URL, <head> markup, response headers, the page's signal or None)
+OPT_OUT_PAGES: list[tuple[str, str, tuple[tuple[str, str], ...], str | None]] = [
+    (
+        "http://a.example/meta-robots",
+        '<META NAME="Robots" CONTENT="NoIndex, NOAI">',
+        (),
+        "robots-meta:noai",
+    ),
+    (
+        "http://a.example/meta-img2dataset",
+        '<meta name="img2dataset" content="noimageai">',
+        (),
+        "img2dataset-meta:noimageai",
+    ),
+    (
+        "http://a.example/meta-ours",
+        '<meta name="WIT-Pipeline" content="noai">',
+        (),
+        "wit-pipeline-meta:noai",
+    ),
+    ("http://a.example/meta-other-agent", '<meta name="googlebot" content="noai">', (), None),
+    ("http://a.example/meta-noindex", '<meta name="robots" content="noindex">', (), None),
+    (
+        "http://b.example/xrt",
+        "",
+        (("X-ROBOTS-TAG", "noarchive, NoImageAI"),),
+        "x-robots-tag:noimageai",
+    ),
+    (
+        "http://b.example/xrt-ours",
+        "",
+        (("X-Robots-Tag", "wit-pipeline: noai"),),
+        "x-robots-tag:noai",
+    ),
+    (
+        "http://b.example/xrt-other-agent",
+        "",
+        (("X-Robots-Tag", "otherbot: noai, noimageai"),),
+        None,
+    ),
+    # Two headers: the agent of the first does not carry over to the second.
+    (
+        "http://b.example/xrt-two",
+        "",
+        (("X-Robots-Tag", "googlebot: noindex"), ("x-robots-tag", "noai")),
+        "x-robots-tag:noai",
+    ),
+    ("http://c.example/tdm-header", "", (("TDM-Reservation", "1"),), "tdm-reservation:header"),
+    (
+        "http://c.example/tdm-meta",
+        '<meta name="TDM-Reservation" content="1">',
+        (),
+        "tdm-reservation:meta",
+    ),
+    # TDMRep: the meta supersedes the header; 0 reserves nothing.
+    (
+        "http://c.example/tdm-meta-lifts",
+        '<meta name="tdm-reservation" content="0">',
+        (("tdm-reservation", "1"),),
+        None,
+    ),
+    ("http://c.example/tdm-zero", "", (("tdm-reservation", "0"),), None),
+]
+
+
+def opt_out_warc() -> bytes:
+    """A .warc.gz with one response per ``OPT_OUT_PAGES`` entry."""
+    records = [warcinfo()]
+    for n, (uri, head, headers, _) in enumerate(OPT_OUT_PAGES):
+        block = http_response(_opt_page(n, head), headers=headers)
+        records.append(warc_record("response", uri, block))
+    return b"".join(gz(r) for r in records)
+
+
+def opt_out_image(n: int) -> tuple[str, str]:
+    """``(image URL, caption)`` of ``OPT_OUT_PAGES[n]``'s image."""
+    return urljoin(OPT_OUT_PAGES[n][0], f"/img/{n}.jpg"), f"A dog on the beach {n}"
+
+
+# WAT documents of pages with opt-outs: (page URL, Metas, Headers, signal or None).
+WAT_OPT_OUT_PAGES: list[tuple[str, list[dict], dict, str | None]] = [
+    ("http://w.example/meta", [{"name": "ROBOTS", "content": "noai"}], {}, "robots-meta:noai"),
+    ("http://w.example/xrt", [], {"X-Robots-Tag": "noimageai"}, "x-robots-tag:noimageai"),
+    (
+        "http://w.example/xrt-list",
+        [],
+        {"X-Robots-Tag": ["googlebot: noai", "noai"]},
+        "x-robots-tag:noai",
+    ),
+    ("http://w.example/tdm", [], {"tdm-reservation": "1"}, "tdm-reservation:header"),
+    (
+        "http://w.example/tdm-meta",
+        [{"name": "tdm-reservation", "content": "1"}],
+        {},
+        "tdm-reservation:meta",
+    ),
+    (
+        "http://w.example/other",
+        [{"name": "otherbot", "content": "noai"}],
+        {"X-Robots-Tag": "otherbot: noai"},
+        None,
+    ),
+]
+
+
+def opt_out_wat() -> bytes:
+    """A .wat.gz with one HTML page per ``WAT_OPT_OUT_PAGES`` entry, one image link each."""
+    records = [warcinfo()]
+    for n, (uri, metas, headers, _) in enumerate(WAT_OPT_OUT_PAGES):
+        html = {
+            "Head": {"Title": "t", "Metas": metas},
+            "Links": [
+                {"path": "IMG@/src", "url": f"/img/{n}.jpg", "alt": f"A puppy in the snow {n}"}
+            ],
+        }
+        doc = wat_document(uri, html=html)
+        http = doc["Envelope"]["Payload-Metadata"]["HTTP-Response-Metadata"]
+        http["Headers"] = {"Content-Type": "text/html", **headers}
+        block = json.dumps(doc).encode()
+        records.append(warc_record("metadata", uri, block, content_type="application/json"))
+    return b"".join(gz(r) for r in records)

@@ -41,12 +41,16 @@ def write_candidates(directory: pathlib.Path, rows: list[dict], parts: int = 2) 
     return str(directory)
 
 
-def run_download(input_dir: str, output_dir: str, config: DownloadConfig, resolver=None):
+def run_download(
+    input_dir: str, output_dir: str, config: DownloadConfig, resolver=None, blocklist=None
+):
     with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(OPTIONS)) as p:
         _ = (
             p
             | download.ReadCandidates(files=download.candidate_files(input_dir))
-            | download.DownloadImages(output_dir=output_dir, config=config, resolver=resolver)
+            | download.DownloadImages(
+                output_dir=output_dir, config=config, resolver=resolver, blocklist=blocklist
+            )
         )
     return json.loads((pathlib.Path(output_dir) / "stats.json").read_text())
 

@@ -146,7 +146,45 @@ CASES: dict[str, str | None] = {
     "/xrobots-noai": "opt_out",
     "/xrobots-ours": "opt_out",
     "/xrobots-noimageindex": "opt_out",
+    "/xrobots-img2dataset": "opt_out",  # scoped to img2dataset, whose users we are
+    "/tdm-header.jpg": "opt_out",  # tdm-reservation: 1 on the image response
+    "/tdm-header-zero.jpg": None,  # tdm-reservation: 0
+    # Redirects to other origins: their robots.txt and tdmrep.json apply before the request.
+    "/to-disallowed": "robots",  # -> redirect-strict.test, whose robots.txt says Disallow: /
+    "/to-allowed": None,  # -> redirect-open.test, whose robots.txt allows
+    "/to-robots-down": "robots",  # -> redirect-down.test, whose robots.txt answers 503
+    "/to-tdm-reserved": "opt_out",  # -> tdm-redirect.test, whose tdmrep.json reserves it
+    "/to-taken": "takedown",  # -> taken.test, a blocklist domain (never resolved or asked)
+    "/taken-url.jpg": "takedown",  # a blocklist url entry: never requested
 }
+
+# The opt-out signal (detail) and policy file of the opt_out and robots cases above; the
+# policy is on this host unless a host is named. (path -> (detail, policy host, policy path)).
+OPT_OUT_POLICIES: dict[str, tuple[str, str, str]] = {
+    "/xrobots-noai": ("x-robots-tag:noai", "", "/xrobots-noai"),
+    "/xrobots-ours": ("x-robots-tag:noimageai", "", "/xrobots-ours"),
+    "/xrobots-noimageindex": ("x-robots-tag:noimageindex", "", "/xrobots-noimageindex"),
+    "/xrobots-img2dataset": ("x-robots-tag:noai", "", "/xrobots-img2dataset"),
+    "/tdm-header.jpg": ("tdm-reservation:header", "", "/tdm-header.jpg"),
+    "/to-tdm-reserved": ("tdmrep.json", "tdm-redirect.test", "/.well-known/tdmrep.json"),
+}
+
+# The takedown entries the hostile run uses ({port}: the server's).
+BLOCKLIST = """\
+# takedown requests
+domain taken.test
+url http://127.0.0.1:{port}/taken-url.jpg  # one image
+"""
+
+TDM_RULES = b"""[
+  {"location": "/mixed/open*", "tdm-reservation": 0},
+  {"location": "/reserved/", "tdm-reservation": 1, "tdm-policy": "https://tdm.test/policy.json"},
+  {"location": "/mixed/", "tdm-reservation": 1},
+  {"location": "/odd/", "tdm-reservation": 2},
+  {"tdm-reservation": 1},
+  {"location": "/free/", "tdm-reservation": 0},
+  {"location": "/*.jpg$", "tdm-reservation": 1}
+]"""
 
 
 def hostile_server(images_dir: str | None = None) -> ImageServer:
@@ -195,6 +233,10 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         "/xrobots-noai": static(JPEG, X_Robots_Tag="noai"),
         "/xrobots-ours": static(JPEG, X_Robots_Tag="wit-pipeline: noimageai"),
         "/xrobots-noimageindex": static(JPEG, X_Robots_Tag="noarchive, noimageindex"),
+        "/xrobots-img2dataset": static(JPEG, X_Robots_Tag="img2dataset: noai"),
+        "/tdm-header.jpg": static(JPEG, tdm_reservation="1"),
+        "/tdm-header-zero.jpg": static(JPEG, tdm_reservation="0"),
+        "/taken-url.jpg": static(JPEG),
         "/to-metadata": lambda req: redirect(req, "http://169.254.169.254/latest/meta-data/"),
         "/to-private": lambda req: redirect(req, "http://10.1.2.3:8080/internal.jpg", 301),
         "/to-mapped-v6": lambda req: redirect(req, "http://[::ffff:169.254.169.254]/", 307),
@@ -205,6 +247,18 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         "/to-ftp": lambda req: redirect(req, "ftp://127.0.0.1/x.jpg"),
         "/loop": lambda req: redirect(req, "/loop"),
     }
+    port = server.port
+    for path, target in {
+        "/to-disallowed": "redirect-strict.test/r.jpg",
+        "/to-allowed": "redirect-open.test/r.jpg",
+        "/to-robots-down": "redirect-down.test/r.jpg",
+        "/to-tdm-reserved": "tdm-redirect.test/reserved/r.jpg",
+        "/to-taken": "taken.test/t.jpg",
+    }.items():
+        host, _, rest = target.partition("/")
+        routes[path] = functools.partial(
+            lambda req, u: redirect(req, u), u=f"http://{host}:{port}/{rest}"
+        )
 
     def flaky(req):
         if count("/flaky") == 1:
@@ -275,7 +329,60 @@ def hostile_server(images_dir: str | None = None) -> ImageServer:
         server.route(path, static(JPEG), host="polite.test")
     server.route("/d.jpg", static(JPEG), host="robots-down.test")
     server.route("/e.jpg", static(JPEG), host="norobots.test")
+
+    # Redirect targets on other origins, each with its own policies.
+    deny_all = static(b"User-agent: *\nDisallow: /\n", "text/plain")
+    server.route("/robots.txt", deny_all, host="redirect-strict.test")
+    server.route(
+        "/robots.txt", static(b"User-agent: *\nAllow: /\n", "text/plain"), host="redirect-open.test"
+    )
+    server.route("/robots.txt", static(b"down", "text/plain", 503), host="redirect-down.test")
+    for host in ("redirect-strict.test", "redirect-open.test", "redirect-down.test"):
+        server.route("/r.jpg", static(JPEG), host=host)
+
+    # TDMRep: tdmrep.json reserving some paths, allowing everything, broken, slow, too large.
+    tdm_json = static(TDM_RULES, "application/json")
+    for host in ("tdm.test", "tdm-redirect.test"):
+        server.route("/.well-known/tdmrep.json", tdm_json, host=host)
+    server.route(
+        "/.well-known/tdmrep.json",
+        static(b'[{"location": "/", "tdm-reservation": 0}]', "application/json"),
+        host="tdm-open.test",
+    )
+    server.route(
+        "/.well-known/tdmrep.json",
+        static(b'[{"location": "/", "tdm-reservation": 1', "application/json"),
+        host="tdm-broken.test",
+    )
+
+    def slow_tdmrep(req):
+        time.sleep(5)  # beyond the run's timeout: the origin does not implement TDMRep
+        send(req, 200, b'[{"location": "/", "tdm-reservation": 1}]', "application/json")
+
+    server.route("/.well-known/tdmrep.json", slow_tdmrep, host="tdm-slow.test")
+    filler = b", ".join([b'{"location": "/filler/", "tdm-reservation": 0}'] * 12_000)
+    big = b"[" + filler + b', {"location": "/", "tdm-reservation": 1}]'
+    server.route("/.well-known/tdmrep.json", static(big, "application/json"), host="tdm-big.test")
+    for host, path in TDM_HOST_PATHS:
+        server.route(path, static(JPEG), host=host)
     return server
+
+
+# The TDMRep hosts' images (served whatever their tdmrep.json says).
+TDM_HOST_PATHS = (
+    ("tdm.test", "/reserved/a.jpg"),
+    ("tdm.test", "/free/b.jpg"),
+    ("tdm.test", "/mixed/open-c.jpg"),
+    ("tdm.test", "/mixed/d.jpg"),
+    ("tdm.test", "/odd/e.jpg"),
+    ("tdm.test", "/other/x.jpg"),
+    ("tdm.test", "/other/x.png"),
+    ("tdm-open.test", "/reserved/f.jpg"),
+    ("tdm-broken.test", "/g.jpg"),
+    ("tdm-slow.test", "/h.jpg"),
+    ("tdm-big.test", "/i.jpg"),
+    ("tdm-redirect.test", "/reserved/r.jpg"),
+)
 
 
 # URLs on named hosts and their expected reasons: (host, path) -> reason.
@@ -292,6 +399,22 @@ HOST_CASES: dict[tuple[str, str], str | None] = {
     ("metadata.test", "/f.jpg"): "blocked_address",  # resolves to 169.254.169.254
     ("intranet.test", "/g.jpg"): "blocked_address",  # resolves to 10.0.0.5 and fd00::5
     ("nxdomain.test", "/h.jpg"): "dns_error",
+    # TDMRep: the first rule that matches decides; 0, no match, a value other than 0 or 1, or
+    # a file that is broken, too slow or too large: no reservation.
+    ("tdm.test", "/reserved/a.jpg"): "opt_out",
+    ("tdm.test", "/free/b.jpg"): None,
+    ("tdm.test", "/mixed/open-c.jpg"): None,  # an earlier rule releases it
+    ("tdm.test", "/mixed/d.jpg"): "opt_out",
+    ("tdm.test", "/odd/e.jpg"): None,  # first match says 2, a protocol error: unset
+    ("tdm.test", "/other/x.jpg"): "opt_out",  # "/*.jpg$"
+    ("tdm.test", "/other/x.png"): None,  # no rule matches: fetched
+    ("tdm-open.test", "/reserved/f.jpg"): None,
+    ("tdm-broken.test", "/g.jpg"): None,
+    ("tdm-slow.test", "/h.jpg"): None,
+    ("tdm-big.test", "/i.jpg"): None,
+    # Takedown domain entries cover subdomains; such URLs are never requested.
+    ("taken.test", "/direct.jpg"): "takedown",
+    ("cdn.taken.test", "/s.jpg"): "takedown",
 }
 
 RESOLVER_TABLE = {
@@ -301,4 +424,18 @@ RESOLVER_TABLE = {
     "norobots.test": ["127.0.0.1"],
     "metadata.test": ["169.254.169.254"],
     "intranet.test": ["10.0.0.5", "fd00::5"],
+    **{
+        host: ["127.0.0.1"]
+        for host in (
+            "redirect-strict.test",
+            "redirect-open.test",
+            "redirect-down.test",
+            "tdm.test",
+            "tdm-open.test",
+            "tdm-broken.test",
+            "tdm-slow.test",
+            "tdm-big.test",
+            "tdm-redirect.test",
+        )
+    },
 }

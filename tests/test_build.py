@@ -24,7 +24,18 @@ import build_fixture as bf
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import build, cli, config, counters, pipeline, run_stats, samples, shards, urls
+from wit_pipeline import (
+    build,
+    cli,
+    config,
+    counters,
+    pipeline,
+    report,
+    run_stats,
+    samples,
+    shards,
+    urls,
+)
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import plan as download
 
@@ -466,6 +477,63 @@ def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_dat
         assert r["detail"] == f"clip_score {r['clip_score']:.4f} < threshold {threshold:.4f}"
 
 
+def test_blocklist_leaves_its_matches_out_of_every_output(
+    web, built, inputs, shared_data, seed_checkpoint, tmp_path
+):
+    """A url entry (gather) and a sha256 entry (finalize, before dedup) on a scored build:
+    nothing of the matches reaches the shards, the scores or the report's samples."""
+    out_ref, _ = built
+    final = sorted(shards.read_table(str(out_ref / "shards")).to_pylist(), key=lambda r: r["key"])
+    by_url, by_sha = final[0], final[1]
+    url, sha = by_url["url"], by_sha["sha256"]
+    blocklist = tmp_path / "takedown.txt"
+    blocklist.write_text(f"# requests\nurl {url}\nsha256 {sha}\n")
+    # What the reference build met of them: gathered pairs of the URL (after the URL checks),
+    # downloaded images with those bytes (the URL's own image is never downloaded now).
+    gathered = [
+        r
+        for d in ("candidates", "rejected")
+        for r in pq.read_table(out_ref / "gather" / d).to_pylist()
+        if r["url"] == url
+    ]
+    downloaded = shards.read_table(str(out_ref / "download" / "shards")).to_pylist()
+    taken_images = {r["key"] for r in downloaded if r["sha256"] == sha and r["url"] != url}
+    out = tmp_path / "out"
+    seed = ["--seed-model", seed_checkpoint, "--seed-arch", "wit-nano"]
+    args = build_args(web, inputs, out, shared_data, *seed, "--blocklist", str(blocklist))
+    assert cli.main(args) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counters"]["dropped:gather/takedown"] == len(gathered) > 0
+    assert stats["image_counters"]["dropped:dedup/takedown"] == len(taken_images) > 0
+    assert stats["reason_stage"]["dropped:dedup/takedown"] == "dedup"
+    assert stats["takedown"]["blocklists"][0]["sha256"] == sha256_of(blocklist)
+    rows = shards.read_table(str(out / "shards")).to_pylist()
+    assert rows and not [
+        r
+        for r in rows
+        if r["url"] == url
+        or r["sha256"] == sha
+        or r["key"] in taken_images
+        or any(d["sha256"] == sha or d["url"] == url for d in r["duplicates"])
+    ]
+    final_keys = {r["key"] for r in rows}
+    scores = pq.read_table(out / "finalize" / "scores").to_pylist()
+    assert {r["key"] for r in scores} >= final_keys
+    assert not {r["key"] for r in scores} & (taken_images | {by_url["key"]})
+    shown = {s["key"] for s in report.samples(str(out), n=len(rows))}
+    assert shown == final_keys
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    takedowns = [r for r in rejected if r["reason"] == "takedown"]
+    assert sorted(r["key"] for r in takedowns) == sorted(taken_images)
+    assert {(r["stage"], r["detail"]) for r in takedowns} == {("dedup", f"sha256 {sha}")}
+    text = (out / "report.md").read_text()
+    assert "## Takedowns" in text and str(blocklist) in text
+
+
+def sha256_of(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def cli_config(args: list[str]) -> config.BuildConfig:
     from wit_pipeline.cli import args as cli_args
 
@@ -621,7 +689,13 @@ def test_compose_stats_refuses_lost_records():
 
 
 def test_colliding_reasons_are_qualified_by_stage():
-    assert sorted(run_stats.COLLIDING_REASONS) == ["no_query", "undecodable_image"]
+    assert sorted(run_stats.COLLIDING_REASONS) == [
+        "no_query",
+        "opt_out",
+        "takedown",
+        "undecodable_image",
+    ]
+    assert run_stats.run_reason("gather", "opt_out") == "gather/opt_out"
     assert run_stats.run_reason("prebalance", "no_query") == "prebalance/no_query"
     assert run_stats.run_reason("download", "robots") == "robots"
 

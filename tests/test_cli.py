@@ -208,7 +208,7 @@ OVERRIDE_CASES = [
         [
             "gather", "-i", "a", "-o", "o", "--input-format", "csv", "--url-column", "u",
             "--caption-column", "c", "--languages", "en,de", "--language-detector", "none",
-            "--keep-unmatched", "--no-rejected", "--num-shards", "3",
+            "--keep-unmatched", "--no-rejected", "--num-shards", "3", "--blocklist", "t.txt",
         ],
         {
             "gather.input_format": "csv",
@@ -219,6 +219,7 @@ OVERRIDE_CASES = [
             "gather.match.keep_unmatched": True,
             "gather.write_rejected": False,
             "gather.num_output_shards": 3,
+            "takedown.blocklists": ["t.txt"],
         },
     ),
     (["gather", "-i", "a", "-o", "o", "--languages", " ALL"], {"gather.captions.languages": ""}),
@@ -241,17 +242,19 @@ OVERRIDE_CASES = [
     ),
     (["download", "-i", "a", "-o", "o"], {}),
     (["download", "-i", "a", "-o", "o", "--allow-loopback"], {"download.allow_loopback": True}),
+    (["download", "-i", "a", "-o", "o", "--blocklist", "t"], {"takedown.blocklists": ["t"]}),
     (["dedup", "-i", "a", "-o", "o"], {}),
     (
         [
             "dedup", "-i", "a", "-o", "o", "--eval-set", "e=x.parquet", "--max-distance", "6",
-            "--eval-max-distance", "2", "--no-collapse", "--eval-set", "y",
+            "--eval-max-distance", "2", "--no-collapse", "--eval-set", "y", "--blocklist", "t",
         ],
         {
             "dedup.eval_sets": ["e=x.parquet", "y"],
             "dedup.max_distance": 6,
             "dedup.eval_max_distance": 2,
             "dedup.collapse": False,
+            "takedown.blocklists": ["t"],
         },
     ),
     (["balance", "-i", "a", "-o", "o"], {}),
@@ -271,13 +274,15 @@ OVERRIDE_CASES = [
     (
         [
             "build", "-i", "a", "b", "-o", "o", "--allow-loopback", "--eval-set", "e",
-            "--seed-model", "ckpt.pt", "--seed-arch", "wit-tiny",
+            "--seed-model", "ckpt.pt", "--seed-arch", "wit-tiny", "--blocklist", "a.txt",
+            "--blocklist", "b.txt",
         ],
         {
             "download.allow_loopback": True,
             "dedup.eval_sets": ["e"],
             "score.pretrained": "ckpt.pt",
             "score.model": "wit-tiny",
+            "takedown.blocklists": ["a.txt", "b.txt"],
         },
     ),
     (["score", "-i", "a", "-o", "o"], {}),
@@ -370,7 +375,7 @@ def test_help_of_every_command_shows_the_config_defaults():
     assert sorted(helps) == [
         "balance", "build", "dedup", "demo", "demo run", "demo serve", "download", "eval",
         "eval retrieval", "eval suite", "eval zeroshot", "gather", "queries", "queries build",
-        "queries build-default", "queries info", "report", "score", "train",
+        "queries build-default", "queries info", "remove", "report", "score", "train",
     ]  # fmt: skip
     assert "target count per query (default: 20000)" in helps["balance"]
     assert "codes to keep (default: en)" in helps["gather"]

@@ -70,7 +70,7 @@ PLANTED_PAIR_REASONS = (
     "http_404",
     "too_large",
     "robots",
-    "opt_out",
+    "download/opt_out",  # gather drops page-level opt-outs under the same name
     "blocked_address",
     "eval_contamination",
 )
@@ -88,7 +88,7 @@ DEFAULT_COUNTERS = {
     "dropped:no_caption": 1,
     "dropped:no_match": 2,
     "dropped:not_image": 1,
-    "dropped:opt_out": 5,
+    "dropped:download/opt_out": 5,
     "dropped:prebalanced_out": 393,
     "dropped:robots": 5,
     "dropped:too_large": 1,

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import urllib.request
 
 import apache_beam as beam
@@ -30,9 +31,11 @@ from download_helpers import (
     write_candidates,
 )
 from download_server import (
+    BLOCKLIST,
     CASES,
     HOST_CASES,
     JPEG,
+    OPT_OUT_POLICIES,
     RESOLVER_TABLE,
     animated_gif,
     encode,
@@ -44,7 +47,7 @@ from download_server import (
 from PIL import Image
 
 import netjail
-from wit_pipeline import counters, stage, urls
+from wit_pipeline import counters, stage, takedown, urls
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.loopback import ImageServer
 from wit_pipeline.stages.download import fetch, guarded_http, netguard, plan
@@ -235,7 +238,8 @@ def test_apply_verdict_and_crawl_delay():
         out = list(plan.apply_verdict(("http://h.test", values), DownloadConfig(**cfg)))
         return [(r["verdict"], r.get("crawl_delay")) for r in out]
 
-    robots_drop = ("robots", "disallowed by robots.txt")
+    # A refusal names the policy it rests on (here a verdict made without a fetch: None).
+    robots_drop = ("robots", "disallowed by robots.txt", None, None)
     assert run() == [(None, None), (robots_drop, None)]
     assert run(respect_crawl_delay=True) == [(None, 3.0), (robots_drop, None)]
     too_slow = ("robots", "Crawl-delay 3s exceeds max_crawl_delay 2s")
@@ -307,14 +311,15 @@ def hostile(tmp_path_factory):
         expected[u] = "invalid_url"
     input_dir = write_candidates(tmp / "in", rows)
     resolver = netguard.StaticResolver.of(RESOLVER_TABLE)
+    blocklist = takedown.parse_blocklist(BLOCKLIST.format(port=server.port))
     out = str(tmp / "out")
     # conftest's per-test check starts after this module-scoped fixture: watch the runs here.
     jailed_before = len(netjail.violations)
     try:
-        stats = run_download(input_dir, out, HOSTILE_CONFIG, resolver)
+        stats = run_download(input_dir, out, HOSTILE_CONFIG, resolver, blocklist)
         requests_run1 = list(server.requests)
         server.requests.clear()
-        stats2 = run_download(input_dir, out, HOSTILE_CONFIG, resolver)
+        stats2 = run_download(input_dir, out, HOSTILE_CONFIG, resolver, blocklist)
         requests_run2 = list(server.requests)
         yield {
             "violations": netjail.violations[jailed_before:],
@@ -328,6 +333,7 @@ def hostile(tmp_path_factory):
             "requests2": requests_run2,
             "server": server,
             "resolver": resolver,
+            "blocklist": blocklist,
         }
     finally:
         server.stop()
@@ -410,11 +416,20 @@ def test_kept_images_are_valid_rgb_jpegs(hostile):
 def test_politeness_and_retries(hostile):
     paths = [p for _, p in hostile["requests"]]
     by_host = [(h, p) for h, p in hostile["requests"]]
-    # robots.txt once per origin; disallowed URLs and blocked hosts never requested.
+    # robots.txt and tdmrep.json once per origin, of the candidates' origins and of every
+    # other origin a redirect reaches; disallowed URLs and blocked hosts never requested.
+    policy_hosts = [
+        "127.0.0.1",
+        "polite.test",
+        "strict.test",
+        "robots-down.test",
+        "norobots.test",
+        *(h for h in RESOLVER_TABLE if h.startswith(("tdm", "redirect-"))),
+    ]
     robots_hosts = sorted(h for h, p in by_host if p == "/robots.txt")
-    assert robots_hosts == sorted(
-        ["127.0.0.1", "polite.test", "strict.test", "robots-down.test", "norobots.test"]
-    )
+    assert robots_hosts == sorted(policy_hosts)
+    tdmrep_hosts = sorted(h for h, p in by_host if p == "/.well-known/tdmrep.json")
+    assert tdmrep_hosts == sorted(policy_hosts)
     assert ("strict.test", "/private/s.jpg") not in by_host
     assert ("polite.test", "/no-wit/b.jpg") not in by_host
     assert ("robots-down.test", "/d.jpg") not in by_host
@@ -426,9 +441,74 @@ def test_politeness_and_retries(hostile):
     assert paths.count("/xrobots-noai") == 1
     assert paths.count("/to-metadata") == 1
     assert paths.count("/to-name") == 1
+    # Redirect targets: requested only where their origin's policies allow it.
+    assert ("redirect-open.test", "/r.jpg") in by_host
+    for host in ("redirect-strict.test", "redirect-down.test", "tdm-redirect.test"):
+        assert [p for h, p in by_host if h == host and not p.startswith("/.well-known/")] == [
+            "/robots.txt"
+        ], host
+    # Reserved by tdmrep.json, taken down: never requested.
+    assert ("tdm.test", "/reserved/a.jpg") not in by_host
+    assert "/taken-url.jpg" not in paths
+    assert not [h for h, _ in by_host if h.endswith("taken.test")]
+
+
+_ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def test_opt_outs_name_their_signal_and_policy(hostile):
+    """Every opt-out and robots.txt decision records its signal, the policy URL and its time."""
+    server = hostile["server"]
+    _, rejected, _ = read_outputs(hostile["out"])
+    rows = {r["url"]: r for r in rejected.to_pylist() if r["reason"] != "duplicate_pair"}
+
+    def row(path, host=""):
+        return rows[urls.normalize_url(server.url(path, host))]
+
+    for path, (signal, host, policy_path) in OPT_OUT_POLICIES.items():
+        r = row(path)
+        assert (r["reason"], r["detail"]) == ("opt_out", signal), path
+        assert r["policy_url"] == urls.normalize_url(server.url(policy_path, host)), path
+        assert _ISO_UTC.fullmatch(r["policy_fetched"]), path
+    tdm = server.url("/.well-known/tdmrep.json", "tdm.test")
+    for path in ("/reserved/a.jpg", "/mixed/d.jpg", "/other/x.jpg"):
+        r = row(path, "tdm.test")
+        assert (r["detail"], r["policy_url"]) == ("tdmrep.json", tdm), path
+    robots_cases = {
+        ("strict.test", "/private/s.jpg"): ("strict.test", "disallowed by robots.txt"),
+        ("polite.test", "/no-wit/b.jpg"): ("polite.test", "disallowed by robots.txt"),
+        ("robots-down.test", "/d.jpg"): ("robots-down.test", "robots.txt unreachable: HTTP 503"),
+        ("", "/to-disallowed"): ("redirect-strict.test", "disallowed by robots.txt (redirect to"),
+        ("", "/to-robots-down"): ("redirect-down.test", "robots.txt unreachable: HTTP 503"),
+    }
+    for (host, path), (policy_host, detail) in robots_cases.items():
+        r = row(path, host)
+        assert r["reason"] == "robots" and r["detail"].startswith(detail), (path, r["detail"])
+        assert r["policy_url"] == server.url("/robots.txt", policy_host), path
+        assert _ISO_UTC.fullmatch(r["policy_fetched"]), path
+    # Takedowns name the entry; nothing else carries a policy.
+    assert row("/to-taken")["detail"].startswith("domain taken.test (redirect to http://taken.test")
+    assert row("/direct.jpg", "taken.test")["detail"] == "domain taken.test"
+    assert row("/s.jpg", "cdn.taken.test")["detail"] == "domain taken.test"
+    assert (
+        row("/taken-url.jpg")["detail"] == f"url {urls.normalize_url(server.url('/taken-url.jpg'))}"
+    )
+    for r in rows.values():
+        if r["reason"] not in ("opt_out", "robots"):
+            assert r["policy_url"] is None and r["policy_fetched"] is None, r
+    # Pairs dropped per opt-out signal (unreachable robots.txt is not an owner's choice).
+    assert hostile["stats"]["opt_out_counters"] == {
+        "robots.txt": 3,
+        "tdm-reservation:header": 1,
+        "tdmrep.json": 4,
+        "x-robots-tag:noai": 2,
+        "x-robots-tag:noimageai": 1,
+        "x-robots-tag:noimageindex": 1,
+    }
 
 
 def test_rerun_skips_finished_shards_and_changes_nothing(hostile):
+    # The policies' fetch times travel with the rejected rows of each finished shard.
     assert hostile["requests2"] == []  # not even robots.txt
     assert hostile["stats2"] == hostile["stats"]
 
@@ -448,12 +528,25 @@ def test_crashed_shard_is_redone_alone(hostile, tmp_path):
     (out / "shards" / f".{victim.stem}.tar.0123abcd.tmp").write_bytes(b"partial")
     server = hostile["server"]
     server.requests.clear()
-    stats = run_download(hostile["input_dir"], str(out), HOSTILE_CONFIG, hostile["resolver"])
+    stats = run_download(
+        hostile["input_dir"], str(out), HOSTILE_CONFIG, hostile["resolver"], hostile["blocklist"]
+    )
     requested = {urls.normalize_url(server.url(p, h)) for h, p in server.requests}
     candidates = set(hostile["expected"])
     assert requested & candidates and requested & candidates <= victim_urls
     assert stats == hostile["stats"]
-    assert snapshot(out) == before  # byte-identical tars, equal tables, no temp file left
+    # Byte-identical tars, equal tables, no temp file left; a redone shard's robots.txt and
+    # tdmrep.json were fetched again, so its rejected rows may name a later fetch time.
+    assert _without_fetch_times(snapshot(out)) == _without_fetch_times(before)
+
+
+def _without_fetch_times(snap: dict) -> dict:
+    out = {}
+    for name, value in snap.items():
+        if name.startswith("rejected/"):
+            value = [{**r, "policy_fetched": bool(r["policy_fetched"])} for r in value]
+        out[name] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +598,7 @@ def test_respect_robots_off_fetches_disallowed_urls(tmp_path):
         server.route("/robots.txt", lambda req: req.send_plain(200, b"User-agent: *\nDisallow: /"))
         server.route("/a.jpg", lambda req: req.send_plain(200, JPEG, "image/jpeg"))
         input_dir = write_candidates(tmp_path / "in", [pair(server.url("/a.jpg"), "a")], parts=1)
-        cfg = DownloadConfig(allow_loopback=True, respect_robots=False)
+        cfg = DownloadConfig(allow_loopback=True, respect_robots=False, respect_tdmrep=False)
         before = urllib.request._opener
         stats = run_download(input_dir, str(tmp_path / "out"), cfg)
         assert server.paths_requested() == ["/a.jpg"]
@@ -598,6 +691,7 @@ def test_transform_counts_with_test_pipeline(tmp_path):
                         {
                             "counters": {"dropped:http_404": 1, "input": 2, "kept": 1},
                             "url_counters": {"dropped:http_404": 1, "input": 2, "kept": 1},
+                            "opt_out_counters": {},
                         }
                     ]
                 ),

@@ -82,3 +82,141 @@ def test_column_labels_follow_the_balancing_unit():
     assert pair["after_dedup"] == "after dedup (pairs)" and pair["final"] == "final (pairs)"
     assert pair["before"] == "gathered (pairs)"
     assert report.column_labels({}) == report.COLUMN_LABELS
+
+
+def _rejected(directory, rows) -> str:
+    import pyarrow.parquet as pq
+
+    from wit_pipeline import stage
+
+    directory.mkdir(parents=True)
+    full = [{**dict.fromkeys(stage.REJECTED_FIELDS), **r} for r in rows]
+    pq.write_table(
+        pa.Table.from_pylist(full, schema=stage.REJECTED_SCHEMA), directory / "a.parquet"
+    )
+    return str(directory)
+
+
+def test_opt_outs_per_signal_and_top_domains(tmp_path):
+    page = {"reason": "opt_out", "stage": "gather"}
+    gather_dir = _rejected(
+        tmp_path / "gather",
+        [
+            {
+                **page,
+                "detail": "robots-meta:noai",
+                "url": "http://cdn.x/1.jpg",
+                "policy_url": "http://a.example/p",
+            },
+            {
+                **page,
+                "detail": "robots-meta:noai",
+                "url": "http://cdn.x/2.jpg",
+                "policy_url": "http://a.example/q",
+            },
+            {
+                **page,
+                "detail": "tdm-reservation:meta",
+                "url": "http://cdn.x/3.jpg",
+                "policy_url": "http://b.example/",
+            },
+            {"reason": "no_match", "detail": "", "url": "http://a.example/4.jpg"},
+        ],
+    )
+    download_dir = _rejected(
+        tmp_path / "download",
+        [
+            {
+                "reason": "robots",
+                "detail": "disallowed by robots.txt",
+                "url": "http://a.example/5.jpg",
+                "policy_url": "http://a.example/robots.txt",
+            },
+            {
+                "reason": "robots",
+                "detail": "robots.txt unreachable: HTTP 503",
+                "url": "http://c.example/6.jpg",
+                "policy_url": "http://c.example/robots.txt",
+            },
+            {
+                "reason": "opt_out",
+                "detail": "tdmrep.json",
+                "url": "http://b.example/7.jpg",
+                "policy_url": "http://b.example/.well-known/tdmrep.json",
+            },
+        ],
+    )
+    summary = run_stats.opt_out_summary(
+        {
+            "gather": {"robots-meta:noai": 2, "tdm-reservation:meta": 1},
+            "download": {"robots.txt": 1, "tdmrep.json": 1},
+        },
+        [gather_dir, download_dir, str(tmp_path / "missing")],
+    )
+    assert summary == {
+        "pairs": 5,
+        "signals": {
+            "robots-meta:noai": {"gather": 2},
+            "robots.txt": {"download": 1},
+            "tdm-reservation:meta": {"gather": 1},
+            "tdmrep.json": {"download": 1},
+        },
+        "top_domains": [
+            {
+                "domain": "a.example",
+                "pairs": 3,
+                "signals": {"robots-meta:noai": 2, "robots.txt": 1},
+            },
+            {
+                "domain": "b.example",
+                "pairs": 2,
+                "signals": {"tdm-reservation:meta": 1, "tdmrep.json": 1},
+            },
+        ],
+    }
+    b = report.BuildOutput(str(tmp_path), {"opt_outs": summary}, {}, {}, None)
+    assert report.opt_outs_markdown(b).splitlines() == [
+        "| signal | gather | download | pairs |",
+        "|---|---:|---:|---:|",
+        "| `robots-meta:noai` | 2 |  | 2 |",
+        "| `robots.txt` |  | 1 | 1 |",
+        "| `tdm-reservation:meta` | 1 |  | 1 |",
+        "| `tdmrep.json` |  | 1 | 1 |",
+        "",
+        "Top domains:",
+        "",
+        "| domain | pairs | signals |",
+        "|---|---:|---|",
+        "| `a.example` | 3 | `robots-meta:noai` 2, `robots.txt` 1 |",
+        "| `b.example` | 2 | `tdm-reservation:meta` 1, `tdmrep.json` 1 |",
+    ]
+    empty = report.BuildOutput(str(tmp_path), {"opt_outs": {"signals": {}}}, {}, {}, None)
+    assert report.opt_outs_markdown(empty) == "No pair was dropped by an opt-out signal."
+    assert "## Opt-outs" in report.report_markdown(b)
+
+
+def test_takedowns_section_lists_blocklists_and_removals(tmp_path):
+    stats = {
+        "counters": {"dropped:gather/takedown": 3, "dropped:dedup/takedown": 2},
+        "image_counters": {"dropped:dedup/takedown": 1},
+        "reason_stage": {"dropped:gather/takedown": "gather", "dropped:dedup/takedown": "dedup"},
+        "takedown": {
+            "blocklists": [
+                {
+                    "path": "/t.txt",
+                    "sha256": "ab" * 32,
+                    "entries": {"url": 2, "domain": 0, "sha256": 1, "phash": 0},
+                }
+            ]
+        },
+    }
+    b = report.BuildOutput(str(tmp_path), stats, {}, {}, None)
+    assert report.takedowns_markdown(b).splitlines() == [
+        f"- `/t.txt` (sha256 `{'ab' * 6}`): 2 url, 1 sha256",
+        "",
+        "| stage | pairs | images |",
+        "|---|---:|---:|",
+        "| dedup | 2 | 1 |",
+        "| gather | 3 |  |",
+    ]
+    assert "## Takedowns" in report.report_markdown(b)

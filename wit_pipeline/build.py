@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from wit_pipeline import config, fileio, queries, runners, stage, steps
+from wit_pipeline import config, fileio, queries, runners, stage, steps, takedown
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages import balance
 from wit_pipeline.stages import shards as shards_lib
@@ -97,9 +97,12 @@ class BuildInputs:
     # The rest of the list's record (queries.formats.QueryList.record): format, key, gzip,
     # file_sha256, unmatchable.
     queries_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The takedown entries of takedown.blocklists (--blocklist), parsed: they travel inside the
+    # pipelines, so workers never read the files.
+    blocklist: takedown.Blocklist = dataclasses.field(default_factory=takedown.Blocklist)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "files": list(self.files),
             "identities": list(self.identities),
             "queries": {
@@ -110,6 +113,20 @@ class BuildInputs:
             },
             "seed_sha256": self.seed_sha256,
         }
+        if self.blocklist.files:
+            doc["takedown"] = takedown_identity(self.blocklist)
+        return doc
+
+
+def takedown_identity(blocklist: takedown.Blocklist) -> dict[str, Any]:
+    """What a build records of its blocklists: each file (path, sha256, entries per kind) and
+    the digests of the entries that decide its steps (``url_entries``: gather and download;
+    ``hash_entries``: finalize)."""
+    return {
+        "blocklists": blocklist.describe(),
+        "url_entries": blocklist.url_digest(),
+        "hash_entries": blocklist.hash_digest(),
+    }
 
 
 def _abs(path: str) -> str:
@@ -140,14 +157,6 @@ def file_identity(path: str) -> str:
     return f"{info.get('size', '')}:{tag}"
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with fileio.open_file(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_inputs(
     inputs: Sequence[str], queries_path: str | None, cfg: config.BuildConfig
 ) -> BuildInputs:
@@ -159,7 +168,8 @@ def resolve_inputs(
     seed_sha = ""
     pretrained = cfg.score.pretrained
     if pretrained and fileio.exists(pretrained) and not os.path.isdir(pretrained):
-        seed_sha = _file_sha256(pretrained)
+        seed_sha = fileio.sha256_file(pretrained)
+    blocklists = [_abs(b) for b in cfg.takedown.blocklists]
     return BuildInputs(
         files=tuple(files),
         identities=tuple(file_identity(f) for f in files),
@@ -170,6 +180,7 @@ def resolve_inputs(
         queries_info={
             k: record[k] for k in ("format", "key", "gzip", "file_sha256", "unmatchable")
         },
+        blocklist=takedown.load_blocklists(blocklists),
     )
 
 
@@ -186,9 +197,14 @@ EXECUTION_ONLY = frozenset(
 
 
 def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict[str, Any]]:
-    """Per step, the options that decide its output (execution-only options left out)."""
+    """Per step, the options that decide its output (execution-only options left out).
+
+    Takedown entries count by what they are, not by file: url and domain entries decide gather
+    and download, hash entries finalize (an edited blocklist reruns from the first step its
+    changed entries decide; a moved or re-commented one reruns nothing).
+    """
     c = config.to_dict(cfg)
-    return {
+    opts = {
         "gather": {
             "gather": c["gather"],
             "inputs": [[f, i] for f, i in zip(inputs.files, inputs.identities, strict=True)],
@@ -214,6 +230,13 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
         },
         "report": {},
     }
+    # Only when there are entries, so that builds without blocklists keep their fingerprints.
+    url_entries, hash_entries = inputs.blocklist.url_digest(), inputs.blocklist.hash_digest()
+    if url_entries:
+        opts["gather"]["takedown"] = opts["download"]["takedown"] = url_entries
+    if hash_entries:
+        opts["finalize"]["takedown"] = hash_entries
+    return opts
 
 
 def fingerprints(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, str]:
@@ -258,10 +281,14 @@ def describe_changes(
             changes.append("--queries list")
         if old_inputs.get("seed_sha256", "") != new_inputs.get("seed_sha256", ""):
             changes.append("seed model file")
+        old_td, new_td = old_inputs.get("takedown") or {}, new_inputs.get("takedown") or {}
+        for key, what in (("url_entries", "url/domain"), ("hash_entries", "sha256/phash")):
+            if old_td.get(key, "") != new_td.get(key, ""):
+                changes.append(f"--blocklist {what} entries")
     if old_cfg is not None:
         a, b = _flatten(old_cfg), _flatten(new_cfg)
         for key in sorted(set(a) | set(b)):
-            if key.startswith("queries.") or key in EXECUTION_ONLY:
+            if key.startswith(("queries.", "takedown.")) or key in EXECUTION_ONLY:
                 continue
             if a.get(key) != b.get(key):
                 changes.append(f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}")
@@ -443,6 +470,7 @@ def _run_gather(ctx: StepContext) -> dict[str, Any]:
         queries_path=ctx.inputs.queries_path,
         beam_args=ctx.beam_args,
         runner=ctx.runner,
+        blocklist=ctx.inputs.blocklist,
     )
     c = doc["counters"]
     ctx.log(f"gather: {c.get('kept', 0):,} of {c.get('input', 0):,} pairs kept")
@@ -481,6 +509,7 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
         beam_args=ctx.beam_args,
         runner=ctx.runner,
         log=ctx.log,
+        blocklist=ctx.inputs.blocklist,
     )
     urls_c, pairs_c = stats["url_counters"], stats["counters"]
     ctx.log(
@@ -519,6 +548,7 @@ def _run_finalize(ctx: StepContext) -> dict[str, Any]:
         stats_extra={},
         beam_args=ctx.beam_args,
         runner=ctx.runner,
+        blocklist=ctx.inputs.blocklist,
     )
     shards_dir = fileio.join(ctx.output, shards_lib.SHARDS_DIR)
     manifest = fileio.read_json(fileio.join(shards_dir, "manifest.json"))

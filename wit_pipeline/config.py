@@ -151,6 +151,15 @@ class GatherConfig:
     # Output files for candidates/rejected (pairs are hash-partitioned by uid); 0 = automatic,
     # about one per 128 MiB of input.
     num_output_shards: int = 0
+    # Page-level opt-outs (docs/gather.md): a page whose <meta name="robots"> (or a meta named
+    # after one of opt_out_agents) or whose own X-Robots-Tag response header carries one of these
+    # directives has its pairs dropped as opt_out; so has a page reserving TDM rights (TDMRep:
+    # a tdm-reservation: 1 header or <meta name="tdm-reservation" content="1">). Empty
+    # directives turn the robots part off. Add your own product token (download.user_agent) to
+    # opt_out_agents when you change it.
+    opt_out_directives: tuple[str, ...] = ("noai", "noimageai")
+    opt_out_agents: tuple[str, ...] = ("img2dataset", "wit-pipeline")
+    respect_tdm_reservation: bool = True
 
     def __post_init__(self):
         _require_one_of(
@@ -204,6 +213,10 @@ class DownloadConfig:
     threads: int = 16
     per_host_concurrency: int = 4
     per_host_rate: float = 0.0  # requests/s per host, 0 = unlimited
+    # TDMRep (docs/download.md): /.well-known/tdmrep.json of every image origin (and redirect
+    # target), fetched once per origin, and a tdm-reservation: 1 header on an image response
+    # drop the URL as opt_out.
+    respect_tdmrep: bool = True
 
     def __post_init__(self):
         _require_one_of("download.resize_mode", self.resize_mode, RESIZE_MODES)
@@ -436,6 +449,18 @@ class QueriesConfig:
 
 
 @dataclass(frozen=True)
+class TakedownConfig:
+    """Takedown blocklists (docs/takedowns.md): files of url, domain, sha256 and phash entries
+    whose matches a build leaves out (``wit build --blocklist FILE``, repeatable)."""
+
+    blocklists: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for path in self.blocklists:
+            _require(bool(path.strip()), "takedown.blocklists holds an empty path")
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything ``wit build`` computes, stage by stage."""
 
@@ -446,6 +471,7 @@ class BuildConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     queries: QueriesConfig = field(default_factory=QueriesConfig)
+    takedown: TakedownConfig = field(default_factory=TakedownConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,6 +240,17 @@ def _remote_atomic_write(path: str, mode: str) -> Iterator[IO]:
         raise
 
 
+def sha256_file(path: str) -> str:
+    """The sha256 of a file's bytes (local or fsspec URL), read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open_file(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_json(path: str, obj: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)

@@ -38,8 +38,10 @@ from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages import shards as shards_lib
 from wit_pipeline.stages.dedup import core as dedup
 from wit_pipeline.stages.dedup.decontaminate import CONTAMINATION
+from wit_pipeline.stages.dedup.takedown import DropTakenDown
 from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import transforms as gather_lib
+from wit_pipeline.takedown import Blocklist
 
 REJECTED, COUNTS = beam_utils.REJECTED, beam_utils.COUNTS
 
@@ -55,6 +57,7 @@ def gather(
     queries_sha256: str | None = None,
     extra: Mapping[str, Any] | None = None,
     progress_interval: float = 10.0,
+    blocklist: Blocklist | None = None,
 ) -> None:
     """Crawl files -> ``output``'s candidates, rejected pairs and stats."""
     result = (
@@ -68,6 +71,7 @@ def gather(
             total_files=len(paths),
             queries_sha256=queries_sha256,
             progress_interval=progress_interval,
+            blocklist=blocklist,
         )
     )
     _ = result | "Write" >> gather_lib.WriteGather(
@@ -119,12 +123,20 @@ def prebalance(
     )
 
 
-def download(p, *, files: Sequence[str], output_dir: str, config: DownloadConfig) -> None:
+def download(
+    p,
+    *,
+    files: Sequence[str],
+    output_dir: str,
+    config: DownloadConfig,
+    blocklist: Blocklist | None = None,
+) -> None:
     """Candidate Parquet files -> ``output_dir``'s download shards (resumable shard by shard)."""
     _ = (
         p
         | "ReadCandidates" >> download_lib.ReadCandidates(files=files)
-        | "DownloadImages" >> download_lib.DownloadImages(output_dir=output_dir, config=config)
+        | "DownloadImages"
+        >> download_lib.DownloadImages(output_dir=output_dir, config=config, blocklist=blocklist)
     )
 
 
@@ -139,11 +151,13 @@ def finalize(
     queries_path: str = "",
     query_columns: Mapping[str, Mapping[int, int]] | None = None,
     stats_extra: Mapping[str, Any] | None = None,
+    blocklist: Blocklist | None = None,
 ) -> None:
-    """Download shards -> dedup -> balance -> [score] -> ``output_dir/shards``, ``rejected/``,
-    ``query_counts.parquet`` (``contamination.json``); the step's stats (and the threshold and
-    scores of ``score``) go to ``work_dir``."""
-    read, dd, kept = _read_and_dedup(p, tars, output_dir, config.dedup)
+    """Download shards -> [takedown] -> dedup -> balance -> [score] -> ``output_dir/shards``,
+    ``rejected/``, ``query_counts.parquet`` (``contamination.json``); the step's stats (and the
+    threshold and scores of ``score``) go to ``work_dir``. ``blocklist``'s hash entries drop
+    the downloaded images they match before dedup (``stages.dedup.takedown``)."""
+    read, dd, kept = _read_and_dedup(p, tars, output_dir, config.dedup, blocklist)
     bal = kept | "Balance" >> balance.BalanceSamples(config=config.balance)
     kept, final_counts, parts = bal["kept"], bal["after"], [read, dd, bal]
     if score:
@@ -182,9 +196,10 @@ def dedup_samples(
     output_dir: str,
     config: BuildConfig,
     stats_extra: Mapping[str, Any] | None = None,
+    blocklist: Blocklist | None = None,
 ) -> None:
     """``wit dedup``: download shards -> deduplicated ``samples/*.parquet`` (no image bytes)."""
-    read, dd, kept = _read_and_dedup(p, tars, output_dir, config.dedup)
+    read, dd, kept = _read_and_dedup(p, tars, output_dir, config.dedup, blocklist)
     _ = (
         kept
         | "ToRow" >> beam.Map(samples.sample_row)
@@ -252,16 +267,31 @@ def balance_samples(
 # Pieces shared by the graphs above
 
 
-def _read_and_dedup(p, tars: Sequence[str], output_dir: str, config: DedupConfig):
-    """Download tars -> (read outputs, dedup outputs, deduplicated samples)."""
+def _read_and_dedup(
+    p, tars: Sequence[str], output_dir: str, config: DedupConfig, blocklist: Blocklist | None
+):
+    """Download tars -> (read outputs, dedup outputs, deduplicated samples); with hash
+    entries in ``blocklist``, the images they match are dropped first (their drops and counts
+    are part of the dedup outputs)."""
     read = (
         p
         | "Tars" >> beam.Create(list(tars), reshuffle=False)
         | "Read" >> (samples.ReadDownloadShards())
     )
-    dd = read["kept"] | "Dedup" >> dedup.DedupRecords(
+    records = read["kept"]
+    taken = None
+    if blocklist is not None and blocklist.has_hash_entries:
+        taken = records | "Takedown" >> DropTakenDown(blocklist=blocklist)
+        records = taken["kept"]
+    dd = records | "Dedup" >> dedup.DedupRecords(
         config=config, contamination_path=fileio.join(output_dir, CONTAMINATION)
     )
+    if taken is not None:
+        dd = {
+            **dd,
+            REJECTED: (taken[REJECTED], dd[REJECTED]) | "DedupRejected" >> beam.Flatten(),
+            COUNTS: (taken[COUNTS], dd[COUNTS]) | "DedupCounts" >> beam.Flatten(),
+        }
     kept = dd["samples"]
     if not config.collapse:  # every pair its own sample, sharing the image
         kept = kept | "OnePerPair" >> beam.FlatMap(samples.expand_pairs)

@@ -7,6 +7,8 @@ notebook (``notebooks/inspect_shards.ipynb``) draw the same figures. Figures are
 backend when saved to PNG), and tables are Markdown strings or lists of dicts.
 
 - :func:`funnel_markdown`, :func:`funnel_figure`: each stage's input, kept and drop reasons;
+- :func:`opt_outs_markdown`, :func:`takedowns_markdown`: pairs dropped per opt-out signal and
+  the top domains behind them; the blocklists applied and what they removed;
 - :func:`query_distribution_figure`: count per query, sorted, on log-log axes, before and after
   balancing, with the threshold ``t`` marked (MetaCLIP's Figure 2 view);
   :func:`head_tail` lists the head and tail queries;
@@ -183,6 +185,53 @@ def reasons_markdown(build: BuildOutput | str) -> str:
         for k in names
     ]
     return markdown_table(["reason", "stage", "pairs", "images"], rows, "llrr")
+
+
+def opt_outs_markdown(build: BuildOutput | str) -> str:
+    """Pairs dropped per opt-out signal (gather: the page's; download: robots.txt, tdmrep.json,
+    the image's headers), and the domains whose policies dropped the most (``stats.json``
+    ``opt_outs``, ``run_stats.opt_out_summary``)."""
+    o = _as_build(build).stats.get("opt_outs") or {}
+    signals = o.get("signals") or {}
+    if not signals:
+        return "No pair was dropped by an opt-out signal."
+    rows = [
+        [f"`{name}`", _fmt(per.get("gather")), _fmt(per.get("download")), _fmt(sum(per.values()))]
+        for name, per in sorted(signals.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    ]
+    out = [markdown_table(["signal", "gather", "download", "pairs"], rows, "lrrr")]
+    top = o.get("top_domains") or []
+    if top:
+        rows = [
+            [
+                f"`{d['domain']}`",
+                _fmt(d["pairs"]),
+                ", ".join(f"`{k}` {v:,}" for k, v in sorted(d["signals"].items())),
+            ]
+            for d in top
+        ]
+        out += ["", "Top domains:", "", markdown_table(["domain", "pairs", "signals"], rows, "lrl")]
+    return "\n".join(out)
+
+
+def takedowns_markdown(build: BuildOutput | str) -> str:
+    """The blocklists a build applied and the pairs each stage dropped as ``takedown``."""
+    b = _as_build(build)
+    td = b.stats.get("takedown") or {}
+    owner = b.stats.get("reason_stage") or {}
+    pairs, images = b.stats.get("counters") or {}, b.stats.get("image_counters") or {}
+    rows = [
+        [owner.get(k, ""), _fmt(pairs.get(k, 0)), _fmt(images.get(k))]
+        for k in sorted(set(pairs) | set(images))
+        if k.startswith("dropped:") and k.endswith("takedown")
+    ]
+    out = []
+    for f in td.get("blocklists") or []:
+        entries = ", ".join(f"{n:,} {kind}" for kind, n in f["entries"].items() if n)
+        out.append(f"- `{f['path']}` (sha256 `{f['sha256'][:12]}`): {entries or 'no entries'}")
+    if rows:
+        out += ["", markdown_table(["stage", "pairs", "images"], rows, "lrr")]
+    return "\n".join(out)
 
 
 def _query_columns(table) -> dict[str, np.ndarray]:
@@ -585,6 +634,10 @@ def report_markdown(build: BuildOutput | str, *, plots: Mapping[str, str] | None
     if "funnel" in plots:
         out += [f"![funnel]({plots['funnel']})", ""]
     out += ["## Drop reasons", "", reasons_markdown(b), ""]
+    if "opt_outs" in s:
+        out += ["## Opt-outs", "", opt_outs_markdown(b), ""]
+    if s.get("takedown"):
+        out += ["## Takedowns", "", takedowns_markdown(b), ""]
     out += ["## Per-query distribution", ""]
     if "queries" in plots:
         out += [f"![queries]({plots['queries']})", ""]

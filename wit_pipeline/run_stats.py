@@ -14,8 +14,11 @@ import collections
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wit_pipeline import build, config, fileio, samples
+import pyarrow as pa
+
+from wit_pipeline import build, config, fileio, optout, samples
 from wit_pipeline import counters as counters_lib
+from wit_pipeline import stage as stage_lib
 from wit_pipeline.stages import balance
 from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages import shards as shards_lib
@@ -26,6 +29,7 @@ from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import captions
 from wit_pipeline.stages.gather import pairs as gather_pairs
 from wit_pipeline.stages.gather import transforms as gather
+from wit_pipeline.takedown import TAKEDOWN
 
 # Drop reasons each stage can give (``dropped:<reason>``). A reason given by more than one stage
 # is qualified with its stage in the whole-run counters (``prebalance/no_query``,
@@ -36,6 +40,8 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
         gather_pairs.NO_URL,
         gather_pairs.UNSUPPORTED_SCHEME,
         gather_pairs.BAD_URL,
+        TAKEDOWN,
+        optout.OPT_OUT,
         captions.NO_CAPTION,
         captions.BAD_ENCODING,
         captions.TOO_SHORT,
@@ -51,6 +57,7 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
     "prebalance": (balance.PREBALANCED_OUT, balance.NO_QUERY),
     "download": download_plan.REASONS,  # plus http_<status>
     "dedup": (
+        TAKEDOWN,
         samples.UNDECODABLE,
         EVAL_CONTAMINATION,
         dedup.DUPLICATE_INPUT,
@@ -164,6 +171,7 @@ def compose_stats(
             "unit": "pair",
             "counters": g,
             "read_counters": _counter_dict(gather_doc.get("read_counters")),
+            "opt_out_counters": _counter_dict(gather_doc.get("opt_out_counters")),
         }
     }
     pair_rows = [_stage_row("gather", g, unit="pair", reasons=counters_lib.drop_reasons(g))]
@@ -179,7 +187,12 @@ def compose_stats(
     dl = _counter_dict(download_doc["counters"])
     dl_urls = _counter_dict(download_doc["url_counters"])
     _check_handoff(last_stage, last_kept, "download", dl.get(counters_lib.INPUT, 0), "pair")
-    stages["download"] = {"unit": "pair", "counters": dl, "url_counters": dl_urls}
+    stages["download"] = {
+        "unit": "pair",
+        "counters": dl,
+        "url_counters": dl_urls,
+        "opt_out_counters": _counter_dict(download_doc.get("opt_out_counters")),
+    }
     pair_rows.append(_stage_row("download", dl, unit="pair", reasons=counters_lib.drop_reasons(dl)))
     fin_pairs = _counter_dict(finalize_doc["pair_counters"])
     collapse = finalize_doc.get("unit", "image") == "image"
@@ -242,6 +255,61 @@ def compose_stats(
     return doc
 
 
+def opt_out_summary(
+    stage_counters: Mapping[str, Mapping[str, int]],
+    rejected_dirs: Sequence[str],
+    *,
+    top: int = 10,
+) -> dict[str, Any]:
+    """Opt-outs of a run: pairs dropped per signal and stage (exact, from the steps'
+    ``opt_out_counters``), and the ``top`` domains whose policies dropped the most pairs.
+
+    Domains are read from the ``rejected/`` rows of the given directories (the host of each
+    opt-out's ``policy_url``: the page, the robots.txt or tdmrep.json's origin, the image);
+    a step written without ``rejected/`` (``gather --no-rejected``) contributes none.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from wit_pipeline import urls
+    from wit_pipeline.errors import WitError
+
+    signals: dict[str, dict[str, int]] = {}
+    for stage, counts in stage_counters.items():
+        for signal, n in counts.items():
+            if n:
+                signals.setdefault(signal, {})[stage] = int(n)
+    domains: collections.Counter[str] = collections.Counter()
+    by_domain: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for directory in rejected_dirs:
+        try:
+            files = fileio.expand_inputs([directory], suffixes=(".parquet",))
+        except WitError:
+            continue
+        for path in files:
+            with fileio.open_file(path, "rb") as f:
+                table = pq.read_table(f, columns=["reason", "detail", "url", "policy_url"])
+            table = table.filter(
+                pc.is_in(table["reason"], pa.array([optout.OPT_OUT, optout.ROBOTS]))
+            )
+            for r in table.to_pylist():
+                signal = optout.signal_of(r["reason"], r["detail"])
+                if signal is None:
+                    continue
+                host = urls.url_host(r["policy_url"] or r["url"] or "") or "(none)"
+                domains[host] += 1
+                by_domain[host][signal] += 1
+    ranked = sorted(domains.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {
+        "pairs": sum(n for per in signals.values() for n in per.values()),
+        "signals": {k: dict(sorted(v.items())) for k, v in sorted(signals.items())},
+        "top_domains": [
+            {"domain": d, "pairs": n, "signals": dict(sorted(by_domain[d].items()))}
+            for d, n in ranked
+        ],
+    }
+
+
 def write_run_stats(output: str) -> dict[str, Any]:
     """Compose ``DIR/stats.json`` from the steps' files, check it and write it."""
 
@@ -290,6 +358,12 @@ def write_run_stats(output: str) -> dict[str, Any]:
                 for name, v in c["eval_sets"].items()
             },
         }
+    extra["opt_outs"] = opt_out_summary(
+        {s: doc["stages"][s]["opt_out_counters"] for s in ("gather", "download")},
+        [fileio.join(output, s, stage_lib.REJECTED_DIR) for s in ("gather", "download")],
+    )
+    if build_doc["inputs"].get("takedown"):
+        extra["takedown"] = build_doc["inputs"]["takedown"]
     if "clip_score_threshold" in manifest:
         extra["score"] = {
             "threshold": manifest["clip_score_threshold"],

@@ -44,8 +44,16 @@ PAIR_TYPE = pa.struct(
         ("source", pa.string()),
     ]
 )
+# A copy merged into a sample (a near duplicate, or another download of its URL with other
+# bytes): what identifies it, down to its bytes (``sha256``: takedowns match every copy).
 DUPLICATE_TYPE = pa.struct(
-    [("key", pa.string()), ("url", pa.string()), ("phash", pa.string()), ("distance", pa.int32())]
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("phash", pa.string()),
+        ("distance", pa.int32()),
+        ("sha256", pa.string()),
+    ]
 )
 # A deduplicated sample at rest (``wit dedup`` -> ``wit balance``): the final row's fields
 # (``stages.shards.FINAL_SCHEMA`` adds ``caption`` and ``balance_probability``) and where the

@@ -51,7 +51,7 @@ REJECTED_DIR = "rejected"  # every step's dropped records (REJECTED_SCHEMA)
 
 # Every rejected/ folder of a build holds rows of this schema: which stage dropped the record,
 # why, and what identifies it (a pair: uid, url, caption; a sample: key, url, its pairs' uids
-# and captions). Fields a stage does not know are null.
+# and captions), and for opt-outs the policy it rests on. Fields a stage does not know are null.
 REJECTED_SCHEMA = pa.schema(
     [
         ("stage", pa.string()),
@@ -71,6 +71,11 @@ REJECTED_SCHEMA = pa.schema(
         ("eval_set", pa.string()),
         ("eval_id", pa.string()),
         ("clip_score", pa.float32()),
+        # Opt-out and robots decisions: the policy they rest on (robots.txt, tdmrep.json, the
+        # page or image whose header or meta said so) and when it was fetched (ISO 8601 UTC;
+        # for a crawled page, its WARC-Date). Null in every other row (``wit_pipeline.optout``).
+        ("policy_url", pa.string()),
+        ("policy_fetched", pa.string()),
     ]
 )
 REJECTED_FIELDS = tuple(REJECTED_SCHEMA.names)

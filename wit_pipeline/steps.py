@@ -26,6 +26,7 @@ from wit_pipeline.stages import shards as shards_lib
 from wit_pipeline.stages.download import plan as download_plan
 from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import transforms as gather_lib
+from wit_pipeline.takedown import Blocklist
 
 Log = Callable[[str], None]
 
@@ -109,17 +110,20 @@ def run_download(
     beam_args: Sequence[str] = (),
     runner: str | None = None,
     log: Log | None = None,
+    blocklist: Blocklist | None = None,
 ) -> dict[str, Any]:
     """Candidates (``wit gather`` or pre-balance output) -> download shards, resumed shard by
-    shard. Returns the download's ``stats.json`` document."""
+    shard. Returns the download's ``stats.json`` document. ``blocklist``: takedown entries
+    (url and domain entries refuse the URLs and redirect targets they match)."""
     files = download_lib.candidate_files(candidates_dir)
-    download_plan.check_plan_config(output_dir, cfg)
+    takedown = blocklist.url_digest() if blocklist is not None else ""
+    download_plan.check_plan_config(output_dir, cfg, takedown)
     done_before = len(download_plan.finished_shards(output_dir)) if fileio.exists(output_dir) else 0
     if done_before and log:
         log(f"download: resuming ({done_before} shard(s) already finished)")
 
     def graph(p):
-        pipeline.download(p, files=files, output_dir=output_dir, config=cfg)
+        pipeline.download(p, files=files, output_dir=output_dir, config=cfg, blocklist=blocklist)
 
     try:
         run(graph, beam_args=beam_args, runner=runner, processes=cfg.processes)
@@ -144,12 +148,13 @@ def run_finalize(
     stats_extra: Mapping[str, Any] | None = None,
     beam_args: Sequence[str] = (),
     runner: str | None = None,
+    blocklist: Blocklist | None = None,
 ) -> dict[str, Any]:
     """Download output dirs -> final shards, in one pipeline (``pipeline.finalize``).
 
     The step's own files (``stats.json``; with ``score``, ``score.json`` and ``scores/``) go to
     ``work_dir`` (default ``output_dir``); with ``score`` the manifest records the threshold
-    and the seed model. ``stats_extra`` (default: the inputs and the config) is added to the
+    and the seed model. ``blocklist``'s hash entries drop the images they match before dedup. ``stats_extra`` (default: the inputs and the config) is added to the
     stats document, which is returned.
     """
     tars = samples.download_tars(inputs)
@@ -170,6 +175,7 @@ def run_finalize(
             queries_path=queries_path,
             query_columns=query_columns,
             stats_extra=stats_extra,
+            blocklist=blocklist,
         )
 
     run(graph, beam_args=beam_args, runner=runner)
@@ -190,8 +196,10 @@ def run_dedup(
     *,
     beam_args: Sequence[str] = (),
     runner: str | None = None,
+    blocklist: Blocklist | None = None,
 ) -> dict[str, Any]:
-    """Download output dirs -> ``DIR/samples/*.parquet`` (deduplicated, decontaminated)."""
+    """Download output dirs -> ``DIR/samples/*.parquet`` (deduplicated, decontaminated; the
+    images ``blocklist``'s hash entries match dropped first)."""
     tars = samples.download_tars(inputs)
     fileio.makedirs(output_dir)
     for sub in (samples.SAMPLES_DIR, stage.REJECTED_DIR):
@@ -204,6 +212,7 @@ def run_dedup(
             output_dir=output_dir,
             config=cfg,
             stats_extra={"inputs": list(inputs), "config": config_lib.to_dict(cfg)},
+            blocklist=blocklist,
         )
 
     run(graph, beam_args=beam_args, runner=runner)

@@ -29,6 +29,7 @@ COMMANDS = (
     "dedup",
     "balance",
     "build",
+    "remove",
     "report",
     "score",
     "eval",

@@ -163,6 +163,14 @@ FLAGS: dict[str, Flag] = {
         "score.batch_size", "pairs per model batch (default: {default})", type=int, metavar="N"
     ),
     "--device": Flag("score.device", "auto (GPU when present), cpu, cuda"),
+    # takedown
+    "--blocklist": Flag(
+        "takedown.blocklists",
+        "takedown blocklist of url, domain, sha256 and phash entries to leave out "
+        "(repeatable; adds to takedown.blocklists; docs/takedowns.md)",
+        metavar="FILE",
+        append=True,
+    ),
     # queries
     "--min-count": Flag(
         "queries.unigrams.min_count", "unigram threshold (default: {default})", type=int

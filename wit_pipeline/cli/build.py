@@ -15,6 +15,7 @@ examples:
       --config examples/build.yaml --set balance.t=5000 \\
       --eval-set cifar10=../shared/data/cifar10/test.parquet
   wit build ... --seed-model runs/raw/checkpoints/latest.pt --set score.keep_fraction=0.3
+  wit build ... --blocklist takedowns.txt    # url/domain/sha256/phash entries left out
   wit build ... --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
 
 Steps (each a Beam pipeline; DIR/done/<step>.json marks it finished): gather, prebalance,
@@ -41,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     args_lib.add_queries(p, "query list (default: the shipped English list)")
     args_lib.add_output(p, "build directory")
     args_lib.add_config(p, sections="every stage", example="balance.t=5000")
-    args_lib.add_flags(p, "--allow-loopback", "--eval-set", "--seed-model", "--seed-arch")
+    args_lib.add_flags(
+        p, "--allow-loopback", "--eval-set", "--seed-model", "--seed-arch", "--blocklist"
+    )
     args_lib.add_runner(p)
     args_lib.add_overwrite(
         p, "rebuild the steps whose settings changed (by default such a rerun is refused)"

@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     args_lib.add_output(p, "output directory (required without --finalize)", required=False)
     args_lib.add_config(p, sections="its dedup section", example="dedup.partitions=256")
-    args_lib.add_flags(p, "--eval-set", "--max-distance", "--eval-max-distance", "--no-collapse")
+    args_lib.add_flags(
+        p, "--eval-set", "--max-distance", "--eval-max-distance", "--no-collapse", "--blocklist"
+    )
     p.add_argument(
         "--finalize",
         metavar="FINAL_DIR",
@@ -52,12 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from wit_pipeline import steps
+    from wit_pipeline import steps, takedown
     from wit_pipeline.errors import WitError
 
     if not args.output and not args.finalize:
         raise WitError("dedup: --output DIR (or --finalize FINAL_DIR) is required")
     cfg = args_lib.build_config(args)
+    blocklist = takedown.from_config(cfg.takedown)  # its hash entries apply here
     if args.finalize:
         doc = steps.run_finalize(
             args.input,
@@ -66,10 +69,16 @@ def run(args) -> int:
             queries_path=args.queries or "",
             beam_args=args.beam_args,
             runner=args.runner,
+            blocklist=blocklist,
         )
     else:
         doc = steps.run_dedup(
-            args.input, args.output, cfg, beam_args=args.beam_args, runner=args.runner
+            args.input,
+            args.output,
+            cfg,
+            beam_args=args.beam_args,
+            runner=args.runner,
+            blocklist=blocklist,
         )
     json.dump({"counters": doc["counters"]}, sys.stdout, indent=1)
     sys.stdout.write("\n")

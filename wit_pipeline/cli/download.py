@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     args_lib.add_input(p, "a `wit gather` output dir, or Parquet files", many=False)
     args_lib.add_output(p, "output directory (local or fsspec URL)")
     args_lib.add_config(p, sections="its download section", example="download.image_size=128")
-    args_lib.add_flags(p, "--allow-loopback")
+    args_lib.add_flags(p, "--allow-loopback", "--blocklist")
     args_lib.add_runner(p)
     p.set_defaults(func=run)
 
@@ -34,12 +34,18 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wit_pipeline import fileio, steps
+    from wit_pipeline import fileio, steps, takedown
     from wit_pipeline.stages.download import plan
 
-    cfg = args_lib.build_config(args).download
+    full = args_lib.build_config(args)
     stats = steps.run_download(
-        args.input, args.output, cfg, beam_args=args.beam_args, runner=args.runner, log=_log
+        args.input,
+        args.output,
+        full.download,
+        beam_args=args.beam_args,
+        runner=args.runner,
+        log=_log,
+        blocklist=takedown.from_config(full.takedown),
     )
     pairs, url_level = stats["counters"], stats["url_counters"]
     print(

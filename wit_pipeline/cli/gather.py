@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--keep-unmatched",
         "--no-rejected",
         "--num-shards",
+        "--blocklist",
     )
     args_lib.add_overwrite(p, "recompute even if DIR is already complete")
     p.add_argument(
@@ -114,9 +115,11 @@ def _beam_error_message(e: Exception) -> str | None:
 
 def run(args) -> int:
     setup_logging(args.quiet)
-    from wit_pipeline import counters, fileio, queries
+    from wit_pipeline import counters, fileio, queries, takedown
 
-    cfg = args_lib.build_config(args).gather
+    full = args_lib.build_config(args)
+    cfg = full.gather
+    blocklist = takedown.from_config(full.takedown)
     fileio.expand_inputs(args.input)  # a missing input is reported before anything else
     queries_path = args.queries
     if queries_path is None:
@@ -138,6 +141,7 @@ def run(args) -> int:
             runner=args.runner,
             progress_interval=0.0 if args.quiet else args.progress_interval,
             overwrite=args.overwrite,
+            blocklist=blocklist,
         )
     except WitError:
         raise

@@ -61,6 +61,7 @@ def merge_group(survivor: Mapping[str, Any], duplicates: Sequence[Mapping[str, A
                 "url": d["url"],
                 "phash": d["phash"],
                 "distance": hamming(sh, from_hex(d["phash"])),
+                "sha256": d.get("sha256"),
             }
         )
     out["pairs"] = [pairs[u] for u in sorted(pairs)]
@@ -81,10 +82,25 @@ def merge_input_copies(
     Same key = same image URL, which the download stage turns into one sample whose captions
     are all kept; copies are merged the same way. The kept copy has the most original pixels,
     then the smallest ``source_tar`` path; pairs of the other copies whose ``uid`` it lacks move
-    to it. Returns ``(kept, other copies, pairs of the other copies that were already there)``.
+    to it. A copy whose bytes or pHash differ from the kept one's is listed in ``duplicates``
+    (``KEY.json``), so that a takedown of its hash finds the sample. Returns ``(kept, other
+    copies, pairs of the other copies that were already there)``.
     """
     ordered = sorted(records, key=_input_copy_rank)
     kept = dict(ordered[0])
+    other_bytes = [
+        {
+            "key": r["key"],
+            "url": r["url"],
+            "phash": r["phash"],
+            "distance": hamming(from_hex(kept["phash"]), from_hex(r["phash"])),
+            "sha256": r.get("sha256"),
+        }
+        for r in ordered[1:]
+        if (r.get("sha256"), r["phash"]) != (kept.get("sha256"), kept["phash"])
+    ]
+    if other_bytes:
+        kept["duplicates"] = list(kept.get("duplicates") or []) + other_bytes
 
     def ident(p: Mapping[str, Any]) -> str:
         return p["uid"] or f"caption:{p['caption']}"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from wit_pipeline import shards
+from wit_pipeline import optout, shards
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.stages.download import guarded_http, netguard, robots
 from wit_pipeline.stages.download.plan import Outcome
@@ -41,7 +41,14 @@ def reason_from_message(message: str | None, *, default: str) -> tuple[str, str]
         return parsed
     text = (message or "").strip()
     reason = _IMG2DATASET_MESSAGES.get(text.lower(), default)
+    if reason == optout.OPT_OUT:  # img2dataset's own X-Robots-Tag check: name the signal
+        return reason, "x-robots-tag"
     return reason, text[:500]
+
+
+# X-Robots-Tag directives scoped to these agents apply to us too, besides our product token:
+# site owners address the tool that dataset builders run.
+OPT_OUT_AGENTS = ("img2dataset",)
 
 
 def fetch_options(config: DownloadConfig) -> guarded_http.FetchOptions:
@@ -58,6 +65,8 @@ def fetch_options(config: DownloadConfig) -> guarded_http.FetchOptions:
         per_host_concurrency=config.per_host_concurrency,
         per_host_rate=config.per_host_rate,
         ca_bundle=config.ca_bundle,
+        opt_out_agents=OPT_OUT_AGENTS,
+        respect_tdmrep=config.respect_tdmrep,
     )
 
 
@@ -246,7 +255,10 @@ class _Collector:
             return
         default = "decode_error" if meta.get("status") == "failed_to_resize" else "download_error"
         reason, detail = reason_from_message(meta.get("error_message"), default=default)
-        self.outcomes[wit_key] = Outcome(reason=reason, detail=detail)
+        detail, policy_url, fetched = optout.split_policy(detail)
+        self.outcomes[wit_key] = Outcome(
+            reason=reason, detail=detail, policy_url=policy_url, policy_fetched=fetched
+        )
 
     def close(self):
         pass

@@ -4,15 +4,19 @@
   opener whose HTTP(S) handlers use guarded connections (``netguard.Guard.connect``), that
   follows at most ``max_redirects`` http(s)-only redirects, refuses proxies and non-http(s)
   schemes, retries only retryable errors, enforces a total deadline per attempt, a body size
-  limit, per-host concurrency and rate limits (:class:`HostLimiter`), sends our User-Agent and
-  refuses ``X-Robots-Tag`` opt-outs before reading the body. It is installed process-wide with
+  limit, per-host concurrency and rate limits (:class:`HostLimiter`), sends our User-Agent,
+  passes every redirect target to a check before requesting it (``hop_check``:
+  ``policy.RedirectCheck``, robots.txt and tdmrep.json of new origins, takedown entries) and
+  refuses ``X-Robots-Tag`` and ``tdm-reservation`` opt-outs before reading the body (the refusal
+  names the signal, the URL and the time: ``optout.with_policy``). It is installed process-wide with
   ``urllib.request.install_opener``, the hook ``urllib.request.urlopen`` (and so img2dataset's
   ``download_image``) goes through. The download DoFn acquires it from :data:`PROCESS_OPENER`
   in ``setup()`` (one opener and one per-host limiter per worker process, reference counted,
   so that no instance's ``teardown()`` can switch the guard off under another) and re-checks
   it before every shard.
-- ``requests`` (robots.txt): :func:`requests_session` returns a session whose adapters use the
-  same guarded connections.
+- ``requests`` (robots.txt, tdmrep.json): :func:`requests_session` returns a session whose
+  adapters use the same guarded connections; :func:`get_small` fetches such a policy file
+  with its redirects followed hop by hop.
 
 Errors are ``netguard.FetchError`` with a stable reason, as for the guard itself.
 """
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from wit_pipeline import optout
 from wit_pipeline.stages.download.netguard import (
     BlockedAddressError,
     DeadlineExceeded,
@@ -119,6 +124,9 @@ class FetchOptions:
     per_host_concurrency: int = 0
     per_host_rate: float = 0.0
     ca_bundle: str = ""
+    # Agents besides user_agent_token whose X-Robots-Tag directives apply to us.
+    opt_out_agents: tuple[str, ...] = ()
+    respect_tdmrep: bool = False  # a tdm-reservation: 1 response header opts out (TDMRep)
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
@@ -181,14 +189,21 @@ class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follow at most ``max_redirects`` hops, to http(s) URLs only, keeping the deadline."""
+    """Follow at most ``max_redirects`` hops, to http(s) URLs only, keeping the deadline.
+
+    ``hop_check(url, first_url)``, when given, is called with every target (and the URL the
+    request started from) before the target is requested, and refuses it by raising a
+    ``FetchError`` (a takedown entry, the robots.txt or tdmrep.json of a new origin:
+    ``policy.RedirectCheck``).
+    """
 
     max_repeats = 1_000
     max_redirections = 1_000
 
-    def __init__(self, max_redirects: int):
+    def __init__(self, max_redirects: int, hop_check: Callable[[str, str], None] | None = None):
         super().__init__()
         self.max_redirects = max_redirects
+        self.hop_check = hop_check
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         scheme = urlsplit(newurl).scheme.lower()
@@ -197,9 +212,13 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         hops = getattr(req, "wit_hops", 0) + 1
         if hops > self.max_redirects:
             raise FetchError("too_many_redirects", f"more than {self.max_redirects} redirects")
+        first = getattr(req, "wit_first_url", req.full_url)
+        if self.hop_check is not None:
+            self.hop_check(newurl, first)
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None:
             new.wit_hops = hops
+            new.wit_first_url = first
             new.wit_deadline = getattr(req, "wit_deadline", None)
             new.wit_redirect = True
         return new
@@ -217,16 +236,24 @@ class GuardedOpener(urllib.request.OpenerDirector):
     are passed straight to the handlers.
     """
 
-    def __init__(self, guard: Guard, options: FetchOptions):
+    def __init__(
+        self,
+        guard: Guard,
+        options: FetchOptions,
+        hop_check: Callable[[str, str], None] | None = None,
+    ):
         super().__init__()
         self.guard = guard
         self.options = options
         self.limiter = HostLimiter(options.per_host_concurrency, options.per_host_rate)
         self.directives = frozenset(d.strip().lower() for d in options.disallowed_header_directives)
+        self.agents = frozenset(
+            a.strip().lower() for a in (options.user_agent_token, *options.opt_out_agents) if a
+        )
         for handler in (
             _GuardedHTTPHandler(guard),
             _GuardedHTTPSHandler(guard, ssl_context(options.ca_bundle)),
-            _RedirectHandler(options.max_redirects),
+            _RedirectHandler(options.max_redirects, hop_check),
             urllib.request.HTTPDefaultErrorHandler(),
             _ErrorProcessor(),
             urllib.request.UnknownHandler(),
@@ -271,20 +298,25 @@ class GuardedOpener(urllib.request.OpenerDirector):
             del req.redirect_dict
         resp = super().open(req, data, op_timeout)
         try:
-            if self.directives and self._opted_out(resp.headers):
-                raise FetchError("opt_out", "X-Robots-Tag opt-out")
+            signal = self._opt_out(resp.headers)
+            if signal is not None:
+                note = optout.with_policy(signal, resp.url, optout.utc_now())
+                raise FetchError(optout.OPT_OUT, note)
             body = read_body(resp, self.options.max_bytes)
         finally:
             resp.close()
         return FetchedResponse(body, resp.headers, resp.url, resp.status)
 
-    def _opted_out(self, headers) -> bool:
-        check = self.__dict__.get("_is_disallowed")
-        if check is None:
-            from img2dataset.downloader import is_disallowed  # the semantics img2dataset uses
-
-            check = self._is_disallowed = is_disallowed
-        return bool(check(headers, self.options.user_agent_token, self.directives))
+    def _opt_out(self, headers) -> str | None:
+        """The response's opt-out signal, read before its body: ``X-Robots-Tag`` (for every
+        agent or one of ours, as img2dataset reads it) or TDMRep's ``tdm-reservation: 1``."""
+        directive = optout.x_robots_tag(
+            headers.get_all("X-Robots-Tag") or (), self.agents, self.directives
+        )
+        if directive is not None:
+            return f"x-robots-tag:{directive}"
+        reserved = optout.tdm_reservation(headers.get("tdm-reservation")) == 1
+        return optout.TDM_HEADER if self.options.respect_tdmrep and reserved else None
 
 
 class FetchedResponse:
@@ -343,8 +375,10 @@ def read_body(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_opener(guard: Guard, options: FetchOptions) -> GuardedOpener:
-    return GuardedOpener(guard, options)
+def build_opener(
+    guard: Guard, options: FetchOptions, hop_check: Callable[[str, str], None] | None = None
+) -> GuardedOpener:
+    return GuardedOpener(guard, options, hop_check)
 
 
 def install_urllib_opener(guard: Guard, options: FetchOptions) -> GuardedOpener:
@@ -385,12 +419,22 @@ class ProcessOpener:
         self._previous: Any = None
         self._users = 0
 
-    def acquire(self, owner: str, guard: Guard, options: FetchOptions) -> GuardedOpener:
-        """The owner's opener, installed (reinstalled if replaced); count one more user."""
+    def acquire(
+        self,
+        owner: str,
+        guard: Guard,
+        options: FetchOptions,
+        hop_check: Callable[[], Callable[[str, str], None] | None] | None = None,
+    ) -> GuardedOpener:
+        """The owner's opener, installed (reinstalled if replaced); count one more user.
+
+        ``hop_check`` makes the redirect check of a new opener (called once, by the first
+        user: ``policy.RedirectCheck``, whose per-origin cache the process's threads share).
+        """
         with self._lock:
             if self._opener is None:
                 self._previous = installed_opener()
-                self._opener = build_opener(guard, options)
+                self._opener = build_opener(guard, options, hop_check() if hop_check else None)
                 self._owner = owner
             elif self._owner != owner:
                 raise GuardConflictError(
@@ -525,3 +569,77 @@ def classify_requests_error(exc: BaseException) -> FetchError:
     if isinstance(exc, requests.ConnectionError):
         return FetchError("connection_error", str(exc))
     return classify(exc)
+
+
+@dataclass(frozen=True)
+class SmallResponse:
+    """A small policy file fetched by :func:`get_small`: the final status, URL and body."""
+
+    status: int
+    url: str  # after redirects
+    body: bytes  # at most ``limit`` bytes (2xx only)
+    truncated: bool  # the body went on past ``limit``
+
+
+class SmallFetchError(FetchError):
+    """:func:`get_small` failed; ``hop`` says at which redirect hop (0: the first request)."""
+
+    def __init__(self, err: FetchError, hop: int):
+        super().__init__(err.reason, err.detail, retryable=err.retryable)
+        self.hop = hop
+
+
+def get_small(
+    session,
+    url: str,
+    *,
+    limit: int,
+    connect_timeout: float,
+    timeout: float,
+    max_redirects: int,
+) -> SmallResponse:
+    """GET a small policy file (robots.txt, tdmrep.json) with a guarded ``requests`` session.
+
+    Redirects are followed hop by hop, each a new guarded request, to http(s) URLs only
+    (``bad_redirect`` otherwise) and at most ``max_redirects`` times (``too_many_redirects``);
+    2xx bodies are read up to ``limit`` bytes. Errors raise :class:`SmallFetchError`.
+    """
+    from urllib.parse import urljoin
+
+    for hop in range(max_redirects + 1):
+        try:
+            with session.get(
+                url, timeout=(connect_timeout, timeout), allow_redirects=False, stream=True
+            ) as resp:
+                status = resp.status_code
+                location = resp.headers.get("location")
+                body, truncated = b"", False
+                if 200 <= status < 300:
+                    body, truncated = _read_limited(resp, limit)
+                # No connection reuse between hops: a kept-alive connection that the server
+                # has since closed would fail the next request.
+                session.close()
+        except Exception as e:
+            session.close()
+            raise SmallFetchError(classify_requests_error(e), hop) from None
+        if 300 <= status < 400 and location:
+            nxt = urljoin(url, location)
+            if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+                raise SmallFetchError(FetchError("bad_redirect", f"redirects to {nxt[:100]}"), hop)
+            url = nxt
+            continue
+        return SmallResponse(status, url, body, truncated)
+    raise SmallFetchError(
+        FetchError("too_many_redirects", f"more than {max_redirects} redirects"), max_redirects
+    )
+
+
+def _read_limited(resp, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in resp.iter_content(chunk_size=1 << 14):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            break
+    return b"".join(chunks)[:limit], total > limit

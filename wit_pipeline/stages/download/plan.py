@@ -32,10 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import fileio, schemas, shards, stage, urls
+from wit_pipeline import fileio, optout, schemas, shards, stage, urls
 from wit_pipeline.config import DownloadConfig, to_dict
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import robots
+from wit_pipeline.takedown import TAKEDOWN, Blocklist
 
 STAGE = "download"  # the stage name in rejected rows
 SHARDS_DIR = "shards"
@@ -48,6 +49,7 @@ REASONS = (
     "duplicate_pair",
     "blocked_address",
     "dns_error",
+    "takedown",
     "robots",
     "opt_out",
     "timeout",
@@ -129,8 +131,14 @@ def _pair_sort_key(p: Mapping[str, Any]) -> tuple:
     return (p["uid"], p["caption"], p.get("source") or "", p.get("page_url") or "")
 
 
-def make_url_record(key: str, pairs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """One record per distinct URL: its pairs sorted by ``uid``; repeated ``uid``s set aside."""
+def make_url_record(
+    key: str, pairs: Iterable[Mapping[str, Any]], blocklist: Blocklist | None = None
+) -> dict[str, Any]:
+    """One record per distinct URL: its pairs sorted by ``uid``; repeated ``uid``s set aside.
+
+    A URL that a ``blocklist`` ``url`` or ``domain`` entry matches gets the verdict
+    ``takedown`` (the entry as detail): it is never requested.
+    """
     ordered = sorted(pairs, key=_pair_sort_key)
     kept: list[dict[str, Any]] = []
     dups: list[dict[str, Any]] = []
@@ -140,6 +148,11 @@ def make_url_record(key: str, pairs: Iterable[Mapping[str, Any]]) -> dict[str, A
         seen.add(p["uid"])
     url = kept[0]["url"]
     invalid = bool(kept[0]["invalid"])
+    verdict = ("invalid_url", "not an absolute http(s) URL") if invalid else None
+    if verdict is None and blocklist is not None:
+        hit = blocklist.match_url(url)
+        if hit is not None:
+            verdict = (TAKEDOWN, hit)
     return {
         "key": key,
         "url": url,
@@ -147,7 +160,7 @@ def make_url_record(key: str, pairs: Iterable[Mapping[str, Any]]) -> dict[str, A
         "invalid": invalid,
         "pairs": kept,
         "dups": dups,
-        "verdict": ("invalid_url", "not an absolute http(s) URL") if invalid else None,
+        "verdict": verdict,
     }
 
 
@@ -172,6 +185,8 @@ class Outcome:
     sha256: str | None = None
     reason: str | None = None
     detail: str = ""
+    policy_url: str | None = None  # opt-outs and robots: the policy the refusal rests on
+    policy_fetched: str | None = None
 
 
 def assemble_shard(
@@ -180,17 +195,19 @@ def assemble_shard(
     """Samples (one per downloaded URL), the per-pair table and the rejected table of a shard.
 
     ``records`` are the shard's URL records; ``outcomes`` holds the fetch outcome of each record
-    that was fetched (records with a ``verdict`` were not). A fetched record missing from
-    ``outcomes`` is rejected as ``internal_error``: no URL is ever lost. Rejected pairs are rows
-    of ``stage.REJECTED_SCHEMA`` (stage ``download``, the URL's ``key``, the pair's fields).
+    that was fetched (records with a ``verdict``, ``(reason, detail[, policy URL, fetched])``,
+    were not). A fetched record missing from ``outcomes`` is rejected as ``internal_error``: no
+    URL is ever lost. Rejected pairs are rows of ``stage.REJECTED_SCHEMA`` (stage ``download``,
+    the URL's ``key``, the pair's fields, and the policy of opt-out and robots refusals).
     """
     samples: list[shards.Sample] = []
     kept_rows: list[dict[str, Any]] = []
     rejected_rows: list[dict[str, Any]] = []
 
-    def reject(rec: Mapping[str, Any], pairs: Iterable[Mapping[str, Any]], reason, detail):
+    def reject(rec, pairs, reason, detail, policy_url=None, policy_fetched=None):
         for p in pairs:
             row = {**p, "key": rec["key"], "reason": reason, "detail": detail}
+            row.update(policy_url=policy_url, policy_fetched=policy_fetched)
             rejected_rows.append(stage.rejected_row(row, stage=STAGE))
 
     for rec in sorted(records, key=lambda r: r["key"]):
@@ -203,7 +220,8 @@ def assemble_shard(
             reject(rec, rec["pairs"], "internal_error", "no result from the downloader")
             continue
         if out.image is None:
-            reject(rec, rec["pairs"], out.reason or "download_error", out.detail)
+            reason = out.reason or "download_error"
+            reject(rec, rec["pairs"], reason, out.detail, out.policy_url, out.policy_fetched)
             continue
         pairs = rec["pairs"]
         sizes = {
@@ -236,13 +254,19 @@ def assemble_shard(
 def shard_counters(kept: pa.Table, rejected: pa.Table) -> dict[str, int]:
     """Pair counts and ``url/`` counts of one shard, computed from its two tables.
 
-    Pairs: ``input``, ``kept`` and ``dropped:<reason>`` (``stage.flow_counts``); distinct URLs:
+    Pairs: ``input``, ``kept`` and ``dropped:<reason>`` (``stage.flow_counts``), and the pairs
+    dropped per opt-out signal (``opt_out/<signal>``, ``optout.signal_counts``); distinct URLs:
     the same names under the ``url/`` scope. The same function runs on fresh results and on
     tables read back from a finished shard, so reruns count exactly what the first run counted.
     A URL's reason is the reason of its non-duplicate pairs (``duplicate_pair`` is a pair-level
     reason only).
     """
     c = stage.flow_counts(kept, rejected)
+    c.update(
+        optout.signal_counts(
+            rejected.column("reason").to_pylist(), rejected.column("detail").to_pylist()
+        )
+    )
     kept_keys = set(kept.column("key").to_pylist())
     url_reason: dict[str, str] = {}
     reasons = rejected.column("reason").to_pylist()
@@ -267,22 +291,27 @@ def apply_verdict(
 ) -> Iterator[dict[str, Any]]:
     """Set ``verdict`` (and ``crawl_delay``) on the URL records of one origin.
 
-    ``item`` is ``(origin, values)`` where values are ``("v", RobotsVerdict)`` (one) and
-    ``("r", record)`` (one per URL). The values are scanned twice instead of collected, so an
-    origin with millions of URLs needs no more memory than one with a few (Beam's grouped
-    values are re-iterable and, on distributed runners, streamed).
+    ``item`` is ``(origin, values)`` where values are ``("v", policy)`` (one: a
+    ``policy.OriginPolicy``, or a bare ``robots.RobotsVerdict``) and ``("r", record)`` (one
+    per URL). A refusal's verdict is ``(reason, detail, policy URL, when it was fetched)``. The
+    values are scanned twice instead of collected, so an origin with millions of URLs needs no
+    more memory than one with a few (Beam's grouped values are re-iterable and, on distributed
+    runners, streamed).
     """
     _, values = item
     verdict = next((v for tag, v in values if tag == VERDICT_TAG), None)
     if verdict is None:
         verdict = robots.RobotsVerdict(robots.DISALLOW_ALL, detail="no robots.txt verdict")
-    delay = verdict.rules.crawl_delay if verdict.kind == robots.RULES else None
+    if isinstance(verdict, robots.RobotsVerdict):
+        delay = verdict.rules.crawl_delay if verdict.kind == robots.RULES else None
+    else:
+        delay = verdict.crawl_delay
     for tag, value in values:
         if tag != RECORD_TAG:
             continue
         rec = dict(value)
         if rec["verdict"] is None:
-            rec["verdict"] = verdict.check(rec["url"])
+            rec["verdict"] = verdict.decide(rec["url"])
         if rec["verdict"] is None and config.respect_crawl_delay and delay:
             if delay > config.max_crawl_delay:
                 rec["verdict"] = (
@@ -343,7 +372,7 @@ def read_back_counters(output_dir: str, shard_id: int) -> dict[str, int]:
     with fileio.open_file(parquet_path, "rb") as f:
         kept = pq.read_table(f, columns=["key"])
     with fileio.open_file(rejected_path(output_dir, shard_id), "rb") as f:
-        rejected = pq.read_table(f, columns=["key", "reason"])
+        rejected = pq.read_table(f, columns=["key", "reason", "detail"])
     return shard_counters(kept, rejected)
 
 
@@ -357,25 +386,36 @@ def finished_shards(output_dir: str) -> list[int]:
     return sorted(out)
 
 
-def plan_doc(config: DownloadConfig, num_urls: int) -> dict[str, Any]:
-    """What fixes the shard assignment and the shard contents of a run."""
+def plan_doc(config: DownloadConfig, num_urls: int, takedown: str = "") -> dict[str, Any]:
+    """What fixes the shard assignment and the shard contents of a run (``takedown``: the
+    digest of the blocklist's url and domain entries, recorded when there are any)."""
     cfg = to_dict(config)
     for name in EXECUTION_ONLY_FIELDS:
         cfg.pop(name, None)
-    return {
+    doc = {
         "num_urls": num_urls,
         "num_shards": config.num_shards or num_shards_for(num_urls, config.samples_per_shard),
         "config": cfg,
     }
+    if takedown:
+        doc["takedown"] = takedown
+    return doc
 
 
-def check_plan_config(output_dir: str, config: DownloadConfig) -> None:
-    """Before a rerun starts: refuse a configuration that differs from the first run's."""
+def check_plan_config(output_dir: str, config: DownloadConfig, takedown: str = "") -> None:
+    """Before a rerun starts: refuse a configuration (or takedown entries) that differs from
+    the first run's."""
     path = fileio.join(output_dir, PLAN_FILE)
     if not fileio.exists(path):
         return
-    old = fileio.read_json(path).get("config")
+    previous = fileio.read_json(path)
+    old = previous.get("config")
     new = plan_doc(config, 0)["config"]
+    if previous.get("takedown", "") != takedown:
+        raise WitError(
+            f"{output_dir} holds a download run with other takedown entries (--blocklist); "
+            "use a new --output directory or the same blocklists"
+        )
     if old != new:
         changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
         raise WitError(

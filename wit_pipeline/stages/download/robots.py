@@ -25,7 +25,9 @@ import contextlib
 import dataclasses
 import re
 from functools import lru_cache
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urlsplit
+
+from wit_pipeline import optout
 
 MAX_ROBOTS_BYTES = 500 * 1024
 MAX_ROBOTS_REDIRECTS = 5
@@ -133,26 +135,43 @@ def parse(text: str, user_agent: str) -> Rules:
     return Rules(allow=allow, disallow=disallow, crawl_delay=delay)
 
 
+# A decision about one URL: (reason, detail, policy URL, when the policy was fetched).
+Decision = tuple[str, str, "str | None", "str | None"]
+
+
 @dataclasses.dataclass(frozen=True)
 class RobotsVerdict:
     """What robots.txt says about one origin: ``kind`` is allow, rules, disallow_all, blocked.
 
     ``reason`` is the drop reason for disallowed URLs (``robots``, ``blocked_address``,
-    ``dns_error``) and ``detail`` says why (status, error).
+    ``dns_error``) and ``detail`` says why (status, error); ``url`` is the robots.txt URL the
+    verdict rests on (after redirects) and ``fetched`` when it was fetched (ISO 8601 UTC).
     """
 
     kind: str
     rules: Rules = Rules()
     reason: str = "robots"
     detail: str = ""
+    url: str = ""
+    fetched: str = ""
 
     def check(self, url: str) -> tuple[str, str] | None:
         """``None`` if ``url`` may be fetched, else ``(reason, detail)``."""
         if self.kind == ALLOW:
             return None
         if self.kind == RULES:
-            return None if self.rules.can_fetch(url) else ("robots", "disallowed by robots.txt")
+            return None if self.rules.can_fetch(url) else ("robots", optout.DISALLOWED)
         return (self.reason, self.detail)
+
+    def decide(self, url: str) -> Decision | None:
+        """:meth:`check` with the policy it rests on: ``(reason, detail, robots.txt URL, when
+        it was fetched)``; the policy is None for an origin the guard refused (no robots.txt)."""
+        found = self.check(url)
+        if found is None:
+            return None
+        if self.kind == BLOCKED:
+            return (*found, None, None)
+        return (*found, self.url or None, self.fetched or None)
 
 
 def origin(url: str) -> str:
@@ -173,45 +192,31 @@ def fetch_robots(
     from wit_pipeline.stages.download import guarded_http
 
     url = origin_url.rstrip("/") + "/robots.txt"
-    for hop in range(MAX_ROBOTS_REDIRECTS + 1):
-        try:
-            with session.get(
-                url, timeout=(connect_timeout, timeout), allow_redirects=False, stream=True
-            ) as resp:
-                status = resp.status_code
-                # No connection reuse between hops: a kept-alive connection that the server
-                # has since closed would fail the next request.
-                session.close()
-                if 300 <= status < 400 and "location" in resp.headers:
-                    nxt = urljoin(url, resp.headers["location"])
-                    if urlsplit(nxt).scheme.lower() not in ("http", "https"):
-                        return RobotsVerdict(ALLOW, detail=f"robots.txt redirects to {nxt[:100]}")
-                    url = nxt
-                    continue
-                if 200 <= status < 300:
-                    body = _read_limited(resp, MAX_ROBOTS_BYTES)
-                    text = body.decode("utf-8", errors="replace").lstrip("\ufeff")
-                    return RobotsVerdict(RULES, parse(text, user_agent), detail=f"HTTP {status}")
-                if 400 <= status < 500 and status != 429:
-                    return RobotsVerdict(ALLOW, detail=f"robots.txt HTTP {status}")
-                return RobotsVerdict(DISALLOW_ALL, detail=f"robots.txt unreachable: HTTP {status}")
-        except Exception as e:
-            session.close()
-            err = guarded_http.classify_requests_error(e)
-            if hop == 0 and err.reason in ("blocked_address", "dns_error"):
-                return RobotsVerdict(BLOCKED, reason=err.reason, detail=err.detail)
+    fetched = optout.utc_now()
+    try:
+        resp = guarded_http.get_small(
+            session,
+            url,
+            limit=MAX_ROBOTS_BYTES,
+            connect_timeout=connect_timeout,
+            timeout=timeout,
+            max_redirects=MAX_ROBOTS_REDIRECTS,
+        )
+    except guarded_http.SmallFetchError as err:
+        if err.reason == "bad_redirect":
+            return RobotsVerdict(ALLOW, detail=f"robots.txt {err.detail}", url=url, fetched=fetched)
+        if err.reason == "too_many_redirects":
             return RobotsVerdict(
-                DISALLOW_ALL, detail=f"robots.txt unreachable: {err.reason}: {err.detail}"[:300]
+                ALLOW, detail="robots.txt: too many redirects", url=url, fetched=fetched
             )
-    return RobotsVerdict(ALLOW, detail="robots.txt: too many redirects")
-
-
-def _read_limited(resp, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    for chunk in resp.iter_content(chunk_size=1 << 14):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total >= limit:
-            break
-    return b"".join(chunks)[:limit]
+        if err.hop == 0 and err.reason in ("blocked_address", "dns_error"):
+            return RobotsVerdict(BLOCKED, reason=err.reason, detail=err.detail)
+        detail = f"robots.txt unreachable: {err.reason}: {err.detail}"[:300]
+        return RobotsVerdict(DISALLOW_ALL, detail=detail, url=url, fetched=fetched)
+    status, where = resp.status, {"url": resp.url, "fetched": fetched}
+    if 200 <= status < 300:
+        text = resp.body.decode("utf-8", errors="replace").lstrip("\ufeff")
+        return RobotsVerdict(RULES, parse(text, user_agent), detail=f"HTTP {status}", **where)
+    if 400 <= status < 500 and status != 429:
+        return RobotsVerdict(ALLOW, detail=f"robots.txt HTTP {status}", **where)
+    return RobotsVerdict(DISALLOW_ALL, detail=f"robots.txt unreachable: HTTP {status}", **where)

@@ -6,9 +6,12 @@ crawl needs:
 
 - URLs are normalized and each distinct URL is downloaded once; every pair that shares it
   follows its fate (one webdataset sample per URL, one Parquet row per pair; ``plan``).
-- Politeness: URLs are grouped by origin; robots.txt is fetched once per origin (see
-  ``robots.py`` for the policy) and disallowed URLs are never requested; ``X-Robots-Tag``
-  opt-outs are refused; per-host concurrency and rate limits apply within each worker.
+- Politeness: URLs are grouped by origin; robots.txt and TDMRep's tdmrep.json are fetched
+  once per origin (``robots.py``, ``tdmrep.py``, ``policy.py``) and disallowed or reserved URLs
+  are never requested; every redirect target passes the same checks (and the takedown
+  blocklist) before it is requested (``policy.RedirectCheck``); ``X-Robots-Tag`` and
+  ``tdm-reservation`` opt-outs are refused; per-host concurrency and rate limits apply within
+  each worker.
 - Safety: every connection (robots.txt, images, each redirect hop) goes through the SSRF guard
   of ``netguard.py``.
 - Resumability: each distinct URL belongs to shard ``hash(key) mod num_shards``, with
@@ -39,11 +42,11 @@ import apache_beam as beam
 import pyarrow as pa
 
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import fileio, shards, stage, urls
+from wit_pipeline import fileio, optout, shards, stage, urls
 from wit_pipeline.beam_utils import COUNTS, emit_counts
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages.download import guarded_http, netguard, robots
+from wit_pipeline.stages.download import guarded_http, netguard, policy
 from wit_pipeline.stages.download.fetch import (
     ProbingResizer,
     fetch_options,
@@ -70,10 +73,17 @@ from wit_pipeline.stages.download.plan import (
     shards_dir,
     write_shard_files,
 )
+from wit_pipeline.takedown import Blocklist
 
 STATS_FILE = "stats.json"
-# stats.json: pair counts under "counters", distinct-URL counts under "url_counters".
-STATS_SECTIONS = {"": "counters", counters_lib.URL: "url_counters"}
+# stats.json: pair counts under "counters", distinct-URL counts under "url_counters", pairs
+# dropped per opt-out signal under "opt_out_counters".
+STATS_SECTIONS = {
+    "": "counters",
+    counters_lib.URL: "url_counters",
+    optout.SCOPE: "opt_out_counters",
+}
+STATS_FLOWS = ("", counters_lib.URL)
 
 
 def _warm_up_imports() -> None:
@@ -102,8 +112,10 @@ class _KeyPairsFn(beam.DoFn):
             yield key_pair(row)
 
 
-def _plan_num_shards(num_urls: int, output_dir: str, config: DownloadConfig) -> int:
-    return check_plan(output_dir, plan_doc(config, num_urls))
+def _plan_num_shards(
+    num_urls: int, output_dir: str, config: DownloadConfig, takedown: str = ""
+) -> int:
+    return check_plan(output_dir, plan_doc(config, num_urls, takedown))
 
 
 def _assign_shard(
@@ -116,7 +128,8 @@ def _assign_shard(
 
 
 class _RobotsFn(beam.DoFn):
-    """Batches of origins -> ``(origin, verdict)``, robots.txt fetched concurrently."""
+    """Batches of origins -> ``(origin, policy.OriginPolicy)``: robots.txt and tdmrep.json
+    (as the config respects them) fetched concurrently."""
 
     def __init__(self, *, config: DownloadConfig, resolver: netguard.Resolver | None):
         self._config = config
@@ -135,15 +148,8 @@ class _RobotsFn(beam.DoFn):
             s = self._local.session = guarded_http.requests_session(self._guard, self._options)
         return s
 
-    def _fetch(self, origin_url: str) -> tuple[str, robots.RobotsVerdict]:
-        verdict = robots.fetch_robots(
-            self._session(),
-            origin_url,
-            user_agent=self._config.user_agent,
-            connect_timeout=self._config.connect_timeout,
-            timeout=self._config.timeout,
-        )
-        return origin_url, verdict
+    def _fetch(self, origin_url: str) -> tuple[str, policy.OriginPolicy]:
+        return origin_url, policy.fetch_origin_policy(self._session(), origin_url, self._config)
 
     def process(self, origins: list[str]):
         yield from self._pool.map(self._fetch, sorted(origins))
@@ -168,18 +174,28 @@ class _DownloadShardFn(beam.DoFn):
         output_dir: str,
         config: DownloadConfig,
         resolver: netguard.Resolver | None,
+        blocklist: Blocklist | None = None,
     ):
         self._output_dir = output_dir
         self._config = config
         self._resolver = resolver
+        self._blocklist = blocklist
         # Shared by every instance unpickled from this one: they share one opener per process.
         self._owner = uuid.uuid4().hex
 
     def setup(self):
         self._resizer = ProbingResizer(make_img2dataset_resizer(self._config), self._config)
         self._workdir = tempfile.mkdtemp(prefix="wit-download-")
+        guard, options = make_guard(self._config, self._resolver), fetch_options(self._config)
+
+        def redirect_check():
+            # Made once per process (by the first instance): its per-origin cache is shared.
+            if not policy.RedirectCheck.needed(self._config, self._blocklist):
+                return None
+            return policy.RedirectCheck(self._config, guard, options, self._blocklist)
+
         self._opener = guarded_http.PROCESS_OPENER.acquire(
-            self._owner, make_guard(self._config, self._resolver), fetch_options(self._config)
+            self._owner, guard, options, hop_check=redirect_check
         )
 
     def _ensure_guard(self):
@@ -237,6 +253,8 @@ class DownloadImages(beam.PTransform):
 
     ``config`` is the ``download`` section (it checked itself when it was made); ``resolver``
     replaces DNS resolution for the guard (tests; pinned deployments); it must be picklable.
+    ``blocklist``: takedown entries whose ``url`` and ``domain`` entries refuse the URLs (and
+    redirect targets) they match, as ``takedown``.
     """
 
     def __init__(
@@ -245,6 +263,7 @@ class DownloadImages(beam.PTransform):
         output_dir: str,
         config: DownloadConfig | None = None,
         resolver: netguard.Resolver | None = None,
+        blocklist: Blocklist | None = None,
     ):
         super().__init__()
         if not output_dir:
@@ -252,6 +271,7 @@ class DownloadImages(beam.PTransform):
         self._output_dir = output_dir
         self._config = config or DownloadConfig()
         self._resolver = resolver
+        self._blocklist = blocklist if blocklist is not None and blocklist.has_url_entries else None
 
     def expand(self, tables):
         cfg = self._config
@@ -260,12 +280,15 @@ class DownloadImages(beam.PTransform):
             tables
             | "KeyPairs" >> beam.ParDo(_KeyPairsFn())
             | "GroupByUrl" >> beam.GroupByKey()
-            | "UrlRecords" >> beam.MapTuple(make_url_record)
+            | "UrlRecords" >> beam.MapTuple(make_url_record, self._blocklist)
         )
         num_shards = (
             records
             | "CountUrls" >> beam.combiners.Count.Globally()
-            | "Plan" >> beam.Map(_plan_num_shards, out, cfg)
+            | "Plan"
+            >> beam.Map(
+                _plan_num_shards, out, cfg, self._blocklist.url_digest() if self._blocklist else ""
+            )
         )
         start = tables.pipeline | "OutputDir" >> beam.Create([out])
         finished_ids = start | "ListFinished" >> beam.FlatMap(finished_shards)
@@ -279,9 +302,9 @@ class DownloadImages(beam.PTransform):
             beam.pvalue.AsSingleton(num_shards),
             beam.pvalue.AsSingleton(finished),
         )
-        if cfg.respect_robots:
+        if cfg.respect_robots or cfg.respect_tdmrep:
             valid, invalid = assigned | "SplitInvalid" >> beam.Partition(
-                lambda r, _: 1 if r["invalid"] else 0, 2
+                lambda r, _: 1 if r["verdict"] is not None else 0, 2
             )
             by_origin = valid | "KeyByOrigin" >> beam.Map(lambda r: (r["origin"], (RECORD_TAG, r)))
             verdicts = (
@@ -305,7 +328,9 @@ class DownloadImages(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "DownloadShards"
             >> beam.ParDo(
-                _DownloadShardFn(output_dir=out, config=cfg, resolver=self._resolver)
+                _DownloadShardFn(
+                    output_dir=out, config=cfg, resolver=self._resolver, blocklist=self._blocklist
+                )
             ).with_outputs(COUNTS)
         )[COUNTS]
         counts_old = (
@@ -320,7 +345,7 @@ class DownloadImages(beam.PTransform):
             >> stage.WriteStats(
                 fileio.join(out, STATS_FILE),
                 sections=STATS_SECTIONS,
-                flows=tuple(STATS_SECTIONS),
+                flows=STATS_FLOWS,
                 stage=STAGE,
             )
         )

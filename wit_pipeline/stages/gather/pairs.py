@@ -4,6 +4,11 @@ For every input file (WARC, WAT, or a table) each extracted image/caption pair g
 
 1. URL: present (``no_url``), http(s) (``unsupported_scheme``: ``data:``, ``javascript:``,
    ``blob:``, ...), normalizable (``bad_url``, ``urls.normalize_url``);
+   takedown: the image URL or the page URL matches a ``url`` or ``domain`` entry of the
+   blocklist (``takedown``, the entry in ``detail``);
+   opt-out: the page the pair was found on opts out (``opt_out``, the signal in ``detail``,
+   the page as ``policy_url`` and its crawl date as ``policy_fetched``; ``optout``), counted
+   per signal as ``opt_out/<signal>``;
 2. caption: present (``no_caption``), cleaned (``captions.clean_caption``), undamaged
    (``bad_encoding``), within length bounds (``too_short``, ``too_long``, ``too_few_words``,
    ``too_many_words``);
@@ -38,13 +43,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import fileio, queries, schemas, stage, urls
+from wit_pipeline import fileio, optout, queries, schemas, stage, urls
 from wit_pipeline.config import MAX_BUCKETS, GatherConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather import captions as captions_lib
 from wit_pipeline.stages.gather.match import QueryMatcher
 from wit_pipeline.stages.gather.readers import RawBatch, iter_file_batches
 from wit_pipeline.stages.gather.readers.html import resolve_url
+from wit_pipeline.takedown import TAKEDOWN, Blocklist
 
 STAGE = "gather"  # the stage name in rejected rows
 
@@ -56,8 +62,13 @@ NO_MATCH = "no_match"
 DUPLICATE = "duplicate"
 
 FILES_READ = "files:read"  # a reader count (``read/files:read``): input files read to the end
-# stats.json: pair counts under "counters", reader counts under "read_counters".
-STATS_SECTIONS = {"": "counters", counters_lib.READ: "read_counters"}
+# stats.json: pair counts under "counters", reader counts under "read_counters", pairs dropped
+# per opt-out signal under "opt_out_counters".
+STATS_SECTIONS = {
+    "": "counters",
+    counters_lib.READ: "read_counters",
+    optout.SCOPE: "opt_out_counters",
+}
 
 CANDIDATE_SCHEMA = schemas.CANDIDATE_SCHEMA
 
@@ -102,14 +113,32 @@ class PairFilter:
         config: GatherConfig,
         matcher: QueryMatcher,
         detector: captions_lib.LanguageDetector | None = None,
+        blocklist: Blocklist | None = None,
     ):
         self.config = config
         self.matcher = matcher
         self.detector = detector or captions_lib.make_detector(config.captions)
+        self.blocklist = blocklist if blocklist is not None and blocklist.has_url_entries else None
+
+    def _takedown(self, normalized: str, page_url: str | None, pages: dict) -> str | None:
+        """The blocklist entry the image URL or the page URL matches (pages are cached: the
+        pairs of a page come together)."""
+        bl = self.blocklist
+        assert bl is not None
+        hit = bl.match_url(normalized)
+        if hit is None and page_url:
+            if page_url not in pages:
+                page_hit = bl.match_raw_url(page_url)
+                pages.clear()  # one page at a time: pairs of a page arrive together
+                pages[page_url] = f"{page_hit} (page URL)" if page_hit else None
+            hit = pages[page_url]
+        return hit
 
     def process(self, batch: RawBatch) -> stage.Result:
         """Candidates (``CANDIDATE_SCHEMA``) and rejected pairs (``url``, ``caption``,
-        ``reason``, ``source``, ``page_url``) of one batch, as Arrow tables."""
+        ``reason``, ``source``, ``page_url``; with ``detail``, ``policy_url`` and
+        ``policy_fetched`` when a takedown or an opt-out is among them) of one batch, as Arrow
+        tables; the counts are ``input`` and ``opt_out/<signal>``."""
         ccfg = self.config.captions
         form = ccfg.unicode_form
         detect = self.detector.detect if self.detector.name != "none" else None
@@ -124,15 +153,31 @@ class PairFilter:
         recorded_language = captions_lib.recorded_language
         pair_uid = urls.pair_uid
         source = batch.source
+        n_in = len(batch)
+        signals = batch.opt_outs or [None] * n_in
+        dates = batch.page_dates or [None] * n_in
+        takedown = self._takedown if self.blocklist is not None else None
+        pages: dict[str, str | None] = {}
 
         k_uid, k_url, k_caption, k_ids, k_page, k_lang, k_score = [], [], [], [], [], [], []
         r_url, r_caption, r_reason, r_page = [], [], [], []
+        r_detail: list[str] = []
+        r_policy: list[tuple[str | None, str | None]] = []
+        opt_outs: collections.Counter[str] = collections.Counter()
 
-        for url, raw_caption, page_url in zip(
-            batch.urls, batch.captions, batch.page_urls, strict=True
+        for url, raw_caption, page_url, signal, date in zip(
+            batch.urls, batch.captions, batch.page_urls, signals, dates, strict=True
         ):
             caption = raw_caption
             normalized, reason = check_url(url, page_url)
+            detail, policy = "", (None, None)
+            if reason is None and takedown is not None:
+                hit = takedown(normalized, page_url, pages)
+                if hit is not None:
+                    reason, detail = TAKEDOWN, hit
+            if reason is None and signal is not None:
+                reason, detail, policy = optout.OPT_OUT, signal, (page_url, date or None)
+                opt_outs[counters_lib.scoped(optout.SCOPE, signal)] += 1
             if reason is None:
                 if not raw_caption:
                     reason = captions_lib.NO_CAPTION
@@ -157,6 +202,8 @@ class PairFilter:
                 r_caption.append(caption)
                 r_reason.append(reason)
                 r_page.append(page_url)
+                r_detail.append(detail)
+                r_policy.append(policy)
                 continue
             k_uid.append(pair_uid(normalized, caption))
             k_url.append(normalized)
@@ -180,17 +227,23 @@ class PairFilter:
             ],
             schema=CANDIDATE_SCHEMA,
         )
-        rejected = pa.Table.from_arrays(
-            [
-                pa.array(r_url, pa.string()),
-                pa.array(r_caption, pa.string()),
-                pa.array(r_reason, pa.string()),
-                pa.array([source] * len(r_url), pa.string()),
-                pa.array(r_page, pa.string()),
-            ],
-            names=["url", "caption", "reason", "source", "page_url"],
-        )
-        return stage.Result(candidates, rejected, {counters_lib.INPUT: len(batch)})
+        columns = [
+            pa.array(r_url, pa.string()),
+            pa.array(r_caption, pa.string()),
+            pa.array(r_reason, pa.string()),
+            pa.array([source] * len(r_url), pa.string()),
+            pa.array(r_page, pa.string()),
+        ]
+        names = ["url", "caption", "reason", "source", "page_url"]
+        if any(r_detail):  # takedowns and opt-outs say which entry or signal, and the policy
+            columns += [
+                pa.array(r_detail, pa.string()),
+                pa.array([p for p, _ in r_policy], pa.string()),
+                pa.array([f for _, f in r_policy], pa.string()),
+            ]
+            names += ["detail", "policy_url", "policy_fetched"]
+        rejected = pa.Table.from_arrays(columns, names=names)
+        return stage.Result(candidates, rejected, {counters_lib.INPUT: n_in, **opt_outs})
 
 
 def _sorted_for_dedup(table: pa.Table) -> pa.Table:
@@ -326,6 +379,7 @@ def gather_loop(
     config: GatherConfig,
     query_list: Sequence[str],
     counter: collections.Counter | None = None,
+    blocklist: Blocklist | None = None,
 ) -> tuple[pa.Table, pa.Table, collections.Counter]:
     """The whole stage in one process, without Beam: ``(candidates, rejected, counts)``.
 
@@ -335,7 +389,8 @@ def gather_loop(
     tested and benchmarked against; fine for small inputs.
     """
     counter = counter if counter is not None else collections.Counter()
-    flt = PairFilter(config, QueryMatcher(query_list, case_sensitive=config.match.case_sensitive))
+    matcher = QueryMatcher(query_list, case_sensitive=config.match.case_sensitive)
+    flt = PairFilter(config, matcher, blocklist=blocklist)
     kept, rejected = [], []
 
     def reject(table: pa.Table) -> None:

@@ -45,6 +45,7 @@ from wit_pipeline.stages.gather.pairs import (
     split_by_bucket,
 )
 from wit_pipeline.stages.gather.readers import RawBatch, detect_format, iter_file_batches
+from wit_pipeline.takedown import Blocklist
 
 _LOG = logging.getLogger(__name__)
 
@@ -153,18 +154,20 @@ class _ReadFilterFn(stage.StageFn):
         num_buckets: int,
         total_files: int,
         progress_interval: float,
+        blocklist: Blocklist | None = None,
     ):
         super().__init__(stage=STAGE, flow=False, kept_as="batch")
         self._config = config
         self._query_spec = query_spec
         self._sha = queries_sha256
+        self._blocklist = blocklist
         # What the shared PairFilter is tagged with: the list's sha256 (a literal list is hashed
         # here; a path without a recorded sha256 stands for itself) and the config.
         if isinstance(query_spec, str):
             list_id = queries_sha256 or query_spec
         else:
             list_id = hashlib.sha256(json.dumps(list(query_spec)).encode()).hexdigest()
-        self._shared_tag = (list_id, config)
+        self._shared_tag = (list_id, config, blocklist.url_digest() if blocklist else "")
         self._num_buckets = num_buckets
         self._total = total_files
         self._interval = progress_interval
@@ -181,7 +184,7 @@ class _ReadFilterFn(stage.StageFn):
                     f"(sha256 {got} != {self._sha})"
                 )
         matcher = QueryMatcher(query_list, case_sensitive=self._config.match.case_sensitive)
-        return PairFilter(self._config, matcher)
+        return PairFilter(self._config, matcher, blocklist=self._blocklist)
 
     def setup(self):
         self._filter = self._shared.acquire(self._build_filter, tag=self._shared_tag)
@@ -317,7 +320,9 @@ class GatherPairs(beam.PTransform):
     must be readable by them, e.g. ``gs://``), with its sha256 to detect a changed file.
     ``num_buckets`` is the number of output files (``config.num_output_shards``, or
     ``pairs.auto_num_buckets`` when that is 0). ``config`` is the ``gather`` section (default:
-    the defaults), which checked itself when it was made.
+    the defaults), which checked itself when it was made. ``blocklist``: takedown entries
+    (``takedown.load_blocklists``); its ``url`` and ``domain`` entries drop the pairs whose image
+    or page URL they match, as ``takedown``.
     """
 
     def __init__(
@@ -329,9 +334,11 @@ class GatherPairs(beam.PTransform):
         total_files: int = 0,
         queries_sha256: str | None = None,
         progress_interval: float = 10.0,
+        blocklist: Blocklist | None = None,
     ):
         super().__init__()
         config = config or GatherConfig()
+        self._blocklist = blocklist
         if not 1 <= num_buckets <= MAX_BUCKETS:
             raise WitError(f"number of output shards must be within 1..{MAX_BUCKETS}")
         if not isinstance(queries, str) and not queries:
@@ -356,6 +363,7 @@ class GatherPairs(beam.PTransform):
                     num_buckets=self._num_buckets,
                     total_files=self._total,
                     progress_interval=self._interval,
+                    blocklist=self._blocklist,
                 )
             ).with_outputs(beam_utils.COUNTS, beam_utils.REJECTED, main="parts")
         )
@@ -541,12 +549,13 @@ def run_gather(
     runner: str | None = None,
     progress_interval: float = 10.0,
     overwrite: bool = False,
+    blocklist: Blocklist | None = None,
 ) -> dict[str, Any]:
     """Run the gather stage end to end; returns the ``stats.json`` document.
 
-    A finished output (``stats.json`` present, same inputs, config and query list) is not
-    recomputed unless ``overwrite``; any partial output is cleared before running, once the
-    graph (and with it the config) has been checked.
+    A finished output (``stats.json`` present, same inputs, config, query list and takedown
+    entries) is not recomputed unless ``overwrite``; any partial output is cleared before
+    running, once the graph (and with it the config) has been checked.
     """
     config = config or GatherConfig()
     queries_path = queries_path or queries.default_queries_path()
@@ -563,6 +572,8 @@ def run_gather(
         "config": to_dict(config),
         "num_output_shards": num_buckets,
     }
+    if blocklist is not None and blocklist.has_url_entries:
+        extra["takedown"] = {"url_entries": blocklist.url_digest(), "files": blocklist.describe()}
     stats_path = fileio.join(output_dir, STATS_FILE)
     if not overwrite and fileio.exists(stats_path):
         previous = fileio.read_json(stats_path)
@@ -600,6 +611,7 @@ def run_gather(
             queries_sha256=sha,
             extra=extra,
             progress_interval=progress_interval,
+            blocklist=blocklist,
         )
         # The graph is built (its transforms have checked the config): clear any partial
         # output only now, so that a bad setting never destroys a previous run's files.

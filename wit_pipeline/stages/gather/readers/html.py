@@ -178,7 +178,32 @@ def extract_images(
     page URL) or the page URL. The caption is the first non-empty attribute among
     ``caption_attributes`` (``alt`` by default), unprocessed.
     """
+    return extract_page(
+        html_text,
+        page_url,
+        src_attributes=src_attributes,
+        srcset_attributes=srcset_attributes,
+        caption_attributes=caption_attributes,
+    )[0]
+
+
+def extract_page(
+    html_text: str,
+    page_url: str,
+    *,
+    src_attributes: Sequence[str] = ("src",),
+    srcset_attributes: Sequence[str] = (),
+    caption_attributes: Sequence[str] = ("alt",),
+) -> tuple[list[tuple[str | None, str | None]], list[tuple[str, str]]]:
+    """``(images, metas)``: :func:`extract_images`' list and every ``<meta name content>`` of
+    the page as ``(name lower-cased, content)``, in page order (one parse for both; the metas
+    carry the page's opt-outs: ``robots``, ``tdm-reservation``, ...)."""
     tree = LexborHTMLParser(html_text)
+    metas = []
+    for node in tree.css("meta[name]"):
+        name = (node.attributes.get("name") or "").strip().lower()
+        if name:
+            metas.append((name, node.attributes.get("content") or ""))
     base = page_url
     base_node = tree.css_first("base[href]")
     if base_node is not None:
@@ -196,4 +221,4 @@ def extract_images(
                 caption = value
                 break
         out.append((url, caption))
-    return out
+    return out, metas

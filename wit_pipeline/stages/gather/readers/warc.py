@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import IO
 
 from wit_pipeline.config import GatherConfig
-from wit_pipeline.stages.gather.readers.html import decode_html, extract_images
+from wit_pipeline.stages.gather.readers import PageImage, page_opt_out
+from wit_pipeline.stages.gather.readers.html import decode_html, extract_page
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 WARC_MAGIC = b"WARC/1."
@@ -41,6 +42,7 @@ class Record:
     block: bytes
     offset: int
     complete: bool = True
+    date: str = ""  # WARC-Date: when the crawler fetched it
 
 
 def _find(f: IO[bytes], start: int, magic: bytes) -> int | None:
@@ -156,6 +158,7 @@ def iter_records(
                 block=block,
                 offset=last,
                 complete=not limited,
+                date=str(headers.get("WARC-Date") or "").strip(),
             )
         counter[f"{prefix}:resyncs"] += 1
         found = _find(f, resume, magic)
@@ -173,6 +176,14 @@ class HttpResponse:
     status: int
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes
+    fields: tuple[tuple[str, str], ...] = ()  # every header line: (lower-case name, value)
+
+    def all_headers(self) -> dict[str, list[str]]:
+        """Every value of every header, repeated ones apart (``X-Robots-Tag`` reads each)."""
+        out: dict[str, list[str]] = {}
+        for name, value in self.fields:
+            out.setdefault(name, []).append(value)
+        return out
 
 
 def parse_http_response(block: bytes) -> HttpResponse | None:
@@ -195,14 +206,16 @@ def parse_http_response(block: bytes) -> HttpResponse | None:
     except ValueError:
         return None
     headers: dict[str, str] = {}
+    fields = []
     for line in head[1:]:
         name, colon, value = line.partition(":")
         if not colon:
             continue
         name = name.strip().lower()
         value = value.strip()
+        fields.append((name, value))
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return HttpResponse(status, headers, block[end + sep :])
+    return HttpResponse(status, headers, block[end + sep :], tuple(fields))
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -267,8 +280,11 @@ def _is_html(response: HttpResponse, record: Record) -> bool:
 
 def iter_page_images(
     f: IO[bytes], *, cfg: GatherConfig, counter: collections.Counter
-) -> Iterator[tuple[str | None, str | None, str]]:
-    """``(image URL, caption, page URL)`` for every ``<img>`` of every HTML response."""
+) -> Iterator[PageImage]:
+    """``(image URL, caption, page URL, opt-out signal, WARC-Date)`` for every ``<img>`` of
+    every HTML response; the signal is the page's own (its meta tags and its response's
+    ``X-Robots-Tag`` and ``tdm-reservation`` headers: ``readers.page_opt_out``), counted
+    as ``warc:opt_out_pages``."""
     max_html = cfg.max_html_bytes
     for record in iter_records(
         f,
@@ -299,11 +315,15 @@ def iter_page_images(
             counter[f"warc:charset_{status}"] += 1
         counter["warc:html_pages"] += 1
         page_url = record.target_uri
-        for url, caption in extract_images(
+        images, metas = extract_page(
             text,
             page_url,
             src_attributes=cfg.src_attributes,
             srcset_attributes=cfg.srcset_attributes,
             caption_attributes=cfg.caption_attributes,
-        ):
-            yield url, caption, page_url
+        )
+        signal = page_opt_out(cfg, response.all_headers(), metas) if images else None
+        if signal is not None:
+            counter["warc:opt_out_pages"] += 1
+        for url, caption in images:
+            yield url, caption, page_url, signal, record.date

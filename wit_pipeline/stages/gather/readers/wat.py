@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from wit_pipeline.config import GatherConfig
+from wit_pipeline.stages.gather.readers import PageImage, page_opt_out
 from wit_pipeline.stages.gather.readers.html import resolve_url
 from wit_pipeline.stages.gather.readers.warc import iter_records
 
@@ -86,9 +87,31 @@ def images_from_wat_json(
     return out
 
 
+def page_signal(doc: Any, *, cfg: GatherConfig) -> str | None:
+    """The opt-out signal of the page a WAT document describes (``readers.page_opt_out``):
+    its ``Head.Metas`` (``{"name": ..., "content": ...}``) and its response ``Headers``."""
+    http = _get(doc, "Envelope", "Payload-Metadata", "HTTP-Response-Metadata")
+    if not isinstance(http, dict):
+        return None
+    headers: dict[str, list[str]] = {}
+    raw = http.get("Headers")
+    for name, value in raw.items() if isinstance(raw, dict) else ():
+        values = value if isinstance(value, list) else [value]
+        headers.setdefault(str(name).lower(), []).extend(str(v) for v in values)
+    metas = []
+    for meta in _get(http, "HTML-Metadata", "Head", "Metas") or ():
+        if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+            name = meta["name"].strip().lower()
+            if name:
+                metas.append((name, str(meta.get("content") or "")))
+    return page_opt_out(cfg, headers, metas)
+
+
 def iter_page_images(
     f: IO[bytes], *, cfg: GatherConfig, counter: collections.Counter
-) -> Iterator[tuple[str | None, str | None, str]]:
+) -> Iterator[PageImage]:
+    """``(image URL, caption, page URL, opt-out signal, WARC-Date)`` for every image link of
+    every page (``images_from_wat_json``, ``page_signal``; ``wat:opt_out_pages`` counted)."""
     for record in iter_records(
         f,
         record_types=("metadata",),
@@ -104,4 +127,12 @@ def iter_page_images(
         except (UnicodeDecodeError, ValueError):
             counter["wat:bad_json"] += 1
             continue
-        yield from images_from_wat_json(doc, cfg=cfg, counter=counter)
+        images = images_from_wat_json(doc, cfg=cfg, counter=counter)
+        if not images:
+            continue
+        signal = page_signal(doc, cfg=cfg)
+        if signal is not None:
+            counter["wat:opt_out_pages"] += 1
+        date = str(_get(doc, "Envelope", "WARC-Header-Metadata", "WARC-Date") or "").strip()
+        for url, caption, page_url in images:
+            yield url, caption, page_url, signal, date
