@@ -422,6 +422,7 @@ class StepContext:
     beam_args: list[str]
     runner: str | None
     log: Log
+    retry_failed: bool = False  # repair the download (--retry-failed)
 
 
 def _step_dir(ctx: StepContext, step: str) -> str:
@@ -467,6 +468,8 @@ def _run_prebalance(ctx: StepContext) -> dict[str, Any]:
 
 def _run_download(ctx: StepContext) -> dict[str, Any]:
     out = _step_dir(ctx, "download")
+    # A repair run needs a download to repair; before the first shard it is a plain run.
+    retry = ctx.retry_failed and fileio.exists(fileio.join(out, download_plan.PLAN_FILE))
     stats = steps.run_download(
         _step_dir(ctx, "prebalance" if ctx.cfg.balance.prebalance else "gather"),
         out,
@@ -474,6 +477,7 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
         beam_args=ctx.beam_args,
         runner=ctx.runner,
         log=ctx.log,
+        retry_failed=retry,
     )
     urls_c, pairs_c = stats["url_counters"], stats["counters"]
     ctx.log(
@@ -482,7 +486,10 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
     )
     if not urls_c.get("kept"):
         ctx.log(f"download: no image was downloaded (reasons: {out}/rejected/, the report)")
-    return {"resumed_shards": stats["resumed_shards"]}
+    info: dict[str, Any] = {"resumed_shards": stats["resumed_shards"]}
+    if retry:
+        info["retried"] = stats["retried"]
+    return info
 
 
 def _query_count_columns(ctx: StepContext) -> dict[str, dict[int, int]]:
@@ -600,6 +607,7 @@ def run_build(
     beam_args: Sequence[str] = (),
     runner: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Run (or resume) a build into ``output``; returns the whole-run ``stats.json`` document.
@@ -607,6 +615,10 @@ def run_build(
     On a runner whose workers do not share this machine's files (Dataflow, Flink, Spark), every
     path the workers use must be a URL they can read, and Dataflow needs the package shipped
     (``runners``): both are checked first, with one-line errors.
+
+    ``retry_failed`` repairs an existing build (:func:`start_repair`): the download step runs
+    again as a repair run (its transient failures fetched again, into the same shards), and if
+    that changed the download, finalize and report run again on it.
     """
     output = _abs(output)
     where = runners.runner_of(beam_args, runner)
@@ -614,7 +626,11 @@ def run_build(
     runners.check_worker_paths(where, beam_args, worker_paths(inputs, output, cfg, queries_path))
     cfg = validate(cfg)
     build_inputs = resolve_inputs(inputs, queries_path, cfg)
+    if retry_failed:
+        check_repair(output, fingerprints(cfg, build_inputs))
     states = prepare_output(output, cfg, build_inputs, overwrite=overwrite, log=log)
+    if retry_failed:
+        start_repair(output, states, log)
     ctx = StepContext(
         output=output,
         cfg=cfg,
@@ -622,7 +638,9 @@ def run_build(
         beam_args=list(beam_args),
         runner=runner,
         log=log,
+        retry_failed=retry_failed,
     )
+    download_before = _download_stats(output)
     for i, st in enumerate(states, 1):
         prefix = f"[{i}/{len(states)}] {st.name}"
         if st.done:
@@ -631,6 +649,8 @@ def run_build(
         log(f"{prefix} ...")
         started = time.monotonic()
         info = _RUNNERS[st.name](ctx)
+        if st.name == "download" and retry_failed:
+            finish_repair(output, states, download_before, log)
         write_marker(
             output,
             st.name,
@@ -638,6 +658,57 @@ def run_build(
             {**info, "elapsed_s": round(time.monotonic() - started, 3)},
         )
     return fileio.read_json(fileio.join(output, STATS_FILE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Repair runs (--retry-failed)
+
+
+def check_repair(output: str, fps: Mapping[str, str]) -> None:
+    """Refuse ``--retry-failed`` where there is no build, or where the download it would repair
+    was made with other settings or inputs (it would be rebuilt, not repaired)."""
+    path = fileio.join(output, BUILD_FILE)
+    if not fileio.exists(path):
+        raise WitError(f"--retry-failed: {output} holds no build to repair (no {BUILD_FILE})")
+    old = (fileio.read_json(path).get("fingerprints") or {}).get("download")
+    if old is not None and old != fps["download"]:
+        raise WitError(
+            f"--retry-failed: the download in {output} was made with other settings or inputs; "
+            "it can only be repaired with its own (drop --retry-failed to rebuild it)"
+        )
+
+
+def _download_stats(output: str) -> dict[str, Any] | None:
+    path = fileio.join(output, "download", STATS_FILE)
+    return fileio.read_json(path) if fileio.exists(path) else None
+
+
+def start_repair(output: str, states: Sequence[StepState], log: Log) -> None:
+    """Make the download step run again, as a repair run.
+
+    Only its marker is removed: if the repair is killed, a plain rerun finds the download
+    unfinished and so redoes finalize and report too (``prepare_output``).
+    """
+    st = next(s for s in states if s.name == "download")
+    if st.done:
+        _remove(_done_path(output, "download"))
+        st.done = False
+    log("retry-failed: the download runs again as a repair run")
+
+
+def finish_repair(
+    output: str, states: Sequence[StepState], before: Mapping[str, Any] | None, log: Log
+) -> None:
+    """After the repair run, before the download's marker is written again: if the download
+    changed, remove finalize and report (their markers first), which then run on the new
+    download; else they stay as they are."""
+    if before is not None and _download_stats(output) == before:
+        log("retry-failed: no transient failure was recovered or changed; the build is unchanged")
+        return
+    for st in states:
+        if st.name in ("finalize", "report") and st.done:
+            clear_step(output, st.name)
+            st.done = False
 
 
 def step_status(output: str) -> dict[str, dict[str, Any] | None]:

@@ -139,6 +139,9 @@ class DownloadConfig:
     threads: int = 16
     per_host_concurrency: int = 4
     per_host_rate: float = 0.0  # requests/s per host, 0 = unlimited
+    # Seconds one URL may wait for its retries (backoff, Retry-After, a host's hold); a longer
+    # Retry-After fails it now, as retryable (wit download --retry-failed fetches it later).
+    max_retry_wait: float = 60.0
 
 
 MAX_HASH_DISTANCE = 32  # the largest pHash distance dedup searches (33 bands of 64 bits)

@@ -119,12 +119,23 @@ def prebalance(
     )
 
 
-def download(p, *, files: Sequence[str], output_dir: str, config: DownloadConfig) -> None:
-    """Candidate Parquet files -> ``output_dir``'s download shards (resumable shard by shard)."""
+def download(
+    p,
+    *,
+    files: Sequence[str],
+    output_dir: str,
+    config: DownloadConfig,
+    retry_failed: bool = False,
+) -> None:
+    """Candidate Parquet files -> ``output_dir``'s download shards (resumable shard by shard;
+    ``retry_failed``: also fetch the transient failures of finished shards again)."""
     _ = (
         p
         | "ReadCandidates" >> download_lib.ReadCandidates(files=files)
-        | "DownloadImages" >> download_lib.DownloadImages(output_dir=output_dir, config=config)
+        | "DownloadImages"
+        >> download_lib.DownloadImages(
+            output_dir=output_dir, config=config, retry_failed=retry_failed
+        )
     )
 
 

@@ -58,6 +58,7 @@ def fetch_options(config: DownloadConfig) -> guarded_http.FetchOptions:
         per_host_concurrency=config.per_host_concurrency,
         per_host_rate=config.per_host_rate,
         ca_bundle=config.ca_bundle,
+        max_retry_wait=config.max_retry_wait,
     )
 
 
