@@ -24,6 +24,7 @@ the finished shards.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -154,9 +155,7 @@ def finish_repairs(output_dir: str) -> list[int]:
             _apply(output_dir, int(stem))
             done.append(int(stem))
     fileio.remove_entries(staging, lambda _: True)  # staged files of uncommitted repairs
-    if names and fileio.is_local(staging):
-        import os
-
+    if fileio.is_local(staging) and os.path.isdir(staging):
         os.rmdir(staging)
     return done
 

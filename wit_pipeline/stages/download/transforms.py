@@ -258,7 +258,9 @@ def _read_back(shard_id: int, output_dir: str, repaired: Sequence[int] = ()):
     yield from emit_counts(read_back_counters(output_dir, shard_id))
 
 
-def _write_stats(counts: dict[str, int], path: str) -> dict[str, Any]:
+def _write_stats(counts: dict[str, int], path: str, output_dir: str = "") -> dict[str, Any]:
+    if output_dir:  # a repair run, now that every repair is done: drop the empty staging area
+        repair.finish_repairs(output_dir)
     doc = stage.stats_document(
         counts, sections=STATS_SECTIONS, flows=tuple(STATS_SECTIONS), stage=STAGE
     )
@@ -383,7 +385,8 @@ class DownloadImages(beam.PTransform):
             (counts_new, counts_old)
             | "AllCounts" >> beam.Flatten()
             | "SumCounts" >> SumCounts()
-            | "WriteStats" >> beam.Map(_write_stats, fileio.join(out, STATS_FILE))
+            | "WriteStats"
+            >> beam.Map(_write_stats, fileio.join(out, STATS_FILE), out if self._retry else "")
         )
 
 
