@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -487,3 +488,156 @@ def tree(root: str) -> dict[str, str]:
             digest = hashlib.sha256(f.read()).hexdigest()
         out[path.removeprefix("memory://").strip("/").removeprefix(base).lstrip("/")] = digest
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# wit build --retry-failed
+
+CAPTIONS = [
+    "a red kayak on a calm lake at dawn",
+    "a black dog running through the snow",
+    "two children playing with a ball on the grass",
+    "an old bicycle leaning against a brick wall",
+    "a small boat tied to a wooden pier",
+    "a lighthouse on a rocky coast at sunset",
+    "a brown horse standing in a green field",
+    "a bowl of fresh fruit on a kitchen table",
+]
+QUERIES = ["kayak", "dog", "ball", "bicycle", "boat", "lighthouse", "horse", "fruit", "grass"]
+
+
+def noise_jpeg(seed: int) -> bytes:
+    """Random pixels: no two pictures are near duplicates (pHash distances around 32)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels, "RGB"), "JPEG", quality=90)
+
+
+class FlakyBuildWeb:
+    """A page of ``CAPTIONS`` images in a WARC; ``/img/6.jpg`` answers 503 while failing."""
+
+    FLAKY = "/img/6.jpg"
+
+    def __init__(self, server: ImageServer, tmp: pathlib.Path):
+        from wit_pipeline.demo.web import write_warc
+
+        self.server, self.mode = server, "fail"
+        for i in range(len(CAPTIONS)):
+            server.route(f"/img/{i}.jpg", self.handler(f"/img/{i}.jpg", noise_jpeg(i)))
+        imgs = "".join(
+            f'<img src="{server.url(f"/img/{i}.jpg")}" alt="{c}">' for i, c in enumerate(CAPTIONS)
+        )
+        imgs += f'<img src="{server.url("/img/gone.jpg")}" alt="a horse that is gone now">'
+        self.warc, self.queries = str(tmp / "crawl.warc.gz"), str(tmp / "queries.txt")
+        write_warc(
+            self.warc, [(server.url("/page.html"), f"<html><body>{imgs}</body></html>".encode())]
+        )
+        pathlib.Path(self.queries).write_text("\n".join(QUERIES) + "\n")
+
+    def handler(self, path: str, body: bytes):
+        def h(req):
+            if path == self.FLAKY and self.mode == "fail":
+                req.close_connection = True
+                return req.send_plain(503, b"busy")
+            Flaky.image(req, body)
+
+        return h
+
+    def args(self, out: pathlib.Path, *extra: str) -> list[str]:
+        return [
+            "build", "--input", self.warc, "--queries", self.queries, "--output", str(out),
+            "--allow-loopback", "--set", "download.retries=0", "--set", "download.samples_per_shard=3",
+            "--set", "shards.samples_per_shard=4", *extra,
+        ]  # fmt: skip
+
+    def images_requested(self) -> list[str]:
+        return sorted(p for _, p in self.server.requests if p.startswith("/img/"))
+
+
+def final_files(out: pathlib.Path) -> dict[str, str]:
+    """The build's data files (shards, Parquet files, manifests): path -> sha256."""
+    return {
+        k: v[0]
+        for k, v in files(out).items()
+        if k.endswith((".tar", ".parquet")) or k.startswith(("shards/", "download/stats"))
+    }
+
+
+def test_build_retry_failed_repairs_the_download_and_redoes_finalize(tmp_path, capsys):
+    from wit_pipeline import build
+
+    with ImageServer() as server:
+        web = FlakyBuildWeb(server, tmp_path)
+        out, ref = tmp_path / "out", tmp_path / "ref"
+        assert cli.main(web.args(out)) == 0
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["counters"]["dropped:http_503"] == 1
+        assert stats["samples"] == len(CAPTIONS) - 1
+        markers = {p.name: p.read_bytes() for p in (out / "done").iterdir()}
+
+        web.mode = "healthy"
+        assert cli.main(web.args(ref)) == 0
+        ref_stats = json.loads((ref / "stats.json").read_text())
+        assert (
+            ref_stats["samples"] == len(CAPTIONS)
+            and "dropped:http_503" not in ref_stats["counters"]
+        )
+
+        # A repair killed after its download was repaired, before its marker: a plain rerun
+        # must redo finalize and report on the repaired download (no stale final shards).
+        killed = tmp_path / "killed"
+        shutil.copytree(out, killed)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(build, "finish_repair", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+            assert cli.main(web.args(killed, "--retry-failed")) == 130  # "wit: interrupted"
+        assert not (killed / "done" / "download.json").exists()
+        server.requests.clear()
+        assert cli.main(web.args(killed)) == 0
+        assert web.images_requested() == []  # the download was finished: nothing fetched
+        assert final_files(killed) == final_files(ref)
+
+        server.requests.clear()
+        capsys.readouterr()
+        assert cli.main(web.args(out, "--retry-failed")) == 0
+        err = capsys.readouterr().err
+        assert "retry-failed: the download runs again as a repair run" in err
+        assert web.images_requested() == [web.FLAKY]
+        assert json.loads((out / "stats.json").read_text()) == ref_stats
+        assert final_files(out) == final_files(ref)
+        now = {p.name: p.read_bytes() for p in (out / "done").iterdir()}
+        assert {k: now[k] for k in ("gather.json", "prebalance.json")} == {
+            k: markers[k] for k in ("gather.json", "prebalance.json")
+        }
+        retried = json.loads(now["download.json"])["retried"]
+        assert retried == {
+            "images_before": len(CAPTIONS) - 1,
+            "images_after": len(CAPTIONS),
+            "transient_before": {"http_503": 1},
+            "transient_after": {},
+        }
+
+        # Nothing left to retry: the download runs, finds nothing, finalize and report stay.
+        server.requests.clear()
+        capsys.readouterr()
+        assert cli.main(web.args(out, "--retry-failed")) == 0
+        err = capsys.readouterr().err
+        assert "no transient failure was recovered or changed; the build is unchanged" in err
+        assert "[4/5] finalize: done (skipped)" in err and "[5/5] report: done (skipped)" in err
+        assert web.images_requested() == []
+        assert {
+            p.name: p.read_bytes() for p in (out / "done").iterdir() if p.name != "download.json"
+        } == {k: v for k, v in now.items() if k != "download.json"}
+
+        def refused(args: list[str]) -> str:
+            capsys.readouterr()
+            assert cli.main(args) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("wit: error: "), err
+            return err[0]
+
+        assert "holds no build to repair" in refused(web.args(tmp_path / "new", "--retry-failed"))
+        other = web.args(out, "--retry-failed", "--overwrite", "--set", "download.image_size=64")
+        assert "made with other settings or inputs" in refused(other)
+        assert final_files(out) == final_files(ref)
