@@ -319,11 +319,8 @@ def clear_step(output: str, step: str) -> None:
 
 
 def _dir_has_files(path: str) -> bool:
-    if not fileio.exists(path):
-        return False
-    if fileio.is_local(path):
-        return bool(os.listdir(path))
-    return bool(fileio.filesystem(path).ls(path, detail=False))
+    """Anything in ``path`` but the temporaries of our own killed writes."""
+    return any(not fileio.is_temporary(name) for name in fileio.list_names(path))
 
 
 def prepare_output(
@@ -341,6 +338,10 @@ def prepare_output(
     build at all.
     """
     fps = fingerprints(cfg, inputs)
+    # Temporaries of markers, build.json, config.yaml or top-level outputs that a killed run
+    # was writing: never complete files, only garbage (the steps clean their own folders).
+    for d in (output, fileio.join(output, DONE_DIR)):
+        fileio.remove_temporaries(d)
     build_path = fileio.join(output, BUILD_FILE)
     new_inputs = inputs.to_dict()
     old_fps: dict[str, str] = {}
@@ -394,9 +395,8 @@ def prepare_output(
     fileio.makedirs(output)
     import yaml
 
-    with fileio.atomic_write(fileio.join(output, CONFIG_FILE), "w") as f:
-        f.write("# The resolved wit build config of this directory (docs/build.md).\n")
-        yaml.safe_dump(config.to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    # build.json first: it claims DIR as a build, so that a run killed before config.yaml is
+    # written is resumed, not refused as a directory holding someone else's files.
     fileio.write_json(
         build_path,
         {
@@ -407,6 +407,9 @@ def prepare_output(
             "inputs": new_inputs,
         },
     )
+    with fileio.atomic_write(fileio.join(output, CONFIG_FILE), "w") as f:
+        f.write("# The resolved wit build config of this directory (docs/build.md).\n")
+        yaml.safe_dump(config.to_dict(cfg), f, sort_keys=False, allow_unicode=True)
     return states
 
 

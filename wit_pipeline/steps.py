@@ -88,6 +88,7 @@ def run_prebalance(
         if queries:
             extra["queries"] = queries
     fileio.makedirs(output_dir)
+    fileio.remove_temporaries(output_dir)  # stats.json, query_counts.parquet of a killed run
     for sub in (gather_lib.CANDIDATES_DIR, stage.REJECTED_DIR):
         clear_parts(fileio.join(output_dir, sub))
 

@@ -404,6 +404,7 @@ def check_plan_config(output_dir: str, config: DownloadConfig) -> None:
 def check_plan(output_dir: str, plan: Mapping[str, Any]) -> int:
     """Write ``plan.json`` on the first run; on a rerun, insist that it has not changed."""
     path = fileio.join(output_dir, PLAN_FILE)
+    fileio.remove_temporaries(output_dir, prefix=PLAN_FILE)  # of a run killed writing it
     if fileio.exists(path):
         old = fileio.read_json(path)
         if old != plan:

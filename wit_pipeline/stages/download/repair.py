@@ -164,7 +164,8 @@ def list_finished(output_dir: str) -> list[int]:
     """What every download run does before any shard writer starts, then the finished shards.
 
     Completes or drops interrupted repairs (:func:`finish_repairs`), removes the temporaries
-    of killed writers under ``shards/`` and ``rejected/`` (local or remote, one listing each),
+    of killed writers under ``shards/`` and ``rejected/`` and of ``stats.json`` (local or
+    remote, one listing each),
     then returns the ids of the finished shards (``plan.finished_shards``).
     """
     if not fileio.exists(output_dir):
@@ -172,6 +173,9 @@ def list_finished(output_dir: str) -> list[int]:
     finish_repairs(output_dir)
     for sub in (SHARDS_DIR, REJECTED_DIR):
         fileio.remove_temporaries(fileio.join(output_dir, sub))
+    # stats.json's (written at the end); plan.json's are removed where it is written, as the
+    # plan may be written while this runs.
+    fileio.remove_temporaries(output_dir, prefix=stage.STATS_FILE)
     return finished_shards(output_dir)
 
 
