@@ -6,10 +6,11 @@ Run it on your own input (any ``wit build`` arguments except ``--output``)::
         build --input 'crawl/*.warc.gz' --queries my-queries.txt --set balance.t=5000
 
 1. An uninterrupted reference build goes to ``WORK/reference``; the time each step takes is
-   read from its progress line (``[3/5] download ...``).
+   read from its completion marker (``elapsed_s``).
 2. Kill rounds, each into a fresh ``WORK/round-N``: a seeded schedule of ``--kills`` moments
    (every step at least once, the rest at random steps; a moment is a random fraction of the
-   step's reference time after its progress line). At each moment the build's whole process
+   step's reference time after its progress line, ``[3/5] download ...``). At each moment the
+   build's whole process
    group gets SIGKILL; the output is then scanned, and the build is started again, which
    resumes it, until the next moment. After the round's last kill the build runs to the end.
    A kill that lands after its step ended (the machine was faster) counts for the step it hit;
@@ -294,7 +295,12 @@ def run(
     ref = launch(wit_args, reference, timeout=timeout)
     if ref.returncode not in (0, 1) or first_unfinished(reference) is not None:
         raise RuntimeError(f"the reference build failed ({ref.returncode}):\n{ref.stderr[-3000:]}")
+    # A step's own time, from its completion marker (the progress lines would add the
+    # process's exit to the last step); the lines' times where a marker has none.
     durations = ref.durations()
+    for s in steps:
+        marker = build.read_marker(reference, s) or {}
+        durations[s] = float(marker.get("elapsed_s", durations.get(s, 0.0)))
     log("step seconds: " + ", ".join(f"{s} {durations[s]:.1f}" for s in steps))
     pending = schedule(kills, seed, steps)
     report: dict[str, Any] = {
