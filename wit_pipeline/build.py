@@ -643,7 +643,7 @@ def run_build(
         log=log,
         retry_failed=retry_failed,
     )
-    download_before = _download_stats(output)
+    download_before = _download_stats(output) if retry_failed else None
     for i, st in enumerate(states, 1):
         prefix = f"[{i}/{len(states)}] {st.name}"
         if st.done:

@@ -127,7 +127,7 @@ def _assign_shard(
 def _to_repair(item: tuple[str, dict[str, list[Any]]]) -> Iterator[dict[str, Any]]:
     """A finished shard's record whose URL failed transiently: fetched again, for repair."""
     _, grouped = item
-    if grouped["retry"]:
+    if any(True for _ in grouped["retry"]):
         for rec in grouped["records"]:
             yield {**rec, "repair": True}
 
