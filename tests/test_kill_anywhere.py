@@ -34,7 +34,7 @@ def build_args(web: bf.Web, inputs: tuple[str, str], shared_data: pathlib.Path) 
     ]  # fmt: skip
 
 
-@pytest.mark.slow  # seven `wit build` processes: about two minutes on an idle 2-core machine
+@pytest.mark.slow  # seven or more `wit build` processes, one after the other
 def test_a_build_killed_once_inside_each_step_ends_byte_identical(shared_data, tmp_path):
     web = bf.Web(shared_data).start()
     try:
