@@ -243,6 +243,7 @@ OVERRIDE_CASES = [
     (["download", "-i", "a", "-o", "o"], {}),
     (["download", "-i", "a", "-o", "o", "--allow-loopback"], {"download.allow_loopback": True}),
     (["download", "-i", "a", "-o", "o", "--blocklist", "t"], {"takedown.blocklists": ["t"]}),
+    (["download", "-i", "a", "-o", "o", "--max-retry-wait", "600"], {"download.max_retry_wait": 600.0}),
     (["dedup", "-i", "a", "-o", "o"], {}),
     (
         [
@@ -276,9 +277,11 @@ OVERRIDE_CASES = [
             "build", "-i", "a", "b", "-o", "o", "--allow-loopback", "--eval-set", "e",
             "--seed-model", "ckpt.pt", "--seed-arch", "wit-tiny", "--blocklist", "a.txt",
             "--blocklist", "b.txt",
+            "--max-retry-wait", "5",
         ],
         {
             "download.allow_loopback": True,
+            "download.max_retry_wait": 5.0,
             "dedup.eval_sets": ["e"],
             "score.pretrained": "ckpt.pt",
             "score.model": "wit-tiny",

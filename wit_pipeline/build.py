@@ -353,11 +353,8 @@ def clear_step(output: str, step: str) -> None:
 
 
 def _dir_has_files(path: str) -> bool:
-    if not fileio.exists(path):
-        return False
-    if fileio.is_local(path):
-        return bool(os.listdir(path))
-    return bool(fileio.filesystem(path).ls(path, detail=False))
+    """Anything in ``path`` but the temporaries of our own killed writes."""
+    return any(not fileio.is_temporary(name) for name in fileio.list_names(path))
 
 
 def prepare_output(
@@ -375,6 +372,10 @@ def prepare_output(
     build at all.
     """
     fps = fingerprints(cfg, inputs)
+    # Temporaries of markers, build.json, config.yaml or top-level outputs that a killed run
+    # was writing: never complete files, only garbage (the steps clean their own folders).
+    for d in (output, fileio.join(output, DONE_DIR)):
+        fileio.remove_temporaries(d)
     build_path = fileio.join(output, BUILD_FILE)
     new_inputs = inputs.to_dict()
     old_fps: dict[str, str] = {}
@@ -428,9 +429,8 @@ def prepare_output(
     fileio.makedirs(output)
     import yaml
 
-    with fileio.atomic_write(fileio.join(output, CONFIG_FILE), "w") as f:
-        f.write("# The resolved wit build config of this directory (docs/build.md).\n")
-        yaml.safe_dump(config.to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    # build.json first: it claims DIR as a build, so that a run killed before config.yaml is
+    # written is resumed, not refused as a directory holding someone else's files.
     fileio.write_json(
         build_path,
         {
@@ -441,6 +441,9 @@ def prepare_output(
             "inputs": new_inputs,
         },
     )
+    with fileio.atomic_write(fileio.join(output, CONFIG_FILE), "w") as f:
+        f.write("# The resolved wit build config of this directory (docs/build.md).\n")
+        yaml.safe_dump(config.to_dict(cfg), f, sort_keys=False, allow_unicode=True)
     return states
 
 
@@ -456,6 +459,7 @@ class StepContext:
     beam_args: list[str]
     runner: str | None
     log: Log
+    retry_failed: bool = False  # repair the download (--retry-failed)
 
 
 def _step_dir(ctx: StepContext, step: str) -> str:
@@ -502,6 +506,8 @@ def _run_prebalance(ctx: StepContext) -> dict[str, Any]:
 
 def _run_download(ctx: StepContext) -> dict[str, Any]:
     out = _step_dir(ctx, "download")
+    # A repair run needs a download to repair; before the first shard it is a plain run.
+    retry = ctx.retry_failed and fileio.exists(fileio.join(out, download_plan.PLAN_FILE))
     stats = steps.run_download(
         _step_dir(ctx, "prebalance" if ctx.cfg.balance.prebalance else "gather"),
         out,
@@ -510,6 +516,7 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
         runner=ctx.runner,
         log=ctx.log,
         blocklist=ctx.inputs.blocklist,
+        retry_failed=retry,
     )
     urls_c, pairs_c = stats["url_counters"], stats["counters"]
     ctx.log(
@@ -518,7 +525,10 @@ def _run_download(ctx: StepContext) -> dict[str, Any]:
     )
     if not urls_c.get("kept"):
         ctx.log(f"download: no image was downloaded (reasons: {out}/rejected/, the report)")
-    return {"resumed_shards": stats["resumed_shards"]}
+    info: dict[str, Any] = {"resumed_shards": stats["resumed_shards"]}
+    if retry:
+        info["retried"] = stats["retried"]
+    return info
 
 
 def _query_count_columns(ctx: StepContext) -> dict[str, dict[int, int]]:
@@ -635,6 +645,7 @@ def run_build(
     beam_args: Sequence[str] = (),
     runner: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Run (or resume) a build into ``output``; returns the whole-run ``stats.json`` document.
@@ -642,6 +653,10 @@ def run_build(
     On a runner whose workers do not share this machine's files (Dataflow, Flink, Spark), every
     path the workers use must be a URL they can read, and Dataflow needs the package shipped
     (``runners``): both are checked first, with one-line errors.
+
+    ``retry_failed`` repairs an existing build (:func:`start_repair`): the download step runs
+    again as a repair run (its transient failures fetched again, into the same shards), and if
+    that changed the download, finalize and report run again on it.
     """
     output = _abs(output)
     where = runners.runner_of(beam_args, runner)
@@ -649,7 +664,11 @@ def run_build(
     runners.check_worker_paths(where, beam_args, worker_paths(inputs, output, cfg, queries_path))
     cfg = validate(cfg)
     build_inputs = resolve_inputs(inputs, queries_path, cfg)
+    if retry_failed:
+        check_repair(output, fingerprints(cfg, build_inputs))
     states = prepare_output(output, cfg, build_inputs, overwrite=overwrite, log=log)
+    if retry_failed:
+        start_repair(output, states, log)
     ctx = StepContext(
         output=output,
         cfg=cfg,
@@ -657,7 +676,9 @@ def run_build(
         beam_args=list(beam_args),
         runner=runner,
         log=log,
+        retry_failed=retry_failed,
     )
+    download_before = _download_stats(output) if retry_failed else None
     for i, st in enumerate(states, 1):
         prefix = f"[{i}/{len(states)}] {st.name}"
         if st.done:
@@ -666,6 +687,8 @@ def run_build(
         log(f"{prefix} ...")
         started = time.monotonic()
         info = _RUNNERS[st.name](ctx)
+        if st.name == "download" and retry_failed:
+            finish_repair(output, states, download_before, log)
         write_marker(
             output,
             st.name,
@@ -673,6 +696,57 @@ def run_build(
             {**info, "elapsed_s": round(time.monotonic() - started, 3)},
         )
     return fileio.read_json(fileio.join(output, STATS_FILE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Repair runs (--retry-failed)
+
+
+def check_repair(output: str, fps: Mapping[str, str]) -> None:
+    """Refuse ``--retry-failed`` where there is no build, or where the download it would repair
+    was made with other settings or inputs (it would be rebuilt, not repaired)."""
+    path = fileio.join(output, BUILD_FILE)
+    if not fileio.exists(path):
+        raise WitError(f"--retry-failed: {output} holds no build to repair (no {BUILD_FILE})")
+    old = (fileio.read_json(path).get("fingerprints") or {}).get("download")
+    if old is not None and old != fps["download"]:
+        raise WitError(
+            f"--retry-failed: the download in {output} was made with other settings or inputs; "
+            "it can only be repaired with its own (drop --retry-failed to rebuild it)"
+        )
+
+
+def _download_stats(output: str) -> dict[str, Any] | None:
+    path = fileio.join(output, "download", STATS_FILE)
+    return fileio.read_json(path) if fileio.exists(path) else None
+
+
+def start_repair(output: str, states: Sequence[StepState], log: Log) -> None:
+    """Make the download step run again, as a repair run.
+
+    Only its marker is removed: if the repair is killed, a plain rerun finds the download
+    unfinished and so redoes finalize and report too (``prepare_output``).
+    """
+    st = next(s for s in states if s.name == "download")
+    if st.done:
+        _remove(_done_path(output, "download"))
+        st.done = False
+    log("retry-failed: the download runs again as a repair run")
+
+
+def finish_repair(
+    output: str, states: Sequence[StepState], before: Mapping[str, Any] | None, log: Log
+) -> None:
+    """After the repair run, before the download's marker is written again: if the download
+    changed, remove finalize and report (their markers first), which then run on the new
+    download; else they stay as they are."""
+    if before is not None and _download_stats(output) == before:
+        log("retry-failed: no transient failure was recovered or changed; the build is unchanged")
+        return
+    for st in states:
+        if st.name in ("finalize", "report") and st.done:
+            clear_step(output, st.name)
+            st.done = False
 
 
 def step_status(output: str) -> dict[str, dict[str, Any] | None]:

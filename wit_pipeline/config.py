@@ -213,6 +213,9 @@ class DownloadConfig:
     threads: int = 16
     per_host_concurrency: int = 4
     per_host_rate: float = 0.0  # requests/s per host, 0 = unlimited
+    # Seconds one URL may wait for its retries (backoff, Retry-After, a host's hold); a longer
+    # Retry-After fails it now, as retryable (wit download --retry-failed fetches it later).
+    max_retry_wait: float = 60.0
     # TDMRep (docs/download.md): /.well-known/tdmrep.json of every image origin (and redirect
     # target), fetched once per origin, and a tdm-reservation: 1 header on an image response
     # drop the URL as opt_out.
@@ -246,6 +249,7 @@ class DownloadConfig:
                 "max_crawl_delay",
                 "per_host_rate",
                 "per_host_concurrency",
+                "max_retry_wait",
             ),
             0,
         )

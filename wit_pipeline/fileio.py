@@ -14,8 +14,9 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import fsspec
@@ -158,28 +159,76 @@ def remove_temporaries(directory: str, *, prefix: str = "") -> list[str]:
     call this where a rerun (re)writes files, before the writers start, to reclaim the space.
     Lists ``directory`` once; returns the removed paths, sorted.
     """
+    return remove_entries(
+        directory, lambda name: is_temporary(name) and name.startswith(f".{prefix}")
+    )
+
+
+def list_names(directory: str) -> list[str]:
+    """Base names of everything directly in ``directory`` (files and folders), sorted.
+
+    Unlike :func:`expand_inputs`, dot-names (temporaries) are listed too, and a missing
+    directory is empty rather than an error.
+    """
+    if is_local(directory):
+        d = _strip_file(directory)
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+    fs = filesystem(directory)
+    if not fs.isdir(directory):
+        return []
+    return sorted(f.rstrip("/").rsplit("/", 1)[-1] for f in fs.ls(directory, detail=False))
+
+
+def remove_entries(directory: str, select: Callable[[str], bool]) -> list[str]:
+    """Remove the files and folders directly in ``directory`` whose base name ``select`` accepts.
+
+    The same on a local disk and on every fsspec filesystem (``fs.ls`` and ``fs.rm``), which is
+    what a rerun needs to clear what an earlier run left (stale ``part-*-of-N`` files of another
+    part count, shards of a larger run, temporaries of a killed writer) wherever the output is.
+    Lists ``directory`` once; entries already gone are skipped. Returns the removed paths,
+    sorted (remote ones as URLs).
+    """
     removed: list[str] = []
     if is_local(directory):
         d = _strip_file(directory)
-        if not os.path.isdir(d):
-            return removed
-        for entry in sorted(os.listdir(d)):
-            if is_temporary(entry) and entry.startswith(f".{prefix}"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(d, entry))
-                    removed.append(os.path.join(d, entry))
+        for entry in list_names(d):
+            if not select(entry):
+                continue
+            path = os.path.join(d, entry)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+                removed.append(path)
         return removed
     fs = filesystem(directory)
     if not fs.isdir(directory):
         return removed
     protocol = directory.split("://", 1)[0]
     for f in sorted(fs.ls(directory, detail=False)):
-        base = f.rstrip("/").rsplit("/", 1)[-1]
-        if is_temporary(base) and base.startswith(f".{prefix}"):
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(f)
-                removed.append(f if "://" in f else f"{protocol}://{f}")  # as expand_inputs
+        if not select(f.rstrip("/").rsplit("/", 1)[-1]):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(f, recursive=True)
+            removed.append(f if "://" in f else f"{protocol}://{f}")  # as expand_inputs
     return removed
+
+
+def replace(src: str, dst: str) -> None:
+    """Move the complete file ``src`` to ``dst`` (same filesystem), replacing ``dst`` at once.
+
+    Locally an ``os.replace`` (atomic); on fsspec filesystems ``fs.mv``: a rename where there is
+    one, a server-side copy plus a delete on GCS and S3, whose copy publishes the whole object.
+    For files staged under another name and published later (``atomic_write`` does both in one
+    go).
+    """
+    if is_local(src):
+        dst = _strip_file(dst)
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        os.replace(_strip_file(src), dst)
+    else:
+        filesystem(src).mv(src, dst)
 
 
 @contextlib.contextmanager

@@ -130,13 +130,17 @@ def download(
     output_dir: str,
     config: DownloadConfig,
     blocklist: Blocklist | None = None,
+    retry_failed: bool = False,
 ) -> None:
-    """Candidate Parquet files -> ``output_dir``'s download shards (resumable shard by shard)."""
+    """Candidate Parquet files -> ``output_dir``'s download shards (resumable shard by shard;
+    ``retry_failed``: also fetch the transient failures of finished shards again)."""
     _ = (
         p
         | "ReadCandidates" >> download_lib.ReadCandidates(files=files)
         | "DownloadImages"
-        >> download_lib.DownloadImages(output_dir=output_dir, config=config, blocklist=blocklist)
+        >> download_lib.DownloadImages(
+            output_dir=output_dir, config=config, blocklist=blocklist, retry_failed=retry_failed
+        )
     )
 
 

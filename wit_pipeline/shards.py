@@ -16,7 +16,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -77,15 +77,35 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def tar_bytes(samples: Sequence[Sample]) -> bytes:
-    """The tar archive of ``samples``, in the given order, byte-for-byte reproducible."""
+def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in order: ``KEY.<ext>``, ``KEY.txt``, ``KEY.json``."""
+    return [
+        (f"{sample.key}.{sample.image_ext}", sample.image),
+        (f"{sample.key}.txt", sample.caption.encode("utf-8")),
+        (f"{sample.key}.json", dumps_meta(sample.meta)),
+    ]
+
+
+def members_tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """The tar archive of ``(name, data)`` members, in the given order, with fixed metadata."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            _add_member(tar, f"{s.key}.{s.image_ext}", s.image)
-            _add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
-            _add_member(tar, f"{s.key}.json", dumps_meta(s.meta))
+        for name, data in members:
+            _add_member(tar, name, data)
     return buf.getvalue()
+
+
+def tar_bytes(samples: Sequence[Sample]) -> bytes:
+    """The tar archive of ``samples``, in the given order, byte-for-byte reproducible."""
+    return members_tar_bytes(m for s in samples for m in sample_members(s))
+
+
+def iter_members(tar_path: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of every file member of a tar, in file order (bytes as stored)."""
+    with fileio.open_file(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
 def shard_paths(directory: str, shard_id: int) -> tuple[str, str]:
@@ -141,20 +161,16 @@ def shard_info(directory: str, shard_id: int) -> ShardInfo:
 
 def iter_samples(tar_path: str) -> Iterator[dict[str, Any]]:
     """Yield ``{"__key__": key, ext: bytes, ...}`` per sample of a tar, in file order."""
-    with fileio.open_file(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        current: dict[str, Any] | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[ext] = data
-        if current is not None:
-            yield current
+    current: dict[str, Any] | None = None
+    for name, data in iter_members(tar_path):
+        key, _, ext = name.partition(".")
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key}
+        current[ext] = data
+    if current is not None:
+        yield current
 
 
 def list_shards(directory: str) -> list[str]:

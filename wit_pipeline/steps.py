@@ -9,7 +9,6 @@ do not balance).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from wit_pipeline.stages import balance
 from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages import shards as shards_lib
 from wit_pipeline.stages.download import plan as download_plan
+from wit_pipeline.stages.download import repair as download_repair
 from wit_pipeline.stages.download import transforms as download_lib
 from wit_pipeline.stages.gather import transforms as gather_lib
 from wit_pipeline.takedown import Blocklist
@@ -48,11 +48,16 @@ def run(
 
 
 def clear_parts(directory: str) -> None:
-    """Remove ``part-*`` files of an earlier run (Beam names them by shard count)."""
-    if fileio.is_local(directory) and os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith("part-"):
-                os.remove(os.path.join(directory, name))
+    """Remove what an earlier run of a Beam file sink left in ``directory``, local or remote.
+
+    ``part-*`` files (Beam names them by part count, so a rerun with another count would leave
+    stale parts read as duplicates), the ``beam-temp-*`` folders of a run killed before its
+    sink finalized, and temporaries of killed atomic writes.
+    """
+    fileio.remove_entries(
+        directory,
+        lambda name: name.startswith(("part-", "beam-temp-")) or fileio.is_temporary(name),
+    )
 
 
 def _stats(directory: str) -> dict[str, Any]:
@@ -84,6 +89,7 @@ def run_prebalance(
         if queries:
             extra["queries"] = queries
     fileio.makedirs(output_dir)
+    fileio.remove_temporaries(output_dir)  # stats.json, query_counts.parquet of a killed run
     for sub in (gather_lib.CANDIDATES_DIR, stage.REJECTED_DIR):
         clear_parts(fileio.join(output_dir, sub))
 
@@ -111,19 +117,34 @@ def run_download(
     runner: str | None = None,
     log: Log | None = None,
     blocklist: Blocklist | None = None,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Candidates (``wit gather`` or pre-balance output) -> download shards, resumed shard by
-    shard. Returns the download's ``stats.json`` document. ``blocklist``: takedown entries
-    (url and domain entries refuse the URLs and redirect targets they match)."""
+    shard. Returns the download's ``stats.json`` document, with ``resumed_shards`` and, for a
+    repair run (``retry_failed``: fetch the transient failures of finished shards again, into
+    the same shards), ``retried`` (``download_repair.summary``). ``blocklist``: takedown
+    entries (url and domain entries refuse the URLs and redirect targets they match)."""
     files = download_lib.candidate_files(candidates_dir)
+    before = None
+    if retry_failed:
+        before = download_repair.check_can_retry(output_dir)
     takedown = blocklist.url_digest() if blocklist is not None else ""
     download_plan.check_plan_config(output_dir, cfg, takedown)
     done_before = len(download_plan.finished_shards(output_dir)) if fileio.exists(output_dir) else 0
     if done_before and log:
         log(f"download: resuming ({done_before} shard(s) already finished)")
+    if retry_failed and log:
+        log(f"download: fetching transient failures again ({download_repair.describe(before)})")
 
     def graph(p):
-        pipeline.download(p, files=files, output_dir=output_dir, config=cfg, blocklist=blocklist)
+        pipeline.download(
+            p,
+            files=files,
+            output_dir=output_dir,
+            config=cfg,
+            blocklist=blocklist,
+            retry_failed=retry_failed,
+        )
 
     try:
         run(graph, beam_args=beam_args, runner=runner, processes=cfg.processes)
@@ -133,7 +154,12 @@ def run_download(
             raise WitError(m.group(1)) from None
         raise
     doc = fileio.read_json(fileio.join(output_dir, download_lib.STATS_FILE))
-    return {**doc, "resumed_shards": done_before}
+    out = {**doc, "resumed_shards": done_before}
+    if retry_failed:
+        out["retried"] = download_repair.summary(before, doc)
+        if log:
+            log(f"download: after the retry: {download_repair.describe(doc['url_counters'])}")
+    return out
 
 
 def run_finalize(

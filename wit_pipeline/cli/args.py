@@ -88,6 +88,13 @@ FLAGS: dict[str, Flag] = {
         convert=_num_shards,
     ),
     # download
+    "--max-retry-wait": Flag(
+        "download.max_retry_wait",
+        "seconds one URL may wait for its retries, Retry-After included (default: {default}); "
+        "a longer Retry-After fails it as retryable (fetch it with --retry-failed later)",
+        type=float,
+        metavar="SECONDS",
+    ),
     "--allow-loopback": Flag(
         "download.allow_loopback",
         "let the downloader reach 127.0.0.0/8 and ::1 (tests, the local demo); private, "
@@ -323,3 +330,8 @@ def add_runner(
 
 def add_overwrite(parser, help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def add_retry_failed(parser, help: str) -> None:
+    """``--retry-failed``: a repair run (docs/download.md, "Repair runs")."""
+    parser.add_argument("--retry-failed", action="store_true", help=help)

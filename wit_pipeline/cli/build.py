@@ -21,7 +21,8 @@ examples:
 Steps (each a Beam pipeline; DIR/done/<step>.json marks it finished): gather, prebalance,
 download, finalize (dedup + decontamination + balance + CLIP score + shards), report. A rerun
 skips finished steps and resumes the first unfinished one; a rerun with other settings is
-refused unless --overwrite (unchanged steps are then kept). Output: DIR/shards/ (open_clip
+refused unless --overwrite (unchanged steps are then kept). --retry-failed fetches the
+download's transient failures again and redoes finalize and report. Output: DIR/shards/ (open_clip
 --train-data, HF datasets Parquet), DIR/stats.json, DIR/report.md, DIR/query_counts.parquet.
 Unknown --flags are passed to Beam as pipeline options (docs/build.md).
 """
@@ -43,7 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     args_lib.add_output(p, "build directory")
     args_lib.add_config(p, sections="every stage", example="balance.t=5000")
     args_lib.add_flags(
-        p, "--allow-loopback", "--eval-set", "--seed-model", "--seed-arch", "--blocklist"
+        p,
+        "--allow-loopback",
+        "--max-retry-wait",
+        "--eval-set",
+        "--seed-model",
+        "--seed-arch",
+        "--blocklist",
+    )
+    args_lib.add_retry_failed(
+        p,
+        "repair the download of this build: fetch its transient failures (timeouts, connection "
+        "errors, HTTP 429 and 5xx) again, into the same shards, then redo finalize and report",
     )
     args_lib.add_runner(p)
     args_lib.add_overwrite(
@@ -64,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         beam_args=args.beam_args,
         runner=args.runner,
         overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
     )
     summary = {
         "output": args.output,

@@ -15,8 +15,9 @@ DESCRIPTION = (
     "Download the images of the candidate pairs written by `wit gather` (DIR/candidates/"
     "*.parquet, or Parquet files with a url column) into OUTPUT/shards/ (webdataset "
     "tars + Parquet), OUTPUT/rejected/ and OUTPUT/stats.json. Rerunning with the same "
-    "OUTPUT resumes: finished shards are skipped. Unknown --flags go to Beam "
-    "(--runner, --direct_num_workers, ...)."
+    "OUTPUT resumes: finished shards are skipped; --retry-failed also fetches the transient "
+    "failures (timeouts, connection errors, HTTP 429 and 5xx) of finished shards again, into "
+    "the same shards. Unknown --flags go to Beam (--runner, --direct_num_workers, ...)."
 )
 
 
@@ -24,7 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     args_lib.add_input(p, "a `wit gather` output dir, or Parquet files", many=False)
     args_lib.add_output(p, "output directory (local or fsspec URL)")
     args_lib.add_config(p, sections="its download section", example="download.image_size=128")
-    args_lib.add_flags(p, "--allow-loopback", "--blocklist")
+    args_lib.add_flags(p, "--allow-loopback", "--max-retry-wait", "--blocklist")
+    args_lib.add_retry_failed(
+        p,
+        "repair run: fetch the URLs that failed transiently (timeouts, connection errors, "
+        "HTTP 429 and 5xx) again, honouring Retry-After, and rewrite their shards in place",
+    )
     args_lib.add_runner(p)
     p.set_defaults(func=run)
 
@@ -46,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         runner=args.runner,
         log=_log,
         blocklist=takedown.from_config(full.takedown),
+        retry_failed=args.retry_failed,
     )
     pairs, url_level = stats["counters"], stats["url_counters"]
     print(

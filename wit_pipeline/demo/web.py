@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from wit_pipeline import fileio
 from wit_pipeline.demo import scenes
 
 FOREIGN_CAPTIONS = (
@@ -291,7 +292,9 @@ def generate_web(out_dir: str, *, base_url: str, cfg: WebConfig = WebConfig()) -
         "planted_items": planted_items,
         "config": dataclasses.asdict(cfg),
     }
-    with open(os.path.join(out_dir, "web.json"), "w") as f:
+    # web.json marks a finished web (`wit demo` reuses a folder that has one): written last,
+    # atomically, so that a web killed while being written is never taken for a finished one.
+    with fileio.atomic_write(os.path.join(out_dir, "web.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
 

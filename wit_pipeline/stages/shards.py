@@ -157,11 +157,12 @@ def _finish_shards(infos: Sequence[shards.ShardInfo], directory: str, cfg: Mappi
     """
     infos = sorted(infos, key=lambda i: i.shard_id)
     ids = {i.shard_id for i in infos}
-    if fileio.is_local(directory) and os.path.isdir(directory):
-        for name in sorted(os.listdir(directory)):
-            stem, _, ext = name.partition(".")
-            if ext in ("tar", "parquet") and stem.isdigit() and int(stem) not in ids:
-                os.remove(os.path.join(directory, name))
+
+    def stale(name: str) -> bool:
+        stem, _, ext = name.partition(".")
+        return ext in ("tar", "parquet") and stem.isdigit() and int(stem) not in ids
+
+    fileio.remove_entries(directory, stale)  # local or remote
     fileio.makedirs(directory)
     sizes = {os.path.basename(i.tar): i.num_samples for i in infos}
     fileio.write_json(fileio.join(directory, SIZES), sizes)

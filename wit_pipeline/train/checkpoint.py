@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -126,8 +129,16 @@ def write_checkpoints(
 
 
 def read_for_resume(path: str, model_name: str) -> dict[str, Any]:
-    """The checkpoint at ``path``; WitError when it holds another architecture."""
-    ckpt = models.read_checkpoint(path)
+    """The checkpoint at ``path`` (local, or an fsspec URL: a remote ``--output``); WitError
+    when it holds another architecture."""
+    if fileio.is_local(path):
+        ckpt = models.read_checkpoint(path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="wit-resume-") as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            with fileio.open_file(path, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            ckpt = models.read_checkpoint(local)
     if ckpt.get("model_name") != model_name:
         raise WitError(
             f"checkpoint {path} holds a {ckpt.get('model_name')} model, not {model_name}"

@@ -98,6 +98,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     suite_metrics = finish_suite(run, state) if cfg.eval_suite and not stopped else {}
     if run.rt.is_main and cfg.plots:
         write_plots(run.metrics.rows(), cfg.output)
+    run.metrics.sync()
     summary = {
         "step": state.step,
         "total_steps": run.total_steps,
@@ -493,6 +494,7 @@ def save(run: Run, state: TrainState, extra_names: Sequence[str] = ()) -> None:
         world_size=run.rt.world_size,
     )
     checkpoint.write_checkpoints(run.cfg.output, payload, extra_names)
+    run.metrics.sync()  # a remote metrics.jsonl, as of this checkpoint
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,20 @@
 ``train`` row every ``--log-every`` steps (and at each epoch's last step), an ``eval`` row after
 each evaluation, an ``eval_suite`` row after each ``--eval-suite`` run (see docs/train.md for the
 fields). Only the main rank writes.
+
+``--output`` may be a local folder or an fsspec URL (``gs://...``): plots are written through
+``fileio.atomic_write``, and on an object store, which cannot append, the log is kept in a local
+file and uploaded whole, atomically, at every checkpoint and at the end (:meth:`MetricsLog.sync`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,19 +27,31 @@ from wit_pipeline import fileio
 
 
 class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` (main rank only)."""
+    """Appends JSON lines to ``metrics.jsonl`` (main rank only).
+
+    A local ``path`` is appended to in place, one line per record; a run killed in the middle of
+    a line leaves a torn last line, which :meth:`rows` skips and a resume truncates away. A
+    remote ``path`` (fsspec URL) is kept in a local file (started from the uploaded copy, if
+    any) and published by :meth:`sync`: uploaded whole under a temporary name and moved into
+    place, so the object is always a complete log as of the last sync.
+    """
 
     def __init__(self, path: str, enabled: bool):
         self.path = path
         self.enabled = enabled
+        self.local = path
+        if enabled and not fileio.is_local(path):
+            self.local = os.path.join(tempfile.mkdtemp(prefix="wit-metrics-"), "metrics.jsonl")
+            if fileio.exists(path):
+                with fileio.open_file(path, "rb") as src, open(self.local, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than ``step`` (written after the checkpoint a run resumes from)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not os.path.exists(self.local):
             return
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        with fileio.atomic_write(self.path, "w") as f:
+        rows = self.rows()
+        with fileio.atomic_write(self.local, "w") as f:
             for row in rows:
                 if int(row.get("step", 0)) <= step:
                     f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -40,14 +59,30 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open(self.local, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
+    def sync(self) -> None:
+        """Publish the log to a remote ``path`` (atomically); nothing to do for a local one."""
+        if not self.enabled or self.local == self.path or not os.path.exists(self.local):
+            return
+        with open(self.local, "rb") as src, fileio.atomic_write(self.path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
     def rows(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
+        """The records written so far (a torn last line, from a killed run, is left out)."""
+        if not os.path.exists(self.local):
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.local) as f:
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
+        return rows
 
 
 def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
@@ -70,7 +105,7 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
         )
         ax2.set_ylabel("learning rate", color="tab:orange")
         ax.set_title("training loss")
-        written.append(_save(fig, os.path.join(output, "loss.png")))
+        written.append(_save(fig, fileio.join(output, "loss.png")))
     evals = [r for r in rows if r.get("type") == "eval"]
     series: dict[str, list[tuple[float, float]]] = {}
     for r in evals:
@@ -78,7 +113,7 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
             if isinstance(value, int | float) and (name.endswith(("top1", "top5")) or "R@" in name):
                 series.setdefault(name, []).append((r["epoch"], float(value)))
     if series:
-        path = os.path.join(output, "eval.png")
+        path = fileio.join(output, "eval.png")
         written.append(_series_figure(series, "epoch", "accuracy / recall", "evaluation", path))
     # --eval-suite runs by step: each set's top-1 or R@1, and the mean zero-shot top-1.
     suite_series: dict[str, list[tuple[float, float]]] = {}
@@ -88,7 +123,7 @@ def write_plots(rows: Sequence[dict[str, Any]], output: str) -> list[str]:
                 if name.endswith(("/top1", "_R@1")):
                     suite_series.setdefault(name, []).append((r["step"], float(value)))
     if suite_series:
-        path = os.path.join(output, "eval_suite.png")
+        path = fileio.join(output, "eval_suite.png")
         written.append(
             _series_figure(suite_series, "step", "top-1 / R@1", "evaluation suite", path)
         )
@@ -112,11 +147,15 @@ def _series_figure(
 
 
 def _save(fig: Any, path: str) -> str:
+    """Render ``fig`` as PNG and write it atomically (local or remote ``path``)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    with fileio.atomic_write(path, "wb") as f:
+        f.write(buf.getvalue())
     return path
 
 

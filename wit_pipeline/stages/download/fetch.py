@@ -67,6 +67,7 @@ def fetch_options(config: DownloadConfig) -> guarded_http.FetchOptions:
         ca_bundle=config.ca_bundle,
         opt_out_agents=OPT_OUT_AGENTS,
         respect_tdmrep=config.respect_tdmrep,
+        max_retry_wait=config.max_retry_wait,
     )
 
 

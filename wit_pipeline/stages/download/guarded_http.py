@@ -23,6 +23,8 @@ Errors are ``netguard.FetchError`` with a stable reason, as for the guard itself
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import io
 import socket
@@ -56,7 +58,8 @@ class HostLimiter:
 
     ``concurrency`` requests at most in flight per host (0: no limit); requests to one host
     start at least ``1 / rate`` seconds apart (0: no limit); :meth:`set_interval` sets a longer
-    spacing for one host (robots.txt ``Crawl-delay``).
+    spacing for one host (robots.txt ``Crawl-delay``); :meth:`defer` holds every request to a
+    host until a time it asked for (``Retry-After``).
     """
 
     def __init__(
@@ -75,10 +78,31 @@ class HostLimiter:
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._next: dict[str, float] = {}
         self._intervals: dict[str, float] = {}
+        self._deferred: dict[str, tuple[float, str]] = {}  # host -> (not before, why)
 
     def set_interval(self, host: str, seconds: float) -> None:
         with self._lock:
             self._intervals[host] = max(seconds, self._intervals.get(host, 0.0))
+
+    def defer(self, host: str, seconds: float, why: str) -> None:
+        """Hold requests to ``host`` for ``seconds`` from now (a later end wins); ``why`` is
+        the reason its answer gave (``http_429``, ...)."""
+        with self._lock:
+            until = self._clock() + max(0.0, seconds)
+            if until > self._deferred.get(host, (0.0, ""))[0]:
+                self._deferred[host] = (until, why)
+
+    def deferred(self, host: str) -> tuple[float, str]:
+        """``(seconds left, why)`` of the hold on ``host`` (``(0, "")`` when none)."""
+        with self._lock:
+            until, why = self._deferred.get(host, (0.0, ""))
+            left = until - self._clock()
+        return (left, why) if left > 0 else (0.0, "")
+
+    def pause(self, seconds: float) -> None:
+        """Sleep (through the injected ``sleep``: tests count the waits instead of waiting)."""
+        if seconds > 0:
+            self._sleep(seconds)
 
     @contextmanager
     def slot(self, host: str) -> Iterator[None]:
@@ -91,13 +115,14 @@ class HostLimiter:
             sem.acquire()
         try:
             interval = max(self.interval, self._intervals.get(host, 0.0))
-            if interval:
-                with self._lock:
-                    now = self._clock()
-                    start = max(now, self._next.get(host, 0.0))
+            with self._lock:
+                now = self._clock()
+                start = max(now, self._deferred.get(host, (0.0, ""))[0])
+                if interval:
+                    start = max(start, self._next.get(host, 0.0))
                     self._next[host] = start + interval
-                if start > now:
-                    self._sleep(start - now)
+            if start > now:
+                self._sleep(start - now)
             yield
         finally:
             if sem is not None:
@@ -127,6 +152,7 @@ class FetchOptions:
     # Agents besides user_agent_token whose X-Robots-Tag directives apply to us.
     opt_out_agents: tuple[str, ...] = ()
     respect_tdmrep: bool = False  # a tdm-reservation: 1 response header opts out (TDMRep)
+    max_retry_wait: float = 60.0  # seconds one URL may wait for its retries (Retry-After)
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
@@ -276,19 +302,55 @@ class GuardedOpener(urllib.request.OpenerDirector):
         if isinstance(timeout, int | float) and timeout > 0:
             op_timeout = min(op_timeout, float(timeout))
         req.add_header("User-Agent", self.options.user_agent)
+        return self._open_with_retries(req, data, op_timeout, host)
+
+    def _open_with_retries(self, req, data, op_timeout: float, host: str) -> FetchedResponse:
+        """Attempts, retrying retryable errors after ``retry_backoff`` (doubling) or the
+        ``Retry-After`` a 429/5xx answer asks for, whichever is longer. ``Retry-After`` also
+        holds every other request to the host (:meth:`HostLimiter.defer`). A URL waits at most
+        ``max_retry_wait`` seconds in all: a longer wait fails it now with its retryable reason
+        (``--retry-failed`` fetches it again later), and a request to a host held longer than
+        that fails without being sent."""
+        limit = self.options.max_retry_wait
         attempt = 0
+        waited = 0.0
         while True:
+            left, why = self.limiter.deferred(host)
+            if left > limit - waited:
+                raise FetchError(
+                    why,
+                    f"not requested: {host} asked to wait {left:.0f}s more (Retry-After), "
+                    f"beyond max_retry_wait {limit:g}s",
+                    retryable=True,
+                )
+            waited += left  # slot() sleeps it
+            retry_after = None
             try:
                 with self.limiter.slot(host):
                     return self._attempt(req, data, op_timeout)
             except Exception as e:
                 if isinstance(e, urllib.error.HTTPError):
+                    retry_after = retry_after_seconds(e.headers.get("Retry-After"), time.time())
                     e.close()
                 err = classify(e)
-            if not err.retryable or attempt >= self.options.retries:
+            if not err.retryable:
                 raise err
+            if retry_after is not None:
+                self.limiter.defer(host, retry_after, err.reason)
+            if attempt >= self.options.retries:
+                raise err
+            backoff = self.options.retry_backoff * (2**attempt)
+            wait = max(backoff, retry_after or 0.0)
+            if waited + wait > limit:
+                asked = f"Retry-After {retry_after:g}s" if retry_after else f"backoff {backoff:g}s"
+                raise FetchError(
+                    err.reason,
+                    f"{err.detail}; not retried: {asked} beyond max_retry_wait {limit:g}s",
+                    retryable=True,
+                )
             attempt += 1
-            time.sleep(self.options.retry_backoff * (2 ** (attempt - 1)))
+            self.limiter.pause(backoff)  # the rest of a longer Retry-After: in slot()
+            waited += backoff
 
     def _attempt(self, req: urllib.request.Request, data, op_timeout: float) -> FetchedResponse:
         # A fresh deadline and redirect history for every attempt.
@@ -317,6 +379,24 @@ class GuardedOpener(urllib.request.OpenerDirector):
             return f"x-robots-tag:{directive}"
         reserved = optout.tdm_reservation(headers.get("tdm-reservation")) == 1
         return optout.TDM_HEADER if self.options.respect_tdmrep and reserved else None
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """The wait a ``Retry-After`` header asks for, in seconds from ``now`` (a Unix time): its
+    delay-seconds, or its HTTP-date minus ``now`` (at least 0); ``None`` when absent or
+    unreadable (RFC 9110, 10.2.3)."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now)
 
 
 class FetchedResponse:

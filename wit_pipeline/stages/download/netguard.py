@@ -80,6 +80,16 @@ class DeadlineExceeded(TimeoutError):
     """The total time allowed for one request ran out."""
 
 
+def is_retryable_reason(reason: str) -> bool:
+    """True for the drop reasons of transient failures (``timeout``, ``connection_error``,
+    ``truncated``, ``http_408``/``425``/``429``/``500``/``502``/``503``/``504``): what a
+    request retries and what ``--retry-failed`` fetches again later."""
+    if reason in RETRYABLE_REASONS:
+        return True
+    code = reason.removeprefix("http_")
+    return code != reason and code.isdigit() and int(code) in RETRYABLE_HTTP
+
+
 def parse_reason(message: str | None) -> tuple[str, str] | None:
     """``("timeout", "detail")`` from a ``wit:timeout: detail`` message, else ``None``."""
     if not message:

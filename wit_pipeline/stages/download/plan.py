@@ -21,7 +21,6 @@ The ``download`` config section checks its options itself, when it is made (``co
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -86,7 +85,13 @@ SHARD_SCHEMA = pa.schema(
 )
 
 # Fields that change how fast a run goes, not what it produces: a rerun may change them.
-EXECUTION_ONLY_FIELDS = ("processes", "threads", "per_host_concurrency", "per_host_rate")
+EXECUTION_ONLY_FIELDS = (
+    "processes",
+    "threads",
+    "per_host_concurrency",
+    "per_host_rate",
+    "max_retry_wait",  # a repair run may wait longer for the hosts that asked it to
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,26 +349,12 @@ def write_shard_files(
 ) -> shards.ShardInfo:
     """``rejected/NNNNN.parquet``, then the shard tar, then its Parquet (the completion mark).
 
-    Temporary files that a killed earlier attempt left for this shard are removed first.
+    (Temporaries that a killed earlier run left are removed once, before any shard writer
+    starts: ``repair.list_finished``.)
     """
-    _remove_stale_temporaries(output_dir, shard_id)
     with fileio.atomic_write(rejected_path(output_dir, shard_id), "wb") as f:
         pq.write_table(rejected, f, compression="zstd")
     return shards.write_shard(shards_dir(output_dir), shard_id, samples, kept)
-
-
-def _remove_stale_temporaries(output_dir: str, shard_id: int) -> None:
-    if not fileio.is_local(output_dir):
-        return  # object stores publish whole objects: nothing partial is left behind
-    name = shards.shard_name(shard_id)
-    for sub in (SHARDS_DIR, REJECTED_DIR):
-        directory = fileio.join(output_dir, sub)
-        if not os.path.isdir(directory):
-            continue
-        for entry in os.listdir(directory):
-            if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(directory, entry))
 
 
 def read_back_counters(output_dir: str, shard_id: int) -> dict[str, int]:
@@ -427,6 +418,7 @@ def check_plan_config(output_dir: str, config: DownloadConfig, takedown: str = "
 def check_plan(output_dir: str, plan: Mapping[str, Any]) -> int:
     """Write ``plan.json`` on the first run; on a rerun, insist that it has not changed."""
     path = fileio.join(output_dir, PLAN_FILE)
+    fileio.remove_temporaries(output_dir, prefix=PLAN_FILE)  # of a run killed writing it
     if fileio.exists(path):
         old = fileio.read_json(path)
         if old != plan:

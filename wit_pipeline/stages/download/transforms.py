@@ -20,6 +20,9 @@ crawl needs:
   (atomically, the last one marking completion). A rerun skips finished shards (their URLs are
   neither fetched nor robots-checked again) and reads their counts back from disk, so the final
   files and ``stats.json`` are the same as those of an uninterrupted run.
+- Repair runs (``retry_failed``): the URLs of finished shards that failed transiently are
+  fetched again and their shards rewritten in place (``repair``); every finished shard's counts
+  are then read back from its files.
 
 Every pair ends either in a shard or in ``rejected/`` with a reason (rows of
 ``stage.REJECTED_SCHEMA``, stage ``download``); ``stats.json`` holds ``counters`` over pairs
@@ -46,7 +49,7 @@ from wit_pipeline import fileio, optout, shards, stage, urls
 from wit_pipeline.beam_utils import COUNTS, emit_counts
 from wit_pipeline.config import DownloadConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages.download import guarded_http, netguard, policy
+from wit_pipeline.stages.download import guarded_http, netguard, policy, repair
 from wit_pipeline.stages.download.fetch import (
     ProbingResizer,
     fetch_options,
@@ -62,7 +65,6 @@ from wit_pipeline.stages.download.plan import (
     apply_verdict,
     assemble_shard,
     check_plan,
-    finished_shards,
     key_pair,
     make_url_record,
     plan_doc,
@@ -118,13 +120,27 @@ def _plan_num_shards(
     return check_plan(output_dir, plan_doc(config, num_urls, takedown))
 
 
+FINISHED_TAG = "finished"
+
+
 def _assign_shard(
-    rec: dict[str, Any], num_shards: int, finished: frozenset[int]
-) -> list[dict[str, Any]]:
+    rec: dict[str, Any], num_shards: int, finished: frozenset[int], *, retry: bool = False
+) -> Iterator[Any]:
+    """The record with its shard; a record of a finished shard is left out (counted from the
+    shard's files), or with ``retry`` tagged ``finished`` and keyed by URL for the repair join."""
     shard = shard_of(rec["key"], num_shards)
-    if shard in finished:
-        return []  # counted from the finished shard's files
-    return [{**rec, "shard": shard}]  # inputs may be shared with other consumers: no mutation
+    if shard not in finished:
+        yield {**rec, "shard": shard}  # inputs may be shared with other consumers: no mutation
+    elif retry:
+        yield beam.pvalue.TaggedOutput(FINISHED_TAG, (rec["key"], {**rec, "shard": shard}))
+
+
+def _to_repair(item: tuple[str, dict[str, list[Any]]]) -> Iterator[dict[str, Any]]:
+    """A finished shard's record whose URL failed transiently: fetched again, for repair."""
+    _, grouped = item
+    if any(True for _ in grouped["retry"]):
+        for rec in grouped["records"]:
+            yield {**rec, "repair": True}
 
 
 class _RobotsFn(beam.DoFn):
@@ -204,27 +220,37 @@ class _DownloadShardFn(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[dict[str, Any]]]):
         shard_id, records = element
+        records = list(records)
+        if records and records[0].get("repair"):
+            # A finished shard's transient failures, fetched again: the shard is rewritten,
+            # its counts are read back from its files once every repair is done.
+            outcomes = self._fetch(shard_id, records)
+            repair.repair_shard(self._output_dir, shard_id, records, outcomes)
+            return [beam.pvalue.TaggedOutput(REPAIRED_TAG, shard_id)]
         if shards.is_finished(shards_dir(self._output_dir), shard_id) and fileio.exists(
             rejected_path(self._output_dir, shard_id)
         ):
             # A retried bundle whose first attempt wrote the shard: count what is on disk.
             return list(emit_counts(read_back_counters(self._output_dir, shard_id)))
-        records = list(records)
+        outcomes = self._fetch(shard_id, records)
+        samples, kept, rejected = assemble_shard(records, outcomes)
+        write_shard_files(self._output_dir, shard_id, samples, kept, rejected)
+        return list(emit_counts(shard_counters(kept, rejected)))
+
+    def _fetch(self, shard_id: int, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Fetch the records without a verdict (robots, invalid URL) through the guard."""
         to_fetch = [r for r in records if r["verdict"] is None]
         self._ensure_guard()
         for rec in to_fetch:
             if rec.get("crawl_delay"):
                 self._opener.limiter.set_interval(urls.url_host(rec["url"]), rec["crawl_delay"])
-        outcomes = fetch_with_img2dataset(
+        return fetch_with_img2dataset(
             sorted(to_fetch, key=lambda r: r["key"]),
             shard_id=shard_id,
             config=self._config,
             resizer=self._resizer,
             workdir=self._workdir,
         )
-        samples, kept, rejected = assemble_shard(records, outcomes)
-        write_shard_files(self._output_dir, shard_id, samples, kept, rejected)
-        return list(emit_counts(shard_counters(kept, rejected)))
 
     def teardown(self):
         # The last instance of the process gives it its previous urllib opener back (the
@@ -238,8 +264,19 @@ class _DownloadShardFn(beam.DoFn):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _read_back(shard_id: int, output_dir: str):
+REPAIRED_TAG = "repaired"
+
+
+def _read_back(shard_id: int, output_dir: str, repaired: Sequence[int] = ()):
+    # ``repaired`` (a side input) only orders this after every repair: the files are read
+    # as they are then.
     yield from emit_counts(read_back_counters(output_dir, shard_id))
+
+
+def _finish_repairs(_repaired: Sequence[int], output_dir: str) -> dict[str, Any]:
+    """After every repair of a repair run: drop the empty staging area (nothing for stats)."""
+    repair.finish_repairs(output_dir)
+    return {}
 
 
 class DownloadImages(beam.PTransform):
@@ -254,7 +291,9 @@ class DownloadImages(beam.PTransform):
     ``config`` is the ``download`` section (it checked itself when it was made); ``resolver``
     replaces DNS resolution for the guard (tests; pinned deployments); it must be picklable.
     ``blocklist``: takedown entries whose ``url`` and ``domain`` entries refuse the URLs (and
-    redirect targets) they match, as ``takedown``.
+    redirect targets) they match, as ``takedown``. ``retry_failed`` makes it a repair run:
+    besides resuming, the URLs of finished shards that failed transiently are fetched again
+    (``repair``) and ``stats.json`` is summed from every finished shard's files afterwards.
     """
 
     def __init__(
@@ -264,6 +303,7 @@ class DownloadImages(beam.PTransform):
         config: DownloadConfig | None = None,
         resolver: netguard.Resolver | None = None,
         blocklist: Blocklist | None = None,
+        retry_failed: bool = False,
     ):
         super().__init__()
         if not output_dir:
@@ -272,6 +312,7 @@ class DownloadImages(beam.PTransform):
         self._config = config or DownloadConfig()
         self._resolver = resolver
         self._blocklist = blocklist if blocklist is not None and blocklist.has_url_entries else None
+        self._retry = retry_failed
 
     def expand(self, tables):
         cfg = self._config
@@ -291,7 +332,8 @@ class DownloadImages(beam.PTransform):
             )
         )
         start = tables.pipeline | "OutputDir" >> beam.Create([out])
-        finished_ids = start | "ListFinished" >> beam.FlatMap(finished_shards)
+        # Before any shard writer starts: finish interrupted repairs, remove temporaries.
+        finished_ids = start | "ListFinished" >> beam.FlatMap(repair.list_finished)
         finished = (
             finished_ids
             | "FinishedList" >> beam.combiners.ToList()
@@ -301,7 +343,22 @@ class DownloadImages(beam.PTransform):
             _assign_shard,
             beam.pvalue.AsSingleton(num_shards),
             beam.pvalue.AsSingleton(finished),
-        )
+            retry=self._retry,
+        ).with_outputs(FINISHED_TAG, main="todo")
+        todo = assigned.todo
+        if self._retry:
+            retry = (
+                finished_ids
+                | "SpreadFinished" >> beam.Reshuffle()
+                | "RetryableKeys" >> beam.FlatMap(repair.retryable_keys, out)
+            )
+            again = (
+                {"records": assigned[FINISHED_TAG], "retry": retry}
+                | "JoinRetryable" >> beam.CoGroupByKey()
+                | "ToRepair" >> beam.FlatMap(_to_repair)
+            )
+            todo = (todo, again) | "WithRepairs" >> beam.Flatten()
+        assigned = todo
         if cfg.respect_robots or cfg.respect_tdmrep:
             valid, invalid = assigned | "SplitInvalid" >> beam.Partition(
                 lambda r, _: 1 if r["verdict"] is not None else 0, 2
@@ -322,7 +379,7 @@ class DownloadImages(beam.PTransform):
                 | "ApplyRobots" >> beam.FlatMap(apply_verdict, cfg)
             )
             assigned = (checked, invalid) | "Rejoin" >> beam.Flatten()
-        counts_new = (
+        downloaded = (
             assigned
             | "KeyByShard" >> beam.Map(lambda r: (r["shard"], r))
             | "GroupByShard" >> beam.GroupByKey()
@@ -331,13 +388,23 @@ class DownloadImages(beam.PTransform):
                 _DownloadShardFn(
                     output_dir=out, config=cfg, resolver=self._resolver, blocklist=self._blocklist
                 )
-            ).with_outputs(COUNTS)
-        )[COUNTS]
+            ).with_outputs(COUNTS, REPAIRED_TAG)
+        )
+        counts_new = downloaded[COUNTS]
+        # A repair run reads every finished shard's counts after the repairs (side input).
+        after = [beam.pvalue.AsList(downloaded[REPAIRED_TAG])] if self._retry else []
         counts_old = (
             finished_ids
             | "ReshuffleFinished" >> beam.Reshuffle()
-            | "ReadBackCounts" >> beam.FlatMap(_read_back, out).with_outputs(COUNTS)
+            | "ReadBackCounts" >> beam.FlatMap(_read_back, out, *after).with_outputs(COUNTS)
         )[COUNTS]
+        side = []
+        if self._retry:  # after every repair: drop the empty staging area
+            side = [
+                downloaded[REPAIRED_TAG]
+                | "Repaired" >> beam.combiners.ToList()
+                | "FinishRepairs" >> beam.Map(_finish_repairs, out)
+            ]
         return (
             (counts_new, counts_old)
             | "AllCounts" >> beam.Flatten()
@@ -346,6 +413,7 @@ class DownloadImages(beam.PTransform):
                 fileio.join(out, STATS_FILE),
                 sections=STATS_SECTIONS,
                 flows=STATS_FLOWS,
+                side=side,
                 stage=STAGE,
             )
         )

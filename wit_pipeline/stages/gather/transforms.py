@@ -512,6 +512,12 @@ class WriteGather(beam.PTransform):
 
 
 def _clear_outputs(output_dir: str) -> None:
+    for d in (
+        output_dir,
+        fileio.join(output_dir, CANDIDATES_DIR),
+        fileio.join(output_dir, REJECTED_DIR),
+    ):
+        fileio.remove_temporaries(d)  # of writes a killed run left
     for sub in (CANDIDATES_DIR, REJECTED_DIR):
         path = fileio.join(output_dir, sub)
         if fileio.exists(path):
