@@ -311,8 +311,11 @@ def test_retry_failed_repairs_the_transient_failures_in_place(web, tmp_path, cap
         "connection_error 1, http_429 1, http_503 1, timeout 1)" in err
     )
     assert "after the retry: 16 of 17 images kept; transient failures: none" in err
-    # Only the transient failures were fetched again (the 429 once more, after its Retry-After).
-    assert sorted(p for _, p in web.server.requests) == sorted(["/robots.txt", "/busy.jpg", *FLAKY])
+    # Only the transient failures were fetched again (the 429 once more, after its Retry-After),
+    # after the origin's policies (robots.txt, TDMRep's tdmrep.json) were checked again.
+    assert sorted(p for _, p in web.server.requests) == sorted(
+        ["/robots.txt", "/.well-known/tdmrep.json", "/busy.jpg", *FLAKY]
+    )
     first, second = web.times["/busy.jpg"]
     assert second - first >= 1.5  # Retry-After: an HTTP date 3 s ahead (1 s resolution)
 
