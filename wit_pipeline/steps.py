@@ -144,13 +144,14 @@ def run_finalize(
     stats_extra: Mapping[str, Any] | None = None,
     beam_args: Sequence[str] = (),
     runner: str | None = None,
+    model_handler: Any = None,
 ) -> dict[str, Any]:
     """Download output dirs -> final shards, in one pipeline (``pipeline.finalize``).
 
     The step's own files (``stats.json``; with ``score``, ``score.json`` and ``scores/``) go to
     ``work_dir`` (default ``output_dir``); with ``score`` the manifest records the threshold
     and the seed model. ``stats_extra`` (default: the inputs and the config) is added to the
-    stats document, which is returned.
+    stats document, which is returned. ``model_handler`` replaces the seed's (tests).
     """
     tars = samples.download_tars(inputs)
     if stats_extra is None:
@@ -170,6 +171,7 @@ def run_finalize(
             queries_path=queries_path,
             query_columns=query_columns,
             stats_extra=stats_extra,
+            model_handler=model_handler,
         )
 
     run(graph, beam_args=beam_args, runner=runner)
@@ -178,6 +180,7 @@ def run_finalize(
         manifest = fileio.read_json(manifest_path)
         sc = fileio.read_json(fileio.join(work_dir, score_lib.SCORE_FILE))
         manifest["clip_score_threshold"] = sc["threshold"]
+        manifest["clip_score_mode"] = sc["mode"]
         manifest["seed_model"] = {"model": sc["model"], "pretrained": sc["pretrained"]}
         fileio.write_json(manifest_path, manifest)
     return _stats(work_dir)
