@@ -435,6 +435,7 @@ class StepContext:
     beam_args: list[str]
     runner: str | None
     log: Log
+    model_handler: Any = None  # replaces the seed's scorer (tests)
 
 
 def _step_dir(ctx: StepContext, step: str) -> str:
@@ -525,6 +526,7 @@ def _run_finalize(ctx: StepContext) -> dict[str, Any]:
         stats_extra={},
         beam_args=ctx.beam_args,
         runner=ctx.runner,
+        model_handler=ctx.model_handler,
     )
     if ctx.cfg.score.pretrained:
         doc = fileio.read_json(fileio.join(_step_dir(ctx, "finalize"), score_lib.SCORE_FILE))
@@ -617,8 +619,12 @@ def run_build(
     runner: str | None = None,
     overwrite: bool = False,
     log: Log = _stderr,
+    model_handler: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) a build into ``output``; returns the whole-run ``stats.json`` document.
+
+    ``model_handler`` (a Beam ``ModelHandler``) replaces the seed's scorer: tests use a model
+    with known embeddings.
 
     On a runner whose workers do not share this machine's files (Dataflow, Flink, Spark), every
     path the workers use must be a URL they can read, and Dataflow needs the package shipped
@@ -638,6 +644,7 @@ def run_build(
         beam_args=list(beam_args),
         runner=runner,
         log=log,
+        model_handler=model_handler,
     )
     for i, st in enumerate(states, 1):
         prefix = f"[{i}/{len(states)}] {st.name}"

@@ -323,7 +323,7 @@ def write_scored_shard(
         key, meta, txt = _parse(sample)
         pairs = sample_pairs(key, meta, txt)
         scored = [{**p, SCORE_FIELD: scores.get((key, p["uid"]))} for p in pairs]
-        record = {"key": key, "url": meta.get("url"), "pairs": scored}
+        record = {"key": key, "url": meta.get("url"), "caption": txt, "pairs": scored}
         image, ext = _sample_image(sample)
         if image is None or not any(p["caption"].strip() for p in pairs):
             record["reason"] = core.MISSING
@@ -515,7 +515,7 @@ class ScoreShards(beam.PTransform):
             _ = (
                 fresh
                 | "GroupNull" >> beam.GroupByKey()
-                | "CacheNull" >> beam.MapTuple(write_null_to, out)
+                | "CacheNull" >> beam.Map(write_null_to, out)
             )
             fresh = fresh | "NullValues" >> beam.Values()
             nulls.append(fresh)
@@ -583,8 +583,8 @@ def _shard_candidates(r: Mapping[str, Any], seed: int) -> list[tuple[str, Any]]:
     return [(r["shard"], c) for c in calibrate.null_candidate(r, seed)]
 
 
-def write_null_to(shard: str, found: Iterable[calibrate.NullCandidate], output_dir: str) -> str:
-    return write_null(output_dir, shard, found)
+def write_null_to(kv: tuple[str, Iterable[calibrate.NullCandidate]], output_dir: str) -> str:
+    return write_null(output_dir, kv[0], kv[1])
 
 
 def _score_section(doc: Mapping[str, Any]) -> dict[str, Any]:
