@@ -455,7 +455,7 @@ GOOD = 0.8
 
 def fake_seed(web):
     """Known scores for the web's captions (tests/score_helpers.py): every caption describes its
-    photo (0.8) except photo a's own (its group keeps only the lighthouse caption), photo b's
+    photo (0.61 to 0.8) except photo a's own (its group keeps only the lighthouse caption), photo b's
     two (its sample has no good caption), the kayak and the postcard captions (their samples
     lose them); those score like random directions."""
     exp = bf.expected(web)
@@ -467,7 +467,8 @@ def fake_seed(web):
         "we paddled a kayak near here",
         "a small lighthouse postcard version",
     }
-    matches = {c: (k, GOOD) for k, ps in exp.deduplicated.items() for _, c in ps if c not in bad}
+    good = sorted((c, k) for k, ps in exp.deduplicated.items() for _, c in ps if c not in bad)
+    matches = {c: (k, GOOD - 0.01 * (i % 20)) for i, (c, k) in enumerate(good)}
     return matches, (lambda key, caption: sh.fake_score(key, caption, matches)), exp
 
 
@@ -523,7 +524,8 @@ def test_a_sample_keeps_its_good_captions_and_one_with_none_is_dropped(
     meta, txt = tar_meta[key_a]
     assert meta["captions"] == [lighthouse] and txt == lighthouse == meta["caption"]
     (pair,) = meta["pairs"]
-    assert pair["clip_score"] == pytest.approx(GOOD, abs=1e-6) == meta["clip_score"]
+    assert pair["clip_score"] == pytest.approx(matches[lighthouse][1], abs=1e-6)
+    assert pair["clip_score"] == meta["clip_score"] == fs(key_a, lighthouse)
     assert final.samples[key_a]["captions"] == [lighthouse]
     rejected = pq.read_table(out / "rejected").to_pylist()
     (lost,) = [r for r in rejected if r["key"] == key_a]
@@ -554,7 +556,7 @@ def test_keep_fraction_is_a_fraction_of_the_pairs(web, built, inputs, shared_dat
     assert stats["score"]["threshold"] == pytest.approx(kth)
     final = check_scored_build(web, out, stats, fs, kth)
     dropped = final.counters["dropped:low_clip_score"]
-    assert dropped == len(pool) - math.floor(0.5 * len(pool) + 0.5)
+    assert dropped == sum(s < kth for s in pool) == len(pool) - math.floor(0.5 * len(pool) + 0.5)
 
 
 def test_auto_threshold_end_to_end_on_every_runner(
