@@ -695,3 +695,18 @@ def test_wit_score_auto_threshold_is_the_same_on_every_runner(tmp_path, monkeypa
     assert stats["pair_counters"]["kept"] == kept
     assert stats["pair_counters"]["dropped:low_clip_score"] == 79 - kept
     assert stats["score"]["expected_precision"] == want.doc["expected_precision"]
+
+
+def test_balancing_captions_a_scored_sample_with_its_best_caption():
+    from wit_pipeline.stages import balance
+
+    counts = {1: 100, 2: 3}
+    pairs = [
+        {"uid": "b", "caption": "rare query", "query_ids": [2]},
+        {"uid": "a", "caption": "common query", "query_ids": [1]},
+    ]
+    assert balance.choose_caption(pairs, counts) == "rare query"  # unscored: the rarest query
+    scored = [{**pairs[0], "clip_score": 0.2}, {**pairs[1], "clip_score": 0.4}]
+    assert balance.choose_caption(scored, counts) == "common query"  # scored: the best score
+    tied = [{**pairs[0], "clip_score": 0.4}, {**pairs[1], "clip_score": 0.4}]
+    assert balance.choose_caption(tied, counts) == "common query"  # ties: the smallest uid
