@@ -533,6 +533,45 @@ def _fake_cfg(**kw):
     return ScoreConfig(model="fake", pretrained="fake", **kw)
 
 
+def test_write_scored_shard_keeps_the_parquet_rows_of_surviving_pairs(tmp_path):
+    """Download shards have one Parquet row per pair: a row stays when its pair does, with its
+    own score."""
+    import pyarrow as pa
+
+    img = _jpeg_bytes()
+    pairs = _pairs(("a", "a red square", [1]), ("b", "a red box", [2]))
+    samples = [
+        shards.Sample("k1", img, "a red square", {"key": "k1", "url": "u1", "pairs": pairs}),
+        shards.Sample("k2", img, "a blue sky", {"key": "k2", "url": "u2",
+                      "pairs": _pairs(("c", "a blue sky", []))}),
+        shards.Sample("k3", img, "", {"key": "k3", "url": "u3"}),
+    ]  # fmt: skip
+    rows = pa.table({"key": ["k1", "k1", "k2", "k3"], "uid": ["a", "b", "c", "d"]})
+    shards.write_shard(str(tmp_path / "in"), 7, samples, rows)
+    scores = {("k1", "a"): 0.31, ("k1", "b"): 0.2, ("k2", "c"): 0.12}
+    result = score.write_scored_shard(
+        "00007", scores, 0.3, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out")
+    )
+    counts = stage.flow_counts(result.kept, result.rejected, pairs=True, partial=result.partial)
+    assert dict(counts) == {
+        "input": 3, "kept": 1, "dropped:low_clip_score": 1, "dropped:no_image_or_caption": 1,
+        "pair/input": 3, "pair/kept": 1, "pair/dropped:low_clip_score": 2,
+        "pair/dropped:no_image_or_caption": 0,  # k3 has no caption: no pair
+    }  # fmt: skip
+    (info,) = result.outputs["infos"]
+    assert info["num_samples"] == 1 and info["tar"] == "00007.tar"
+    tar, parquet = shards.shard_paths(str(tmp_path / "out" / "shards"), 7)
+    (kept,) = list(shards.iter_samples(tar))
+    meta = json.loads(kept["json"])
+    assert meta["pairs"] == [{**pairs[0], "clip_score": 0.31}] and meta["clip_score"] == 0.31
+    table = pq.read_table(parquet).to_pylist()
+    assert [(r["key"], r["uid"]) for r in table] == [("k1", "a")]
+    assert table[0]["clip_score"] == pytest.approx(0.31)
+    assert [(r["key"], r["reason"]) for r in result.rejected] == [
+        ("k2", "low_clip_score"), ("k3", "no_image_or_caption")]  # fmt: skip
+    assert [(r["key"], r["uid"], r["clip_score"]) for r in result.partial] == [("k1", "b", 0.2)]
+
+
 def test_fake_scores_are_as_planned():
     for caption, (key, cos) in MATCHES.items():
         assert fake_score(key, caption, MATCHES) == pytest.approx(cos, abs=1e-6)
