@@ -749,3 +749,33 @@ def test_balancing_captions_a_scored_sample_with_its_best_caption():
     assert balance.choose_caption(scored, counts) == "common query"  # scored: the best score
     tied = [{**pairs[0], "clip_score": 0.4}, {**pairs[1], "clip_score": 0.4}]
     assert balance.choose_caption(tied, counts) == "common query"  # ties: the smallest uid
+
+
+class _NoScoring(FakeClipHandler):
+    def embed(self, batch, loaded):
+        raise AssertionError("a cached shard was scored again")
+
+
+def test_wit_score_rerun_reuses_the_null_cache(tmp_path):
+    d = tmp_path / "in"
+    matches = _auto_pool(d, n_samples=24)
+    cfg = _fake_cfg(threshold="auto", target_precision=0.9, null_samples=12)
+    out = tmp_path / "out"
+    _run_score_shards(d, out, cfg, FakeClipHandler(matches))
+    first = json.loads((out / "score.json").read_text())
+    assert sorted(p.name for p in (out / "scores" / "_null").iterdir()) == [
+        "00000.parquet", "00001.parquet"]  # fmt: skip
+    # every shard cached, scores and null embeddings: nothing is scored, the same decision
+    _run_score_shards(d, out, cfg, _NoScoring(matches))
+    assert json.loads((out / "score.json").read_text()) == first
+    # another null (another seed): the shards whose null images are not cached are scored
+    # again, and the outcome is that of a fresh run
+    other = _fake_cfg(threshold="auto", target_precision=0.9, null_samples=12, null_seed=1)
+    _run_score_shards(d, out, other, FakeClipHandler(matches))
+    fresh = tmp_path / "fresh"
+    _run_score_shards(d, fresh, other, FakeClipHandler(matches))
+    again = json.loads((out / "score.json").read_text())
+    assert again == json.loads((fresh / "score.json").read_text())
+    want, _ = _expected_auto(d, matches, other)
+    assert {k: v for k, v in again.items() if k not in ("model", "pretrained")} == want.doc
+    assert again["histogram"]["null"] != first["histogram"]["null"]  # another null indeed
