@@ -286,9 +286,9 @@ OVERRIDE_CASES = [
             "dedup.eval_sets": ["e"],
             "score.pretrained": "ckpt.pt",
             "score.model": "wit-tiny",
+            "takedown.blocklists": ["a.txt", "b.txt"],
             "score.keep_fraction": None,
             "score.threshold": "auto",
-            "takedown.blocklists": ["a.txt", "b.txt"],
         },
     ),
     (
