@@ -353,14 +353,28 @@ class Expected:
     prebalanced_out: int
     near_duplicate: int
     download_urls: list[str]  # the distinct URLs handed to the download (any fate)
+    # the samples after dedup (what the score stage reads): key -> [(uid, caption)] by uid
+    deduplicated: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
+    low_score_samples: list[str] = dataclasses.field(default_factory=list)  # dropped by score
+    low_score_pairs: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # partial
 
 
 def expected(
-    web: Web, *, t: int = T, factor: float | None = FACTOR, seed: int | None = None
+    web: Web,
+    *,
+    t: int = T,
+    factor: float | None = FACTOR,
+    seed: int | None = None,
+    score=None,
+    threshold: float | None = None,
 ) -> Expected:
     """Counters and final samples of ``wit build`` over ``web`` (see the module docstring).
 
-    ``factor=None``: no pre-balancing (``balance.prebalance_factor = 0``).
+    ``factor=None``: no pre-balancing (``balance.prebalance_factor = 0``). ``score(key,
+    caption)``: a seed's pair scores; the pairs below ``threshold`` (None: none) then leave
+    their sample after dedup, before balancing, and a sample with none left is dropped
+    (docs/score.md); final samples gain ``clip_scores`` (by caption), ``clip_score`` and
+    ``caption`` (the best).
     """
     seed = web.seed if seed is None else seed
     c: collections.Counter[str] = collections.Counter()
@@ -432,6 +446,24 @@ def expected(
         near += len(members) - 1
         samples.append(survivor)
     ic["dropped:near_duplicate"] += near
+    deduplicated = {s["key"]: [(p[0], p[2]) for p in s["pairs"]] for s in samples}
+    # score: every pair, before balancing
+    low_samples, low_pairs = [], []
+    if score is not None:
+        scored = []
+        for s in samples:
+            s["scores"] = {p[0]: score(s["key"], p[2]) for p in s["pairs"]}
+            keep = [p for p in s["pairs"] if threshold is None or s["scores"][p[0]] >= threshold]
+            lost = [p for p in s["pairs"] if p not in keep]
+            c["dropped:low_clip_score"] += len(lost)
+            if not keep:
+                ic["dropped:low_clip_score"] += 1
+                low_samples.append(s["key"])
+                continue
+            low_pairs += [(s["key"], p[0]) for p in lost]
+            s["pairs"] = keep
+            scored.append(s)
+        samples = scored
     # balance over samples: E = union of the pairs' queries
     for s in samples:
         s["qids"] = sorted({q for p in s["pairs"] for q in p[3]})
@@ -445,6 +477,13 @@ def expected(
                 "captions": [p[2] for p in s["pairs"]],
                 "query_ids": s["qids"],
             }
+            if score is not None:
+                best = min(s["pairs"], key=lambda p: (-s["scores"][p[0]], p[0]))
+                final[s["key"]].update(
+                    clip_scores={p[2]: s["scores"][p[0]] for p in s["pairs"]},
+                    clip_score=s["scores"][best[0]],
+                    caption=best[2],
+                )
         else:
             balanced_out += 1
             c["dropped:balanced_out"] += len(s["pairs"])
@@ -459,4 +498,7 @@ def expected(
         prebalanced_out=prebalanced_out,
         near_duplicate=near,
         download_urls=sorted(by_url),
+        deduplicated=deduplicated,
+        low_score_samples=sorted(low_samples),
+        low_score_pairs=sorted(low_pairs),
     )

@@ -23,6 +23,7 @@ import time
 import build_fixture as bf
 import pyarrow.parquet as pq
 import pytest
+import score_helpers as sh
 
 from wit_pipeline import (
     build,
@@ -414,67 +415,243 @@ def seed_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_data, seed_checkpoint):
+def scored_build(web, built, inputs, shared_data, seed_checkpoint, name, *extra, **kw):
+    """The module's build, copied and rebuilt with a seed (only finalize and report rerun)."""
+    out_ref, _ = built
+    out = out_ref.parent / name
+    shutil.copytree(out_ref, out)
+    seed = ["--seed-model", seed_checkpoint, "--seed-arch", "wit-nano"]
+    args = build_args(web, inputs, out, shared_data, *seed, *extra)
+    build.run_build(
+        [inputs[0]], str(out), cli_config(args), queries_path=inputs[1], overwrite=True, **kw
+    )
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").iterdir()}
+    for step in ("gather", "prebalance", "download"):  # unchanged steps were kept
+        assert markers[step] == json.loads((out_ref / "done" / f"{step}.json").read_text())
+    return out, json.loads((out / "stats.json").read_text())
+
+
+def download_images(out) -> dict[str, bytes]:
+    return {
+        s["__key__"]: s["jpg"]
+        for tar in shards.list_shards(str(out / "download" / "shards"))
+        for s in shards.iter_samples(tar)
+    }
+
+
+def test_seed_model_scores_every_caption_before_balancing(
+    web, built, inputs, shared_data, seed_checkpoint
+):
+    """The real open_clip path (a random wit-nano) with the auto threshold: every pair after
+    dedup is scored with the seed's embeddings, the pairs below the threshold leave, balancing
+    sees the rest."""
     import torch
 
     from wit_pipeline import models
     from wit_pipeline.stages import score
 
-    out_ref, stats_ref = built
-    out = out_ref.parent / "scored"
-    shutil.copytree(out_ref, out)
-    seed = ["--seed-model", seed_checkpoint, "--seed-arch", "wit-nano"]
-    args = build_args(web, inputs, out, shared_data, *seed, "--set", "score.keep_fraction=0.5")
+    out_ref, _ = built
+    args = build_args(web, inputs, out_ref.parent / "refused", shared_data)
+    shutil.copytree(out_ref, out_ref.parent / "refused")
+    seed = ["--seed-model", seed_checkpoint, "--seed-arch", "wit-nano", "--threshold", "auto"]
     with pytest.raises(WitError, match="from step finalize"):
         build.run_build(
             [inputs[0]],
-            str(out),
-            cli_config(args),
+            str(out_ref.parent / "refused"),
+            cli_config([*args, *seed]),
             queries_path=inputs[1],
         )
-    assert cli.main([*args, "--overwrite"]) == 0
-    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").iterdir()}
-    for step in ("gather", "prebalance", "download"):  # unchanged steps were kept
-        assert markers[step] == json.loads((out_ref / "done" / f"{step}.json").read_text())
-    stats = json.loads((out / "stats.json").read_text())
-    n = stats_ref["samples"]
-    keep = math.floor(0.5 * n + 0.5)
-    assert stats["samples"] == keep
-    assert stats["image_counters"]["dropped:low_clip_score"] == n - keep
-    assert [r["stage"] for r in stats["funnel"]["pairs"]][-1] == "score"
-    scores = {
-        r["key"]: r["clip_score"] for r in pq.read_table(out / "finalize" / "scores").to_pylist()
-    }
-    ref_rows = {r["key"]: r for r in shards.read_table(str(out_ref / "shards")).to_pylist()}
-    assert sorted(scores) == sorted(ref_rows)
-    # the scores are the seed's cosine similarities of each image and its caption
-    loaded = models.load_model("wit-nano", seed_checkpoint, device="cpu")
-    keys = sorted(ref_rows)
-    images = {}
-    for tar in shards.list_shards(str(out_ref / "shards")):
-        for s in shards.iter_samples(tar):
-            images[s["__key__"]] = s["jpg"]
-    torch.set_num_threads(2)
-    want = score.score_pairs(
-        loaded, [images[k] for k in keys], [ref_rows[k]["caption"] for k in keys]
+    out, stats = scored_build(
+        web, built, inputs, shared_data, seed_checkpoint, "scored", "--threshold", "auto"
     )
+    exp = bf.expected(web)
+    pairs = {(k, u): c for k, ps in exp.deduplicated.items() for u, c in ps}
+    table = pq.read_table(out / "finalize" / "scores").to_pylist()
+    scores = {(r["key"], r["uid"]): r["clip_score"] for r in table}
+    assert sorted(scores) == sorted(pairs) and len(table) == len(pairs)
+    # the scores are the seed's cosine similarities of each image and each of its captions
+    loaded = models.load_model("wit-nano", seed_checkpoint, device="cpu")
+    images = download_images(out)
+    keys = sorted(pairs)
+    torch.set_num_threads(2)
+    want = score.score_pairs(loaded, [images[k] for k, _ in keys], [pairs[k] for k in keys])
     assert [scores[k] for k in keys] == pytest.approx(want, abs=1e-4)
-    kept = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
-    top = sorted(keys, key=lambda k: -scores[k])[:keep]
-    assert sorted(kept) == sorted(top)
-    threshold = stats["score"]["threshold"]
-    assert threshold == pytest.approx(min(scores[k] for k in top))
-    assert all(r["clip_score"] == pytest.approx(scores[k]) for k, r in kept.items())
+    sc = stats["score"]
+    assert sc["mode"] == "auto" and sc["threshold_given"] == "auto"
+    assert sc["pool_pairs"] == len(pairs) and sc["null_size"] == len(exp.deduplicated)
+    assert isinstance(sc["target_met"], bool) and 0 <= sc["mismatched_share"] <= 1
+    assert sum(sc["histogram"]["pool"]) == len(pairs)
+    assert sum(sc["histogram"]["null"]) == len(exp.deduplicated)
+    assert sc["seed_model"] == {"model": "wit-nano", "pretrained": seed_checkpoint}
+    threshold = sc["threshold"]
+    assert threshold is not None
+    low = sorted(k for k, v in scores.items() if v < threshold)
+    assert stats["counters"].get("dropped:low_clip_score", 0) == len(low)
+    assert [r["stage"] for r in stats["funnel"]["pairs"]][-3:] == ["dedup", "score", "balance"]
+    final = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
+    for key, row in final.items():
+        assert all(p["clip_score"] >= threshold for p in row["pairs"])
+        assert [p["clip_score"] for p in row["pairs"]] == [
+            scores[(key, p["uid"])] for p in row["pairs"]
+        ]
+        assert row["clip_score"] == max(p["clip_score"] for p in row["pairs"])
+    rejected = [r for r in pq.read_table(out / "rejected").to_pylist() if r["stage"] == "score"]
+    assert sorted((r["key"], u) for r in rejected for u in r["uids"]) == low
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    assert manifest["clip_score_threshold"] == threshold
+    assert manifest["clip_score_threshold"] == threshold and manifest["clip_score_mode"] == "auto"
     assert (out / "plots" / "clip_scores.png").exists()
-    rejected = pq.read_table(out / "rejected").to_pylist()
-    low = [r for r in rejected if r["reason"] == "low_clip_score"]
-    assert sorted(r["key"] for r in low) == sorted(set(keys) - set(top))
+    assert "Auto threshold for target precision 0.95" in (out / "report.md").read_text()
+
+
+GOOD = 0.8
+
+
+def fake_seed(web):
+    """Known scores for the web's captions (tests/score_helpers.py): every caption describes its
+    photo (0.61 to 0.8) except photo a's own (its group keeps only the lighthouse caption), photo b's
+    two (its sample has no good caption), the kayak and the postcard captions (their samples
+    lose them); those score like random directions."""
+    exp = bf.expected(web)
+    (_, cap_a), (_, cap_b) = web.base[:2]
+    bad = {
+        cap_a,
+        cap_b,
+        "a lighthouse keeper took this photo",
+        "we paddled a kayak near here",
+        "a small lighthouse postcard version",
+    }
+    good = sorted((c, k) for k, ps in exp.deduplicated.items() for _, c in ps if c not in bad)
+    matches = {c: (k, GOOD - 0.01 * (i % 20)) for i, (c, k) in enumerate(good)}
+    return matches, (lambda key, caption: sh.fake_score(key, caption, matches)), exp
+
+
+def check_scored_build(web, out, stats, score_fn, threshold):
+    """The build's outcome against ``build_fixture.expected`` with the score filter."""
+    exp = bf.expected(web, score=score_fn, threshold=threshold)
+    assert stats["counters"] == exp.counters
+    assert stats["image_counters"] == exp.image_counters
+    assert [r["stage"] for r in stats["funnel"]["pairs"]][-3:] == ["dedup", "score", "balance"]
+    rows = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
+    assert sorted(rows) == sorted(exp.samples)
+    for key, want in exp.samples.items():
+        row = rows[key]
+        assert row["captions"] == want["captions"] and row["query_ids"] == want["query_ids"]
+        assert {p["caption"]: p["clip_score"] for p in row["pairs"]} == want["clip_scores"]
+        assert (row["caption"], row["clip_score"]) == (want["caption"], want["clip_score"])
+    got = pq.read_table(out / "rejected").to_pylist()
+    low = [r for r in got if r["reason"] == "low_clip_score"]
     assert {r["stage"] for r in low} == {"score"}
+    assert sorted(r["key"] for r in low if r["uid"] is None) == exp.low_score_samples
+    assert sorted((r["key"], r["uid"]) for r in low if r["uid"]) == exp.low_score_pairs
     for r in low:
-        assert r["clip_score"] == pytest.approx(scores[r["key"]])
-        assert r["detail"] == f"clip_score {r['clip_score']:.4f} < threshold {threshold:.4f}"
+        if r["uid"]:
+            assert r["clip_score"] == score_fn(r["key"], r["caption"])
+    table = pq.read_table(out / "finalize" / "scores").to_pylist()
+    assert sorted((r["key"], r["uid"], r["clip_score"]) for r in table) == sorted(
+        (k, u, score_fn(k, c)) for k, ps in exp.deduplicated.items() for u, c in ps
+    )
+    return exp
+
+
+def test_a_sample_keeps_its_good_captions_and_one_with_none_is_dropped(
+    web, built, inputs, shared_data, seed_checkpoint
+):
+    matches, fs, exp = fake_seed(web)
+    out, stats = scored_build(
+        web, built, inputs, shared_data, seed_checkpoint, "fixed", "--threshold", "0.5",
+        model_handler=sh.FakeClipHandler(matches),
+    )  # fmt: skip
+    final = check_scored_build(web, out, stats, fs, 0.5)
+    (_, cap_a), (_, cap_b) = web.base[:2]
+    lighthouse = f"{cap_a} seen from the lighthouse"
+    key_a = next(k for k, ps in exp.deduplicated.items() if any(c == lighthouse for _, c in ps))
+    key_b = next(k for k, ps in exp.deduplicated.items() if any(c == cap_b for _, c in ps))
+    assert {c for _, c in exp.deduplicated[key_a]} == {cap_a, lighthouse}
+    assert fs(key_a, cap_a) < 0.5 and all(fs(key_b, c) < 0.5 for _, c in exp.deduplicated[key_b])
+    # one good, one bad caption: only the good one is left, in KEY.json, the Parquet, KEY.txt
+    tar_meta = {
+        s["__key__"]: (json.loads(s["json"]), s["txt"].decode())
+        for tar in shards.list_shards(str(out / "shards"))
+        for s in shards.iter_samples(tar)
+    }
+    meta, txt = tar_meta[key_a]
+    assert meta["captions"] == [lighthouse] and txt == lighthouse == meta["caption"]
+    (pair,) = meta["pairs"]
+    assert pair["clip_score"] == pytest.approx(matches[lighthouse][1], abs=1e-6)
+    assert pair["clip_score"] == meta["clip_score"] == fs(key_a, lighthouse)
+    assert final.samples[key_a]["captions"] == [lighthouse]
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    (lost,) = [r for r in rejected if r["key"] == key_a]
+    assert (lost["caption"], lost["reason"], lost["stage"]) == (cap_a, "low_clip_score", "score")
+    assert lost["clip_score"] == fs(key_a, cap_a)
+    assert lost["detail"] == f"clip_score {fs(key_a, cap_a):.4f} < threshold 0.5000"
+    # only bad captions: the sample is dropped, its pairs with it
+    assert key_b not in tar_meta
+    (gone,) = [r for r in rejected if r["key"] == key_b]
+    assert gone["reason"] == "low_clip_score" and gone["uid"] is None
+    assert sorted(gone["captions"]) == sorted(c for _, c in exp.deduplicated[key_b])
+    assert stats["image_counters"]["dropped:low_clip_score"] == len(final.low_score_samples) >= 1
+    sc = stats["score"]
+    assert (sc["mode"], sc["threshold"], sc["target_met"]) == ("fixed", 0.5, None)
+    assert sc["pool_pairs"] == sum(len(ps) for ps in exp.deduplicated.values())
+
+
+def test_keep_fraction_is_a_fraction_of_the_pairs(web, built, inputs, shared_data, seed_checkpoint):
+    from wit_pipeline.stages.score import calibrate
+
+    matches, fs, exp = fake_seed(web)
+    out, stats = scored_build(
+        web, built, inputs, shared_data, seed_checkpoint, "fraction",
+        "--set", "score.keep_fraction=0.5", model_handler=sh.FakeClipHandler(matches),
+    )  # fmt: skip
+    pool = [fs(k, c) for k, ps in exp.deduplicated.items() for _, c in ps]
+    kth = calibrate.top_fraction_threshold(pool, 0.5)
+    assert stats["score"]["threshold"] == pytest.approx(kth)
+    final = check_scored_build(web, out, stats, fs, kth)
+    dropped = final.counters["dropped:low_clip_score"]
+    assert dropped == sum(s < kth for s in pool) == len(pool) - math.floor(0.5 * len(pool) + 0.5)
+
+
+def test_auto_threshold_end_to_end_on_every_runner(
+    web, built, inputs, shared_data, seed_checkpoint, monkeypatch
+):
+    """``--threshold auto`` with a seed of known scores: the null, the share, the threshold and
+    the build follow from their definitions; 2 worker processes and another batch size give
+    the same null and the same shards."""
+    from wit_pipeline.stages.score import calibrate
+
+    matches, fs, exp = fake_seed(web)
+    auto = ["--threshold", "auto", "--set", "score.target_precision=0.9"]
+    out, stats = scored_build(
+        web, built, inputs, shared_data, seed_checkpoint, "auto", *auto,
+        model_handler=sh.FakeClipHandler(matches),
+    )  # fmt: skip
+    cfg = config.ScoreConfig(threshold="auto", target_precision=0.9)
+    pool = [fs(k, c) for k, ps in exp.deduplicated.items() for _, c in ps]
+    candidates = []
+    for key in calibrate.select_null(exp.deduplicated, cfg.null_samples, cfg.null_seed):
+        uid, caption = min(exp.deduplicated[key])
+        candidates.append(calibrate.NullCandidate(
+            key, calibrate.null_rank(0, key), uid, sh.image_vector(key),
+            sh.text_vector(caption, matches)))  # fmt: skip
+    want = calibrate.decide(cfg, calibrate.histogram(pool), calibrate.null_scores(candidates))
+    sc = stats["score"]
+    assert {k: v for k, v in sc.items() if k != "seed_model"} == want.doc
+    assert want.threshold is not None and sc["target_met"] is True
+    check_scored_build(web, out, stats, fs, want.threshold)
+    doc = json.loads((out / "finalize" / "score.json").read_text())
+    assert doc["threshold"] == want.threshold and doc["model"] == "wit-nano"
+    # the same on two worker processes with batches of 3
+    tests_dir = str(pathlib.Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out2, stats2 = scored_build(
+        web, built, inputs, shared_data, seed_checkpoint, "auto-2", *auto,
+        model_handler=sh.FakeClipHandler(matches, batch_size=3),
+        beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    )  # fmt: skip
+    assert stats2["score"] == sc and stats2["counters"] == stats["counters"]
+    assert tree(out2 / "shards") == tree(out / "shards")
+    assert json.loads((out2 / "finalize" / "score.json").read_text()) == doc
 
 
 def test_blocklist_leaves_its_matches_out_of_every_output(
@@ -649,8 +826,8 @@ def test_compose_stats_with_scoring_and_without_prebalance():
         "gather",
         "download",
         "dedup",
-        "balance",
         "score",
+        "balance",
     ]
     with pytest.raises(AssertionError, match="ran no score stage"):
         run_stats.compose_stats(
@@ -718,6 +895,12 @@ def test_fingerprints_follow_what_each_step_computes(tmp_path):
 
     assert changed(**{"download.threads": 4, "download.processes": 3}) == []
     assert changed(**{"score.batch_size": 8, "score.accelerator": "type:x"}) == []
+    # the null's options only count when the build scores
+    assert changed(**{"score.target_precision": 0.9, "score.null_samples": 50}) == []
+    seeded = config.apply_overrides(config.BuildConfig(), {"score.pretrained": "x.pt"})
+    fp = build.fingerprints(seeded, inputs)
+    again = build.fingerprints(config.override(seeded, "score.null_seed", 3), inputs)
+    assert [s for s in build.STEPS if fp[s] != again[s]] == ["finalize", "report"]
     assert changed(**{"balance.t": 7}) == ["prebalance", "download", "finalize", "report"]
     assert changed(**{"dedup.max_distance": 6}) == ["finalize", "report"]
     assert changed(**{"balance.unit": "pair"}) == ["finalize", "report"]

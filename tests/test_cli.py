@@ -278,6 +278,7 @@ OVERRIDE_CASES = [
             "--seed-model", "ckpt.pt", "--seed-arch", "wit-tiny", "--blocklist", "a.txt",
             "--blocklist", "b.txt",
             "--max-retry-wait", "5",
+            "--threshold", "auto",
         ],
         {
             "download.allow_loopback": True,
@@ -286,7 +287,13 @@ OVERRIDE_CASES = [
             "score.pretrained": "ckpt.pt",
             "score.model": "wit-tiny",
             "takedown.blocklists": ["a.txt", "b.txt"],
+            "score.keep_fraction": None,
+            "score.threshold": "auto",
         },
+    ),
+    (
+        ["build", "-i", "a", "-o", "o", "--keep-fraction", "0.3"],
+        {"score.threshold": None, "score.keep_fraction": 0.3},
     ),
     (["score", "-i", "a", "-o", "o"], {}),
     (
@@ -368,6 +375,10 @@ def test_exclusive_flags_and_flag_values_are_refused(capsys, tmp_path, table):
     assert "not allowed with argument" in capsys.readouterr().err
     msg = one_line_error(capsys, ["gather", "-i", str(table), "-o", "o", "--num-shards", "0"])
     assert msg == "wit: error: --num-shards must be >= 1"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["score", "-i", "x", "-o", "y", "--threshold", "high"])
+    assert e.value.code == 2
+    assert "expected a number or auto, got 'high'" in capsys.readouterr().err
 
 
 def test_help_of_every_command_shows_the_config_defaults():

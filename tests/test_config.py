@@ -158,6 +158,14 @@ def test_config_is_frozen():
             "second",
             r"queries\.wordnet\.lemmas must be one of all, first, got 'second'",
         ),
+        (
+            "score.threshold",
+            "high",
+            r"score\.threshold \(--threshold\) is a cosine similarity: "
+            r"between -1 and 1, or auto; got 'high'",
+        ),
+        ("score.target_precision", 1.5, r"score\.target_precision must be in \(0, 1\], got 1\.5"),
+        ("score.null_samples", 1, r"score\.null_samples must be >= 2 \(a null pairs images"),
     ],
 )
 def test_each_option_is_validated_where_its_section_is_defined(tmp_path, option, value, message):
@@ -183,6 +191,14 @@ def test_score_filter_takes_a_threshold_or_a_fraction():
         config.apply_overrides(
             config.BuildConfig(), ["score.threshold=0.2", "score.keep_fraction=0.3"]
         )
+    # auto: calibrated on the data (docs/score.md); a number string is a number
+    auto = config.apply_overrides(config.BuildConfig(), ["score.threshold=auto"]).score
+    assert (auto.threshold, auto.mode) == ("auto", "auto")
+    assert config.override(config.BuildConfig(), "score.threshold", "0.3").score.threshold == 0.3
+    assert [config.ScoreConfig(**kw).mode for kw in ({"threshold": 0.2}, {"keep_fraction": 0.3}, {})] == [
+        "fixed", "keep_fraction", "none"]  # fmt: skip
+    with pytest.raises(WitError, match="not both"):
+        config.ScoreConfig(threshold="auto", keep_fraction=0.3)
     # a threshold without a seed model is a valid section; `wit build` refuses it (build.validate)
     assert config.ScoreConfig(keep_fraction=0.0).keep_fraction == 0.0
     assert config.BalanceConfig(prebalance_factor=0).prebalance is False

@@ -356,7 +356,8 @@ def test_notebook_runs_against_the_build(demo):
     # The scores of the demo's scored/ (found beside the build): histogram, grid, search column.
     assert f"scored: {out / 'scored'} (samples and CLIP scores from its shards)" in text
     assert "not scored" not in text
-    assert f"{stats['samples']:,} scores: min " in text
+    scored = json.loads((out / "scored" / "stats.json").read_text())
+    assert f"{scored['pair_counters']['input']:,} pair scores: min " in text  # one per caption
     hits = text.split("hit(s) for 'red circle'**", 1)[1].split("\n")
     rows = [r for r in hits if r.startswith("| `")]
     assert rows and all(r.rstrip(" |").rsplit("| ", 1)[1].startswith(("0.", "-0.")) for r in rows)

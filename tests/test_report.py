@@ -220,3 +220,49 @@ def test_takedowns_section_lists_blocklists_and_removals(tmp_path):
         "| gather | 3 |  |",
     ]
     assert "## Takedowns" in report.report_markdown(b)
+
+
+def test_clip_score_figure_draws_pool_null_and_threshold(output, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from wit_pipeline.config import ScoreConfig
+    from wit_pipeline.stages.score import calibrate
+
+    pool = [0.05, 0.1, 0.12, 0.5, 0.55, 0.6, 0.62, 0.7]
+    null = [0.0, 0.05, 0.08, 0.1, 0.15]
+    decision = calibrate.decide(ScoreConfig(threshold="auto"), calibrate.histogram(pool), null)
+    doc = {**decision.doc, "seed_model": {"model": "wit-nano", "pretrained": "/x/seed.pt"}}
+    scores = tmp_path / "finalize" / "scores"
+    scores.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"key": [f"k{i}" for i in range(8)], "uid": ["u"] * 8, "clip_score": pool}),
+        scores / "part-0.parquet",
+    )
+    scored = dataclasses.replace(
+        output,
+        stats={**output.stats, "score": doc},
+        config={**output.config, "score": {"pretrained": "/x/seed.pt"}},
+    )
+    fig = report.clip_score_figure(scored)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    share = doc["mismatched_share"]
+    thr = doc["threshold"]
+    kept = sum(s >= thr for s in pool)
+    assert labels[0] == "pool pairs"
+    assert labels[1] == f"null x {share:.2f} of the pool (mismatched, 5 pairs)"
+    assert labels[2].startswith(f"threshold {thr:.4f} (auto): {kept:,} pairs kept\nexpected")
+    pool_stairs, null_stairs = ax.patches[0], ax.patches[1]
+    assert pool_stairs is not None and null_stairs is not None
+    edges = np.asarray(doc["histogram"]["edges"])
+    assert ax.get_lines()[0].get_xdata()[0] == thr and edges[0] <= 0.0 < 0.7 < edges[-1]
+    assert ax.get_title() == "CLIP scores of 8 deduplicated pairs"
+    text = report.report_markdown(scored, plots={"clip_scores": "plots/clip_scores.png"})
+    assert f"Seed model `wit-nano` (`seed.pt`); threshold {thr:.4f}." in text
+    assert f"Estimated mismatched share {share:.3f} of 8 pairs (a null of 5 images" in text
+    met = "reached" if doc["target_met"] else "**not reached**: highest expected precision"
+    assert f"Auto threshold for target precision 0.95: {met}." in text
+    assert report.column_labels(scored.config)["after_dedup"] == "after dedup + score (samples)"

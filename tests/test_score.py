@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
-import math
 import pathlib
 
 import apache_beam as beam
@@ -15,6 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from clip_helpers import SEED_MODEL, flickr_paths, trained_seed, write_flickr_shards
 from PIL import Image
+from score_helpers import FakeClipHandler, fake_score, image_vector, text_vector
 
 from wit_pipeline import beam_utils, cli, shards, stage
 from wit_pipeline import counters as counters_lib
@@ -30,16 +31,6 @@ torch.set_num_threads(2)
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
-
-
-def test_top_fraction_threshold():
-    scores = [0.1, 0.5, 0.3, 0.9, 0.7, 0.2, 0.4, 0.8, 0.6, 0.0]
-    assert score.top_fraction_threshold(scores, 0.3) == pytest.approx(0.7)  # keeps 0.9, 0.8, 0.7
-    assert score.top_fraction_threshold(scores, 1.0) == pytest.approx(0.0)
-    assert score.top_fraction_threshold(scores, 0.04) == math.inf  # round(0.4) = 0 kept
-    assert score.top_fraction_threshold(scores, 0.05) == pytest.approx(0.9)  # round(0.5) = 1
-    assert score.top_fraction_threshold([], 0.5) == math.inf
-    assert score.top_fraction_threshold([0.2, 0.5, 0.5, 0.1], 0.25) == 0.5  # ties all kept
 
 
 def test_filter_scored_counts_every_drop():
@@ -78,42 +69,46 @@ def test_filter_options_are_validated():
         score.ScoreWithClip(config=ScoreConfig(model="ViT-B-32", pretrained=""))
 
 
-def test_write_scored_shard_matches_parquet_rows_by_key(tmp_path):
-    """Download shards have one Parquet row per pair: every row of a kept key keeps its score."""
-    import pyarrow as pa
+def test_filter_pairs_drops_pairs_then_samples():
+    def pair(uid, caption, s, q=()):
+        return {"uid": uid, "caption": caption, "clip_score": s, "query_ids": list(q)}
 
-    img = _jpeg_bytes()
     samples = [
-        shards.Sample("k1", img, "a red square", {"key": "k1", "url": "u1"}),
-        shards.Sample("k2", img, "a blue sky", {"key": "k2", "url": "u2", "clip_score": 0.9}),
-        shards.Sample("k3", img, "", {"key": "k3", "url": "u3"}),
+        {"key": "a", "url": "ua", "query_ids": [1, 2],
+         "pairs": [pair("a1", "good", 0.6, [1]), pair("a2", "bad", 0.1, [2])]},
+        {"key": "b", "url": "ub", "query_ids": [3],
+         "pairs": [pair("b1", "bad", 0.2, [3]), pair("b2", "worse", 0.1)]},
+        {"key": "c", "url": "uc", "pairs": [pair("c1", "x", None)]},
+        {"key": "d", "url": "ud", "pairs": [pair("d2", "tie", 0.5), pair("d1", "tie too", 0.5)]},
+    ]  # fmt: skip
+    result = score.filter_pairs(samples, 0.3)
+    a, d = result.kept
+    assert [p["uid"] for p in a["pairs"]] == ["a1"] and a["query_ids"] == [1]
+    assert (a["caption"], a["clip_score"]) == ("good", 0.6)
+    assert (d["caption"], len(d["pairs"])) == ("tie too", 2)  # ties: the smallest uid
+    assert [(r["key"], r["reason"], r["clip_score"], r["detail"]) for r in result.rejected] == [
+        ("b", "low_clip_score", 0.2, "clip_scores 0.2000, 0.1000 < threshold 0.3000"),
+        ("c", "undecodable_image", None, "the seed model could not read the image"),
     ]
-    rows = pa.table({"key": ["k1", "k1", "k2", "k3"], "uid": ["a", "b", "c", "d"]})
-    shards.write_shard(str(tmp_path / "in"), 7, samples, rows)
-    result = score.write_scored_shard(
-        "00007", {"k1": 0.31, "k2": 0.12}, 0.3,
-        input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
-    )  # fmt: skip
-    counts = dict(stage.flow_counts(result.kept, result.rejected))
-    assert counts == {"input": 3, "kept": 1, "dropped:low_clip_score": 1,
-                      "dropped:no_image_or_caption": 1}  # fmt: skip
-    (info,) = result.outputs["infos"]
-    assert info["num_samples"] == 1 and info["tar"] == "00007.tar"
-    tar, parquet = shards.shard_paths(str(tmp_path / "out" / "shards"), 7)
-    kept = list(shards.iter_samples(tar))
-    assert [k["__key__"] for k in kept] == ["k1"]
-    assert json.loads(kept[0]["json"]) == {
-        "key": "k1",
-        "url": "u1",
-        "clip_score": pytest.approx(0.31),
-    }
-    table = pq.read_table(parquet).to_pylist()
-    assert [(r["key"], r["uid"]) for r in table] == [("k1", "a"), ("k1", "b")]
-    assert all(r["clip_score"] == pytest.approx(0.31) for r in table)
-    rejected = result.rejected
-    assert [(r["key"], r["reason"]) for r in rejected] == [
-        ("k2", "low_clip_score"), ("k3", "no_image_or_caption")]  # fmt: skip
-    assert rejected[0]["clip_score"] == pytest.approx(0.12) and rejected[1]["clip_score"] is None
+    (lost,) = result.partial
+    assert (lost["key"], lost["uid"], lost["caption"], lost["clip_score"]) == (
+        "a",
+        "a2",
+        "bad",
+        0.1,
+    )
+    assert lost["detail"] == "clip_score 0.1000 < threshold 0.3000"
+    rows = [stage.rejected_row(r, stage="score") for r in [*result.rejected, *result.partial]]
+    assert [(r["key"], r["uid"], r["uids"]) for r in rows] == [
+        ("b", None, ["b1", "b2"]), ("c", None, ["c1"]), ("a", "a2", ["a2"])]  # fmt: skip
+    counts = stage.flow_counts(result.kept, result.rejected, pairs=True, partial=result.partial)
+    assert dict(counts) == {
+        "input": 4, "kept": 2, "dropped:low_clip_score": 1, "dropped:undecodable_image": 1,
+        "pair/input": 7, "pair/kept": 3, "pair/dropped:low_clip_score": 3,
+        "pair/dropped:undecodable_image": 1,
+    }  # fmt: skip
+    everything = score.filter_pairs(samples[:1], None)
+    assert len(everything.kept[0]["pairs"]) == 2 and not everything.partial
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +278,18 @@ def dev_shards(shared_data, tmp_path):
     return out
 
 
+def _kept_metas(out) -> dict[str, dict]:
+    """``KEY.json`` (with ``txt``: ``KEY.txt``) of every sample of a scored output's shards."""
+    found = {}
+    for tar in shards.list_shards(str(out / "shards")):
+        for smp in shards.iter_samples(tar):
+            found[smp["__key__"]] = {**json.loads(smp["json"]), "txt": smp["txt"].decode()}
+    return found
+
+
 def test_wit_score_end_to_end(trained_seed, dev_shards, tmp_path, capsys):
+    """Every caption of the Flickr8k shards is a pair (5 per image): the top half of the pairs
+    is kept, and a sample leaves only when none of its captions is in it."""
     out = tmp_path / "scored"
     argv = [
         "score",
@@ -302,41 +308,67 @@ def test_wit_score_end_to_end(trained_seed, dev_shards, tmp_path, capsys):
     ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     printed = json.loads(capsys.readouterr().out)
-    # 92 samples: 1 broken image, 91 scored, top half (round(45.5) = 46) kept.
+    # 452 pairs: 90 images x 5 captions, the red square's and the broken image's (not scored);
+    # the top half of the 451 scored pairs (round(225.5) = 226) is kept.
+    assert printed["pair_counters"] == {
+        "input": 452,
+        "kept": 226,
+        "dropped:low_clip_score": 225,
+        "dropped:undecodable_image": 1,
+    }
+    scores = {
+        (r["key"], r["uid"]): r["clip_score"] for r in pq.read_table(out / "scores").to_pylist()
+    }
+    assert len(scores) == 452 and scores[("broken", "broken#0")] is None
+    doc = json.loads((out / "score.json").read_text())
+    threshold = doc["threshold"]
+    assert doc["mode"] == "keep_fraction" and doc["pool_pairs"] == 451
+    assert doc["null_size"] == 91  # every image that decodes (fewer than score.null_samples)
+    assert 0 <= doc["mismatched_share"] <= 1 and doc["target_met"] is None
+    by_key = collections.defaultdict(dict)
+    for (k, u), v in scores.items():
+        by_key[k][u] = v
+    survivors = {k for k, v in by_key.items() if any(x is not None and x >= threshold
+                                                     for x in v.values())}  # fmt: skip
     assert printed["counters"] == {
         "input": 92,
-        "kept": 46,
-        "dropped:low_clip_score": 45,
+        "kept": len(survivors),
+        "dropped:low_clip_score": 91 - len(survivors),
         "dropped:undecodable_image": 1,
     }
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["counters"] == printed["counters"]
+    assert stats["counters"] == printed["counters"] and stats["score"]["threshold"] == threshold
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    assert manifest["num_samples"] == 46 and manifest["num_shards"] == 4
-    threshold = manifest["clip_score_threshold"]
-    # Every kept sample carries its score in KEY.json and in the Parquet row; all >= threshold.
-    kept_scores = {}
-    for shard_id in range(4):
-        tar, parquet = shards.shard_paths(str(out / "shards"), shard_id)
-        metas = {s["__key__"]: json.loads(s["json"]) for s in shards.iter_samples(tar)}
-        table = pq.read_table(parquet)
-        assert sorted(table.column("key").to_pylist()) == sorted(metas)
-        for row in table.to_pylist():
-            assert row["clip_score"] == pytest.approx(metas[row["key"]]["clip_score"], abs=1e-6)
-            assert row["clip_score"] >= threshold - 1e-6
-            kept_scores[row["key"]] = row["clip_score"]
-        if shard_id < 3:
-            assert set(table.column_names) >= {"key", "url", "captions", "caption", "clip_score"}
-    table = pq.read_table(out / "rejected")
-    assert table.schema == stage.REJECTED_SCHEMA
-    rejected = table.to_pylist()
-    assert len(rejected) == 46 and {r["stage"] for r in rejected} == {"score"}
-    assert {r["reason"] for r in rejected} == {"low_clip_score", "undecodable_image"}
-    assert [r["key"] for r in rejected if r["reason"] == "undecodable_image"] == ["broken"]
-    assert all(r["clip_score"] < threshold for r in rejected if r["reason"] == "low_clip_score")
-    assert min(kept_scores.values()) >= max(
-        r["clip_score"] for r in rejected if r["clip_score"] is not None
+    assert manifest["num_samples"] == len(survivors) and manifest["num_shards"] == 4
+    assert manifest["clip_score_threshold"] == threshold
+    # Each kept sample: its surviving captions, each with its score; KEY.txt the best one.
+    metas = _kept_metas(out)
+    assert sorted(metas) == sorted(survivors)
+    for key, meta in metas.items():
+        want = {u: v for u, v in by_key[key].items() if v >= threshold}
+        assert {p["uid"]: p["clip_score"] for p in meta["pairs"]} == want
+        assert meta["captions"] == [p["caption"] for p in meta["pairs"]]
+        best = max(meta["pairs"], key=lambda p: p["clip_score"])
+        assert meta["clip_score"] == best["clip_score"] == max(want.values())
+        assert meta["txt"] == meta.get("caption", best["caption"]) == best["caption"]
+    table = shards.read_table(str(out / "shards"))
+    assert {r["key"]: r["clip_score"] for r in table.to_pylist()} == {
+        k: m["clip_score"] for k, m in metas.items()
+    }
+    assert {r["key"]: r["captions"] for r in table.to_pylist()} == {
+        k: m["captions"] for k, m in metas.items()
+    }
+    rejected = pq.read_table(out / "rejected")
+    assert rejected.schema == stage.REJECTED_SCHEMA
+    rows = rejected.to_pylist()
+    assert {r["stage"] for r in rows} == {"score"}
+    partial = [r for r in rows if r["uid"] is not None]  # pairs that kept samples lost
+    assert sorted((r["key"], r["uid"]) for r in partial) == sorted(
+        (k, u) for k in survivors for u, v in by_key[k].items() if v < threshold
     )
+    assert all(r["clip_score"] == scores[(r["key"], r["uid"])] for r in partial)
+    whole = sorted(r["key"] for r in rows if r["uid"] is None)
+    assert whole == sorted(set(by_key) - survivors)
 
 
 def test_wit_score_rerun_reuses_cached_scores_and_checks_the_seed(
@@ -360,18 +392,19 @@ def test_wit_score_rerun_reuses_cached_scores_and_checks_the_seed(
     capsys.readouterr()
     # Overwrite shard 0's cached scores: a rerun must use them instead of scoring again.
     cache = score.scores_path(str(out), "00000")
-    keys = pq.read_table(cache).column("key").to_pylist()
+    rows = pq.read_table(cache).to_pylist()
     import pyarrow as pa
 
-    fake = {k: (0.9 if i % 2 else -0.5) for i, k in enumerate(keys)}
-    pq.write_table(
-        pa.table({"key": list(fake), "clip_score": pa.array(list(fake.values()), pa.float32())}),
-        cache,
-    )
+    keys = sorted({r["key"] for r in rows})
+    good = set(keys[::2])  # every other sample keeps its first caption only
+    for r in rows:
+        r["clip_score"] = 0.9 if r["key"] in good and r["uid"].endswith("#0") else -0.5
+    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCORES_SCHEMA), cache)
     assert cli.main(argv) == 0
     table = pq.read_table(shards.shard_paths(str(out / "shards"), 0)[1])
-    assert sorted(table.column("key").to_pylist()) == sorted(k for k, v in fake.items() if v > 0)
+    assert sorted(table.column("key").to_pylist()) == sorted(good)
     assert all(v == pytest.approx(0.9) for v in table.column("clip_score").to_pylist())
+    assert all(len(c) == 1 for c in table.column("captions").to_pylist())
     capsys.readouterr()
     # Another seed into the same output is refused.
     other = tmp_path / "other.pt"
@@ -425,3 +458,324 @@ def test_score_shards_pipeline_serializes_for_remote_runners(trained_seed, dev_s
     again = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
     labels = {t.full_label for t in again.transforms_stack[0].parts[0].parts}
     assert {"ScoreShards/Score", "ScoreShards/WriteShards", "ScoreShards/WriteStats"} <= labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair by pair, with a seed of known embeddings (score_helpers.FakeClipHandler): exact outcomes
+
+
+def _color_jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)).save(
+        buf, format="JPEG"
+    )
+    return buf.getvalue()
+
+
+def _write_samples(directory, shard_id, specs):
+    """``specs``: (key, meta, KEY.txt, image bytes); the Parquet holds one row per sample."""
+    import pyarrow as pa
+
+    samples = [shards.Sample(k, img, txt, meta) for k, meta, txt, img in specs]
+    rows = [{"key": k, "url": meta.get("url", f"http://x/{k}.jpg"), "caption": txt,
+             "captions": meta.get("captions") or [txt]} for k, meta, txt, _ in specs]  # fmt: skip
+    shards.write_shard(str(directory), shard_id, samples, pa.Table.from_pylist(rows))
+
+
+def _pairs(*items):
+    return [{"uid": u, "caption": c, "query_ids": list(q)} for u, c, q in items]
+
+
+# The good captions score 0.8 with their image; every other pair is a random direction
+# (below 0.5 for the pairs below: asserted by test_fake_scores_are_as_planned).
+MATCHES = {
+    "a good caption of s1": ("s1", 0.8),
+    "a good caption of s3": ("s3", 0.8),
+    "a good caption of s5": ("s5", 0.8),
+    "a good caption of s6": ("s6", 0.8),
+}
+
+
+@pytest.fixture
+def fake_shards(tmp_path):
+    """Two shards: s1 (one good, one bad caption), s2 (only a bad one), s3 (good), s4 (broken
+    image); s5 (captions only: a bad one in KEY.txt, a good one), s6 (KEY.txt only)."""
+    d = tmp_path / "in"
+    _write_samples(d, 0, [
+        ("s1", {"key": "s1", "caption": "a bad caption of s1", "query_ids": [1, 2], "pairs":
+                _pairs(("u1a", "a good caption of s1", [1]), ("u1b", "a bad caption of s1", [2])),
+                "captions": ["a good caption of s1", "a bad caption of s1"], "uids": ["u1a", "u1b"]},
+         "a bad caption of s1", _color_jpeg(1)),
+        ("s2", {"key": "s2", "pairs": _pairs(("u2a", "a bad caption of s2", [3]))},
+         "a bad caption of s2", _color_jpeg(2)),
+        ("s3", {"key": "s3", "pairs": _pairs(("u3a", "a good caption of s3", []))},
+         "a good caption of s3", _color_jpeg(3)),
+        ("s4", {"key": "s4", "pairs": _pairs(("u4a", "a good caption of s4", []))},
+         "a good caption of s4", b"\xff\xd8 not an image"),
+    ])  # fmt: skip
+    _write_samples(d, 1, [
+        ("s5", {"key": "s5", "caption": "a bad caption of s5",
+                "captions": ["a bad caption of s5", "a good caption of s5"]},
+         "a bad caption of s5", _color_jpeg(5)),
+        ("s6", {}, "a good caption of s6", _color_jpeg(6)),
+    ])  # fmt: skip
+    return d
+
+
+def _run_score_shards(input_dir, out, cfg, handler, beam_args=()):
+    with beam.Pipeline(options=beam_utils.pipeline_options(list(beam_args))) as p:
+        _ = p | score.ScoreShards(
+            input_dir=str(input_dir), output_dir=str(out), config=cfg, model_handler=handler
+        )
+
+
+def _fake_cfg(**kw):
+    return ScoreConfig(model="fake", pretrained="fake", **kw)
+
+
+def test_write_scored_shard_keeps_the_parquet_rows_of_surviving_pairs(tmp_path):
+    """Download shards have one Parquet row per pair: a row stays when its pair does, with its
+    own score."""
+    import pyarrow as pa
+
+    img = _jpeg_bytes()
+    pairs = _pairs(("a", "a red square", [1]), ("b", "a red box", [2]))
+    samples = [
+        shards.Sample("k1", img, "a red square", {"key": "k1", "url": "u1", "pairs": pairs}),
+        shards.Sample("k2", img, "a blue sky", {"key": "k2", "url": "u2",
+                      "pairs": _pairs(("c", "a blue sky", []))}),
+        shards.Sample("k3", img, "", {"key": "k3", "url": "u3"}),
+    ]  # fmt: skip
+    rows = pa.table({"key": ["k1", "k1", "k2", "k3"], "uid": ["a", "b", "c", "d"]})
+    shards.write_shard(str(tmp_path / "in"), 7, samples, rows)
+    scores = {("k1", "a"): 0.31, ("k1", "b"): 0.2, ("k2", "c"): 0.12}
+    result = score.write_scored_shard(
+        "00007", scores, 0.3, input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out")
+    )
+    counts = stage.flow_counts(result.kept, result.rejected, pairs=True, partial=result.partial)
+    assert dict(counts) == {
+        "input": 3, "kept": 1, "dropped:low_clip_score": 1, "dropped:no_image_or_caption": 1,
+        "pair/input": 3, "pair/kept": 1, "pair/dropped:low_clip_score": 2,
+        "pair/dropped:no_image_or_caption": 0,  # k3 has no caption: no pair
+    }  # fmt: skip
+    (info,) = result.outputs["infos"]
+    assert info["num_samples"] == 1 and info["tar"] == "00007.tar"
+    tar, parquet = shards.shard_paths(str(tmp_path / "out" / "shards"), 7)
+    (kept,) = list(shards.iter_samples(tar))
+    meta = json.loads(kept["json"])
+    assert meta["pairs"] == [{**pairs[0], "clip_score": 0.31}] and meta["clip_score"] == 0.31
+    table = pq.read_table(parquet).to_pylist()
+    assert [(r["key"], r["uid"]) for r in table] == [("k1", "a")]
+    assert table[0]["clip_score"] == pytest.approx(0.31)
+    assert [(r["key"], r["reason"]) for r in result.rejected] == [
+        ("k2", "low_clip_score"), ("k3", "no_image_or_caption")]  # fmt: skip
+    assert [(r["key"], r["uid"], r["clip_score"]) for r in result.partial] == [("k1", "b", 0.2)]
+
+
+def test_fake_scores_are_as_planned():
+    for caption, (key, cos) in MATCHES.items():
+        assert fake_score(key, caption, MATCHES) == pytest.approx(cos, abs=1e-6)
+    for key, caption in [("s1", "a bad caption of s1"), ("s2", "a bad caption of s2"),
+                         ("s5", "a bad caption of s5")]:  # fmt: skip
+        assert fake_score(key, caption, MATCHES) < 0.5
+
+
+def test_wit_score_keeps_the_good_captions_pair_by_pair(fake_shards, tmp_path):
+    out = tmp_path / "out"
+    _run_score_shards(fake_shards, out, _fake_cfg(threshold=0.5), FakeClipHandler(MATCHES))
+    sc = {c: fake_score(k, c, MATCHES) for k, c in [
+        ("s1", "a good caption of s1"), ("s1", "a bad caption of s1"),
+        ("s2", "a bad caption of s2"), ("s3", "a good caption of s3"),
+        ("s5", "a bad caption of s5"), ("s5", "a good caption of s5"),
+        ("s6", "a good caption of s6")]}  # fmt: skip
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counters"] == {
+        "input": 6,
+        "kept": 4,
+        "dropped:low_clip_score": 1,
+        "dropped:undecodable_image": 1,
+    }
+    assert stats["pair_counters"] == {
+        "input": 8,
+        "kept": 4,
+        "dropped:low_clip_score": 3,
+        "dropped:undecodable_image": 1,
+    }
+    assert stats["score"]["mode"] == "fixed" and stats["score"]["threshold"] == 0.5
+    metas = _kept_metas(out)
+    assert sorted(metas) == ["s1", "s3", "s5", "s6"]
+    s1 = metas["s1"]  # one good, one bad caption: only the good one is left
+    assert s1["pairs"] == [{"uid": "u1a", "caption": "a good caption of s1", "query_ids": [1],
+                            "clip_score": sc["a good caption of s1"]}]  # fmt: skip
+    assert (s1["captions"], s1["uids"], s1["query_ids"]) == (
+        ["a good caption of s1"], ["u1a"], [1])  # fmt: skip
+    assert s1["txt"] == s1["caption"] == "a good caption of s1"
+    assert s1["clip_score"] == sc["a good caption of s1"]
+    s5 = metas["s5"]  # captions only: pairs named KEY#i; KEY.txt was the bad one
+    assert s5["txt"] == s5["caption"] == "a good caption of s5"
+    assert s5["captions"] == ["a good caption of s5"]
+    assert s5["pairs"] == [{"uid": "s5#1", "caption": "a good caption of s5",
+                            "clip_score": sc["a good caption of s5"]}]  # fmt: skip
+    assert metas["s6"]["pairs"][0]["uid"] == "s6#0"
+    # the Parquet rows follow KEY.json
+    rows = {r["key"]: r for r in shards.read_table(str(out / "shards")).to_pylist()}
+    assert rows["s1"]["captions"] == ["a good caption of s1"]
+    assert rows["s1"]["caption"] == "a good caption of s1"
+    assert rows["s1"]["clip_score"] == pytest.approx(sc["a good caption of s1"])
+    assert [p["uid"] for p in rows["s5"]["pairs"]] == ["s5#1"]
+    # rejected/: the two lost pairs with their scores, the dropped samples
+    rej = sorted(
+        pq.read_table(out / "rejected").to_pylist(), key=lambda r: (r["key"], r["uid"] or "")
+    )
+    assert [(r["key"], r["uid"], r["reason"], r["caption"]) for r in rej] == [
+        ("s1", "u1b", "low_clip_score", "a bad caption of s1"),
+        ("s2", None, "low_clip_score", "a bad caption of s2"),
+        ("s4", None, "undecodable_image", "a good caption of s4"),
+        ("s5", "s5#0", "low_clip_score", "a bad caption of s5"),
+    ]
+    assert rej[0]["clip_score"] == pytest.approx(sc["a bad caption of s1"])
+    assert rej[0]["detail"] == f"clip_score {sc['a bad caption of s1']:.4f} < threshold 0.5000"
+    assert rej[1]["uids"] == ["u2a"] and rej[1]["clip_score"] == pytest.approx(
+        sc["a bad caption of s2"])  # fmt: skip
+    # the scores table: every pair, kept or not
+    table = pq.read_table(out / "scores").to_pylist()
+    assert sorted((r["key"], r["uid"]) for r in table) == [
+        ("s1", "u1a"), ("s1", "u1b"), ("s2", "u2a"), ("s3", "u3a"), ("s4", "u4a"),
+        ("s5", "s5#0"), ("s5", "s5#1"), ("s6", "s6#0")]  # fmt: skip
+    assert {r["uid"]: r["clip_score"] for r in table}["u4a"] is None
+
+
+def test_wit_score_keep_fraction_is_a_fraction_of_pairs(fake_shards, tmp_path):
+    out = tmp_path / "out"
+    _run_score_shards(fake_shards, out, _fake_cfg(keep_fraction=0.5), FakeClipHandler(MATCHES))
+    table = pq.read_table(out / "scores").to_pylist()
+    scored = sorted((r["clip_score"] for r in table if r["clip_score"] is not None), reverse=True)
+    assert len(scored) == 7
+    threshold = scored[3]  # k = round(3.5) = 4 of the 7 scored pairs
+    doc = json.loads((out / "score.json").read_text())
+    assert doc["threshold"] == pytest.approx(threshold) and doc["mode"] == "keep_fraction"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["pair_counters"]["kept"] == 4
+    assert stats["pair_counters"]["dropped:low_clip_score"] == 3
+    kept = {(k, p["uid"]) for k, m in _kept_metas(out).items() for p in m["pairs"]}
+    assert kept == {(r["key"], r["uid"]) for r in table if (r["clip_score"] or -9) >= threshold}
+
+
+def _auto_pool(directory, n_samples: int = 40):
+    """``n_samples`` samples over two shards; 1 to 3 captions each, about a third of them bad."""
+    matches, specs = {}, {0: [], 1: []}
+    for i in range(n_samples):
+        key = f"k{i:03d}"
+        caps = [f"caption {j} of {key}" for j in range(1 + i % 3)]
+        for j, c in enumerate(caps):
+            if (i + j) % 3:
+                matches[c] = (key, 0.55 + 0.01 * (i % 20))
+        meta = {"key": key, "pairs": _pairs(*((f"{key}-{j}", c, []) for j, c in enumerate(caps)))}
+        specs[i % 2].append((key, meta, caps[0], _color_jpeg(i)))
+    for shard_id, items in specs.items():
+        _write_samples(directory, shard_id, sorted(items))
+    return matches
+
+
+def _expected_auto(input_dir, matches, cfg):
+    """The auto decision, computed from the definitions (docs/score.md), not by the pipeline."""
+    from wit_pipeline.stages.score import calibrate
+
+    pool, cands, ids = [], [], []
+    for tar in shards.list_shards(str(input_dir)):
+        for smp in shards.iter_samples(tar):
+            meta = json.loads(smp["json"])
+            ids.append(smp["__key__"])
+            pool += [fake_score(smp["__key__"], p["caption"], matches) for p in meta["pairs"]]
+    for iid in calibrate.select_null(ids, cfg.null_samples, cfg.null_seed):
+        tar_meta = {}
+        for tar in shards.list_shards(str(input_dir)):
+            for smp in shards.iter_samples(tar):
+                if smp["__key__"] == iid:
+                    tar_meta = json.loads(smp["json"])
+        first = min(tar_meta["pairs"], key=lambda p: p["uid"])
+        cands.append(calibrate.NullCandidate(
+            iid, calibrate.null_rank(cfg.null_seed, iid), first["uid"],
+            image_vector(iid), text_vector(first["caption"], matches)))  # fmt: skip
+    return calibrate.decide(cfg, calibrate.histogram(pool), calibrate.null_scores(cands)), pool
+
+
+def test_wit_score_auto_threshold_is_the_same_on_every_runner(tmp_path, monkeypatch):
+    """The null is chosen and paired by keys: batch sizes and worker processes give the same
+    null, threshold and shards (byte for byte)."""
+    import os
+
+    d = tmp_path / "in"
+    matches = _auto_pool(d)
+    cfg = _fake_cfg(threshold="auto", target_precision=0.9, null_samples=30)
+    want, pool = _expected_auto(d, matches, cfg)
+    assert want.doc["null_size"] == 30 and want.doc["pool_pairs"] == len(pool) == 79
+    tests_dir = str(pathlib.Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {
+        "batch 3": ([], 3),
+        "batch 16": ([], 16),
+        "2 processes": (["--direct_num_workers=2", "--direct_running_mode=multi_processing"], 5),
+    }
+    docs, manifests = {}, {}
+    for name, (args, batch) in runs.items():
+        out = tmp_path / name.replace(" ", "-")
+        _run_score_shards(d, out, cfg, FakeClipHandler(matches, batch_size=batch), args)
+        docs[name] = json.loads((out / "score.json").read_text())
+        m = json.loads((out / "shards" / "manifest.json").read_text())
+        manifests[name] = [(s["tar"], s["sha256"], s["num_samples"]) for s in m["shards"]]
+    first = docs["batch 3"]
+    assert all(doc == first for doc in docs.values())
+    assert all(m == manifests["batch 3"] for m in manifests.values())
+    assert {k: v for k, v in first.items() if k not in ("model", "pretrained")} == want.doc
+    assert first["threshold"] == want.threshold and first["target_met"] is True
+    kept = sum(s >= want.threshold for s in pool)
+    stats = json.loads((tmp_path / "batch-3" / "stats.json").read_text())
+    assert stats["pair_counters"]["kept"] == kept
+    assert stats["pair_counters"]["dropped:low_clip_score"] == 79 - kept
+    assert stats["score"]["expected_precision"] == want.doc["expected_precision"]
+
+
+def test_balancing_captions_a_scored_sample_with_its_best_caption():
+    from wit_pipeline.stages import balance
+
+    counts = {1: 100, 2: 3}
+    pairs = [
+        {"uid": "b", "caption": "rare query", "query_ids": [2]},
+        {"uid": "a", "caption": "common query", "query_ids": [1]},
+    ]
+    assert balance.choose_caption(pairs, counts) == "rare query"  # unscored: the rarest query
+    scored = [{**pairs[0], "clip_score": 0.2}, {**pairs[1], "clip_score": 0.4}]
+    assert balance.choose_caption(scored, counts) == "common query"  # scored: the best score
+    tied = [{**pairs[0], "clip_score": 0.4}, {**pairs[1], "clip_score": 0.4}]
+    assert balance.choose_caption(tied, counts) == "common query"  # ties: the smallest uid
+
+
+class _NoScoring(FakeClipHandler):
+    def embed(self, batch, loaded):
+        raise AssertionError("a cached shard was scored again")
+
+
+def test_wit_score_rerun_reuses_the_null_cache(tmp_path):
+    d = tmp_path / "in"
+    matches = _auto_pool(d, n_samples=24)
+    cfg = _fake_cfg(threshold="auto", target_precision=0.9, null_samples=12)
+    out = tmp_path / "out"
+    _run_score_shards(d, out, cfg, FakeClipHandler(matches))
+    first = json.loads((out / "score.json").read_text())
+    assert sorted(p.name for p in (out / "scores" / "_null").iterdir()) == [
+        "00000.parquet", "00001.parquet"]  # fmt: skip
+    # every shard cached, scores and null embeddings: nothing is scored, the same decision
+    _run_score_shards(d, out, cfg, _NoScoring(matches))
+    assert json.loads((out / "score.json").read_text()) == first
+    # another null (another seed): the shards whose null images are not cached are scored
+    # again, and the outcome is that of a fresh run
+    other = _fake_cfg(threshold="auto", target_precision=0.9, null_samples=12, null_seed=1)
+    _run_score_shards(d, out, other, FakeClipHandler(matches))
+    fresh = tmp_path / "fresh"
+    _run_score_shards(d, fresh, other, FakeClipHandler(matches))
+    again = json.loads((out / "score.json").read_text())
+    assert again == json.loads((fresh / "score.json").read_text())
+    want, _ = _expected_auto(d, matches, other)
+    assert {k: v for k, v in again.items() if k not in ("model", "pretrained")} == want.doc
+    assert again["histogram"]["null"] != first["histogram"]["null"]  # another null indeed

@@ -41,6 +41,7 @@ from typing import Any
 from wit_pipeline import config, fileio, queries, runners, stage, steps, takedown
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages import balance
+from wit_pipeline.stages import score as score_lib
 from wit_pipeline.stages import shards as shards_lib
 from wit_pipeline.stages.dedup import decontaminate
 from wit_pipeline.stages.download import plan as download_plan
@@ -189,6 +190,9 @@ def _without(d: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
 
 
 SCORE_EXECUTION_FIELDS = ("batch_size", "device", "accelerator")
+# What only a scored build computes with (the null and the auto threshold): in the finalize
+# fingerprint only when the build scores, so that unscored builds keep theirs.
+SCORE_CALIBRATION_FIELDS = ("target_precision", "null_samples", "null_seed")
 # Options that change how fast a step runs, never what it computes (dotted names).
 EXECUTION_ONLY = frozenset(
     [f"download.{f}" for f in download_plan.EXECUTION_ONLY_FIELDS]
@@ -225,7 +229,7 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
                 if k != "unit" or c["balance"][k] != "image"
             },
             "shards": c["shards"],
-            "score": _without(c["score"], SCORE_EXECUTION_FIELDS),
+            "score": _score_options(cfg, c["score"]),
             "seed_sha256": inputs.seed_sha256,
         },
         "report": {},
@@ -237,6 +241,15 @@ def step_options(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, dict
     if hash_entries:
         opts["finalize"]["takedown"] = hash_entries
     return opts
+
+
+def _score_options(cfg: config.BuildConfig, c: Mapping[str, Any]) -> dict[str, Any]:
+    """The score options that decide finalize's output. A scored build scores every pair
+    before balancing (``"unit": "pair"``), so builds scored before that are redone."""
+    out = _without(c, (*SCORE_EXECUTION_FIELDS, *SCORE_CALIBRATION_FIELDS))
+    if cfg.score.pretrained:
+        out.update({k: c[k] for k in SCORE_CALIBRATION_FIELDS}, unit="pair")
+    return out
 
 
 def fingerprints(cfg: config.BuildConfig, inputs: BuildInputs) -> dict[str, str]:
@@ -460,6 +473,7 @@ class StepContext:
     runner: str | None
     log: Log
     retry_failed: bool = False  # repair the download (--retry-failed)
+    model_handler: Any = None  # replaces the seed's scorer (tests)
 
 
 def _step_dir(ctx: StepContext, step: str) -> str:
@@ -559,7 +573,11 @@ def _run_finalize(ctx: StepContext) -> dict[str, Any]:
         beam_args=ctx.beam_args,
         runner=ctx.runner,
         blocklist=ctx.inputs.blocklist,
+        model_handler=ctx.model_handler,
     )
+    if ctx.cfg.score.pretrained:
+        doc = fileio.read_json(fileio.join(_step_dir(ctx, "finalize"), score_lib.SCORE_FILE))
+        ctx.log(f"finalize: {score_lib.describe(doc)}")
     shards_dir = fileio.join(ctx.output, shards_lib.SHARDS_DIR)
     manifest = fileio.read_json(fileio.join(shards_dir, "manifest.json"))
     ctx.log(
@@ -647,8 +665,12 @@ def run_build(
     overwrite: bool = False,
     retry_failed: bool = False,
     log: Log = _stderr,
+    model_handler: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) a build into ``output``; returns the whole-run ``stats.json`` document.
+
+    ``model_handler`` (a Beam ``ModelHandler``) replaces the seed's scorer: tests use a model
+    with known embeddings.
 
     On a runner whose workers do not share this machine's files (Dataflow, Flink, Spark), every
     path the workers use must be a URL they can read, and Dataflow needs the package shipped
@@ -677,6 +699,7 @@ def run_build(
         runner=runner,
         log=log,
         retry_failed=retry_failed,
+        model_handler=model_handler,
     )
     download_before = _download_stats(output) if retry_failed else None
     for i, st in enumerate(states, 1):

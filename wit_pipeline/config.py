@@ -333,17 +333,29 @@ class ShardConfig:
         )
 
 
+SCORE_AUTO = "auto"  # score.threshold: calibrate the threshold on the data (docs/score.md)
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     model: str = ""
     pretrained: str = ""
-    threshold: float | None = None
-    keep_fraction: float | None = None
+    # A cosine similarity (keep pairs scoring >= it), "auto" (the lowest threshold whose
+    # expected precision reaches target_precision, estimated from a null of mismatched pairs),
+    # or None (keep every scored pair).
+    threshold: float | str | None = None
+    keep_fraction: float | None = None  # keep the top fraction of pairs instead
     batch_size: int = 256
     device: str = "auto"
     # Beam accelerator resource hint for the scoring step (Dataflow), e.g.
     # "type:nvidia-tesla-t4;count:1;install-nvidia-driver"; "" runs on the default workers.
     accelerator: str = ""
+    # The auto threshold: expected precision to reach, and the null distribution: this many
+    # images of the pool (chosen by a keyed hash of their keys, seeded by null_seed), each
+    # scored against a caption of another of them.
+    target_precision: float = 0.95
+    null_samples: int = 10_000
+    null_seed: int = 0
 
     def __post_init__(self):
         _require(
@@ -356,11 +368,31 @@ class ScoreConfig:
             f"got {self.keep_fraction}",
         )
         _require(
-            self.threshold is None or -1.0 <= self.threshold <= 1.0,
+            self.threshold is None
+            or self.threshold == SCORE_AUTO
+            or (not isinstance(self.threshold, str) and -1.0 <= self.threshold <= 1.0),
             "score.threshold (--threshold) is a cosine similarity: between -1 and 1, "
-            f"got {self.threshold}",
+            f"or {SCORE_AUTO}; got {self.threshold!r}",
         )
         _require(self.batch_size > 0, f"score.batch_size must be > 0, got {self.batch_size}")
+        _require(
+            0.0 < self.target_precision <= 1.0,
+            f"score.target_precision must be in (0, 1], got {self.target_precision}",
+        )
+        _require(
+            self.null_samples >= 2,
+            f"score.null_samples must be >= 2 (a null pairs images with other images' "
+            f"captions), got {self.null_samples}",
+        )
+
+    @property
+    def mode(self) -> str:
+        """How pairs are kept: ``auto``, ``fixed`` (a threshold), ``keep_fraction`` or ``none``."""
+        if self.threshold == SCORE_AUTO:
+            return "auto"
+        if self.threshold is not None:
+            return "fixed"
+        return "keep_fraction" if self.keep_fraction is not None else "none"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Every Beam graph of a build, side by side: the whole wiring on one screen.
 
-``wit build`` runs gather -> prebalance -> download -> finalize (dedup -> balance -> [score] ->
+``wit build`` runs gather -> prebalance -> download -> finalize (dedup -> [score] -> balance ->
 shards), one pipeline per step (``build.py`` runs them, resumes and fingerprints them;
 ``steps.py`` runs one step by itself). ``wit dedup`` and ``wit balance`` run the finalize step
 in two halves, with ``samples/`` in between. Every step writes ``stats.json``
@@ -156,23 +156,29 @@ def finalize(
     query_columns: Mapping[str, Mapping[int, int]] | None = None,
     stats_extra: Mapping[str, Any] | None = None,
     blocklist: Blocklist | None = None,
+    model_handler: Any = None,
 ) -> None:
-    """Download shards -> [takedown] -> dedup -> balance -> [score] -> ``output_dir/shards``,
+    """Download shards -> [takedown] -> dedup -> [score] -> balance -> ``output_dir/shards``,
     ``rejected/``, ``query_counts.parquet`` (``contamination.json``); the step's stats (and the
     threshold and scores of ``score``) go to ``work_dir``. ``blocklist``'s hash entries drop
-    the downloaded images they match before dedup (``stages.dedup.takedown``)."""
+    the downloaded images they match before dedup (``stages.dedup.takedown``).
+
+    Scoring comes before balancing (DataComp and DFN filter first; MetaCLIP's balancing then
+    counts only the pairs that survive). ``model_handler`` replaces the seed's (tests).
+    """
     read, dd, kept = _read_and_dedup(p, tars, output_dir, config.dedup, blocklist)
-    bal = kept | "Balance" >> balance.BalanceSamples(config=config.balance)
-    kept, final_counts, parts = bal["kept"], bal["after"], [read, dd, bal]
+    parts = [read, dd]
     if score:
         scored = kept | "Score" >> score_lib.ScoreSamples(
             config=config.score,
             threshold_path=fileio.join(work_dir, score_lib.SCORE_FILE),
             scores_dir=fileio.join(work_dir, score_lib.SCORES_DIR),
+            model_handler=model_handler,
         )
         kept, parts = scored["kept"], [*parts, scored]
-        final_counts = kept | "CountScored" >> balance.CountUnits(unit=config.balance.unit)
-    written = _write_shards(kept, output_dir, config, scored=score)
+    bal = kept | "Balance" >> balance.BalanceSamples(config=config.balance)
+    parts.append(bal)
+    written = _write_shards(bal["kept"], output_dir, config, scored=score)
     _ = _flat(parts, REJECTED) | "WriteRejected" >> stage.WriteRejected(
         fileio.join(output_dir, stage.REJECTED_DIR)
     )
@@ -180,8 +186,9 @@ def finalize(
         name: p | f"QueryCounts[{name}]" >> beam.Create(sorted(col.items()), reshuffle=False)
         for name, col in (query_columns or {}).items()
     }
+    # after_dedup: what balancing drew from (after the CLIP-score filter when the build scores)
     columns.update(
-        after_download=_pairs_per_query(read), after_dedup=bal["before"], final=final_counts
+        after_download=_pairs_per_query(read), after_dedup=bal["before"], final=bal["after"]
     )
     _ = columns | "QueryCounts" >> balance.WriteQueryCounts(
         fileio.join(output_dir, balance.QUERY_COUNTS),

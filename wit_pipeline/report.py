@@ -13,12 +13,13 @@ backend when saved to PNG), and tables are Markdown strings or lists of dicts.
   balancing, with the threshold ``t`` marked (MetaCLIP's Figure 2 view);
   :func:`head_tail` lists the head and tail queries;
 - :func:`sample_grid_figure`: images of the final shards with their captions;
-- :func:`clip_score_figure`: the CLIP-score histogram and threshold, when the build scored;
+- :func:`clip_score_figure`: the pool's CLIP scores and the null's on one chart, with the
+  threshold, when the build scored;
 - :func:`write_report`: ``DIR/report.md`` and ``DIR/plots/*.png``.
 
 A build scored afterwards by ``wit score --input DIR/shards --output SCORED`` (the demo does this
 with the model it trained) is read with ``load_build(DIR, scored=SCORED)``: samples then come
-from ``SCORED/shards/`` (with ``clip_score``) and the histogram from ``SCORED/scores/``.
+from ``SCORED/shards/`` (with ``clip_score``) and the histograms from ``SCORED/score.json``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,15 @@ COLUMN_LABELS = {
 
 
 def column_labels(config: dict[str, Any]) -> dict[str, str]:
-    """``COLUMN_LABELS`` for a build: with ``balance.unit: pair`` the last two columns count pairs."""
+    """``COLUMN_LABELS`` for a build: with ``balance.unit: pair`` the last two columns count
+    pairs; in a scored build ``after_dedup`` is also after the CLIP-score filter (what balancing
+    drew from)."""
+    labels = dict(COLUMN_LABELS)
     if (config.get("balance") or {}).get("unit") == "pair":
-        return {k: v.replace("(samples)", "(pairs)") for k, v in COLUMN_LABELS.items()}
-    return dict(COLUMN_LABELS)
+        labels = {k: v.replace("(samples)", "(pairs)") for k, v in labels.items()}
+    if (config.get("score") or {}).get("pretrained"):
+        labels["after_dedup"] = labels["after_dedup"].replace("after dedup", "after dedup + score")
+    return labels
 
 
 @dataclasses.dataclass
@@ -530,8 +536,8 @@ def sample_grid_figure(
 
 
 def clip_scores(build: BuildOutput | str) -> np.ndarray | None:
-    """Every scored sample's CLIP score (``finalize/scores/``, or ``SCORED/scores/``), or None
-    when not scored."""
+    """Every scored pair's CLIP score (the scores table: ``finalize/scores/``, or
+    ``SCORED/scores/``), or None when not scored."""
     import pyarrow.parquet as pq
 
     b = _as_build(build)
@@ -549,37 +555,91 @@ def clip_scores(build: BuildOutput | str) -> np.ndarray | None:
 
 
 def clip_score_figure(build: BuildOutput | str):
-    """Histogram of CLIP scores with the threshold used; None when the build did not score."""
+    """The pool's pair scores and the null's (mismatched pairs: images with other images'
+    captions) on one chart, with the threshold; None when the build did not score.
+
+    The null is drawn scaled to the estimated number of mismatched pairs in the pool
+    (``mismatched_share`` x pairs), so where it covers the pool's histogram the pool is mostly
+    mismatched (docs/score.md). Builds scored before the null existed show the pool only.
+    """
     b = _as_build(build)
     scores = clip_scores(b)
     if scores is None:
         return None
+    sc = _score_info(b)
+    hist = sc.get("histogram") or {}
     fig = _figure(6.5, 3.8)
     ax = fig.subplots()
-    if scores.size:
+    edges = np.asarray(hist.get("edges") or [], np.float64)
+    if len(edges) > 1:
+        pool = np.asarray(hist["pool"], np.float64)
+        ax.stairs(pool, edges, fill=True, color="#4c72b0", alpha=0.75, label="pool pairs")
+        null = np.asarray(hist["null"], np.float64)
+        share = sc.get("mismatched_share")
+        if null.sum() and share is not None:
+            scaled = null * (share * pool.sum() / null.sum())
+            ax.stairs(
+                scaled,
+                edges,
+                color="#dd8452",
+                lw=1.6,
+                label=f"null x {share:.2f} of the pool (mismatched, {int(null.sum()):,} pairs)",
+            )
+    elif scores.size:
         ax.hist(scores, bins=min(60, max(10, scores.size // 5)), color="#4c72b0")
-    thr = _score_info(b).get("threshold")
+    thr = sc.get("threshold")
     if thr is not None:
         kept = int((scores >= thr).sum())
-        ax.axvline(thr, color="#c44e52", ls="--", label=f"threshold {thr:.4f}: {kept:,} kept")
-        ax.legend(fontsize=8)
+        label = f"threshold {thr:.4f}"
+        if sc.get("mode") == "auto":
+            label += " (auto)"
+        label += f": {kept:,} pairs kept"
+        if sc.get("expected_precision") is not None:
+            label += f"\nexpected precision {sc['expected_precision']:.3f}"
+            if sc.get("expected_recall") is not None:
+                label += f", recall {sc['expected_recall']:.3f}"
+        ax.axvline(thr, color="#c44e52", ls="--", label=label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.set_xlabel("CLIP score (cosine similarity)")
-    ax.set_ylabel("samples")
-    ax.set_title(f"CLIP scores of {scores.size:,} {'' if b.scored_dir else 'balanced '}samples")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"CLIP scores of {scores.size:,} {'' if b.scored_dir else 'deduplicated '}pairs")
     return fig
 
 
 def _score_info(b: BuildOutput) -> dict[str, Any]:
-    """``{"seed_model": {model, pretrained}, "threshold": x or None}`` of the scores shown."""
+    """The ``score`` section of the scores shown: ``seed_model``, ``threshold``, ``mode``, the
+    estimates and the histograms (``SCORED/score.json`` for a ``wit score`` output)."""
     if b.scored_dir:
         m = b.scored_manifest
+        doc_path = fileio.join(b.scored_dir, "score.json")
+        doc = fileio.read_json(doc_path) if fileio.exists(doc_path) else {}
         return {
+            **doc,
             "seed_model": {
                 k: (m.get("config") or {}).get("score", {}).get(k) for k in ("model", "pretrained")
             },
             "threshold": m.get("clip_score_threshold"),
         }
     return dict(b.stats.get("score") or {})
+
+
+def _score_lines(sc: Mapping[str, Any]) -> list[str]:
+    """How the threshold was chosen and what is expected of it, for the report."""
+    if sc.get("mismatched_share") is None:
+        return []
+    out = [
+        f"Estimated mismatched share {sc['mismatched_share']:.3f} of "
+        f"{sc.get('pool_pairs', 0):,} pairs (a null of {sc.get('null_size', 0):,} images "
+        "scored against other images' captions)."
+    ]
+    p, r = sc.get("expected_precision"), sc.get("expected_recall")
+    if p is not None:
+        out[0] += f" Expected precision {p:.3f}" + (f", recall {r:.3f}." if r is not None else ".")
+    if sc.get("mode") == "auto":
+        met = "reached" if sc.get("target_met") else "**not reached**: highest expected precision"
+        out.append(f"Auto threshold for target precision {sc.get('target_precision')}: {met}.")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,6 +733,9 @@ def report_markdown(build: BuildOutput | str, *, plots: Mapping[str, str] | None
             f"{scored_by}; threshold {thr_text}.",
             "",
         ]
+        lines = _score_lines(sc)
+        if lines:
+            out += [" ".join(lines), ""]
         if "clip_scores" in plots:
             out += [f"![clip scores]({plots['clip_scores']})", ""]
     if "samples" in plots:

@@ -66,7 +66,8 @@ STAGE_REASONS: dict[str, tuple[str, ...]] = {
     "balance": (balance.BALANCED_OUT, balance.NO_QUERY),
     "score": (score_lib.LOW_SCORE, score_lib.UNDECODABLE, score_lib.MISSING),
 }
-FINAL_STAGES = ("dedup", "balance", "score")  # the stages inside the finalize step
+# The stages inside the finalize step, in order (score only when the build scores).
+FINAL_STAGES = ("dedup", "score", "balance")
 
 
 def _colliding_reasons() -> frozenset[str]:
@@ -118,7 +119,7 @@ def _final_stage_of(reason: str) -> str:
 def _split_final(
     counts: Mapping[str, int], stages: Sequence[str] = FINAL_STAGES
 ) -> list[tuple[str, dict[str, int]]]:
-    """The finalize step's counters as consecutive dedup, balance (and score) stages."""
+    """The finalize step's counters as consecutive dedup, (score,) balance stages."""
     by_stage: dict[str, dict[str, int]] = {s: {} for s in stages}
     for reason, n in counters_lib.drop_reasons(counts).items():
         stage = _final_stage_of(reason)
@@ -200,7 +201,7 @@ def compose_stats(
     _check_handoff(
         "download", dl.get(counters_lib.KEPT, 0), "dedup", fin_pairs.get("input", 0), "pair"
     )
-    final_stages = FINAL_STAGES if scored else FINAL_STAGES[:-1]
+    final_stages = tuple(s for s in FINAL_STAGES if scored or s != "score")
     for stage, c in _split_final(fin_pairs, final_stages):
         pair_rows.append(_stage_row(stage, c, unit="pair", reasons=counters_lib.drop_reasons(c)))
     image_rows = [
@@ -364,10 +365,11 @@ def write_run_stats(output: str) -> dict[str, Any]:
     )
     if build_doc["inputs"].get("takedown"):
         extra["takedown"] = build_doc["inputs"]["takedown"]
-    if "clip_score_threshold" in manifest:
+    if cfg.score.pretrained:
+        sc = read("finalize", score_lib.SCORE_FILE)
         extra["score"] = {
-            "threshold": manifest["clip_score_threshold"],
-            "seed_model": manifest.get("seed_model"),
+            **{k: v for k, v in sc.items() if k not in ("model", "pretrained")},
+            "seed_model": {"model": sc["model"], "pretrained": sc["pretrained"]},
         }
     doc.update(extra)
     fileio.write_json(fileio.join(output, build.STATS_FILE), doc)

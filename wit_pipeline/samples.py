@@ -89,7 +89,8 @@ def row(record: Mapping[str, Any], schema: pa.Schema) -> dict[str, Any]:
     r["captions"] = [p["caption"] for p in record["pairs"]]
     r["uids"] = [p["uid"] for p in record["pairs"]]
     r["duplicates"] = list(record.get("duplicates") or [])
-    r["pairs"] = [{f.name: p.get(f.name) for f in PAIR_TYPE} for p in record["pairs"]]
+    pair_type = schema.field("pairs").type.value_type  # PAIR_TYPE, with clip_score when scored
+    r["pairs"] = [{f.name: p.get(f.name) for f in pair_type} for p in record["pairs"]]
     return r
 
 

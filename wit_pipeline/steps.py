@@ -175,13 +175,15 @@ def run_finalize(
     beam_args: Sequence[str] = (),
     runner: str | None = None,
     blocklist: Blocklist | None = None,
+    model_handler: Any = None,
 ) -> dict[str, Any]:
     """Download output dirs -> final shards, in one pipeline (``pipeline.finalize``).
 
     The step's own files (``stats.json``; with ``score``, ``score.json`` and ``scores/``) go to
     ``work_dir`` (default ``output_dir``); with ``score`` the manifest records the threshold
-    and the seed model. ``blocklist``'s hash entries drop the images they match before dedup. ``stats_extra`` (default: the inputs and the config) is added to the
-    stats document, which is returned.
+    and the seed model. ``blocklist``'s hash entries drop the images they match before dedup.
+    ``stats_extra`` (default: the inputs and the config) is added to the stats document, which is
+    returned. ``model_handler`` replaces the seed's (tests).
     """
     tars = samples.download_tars(inputs)
     if stats_extra is None:
@@ -202,6 +204,7 @@ def run_finalize(
             query_columns=query_columns,
             stats_extra=stats_extra,
             blocklist=blocklist,
+            model_handler=model_handler,
         )
 
     run(graph, beam_args=beam_args, runner=runner)
@@ -210,6 +213,7 @@ def run_finalize(
         manifest = fileio.read_json(manifest_path)
         sc = fileio.read_json(fileio.join(work_dir, score_lib.SCORE_FILE))
         manifest["clip_score_threshold"] = sc["threshold"]
+        manifest["clip_score_mode"] = sc["mode"]
         manifest["seed_model"] = {"model": sc["model"], "pretrained": sc["pretrained"]}
         fileio.write_json(manifest_path, manifest)
     return _stats(work_dir)

@@ -47,6 +47,18 @@ def _languages(value: str) -> str:
     return "" if value.strip().lower() == "all" else value
 
 
+def _threshold(value: str) -> float | str:
+    """``--threshold``: a cosine similarity, or ``auto``."""
+    if value.strip().lower() == config_lib.SCORE_AUTO:
+        return config_lib.SCORE_AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or {config_lib.SCORE_AUTO}, got {value!r}"
+        ) from None
+
+
 def _num_shards(value: int) -> int:
     if value < 1:
         raise WitError("--num-shards must be >= 1")
@@ -140,8 +152,9 @@ FLAGS: dict[str, Flag] = {
     # score
     "--seed-model": Flag(
         "score.pretrained",
-        "CLIP-score the balanced samples with this seed (a checkpoint or an open_clip tag; "
-        "sets score.pretrained); filter with score.threshold or score.keep_fraction",
+        "CLIP-score every caption of the deduplicated samples with this seed, before balancing "
+        "(a checkpoint or an open_clip tag; sets score.pretrained); filter with "
+        "score.threshold (a number or auto) or score.keep_fraction",
         metavar="CKPT_OR_TAG",
     ),
     "--seed-arch": Flag(
@@ -156,13 +169,15 @@ FLAGS: dict[str, Flag] = {
     ),
     "--threshold": Flag(
         "score.threshold",
-        "keep clip_score >= X (LAION: 0.28)",
-        type=float,
+        "keep pairs with clip_score >= X (LAION: 0.28), or auto: the lowest threshold whose "
+        "expected precision reaches score.target_precision, estimated from the data",
+        type=_threshold,
+        metavar="X|auto",
         clears=("score.keep_fraction",),
     ),
     "--keep-fraction": Flag(
         "score.keep_fraction",
-        "keep the top F by score (DataComp: 0.3)",
+        "keep the top F of pairs by score (DataComp: 0.3)",
         type=float,
         clears=("score.threshold",),
     ),

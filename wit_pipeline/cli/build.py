@@ -16,10 +16,12 @@ examples:
       --eval-set cifar10=../shared/data/cifar10/test.parquet
   wit build ... --seed-model runs/raw/checkpoints/latest.pt --set score.keep_fraction=0.3
   wit build ... --blocklist takedowns.txt    # url/domain/sha256/phash entries left out
+  wit build ... --seed-model seed.pt --threshold auto --set score.target_precision=0.9
   wit build ... --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
 
 Steps (each a Beam pipeline; DIR/done/<step>.json marks it finished): gather, prebalance,
-download, finalize (dedup + decontamination + balance + CLIP score + shards), report. A rerun
+download, finalize (dedup + decontamination + CLIP score per caption + balance + shards),
+report. A rerun
 skips finished steps and resumes the first unfinished one; a rerun with other settings is
 refused unless --overwrite (unchanged steps are then kept). --retry-failed fetches the
 download's transient failures again and redoes finalize and report. Output: DIR/shards/ (open_clip
@@ -31,8 +33,8 @@ Unknown --flags are passed to Beam as pipeline options (docs/build.md).
 HELP = "the whole pipeline: crawl files in, balanced and deduplicated training shards out"
 DESCRIPTION = (
     "Build a WIT-style dataset end to end: gather query-matched pairs from crawls or "
-    "tables, pre-balance, download, deduplicate and decontaminate, balance (MetaCLIP), "
-    "optionally filter by CLIP score, and write webdataset shards with a report."
+    "tables, pre-balance, download, deduplicate and decontaminate, optionally filter every "
+    "caption by CLIP score, balance (MetaCLIP), and write webdataset shards with a report."
 )
 
 
@@ -57,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "repair the download of this build: fetch its transient failures (timeouts, connection "
         "errors, HTTP 429 and 5xx) again, into the same shards, then redo finalize and report",
     )
+    args_lib.add_flags(p, "--threshold", "--keep-fraction", exclusive=True)
     args_lib.add_runner(p)
     args_lib.add_overwrite(
         p, "rebuild the steps whose settings changed (by default such a rerun is refused)"

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from wit_pipeline.cli import args as args_lib
 
-HELP = "add clip_score to shards with a seed CLIP; filter by threshold or top fraction"
+HELP = "add clip_score to shards with a seed CLIP; filter pairs by threshold or top fraction"
 DESCRIPTION = (
     "Score every image-caption pair of a shard directory with a seed CLIP (Beam "
-    "RunInference) and write the shards back with clip_score in KEY.json and the "
-    "Parquet; --threshold or --keep-fraction drops the rest with reason low_clip_score. "
-    "Unknown --flags go to Beam (--runner, --direct_num_workers, ...)."
+    "RunInference) and write the shards back with clip_score per pair in KEY.json and the "
+    "Parquet; --threshold X, --threshold auto (calibrated to score.target_precision) or "
+    "--keep-fraction drops the pairs below it with reason low_clip_score, and a sample when "
+    "none of its pairs is left. Unknown --flags go to Beam (--runner, --direct_num_workers, ...)."
 )
 
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     import apache_beam as beam
 
-    from wit_pipeline import beam_utils, models
+    from wit_pipeline import beam_utils, fileio, models
     from wit_pipeline.errors import WitError
     from wit_pipeline.stages import score
 
@@ -63,5 +65,13 @@ def run(args: argparse.Namespace) -> int:
             input_dir=input_dir, output_dir=args.output, config=cfg
         )
     stats = beam_utils.check_stats_file(os.path.join(args.output, "stats.json"))
-    print(json.dumps({"output": args.output, "counters": stats}, indent=2, sort_keys=True))
+    doc = fileio.read_json(os.path.join(args.output, "stats.json"))
+    print(f"score: {score.describe(doc['score'])}", file=sys.stderr)
+    print(
+        json.dumps(
+            {"output": args.output, "counters": stats, "pair_counters": doc["pair_counters"]},
+            indent=2,
+            sort_keys=True,
+        )
+    )
     return 0

@@ -268,7 +268,7 @@ def run_scoring(
     import apache_beam as beam
     import numpy as np
 
-    from wit_pipeline import beam_utils, report
+    from wit_pipeline import beam_utils, report, shards
     from wit_pipeline.stages import score
 
     done_path = os.path.join(output, SCORE_DONE)
@@ -285,8 +285,10 @@ def run_scoring(
             input_dir=shards_dir, output_dir=output, config=cfg
         )
     report.write_report(build_dir, scored=output)
-    values = report.clip_scores(report.load_build(build_dir, scored=output))
-    values = np.asarray([] if values is None else values)
+    # the samples' scores (each its best caption's), as written into the scored shards
+    table = shards.read_table(os.path.join(output, "shards"), columns=["clip_score"])
+    col = table.column("clip_score").to_pylist() if table.num_columns else []
+    values = np.asarray([v for v in col if v is not None])
     found = {
         "samples": int(values.size),
         "mean": round(float(values.mean()), 4) if values.size else None,

@@ -28,7 +28,9 @@ Two phases:
 
 Each kept sample's ``caption`` (``KEY.txt``) is the caption of its pair with the rarest query
 (smallest pool count; ties by ``uid``), so that a sample kept for a tail concept is captioned
-with it; every caption stays in ``captions``. Per-query counts (before, after pre-balance, after
+with it; every caption stays in ``captions``. In a build that CLIP-scores (``--seed-model``), the
+score stage runs before balancing and a sample's ``caption`` is its best-scoring caption instead.
+Per-query counts (before, after pre-balance, after
 download, after dedup, final) are written as a Parquet table by ``WriteQueryCounts``.
 """
 
@@ -211,11 +213,17 @@ def balance_sample_pairs(
 
 
 def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]) -> str:
-    """The caption of the pair whose rarest query has the smallest count (ties: smallest uid)."""
+    """The caption of the pair whose rarest query has the smallest count (ties: smallest uid).
+
+    In a scored build (every pair has a ``clip_score``), the best-scoring caption instead (ties:
+    smallest uid): the caption the seed found closest to the image.
+    """
     if not pairs:
         return ""
     if len(pairs) == 1:
         return pairs[0]["caption"]
+    if all(p.get("clip_score") is not None for p in pairs):
+        return min(pairs, key=lambda p: (-p["clip_score"], p.get("uid") or ""))["caption"]
 
     def score(p):
         c = [counts.get(int(q), 0) for q in p.get("query_ids") or ()]
@@ -326,6 +334,8 @@ class _BalanceFn(stage.StageFn):
         if self._phase == PHASE_BALANCE:
             for r in result.kept:
                 r["caption"] = choose_caption(r["pairs"], counts)
+                if r.get("clip_score") is not None:  # scored: the best of the pairs kept
+                    r["clip_score"] = max(p["clip_score"] for p in r["pairs"])
         return result
 
 

@@ -43,8 +43,12 @@ def _final_schema() -> pa.Schema:
 
 # One row per final sample (``shards/NNNNN.parquet``); ``KEY.json`` holds the same fields.
 FINAL_SCHEMA = _final_schema()
-# Final rows of a build with CLIP scoring (``wit build --seed-model``): ``clip_score`` appended.
-SCORED_SCHEMA = FINAL_SCHEMA.append(pa.field("clip_score", pa.float32()))
+# Final rows of a build with CLIP scoring (``wit build --seed-model``): every pair's
+# ``clip_score`` in ``pairs``, and the sample's (its best pair's) appended.
+SCORED_PAIR_TYPE = pa.struct([*samples.PAIR_TYPE, pa.field("clip_score", pa.float32())])
+SCORED_SCHEMA = FINAL_SCHEMA.set(
+    FINAL_SCHEMA.get_field_index("pairs"), pa.field("pairs", pa.list_(SCORED_PAIR_TYPE))
+).append(pa.field("clip_score", pa.float32()))
 
 
 def final_row(record: Mapping[str, Any], schema: pa.Schema = FINAL_SCHEMA) -> dict[str, Any]:
