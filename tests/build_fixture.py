@@ -460,3 +460,36 @@ def expected(
         near_duplicate=near,
         download_urls=sorted(by_url),
     )
+
+
+DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"
+
+
+def build_args(web: Web, inputs: tuple[str, str], out, shared_data, *extra: str) -> list[str]:
+    """``wit build`` over the web's WARC, with the settings its expected outcome assumes."""
+    warc, queries = inputs
+    return [
+        "build",
+        "--input",
+        warc,
+        "--queries",
+        queries,
+        "--output",
+        str(out),
+        "--allow-loopback",
+        "--eval-set",
+        DEV_SET.format(root=shared_data),
+        "--set",
+        f"balance.t={T}",
+        "--set",
+        f"balance.prebalance_factor={FACTOR}",
+        "--set",
+        f"balance.seed={web.seed}",
+        "--set",
+        "download.samples_per_shard=10",
+        "--set",
+        "download.timeout=60",  # requests held by the gate must outlive a kill
+        "--set",
+        "shards.samples_per_shard=8",
+        *extra,
+    ]

@@ -29,7 +29,7 @@ from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import plan as download
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"
+DEV_SET = bf.DEV_SET
 
 
 @pytest.fixture(scope="module")
@@ -44,33 +44,7 @@ def inputs(web, tmp_path_factory):
     return web.write(tmp_path_factory.mktemp("web"))
 
 
-def build_args(web, inputs, out, shared_data, *extra: str) -> list[str]:
-    warc, queries = inputs
-    return [
-        "build",
-        "--input",
-        warc,
-        "--queries",
-        queries,
-        "--output",
-        str(out),
-        "--allow-loopback",
-        "--eval-set",
-        DEV_SET.format(root=shared_data),
-        "--set",
-        f"balance.t={bf.T}",
-        "--set",
-        f"balance.prebalance_factor={bf.FACTOR}",
-        "--set",
-        f"balance.seed={web.seed}",
-        "--set",
-        "download.samples_per_shard=10",
-        "--set",
-        "download.timeout=60",  # requests held by the gate must outlive the kill
-        "--set",
-        "shards.samples_per_shard=8",
-        *extra,
-    ]
+build_args = bf.build_args
 
 
 @pytest.fixture(scope="module")
