@@ -191,6 +191,10 @@ def _concat(parts: Sequence[Iterable[Any]]) -> list:
     return [x for part in parts for x in part]
 
 
+def _concat_lists(*parts: Iterable[Any]) -> list:
+    return _concat(parts)
+
+
 def _key_bytes(key: Any, coder) -> bytes:
     try:
         return coder.encode(key)
@@ -205,23 +209,28 @@ def _bucket(kb: bytes, n: int) -> int:
 
 
 def _split_pairs(items: Iterable[tuple[Any, Any]], n: int, coder) -> list[list]:
-    """``(key, value)`` pairs -> ``n`` lists of ``(key bytes, key, value)`` by key hash."""
+    """``(key, value)`` pairs -> ``n`` lists of ``(encoded key, value)`` by key hash."""
     buckets: list[list] = [[] for _ in range(n)]
     for k, v in items:
         kb = _key_bytes(k, coder)
-        buckets[_bucket(kb, n)].append((kb, k, v))
+        buckets[_bucket(kb, n)].append((kb, v))
     return buckets
 
 
-def _group(*buckets: list) -> list[tuple[Any, list]]:
-    groups: dict[bytes, tuple[Any, list]] = {}
+def _by_key(buckets: Sequence[list]) -> dict[bytes, list]:
+    groups: dict[bytes, list] = {}
     for bucket in buckets:
-        for kb, k, v in bucket:
+        for kb, v in bucket:
             g = groups.get(kb)
             if g is None:
-                groups[kb] = g = (k, [])
-            g[1].append(v)
-    return list(groups.values())
+                groups[kb] = g = []
+            g.append(v)
+    return groups
+
+
+def _group(*buckets: list, coder) -> list[tuple[Any, list]]:
+    """One output partition of a GroupByKey: ``(key, values)``, values in input order."""
+    return [(coder.decode(kb), vs) for kb, vs in _by_key(buckets).items()]
 
 
 def _precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes) -> list[list]:
@@ -229,32 +238,35 @@ def _precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes)
     fn: CombineFn = pickler.loads(fn_blob)
     fn.setup()
     try:
-        accs: dict[bytes, list] = {}
+        accs: dict[bytes, Any] = {}
         for k, v in items:
             kb = _key_bytes(k, coder)
-            entry = accs.get(kb)
-            if entry is None:
-                accs[kb] = entry = [k, fn.create_accumulator()]
-            entry[1] = fn.add_input(entry[1], v)
+            acc = accs[kb] if kb in accs else fn.create_accumulator()
+            accs[kb] = fn.add_input(acc, v)
         buckets: list[list] = [[] for _ in range(n)]
-        for kb, (k, acc) in accs.items():
-            buckets[_bucket(kb, n)].append((kb, k, fn.compact(acc)))
+        for kb, acc in accs.items():
+            buckets[_bucket(kb, n)].append((kb, fn.compact(acc)))
         return buckets
     finally:
         fn.teardown()
 
 
-def _merge_combine(fn_blob: bytes, *buckets: list) -> list[tuple[Any, Any]]:
+def _merge_combine(*buckets: list, coder, fn_blob: bytes) -> list[tuple[Any, Any]]:
+    """One output partition of a CombinePerKey: merged accumulators, extracted."""
     fn: CombineFn = pickler.loads(fn_blob)
     fn.setup()
     try:
-        return [(k, fn.extract_output(fn.merge_accumulators(accs))) for k, accs in _group(*buckets)]
+        return [
+            (coder.decode(kb), fn.extract_output(fn.merge_accumulators(accs)))
+            for kb, accs in _by_key(buckets).items()
+        ]
     finally:
         fn.teardown()
 
 
-def _deal(items: Iterable[Any], n: int, offset: int) -> list[list]:
-    """Round-robin ``items`` into ``n`` lists, starting at ``offset`` (a partition's index)."""
+def _deal(items: Iterable[Any], offset: int, n: int) -> list[list]:
+    """Round-robin ``items`` into ``n`` lists, starting at ``offset`` (the partition's index, so
+    that the first items of every partition do not all go to the same list)."""
     buckets: list[list] = [[] for _ in range(n)]
     for i, x in enumerate(items):
         buckets[(offset + i) % n].append(x)
@@ -318,6 +330,8 @@ class _Translator(PipelineVisitor):
     def _translate(self, node, t, ins: list) -> dict:
         import dask.bag as db
 
+        label = node.full_label  # task names: Beam's step names on the Dask dashboard
+
         if isinstance(t, beam_overrides._Create):
             return {None: self._from_sequence(list(t.values))}
         if isinstance(t, beam.Impulse):
@@ -325,13 +339,14 @@ class _Translator(PipelineVisitor):
         if isinstance(t, beam_overrides._Flatten):
             return {None: db.concat(ins) if ins else db.from_sequence([], npartitions=1)}
         if isinstance(t, beam_overrides._Reshuffle):
-            return {None: self._rebalance(ins[0])}
+            return {None: self._rebalance(label, ins[0])}
         if isinstance(t, beam_overrides._Read):
-            return {None: self._read(t.source)}
+            return {None: self._read(label, t.source)}
         if isinstance(t, _GroupByKey):
-            return {None: self._group_by_key(ins[0], self._key_coder(node))}
+            return {None: self._group_by_key(label, ins[0], self._key_coder(node))}
         if isinstance(t, _CombinePerKey):
-            return {None: self._combine_per_key(ins[0], self._key_coder(node), t.combine_fn)}
+            coder = self._key_coder(node)
+            return {None: self._combine_per_key(label, ins[0], coder, t.combine_fn)}
         if isinstance(t, beam.WindowInto):
             if not isinstance(t.get_windowing(node.inputs).windowfn, GlobalWindows):
                 raise NotImplementedError(
@@ -355,43 +370,56 @@ class _Translator(PipelineVisitor):
             n = self.parallelism
         return db.from_sequence(values, npartitions=max(1, min(n, len(values))))
 
-    def _shuffle(self, bag, split, merge, n: int):
-        """All-to-all: ``split(partition) -> n lists``; output j = ``merge(list j of each)``."""
+    def _shuffle(self, label: str, bag, split, merge, n: int, *, indexed: bool = False):
+        """All-to-all: ``split(partition) -> n lists`` (``split(partition, i)`` for partition i
+        when ``indexed``); output partition j = ``merge(list j of each split)``."""
         import dask
         import dask.bag as db
+        from dask.base import tokenize
 
+        parts = bag.to_delayed(optimize_graph=False)
+        token = tokenize(bag.name, split, merge, n)
         splits = [
-            dask.delayed(split, nout=n)(part) for part in bag.to_delayed(optimize_graph=False)
+            dask.delayed(split, nout=n)(
+                *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
+            )
+            for i, part in enumerate(parts)
         ]
-        return db.from_delayed([dask.delayed(merge)(*[s[j] for s in splits]) for j in range(n)])
+        merged = [
+            dask.delayed(merge)(*[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}")
+            for j in range(n)
+        ]
+        return db.from_delayed(merged)
 
-    def _group_by_key(self, bag, coder):
+    def _group_by_key(self, label: str, bag, coder):
         n = self.parallelism
-        return self._shuffle(bag, functools.partial(_split_pairs, n=n, coder=coder), _group, n)
+        split = functools.partial(_split_pairs, n=n, coder=coder)
+        return self._shuffle(label, bag, split, functools.partial(_group, coder=coder), n)
 
-    def _combine_per_key(self, bag, coder, combine_fn: CombineFn):
+    def _combine_per_key(self, label: str, bag, coder, combine_fn: CombineFn):
         n, blob = self.parallelism, pickler.dumps(combine_fn)
         split = functools.partial(_precombine, n=n, coder=coder, fn_blob=blob)
-        return self._shuffle(bag, split, functools.partial(_merge_combine, blob), n)
+        merge = functools.partial(_merge_combine, coder=coder, fn_blob=blob)
+        return self._shuffle(label, bag, split, merge, n)
 
-    def _rebalance(self, bag):
+    def _rebalance(self, label: str, bag):
+        n = self.parallelism
+        deal = functools.partial(_deal, n=n)
+        return self._shuffle(label, bag, deal, _concat_lists, n, indexed=True)
+
+    def _read(self, label: str, source):
         import dask
         import dask.bag as db
+        from dask.base import tokenize
 
-        n = self.parallelism
-        splits = [
-            dask.delayed(_deal, nout=n)(part, n, i)
-            for i, part in enumerate(bag.to_delayed(optimize_graph=False))
-        ]
-        return db.from_delayed([dask.delayed(_concat)([s[j] for s in splits]) for j in range(n)])
-
-    def _read(self, source):
-        import dask
-        import dask.bag as db
-
-        n = self.parallelism
-        bundles = dask.delayed(_split_source)(source, n)
-        return db.from_delayed([dask.delayed(_read_bundles)(bundles, j, n) for j in range(n)])
+        n, token = self.parallelism, tokenize(source, self.parallelism)
+        bundles = dask.delayed(_split_source)(source, n, dask_key_name=f"{label}/split-{token}")
+        return db.from_delayed(
+            [
+                dask.delayed(_read_bundles)(bundles, j, n, dask_key_name=f"{label}-{token}-{j}")
+                for j in range(n)
+            ]
+        )
 
     def _side_input(self, si) -> Any:
         import dask
@@ -414,10 +442,13 @@ class _Translator(PipelineVisitor):
         views = [(type(si), si._view_options()) for si in node.side_inputs]
         spec = pickler.dumps((t.fn, t.args, t.kwargs, views, tags, node.full_label))
         sides = [self._side_input(si) for si in node.side_inputs]
-        mixed = bag.map_partitions(_run_dofn, spec, *sides)
+        mixed = bag.map_partitions(_run_dofn, spec, *sides, token=node.full_label)
         if tags == [None]:
             return {None: mixed}
-        return {tag: mixed.map_partitions(_select, tag) for tag in tags}
+        return {
+            tag: mixed.map_partitions(_select, tag, token=f"{node.full_label}[{tag}]")
+            for tag in tags
+        }
 
     # -- checks -------------------------------------------------------------------------------
 
