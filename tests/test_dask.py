@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wit_pipeline import build, cli
+from wit_pipeline import build, cli, runners
 from wit_pipeline.runners import DASK_RUNNER
 
 pytestmark = [pytest.mark.dask, pytest.mark.slow]
@@ -289,6 +289,16 @@ def test_what_the_runner_cannot_do_is_refused_before_anything_runs(cluster, grap
     graph(p | beam.Create([1, 2]))
     with pytest.raises(NotImplementedError, match=message):
         p.run()
+
+
+def test_workers_are_asked_whether_they_see_the_launchers_files(cluster, tmp_path):
+    """``runners.check_dask_worker_paths`` against real workers (they share this disk)."""
+    queries = tmp_path / "q.txt"
+    queries.write_text("dog\n")
+    out = tmp_path / "out"
+    paths = [("--queries", str(queries)), ("--output", str(out)), ("--input", "gs://b/x.warc")]
+    runners.check_dask_worker_paths(cluster.address, paths)
+    assert out.is_dir() and list(out.iterdir()) == []  # the probe file is gone
 
 
 # ---------------------------------------------------------------------------------------------
