@@ -154,17 +154,18 @@ def test_paths_a_remote_dask_worker_does_not_see_are_named(tmp_path):
     assert runners.unseen_paths(probes, {"tcp://a:1": same}) == []
 
 
-def test_a_remote_dask_cluster_is_asked_about_local_paths(monkeypatch, tmp_path):
-    """With a non-loopback scheduler, local paths go to the workers' check (no network here:
-    the check itself is replaced and its arguments recorded)."""
+def test_the_workers_of_a_dask_cluster_are_asked_about_local_paths(monkeypatch, tmp_path):
+    """Any scheduler address, loopback too (a port-forwarded scheduler has remote workers):
+    the paths go to the workers' check (replaced here, no network: its arguments recorded).
+    Without an address Beam starts a local cluster: nothing to ask."""
     seen = []
     monkeypatch.setattr(runners, "check_dask_worker_paths", lambda *a: seen.append(a))
-    remote = ["--dask_client_address=tcp://10.0.0.7:8786"]
     paths = [("--input", "gs://b/c.warc.gz"), ("--output", str(tmp_path))]
-    runners.check_worker_paths("DaskRunner", remote, paths)
-    assert seen == [("tcp://10.0.0.7:8786", paths)]
-    runners.check_worker_paths("DaskRunner", ["--dask_client_address=tcp://127.0.0.1:1"], paths)
-    assert len(seen) == 1  # a loopback scheduler: workers on this machine
+    for address in ("tcp://10.0.0.7:8786", "tcp://127.0.0.1:8786"):
+        runners.check_worker_paths("DaskRunner", [f"--dask_client_address={address}"], paths)
+    assert seen == [("tcp://10.0.0.7:8786", paths), ("tcp://127.0.0.1:8786", paths)]
+    runners.check_worker_paths("DaskRunner", [], paths)
+    assert len(seen) == 2
 
 
 def test_worker_paths_of_a_build():

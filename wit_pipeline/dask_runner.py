@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -67,6 +68,16 @@ BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 RUNNER = f"{__name__}.DaskRunner"
 # Partitions per worker thread when no --dask_npartitions / --dask_partition_size is given.
 PARTITIONS_PER_THREAD = 2
+# The launcher's environment variables that wit's code (or a library it imports) reads, which the
+# workers of a cluster started elsewhere lack: they travel with every DoFn's tasks, and a worker
+# takes those it has no value for (albumentations, imported by img2dataset, otherwise asks PyPI
+# for its latest version on import; the Hugging Face hub would try the network).
+WORKER_ENV = (
+    "NO_ALBUMENTATIONS_UPDATE",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "OMP_WAIT_POLICY",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +161,21 @@ class _Receivers(dict):
         return _Collect([])
 
 
-def _run_dofn(items: Iterable[Any], spec: bytes, *sides: list) -> Any:
+def _worker_env() -> dict[str, str]:
+    return {"NO_ALBUMENTATIONS_UPDATE": "1"} | {
+        k: os.environ[k] for k in WORKER_ENV if k in os.environ
+    }
+
+
+def _run_dofn(items: Iterable[Any], env: dict[str, str], spec: bytes, *sides: list) -> Any:
     """Run one bundle (a partition) through a fresh copy of the DoFn.
 
-    Returns the list of main outputs for a single-output ParDo, else ``{tag: [outputs]}``.
+    ``env`` is set first (where the worker has no value), before unpickling imports the DoFn's
+    modules. Returns the list of main outputs for a single-output ParDo, else
+    ``{tag: [outputs]}``.
     """
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
     fn, args, kwargs, views, tags, label = pickler.loads(spec)
     side_maps = [
         SideInputMap(view, options, [_windowed(v) for v in values])
@@ -442,7 +463,7 @@ class _Translator(PipelineVisitor):
         views = [(type(si), si._view_options()) for si in node.side_inputs]
         spec = pickler.dumps((t.fn, t.args, t.kwargs, views, tags, node.full_label))
         sides = [self._side_input(si) for si in node.side_inputs]
-        mixed = bag.map_partitions(_run_dofn, spec, *sides, token=node.full_label)
+        mixed = bag.map_partitions(_run_dofn, _worker_env(), spec, *sides, token=node.full_label)
         if tags == [None]:
             return {None: mixed}
         return {

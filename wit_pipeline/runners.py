@@ -15,10 +15,10 @@ work on its runner stops with one line instead of failing on the workers hours l
   refuses a Dataflow run with neither;
 - Dask (``--runner dask``, Beam's DaskRunner with wit's translation, ``dask_runner.py``): with
   no scheduler address, :func:`dask_cluster` starts a local cluster of worker processes for the
-  run and closes it at the end; a scheduler on a loopback address has its workers on this
-  machine, which read local paths; for any other address, :func:`check_worker_paths` asks every
-  worker whether it sees the launcher's local files (a shared filesystem: NFS, Lustre) and
-  refuses the ones some worker does not (``docs/scaling.md``).
+  run and closes it at the end; :func:`check_worker_paths` asks every worker of the cluster
+  whether it sees the launcher's local files as the launcher does (the same machine, or a
+  shared filesystem: NFS, Lustre) and refuses the ones some worker does not
+  (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -106,14 +106,17 @@ def check_worker_paths(
     """Refuse local paths that remote workers would have to read (one-line ``WitError``).
 
     ``paths``: ``(what, path)`` pairs, e.g. ``("--queries", "q.txt.gz")``; empty paths are
-    skipped. Does nothing for runners whose workers share this machine's files. On a remote
-    Dask cluster a local path is fine where every worker sees the same file (a shared
-    filesystem), which :func:`check_dask_worker_paths` asks the workers.
+    skipped. Does nothing for runners whose workers share this machine's files. On a Dask
+    cluster a local path is fine where every worker sees the same file (a shared filesystem, or
+    the same machine), which :func:`check_dask_worker_paths` asks the workers.
     """
-    if workers_share_filesystem(runner, beam_args):
-        return
     if runner in DASK_RUNNERS:
-        check_dask_worker_paths(str(dask_address(beam_args)), paths)
+        # Even a scheduler on loopback may have remote workers (a port-forwarded one): ask them.
+        address = dask_address(beam_args)
+        if address:
+            check_dask_worker_paths(address, paths)
+        return
+    if workers_share_filesystem(runner, beam_args):
         return
     for what, path in paths:
         if path and is_local_path(path):
