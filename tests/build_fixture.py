@@ -493,3 +493,19 @@ def build_args(web: Web, inputs: tuple[str, str], out, shared_data, *extra: str)
         "shards.samples_per_shard=8",
         *extra,
     ]
+
+
+def write_seed_checkpoint(directory) -> str:
+    """A random wit-nano CLIP (seeded) saved as a plain open_clip state dict: a seed model for
+    the scoring steps that needs no training."""
+    import open_clip
+    import torch
+
+    from wit_pipeline import models
+
+    models.register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("wit-nano")
+    path = pathlib.Path(directory) / "seed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return str(path)

@@ -32,18 +32,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEV_SET = bf.DEV_SET
 
 
-@pytest.fixture(scope="module")
-def web(shared_data):
-    w = bf.Web(shared_data).start()
-    yield w
-    w.stop()
-
-
-@pytest.fixture(scope="module")
-def inputs(web, tmp_path_factory):
-    return web.write(tmp_path_factory.mktemp("web"))
-
-
 build_args = bf.build_args
 
 
@@ -322,17 +310,7 @@ def test_nonempty_directory_without_a_build_is_refused(web, inputs, shared_data,
 @pytest.fixture(scope="module")
 def seed_checkpoint(tmp_path_factory):
     """A random wit-nano CLIP saved as a plain open_clip state dict (no training needed)."""
-    import open_clip
-    import torch
-
-    from wit_pipeline import models
-
-    models.register_model_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("wit-nano")
-    path = tmp_path_factory.mktemp("seed") / "seed.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return str(path)
+    return bf.write_seed_checkpoint(tmp_path_factory.mktemp("seed"))
 
 
 def test_seed_model_scores_and_keeps_the_top_half(web, built, inputs, shared_data, seed_checkpoint):

@@ -142,18 +142,6 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def web(shared_data):
-    w = bf.Web(shared_data).start()
-    yield w
-    w.stop()
-
-
-@pytest.fixture(scope="module")
-def inputs(web, tmp_path_factory):
-    return web.write(tmp_path_factory.mktemp("web"))
-
-
-@pytest.fixture(scope="module")
 def reference(web, inputs, shared_data, tmp_path_factory):
     """The same build on FnApiRunner (one process)."""
     out = tmp_path_factory.mktemp("fnapi") / "out"
@@ -369,17 +357,7 @@ def test_build_on_a_dask_cluster_writes_the_same_shards(dask_build, reference):
 @pytest.fixture(scope="module")
 def seed_checkpoint(tmp_path_factory):
     """A random wit-nano CLIP saved as a plain open_clip state dict (no training needed)."""
-    import open_clip
-    import torch
-
-    from wit_pipeline import models
-
-    models.register_model_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("wit-nano")
-    path = tmp_path_factory.mktemp("seed") / "seed.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return str(path)
+    return bf.write_seed_checkpoint(tmp_path_factory.mktemp("seed"))
 
 
 def spawned_children() -> set[int]:
