@@ -1,11 +1,18 @@
-"""``wit build`` on a real Dask cluster: a scheduler and worker processes started here.
+"""``--runner dask`` on a real Dask cluster: a scheduler and worker processes started here.
 
 The cluster is what users start by hand or through dask-jobqueue / dask-kubernetes:
-``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (loopback: the network jail lets
-them talk), not a ``LocalCluster`` inside the test process. A build through it must write the
-same shards, byte for byte, and the same counters as a build on FnApiRunner; and a worker
-killed (SIGKILL) in the middle of the download step must not change either: Dask recomputes
-the tasks it held on the other worker.
+``dask scheduler`` and two ``dask worker`` processes (one thread each) on 127.0.0.1 (loopback:
+the network jail lets them talk), not a ``LocalCluster`` inside the test process. On it:
+
+- the Beam model as the pipelines use it (tagged outputs, every sink, ``finish_bundle``
+  outputs, side inputs, combines, string-keyed groups, reads and writes), which Beam's own
+  DaskRunner translation loses (docs/scaling.md), and what the runner refuses;
+- the workers' view of the launcher's paths (``runners.check_dask_worker_paths``);
+- ``wit build``: the same shards (every tar and Parquet file byte for byte), rows and counters
+  as a build on FnApiRunner; ``wit queries build`` the same list;
+- ``wit score --dask-workers 2``: a local cluster started and closed by the command;
+- last, a worker SIGKILLed in the middle of the download step: Dask recomputes its tasks on the
+  other worker and the build is still the FnApiRunner one, byte for byte.
 """
 
 from __future__ import annotations
