@@ -83,8 +83,11 @@ def test_dataflow_needs_the_package_on_its_workers():
 
 
 def test_dask_runner_names_and_where_its_workers_read():
+    from wit_pipeline import dask_runner
+
     full = "apache_beam.runners.dask.dask_runner.DaskRunner"
-    assert runners.resolve_runner("dask") == runners.resolve_runner(full) == runners.DASK_RUNNER
+    assert runners.resolve_runner("dask") == runners.resolve_runner(full) == dask_runner.RUNNER
+    assert runners.DASK_RUNNER == dask_runner.RUNNER
     assert runners.resolve_runner("FnApiRunner") == "FnApiRunner"
     assert runners.runner_of(["--runner=dask"]) == runners.runner_of([], full) == "DaskRunner"
     options = beam_utils.pipeline_options(["--runner", "dask", "--dask_client_address=tcp://h:1"])

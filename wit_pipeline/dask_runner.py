@@ -63,8 +63,7 @@ from apache_beam.utils import counters as beam_counters
 
 _LOG = logging.getLogger(__name__)
 
-# Beam's full name of its Dask runner, and ours (what ``--runner dask`` runs).
-BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+# This runner's full name (``--runner dask`` and Beam's own DaskRunner name run it: runners.py).
 RUNNER = f"{__name__}.DaskRunner"
 # Partitions per worker thread when no --dask_npartitions / --dask_partition_size is given.
 PARTITIONS_PER_THREAD = 2
@@ -161,7 +160,7 @@ class _Receivers(dict):
         return _Collect([])
 
 
-def _worker_env() -> dict[str, str]:
+def _env_for_workers() -> dict[str, str]:
     return {"NO_ALBUMENTATIONS_UPDATE": "1"} | {
         k: os.environ[k] for k in WORKER_ENV if k in os.environ
     }
@@ -463,7 +462,9 @@ class _Translator(PipelineVisitor):
         views = [(type(si), si._view_options()) for si in node.side_inputs]
         spec = pickler.dumps((t.fn, t.args, t.kwargs, views, tags, node.full_label))
         sides = [self._side_input(si) for si in node.side_inputs]
-        mixed = bag.map_partitions(_run_dofn, _worker_env(), spec, *sides, token=node.full_label)
+        mixed = bag.map_partitions(
+            _run_dofn, _env_for_workers(), spec, *sides, token=node.full_label
+        )
         if tags == [None]:
             return {None: mixed}
         return {
