@@ -136,6 +136,16 @@ def test_dask_flags_need_the_dask_runner_and_one_scheduler(capsys):
     assert capsys.readouterr().err.strip() == "wit: error: --dask-workers needs --runner dask"
 
 
+def test_an_unreachable_dask_scheduler_is_one_line():
+    import apache_beam as beam
+
+    args = ["--runner=dask", "--dask_client_address=tcp://127.0.0.1:9"]
+    p = beam.Pipeline(options=beam_utils.pipeline_options([*args, "--dask_connection_timeout=1"]))
+    _ = p | beam.Create([1])
+    with pytest.raises(WitError, match=r"^cannot reach the Dask scheduler at tcp://127.0.0.1:9: "):
+        p.run()
+
+
 def test_paths_a_remote_dask_worker_does_not_see_are_named(tmp_path):
     """What ``check_dask_worker_paths`` concludes from the workers' answers."""
     queries = tmp_path / "q.txt"

@@ -61,6 +61,8 @@ from apache_beam.transforms.sideinputs import SideInputMap
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import counters as beam_counters
 
+from wit_pipeline.errors import WitError
+
 _LOG = logging.getLogger(__name__)
 
 # This runner's full name (``--runner dask`` and Beam's own DaskRunner name run it: runners.py).
@@ -532,7 +534,11 @@ class DaskRunner(beam_dask.DaskRunner):
             drop_default=True, current_only=True
         )
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
-        client = ddist.Client(set_as_default=False, **dask_options)
+        try:
+            client = ddist.Client(set_as_default=False, **dask_options)
+        except OSError as e:  # refused, unreachable, timed out
+            where = dask_options.get("address") or dask_options.get("scheduler_file")
+            raise WitError(f"cannot reach the Dask scheduler at {where}: {e}") from None
         try:
             threads = sum(client.nthreads().values())
             parallelism = bag_kwargs.get("npartitions") or PARTITIONS_PER_THREAD * max(1, threads)
