@@ -20,11 +20,12 @@ download step with ``--processes`` processes, as always), FnApiRunner with N wor
 for every step (``--direct_num_workers N --direct_running_mode multi_processing``), and
 ``--runner dask --dask-workers N`` (a local Dask cluster of N single-thread worker processes,
 started and closed by the command, inside its wall time). The final shards of the three must be
-byte-identical (checked).
+byte-identical (checked). ``--repeat R`` runs R rounds, each in another order (on a shared
+machine the load changes between runs), and reports the median wall times.
 
     .venv/bin/python benchmarks/bench_build.py            # 7,000 photos
     .venv/bin/python benchmarks/bench_build.py --quick    # 1,000 photos
-    .venv/bin/python benchmarks/bench_build.py --runner dask --workers 2
+    .venv/bin/python benchmarks/bench_build.py --runner dask --workers 2 --repeat 3
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,27 +135,43 @@ def compare_runners(warc: str, tmp: pathlib.Path, a: argparse.Namespace, n: int)
         ],
     }
     load = os.getloadavg()
-    walls, steps, digests = {}, {}, {}
-    for i, (name, extra) in enumerate(runs.items()):
-        out = str(tmp / f"build-{i}")
-        walls[name] = timed([*build_command(warc, out, a), *extra])
-        steps[name] = step_times(out)
-        digests[name] = shard_digests(out)
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    digests = {}
+    names = list(runs)
+    for r in range(a.repeat):  # each round in another order: load changes hit every runner
+        for i in [(r + k) % len(names) for k in range(len(names))]:
+            name = names[i]
+            out = str(tmp / f"build-{r}-{i}")
+            walls[name].append(timed([*build_command(warc, out, a), *runs[name]]))
+            steps[name].append(step_times(out))
+            digests[name, r] = shard_digests(out)
+            shutil.rmtree(out)
     same = all(d == next(iter(digests.values())) for d in digests.values())
     if not same:
         sys.exit("the runners wrote different shards")
     print(
         f"\n{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, {n} photos, "
         f"processes={a.processes} threads={a.threads} image_size={a.image_size} t={a.t}, "
-        f"load average {load[0]:.1f} before and {os.getloadavg()[0]:.1f} after; "
-        f"shards identical across runners: {same}\n"
+        f"{a.repeat} round(s), load average {load[0]:.1f} before and {os.getloadavg()[0]:.1f} "
+        f"after; shards identical across runners and rounds: {same}\n"
     )
-    base = walls["FnApiRunner (baseline)"]
-    print("| runner | wall s | photos/s | vs FnApiRunner | " + " | ".join(STEPS) + " |")
+    median = {name: statistics.median(w) for name, w in walls.items()}
+    base = median["FnApiRunner (baseline)"]
+    print(
+        "| runner | wall s, median (each round) | photos/s | vs FnApiRunner | "
+        + " | ".join(STEPS)
+        + " |"
+    )
     print("|---|---:|---:|---:|" + "---:|" * len(STEPS))
-    for name, wall in walls.items():
-        per_step = " | ".join(f"{steps[name][s]:.1f}" for s in STEPS)
-        print(f"| {name} | {wall:.1f} | {n / wall:.0f} | {base / wall:.2f}x | {per_step} |")
+    for name, wall in median.items():
+        rounds = ", ".join(f"{w:.1f}" for w in walls[name])
+        per_step = " | ".join(
+            f"{statistics.median(st[s] for st in steps[name]):.1f}" for s in STEPS
+        )
+        print(
+            f"| {name} | {wall:.1f} ({rounds}) | {n / wall:.0f} | {base / wall:.2f}x | {per_step} |"
+        )
 
 
 def timed(cmd: list[str]) -> float:
@@ -184,6 +202,9 @@ def main() -> None:
         "cluster of --workers processes (instead of the img2dataset comparison)",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes (--runner dask)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds of the three runs (--runner dask), medians"
+    )
     a = p.parse_args()
     n = 1000 if a.quick else a.images
     data = pathlib.Path(a.data)
