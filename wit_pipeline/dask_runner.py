@@ -168,21 +168,29 @@ def _env_for_workers() -> dict[str, str]:
     }
 
 
+_NOTHING = object()
+
+
 def _run_dofn(items: Iterable[Any], env: dict[str, str], spec: bytes, *sides: list) -> Any:
     """Run one bundle (a partition) through a fresh copy of the DoFn.
 
     ``env`` is set first (where the worker has no value), before unpickling imports the DoFn's
-    modules. Returns the list of main outputs for a single-output ParDo, else
-    ``{tag: [outputs]}``.
+    modules. An empty partition is no bundle, as on Beam's other runners: the DoFn is not set
+    up (a shuffle with fewer keys than partitions leaves some empty; setups can be costly).
+    Returns the list of main outputs for a single-output ParDo, else ``{tag: [outputs]}``.
     """
+    iterator = iter(items)
+    first = next(iterator, _NOTHING)
     for k, v in env.items():
         os.environ.setdefault(k, v)
     fn, args, kwargs, views, tags, label = pickler.loads(spec)
+    outputs: dict[Any, list] = {tag: [] for tag in tags}
+    if first is _NOTHING:
+        return outputs[None] if tags == [None] else outputs
     side_maps = [
         SideInputMap(view, options, [_windowed(v) for v in values])
         for (view, options), values in zip(views, sides, strict=True)
     ]
-    outputs: dict[Any, list] = {tag: [] for tag in tags}
     receivers = _Receivers({tag: _Collect(out) for tag, out in outputs.items()})
     runner = DoFnRunner(
         fn,
@@ -197,7 +205,8 @@ def _run_dofn(items: Iterable[Any], env: dict[str, str], spec: bytes, *sides: li
     runner.setup()
     try:
         runner.start()
-        for item in items:
+        runner.process(_windowed(first))
+        for item in iterator:
             runner.process(_windowed(item))
         runner.finish()
     finally:
