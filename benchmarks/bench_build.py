@@ -14,8 +14,18 @@ the same run:
 Prints a Markdown table (wall seconds, images/s, ratio to the baseline) and the per-step time
 from the build's completion markers.
 
+With ``--runner dask --workers N`` the same build runs on three runners instead, each as a fresh
+command in the same run, against FnApiRunner as the baseline: FnApiRunner (one process; the
+download step with ``--processes`` processes, as always), FnApiRunner with N worker processes
+for every step (``--direct_num_workers N --direct_running_mode multi_processing``), and
+``--runner dask --dask-workers N`` (a local Dask cluster of N single-thread worker processes,
+started and closed by the command, inside its wall time). The final shards of the three must be
+byte-identical (checked). ``--repeat R`` runs R rounds, each in another order (on a shared
+machine the load changes between runs), and reports the median wall times.
+
     .venv/bin/python benchmarks/bench_build.py            # 7,000 photos
     .venv/bin/python benchmarks/bench_build.py --quick    # 1,000 photos
+    .venv/bin/python benchmarks/bench_build.py --runner dask --workers 2 --repeat 3
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import hashlib
 import json
 import os
 import pathlib
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +103,77 @@ def build_command(warc: str, out: str, a: argparse.Namespace) -> list[str]:
     return cmd
 
 
+STEPS = ("gather", "prebalance", "download", "finalize", "report")
+
+
+def step_times(out: str) -> dict[str, float]:
+    """Each step's time, from the build's completion markers."""
+    return {
+        s: json.loads(pathlib.Path(out, "done", f"{s}.json").read_text())["elapsed_s"]
+        for s in STEPS
+    }
+
+
+def shard_digests(out: str) -> dict[str, str]:
+    shards = pathlib.Path(out, "shards")
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards.iterdir())}
+
+
+def compare_runners(warc: str, tmp: pathlib.Path, a: argparse.Namespace, n: int) -> None:
+    """The same build on FnApiRunner, FnApiRunner with N processes, and a local Dask cluster."""
+    runs = {
+        "FnApiRunner (baseline)": [],
+        f"FnApiRunner, {a.workers} worker processes": [
+            f"--direct_num_workers={a.workers}",
+            "--direct_running_mode=multi_processing",
+        ],
+        f"--runner dask --dask-workers {a.workers}": [
+            "--runner",
+            "dask",
+            "--dask-workers",
+            str(a.workers),
+        ],
+    }
+    load = os.getloadavg()
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    digests = {}
+    names = list(runs)
+    for r in range(a.repeat):  # each round in another order: load changes hit every runner
+        for i in [(r + k) % len(names) for k in range(len(names))]:
+            name = names[i]
+            out = str(tmp / f"build-{r}-{i}")
+            walls[name].append(timed([*build_command(warc, out, a), *runs[name]]))
+            steps[name].append(step_times(out))
+            digests[name, r] = shard_digests(out)
+            shutil.rmtree(out)
+    same = all(d == next(iter(digests.values())) for d in digests.values())
+    if not same:
+        sys.exit("the runners wrote different shards")
+    print(
+        f"\n{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, {n} photos, "
+        f"processes={a.processes} threads={a.threads} image_size={a.image_size} t={a.t}, "
+        f"{a.repeat} round(s), load average {load[0]:.1f} before and {os.getloadavg()[0]:.1f} "
+        f"after; shards identical across runners and rounds: {same}\n"
+    )
+    median = {name: statistics.median(w) for name, w in walls.items()}
+    base = median["FnApiRunner (baseline)"]
+    print(
+        "| runner | wall s, median (each round) | photos/s | vs FnApiRunner | "
+        + " | ".join(STEPS)
+        + " |"
+    )
+    print("|---|---:|---:|---:|" + "---:|" * len(STEPS))
+    for name, wall in median.items():
+        rounds = ", ".join(f"{w:.1f}" for w in walls[name])
+        per_step = " | ".join(
+            f"{statistics.median(st[s] for st in steps[name]):.1f}" for s in STEPS
+        )
+        print(
+            f"| {name} | {wall:.1f} ({rounds}) | {n / wall:.0f} | {base / wall:.2f}x | {per_step} |"
+        )
+
+
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
@@ -111,6 +194,17 @@ def main() -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--t", type=int, default=20000, help="balance.t")
     p.add_argument("--data", default=os.environ.get("WIT_SHARED_DATA", str(DEFAULT_DATA)))
+    p.add_argument(
+        "--runner",
+        choices=("FnApiRunner", "dask"),
+        default="FnApiRunner",
+        help="dask: compare FnApiRunner, FnApiRunner with --workers processes and a local Dask "
+        "cluster of --workers processes (instead of the img2dataset comparison)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="worker processes (--runner dask)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds of the three runs (--runner dask), medians"
+    )
     a = p.parse_args()
     n = 1000 if a.quick else a.images
     data = pathlib.Path(a.data)
@@ -118,15 +212,15 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-build-"))
     try:
         warc, url_list = write_inputs(tmp, data, port, n)
+        if a.runner == "dask":
+            compare_runners(warc, tmp, a, n)
+            return
         base = timed(img2dataset_command(url_list, str(tmp / "img2dataset"), a))
         out = str(tmp / "build")
         wall = timed(build_command(warc, out, a))
         again = timed(build_command(warc, out, a))
         stats = json.loads(pathlib.Path(out, "stats.json").read_text())
-        steps = {
-            s: json.loads(pathlib.Path(out, "done", f"{s}.json").read_text())["elapsed_s"]
-            for s in ("gather", "prebalance", "download", "finalize", "report")
-        }
+        steps = step_times(out)
     finally:
         server.terminate()
         server.wait()

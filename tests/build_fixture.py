@@ -502,3 +502,52 @@ def expected(
         low_score_samples=sorted(low_samples),
         low_score_pairs=sorted(low_pairs),
     )
+
+
+DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"
+
+
+def build_args(web: Web, inputs: tuple[str, str], out, shared_data, *extra: str) -> list[str]:
+    """``wit build`` over the web's WARC, with the settings its expected outcome assumes."""
+    warc, queries = inputs
+    return [
+        "build",
+        "--input",
+        warc,
+        "--queries",
+        queries,
+        "--output",
+        str(out),
+        "--allow-loopback",
+        "--eval-set",
+        DEV_SET.format(root=shared_data),
+        "--set",
+        f"balance.t={T}",
+        "--set",
+        f"balance.prebalance_factor={FACTOR}",
+        "--set",
+        f"balance.seed={web.seed}",
+        "--set",
+        "download.samples_per_shard=10",
+        "--set",
+        "download.timeout=60",  # requests held by the gate must outlive a kill
+        "--set",
+        "shards.samples_per_shard=8",
+        *extra,
+    ]
+
+
+def write_seed_checkpoint(directory) -> str:
+    """A random wit-nano CLIP (seeded) saved as a plain open_clip state dict: a seed model for
+    the scoring steps that needs no training."""
+    import open_clip
+    import torch
+
+    from wit_pipeline import models
+
+    models.register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("wit-nano")
+    path = pathlib.Path(directory) / "seed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return str(path)

@@ -47,6 +47,23 @@ def shared_data() -> pathlib.Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def web(shared_data):
+    """The planted web of real photos that ``wit build`` tests build (tests/build_fixture.py),
+    served on 127.0.0.1 for the module."""
+    import build_fixture
+
+    w = build_fixture.Web(shared_data).start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(web, tmp_path_factory):
+    """``web``'s WARC and query list: ``(warc, queries)``."""
+    return web.write(tmp_path_factory.mktemp("web"))
+
+
 @pytest.fixture(autouse=True)
 def _no_jail_violations():
     """Fail any test during which code tried to leave loopback, even if it caught the error."""

@@ -41,48 +41,10 @@ from wit_pipeline.errors import WitError
 from wit_pipeline.stages.download import plan as download
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEV_SET = "flickr8k-dev={root}/flickr8k/captions.tsv?split=dev"
+DEV_SET = bf.DEV_SET
 
 
-@pytest.fixture(scope="module")
-def web(shared_data):
-    w = bf.Web(shared_data).start()
-    yield w
-    w.stop()
-
-
-@pytest.fixture(scope="module")
-def inputs(web, tmp_path_factory):
-    return web.write(tmp_path_factory.mktemp("web"))
-
-
-def build_args(web, inputs, out, shared_data, *extra: str) -> list[str]:
-    warc, queries = inputs
-    return [
-        "build",
-        "--input",
-        warc,
-        "--queries",
-        queries,
-        "--output",
-        str(out),
-        "--allow-loopback",
-        "--eval-set",
-        DEV_SET.format(root=shared_data),
-        "--set",
-        f"balance.t={bf.T}",
-        "--set",
-        f"balance.prebalance_factor={bf.FACTOR}",
-        "--set",
-        f"balance.seed={web.seed}",
-        "--set",
-        "download.samples_per_shard=10",
-        "--set",
-        "download.timeout=60",  # requests held by the gate must outlive the kill
-        "--set",
-        "shards.samples_per_shard=8",
-        *extra,
-    ]
+build_args = bf.build_args
 
 
 @pytest.fixture(scope="module")
@@ -402,17 +364,7 @@ def test_nonempty_directory_without_a_build_is_refused(web, inputs, shared_data,
 @pytest.fixture(scope="module")
 def seed_checkpoint(tmp_path_factory):
     """A random wit-nano CLIP saved as a plain open_clip state dict (no training needed)."""
-    import open_clip
-    import torch
-
-    from wit_pipeline import models
-
-    models.register_model_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("wit-nano")
-    path = tmp_path_factory.mktemp("seed") / "seed.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return str(path)
+    return bf.write_seed_checkpoint(tmp_path_factory.mktemp("seed"))
 
 
 def scored_build(web, built, inputs, shared_data, seed_checkpoint, name, *extra, **kw):

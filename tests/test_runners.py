@@ -19,7 +19,7 @@ from unittest import mock
 import pyarrow as pa
 import pytest
 
-from wit_pipeline import build, cli, config, pipeline, queries, runners
+from wit_pipeline import beam_utils, build, cli, config, pipeline, queries, runners
 from wit_pipeline.errors import WitError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -80,6 +80,105 @@ def test_dataflow_needs_the_package_on_its_workers():
     runners.check_worker_package("DataflowRunner", ["--sdk_container_image=gcr.io/p/wit:1"])
     with pytest.raises(WitError, match=r"--setup_file ./pyproject.toml .* --sdk_container_image"):
         runners.check_worker_package("DataflowRunner", ["--project=p"])
+
+
+def test_dask_runner_names_and_where_its_workers_read():
+    from wit_pipeline import dask_runner
+
+    full = "apache_beam.runners.dask.dask_runner.DaskRunner"
+    assert runners.resolve_runner("dask") == runners.resolve_runner(full) == dask_runner.RUNNER
+    assert runners.DASK_RUNNER == dask_runner.RUNNER
+    assert runners.resolve_runner("FnApiRunner") == "FnApiRunner"
+    assert runners.runner_of(["--runner=dask"]) == runners.runner_of([], full) == "DaskRunner"
+    options = beam_utils.pipeline_options(["--runner", "dask", "--dask_client_address=tcp://h:1"])
+    assert beam_utils.runner_name(options) == runners.DASK_RUNNER
+    share = runners.workers_share_filesystem
+    assert share("DaskRunner", [])  # Beam starts a local cluster
+    assert share("DaskRunner", ["--dask_client_address=tcp://127.0.0.1:8786"])
+    assert share("DaskRunner", ["--dask_client_address", "localhost:8786"])
+    assert share("DaskRunner", ["--dask_client_address=tcp://[::1]:8786"])
+    assert not share("DaskRunner", ["--dask_client_address=tcp://10.1.2.3:8786"])
+    assert not share("DaskRunner", ["--dask_client_address=tls://scheduler.cluster:8786"])
+
+
+def test_dask_scheduler_file_names_the_address(tmp_path):
+    f = tmp_path / "scheduler.json"
+    f.write_text(json.dumps({"type": "Scheduler", "address": "tcp://10.0.0.7:8786"}))
+    assert runners.dask_address([f"--dask_scheduler_file={f}"]) == "tcp://10.0.0.7:8786"
+    assert not runners.workers_share_filesystem("DaskRunner", ["--dask_scheduler_file", str(f)])
+    with pytest.raises(WitError, match="no scheduler address in it"):
+        runners.dask_address([f"--dask_scheduler_file={tmp_path / 'none.json'}"])
+
+
+def test_dask_flags_need_the_dask_runner_and_one_scheduler(capsys):
+    with runners.dask_cluster(None, ["--x=1"]) as args:
+        assert args == ["--x=1"]  # other runners: unchanged
+    with runners.dask_cluster("dask", [], address="tcp://10.0.0.7:8786") as args:
+        assert args == ["--dask_client_address=tcp://10.0.0.7:8786"]
+    with runners.dask_cluster("dask", ["--dask_scheduler_file=s.json"]) as args:
+        assert args == ["--dask_scheduler_file=s.json"]  # Beam's own option names it
+    refusals = [
+        ((None, []), {"workers": 2}, "--dask-workers needs --runner dask"),
+        (("FnApiRunner", []), {"address": "tcp://h:1"}, "--dask-address needs --runner dask"),
+        (("dask", []), {"workers": 0}, "--dask-workers must be >= 1"),
+        (
+            ("dask", ["--dask_client_address=tcp://a:1"]),
+            {"address": "tcp://b:1"},
+            "--dask-address and --dask_client_address: give one scheduler",
+        ),
+        (("dask", []), {"address": "tcp://b:1", "workers": 2}, "not with a scheduler address"),
+    ]
+    for args, kwargs, message in refusals:
+        with pytest.raises(WitError, match=message), runners.dask_cluster(*args, **kwargs):
+            pass
+    rc = cli.main(["download", "--input", "c", "--output", "o", "--dask-workers", "2"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "wit: error: --dask-workers needs --runner dask"
+
+
+def test_an_unreachable_dask_scheduler_is_one_line():
+    import apache_beam as beam
+
+    args = ["--runner=dask", "--dask_client_address=tcp://127.0.0.1:9"]
+    p = beam.Pipeline(options=beam_utils.pipeline_options([*args, "--dask_connection_timeout=1"]))
+    _ = p | beam.Create([1])
+    with pytest.raises(WitError, match=r"^cannot reach the Dask scheduler at tcp://127.0.0.1:9: "):
+        p.run()
+
+
+def test_paths_a_remote_dask_worker_does_not_see_are_named(tmp_path):
+    """What ``check_dask_worker_paths`` concludes from the workers' answers."""
+    queries = tmp_path / "q.txt"
+    queries.write_text("dog\n")
+    mine = runners._probe([str(queries)], [])["files"]
+    probes = [
+        runners.PathProbe("--queries", str(queries), files=(str(queries),)),
+        runners.PathProbe("--output", str(tmp_path), probe=str(tmp_path / ".p"), token="t"),
+    ]
+    same = {"files": mine, "probes": ["t"]}
+    other_disk = {"files": [None], "probes": [None]}  # neither the file nor the probe
+    stale_copy = {"files": [[mine[0][0], mine[0][1] + 1]], "probes": ["t"]}
+    answers = {"tcp://a:1": same, "tcp://b:1": other_disk, "tcp://c:1": stale_copy}
+    assert [(p.what, w) for p, w in runners.unseen_paths(probes, answers)] == [
+        ("--queries", "tcp://b:1"),
+        ("--output", "tcp://b:1"),
+        ("--queries", "tcp://c:1"),
+    ]
+    assert runners.unseen_paths(probes, {"tcp://a:1": same}) == []
+
+
+def test_the_workers_of_a_dask_cluster_are_asked_about_local_paths(monkeypatch, tmp_path):
+    """Any scheduler address, loopback too (a port-forwarded scheduler has remote workers):
+    the paths go to the workers' check (replaced here, no network: its arguments recorded).
+    Without an address Beam starts a local cluster: nothing to ask."""
+    seen = []
+    monkeypatch.setattr(runners, "check_dask_worker_paths", lambda *a: seen.append(a))
+    paths = [("--input", "gs://b/c.warc.gz"), ("--output", str(tmp_path))]
+    for address in ("tcp://10.0.0.7:8786", "tcp://127.0.0.1:8786"):
+        runners.check_worker_paths("DaskRunner", [f"--dask_client_address={address}"], paths)
+    assert seen == [("tcp://10.0.0.7:8786", paths), ("tcp://127.0.0.1:8786", paths)]
+    runners.check_worker_paths("DaskRunner", [], paths)
+    assert len(seen) == 2
 
 
 def test_worker_paths_of_a_build():

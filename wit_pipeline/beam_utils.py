@@ -36,15 +36,30 @@ def pipeline_options(
     """Beam options from command-line style args; local runs default to FnApiRunner.
 
     Prism (Beam's default local runner) downloads a binary at start-up, which fails offline,
-    so a run without ``--runner`` uses the in-process FnApiRunner.
+    so a run without ``--runner`` uses the in-process FnApiRunner. Runner aliases (``dask``)
+    become the class Beam loads (``runners.resolve_runner``).
     """
+    from wit_pipeline import runners
+
     args = list(beam_args)
-    if runner:
-        args = [a for a in args if not a.startswith("--runner")] + [f"--runner={runner}"]
-    elif not any(a.startswith("--runner") for a in args):
-        args.append(f"--runner={DEFAULT_RUNNER}")
+    name = runner or runners.flag_value(args, "--runner") or DEFAULT_RUNNER
+    args = [*_without_flag(args, "--runner"), f"--runner={runners.resolve_runner(name)}"]
     opts = PipelineOptions(args, **overrides)
     return opts
+
+
+def _without_flag(args: Sequence[str], name: str) -> list[str]:
+    """``args`` without ``--name=value`` and ``--name value``."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def unknown_beam_flags(beam_args: Sequence[str]) -> list[str]:

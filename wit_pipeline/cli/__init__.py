@@ -77,7 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments (neither wit's nor Beam's): {' '.join(unknown)}")
     args.beam_args = beam_args
-    return exit_status(lambda: args.func(args), prog="wit")
+    return exit_status(lambda: _run(args), prog="wit")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not getattr(args, "runner_session", False):
+        return args.func(args)
+    with args_lib.runner_session(args):  # --runner dask: the cluster lives as long as this
+        return args.func(args)
 
 
 if __name__ == "__main__":

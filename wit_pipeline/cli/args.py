@@ -12,9 +12,10 @@ one left out leaves the field as the config file and ``--set`` made it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from wit_pipeline import config as config_lib
@@ -336,11 +337,46 @@ def add_set(parser, example: str) -> None:
 
 
 def add_runner(
-    parser, help: str = "Beam runner (default FnApiRunner; DirectRunner, Dataflow)"
+    parser, help: str = "Beam runner (default FnApiRunner; DirectRunner, Dataflow, dask)"
 ) -> None:
-    """``--runner``; every other unknown ``--flag`` reaches Beam as a pipeline option."""
+    """``--runner`` and the Dask flags; every other unknown ``--flag`` reaches Beam as a
+    pipeline option. ``main`` runs the command inside :func:`runner_session`."""
     parser.add_argument("--runner", help=help)
-    parser.set_defaults(accepts_beam_args=True)
+    parser.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="with --runner dask: the scheduler of a running Dask cluster "
+        "(default: a local cluster started for the run)",
+    )
+    parser.add_argument(
+        "--dask-workers",
+        type=int,
+        metavar="N",
+        help="with --runner dask and no --dask-address: worker processes of the local "
+        "cluster (default: one per CPU)",
+    )
+    parser.set_defaults(accepts_beam_args=True, runner_session=True)
+
+
+@contextlib.contextmanager
+def runner_session(args: argparse.Namespace) -> Iterator[argparse.Namespace]:
+    """Where a command with :func:`add_runner` runs, for as long as it runs.
+
+    ``--runner`` joins the Beam args (so commands that only pass Beam args honour it); with
+    ``--runner dask`` they name the scheduler, a local cluster started here (and closed when
+    the command ends, also on error) unless ``--dask-address`` or Beam's own
+    ``--dask_client_address`` / ``--dask_scheduler_file`` names one (``runners.dask_cluster``).
+    """
+    from wit_pipeline import runners
+
+    beam_args = list(args.beam_args)
+    if args.runner:
+        beam_args.append(f"--runner={args.runner}")
+    with runners.dask_cluster(
+        args.runner, beam_args, address=args.dask_address, workers=args.dask_workers
+    ) as beam_args:
+        args.beam_args = beam_args
+        yield args
 
 
 def add_overwrite(parser, help: str) -> None:

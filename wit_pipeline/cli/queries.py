@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--work-dir", help="where counts are kept (default: OUTPUT's stem + .work)")
     b.add_argument("--force", action="store_true", help="recount even when counts are current")
-    b.set_defaults(func=run_build, accepts_beam_args=True)
+    args_lib.add_runner(b)
+    b.set_defaults(func=run_build)
 
     d = sub.add_parser(
         "build-default",

@@ -1,0 +1,562 @@
+"""Beam's DaskRunner with a translation that keeps the Beam model, for every wit pipeline.
+
+Beam 2.77's ``apache_beam.runners.dask.dask_runner.DaskRunner`` turns a pipeline into
+``dask.bag`` operations, but its translation loses data on the graphs this project runs
+(measured on a two-worker cluster; docs/scaling.md lists each with its upstream issue):
+
+1. it computes only the bag of the last transform visited, so every other sink of a pipeline
+   (the rejected rows, the stats, all but one writer) never runs;
+2. every output of a multi-output ``ParDo`` receives the elements of *all* its tags (the
+   ``kept``, ``rejected`` and ``counts`` outputs of every stage get each other's rows);
+3. what a DoFn emits in ``finish_bundle`` is dropped (``BatchElements``' last batch);
+4. ``beam.io.Read`` (``ReadFromParquet``) translates to nothing and fails;
+5. the Dask client it opens is never closed.
+
+This runner keeps Beam's runner, options (``--dask_client_address``, ``--dask_scheduler_file``,
+``--dask_npartitions``, ...) and result, and replaces the translation. Every PCollection is a bag
+of plain elements in the global window; every primitive is translated as the Beam model says:
+
+- ``ParDo``: one task per partition runs a fresh copy of the DoFn through Beam's own
+  ``DoFnRunner`` (setup, start_bundle, process, finish_bundle, teardown), with its side inputs
+  materialized once per pipeline and broadcast to the tasks; a multi-output ParDo's partition
+  holds one list per tag, and each output PCollection selects its own;
+- ``GroupByKey``: a hash shuffle on the key's deterministic Beam encoding (not Python's
+  ``hash``, which differs between processes for strings), values in input order;
+- ``CombinePerKey``: lifted, as other runners do: each partition pre-combines per key before the
+  shuffle, each output partition merges the accumulators;
+- ``Create``, ``Impulse``, ``Flatten``, ``Reshuffle`` (a round-robin rebalance), ``Read`` (the
+  source is split on a worker, so the launcher never lists the files);
+- every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``.
+
+What it refuses, with an error before anything runs: windowing other than the global window,
+stateful and splittable DoFns. Metrics are not collected (Beam's result raises on
+``metrics()``; wit's counts travel as data). Resource hints are ignored.
+
+Fault tolerance is Dask's: a task lost with its worker is recomputed elsewhere, so a DoFn
+partition may run twice; wit's writers are idempotent and atomic, and its counts are data (the
+lost task's outputs are discarded with it), so outputs and counters stay exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.coders import coders as beam_coders
+from apache_beam.internal import pickler
+from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformOverride
+from apache_beam.runners.common import DoFnRunner, DoFnState, Receiver
+from apache_beam.runners.dask import dask_runner as beam_dask
+from apache_beam.runners.dask import overrides as beam_overrides
+from apache_beam.runners.runner import PipelineState
+from apache_beam.transforms.core import CombineFn
+from apache_beam.transforms.sideinputs import SideInputMap
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils import counters as beam_counters
+
+from wit_pipeline.errors import WitError
+
+_LOG = logging.getLogger(__name__)
+
+# This runner's full name (``--runner dask`` and Beam's own DaskRunner name run it: runners.py).
+RUNNER = f"{__name__}.DaskRunner"
+# Partitions per worker thread when no --dask_npartitions / --dask_partition_size is given.
+PARTITIONS_PER_THREAD = 2
+# The launcher's environment variables that wit's code (or a library it imports) reads, which the
+# workers of a cluster started elsewhere lack: they travel with every DoFn's tasks, and a worker
+# takes those it has no value for (albumentations, imported by img2dataset, otherwise asks PyPI
+# for its latest version on import; the Hugging Face hub would try the network).
+WORKER_ENV = (
+    "NO_ALBUMENTATIONS_UPDATE",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "OMP_WAIT_POLICY",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives that replace Beam's composites before translation
+
+
+class _GroupByKey(beam.PTransform):
+    """``GroupByKey`` as one primitive (Beam's Dask overrides expand it into three steps)."""
+
+    def expand(self, pcoll):
+        return pvalue.PCollection.from_(pcoll)
+
+
+class _CombinePerKey(beam.PTransform):
+    """``CombinePerKey`` without side inputs, as one primitive (lifted when translated)."""
+
+    def __init__(self, combine_fn: CombineFn):
+        super().__init__()
+        self.combine_fn = combine_fn
+
+    def expand(self, pcoll):
+        return pvalue.PCollection.from_(pcoll)
+
+
+class _Override(PTransformOverride):
+    def __init__(self, matches, replace):
+        self._matches, self._replace = matches, replace
+
+    def matches(self, applied_ptransform: AppliedPTransform) -> bool:
+        return self._matches(applied_ptransform.transform)
+
+    def get_replacement_transform_for_applied_ptransform(self, applied_ptransform):
+        return self._replace(applied_ptransform.transform)
+
+
+def _combine_fn(t: beam.CombinePerKey) -> CombineFn:
+    from apache_beam.transforms.combiners import curry_combine_fn
+
+    return curry_combine_fn(t.fn, t.args, t.kwargs)
+
+
+def _overrides() -> list[PTransformOverride]:
+    """Beam's Dask overrides for Create, Reshuffle, Read and Flatten, plus ours."""
+    beam_ones = [
+        o
+        for o in beam_overrides.dask_overrides()
+        if type(o).__name__ != "GroupByKeyOverride"  # ours keeps GroupByKey one primitive
+    ]
+    return [
+        _Override(
+            lambda t: type(t) is beam.CombinePerKey and not t.side_inputs,
+            lambda t: _CombinePerKey(_combine_fn(t)),
+        ),
+        _Override(lambda t: type(t) is beam.GroupByKey, lambda t: _GroupByKey()),
+        *beam_ones,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions that run on the workers (module-level: Dask pickles them by reference)
+
+
+def _windowed(value: Any):
+    return GlobalWindows.windowed_value(value)
+
+
+class _Collect(Receiver):
+    """Receives one output tag's elements into a list (windows dropped: global window only)."""
+
+    def __init__(self, out: list):
+        self.out = out
+
+    def receive(self, windowed_value) -> None:
+        self.out.append(windowed_value.value)
+
+
+class _Receivers(dict):
+    """Tag -> receiver; outputs to undeclared tags are discarded, as on Beam's other runners."""
+
+    def __missing__(self, tag):
+        return _Collect([])
+
+
+def _env_for_workers() -> dict[str, str]:
+    return {"NO_ALBUMENTATIONS_UPDATE": "1"} | {
+        k: os.environ[k] for k in WORKER_ENV if k in os.environ
+    }
+
+
+_NOTHING = object()
+
+
+def _run_dofn(items: Iterable[Any], env: dict[str, str], spec: bytes, *sides: list) -> Any:
+    """Run one bundle (a partition) through a fresh copy of the DoFn.
+
+    ``env`` is set first (where the worker has no value), before unpickling imports the DoFn's
+    modules. An empty partition is no bundle, as on Beam's other runners: the DoFn is not set
+    up (a shuffle with fewer keys than partitions leaves some empty; setups can be costly).
+    Returns the list of main outputs for a single-output ParDo, else ``{tag: [outputs]}``.
+    """
+    iterator = iter(items)
+    first = next(iterator, _NOTHING)
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    fn, args, kwargs, views, tags, label = pickler.loads(spec)
+    outputs: dict[Any, list] = {tag: [] for tag in tags}
+    if first is _NOTHING:
+        return outputs[None] if tags == [None] else outputs
+    side_maps = [
+        SideInputMap(view, options, [_windowed(v) for v in values])
+        for (view, options), values in zip(views, sides, strict=True)
+    ]
+    receivers = _Receivers({tag: _Collect(out) for tag, out in outputs.items()})
+    runner = DoFnRunner(
+        fn,
+        args,
+        kwargs,
+        side_maps,
+        beam.Windowing(GlobalWindows()),
+        tagged_receivers=receivers,
+        step_name=label,
+        state=DoFnState(beam_counters.CounterFactory()),
+    )
+    runner.setup()
+    try:
+        runner.start()
+        runner.process(_windowed(first))
+        for item in iterator:
+            runner.process(_windowed(item))
+        runner.finish()
+    finally:
+        runner.teardown()
+    return outputs[None] if tags == [None] else outputs
+
+
+def _select(outputs: dict, tag: Any) -> list:
+    return outputs[tag]
+
+
+def _concat(parts: Sequence[Iterable[Any]]) -> list:
+    return [x for part in parts for x in part]
+
+
+def _concat_lists(*parts: Iterable[Any]) -> list:
+    return _concat(parts)
+
+
+def _key_bytes(key: Any, coder) -> bytes:
+    try:
+        return coder.encode(key)
+    except Exception as e:  # a key type without a deterministic encoding
+        raise TypeError(
+            f"GroupByKey on Dask needs keys with a deterministic encoding; {key!r}: {e}"
+        ) from e
+
+
+def _bucket(kb: bytes, n: int) -> int:
+    return zlib.crc32(kb) % n
+
+
+def _split_pairs(items: Iterable[tuple[Any, Any]], n: int, coder) -> list[list]:
+    """``(key, value)`` pairs -> ``n`` lists of ``(encoded key, value)`` by key hash."""
+    buckets: list[list] = [[] for _ in range(n)]
+    for k, v in items:
+        kb = _key_bytes(k, coder)
+        buckets[_bucket(kb, n)].append((kb, v))
+    return buckets
+
+
+def _by_key(buckets: Sequence[list]) -> dict[bytes, list]:
+    groups: dict[bytes, list] = {}
+    for bucket in buckets:
+        for kb, v in bucket:
+            g = groups.get(kb)
+            if g is None:
+                groups[kb] = g = []
+            g.append(v)
+    return groups
+
+
+def _group(*buckets: list, coder) -> list[tuple[Any, list]]:
+    """One output partition of a GroupByKey: ``(key, values)``, values in input order."""
+    return [(coder.decode(kb), vs) for kb, vs in _by_key(buckets).items()]
+
+
+def _precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes) -> list[list]:
+    """One partition's ``(key, value)`` pairs -> per-key accumulators, split by key hash."""
+    fn: CombineFn = pickler.loads(fn_blob)
+    fn.setup()
+    try:
+        accs: dict[bytes, Any] = {}
+        for k, v in items:
+            kb = _key_bytes(k, coder)
+            acc = accs[kb] if kb in accs else fn.create_accumulator()
+            accs[kb] = fn.add_input(acc, v)
+        buckets: list[list] = [[] for _ in range(n)]
+        for kb, acc in accs.items():
+            buckets[_bucket(kb, n)].append((kb, fn.compact(acc)))
+        return buckets
+    finally:
+        fn.teardown()
+
+
+def _merge_combine(*buckets: list, coder, fn_blob: bytes) -> list[tuple[Any, Any]]:
+    """One output partition of a CombinePerKey: merged accumulators, extracted."""
+    fn: CombineFn = pickler.loads(fn_blob)
+    fn.setup()
+    try:
+        return [
+            (coder.decode(kb), fn.extract_output(fn.merge_accumulators(accs)))
+            for kb, accs in _by_key(buckets).items()
+        ]
+    finally:
+        fn.teardown()
+
+
+def _deal(items: Iterable[Any], offset: int, n: int) -> list[list]:
+    """Round-robin ``items`` into ``n`` lists, starting at ``offset`` (the partition's index, so
+    that the first items of every partition do not all go to the same list)."""
+    buckets: list[list] = [[] for _ in range(n)]
+    for i, x in enumerate(items):
+        buckets[(offset + i) % n].append(x)
+    return buckets
+
+
+def _split_source(source, n: int) -> list:
+    """A bounded source's bundles (on a worker: it lists the files the launcher may not see)."""
+    try:
+        size = source.estimate_size() or 0
+    except Exception:  # estimating is an optimisation; some sources cannot
+        size = 0
+    desired = max(1 << 20, math.ceil(size / max(n, 1))) if size else 64 << 20
+    return list(source.split(desired))
+
+
+def _read_bundles(bundles: list, index: int, n: int) -> list:
+    out: list = []
+    for b in bundles[index::n]:
+        tracker = b.source.get_range_tracker(b.start_position, b.stop_position)
+        out.extend(b.source.read(tracker))
+    return out
+
+
+def _drop(items: Iterable[Any]) -> list:
+    for _ in items:
+        pass
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation
+
+
+class _Translator(PipelineVisitor):
+    """Builds one dask bag per PCollection, leaf transform by leaf transform (topological)."""
+
+    def __init__(self, parallelism: int, partition_size: int | None):
+        self.parallelism = max(1, parallelism)
+        self.partition_size = partition_size
+        self.bags: dict[pvalue.PCollection, Any] = {}
+        self.consumed: set[pvalue.PCollection] = set()
+
+    # -- visitor ------------------------------------------------------------------------------
+
+    def visit_transform(self, node: AppliedPTransform) -> None:
+        t = node.transform
+        inputs = [i for i in node.inputs if isinstance(i, pvalue.PCollection)]
+        self.consumed.update(inputs)
+        self.consumed.update(si.pvalue for si in node.side_inputs)
+        bags = self._translate(node, t, [self.bags[i] for i in inputs])
+        for tag, out in node.outputs.items():
+            self.bags[out] = bags[tag]
+
+    def sinks(self) -> list:
+        """The bags of PCollections that nothing consumes: computing them runs everything."""
+        return [b.map_partitions(_drop) for pc, b in self.bags.items() if pc not in self.consumed]
+
+    # -- primitives ---------------------------------------------------------------------------
+
+    def _translate(self, node, t, ins: list) -> dict:
+        import dask.bag as db
+
+        label = node.full_label  # task names: Beam's step names on the Dask dashboard
+
+        if isinstance(t, beam_overrides._Create):
+            return {None: self._from_sequence(list(t.values))}
+        if isinstance(t, beam.Impulse):
+            return {None: db.from_sequence([b""], npartitions=1)}
+        if isinstance(t, beam_overrides._Flatten):
+            return {None: db.concat(ins) if ins else db.from_sequence([], npartitions=1)}
+        if isinstance(t, beam_overrides._Reshuffle):
+            return {None: self._rebalance(label, ins[0])}
+        if isinstance(t, beam_overrides._Read):
+            return {None: self._read(label, t.source)}
+        if isinstance(t, _GroupByKey):
+            return {None: self._group_by_key(label, ins[0], self._key_coder(node))}
+        if isinstance(t, _CombinePerKey):
+            coder = self._key_coder(node)
+            return {None: self._combine_per_key(label, ins[0], coder, t.combine_fn)}
+        if isinstance(t, beam.WindowInto):
+            if not isinstance(t.get_windowing(node.inputs).windowfn, GlobalWindows):
+                raise NotImplementedError(
+                    f"{node.full_label}: only the global window is supported by {RUNNER}"
+                )
+            return {None: ins[0]}
+        if isinstance(t, beam.ParDo):
+            return self._par_do(node, t, ins[0])
+        raise NotImplementedError(
+            f"{node.full_label}: {type(t).__name__} is not supported by {RUNNER}"
+        )
+
+    def _from_sequence(self, values: list):
+        import dask.bag as db
+
+        if not values:
+            return db.from_sequence([], npartitions=1)
+        if self.partition_size:
+            n = math.ceil(len(values) / self.partition_size)
+        else:
+            n = self.parallelism
+        return db.from_sequence(values, npartitions=max(1, min(n, len(values))))
+
+    def _shuffle(self, label: str, bag, split, merge, n: int, *, indexed: bool = False):
+        """All-to-all: ``split(partition) -> n lists`` (``split(partition, i)`` for partition i
+        when ``indexed``); output partition j = ``merge(list j of each split)``."""
+        import dask
+        import dask.bag as db
+        from dask.base import tokenize
+
+        parts = bag.to_delayed(optimize_graph=False)
+        token = tokenize(bag.name, split, merge, n)
+        splits = [
+            dask.delayed(split, nout=n)(
+                *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
+            )
+            for i, part in enumerate(parts)
+        ]
+        merged = [
+            dask.delayed(merge)(*[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}")
+            for j in range(n)
+        ]
+        return db.from_delayed(merged)
+
+    def _group_by_key(self, label: str, bag, coder):
+        n = self.parallelism
+        split = functools.partial(_split_pairs, n=n, coder=coder)
+        return self._shuffle(label, bag, split, functools.partial(_group, coder=coder), n)
+
+    def _combine_per_key(self, label: str, bag, coder, combine_fn: CombineFn):
+        n, blob = self.parallelism, pickler.dumps(combine_fn)
+        split = functools.partial(_precombine, n=n, coder=coder, fn_blob=blob)
+        merge = functools.partial(_merge_combine, coder=coder, fn_blob=blob)
+        return self._shuffle(label, bag, split, merge, n)
+
+    def _rebalance(self, label: str, bag):
+        n = self.parallelism
+        deal = functools.partial(_deal, n=n)
+        return self._shuffle(label, bag, deal, _concat_lists, n, indexed=True)
+
+    def _read(self, label: str, source):
+        import dask
+        import dask.bag as db
+        from dask.base import tokenize
+
+        n, token = self.parallelism, tokenize(source, self.parallelism)
+        bundles = dask.delayed(_split_source)(source, n, dask_key_name=f"{label}/split-{token}")
+        return db.from_delayed(
+            [
+                dask.delayed(_read_bundles)(bundles, j, n, dask_key_name=f"{label}-{token}-{j}")
+                for j in range(n)
+            ]
+        )
+
+    def _side_input(self, si) -> Any:
+        import dask
+
+        return dask.delayed(_concat)(self.bags[si.pvalue].to_delayed(optimize_graph=False))
+
+    def _par_do(self, node, t: beam.ParDo, bag) -> dict:
+        from apache_beam.runners.common import DoFnSignature
+
+        signature = DoFnSignature(t.fn)
+        if signature.is_stateful_dofn():
+            raise NotImplementedError(
+                f"{node.full_label}: stateful DoFns are not supported by {RUNNER}"
+            )
+        if signature.is_splittable_dofn():
+            raise NotImplementedError(
+                f"{node.full_label}: splittable DoFns are not supported by {RUNNER}"
+            )
+        tags = list(node.outputs)
+        views = [(type(si), si._view_options()) for si in node.side_inputs]
+        spec = pickler.dumps((t.fn, t.args, t.kwargs, views, tags, node.full_label))
+        sides = [self._side_input(si) for si in node.side_inputs]
+        mixed = bag.map_partitions(
+            _run_dofn, _env_for_workers(), spec, *sides, token=node.full_label
+        )
+        if tags == [None]:
+            return {None: mixed}
+        return {
+            tag: mixed.map_partitions(_select, tag, token=f"{node.full_label}[{tag}]")
+            for tag in tags
+        }
+
+    # -- checks -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key_coder(node) -> beam_coders.Coder:
+        return beam_coders.FastPrimitivesCoder().as_deterministic_coder(node.full_label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner and result
+
+
+class DaskRunnerResult(beam_dask.DaskRunnerResult):
+    """Beam's result, waiting on this pipeline's own client and closing it at the end."""
+
+    def wait_until_finish(self, duration=None) -> str:
+        import dask.distributed as ddist
+
+        if self._state != PipelineState.RUNNING:
+            return self._state
+        timeout = duration / 1000 if duration is not None else None  # Beam passes ms
+        try:
+            # Gathering each sink's (empty) result raises a task's error here.
+            for _ in ddist.as_completed(
+                self.futures, loop=self.client.loop, with_results=True, timeout=timeout
+            ):
+                pass
+            self._state = PipelineState.DONE
+        except BaseException:
+            self._state = PipelineState.FAILED
+            self.client.cancel(self.futures)
+            raise
+        finally:
+            if self._state != PipelineState.RUNNING:
+                self.client.close()
+        return self._state
+
+    def cancel(self) -> str:
+        try:
+            return super().cancel()
+        finally:
+            self.client.close()
+
+
+class DaskRunner(beam_dask.DaskRunner):
+    """Runs a pipeline on a dask.distributed cluster (see the module docstring).
+
+    Options are Beam's ``DaskOptions``: ``--dask_client_address`` (or
+    ``--dask_scheduler_file``) names the scheduler; without either, ``dask.distributed.Client``
+    starts a local cluster for the pipeline. ``--dask_npartitions`` sets the partitions of
+    every ``Create`` and shuffle (default: two per worker thread); ``--dask_partition_size``
+    sets elements per ``Create`` partition instead.
+    """
+
+    def run_pipeline(self, pipeline, options):
+        import dask.distributed as ddist
+
+        dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(
+            drop_default=True, current_only=True
+        )
+        bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
+        try:
+            client = ddist.Client(set_as_default=False, **dask_options)
+        except OSError as e:  # refused, unreachable, timed out
+            where = dask_options.get("address") or dask_options.get("scheduler_file")
+            raise WitError(f"cannot reach the Dask scheduler at {where}: {e}") from None
+        try:
+            threads = sum(client.nthreads().values())
+            parallelism = bag_kwargs.get("npartitions") or PARTITIONS_PER_THREAD * max(1, threads)
+            pipeline.replace_all(_overrides())
+            translator = _Translator(parallelism, bag_kwargs.get("partition_size"))
+            pipeline.visit(translator)
+            futures = client.compute(translator.sinks())
+        except BaseException:
+            client.close()
+            raise
+        _LOG.info("DaskRunner: %d partitions per shuffle on %s", parallelism, client.scheduler)
+        return DaskRunnerResult(client, futures)
