@@ -33,13 +33,37 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def perturb(words: list[str], rng: random.Random, pool: list[str]) -> list[str]:
+    """One seeded edit of a caption's words: drop, repeat or swap a word, or insert one from
+    another real caption."""
+    words = list(words)
+    op = rng.randrange(4)
+    if op == 3 or len(words) < 3:
+        words.insert(rng.randrange(len(words) + 1), rng.choice(pool))
+        return words
+    k = rng.randrange(len(words) - 1)
+    if op == 0:
+        del words[k]
+    elif op == 1:
+        words.insert(k, words[k])
+    else:
+        words[k], words[k + 1] = words[k + 1], words[k]
+    return words
+
+
 def build_inputs(directory: str, rows: int, files: int, seed: int = 0) -> None:
+    """``rows`` LAION-shaped pairs: copies of the real rows with their own URLs and captions
+    edited (``perturb``) until every caption is new, so that the input holds ``rows`` distinct
+    captions apart from the 1% exact duplicate pairs (a real crawl's repeated alt texts are not
+    modelled: no cache can help more here than it would on distinct text)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     urls, texts = common.laion_rows(common.shared_data())
     base = [(u, t) for u, t in zip(urls, texts, strict=True) if u and t]
+    pool = [w for _, t in base for w in t.split()]
     rng = random.Random(seed)
+    seen: set[str] = set()
     out_u: list[str] = []
     out_t: list[str] = []
     for i in range(rows):
@@ -53,17 +77,11 @@ def build_inputs(directory: str, rows: int, files: int, seed: int = 0) -> None:
         if copy:
             head, _, name = u.rpartition("/")
             u = f"{head}/{copy}-{name}"
-            words = t.split()
-            if len(words) > 2:
-                k = rng.randrange(len(words) - 1)
-                op = rng.randrange(3)
-                if op == 0:
-                    del words[k]
-                elif op == 1:
-                    words.insert(k, words[k])
-                else:
-                    words[k], words[k + 1] = words[k + 1], words[k]
+        words = t.split()
+        while t in seen:
+            words = perturb(words, rng, pool)
             t = " ".join(words)
+        seen.add(t)
         out_u.append(u)
         out_t.append(t)
     per = -(-rows // files)
