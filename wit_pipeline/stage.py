@@ -34,12 +34,12 @@ outputs, so the totals are exact on every runner, retries included.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.pvalue import TaggedOutput
 
 from wit_pipeline import beam_utils, fileio
@@ -165,14 +165,30 @@ def flow_counts(
         c[counters_lib.dropped(reason)] += 1
     if pairs:
         if flow:
-            k = sum(len(r["pairs"]) for r in kept)
+            k = _pair_count(kept)
             c[counters_lib.scoped(PAIR, counters_lib.KEPT)] += k
-            c[counters_lib.scoped(PAIR, counters_lib.INPUT)] += k + sum(
-                len(r["pairs"]) for r in itertools.chain(rejected, partial)
+            c[counters_lib.scoped(PAIR, counters_lib.INPUT)] += (
+                k + _pair_count(rejected) + _pair_count(partial)
             )
-        for r in itertools.chain(rejected, partial):
-            c[counters_lib.scoped(PAIR, counters_lib.dropped(r["reason"]))] += len(r["pairs"])
+        for batch in (rejected, partial):
+            for reason, n in _pairs_by_reason(batch):
+                c[counters_lib.scoped(PAIR, counters_lib.dropped(reason))] += n
     return c
+
+
+def _pair_count(batch: Batch) -> int:
+    if isinstance(batch, pa.Table):
+        return int(pc.sum(pc.list_value_length(batch.column("pairs"))).as_py() or 0)
+    return sum(len(r["pairs"]) for r in batch)
+
+
+def _pairs_by_reason(batch: Batch) -> Iterable[tuple[str, int]]:
+    if isinstance(batch, pa.Table):
+        if not batch.num_rows:
+            return []
+        sizes = pc.fill_null(pc.list_value_length(batch.column("pairs")), 0).to_pylist()
+        return zip(batch.column("reason").to_pylist(), sizes, strict=True)
+    return ((r["reason"], len(r["pairs"])) for r in batch)
 
 
 def count_records(
