@@ -7,6 +7,7 @@ import random
 import tempfile
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -405,6 +406,17 @@ def test_keep_probabilities_are_bit_identical(t):
     got = arrays.keep_probabilities(*arrays.flat_lists(qids), arrays.Probabilities(probs))
     want = [balance.keep_probability(q, probs) for q in qids]
     assert got.tolist() == want  # exact floats, not approximately
+    # from the dense counts a Beam side input carries: the same probabilities
+    _, counts = _probabilities(records, t)
+    dense = np.zeros(max(counts) + 1, np.int64)
+    dense[list(counts)] = list(counts.values())
+    for tt in (t, t * 2.5):
+        table = arrays.Probabilities.from_counts(dense, tt)
+        assert table.probs == balance.query_probabilities(counts, tt)
+        got = arrays.keep_probabilities(*arrays.flat_lists(qids), table)
+        assert got.tolist() == [
+            balance.keep_probability(q, balance.query_probabilities(counts, tt)) for q in qids
+        ]
 
 
 @pytest.mark.parametrize("t", [5, 40])

@@ -35,6 +35,7 @@ download, after dedup, final) are written as a Parquet table by ``WriteQueryCoun
 from __future__ import annotations
 
 import collections
+import collections.abc
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -249,7 +250,7 @@ def _add_dense(acc: np.ndarray, dense: np.ndarray) -> np.ndarray:
 
 
 class _CountBatchFn(beam.DoFn):
-    """Counts per query over a whole bundle, emitted once at its end (fewer combiner inputs).
+    """Counts per query over a whole bundle, emitted once at its end as one dense array.
 
     A batch is a list of records or an Arrow table of them (``pairs``: count the records'
     pairs, a ``pairs`` column of structs with ``query_ids``).
@@ -276,12 +277,56 @@ class _CountBatchFn(beam.DoFn):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
-        window = GlobalWindow()
-        ts = window.max_timestamp()
-        ids = np.flatnonzero(self._counts)
-        for item in zip(ids.tolist(), self._counts[ids].tolist(), strict=True):
-            yield WindowedValue(item, ts, [window])
+        if self._counts.size:
+            window = GlobalWindow()
+            yield WindowedValue(self._counts, window.max_timestamp(), [window])
         self._counts = np.zeros(0, np.int64)
+
+
+class _SumDense(beam.CombineFn):
+    """Sums dense count arrays (of any lengths) into one."""
+
+    def create_accumulator(self):
+        return np.zeros(0, np.int64)
+
+    def add_input(self, acc, dense):
+        return _add_dense(acc, dense)
+
+    def merge_accumulators(self, accumulators):
+        total = np.zeros(0, np.int64)
+        for a in accumulators:
+            total = _add_dense(total, a)
+        return total
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _count_pairs(dense: np.ndarray):
+    """A dense count array -> its ``(query_id, count)`` pairs (non-zero ones)."""
+    ids = np.flatnonzero(dense)
+    return zip(ids.tolist(), dense[ids].tolist(), strict=True)
+
+
+class _DenseCounts(collections.abc.Mapping):
+    """A dense count array seen as ``{query_id: count}`` (non-zero entries), for
+    ``choose_caption`` and ``query_probabilities``."""
+
+    def __init__(self, dense: np.ndarray):
+        self._dense = dense
+        self._ids = np.flatnonzero(dense)
+
+    def __getitem__(self, q):
+        q = int(q)
+        if 0 <= q < self._dense.size and self._dense[q]:
+            return int(self._dense[q])
+        raise KeyError(q)
+
+    def __iter__(self):
+        return iter(self._ids.tolist())
+
+    def __len__(self):
+        return len(self._ids)
 
 
 def _batched(pcoll, batch_size: int, tables: bool):
@@ -306,10 +351,14 @@ class CountQueries(beam.PTransform):
         self._pairs = pairs
 
     def expand(self, records):
+        return self.dense(records) | "Pairs" >> beam.FlatMap(_count_pairs)
+
+    def dense(self, records):
+        """The counts as one dense array (a singleton PCollection), for side inputs."""
         return (
             _batched(records, self._batch_size, self._tables)
             | "CountBatch" >> beam.ParDo(_CountBatchFn(pairs=self._pairs))
-            | "Sum" >> beam.CombinePerKey(sum)
+            | "Sum" >> beam.CombineGlobally(_SumDense())
         )
 
 
@@ -322,10 +371,17 @@ class CountUnits(beam.PTransform):
         self._batch_size = batch_size
         self._tables = tables
 
-    def expand(self, samples):
-        return samples | "Count" >> CountQueries(
+    def _counter(self) -> CountQueries:
+        return CountQueries(
             batch_size=self._batch_size, tables=self._tables, pairs=self._unit == "pair"
         )
+
+    def expand(self, samples):
+        return samples | "Count" >> self._counter()
+
+    def dense(self, samples):
+        """The counts as one dense array (a singleton PCollection), for side inputs."""
+        return self._counter().dense(samples)
 
 
 class _BalanceFn(stage.StageFn):
@@ -365,10 +421,12 @@ class _BalanceFn(stage.StageFn):
         self._probs = arrays.Probabilities({})
         self._draw = Draws(self._seed, self._phase)
 
-    def core(self, batch, counts):
-        if counts is not self._seen:  # the side input is the same object for a whole bundle
-            self._probs = arrays.Probabilities(query_probabilities(counts, self._t))
-            self._seen = counts
+    def core(self, batch, dense):
+        if dense is not self._seen:  # the side input is the same object for a whole bundle
+            self._counts = _DenseCounts(dense)
+            self._probs = arrays.Probabilities.from_counts(dense, self._t)
+            self._seen = dense
+        counts = self._counts
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         if isinstance(batch, pa.Table):
@@ -437,7 +495,8 @@ def _with_captions(table: pa.Table, counts) -> pa.Table:
 class _Draw(beam.PTransform):
     """Keep each record with probability ``1 - prod(1 - min(1, t / c_e))`` (seeded, by id).
 
-    ``counts`` is a PCollection of ``(query_id, count)`` over the pool. Returns the stage
+    ``counts`` is a singleton PCollection: the pool's dense count array (``CountQueries.dense``),
+    so that the side input is one array, not a dict of every query. Returns the stage
     outputs (``stage.apply``): ``kept`` (with ``balance_probability``), ``rejected``, ``counts``.
     """
 
@@ -450,7 +509,7 @@ class _Draw(beam.PTransform):
 
     def expand(self, records):
         batches = _batched(records, self._batch_size, self._tables)
-        return stage.apply(batches, "Draw", self._fn, beam.pvalue.AsDict(self._counts))
+        return stage.apply(batches, "Draw", self._fn, beam.pvalue.AsSingleton(self._counts))
 
 
 class PreBalance(beam.PTransform):
@@ -482,9 +541,10 @@ class PreBalance(beam.PTransform):
 
     def expand(self, candidates):
         size, tables = self._batch_size, self._tables
-        before = candidates | "CountBefore" >> CountQueries(batch_size=size, tables=tables)
+        dense = CountQueries(batch_size=size, tables=tables).dense(candidates)
+        before = dense | "CountBefore" >> beam.FlatMap(_count_pairs)
         out = candidates | "Balance" >> _Draw(
-            counts=before, fn=self._fn, batch_size=size, tables=tables
+            counts=dense, fn=self._fn, batch_size=size, tables=tables
         )
         after = out["kept"] | "CountAfter" >> CountQueries(batch_size=size, tables=tables)
         return {**out, "before": before, "after": after}
@@ -526,9 +586,12 @@ class BalanceSamples(beam.PTransform):
         )
 
     def expand(self, samples):
-        before = self._count(samples, "CountBefore")
+        dense = CountUnits(unit=self._unit, batch_size=self._batch_size, tables=self._tables).dense(
+            samples
+        )
+        before = dense | "CountBefore" >> beam.FlatMap(_count_pairs)
         out = samples | "Balance" >> _Draw(
-            counts=before, fn=self._fn, batch_size=self._batch_size, tables=self._tables
+            counts=dense, fn=self._fn, batch_size=self._batch_size, tables=self._tables
         )
         after = self._count(out["kept"], "CountAfter")
         return {**out, "before": before, "after": after}

@@ -40,7 +40,7 @@ class Probabilities:
     (``math.log1p(-p_e)``, needed only where ``p_e < 1``), and the mapping itself."""
 
     def __init__(self, probs: Mapping[int, float]):
-        self.probs = probs
+        self._probs = probs
         size = max(probs, default=-1) + 1
         self.p = np.zeros(size, dtype=np.float64)
         self.log_miss = np.zeros(size, dtype=np.float64)
@@ -48,6 +48,32 @@ class Probabilities:
             self.p[q] = p
             if p < 1.0:
                 self.log_miss[q] = math.log1p(-p)
+
+    @classmethod
+    def from_counts(cls, dense: np.ndarray, t: float) -> Probabilities:
+        """``balance.query_probabilities`` of a dense count array (the same floats:
+        ``t / c`` is one correctly rounded division either way)."""
+        if t <= 0:
+            raise ValueError(f"t must be > 0, got {t}")
+        self = cls.__new__(cls)
+        counts = np.asarray(dense, dtype=np.int64)
+        seen = counts > 0
+        self.p = np.zeros(counts.size, dtype=np.float64)
+        self.p[seen] = np.minimum(1.0, t / counts[seen])
+        self.log_miss = np.zeros(counts.size, dtype=np.float64)
+        head = np.flatnonzero(self.p < 1.0)
+        head = head[seen[head]]
+        self.log_miss[head] = [math.log1p(-x) for x in self.p[head].tolist()]
+        self._probs = None
+        return self
+
+    @property
+    def probs(self) -> Mapping[int, float]:
+        """``{query_id: p_e}``, for the per-record function (built when first needed)."""
+        if self._probs is None:
+            ids = np.flatnonzero(self.p)
+            self._probs = dict(zip(ids.tolist(), self.p[ids].tolist(), strict=True))
+        return self._probs
 
     def lookup(self, values: np.ndarray, table: np.ndarray) -> np.ndarray:
         out = np.zeros(len(values), dtype=np.float64)
@@ -125,11 +151,17 @@ def keep_probabilities(
         out[two] = [-math.expm1(s) if s else 0.0 for s in sums]
     many = np.flatnonzero((k >= 3) & ~certain)
     if len(many):
-        from wit_pipeline.stages.balance import keep_probability
-
+        # The per-record sum, in the order of a Python set of the record's ids (float addition
+        # of three or more terms depends on the order); log_miss holds math.log1p(-p_e).
+        log_table = probs.log_miss
+        size = len(log_table)
         for i in many.tolist():
             ids = lists[i] if lists is not None else values[offsets[i] : offsets[i + 1]].tolist()
-            out[i] = keep_probability(ids, probs.probs)
+            total = 0.0
+            for q in set(ids):
+                if 0 <= q < size:
+                    total += float(log_table[q])
+            out[i] = -math.expm1(total) if total else 0.0
     return out
 
 
