@@ -257,7 +257,7 @@ def _read_and_dedup(p, tars: Sequence[str], output_dir: str, config: DedupConfig
     read = (
         p
         | "Tars" >> beam.Create(list(tars), reshuffle=False)
-        | "Read" >> (samples.ReadDownloadShards())
+        | "Read" >> samples.ReadDownloadShards(phash_decode=config.phash_decode)
     )
     dd = read["kept"] | "Dedup" >> dedup.DedupRecords(
         config=config, contamination_path=fileio.join(output_dir, CONTAMINATION)
