@@ -309,10 +309,17 @@ def apply(pcoll, label: str, fn: StageFn, *side_inputs: Any) -> dict[str, Any]:
 # Writing rejected rows and stats
 
 
-def _as_table(item: Any) -> pa.Table:
-    if isinstance(item, pa.Table):
-        return item
-    return pa.Table.from_pylist(list(item), schema=REJECTED_SCHEMA)
+def _as_table(items: Sequence[Any]) -> pa.Table:
+    """A batch of rejected rows and tables -> one table of :data:`REJECTED_SCHEMA`."""
+    tables = [x for x in items if isinstance(x, pa.Table)]
+    rows = [x for x in items if not isinstance(x, pa.Table)]
+    if rows:
+        tables.append(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _row_count(item: Any) -> int:
+    return item.num_rows if isinstance(item, pa.Table) else 1
 
 
 class WriteRejected(beam.PTransform):
@@ -324,20 +331,21 @@ class WriteRejected(beam.PTransform):
         self._batch_size = batch_size
 
     def expand(self, rows):
+        # Dict rows are batched into tables of batch_size; tables pass as they are (a batch
+        # counts their rows), so columnar stages never go through one element per row.
         tables = (
             rows
-            | "Rows" >> beam.FlatMap(_table_rows)
             | "Batch"
-            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            >> beam.BatchElements(
+                min_batch_size=self._batch_size,
+                max_batch_size=self._batch_size,
+                element_size_fn=_row_count,
+            )
             | "ToTable" >> beam.Map(_as_table)
         )
         return tables | "Write" >> beam.io.WriteToParquetBatched(
             self._prefix, schema=REJECTED_SCHEMA, file_name_suffix=".parquet", codec="zstd"
         )
-
-
-def _table_rows(item: Any) -> Iterable[dict[str, Any]]:
-    return item.to_pylist() if isinstance(item, pa.Table) else [item]
 
 
 Section = str | Sequence[str] | None
