@@ -11,10 +11,11 @@ implementations of the same sampling (count per query, ``p = min(1, t / c)``, ke
 - baseline: MetaCLIP's ``balancing.py`` loop (count with a Python loop, then
   ``any(random.random() < p[e] for e in entries)`` per record; not reproducible across runs);
 - ``balance.balance_records``: our pure core (seeded keyed-hash draw per record, reproducible);
-- ``balance.BalanceSamples``: the Beam transform on FnApiRunner (counting with CombinePerKey
-  plus the draws), records generated inside the pipeline: as dict records (one element per
-  sample) and as Arrow tables (``tables=True``: one element per batch of samples, counted and
-  drawn per batch with ``balance_arrays``).
+- ``balance.BalanceSamples``: the Beam transform on FnApiRunner (counting plus the draws),
+  reading the samples from Parquet files written before the clock starts, as ``wit balance``
+  reads ``wit dedup``'s samples: as dict records (one element per sample, ``ReadFromParquet``)
+  and as Arrow tables (``tables=True``: one element per row group of 4,096 samples,
+  ``ReadFromParquetBatched``, counted and drawn per table with ``balance_arrays``).
 
 The kept counts must agree within binomial noise. Prints a Markdown table.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import pickle
 import platform
 import random
 import sys
@@ -112,13 +112,6 @@ def ours_pure(recs: list[dict], t: int, seed: int) -> int:
     return len(result.kept)
 
 
-def _gen(item, path):
-    start, stop = item
-    with open(path, "rb") as f:
-        qids = pickle.load(f)
-    yield from records(qids[start:stop], offset=start)
-
-
 def _save(n, path):
     with open(path, "w") as f:
         f.write(str(n))
@@ -138,14 +131,6 @@ def table_of(qids: list[list[int]], offset: int = 0):
     return pa.table({"key": keys, "query_ids": q, "pairs": pa.ListArray.from_arrays(offsets, pair)})
 
 
-def _gen_tables(item, path, size):
-    start, stop = item
-    with open(path, "rb") as f:
-        qids = pickle.load(f)
-    for s in range(start, stop, size):
-        yield table_of(qids[s : min(stop, s + size)], offset=s)
-
-
 def _rows(x):
     return x.num_rows if hasattr(x, "num_rows") else 1
 
@@ -153,22 +138,26 @@ def _rows(x):
 def ours_beam(
     qids: list[list[int]], t: int, seed: int, *, tables: bool = False, batch: int = 4096
 ) -> tuple[tuple[float, float], int]:
+    """``BalanceSamples`` reading the samples from Parquet files (written before the clock
+    starts), as ``wit balance`` reads ``wit dedup``'s samples: as Arrow tables of ``batch`` rows
+    (``ReadFromParquetBatched``, ``tables=True``) or as dict records (``ReadFromParquet``)."""
     import apache_beam as beam
+    import pyarrow.parquet as pq
 
     from wit_pipeline import beam_utils
 
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "q.pkl")
-        with open(src, "wb") as f:
-            pickle.dump(qids, f)
+        for start in range(0, len(qids), 50_000):
+            part = table_of(qids[start : start + 50_000], offset=start)
+            pq.write_table(part, os.path.join(tmp, f"s{start:09d}.parquet"), row_group_size=batch)
         out = os.path.join(tmp, "n.txt")
-        chunks = [(s, min(len(qids), s + 50_000)) for s in range(0, len(qids), 50_000)]
+        pattern = os.path.join(tmp, "*.parquet")
         start = clock()
         with beam.Pipeline(options=beam_utils.pipeline_options([])) as p:
             if tables:
-                recs = p | beam.Create(chunks) | beam.FlatMap(_gen_tables, src, batch)
+                recs = p | beam.io.ReadFromParquetBatched(pattern)
             else:
-                recs = p | beam.Create(chunks) | beam.FlatMap(_gen, src)
+                recs = p | beam.io.ReadFromParquet(pattern)
             res = recs | balance.BalanceSamples(config=BalanceConfig(t=t, seed=seed), tables=tables)
             _ = res["kept"] | beam.Map(_rows) | beam.CombineGlobally(sum) | beam.Map(_save, out)
         elapsed = since(start)

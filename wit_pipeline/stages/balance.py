@@ -468,25 +468,27 @@ class _BalanceFn(stage.StageFn):
 
 
 def _with_captions(table: pa.Table, counts) -> pa.Table:
-    """``choose_caption`` of each sample of a table: its one pair's caption, or the rarest."""
+    """``choose_caption`` of each sample of a table: its one pair's caption (taken as a
+    column), or for samples of several pairs the caption of the rarest query's pair."""
     import pyarrow.compute as pc
 
     flat, offsets = arrays.pair_lists(table)
     sizes = np.diff(offsets)
-    captions = [None] * table.num_rows
     if len(flat):
-        all_captions = pc.struct_field(flat, "caption").to_pylist()
-        for i in np.flatnonzero(sizes == 1).tolist():
-            captions[i] = all_captions[offsets[i]]
+        first = np.where(sizes > 0, offsets[:-1], -1)
+        index = pa.array(first, mask=first < 0)
+        column = pc.take(pc.struct_field(flat, "caption"), index)
+    else:
+        column = pa.nulls(table.num_rows, pa.string())
+    column = pc.fill_null(column.cast(pa.string()), "")
     several = np.flatnonzero(sizes > 1)
     if len(several):
+        values = column.to_pylist()
         pairs = table.column("pairs").take(pa.array(several)).to_pylist()
         for i, ps in zip(several.tolist(), pairs, strict=True):
-            captions[i] = choose_caption(ps, counts)
-    for i in np.flatnonzero(sizes == 0).tolist():
-        captions[i] = ""
+            values[i] = choose_caption(ps, counts)
+        column = pa.array(values, pa.string())
     i = table.schema.get_field_index("caption")
-    column = pa.array(captions, pa.string())
     return (
         table.set_column(i, "caption", column) if i >= 0 else table.append_column("caption", column)
     )
