@@ -130,7 +130,9 @@ def image_records(table):
 _GROUPS = [1]  # number of planted groups, set per run (about n / 50)
 
 
-def run_dedup(candidates: str, out: str, n: int, beam_args: list[str]) -> None:
+def run_dedup(
+    candidates: str, out: str, n: int, beam_args: list[str], label_rounds: int = 4
+) -> None:
     import apache_beam as beam
 
     from wit_pipeline import beam_utils, samples
@@ -150,7 +152,7 @@ def run_dedup(candidates: str, out: str, n: int, beam_args: list[str]) -> None:
             | "Read" >> beam.io.ReadFromParquetBatched(os.path.join(candidates, "*.parquet"))
             | "Images" >> beam.FlatMap(records)
         )
-        dd = recs | "Dedup" >> dedup.DedupRecords(config=DedupConfig())
+        dd = recs | "Dedup" >> dedup.DedupRecords(config=DedupConfig(label_rounds=label_rounds))
         _ = (
             dd["samples"]
             | "ToRow" >> beam.Map(samples.sample_row)
@@ -263,7 +265,7 @@ def _rows(directory: str) -> int:
     )
 
 
-def run_size(n: int, tmp: str, queries: str, workers: int) -> list[dict]:
+def run_size(n: int, tmp: str, queries: str, workers: int, label_rounds: int) -> list[dict]:
     py = sys.executable
     me = os.path.abspath(__file__)
     beam = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
@@ -294,7 +296,8 @@ def run_size(n: int, tmp: str, queries: str, workers: int) -> list[dict]:
     )
     steps.append({"step": "prebalance", "records": _rows(os.path.join(gather, "candidates")), **m})
     m = measure(
-        [py, me, "--child-dedup", os.path.join(pre, "candidates"), samples_dir, str(n), *beam]
+        [py, me, "--child-dedup", os.path.join(pre, "candidates"), samples_dir, str(n)]
+        + [f"--label-rounds={label_rounds}", *beam]
     )
     steps.append({"step": "dedup grouping", "records": _rows(os.path.join(pre, "candidates")), **m})
     m = measure([py, me, "--child-balance", samples_dir, final, *beam])
@@ -313,12 +316,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="worker processes per step")
     ap.add_argument("--queries", type=int, default=500_000)
     ap.add_argument("--json", help="also write the measurements here")
+    ap.add_argument(
+        "--label-rounds", type=int, default=4, help="dedup.label_rounds (-1: one union-find)"
+    )
     ap.add_argument("--child-dedup", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-balance", nargs=2, help=argparse.SUPPRESS)
     args, beam_args = ap.parse_known_args()
     if args.child_dedup:
         cands, out, n = args.child_dedup
-        run_dedup(cands, out, int(n), beam_args)
+        run_dedup(cands, out, int(n), beam_args, args.label_rounds)
         return
     if args.child_balance:
         run_balance(*args.child_balance, beam_args)
@@ -335,7 +341,7 @@ def main() -> None:
         with gzip.open(queries, "wt", encoding="utf-8") as f:
             f.write("\n".join(common.real_sized_queries(common.shared_data(), args.queries)))
         for n in sizes:
-            rows += run_size(n, tmp, queries, args.workers)
+            rows += run_size(n, tmp, queries, args.workers, args.label_rounds)
             load.append(f"{os.getloadavg()[0]:.1f}")
             if args.json:
                 with open(args.json, "w") as f:
@@ -343,6 +349,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = f"benchmarks/bench_scale.py --sizes {args.sizes} --workers {args.workers}"
+    if args.label_rounds != 4:
+        cmd += f" --label-rounds {args.label_rounds}"
     print(common.header("Scale: every step at growing N, throughput and worker memory", cmd))
     print(
         f"Started {started}; `uptime` load average (1 min) at the start and after each size: "
