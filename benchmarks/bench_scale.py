@@ -296,8 +296,16 @@ def run_size(n: int, tmp: str, queries: str, workers: int, label_rounds: int) ->
     )
     steps.append({"step": "prebalance", "records": _rows(os.path.join(gather, "candidates")), **m})
     m = measure(
-        [py, me, "--child-dedup", os.path.join(pre, "candidates"), samples_dir, str(n)]
-        + [f"--label-rounds={label_rounds}", *beam]
+        [
+            py,
+            me,
+            "--child-dedup",
+            os.path.join(pre, "candidates"),
+            samples_dir,
+            str(n),
+            f"--label-rounds={label_rounds}",
+            *beam,
+        ]
     )
     steps.append({"step": "dedup grouping", "records": _rows(os.path.join(pre, "candidates")), **m})
     m = measure([py, me, "--child-balance", samples_dir, final, *beam])
