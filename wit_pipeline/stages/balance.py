@@ -35,7 +35,6 @@ download, after dedup, final) are written as a Parquet table by ``WriteQueryCoun
 from __future__ import annotations
 
 import collections
-import collections.abc
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -242,13 +241,6 @@ def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]
 # Beam
 
 
-def _add_dense(acc: np.ndarray, dense: np.ndarray) -> np.ndarray:
-    if dense.size > acc.size:
-        acc = np.concatenate([acc, np.zeros(dense.size - acc.size, np.int64)])
-    acc[: dense.size] += dense
-    return acc
-
-
 class _CountBatchFn(beam.DoFn):
     """Counts per query over a whole bundle, emitted once at its end as one dense array.
 
@@ -271,7 +263,7 @@ class _CountBatchFn(beam.DoFn):
         else:
             records = [p for r in batch for p in r["pairs"]] if self._pairs else batch
             dense = arrays.count_arrays(*arrays.flat_lists([r.get("query_ids") for r in records]))
-        self._counts = _add_dense(self._counts, dense)
+        self._counts = arrays.add_dense(self._counts, dense)
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
@@ -290,12 +282,12 @@ class _SumDense(beam.CombineFn):
         return np.zeros(0, np.int64)
 
     def add_input(self, acc, dense):
-        return _add_dense(acc, dense)
+        return arrays.add_dense(acc, dense)
 
     def merge_accumulators(self, accumulators):
         total = np.zeros(0, np.int64)
         for a in accumulators:
-            total = _add_dense(total, a)
+            total = arrays.add_dense(total, a)
         return total
 
     def extract_output(self, acc):
@@ -306,27 +298,6 @@ def _count_pairs(dense: np.ndarray):
     """A dense count array -> its ``(query_id, count)`` pairs (non-zero ones)."""
     ids = np.flatnonzero(dense)
     return zip(ids.tolist(), dense[ids].tolist(), strict=True)
-
-
-class _DenseCounts(collections.abc.Mapping):
-    """A dense count array seen as ``{query_id: count}`` (non-zero entries), for
-    ``choose_caption`` and ``query_probabilities``."""
-
-    def __init__(self, dense: np.ndarray):
-        self._dense = dense
-        self._ids = np.flatnonzero(dense)
-
-    def __getitem__(self, q):
-        q = int(q)
-        if 0 <= q < self._dense.size and self._dense[q]:
-            return int(self._dense[q])
-        raise KeyError(q)
-
-    def __iter__(self):
-        return iter(self._ids.tolist())
-
-    def __len__(self):
-        return len(self._ids)
 
 
 def _batched(pcoll, batch_size: int, tables: bool):
@@ -423,7 +394,7 @@ class _BalanceFn(stage.StageFn):
 
     def core(self, batch, dense):
         if dense is not self._seen:  # the side input is the same object for a whole bundle
-            self._counts = _DenseCounts(dense)
+            self._counts = arrays.DenseCounts(dense)
             self._probs = arrays.Probabilities.from_counts(dense, self._t)
             self._seen = dense
         counts = self._counts
@@ -459,39 +430,12 @@ class _BalanceFn(stage.StageFn):
                 table, self._probs, self._draw, id_field=self._id_field, reason=self._reason
             )
         if self._phase == PHASE_BALANCE:
-            result.kept = _with_captions(result.kept, counts)
+            result.kept = arrays.with_captions(result.kept, counts)
         if "pairs" in table.column_names:  # sample rows: uids and captions for rejected/
             result.rejected = arrays.sample_lists(result.rejected)
             if isinstance(result.partial, pa.Table):
                 result.partial = arrays.sample_lists(result.partial)
         return result
-
-
-def _with_captions(table: pa.Table, counts) -> pa.Table:
-    """``choose_caption`` of each sample of a table: its one pair's caption (taken as a
-    column), or for samples of several pairs the caption of the rarest query's pair."""
-    import pyarrow.compute as pc
-
-    flat, offsets = arrays.pair_lists(table)
-    sizes = np.diff(offsets)
-    if len(flat):
-        first = np.where(sizes > 0, offsets[:-1], -1)
-        index = pa.array(first, mask=first < 0)
-        column = pc.take(pc.struct_field(flat, "caption"), index)
-    else:
-        column = pa.nulls(table.num_rows, pa.string())
-    column = pc.fill_null(column.cast(pa.string()), "")
-    several = np.flatnonzero(sizes > 1)
-    if len(several):
-        values = column.to_pylist()
-        pairs = table.column("pairs").take(pa.array(several)).to_pylist()
-        for i, ps in zip(several.tolist(), pairs, strict=True):
-            values[i] = choose_caption(ps, counts)
-        column = pa.array(values, pa.string())
-    i = table.schema.get_field_index("caption")
-    return (
-        table.set_column(i, "caption", column) if i >= 0 else table.append_column("caption", column)
-    )
 
 
 class _Draw(beam.PTransform):

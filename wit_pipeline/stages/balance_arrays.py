@@ -256,11 +256,6 @@ def sample_lists(table: pa.Table) -> pa.Table:
     return table
 
 
-def pair_counts(table: pa.Table) -> int:
-    """Pairs held by a table of samples."""
-    return int(pc.sum(pc.list_value_length(table.column("pairs"))).as_py() or 0)
-
-
 def count_table(table: pa.Table, *, pairs: bool = False) -> np.ndarray:
     """Records (or, with ``pairs``, the records' pairs) per query id: a dense count array."""
     if pairs:
@@ -385,3 +380,59 @@ def balance_sample_pairs_table(
     else:
         partial_table = rejected.slice(0, 0)
     return stage.Result(out, rejected, counts, partial=partial_table)
+
+
+def add_dense(acc: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """``acc + dense`` for count arrays of any lengths (``acc`` grown as needed)."""
+    if dense.size > acc.size:
+        acc = np.concatenate([acc, np.zeros(dense.size - acc.size, np.int64)])
+    acc[: dense.size] += dense
+    return acc
+
+
+class DenseCounts(Mapping):
+    """A dense count array seen as ``{query_id: count}`` (non-zero entries), for
+    ``choose_caption`` and ``query_probabilities``."""
+
+    def __init__(self, dense: np.ndarray):
+        self._dense = dense
+        self._ids = np.flatnonzero(dense)
+
+    def __getitem__(self, q):
+        q = int(q)
+        if 0 <= q < self._dense.size and self._dense[q]:
+            return int(self._dense[q])
+        raise KeyError(q)
+
+    def __iter__(self):
+        return iter(self._ids.tolist())
+
+    def __len__(self):
+        return len(self._ids)
+
+
+def with_captions(table: pa.Table, counts) -> pa.Table:
+    """``choose_caption`` of each sample of a table: its one pair's caption (taken as a
+    column), or for samples of several pairs the caption of the rarest query's pair."""
+    from wit_pipeline.stages.balance import choose_caption
+
+    flat, offsets = pair_lists(table)
+    sizes = np.diff(offsets)
+    if len(flat):
+        first = np.where(sizes > 0, offsets[:-1], -1)
+        index = pa.array(first, mask=first < 0)
+        column = pc.take(pc.struct_field(flat, "caption"), index)
+    else:
+        column = pa.nulls(table.num_rows, pa.string())
+    column = pc.fill_null(column.cast(pa.string()), "")
+    several = np.flatnonzero(sizes > 1)
+    if len(several):
+        values = column.to_pylist()
+        pairs = table.column("pairs").take(pa.array(several)).to_pylist()
+        for i, ps in zip(several.tolist(), pairs, strict=True):
+            values[i] = choose_caption(ps, counts)
+        column = pa.array(values, pa.string())
+    i = table.schema.get_field_index("caption")
+    return (
+        table.set_column(i, "caption", column) if i >= 0 else table.append_column("caption", column)
+    )
