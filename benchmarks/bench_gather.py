@@ -33,13 +33,37 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def perturb(words: list[str], rng: random.Random, pool: list[str]) -> list[str]:
+    """One seeded edit of a caption's words: drop, repeat or swap a word, or insert one from
+    another real caption."""
+    words = list(words)
+    op = rng.randrange(4)
+    if op == 3 or len(words) < 3:
+        words.insert(rng.randrange(len(words) + 1), rng.choice(pool))
+        return words
+    k = rng.randrange(len(words) - 1)
+    if op == 0:
+        del words[k]
+    elif op == 1:
+        words.insert(k, words[k])
+    else:
+        words[k], words[k + 1] = words[k + 1], words[k]
+    return words
+
+
 def build_inputs(directory: str, rows: int, files: int, seed: int = 0) -> None:
+    """``rows`` LAION-shaped pairs: copies of the real rows with their own URLs and captions
+    edited (``perturb``) until every caption is new, so that the input holds ``rows`` distinct
+    captions apart from the 1% exact duplicate pairs (a real crawl's repeated alt texts are not
+    modelled: no cache can help more here than it would on distinct text)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     urls, texts = common.laion_rows(common.shared_data())
     base = [(u, t) for u, t in zip(urls, texts, strict=True) if u and t]
+    pool = [w for _, t in base for w in t.split()]
     rng = random.Random(seed)
+    seen: set[str] = set()
     out_u: list[str] = []
     out_t: list[str] = []
     for i in range(rows):
@@ -53,17 +77,11 @@ def build_inputs(directory: str, rows: int, files: int, seed: int = 0) -> None:
         if copy:
             head, _, name = u.rpartition("/")
             u = f"{head}/{copy}-{name}"
-            words = t.split()
-            if len(words) > 2:
-                k = rng.randrange(len(words) - 1)
-                op = rng.randrange(3)
-                if op == 0:
-                    del words[k]
-                elif op == 1:
-                    words.insert(k, words[k])
-                else:
-                    words[k], words[k + 1] = words[k + 1], words[k]
+        words = t.split()
+        while t in seen:
+            words = perturb(words, rng, pool)
             t = " ".join(words)
+        seen.add(t)
         out_u.append(u)
         out_t.append(t)
     per = -(-rows // files)
@@ -116,70 +134,215 @@ def same_output(loop_out: str, pipe_out: str) -> dict:
     return cb
 
 
-def profile_loop(inputs: str, queries: str, detector: str, sample: int) -> list[list[str]]:
-    """Time each component of the per-pair work, in isolation, on the first ``sample`` pairs."""
+def _batches(inputs: str, cfg, limit: int = 0) -> list:
+    """The input's ``RawBatch`` objects (the first ``limit`` pairs' worth), read once."""
+    from wit_pipeline import fileio
+    from wit_pipeline.stages.gather.readers import iter_file_batches
 
-    import pyarrow as pa
+    out, n = [], 0
+    for p in fileio.expand_inputs([inputs]):
+        for b in iter_file_batches(p, cfg=cfg):
+            out.append(b)
+            n += len(b)
+            if limit and n >= limit:
+                return out
+    return out
 
-    from wit_pipeline import fileio, urls
+
+def child_core(inputs: str, queries: str, detector: str, out: str) -> None:
+    """Per-core rates after set-up (CPU time of this one process): the bare read-and-match
+    loop, the per-pair filter (``tests/gather_reference.py``, the implementation before the
+    batch version) and ``PairFilter.process``; the last two must agree exactly."""
+    import collections
+
+    sys.path.insert(0, os.path.join(common.ROOT, "tests"))
+    from gather_reference import reference_process
+
+    from wit_pipeline import fileio
     from wit_pipeline.config import CaptionConfig, GatherConfig
     from wit_pipeline.queries import load_queries
-    from wit_pipeline.stages.gather import captions, pairs
-    from wit_pipeline.stages.gather.match import QueryMatcher
+    from wit_pipeline.stages.gather import pairs
+    from wit_pipeline.stages.gather.match import QueryMatcher, spacing
     from wit_pipeline.stages.gather.readers import iter_file_batches
 
     cfg = GatherConfig(captions=CaptionConfig(language_detector=detector))
     paths = fileio.expand_inputs([inputs])
-    t0 = time.perf_counter()
-    batches = []
-    n = 0
-    for p in paths:
-        for b in iter_file_batches(p, cfg=cfg):
-            batches.append(b)
-            n += len(b)
-            if n >= sample:
-                break
-        if n >= sample:
-            break
-    read_s = time.perf_counter() - t0
-    url_l = [u for b in batches for u in b.urls]
-    cap_l = [c for b in batches for c in b.captions]
-    times: dict[str, float] = {}
-
-    def t(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        times[name] = time.perf_counter() - t0
-        return out
-
-    checked = t("URL check + normalize_url", lambda: [pairs.check_url(u) for u in url_l])
-    cleaned = t("clean_caption", lambda: [captions.clean_caption(c or "") for c in cap_l])
-    t("check_caption (lengths)", lambda: [captions.check_caption(c, cfg.captions) for c in cleaned])
-    det = captions.make_detector(cfg.captions)
-    t(f"language detection ({detector})", lambda: [det.detect(c) for c in cleaned])
     matcher = QueryMatcher(load_queries(queries))
-    t("QueryMatcher.match", lambda: [matcher.match(c) for c in cleaned])
-    t(
-        "pair_uid (blake2b)",
-        lambda: [urls.pair_uid(u or "", c) for (u, _), c in zip(checked, cleaned, strict=True)],
-    )
-    flt = pairs.PairFilter(cfg, matcher, det)
-    t0 = time.perf_counter()
-    kept = [flt.process(b).kept for b in batches]
-    whole = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pairs.dedup_candidates(pa.concat_tables(kept))
-    dedup = time.perf_counter() - t0
-    total = read_s + whole + dedup
-    rows = [
-        ["read Parquet (iter_file_batches)", read_s],
-        ["PairFilter.process, all steps together", whole],
-        *[[f"  {name} (timed alone)", s] for name, s in times.items()],
-        ["dedup_candidates (Arrow sort + mask)", dedup],
+    automaton = matcher._automaton
+    rates = {}
+
+    t0 = time.process_time()
+    n = 0
+    for p in paths:  # the bare loop: read the Parquet files, run the automaton on each caption
+        for b in iter_file_batches(p, cfg=cfg):
+            for c in b.captions:
+                if c:
+                    for _ in automaton.iter(spacing(c)):
+                        pass
+            n += len(b)
+    rates["bare"] = n / (time.process_time() - t0)
+
+    flt = pairs.PairFilter(cfg, matcher)
+    results = {}
+    for name, fn in (("per_pair", lambda b: reference_process(flt, b)), ("batch", flt.process)):
+        flt._languages.clear()
+        flt._matches.clear()
+        counter: collections.Counter = collections.Counter()
+        kept = []
+        t0 = time.process_time()
+        for p in paths:  # what gather_loop does, after its set-up
+            for b in iter_file_batches(p, cfg=cfg):
+                r = fn(b)
+                pairs.add_counts(counter, r)
+                kept.append(r.kept)
+        deduped = pairs.dedup_candidates(pa_concat(kept))
+        pairs.add_counts(counter, deduped)
+        rates[name] = n / (time.process_time() - t0)
+        results[name] = (deduped.kept, dict(counter))
+    assert results["per_pair"][0].equals(results["batch"][0]), "candidates differ"
+    assert results["per_pair"][1] == results["batch"][1], "counters differ"
+    with open(out, "w") as f:
+        json.dump({"rates": rates, "pairs": n}, f)
+
+
+def pa_concat(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+# Where the time goes, by the function that spends it (cProfile's own time per function): the
+# first category whose (file part, function part) both occur in "file:function" takes it.
+_CATEGORIES = [
+    ("language ID: fastText model call", [("", "fasttext_pybind.predict")]),
+    (
+        "language ID: input handling",
+        [
+            ("captions.py", "detect"),
+            ("captions.py", "_ascii"),
+            ("FastText.py", ""),
+            ("", "findall"),
+        ],
+    ),
+    ("caption cleaning + checks", [("captions.py", ""), ("unicodedata", ""), ("html", "")]),
+    (
+        "query matching (automaton, spacing)",
+        [("match.py", ""), ("", "ahocorasick"), ("", "sorted")],
+    ),
+    (
+        "URL checks + normalize_url",
+        [("urls.py", ""), ("parse.py", ""), ("idna", ""), ("posixpath", "")],
+    ),
+    ("pair_uid (blake2b)", [("", "blake2b"), ("", "hexdigest"), ("", "encode")]),
+    ("reading Parquet", [("tables.py", ""), ("parquet", ""), ("", "to_pylist")]),
+    ("pyarrow kernels and tables", [("pyarrow", ""), ("", "pyarrow")]),
+]
+
+
+def _category(file: str, func: str) -> str:
+    for name, rules in _CATEGORIES:
+        if any(a in file and b in func for a, b in rules):
+            return name
+    return "other"
+
+
+def profile_core(inputs: str, queries: str, detector: str, sample: int) -> list[list[str]]:
+    """cProfile of the per-pair filter and of the batch filter on the first ``sample`` pairs
+    (reading included), their own time summed by category: microseconds per pair."""
+    import cProfile
+    import pstats
+
+    sys.path.insert(0, os.path.join(common.ROOT, "tests"))
+    from gather_reference import reference_process
+
+    from wit_pipeline.config import CaptionConfig, GatherConfig
+    from wit_pipeline.queries import load_queries
+    from wit_pipeline.stages.gather import pairs
+    from wit_pipeline.stages.gather.match import QueryMatcher
+
+    cfg = GatherConfig(captions=CaptionConfig(language_detector=detector))
+    flt = pairs.PairFilter(cfg, QueryMatcher(load_queries(queries)))
+    columns = {}
+    for name, fn in (("per_pair", lambda b: reference_process(flt, b)), ("batch", flt.process)):
+        flt._languages.clear()
+        flt._matches.clear()
+        prof = cProfile.Profile()
+        prof.enable()
+        n = 0
+        for b in _batches(inputs, cfg, sample):
+            fn(b)
+            n += len(b)
+        prof.disable()
+        by_cat: dict[str, float] = dict.fromkeys([c for c, _ in _CATEGORIES] + ["other"], 0.0)
+        for (file, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+            by_cat[_category(file, func)] += tottime
+        total = sum(by_cat.values())
+        columns[name] = {c: (t / n * 1e6, t / total) for c, t in by_cat.items()}
+        columns[name]["total"] = (total / n * 1e6, 1.0)
+    return [
+        [cat, *(f"{columns[k][cat][0]:,.1f} ({columns[k][cat][1]:.0%})" for k in columns)]
+        for cat in columns["per_pair"]
     ]
-    return [[name, f"{s / n * 1e6:,.1f}", f"{s / total:.0%}"] for name, s in rows] + [
-        ["total (read + process + dedup)", f"{total / n * 1e6:,.1f}", "100%"]
-    ]
+
+
+def warc_rates(copies: int) -> tuple[list[list[str]], dict]:
+    """Pages/s and pairs/s of the gather loop on a WARC file against FastWARC alone reading the
+    same file (every record, response blocks read), single process, CPU time."""
+    import collections
+
+    from fastwarc.warc import ArchiveIterator
+
+    from wit_pipeline.config import GatherConfig
+    from wit_pipeline.stages.gather import pairs
+    from wit_pipeline.stages.gather.match import QueryMatcher
+    from wit_pipeline.stages.gather.readers import iter_file_batches
+
+    excerpt = common.shared_data() / "warc" / "cc-main-2020-34-excerpt.warc.gz"
+    data = excerpt.read_bytes() * copies
+    tmp = tempfile.mkdtemp(prefix="wit-bench-warc-")
+    try:
+        path = os.path.join(tmp, "crawl.warc.gz")
+        with open(path, "wb") as f:
+            f.write(data)
+        queries = common.real_sized_queries(common.shared_data(), 500_000)
+        t0 = time.process_time()
+        records = pages = 0
+        with open(path, "rb") as f:
+            for r in ArchiveIterator(f, parse_http=False):
+                r.reader.read()
+                records += 1
+        fast_s = time.process_time() - t0
+        cfg = GatherConfig()
+        flt = pairs.PairFilter(cfg, QueryMatcher(queries))
+        counter: collections.Counter = collections.Counter()
+        t0 = time.process_time()  # what gather_loop does after its set-up
+        kept = []
+        for b in iter_file_batches(path, cfg=cfg, counter=counter):
+            r = flt.process(b)
+            pairs.add_counts(counter, r)
+            kept.append(r.kept)
+        pairs.add_counts(counter, pairs.dedup_candidates(pa_concat(kept)))
+        loop_s = time.process_time() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    pages = counter["warc:html_pages"]
+    n_pairs = counter["input"]
+    return [
+        [
+            f"FastWARC ArchiveIterator alone, every record read (baseline; {records:,} records)",
+            f"{pages / fast_s:,.0f}",
+            f"{n_pairs / fast_s:,.0f}",
+            "1.00",
+            f"{len(data) / fast_s / 2**20:,.1f}",
+        ],
+        [
+            "gather loop after set-up: read (FastWARC + recovery), parse HTML, filter, dedup",
+            f"{pages / loop_s:,.0f}",
+            f"{n_pairs / loop_s:,.0f}",
+            f"{fast_s / loop_s:.3f}",
+            f"{len(data) / loop_s / 2**20:,.1f}",
+        ],
+    ], dict(counter)
 
 
 def main() -> None:
@@ -194,6 +357,10 @@ def main() -> None:
         "--workers", type=int, default=0, help="also run FnApiRunner with N worker processes"
     )
     ap.add_argument("--queries", type=int, default=500_000)
+    ap.add_argument("--warc-copies", type=int, default=0, help="default 200 (quick: 40)")
+    ap.add_argument(
+        "--skip-whole", action="store_true", help="only the per-core, profile and WARC tables"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
         "--child-loop",
@@ -201,13 +368,19 @@ def main() -> None:
         metavar=("INPUTS", "QUERIES", "OUT", "DETECTOR"),
         help=argparse.SUPPRESS,
     )
+    ap.add_argument("--child-core", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_loop:
         child_loop(*args.child_loop)
         return
+    if args.child_core:
+        child_core(*args.child_core)
+        return
     rows = args.rows or (100_000 if args.quick else 1_000_000)
     files = args.files or (4 if args.quick else 20)
     detectors = ["fasttext", "none"] if args.detector == "both" else [args.detector]
+    copies = args.warc_copies or (40 if args.quick else 200)
+    load = [f"{os.getloadavg()[0]:.1f}"]
 
     tmp = tempfile.mkdtemp(prefix="wit-bench-gather-")
     try:
@@ -219,7 +392,7 @@ def main() -> None:
             f.write("\n".join(common.real_sized_queries(common.shared_data(), args.queries)))
         env_py = sys.executable
         results = []
-        for det in detectors:
+        for det in [] if args.skip_whole else detectors:
             loop_out = os.path.join(tmp, f"loop-{det}")
             loop_s = timed([env_py, __file__, "--child-loop", inputs, qpath, loop_out, det])
             runs = [("FnApiRunner, 1 process", [])]
@@ -255,7 +428,18 @@ def main() -> None:
                 s = timed(cmd)
                 counters = same_output(loop_out, out)
                 results.append((det, f"`wit gather`, {label}", s, loop_s, counters))
-        profile = profile_loop(inputs, qpath, detectors[0], min(rows, 50_000))
+            load.append(f"{os.getloadavg()[0]:.1f}")
+        core = {}
+        for det in detectors:
+            out = os.path.join(tmp, f"core-{det}.json")
+            timed([env_py, __file__, "--child-core", inputs, qpath, det, out])
+            with open(out) as f:
+                core[det] = json.load(f)
+            load.append(f"{os.getloadavg()[0]:.1f}")
+        sample = min(rows, 50_000)
+        profile = profile_core(inputs, qpath, detectors[0], sample)
+        warc, warc_counts = warc_rates(copies)
+        load.append(f"{os.getloadavg()[0]:.1f}")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -263,27 +447,56 @@ def main() -> None:
     cmd = "benchmarks/bench_gather.py" + (" --quick" if args.quick else "")
     if args.workers:
         cmd += f" --workers {args.workers}"
-    print(common.header("Gather: `wit gather` (Beam) vs a plain Python loop", cmd))
-    kept = next(r[4] for r in results if r[4])
+    print(common.header("Gather: per-core throughput, `wit gather` (Beam) and a plain loop", cmd))
+    print(f"`uptime` load average (1 min) during the run: {', '.join(load)}.\n")
     print(
-        f"{rows:,} real-shaped LAION captions in {files} Parquet files, {args.queries:,} queries; "
-        f"{kept['kept']:,} kept, {kept.get('dropped:duplicate', 0):,} duplicates. Times are "
-        "whole processes (start-up, imports, automaton build included); outputs identical.\n"
+        f"{rows:,} real-shaped LAION captions in {files} Parquet files (distinct captions; "
+        f"1% exact duplicate pairs), {args.queries:,} queries.\n"
+    )
+    print(
+        "Per core, after set-up (CPU seconds of one process; automaton and model loading "
+        "excluded; outputs of the two filters identical):\n"
     )
     table = []
-    for det, label, s, loop_s, _ in results:
-        table.append([det, label, f"{s:,.1f}", f"{rows / s:,.0f}", f"{loop_s / s:.2f}"])
-    print(
-        common.table(
-            table, ["language detector", "run", "seconds", "pairs/s", "throughput vs loop"]
-        )
-    )
+    for det, r in core.items():
+        rates = r["rates"]
+        for key, label in (
+            ("bare", "bare loop: read Parquet + automaton over each caption (baseline)"),
+            ("per_pair", "gather filter per pair (before; tests/gather_reference.py)"),
+            ("batch", "gather filter per Arrow batch (`PairFilter.process`)"),
+        ):
+            table.append([det, label, f"{rates[key]:,.0f}", f"{rates[key] / rates['bare']:.3f}"])
+    print(common.table(table, ["language detector", "run", "pairs/s", "vs bare loop"]))
     print()
     print(
-        f"Where the loop's time goes (detector {detectors[0]}, first "
-        f"{min(rows, 50_000):,} pairs, each component timed alone):\n"
+        f"Where the time goes (detector {detectors[0]}, first {sample:,} pairs, reading "
+        "included; cProfile's own time per function, by category, µs per pair and share; "
+        "cProfile inflates Python-level calls):\n"
     )
-    print(common.table(profile, ["component", "µs per pair", "share"]))
+    print(common.table(profile, ["category", "per pair (before)", "per batch (now)"]))
+    if results:
+        print()
+        kept = next(r[4] for r in results if r[4])
+        print(
+            f"Whole processes (start-up, imports, automaton build included); {kept['kept']:,} "
+            f"kept, {kept.get('dropped:duplicate', 0):,} duplicates; outputs identical:\n"
+        )
+        table = []
+        for det, label, s, loop_s, _ in results:
+            table.append([det, label, f"{s:,.1f}", f"{rows / s:,.0f}", f"{loop_s / s:.2f}"])
+        print(
+            common.table(
+                table, ["language detector", "run", "seconds", "pairs/s", "throughput vs loop"]
+            )
+        )
+    print()
+    print(
+        f"WARC input: the real Common Crawl excerpt x {copies} "
+        f"({warc_counts.get('warc:html_pages', 0):,} HTML pages, "
+        f"{warc_counts.get('input', 0):,} image/alt pairs, {warc_counts.get('kept', 0):,} "
+        "kept), one process, CPU time:\n"
+    )
+    print(common.table(warc, ["reader", "pages/s", "pairs/s", "vs FastWARC", "MiB/s (gzip)"]))
 
 
 if __name__ == "__main__":

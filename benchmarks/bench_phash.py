@@ -7,7 +7,13 @@
 
 Both sides hash the same images and must give identical hashes (the script fails otherwise).
 Two measurements: from decoded PIL images (what ``imagehash.phash`` takes), and from JPEG bytes
-(decoding included, what the dedup stage does). BLAS runs single-threaded so that both sides use
+(decoding included, what the dedup stage does). A third row decodes with
+``dedup.phash_decode = draft`` (libjpeg's grayscale output and DCT scaling): its hashes are
+not imagehash's, so the script reports how far they are from the exact ones, and what they do
+to near-duplicate groups: each photo gets a planted near-duplicate (JPEG quality 30, resized
+to 75% or 125%, cropped by 3%, brightened by 10%) and a mirrored copy (not a near duplicate for
+pHash), and the pairs within ``dedup.max_distance`` found with draft hashes are compared with
+those found with exact ones (precision and recall) and with the planted pairs. BLAS runs single-threaded so that both sides use
 one core (imagehash's scipy FFT does). The two sides alternate, round after round, and the table
 shows the median time of each and the median of the per-round ratios, so that a load change on
 a shared machine hits both sides alike. Prints a Markdown table.
@@ -35,6 +41,8 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from wit_pipeline.config import DedupConfig  # noqa: E402
+from wit_pipeline.stages.dedup import lsh  # noqa: E402
 from wit_pipeline.stages.dedup.phash import PHasher, to_hex  # noqa: E402
 
 
@@ -63,11 +71,74 @@ def alternate(ref, ours, rounds):
     )
 
 
+def encode(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def planted_variants(blobs: list[bytes]) -> tuple[list[bytes], set[tuple[int, int]]]:
+    """The photos, then one near-duplicate variant and one mirrored copy of each: ``(blobs,
+    planted pairs)`` (indices of a photo and its variant)."""
+    n = len(blobs)
+    variants, mirrored = [], []
+    for i, b in enumerate(blobs):
+        im = Image.open(io.BytesIO(b)).convert("RGB")
+        w, h = im.size
+        kind = i % 5
+        if kind == 0:
+            v = encode(im, 30)
+        elif kind in (1, 2):
+            f = 0.75 if kind == 1 else 1.25
+            v = encode(im.resize((round(w * f), round(h * f)), Image.Resampling.BICUBIC))
+        elif kind == 3:
+            dx, dy = round(w * 0.03), round(h * 0.03)
+            v = encode(im.crop((dx, dy, w - dx, h - dy)))
+        else:
+            v = encode(im.point(lambda x: min(255, round(x * 1.1))))
+        variants.append(v)
+        mirrored.append(encode(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    return blobs + variants + mirrored, {(i, n + i) for i in range(n)}
+
+
+def grouping(blobs: list[bytes], k: int) -> list[str]:
+    """Near-duplicate pairs (``lsh.near_duplicate_pairs`` at distance ``k``) of the planted set
+    with exact and with draft hashes: counts, precision and recall of draft against exact, and
+    recall of the planted pairs."""
+    all_blobs, planted = planted_variants(blobs)
+    pairs = {}
+    dist = []
+    exact = PHasher("exact").hash_bytes(all_blobs)[0]
+    draft = PHasher("draft").hash_bytes(all_blobs)[0]
+    for name, hashes in (("exact", exact), ("draft", draft)):
+        pairs[name] = lsh.near_duplicate_pairs(hashes, k)
+    dist = [bin(int(a) ^ int(b)).count("1") for a, b in zip(exact, draft, strict=True)]
+    both = pairs["exact"] & pairs["draft"]
+    precision = len(both) / len(pairs["draft"]) if pairs["draft"] else 1.0
+    recall = len(both) / len(pairs["exact"]) if pairs["exact"] else 1.0
+    return [
+        f"{len(all_blobs):,} images ({len(blobs):,} photos, one planted near duplicate and one "
+        f"mirrored copy each), k = {k}",
+        f"exact: {len(pairs['exact']):,} pairs, {len(pairs['exact'] & planted):,} of "
+        f"{len(planted):,} planted",
+        f"draft: {len(pairs['draft']):,} pairs, {len(pairs['draft'] & planted):,} of "
+        f"{len(planted):,} planted",
+        f"draft against exact: precision {precision:.4f}, recall {recall:.4f} "
+        f"({len(pairs['draft'] - pairs['exact'])} pairs only with draft, "
+        f"{len(pairs['exact'] - pairs['draft'])} only with exact)",
+        f"hash distance draft vs exact over all images: mean {statistics.mean(dist):.3f} bits, "
+        f"max {max(dist)}, identical {sum(d == 0 for d in dist) / len(dist):.1%}",
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1,000 photos")
     ap.add_argument("--n", type=int, default=7000, help="number of photos (default 7,000)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    ap.add_argument(
+        "--group-photos", type=int, default=2000, help="photos in the grouping check (2,000)"
+    )
     ap.add_argument(
         "--resize",
         metavar="WxH",
@@ -130,6 +201,12 @@ def main() -> int:
     def ours_bytes():
         return [to_hex(h) for h in hasher.hash_bytes(blobs)[0]]
 
+    drafter = PHasher("draft")
+    drafter.hash_bytes(blobs[:16])
+
+    def draft_bytes():
+        return [to_hex(h) for h in drafter.hash_bytes(blobs)[0]]
+
     for name, ref, ours in (
         ("decoded PIL images", ref_images, ours_images),
         ("JPEG bytes (decode included)", ref_bytes, ours_bytes),
@@ -139,7 +216,11 @@ def main() -> int:
             bad = sum(a != b for a, b in zip(out_ours, out_ref, strict=True))
             print(f"MISMATCH ({name}): {bad} of {n} hashes differ", file=sys.stderr)
             return 1
-        results.append((name, t_ref, t_ours, ratio))
+        results.append((name, t_ref, t_ours, ratio, f"{n}/{n}"))
+    t_ref, t_ours, ratio, (out_ref, out_draft) = alternate(ref_bytes, draft_bytes, args.rounds)
+    same = sum(a == b for a, b in zip(out_ref, out_draft, strict=True))
+    results.append(("JPEG bytes, `phash_decode = draft`", t_ref, t_ours, ratio, f"{same}/{n}"))
+    groups = grouping(blobs[: args.group_photos], DedupConfig().max_distance)
 
     sizes = {im.size for im in images}
     if len(sizes) == 1:
@@ -150,15 +231,19 @@ def main() -> int:
     print(
         f"pHash of {len(images)} Flickr8k photos ({shape}), median of "
         f"{args.rounds} alternating rounds, {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}\n"
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f", load average (1 min) {os.getloadavg()[0]:.1f}\n"
     )
     print("| input | imagehash.phash (baseline) | batched PHasher | speed-up | identical |")
     print("|---|---|---|---|---|")
-    for name, tr, to, ratio in results:
+    for name, tr, to, ratio, same in results:
         print(
             f"| {name} | {tr / n * 1e6:.0f} us/image | {to / n * 1e6:.0f} us/image | "
-            f"{ratio:.1f}x | {n}/{n} |"
+            f"{ratio:.1f}x | {same} |"
         )
+    print("\nNear-duplicate pairs, draft against exact decoding:\n")
+    for line in groups:
+        print(f"- {line}")
     return 0
 
 

@@ -1,8 +1,14 @@
 import collections
 import itertools
 import math
+import pathlib
+import pickle
+import random
+import tempfile
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
@@ -343,3 +349,251 @@ def test_write_query_counts_merges_a_base_table(tmp_path):
     assert got["after_dedup"] == [7, 3]
     assert got["final"] == [4, 3]
     assert got["p_balance"] == [4 / 7, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per batch (balance_arrays, dict and Arrow) against the per-record reference
+# (tests/balance_reference.py)
+
+PAIR_STRUCT = pa.struct(
+    [("uid", pa.string()), ("caption", pa.string()), ("query_ids", pa.list_(pa.int32()))]
+)
+SAMPLE_TABLE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("query_ids", pa.list_(pa.int32())),
+        ("pairs", pa.list_(PAIR_STRUCT)),
+    ]
+)
+
+
+def _random_query_ids(rng, n_queries=60):
+    """0-5 ids from a skewed law, some repeated within the list, in any order."""
+    k = rng.choice([0, 1, 1, 1, 2, 2, 3, 4, 5])
+    return [min(int(rng.paretovariate(0.8)) - 1, n_queries - 1) for _ in range(k)]
+
+
+def _random_samples(rng, n, *, uid_missing=0.05):
+    out = []
+    for i in range(n):
+        pairs = []
+        for j in range(rng.choice([1, 1, 1, 2, 3])):
+            uid = None if rng.random() < uid_missing else f"u{i}-{j}"
+            pairs.append({"uid": uid, "caption": f"c{i}-{j}", "query_ids": _random_query_ids(rng)})
+        qids = sorted({q for p in pairs for q in p["query_ids"]})
+        out.append({"key": f"{i:05x}", "url": f"http://x/{i}", "query_ids": qids, "pairs": pairs})
+    return out
+
+
+def _probabilities(records, t, *, pairs=False):
+    from balance_reference import count_queries
+
+    units = [p for r in records for p in r["pairs"]] if pairs else records
+    counts = count_queries(units)
+    assert balance.count_queries(units) == counts
+    return balance.query_probabilities(counts, t), counts
+
+
+@pytest.mark.parametrize("t", [3, 20, 400])
+def test_keep_probabilities_are_bit_identical(t):
+    from wit_pipeline.stages import balance_arrays as arrays
+
+    rng = random.Random(t)
+    records = [{"query_ids": _random_query_ids(rng)} for _ in range(5000)]
+    probs, _ = _probabilities(records, t)
+    qids = [r["query_ids"] for r in records]
+    got = arrays.keep_probabilities(*arrays.flat_lists(qids), arrays.Probabilities(probs))
+    want = [balance.keep_probability(q, probs) for q in qids]
+    assert got.tolist() == want  # exact floats, not approximately
+    # from the dense counts a Beam side input carries: the same probabilities
+    _, counts = _probabilities(records, t)
+    dense = np.zeros(max(counts) + 1, np.int64)
+    dense[list(counts)] = list(counts.values())
+    for tt in (t, t * 2.5):
+        table = arrays.Probabilities.from_counts(dense, tt)
+        assert table.probs == balance.query_probabilities(counts, tt)
+        got = arrays.keep_probabilities(*arrays.flat_lists(qids), table)
+        assert got.tolist() == [
+            balance.keep_probability(q, balance.query_probabilities(counts, tt)) for q in qids
+        ]
+
+
+@pytest.mark.parametrize("t", [5, 40])
+def test_balance_records_equals_the_reference_for_both_phases(t):
+    from balance_reference import balance_records
+
+    rng = random.Random(t)
+    samples = _random_samples(rng, 3000)
+    probs, _ = _probabilities(samples, t)
+    for phase, id_field, reason in (
+        ("balance", "key", "balanced_out"),
+        ("prebalance", "key", "prebalanced_out"),
+    ):
+        kw = {"seed": 7, "phase": phase, "id_field": id_field, "reason": reason}
+        got = balance.balance_records(samples, probs, **kw)
+        want = balance_records(samples, probs, **kw)
+        assert got.kept == want.kept and got.rejected == want.rejected
+        assert 0 < len(got.kept) < len(samples)
+
+
+@pytest.mark.parametrize("t", [5, 40])
+def test_balance_sample_pairs_equals_the_reference(t):
+    from balance_reference import balance_sample_pairs
+
+    rng = random.Random(100 + t)
+    samples = _random_samples(rng, 2000)
+    probs, _ = _probabilities(samples, t, pairs=True)
+    kw = {"seed": 3, "phase": "balance", "reason": "balanced_out"}
+    got = balance.balance_sample_pairs(samples, probs, **kw)
+    want = balance_sample_pairs(samples, probs, **kw)
+    assert got.kept == want.kept
+    assert got.rejected == want.rejected
+    assert got.partial == want.partial and want.partial
+    assert got.counts == want.counts
+
+
+def _as_table(samples):
+    return pa.Table.from_pylist(samples, schema=SAMPLE_TABLE_SCHEMA)
+
+
+def _rows(table):
+    """A table's rows as dicts, with the columns the reference's records have."""
+    return table.to_pylist()
+
+
+@pytest.mark.parametrize("t", [5, 40])
+def test_arrow_cores_equal_the_reference(t):
+    from balance_reference import balance_records, balance_sample_pairs
+
+    from wit_pipeline.stages import balance_arrays as arrays
+
+    rng = random.Random(200 + t)
+    samples = _random_samples(rng, 2500)
+    table = _as_table(samples)
+    records = table.to_pylist()  # the same records as the table holds (null uids as None)
+    # image unit and pre-balance: one draw per row
+    probs, _ = _probabilities(records, t)
+    for phase, id_field in (("balance", "key"), ("prebalance", "url")):
+        got = arrays.balance_table(
+            table,
+            arrays.Probabilities(probs),
+            balance.Draws(9, phase),
+            id_field=id_field,
+            reason="out",
+        )
+        want = balance_records(records, probs, seed=9, phase=phase, id_field=id_field, reason="out")
+        assert _rows(got.kept) == want.kept
+        assert _rows(got.rejected) == want.rejected
+    # pair unit
+    probs, _ = _probabilities(records, t, pairs=True)
+    got = arrays.balance_sample_pairs_table(
+        table, arrays.Probabilities(probs), balance.Draws(9, "balance"), reason="balanced_out"
+    )
+    want = balance_sample_pairs(records, probs, seed=9, phase="balance", reason="balanced_out")
+    assert _rows(got.kept) == want.kept
+    assert _rows(got.rejected) == want.rejected
+    assert _rows(got.partial) == want.partial and want.partial
+    assert got.counts == want.counts
+    # counts per query, over rows and over pairs
+    from balance_reference import count_queries
+
+    for pairs in (False, True):
+        dense = arrays.count_table(table, pairs=pairs)
+        units = [p for r in records for p in r["pairs"]] if pairs else records
+        assert {q: int(n) for q, n in enumerate(dense) if n} == dict(count_queries(units))
+
+
+def _run_and_collect(build, *args):
+    """Run ``build(p)`` (a dict of PCollections) and return every output's elements."""
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        with _pipeline(*args) as p:
+            for name, pcoll in build(p).items():
+                names.append(name)
+                _ = (
+                    pcoll
+                    | f"List[{name}]" >> beam.combiners.ToList()
+                    # a lambda travels by value to worker processes (a test module does not)
+                    | f"Dump[{name}]"
+                    >> beam.Map(
+                        lambda items, path: pathlib.Path(path).write_bytes(pickle.dumps(items)),
+                        f"{tmp}/{name}.pkl",
+                    )
+                )
+        out = {}
+        for name in names:
+            with open(f"{tmp}/{name}.pkl", "rb") as f:
+                out[name] = pickle.load(f)
+        return out
+
+
+def _rows_of(elements):
+    rows = []
+    for x in elements:
+        rows.extend(x.to_pylist() if isinstance(x, pa.Table) else [x])
+    return sorted(rows, key=repr)
+
+
+def _balance_outputs(out):
+    return {
+        "kept": _rows_of(out["kept"]),
+        "rejected": _rows_of(out["rejected"]),
+        "counts": sorted(out["counts"]),
+        "before": sorted(out["before"]),
+        "after": sorted(out["after"]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("unit", "args", "batch_size"),
+    [("image", (), 4096), ("image", (), 7), ("pair", (), 64), ("pair", *RUNNER_SETTINGS[4])],
+)
+def test_balance_samples_on_tables_equals_dict_records(unit, args, batch_size):
+    """Arrow batches through Beam: the same kept samples (pairs, captions, probabilities),
+    rejected rows, counts and per-query counts as dict records, on several runners."""
+    samples = _random_samples(random.Random(5), 600)
+    table = pa.Table.from_pylist(samples, schema=SAMPLE_TABLE_SCHEMA)
+    records = table.to_pylist()
+    parts = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+    cfg = BalanceConfig(t=30, seed=5, unit=unit)
+
+    def dicts(p):
+        out = p | beam.Create(records) | balance.BalanceSamples(config=cfg)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    def tables(p):
+        out = p | beam.Create(parts) | balance.BalanceSamples(config=cfg, tables=True)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    want = _balance_outputs(_run_and_collect(dicts))
+    got = _balance_outputs(_run_and_collect(tables, *args))
+    assert 50 < len(want["kept"]) < len(records) and want["rejected"]
+    assert got == want
+
+
+def test_prebalance_on_tables_equals_dict_records():
+    rng = random.Random(8)
+    cands = [
+        {"uid": f"u{i}", "url": f"http://x/{i}", "query_ids": _random_query_ids(rng)}
+        for i in range(3000)
+    ]
+    schema = pa.schema(
+        [("uid", pa.string()), ("url", pa.string()), ("query_ids", pa.list_(pa.int32()))]
+    )
+    table = pa.Table.from_pylist(cands, schema=schema)
+    parts = [table.slice(i, 500) for i in range(0, 3000, 500)]
+    cfg = BalanceConfig(t=20, prebalance_factor=2.0, seed=1)
+
+    def dicts(p):
+        out = p | beam.Create(table.to_pylist()) | balance.PreBalance(config=cfg)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    def tables(p):
+        out = p | beam.Create(parts) | balance.PreBalance(config=cfg, tables=True)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    want = _balance_outputs(_run_and_collect(dicts))
+    got = _balance_outputs(_run_and_collect(tables))
+    assert 100 < len(want["kept"]) < 2900
+    assert got == want

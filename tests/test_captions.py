@@ -157,3 +157,32 @@ def test_langdetect_is_deterministic_and_seeded(real_captions):
     ft = captions.FastTextLanguageDetector()
     agree = sum(ft.detect(t)[0] == lang for t, (lang, _) in zip(sample, first, strict=True))
     assert agree > 0.75 * len(sample)
+
+
+def test_fasttext_detect_many_equals_detect(real_captions, shared_data):
+    """The batch call gives ``detect``'s answer on real captions (raw and cleaned) and on text
+    that exercises its input handling: newlines, truncation, upper case, non-Latin scripts."""
+    raw = pq.read_table(shared_data / "laion-sample" / "laion_10000.parquet").column("TEXT")
+    odd = [
+        "HELLO WORLD THIS IS LOUD",
+        "ÉCOLE PRIMAIRE DE PARIS",
+        "ABCDEF ghi",
+        "ABCDEF ghij",
+        "ǅemal ǈ Ǆ",
+        "a\nb\nc",
+        "\n",
+        "",
+        "x" * 200,
+        "é" * 79 + "ABCDEFGH",
+        "ÀÉÎÕÜ are caps",
+        "12345 67890",
+        "日本語のテキスト",
+        "ΕΛΛΗΝΙΚΆ ΚΕΊΜΕΝΑ",
+    ]
+    ft = captions.FastTextLanguageDetector()
+    for texts in (real_captions, [t for t in raw.to_pylist() if t], odd, odd[5:6]):
+        assert ft.detect_many(texts) == [ft.detect(t) for t in texts]
+    assert ft.detect_many([]) == []
+    # Detectors without a batch method are called one text at a time.
+    none = captions.NoLanguageDetector()
+    assert captions.detect_many(none, ["a", "b"]) == [("", 0.0), ("", 0.0)]

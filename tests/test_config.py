@@ -202,3 +202,12 @@ def test_score_filter_takes_a_threshold_or_a_fraction():
     # a threshold without a seed model is a valid section; `wit build` refuses it (build.validate)
     assert config.ScoreConfig(keep_fraction=0.0).keep_fraction == 0.0
     assert config.BalanceConfig(prebalance_factor=0).prebalance is False
+
+
+def test_dedup_phash_decode_is_validated():
+    from wit_pipeline.config import DedupConfig
+
+    assert DedupConfig().phash_decode == "draft"
+    assert DedupConfig(phash_decode="exact").phash_decode == "exact"
+    with pytest.raises(WitError, match=r"dedup\.phash_decode must be exact or draft"):
+        DedupConfig(phash_decode="fast")

@@ -492,6 +492,27 @@ def test_read_download_shard_hashes_every_image(planted):
     assert records[0]["source_tar"].endswith("00000.tar")
 
 
+def test_shards_and_eval_images_are_hashed_with_the_configured_decoder(planted):
+    """``dedup.phash_decode`` reaches both hashers: the download shards' and the eval sets'."""
+    _, d = planted
+    tar = str(d / "shards" / "00000.tar")
+    by_decode = {}
+    for decode in ("exact", "draft"):
+        fn = samples._ReadShardFn(phash_decode=decode)
+        fn.setup()
+        assert fn._hasher.decode == decode
+        records = fn.core(tar).kept
+        by_decode[decode] = {r["key"]: phash.from_hex(r["phash"]) for r in records}
+        eval_fn = decontaminate._HashEvalChunkFn(decode)
+        eval_fn.setup()
+        assert eval_fn._hasher.decode == decode
+    exact, draft = by_decode["exact"], by_decode["draft"]
+    assert exact.keys() == draft.keys()
+    assert max(phash.hamming(exact[k], draft[k]) for k in exact) <= 4
+    # the default, chosen by BENCHMARKS.md's measurement
+    assert config.DedupConfig().phash_decode == "draft"
+
+
 def test_run_dedup_on_planted_duplicates_and_eval_images(planted, shared_data, tmp_path):
     ds, d = planted
     p = ds["planted"]

@@ -15,7 +15,7 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from wit_pipeline import beam_utils, counters, stage, urls
+from wit_pipeline import beam_utils, counters, optout, stage, takedown, urls
 from wit_pipeline import config as config_lib
 from wit_pipeline.config import GatherConfig, MatchConfig
 from wit_pipeline.errors import WitError
@@ -934,3 +934,251 @@ def test_progress_lines(fixture_files, tmp_path, caplog):
     assert len([line for line in warc if "pairs so far" in line]) == 9  # 18 pairs, 2 per batch
     assert warc[-1].startswith(f"gather: [1/3] {fixture_files[0]}: done, 18 pairs, 6 candidates")
     assert sum("done" in line for line in lines) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch-vectorized filter against the per-pair reference (tests/gather_reference.py)
+
+# Each part of a generated URL: (what the common shape has, what some URLs have instead).
+_URL_PARTS = {
+    "scheme": (["http://", "https://"], ["HTTP://", "Https://", "ftp://", "data:", "", "//"]),
+    "user": ([""], ["user@", ":@", "u:p@"]),
+    "host": (
+        ["example.com", "img.example.com", "ex_ample.com", "127.0.0.1", "a-b.example"],
+        [
+            *["EXAMPLE.com", "Ex.com", "bücher.de", "example.com.", "a..b", "[::1]", ""],
+            *["xn--bcher-kva.de", "a" * 70 + ".com", "ex%41.com"],
+        ],
+    ),
+    "port": ([""], [":80", ":443", ":8080", ":99999", ":0080", ":"]),
+    "segment": (
+        [
+            "a",
+            "x.jpg",
+            "wp-content",
+            "2019",
+            "a-b_c~d",
+            "x.y.z",
+            "!$&'()*+,;=:@",
+            "%20",
+            "%2F",
+            "%E2%82%AC",
+            "%C3",
+            "%25",
+            "%3F",
+            "%7F",
+            "%00",
+            "%5B1%5D",
+            "...",
+        ],
+        [
+            "",
+            "a b",
+            "a\tb",
+            '"q"',
+            "{}",
+            *[
+                ".",
+                "..",
+                ".a",
+                "%7e",
+                "%7E",
+                "%2f",
+                "%41",
+                "%3f",
+                "%e2%82%ac",
+                "%",
+                "%zz",
+                "%2",
+                "é",
+                "%2C",
+                "%26",
+                "%3D",
+                "%2B",
+                "[1]",
+                "a|b",
+            ],
+        ],
+    ),
+    "query": (
+        ["", "", "?q=1", "?w=1&h=2", "?a=%2F", "?x=/y/", "??", "?%3F=1", "?a=%E2%82%AC"],
+        ["?", "?a=%2C&b=,", "?x=/./", "?%7e", "?a b", "?é", "?a=%2f", "?x=//y", "?%3f"],
+    ),
+    "fragment": ([""], ["#", "#frag"]),
+    "space": ([""], [" ", "\t", "\n"]),
+}
+
+
+def _random_url(rng: random.Random) -> str:
+    """A URL of the common shape, with each part replaced by an odd one now and then."""
+
+    def pick(part):
+        common, odd = _URL_PARTS[part]
+        return rng.choice(odd if rng.random() < 0.06 else common)
+
+    segments = [pick("segment") for _ in range(rng.randrange(5))]
+    path = "/".join(["", *segments]) if segments or rng.random() < 0.9 else ""
+    if segments and rng.random() < 0.2:
+        path += "/"
+    return "".join(
+        [
+            pick("space"),
+            pick("scheme"),
+            pick("user"),
+            pick("host"),
+            pick("port"),
+            path,
+            pick("query"),
+            pick("fragment"),
+            pick("space"),
+        ]
+    )
+
+
+_WORDS = ["A", "dog", "on", "the", "beach", "hot", "snow", "Kreise", "sunset", "HOT", "x,", "a.b"]
+_CAPTION_PIECES = [
+    "A dog",
+    "on the beach",
+    "hot dog",
+    "snow",
+    "cat",
+    "puppy",
+    "Un chien sur la plage",
+    "zwei rote Kreise auf einem grauen Hintergrund",
+    "A DOG ON THE BEACH",
+    "&amp;",
+    "&lt;b&gt;",
+    "&",
+    "  ",
+    " ",
+    "\t",
+    "\n",
+    "\x0b",
+    "\x7f",
+    "\u200b",
+    "\ufeff",
+    "\ufffd",
+    "e\u0301",
+    "ﬁ",
+    "Ａ",
+    "日本語のテキスト",
+    "dog,",
+    "x" * 40,
+    "word " * 30,
+]
+
+
+def _random_batch(rng: random.Random, n: int) -> RawBatch:
+    def url():
+        r = rng.random()
+        if r < 0.05:
+            return None
+        if r < 0.3:  # the common shape
+            return f"https://img{rng.randrange(9)}.example.com/p/{rng.randrange(99)}.jpg"
+        return _random_url(rng)
+
+    def caption(pool):
+        r = rng.random()
+        if r < 0.04:
+            return None
+        if r < 0.08:
+            return ""
+        if r < 0.15 and pool:  # a caption seen before: the caches
+            return rng.choice(pool)
+        if r < 0.5:  # plain words
+            return " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(1, 9)))
+        return "".join(rng.choice(_CAPTION_PIECES) + rng.choice(["", " "]) for _ in range(3))
+
+    pool: list[str] = []
+    urls_, caps, pages = [], [], []
+    for _ in range(n):
+        urls_.append(url())
+        c = caption(pool)
+        if c:
+            pool.append(c)
+        caps.append(c)
+        pages.append(rng.choice([None, "https://site.example/a/b.html", "not a url"]))
+    return RawBatch("gen", urls_, caps, pages)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GatherConfig(),
+        GatherConfig(captions=captions.CaptionConfig(languages=())),
+        GatherConfig(captions=captions.CaptionConfig(language_detector="none")),
+        GatherConfig(
+            captions=captions.CaptionConfig(max_words=4, min_words=2, max_chars=40),
+            match=MatchConfig(keep_unmatched=True, case_sensitive=False),
+        ),
+        GatherConfig(captions=captions.CaptionConfig(unicode_form="NFKC", min_chars=0)),
+    ],
+    ids=["default", "no-language-filter", "no-detector", "bounds-unmatched-folded", "nfkc"],
+)
+def test_vectorized_filter_equals_the_per_pair_reference(cfg):
+    from gather_reference import reference_process
+
+    rng = random.Random(15)
+    flt = _flt(cfg, queries=["dog", "beach", "hot dog", "snow", "Kreise", "x" * 40])
+    for size in (0, 1, 7, 300, 2000):
+        batch = _random_batch(rng, size)
+        got, want = flt.process(batch), reference_process(flt, batch)
+        assert got.kept.equals(want.kept)
+        assert got.rejected.equals(want.rejected)
+        assert counted(got) == counted(want)
+
+
+def test_vectorized_filter_equals_the_per_pair_reference_with_takedowns_and_opt_outs():
+    """Blocklisted image and page URLs and pages' opt-out signals, mixed with every other
+    reason: the same rejected rows (``detail``, ``policy_url``, ``policy_fetched``) and the
+    same ``opt_out/<signal>`` counts as the per-pair rules."""
+    from gather_reference import reference_process
+
+    blocklist = takedown.parse_blocklist(
+        "url https://img3.example.com/p/7.jpg\ndomain img5.example.com\ndomain site.example\n"
+    )
+    rng = random.Random(16)
+    flt = pairs.PairFilter(
+        GatherConfig(),
+        QueryMatcher(["dog", "beach", "snow"], case_sensitive=False),
+        None,
+        blocklist,
+    )
+    signals = [None, None, None, "noai", "noimageai"]
+    seen_reasons, seen_counts = set(), set()
+    for size in (0, 1, 7, 300, 2000):
+        base = _random_batch(rng, size)
+        pages = [rng.choice([p, "https://other.example/x.html"]) for p in base.page_urls]
+        opt_outs = [rng.choice(signals) for _ in range(size)]
+        dates = [rng.choice([None, "", "2024-01-02T03:04:05Z"]) for _ in range(size)]
+        batch = RawBatch(base.source, base.urls, base.captions, pages, opt_outs, dates)
+        got, want = flt.process(batch), reference_process(flt, batch)
+        assert got.kept.equals(want.kept)
+        assert got.rejected.equals(want.rejected)
+        assert counted(got) == counted(want)
+        seen_reasons.update(got.rejected.column("reason").to_pylist())
+        seen_counts.update(counted(got))
+    assert {takedown.TAKEDOWN, optout.OPT_OUT, pairs.NO_MATCH} <= seen_reasons
+    assert {"opt_out/noai", "opt_out/noimageai"} <= seen_counts
+
+
+def test_vectorized_filter_equals_the_reference_on_real_laion_rows(shared_data):
+    from gather_reference import reference_process
+
+    table = pq.read_table(shared_data / "laion-sample" / "laion_10000.parquet")
+    queries = sorted({w for t in table.column("TEXT").to_pylist() if t for w in t.split()})[:3000]
+    flt = _flt(queries=queries)
+    batch = RawBatch(
+        "laion",
+        table.column("URL").to_pylist(),
+        table.column("TEXT").to_pylist(),
+        [None] * table.num_rows,
+    )
+    got, want = flt.process(batch), reference_process(flt, batch)
+    assert got.kept.num_rows > 5000
+    assert got.kept.equals(want.kept)
+    assert got.rejected.equals(want.rejected)
+    assert counted(got) == counted(want)
+    # The second pass answers from the caches: the same again.
+    again = flt.process(batch)
+    assert again.kept.equals(want.kept) and again.rejected.equals(want.rejected)

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wit_pipeline.stages.gather.match import QueryMatcher, naive_match, spacing
+from wit_pipeline.stages.gather.match import (
+    CHARS_TO_SPACE,
+    PUNCTUATION_TO_WRAP,
+    QueryMatcher,
+    naive_match,
+    spacing,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -218,3 +224,12 @@ def test_real_warc_alt_texts_against_the_shipped_list(warc_alt_texts):
         found.append(len(got))
     # The excerpt's alt texts are mostly file names and logos: 8 of 32 match something.
     assert sum(1 for n in found if n) == 8
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab ,.;:?!`\t\n\r\u00e9")), max_size=30))
+def test_spacing_equals_one_translate_pass(text):
+    table = str.maketrans(
+        {**{p: f" {p} " for p in PUNCTUATION_TO_WRAP}, **{c: " " for c in CHARS_TO_SPACE}}
+    )
+    assert spacing(text) == f" {text} ".translate(table)

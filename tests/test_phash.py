@@ -219,3 +219,43 @@ def test_hex_helpers():
     with pytest.raises(ValueError):
         phash.from_hex("abc")
     assert len(phash.PHasher().hash_images([])) == 0
+
+
+def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [None, (256, 192), (192, 256), (300, 300)])
+def test_draft_decoding_stays_within_a_bit_or_two_of_the_exact_hash(shared_data, size):
+    """``decode="draft"`` (libjpeg's grayscale output and DCT scaling) is not imagehash's
+    hash, but close to it on real photos, at the native 96 px and at download sizes."""
+    files = sorted((shared_data / "flickr8k" / "images").glob("*.jpg"))[:300]
+    blobs = [f.read_bytes() for f in files]
+    if size:
+        blobs = [_jpeg(Image.open(io.BytesIO(b)).resize(size, Image.BICUBIC)) for b in blobs]
+    exact, e_err = phash.PHasher("exact").hash_bytes(blobs)
+    draft, d_err = phash.PHasher("draft").hash_bytes(blobs)
+    assert e_err == d_err == [None] * len(blobs)
+    assert [phash.to_hex(h) for h in exact[:20]] == [
+        str(imagehash.phash(Image.open(io.BytesIO(b)))) for b in blobs[:20]
+    ]
+    dist = [phash.hamming(a, b) for a, b in zip(exact, draft, strict=True)]
+    assert max(dist) <= 4
+    assert np.mean(dist) < 0.5
+    assert sum(d == 0 for d in dist) > 0.6 * len(dist)
+
+
+def test_draft_decoding_leaves_other_formats_exact():
+    images = _noise_images([(60, 50), (256, 192)], seed=3)
+    blobs = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    draft, _ = phash.PHasher("draft").hash_bytes([*blobs, b"broken"])
+    exact, _ = phash.PHasher("exact").hash_bytes(blobs)
+    assert list(draft[:2]) == list(exact) and draft[2] == 0
+    with pytest.raises(ValueError, match="decode must be one of"):
+        phash.PHasher("fast")

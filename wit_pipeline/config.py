@@ -276,8 +276,16 @@ class DedupConfig:
     # unconverged after them finish in a union-find on one worker (docs/dedup.md). -1: every
     # group in that one union-find (one worker holds every image that has a near duplicate).
     label_rounds: int = 4
+    # How JPEG bytes are decoded for the pHash (downloads and eval images alike): "draft"
+    # (libjpeg's grayscale output and DCT scaling, several times faster, within a fraction of
+    # a bit of imagehash's hash) or "exact" (full decode, imagehash's bits). docs/dedup.md.
+    phash_decode: str = "draft"
 
     def __post_init__(self):
+        _require(
+            self.phash_decode in ("exact", "draft"),
+            f"dedup.phash_decode must be exact or draft, got {self.phash_decode!r}",
+        )
         for name in ("max_distance", "eval_max_distance"):
             v = getattr(self, name)
             _require(

@@ -92,15 +92,22 @@ def prebalance(
     """Gather candidates -> pre-balanced candidates (the same schema) for the download."""
     # validate=False: the launcher does not list the glob while building the graph (the caller
     # has checked that it matches; a remote runner lists it on its workers).
-    cands = p | "Read" >> beam.io.ReadFromParquet(
+    # Candidates travel as Arrow tables (one per Parquet row group): counted and drawn per
+    # table (balance_arrays), written back in the input's schema.
+    cands = p | "Read" >> beam.io.ReadFromParquetBatched(
         fileio.join(gather_dir, gather_lib.CANDIDATES_DIR, "*.parquet"), validate=False
     )
-    out = cands | "PreBalance" >> balance.PreBalance(config=config)
-    _ = out["kept"] | "WriteCandidates" >> beam.io.WriteToParquet(
-        fileio.join(output_dir, gather_lib.CANDIDATES_DIR, "part"),
-        schema=schema,
-        file_name_suffix=".parquet",
-        codec="zstd",
+    out = cands | "PreBalance" >> balance.PreBalance(config=config, tables=True)
+    _ = (
+        out["kept"]
+        | "InSchema" >> beam.Map(lambda t: t.select(schema.names).cast(schema))
+        | "WriteCandidates"
+        >> beam.io.WriteToParquetBatched(
+            fileio.join(output_dir, gather_lib.CANDIDATES_DIR, "part"),
+            schema=schema,
+            file_name_suffix=".parquet",
+            codec="zstd",
+        )
     )
     _ = out[REJECTED] | "WriteRejected" >> stage.WriteRejected(
         fileio.join(output_dir, stage.REJECTED_DIR)
@@ -287,7 +294,7 @@ def _read_and_dedup(
     read = (
         p
         | "Tars" >> beam.Create(list(tars), reshuffle=False)
-        | "Read" >> (samples.ReadDownloadShards())
+        | "Read" >> samples.ReadDownloadShards(phash_decode=config.phash_decode)
     )
     records = read["kept"]
     taken = None

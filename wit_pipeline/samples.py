@@ -267,13 +267,14 @@ def attach_images(
 class _ReadShardFn(stage.StageFn):
     """A download tar -> its records; undecodable images dropped; every image counted in."""
 
-    def __init__(self):
+    def __init__(self, *, phash_decode: str = "exact"):
         super().__init__(stage=DEDUP, flow=False, pairs=True)
+        self._decode = phash_decode
 
     def setup(self):
         from wit_pipeline.stages.dedup.phash import PHasher
 
-        self._hasher = PHasher()
+        self._hasher = PHasher(self._decode)
 
     def core(self, tar_path, *args):
         records, bad = read_download_shard(tar_path, self._hasher)
@@ -287,8 +288,13 @@ class ReadDownloadShards(beam.PTransform):
 
     The first stage of the steps after the download: it counts every image (and pair) in
     (``input``) and drops undecodable ones. Returns the stage outputs (``stage.apply``).
+    ``phash_decode`` is ``dedup.phash_decode`` (``phash.DECODES``).
     """
+
+    def __init__(self, *, phash_decode: str = "exact"):
+        super().__init__()
+        self._decode = phash_decode
 
     def expand(self, paths):
         spread = paths | "Spread" >> beam.Reshuffle()
-        return stage.apply(spread, "ReadAndHash", _ReadShardFn())
+        return stage.apply(spread, "ReadAndHash", _ReadShardFn(phash_decode=self._decode))

@@ -34,12 +34,12 @@ outputs, so the totals are exact on every runner, retries included.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.pvalue import TaggedOutput
 
 from wit_pipeline import beam_utils, fileio
@@ -170,14 +170,30 @@ def flow_counts(
         c[counters_lib.dropped(reason)] += 1
     if pairs:
         if flow:
-            k = sum(len(r["pairs"]) for r in kept)
+            k = _pair_count(kept)
             c[counters_lib.scoped(PAIR, counters_lib.KEPT)] += k
-            c[counters_lib.scoped(PAIR, counters_lib.INPUT)] += k + sum(
-                len(r["pairs"]) for r in itertools.chain(rejected, partial)
+            c[counters_lib.scoped(PAIR, counters_lib.INPUT)] += (
+                k + _pair_count(rejected) + _pair_count(partial)
             )
-        for r in itertools.chain(rejected, partial):
-            c[counters_lib.scoped(PAIR, counters_lib.dropped(r["reason"]))] += len(r["pairs"])
+        for batch in (rejected, partial):
+            for reason, n in _pairs_by_reason(batch):
+                c[counters_lib.scoped(PAIR, counters_lib.dropped(reason))] += n
     return c
+
+
+def _pair_count(batch: Batch) -> int:
+    if isinstance(batch, pa.Table):
+        return int(pc.sum(pc.list_value_length(batch.column("pairs"))).as_py() or 0)
+    return sum(len(r["pairs"]) for r in batch)
+
+
+def _pairs_by_reason(batch: Batch) -> Iterable[tuple[str, int]]:
+    if isinstance(batch, pa.Table):
+        if not batch.num_rows:
+            return []
+        sizes = pc.fill_null(pc.list_value_length(batch.column("pairs")), 0).to_pylist()
+        return zip(batch.column("reason").to_pylist(), sizes, strict=True)
+    return ((r["reason"], len(r["pairs"])) for r in batch)
 
 
 def count_records(
@@ -298,10 +314,17 @@ def apply(pcoll, label: str, fn: StageFn, *side_inputs: Any) -> dict[str, Any]:
 # Writing rejected rows and stats
 
 
-def _as_table(item: Any) -> pa.Table:
-    if isinstance(item, pa.Table):
-        return item
-    return pa.Table.from_pylist(list(item), schema=REJECTED_SCHEMA)
+def _as_table(items: Sequence[Any]) -> pa.Table:
+    """A batch of rejected rows and tables -> one table of :data:`REJECTED_SCHEMA`."""
+    tables = [x for x in items if isinstance(x, pa.Table)]
+    rows = [x for x in items if not isinstance(x, pa.Table)]
+    if rows:
+        tables.append(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _row_count(item: Any) -> int:
+    return item.num_rows if isinstance(item, pa.Table) else 1
 
 
 class WriteRejected(beam.PTransform):
@@ -313,20 +336,21 @@ class WriteRejected(beam.PTransform):
         self._batch_size = batch_size
 
     def expand(self, rows):
+        # Dict rows are batched into tables of batch_size; tables pass as they are (a batch
+        # counts their rows), so columnar stages never go through one element per row.
         tables = (
             rows
-            | "Rows" >> beam.FlatMap(_table_rows)
             | "Batch"
-            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            >> beam.BatchElements(
+                min_batch_size=self._batch_size,
+                max_batch_size=self._batch_size,
+                element_size_fn=_row_count,
+            )
             | "ToTable" >> beam.Map(_as_table)
         )
         return tables | "Write" >> beam.io.WriteToParquetBatched(
             self._prefix, schema=REJECTED_SCHEMA, file_name_suffix=".parquet", codec="zstd"
         )
-
-
-def _table_rows(item: Any) -> Iterable[dict[str, Any]]:
-    return item.to_pylist() if isinstance(item, pa.Table) else [item]
 
 
 Section = str | Sequence[str] | None

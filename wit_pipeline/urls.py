@@ -9,10 +9,14 @@ may treat as significant.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 import re
+from collections.abc import Sequence
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
+
+import numpy as np
 
 HTTP_SCHEMES = frozenset({"http", "https"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -83,6 +87,56 @@ def normalize_url(url: str) -> str | None:
     return urlunsplit(SplitResult(scheme, netloc, path, query, ""))
 
 
+_ALWAYS_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_KEPT_ESCAPES = ("2F", "3F", "23", "25", "26", "3D", "2B")  # what ``_requote`` never decodes
+
+
+@functools.cache
+def _normalized_patterns() -> tuple[str, str]:
+    """RE2 patterns: ``(already normal, odd path)``; see :func:`already_normalized`.
+
+    Derived from the rules of :func:`normalize_url`: a percent-escape survives ``_requote``
+    unchanged when it is upper-case and encodes a non-ASCII byte, a character ``quote`` escapes
+    (neither always safe nor in the safe set), or one of the escapes it keeps as they are.
+    """
+    raw_path = _ALWAYS_SAFE | set(_SAFE_PATH)
+    kept = {f"{b:02X}" for b in range(0x80) if chr(b) not in raw_path} | set(_KEPT_ESCAPES)
+    escape = "%(?:[89A-F][0-9A-F]|" + "|".join(sorted(kept)) + ")"
+
+    def chars(extra: str) -> str:
+        return "[A-Za-z0-9" + re.escape("".join(sorted(set(_SAFE_PATH + extra) - set("-")))) + "-]"
+
+    path = f"(?:{chars('')}|{escape})"
+    query = f"(?:{chars('?')}|{escape})"
+    host = r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*"
+    normal = f"^https?://{host}/{path}*(?:\\?{query}+)?$"
+    odd = r"^https?://[^?]*?(?://|/\.\.?(?:[/?]|$))"
+    return normal, odd
+
+
+def already_normalized(urls: Sequence[str | None]) -> np.ndarray:
+    """A boolean mask: ``True`` where ``normalize_url(url) == url`` is certain from the text.
+
+    One vectorized pass (pyarrow's RE2) recognizes the common shape: ``http(s)://`` with a
+    lower-case ASCII host (no port, user or trailing dot), a non-empty path of characters and
+    upper-case escapes that ``normalize_url`` leaves alone and no ``//``, ``.`` or ``..``
+    segment, an optional non-empty query, no fragment and no whitespace. ``False`` says nothing:
+    such a URL needs :func:`normalize_url` itself. Nulls are ``False``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = urls if isinstance(urls, pa.Array) else pa.array(urls, pa.string())
+    if len(array) == 0:
+        return np.zeros(0, dtype=bool)
+    normal, odd = _normalized_patterns()
+    ok = pc.and_(
+        pc.match_substring_regex(array, normal),
+        pc.invert(pc.match_substring_regex(array, odd)),
+    )
+    return pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+
+
 def url_host(url: str) -> str:
     """The lower-cased host of a URL ("" when it has none)."""
     try:
@@ -104,6 +158,15 @@ def stable_hash(*parts: str, size: int = 16) -> str:
 def pair_uid(normalized_url: str, caption: str) -> str:
     """The id of an image/caption pair: a hash of its normalized URL and its cleaned caption."""
     return stable_hash(normalized_url, caption)
+
+
+def pair_uids(normalized_urls: Sequence[str], captions: Sequence[str]) -> list[str]:
+    """``pair_uid`` of each ``(url, caption)``: the same digests, one hash call per pair."""
+    blake2b = hashlib.blake2b
+    return [
+        blake2b(f"{u}\0{c}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        for u, c in zip(normalized_urls, captions, strict=True)
+    ]
 
 
 def url_uid(normalized_url: str) -> str:

@@ -38,21 +38,23 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio, stage
 from wit_pipeline.config import BalanceConfig
 from wit_pipeline.errors import WitError
+from wit_pipeline.stages import balance_arrays as arrays
 
 PREBALANCED_OUT = "prebalanced_out"
 BALANCED_OUT = "balanced_out"
-NO_QUERY = "no_query"
+NO_QUERY = arrays.NO_QUERY
 
 PHASE_PREBALANCE = "prebalance"
 PHASE_BALANCE = "balance"
@@ -103,9 +105,9 @@ def uniform(seed: int, phase: str, record_id: str) -> float:
 
 def count_queries(records: Iterable[Mapping[str, Any]]) -> collections.Counter:
     """``{query_id: records matching it}``: each record counts once per distinct query."""
-    return collections.Counter(
-        itertools.chain.from_iterable(set(r.get("query_ids") or ()) for r in records)
-    )
+    dense = arrays.count_arrays(*arrays.flat_lists([r.get("query_ids") for r in records]))
+    ids = np.flatnonzero(dense)
+    return collections.Counter(dict(zip(ids.tolist(), dense[ids].tolist(), strict=True)))
 
 
 def drop_detail(reason: str, probability: float) -> str:
@@ -117,7 +119,7 @@ def drop_detail(reason: str, probability: float) -> str:
 
 def balance_records(
     records: Iterable[Mapping[str, Any]],
-    probs: Mapping[int, float],
+    probs: Mapping[int, float] | arrays.Probabilities,
     *,
     seed: int,
     phase: str,
@@ -127,23 +129,31 @@ def balance_records(
     """Draw each record: kept ones get ``balance_probability``, dropped ones a ``reason``.
 
     A record that matches no query is dropped with ``no_query``, one whose draw fails with
-    ``reason``; both carry the keep probability (and a ``detail`` saying it).
+    ``reason``; both carry the keep probability (and a ``detail`` saying it). Computed for the
+    whole batch at once (``balance_arrays``), with the numbers of ``keep_probability`` and
+    ``Draws`` record by record.
     """
-    draw = Draws(seed, phase)
+    records = list(records)
+    table = probs if isinstance(probs, arrays.Probabilities) else arrays.Probabilities(probs)
+    qids = [r.get("query_ids") or () for r in records]
+    p = arrays.keep_probabilities(*arrays.flat_lists(qids), table, qids)
+    has_query = np.fromiter((bool(q) for q in qids), dtype=bool, count=len(qids))
+
+    def ids(indices: np.ndarray) -> list[str]:
+        return [str(records[i][id_field]) for i in indices.tolist()]
+
+    won, no_query = arrays.decide(p, has_query, ids, Draws(seed, phase))
     kept, dropped = [], []
-    for r in records:
-        qids = r.get("query_ids") or ()
-        p = keep_probability(qids, probs)
-        if not qids:
-            why = NO_QUERY
-        elif draw(str(r[id_field])) < p:
-            kept.append({**r, "balance_probability": p})
-            continue
+    for r, keep, none, prob in zip(
+        records, won.tolist(), no_query.tolist(), p.tolist(), strict=True
+    ):
+        if keep:
+            kept.append({**r, "balance_probability": prob})
         else:
-            why = reason
-        dropped.append(
-            {**r, "reason": why, "balance_probability": p, "detail": drop_detail(why, p)}
-        )
+            why = NO_QUERY if none else reason
+            dropped.append(
+                {**r, "reason": why, "balance_probability": prob, "detail": drop_detail(why, prob)}
+            )
     return stage.Result(kept, dropped)
 
 
@@ -173,15 +183,17 @@ def balance_sample_pairs(
     def strip(ps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return [{k: v for k, v in p.items() if k not in extra} for p in ps]
 
+    table = probs if isinstance(probs, arrays.Probabilities) else arrays.Probabilities(probs)
     for s in samples:
         pairs = [{**p, "_id": p.get("uid") or f"{s['key']}:{i}"} for i, p in enumerate(s["pairs"])]
-        drawn = balance_records(pairs, probs, seed=seed, phase=phase, id_field="_id", reason=reason)
+        drawn = balance_records(pairs, table, seed=seed, phase=phase, id_field="_id", reason=reason)
         won, lost = drawn.kept, drawn.rejected
         for p in lost:
             pair_drops[counters_lib.scoped(stage.PAIR, counters_lib.dropped(p["reason"]))] += 1
+        qids = [p["query_ids"] or () for p in pairs]
         miss = 1.0
-        for p in pairs:
-            miss *= 1.0 - keep_probability(p["query_ids"] or (), probs)
+        for x in arrays.keep_probabilities(*arrays.flat_lists(qids), table, qids).tolist():
+            miss *= 1.0 - x
         prob = 1.0 - miss
         if won:
             kept_pairs = strip(won)
@@ -238,70 +250,143 @@ def choose_caption(pairs: Sequence[Mapping[str, Any]], counts: Mapping[int, int]
 
 
 class _CountBatchFn(beam.DoFn):
-    """Counts per query over a whole bundle, emitted once at its end (fewer combiner inputs)."""
+    """Counts per query over a whole bundle, emitted once at its end as one dense array.
+
+    A batch is a list of records or an Arrow table of them (``pairs``: count the records'
+    pairs, a ``pairs`` column of structs with ``query_ids``).
+    """
+
+    def __init__(self, *, pairs: bool = False):
+        super().__init__()
+        self._pairs = pairs
 
     def start_bundle(self):
-        self._counts = collections.Counter()
+        self._counts = np.zeros(0, np.int64)
 
     def process(self, batch):
-        self._counts.update(count_queries(batch))
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        if isinstance(batch, pa.Table):
+            dense = arrays.count_table(batch, pairs=self._pairs)
+        else:
+            records = [p for r in batch for p in r["pairs"]] if self._pairs else batch
+            dense = arrays.count_arrays(*arrays.flat_lists([r.get("query_ids") for r in records]))
+        self._counts = arrays.add_dense(self._counts, dense)
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
-        window = GlobalWindow()
-        ts = window.max_timestamp()
-        for item in sorted(self._counts.items()):
-            yield WindowedValue(item, ts, [window])
-        self._counts = collections.Counter()
+        if self._counts.size:
+            window = GlobalWindow()
+            yield WindowedValue(self._counts, window.max_timestamp(), [window])
+        self._counts = np.zeros(0, np.int64)
+
+
+class _SumDense(beam.CombineFn):
+    """Sums dense count arrays (of any lengths) into one."""
+
+    def create_accumulator(self):
+        return np.zeros(0, np.int64)
+
+    def add_input(self, acc, dense):
+        return arrays.add_dense(acc, dense)
+
+    def merge_accumulators(self, accumulators):
+        total = np.zeros(0, np.int64)
+        for a in accumulators:
+            total = arrays.add_dense(total, a)
+        return total
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _count_pairs(dense: np.ndarray):
+    """A dense count array -> its ``(query_id, count)`` pairs (non-zero ones)."""
+    ids = np.flatnonzero(dense)
+    return zip(ids.tolist(), dense[ids].tolist(), strict=True)
+
+
+def _batched(pcoll, batch_size: int, tables: bool):
+    """Records -> lists of ``batch_size`` records; Arrow tables are batches already."""
+    if tables:
+        return pcoll
+    return pcoll | "Batch" >> beam.BatchElements(
+        min_batch_size=batch_size, max_batch_size=batch_size
+    )
 
 
 class CountQueries(beam.PTransform):
-    """Records with ``query_ids`` -> ``(query_id, count)`` over the whole PCollection."""
+    """Records with ``query_ids`` -> ``(query_id, count)`` over the whole PCollection.
 
-    def __init__(self, *, batch_size: int = 4096):
+    ``tables=True``: the elements are Arrow tables (or record batches) of records.
+    """
+
+    def __init__(self, *, batch_size: int = 4096, tables: bool = False, pairs: bool = False):
         super().__init__()
         self._batch_size = batch_size
+        self._tables = tables
+        self._pairs = pairs
 
     def expand(self, records):
+        return self.dense(records) | "Pairs" >> beam.FlatMap(_count_pairs)
+
+    def dense(self, records):
+        """The counts as one dense array (a singleton PCollection), for side inputs."""
         return (
-            records
-            | "Batch"
-            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
-            | "CountBatch" >> beam.ParDo(_CountBatchFn())
-            | "Sum" >> beam.CombinePerKey(sum)
+            _batched(records, self._batch_size, self._tables)
+            | "CountBatch" >> beam.ParDo(_CountBatchFn(pairs=self._pairs))
+            | "Sum" >> beam.CombineGlobally(_SumDense())
         )
 
 
 class CountUnits(beam.PTransform):
     """Samples -> ``(query_id, count)`` over samples (``unit="image"``) or their pairs."""
 
-    def __init__(self, *, unit: str, batch_size: int = 4096):
+    def __init__(self, *, unit: str, batch_size: int = 4096, tables: bool = False):
         super().__init__()
         self._unit = unit
         self._batch_size = batch_size
+        self._tables = tables
+
+    def _counter(self) -> CountQueries:
+        return CountQueries(
+            batch_size=self._batch_size, tables=self._tables, pairs=self._unit == "pair"
+        )
 
     def expand(self, samples):
-        if self._unit == "pair":
-            samples = samples | "Pairs" >> beam.FlatMap(lambda r: r["pairs"])
-        return samples | "Count" >> CountQueries(batch_size=self._batch_size)
+        return samples | "Count" >> self._counter()
+
+    def dense(self, samples):
+        """The counts as one dense array (a singleton PCollection), for side inputs."""
+        return self._counter().dense(samples)
 
 
 class _BalanceFn(stage.StageFn):
     """A batch of records and the pool's counts per query -> the draw's kept and dropped ones.
 
     Counts drops only when balancing inside a pipeline of several stages (``flow=False``):
-    the stage where records enter counts input, the one where they leave counts kept.
+    the stage where records enter counts input, the one where they leave counts kept. A
+    batch is a list of records or an Arrow table (``balance_arrays``: the same draws).
     """
 
     def __init__(
-        self, *, t: float, seed: int, phase: str, id_field: str, reason: str, unit: str = ""
+        self,
+        *,
+        t: float,
+        seed: int,
+        phase: str,
+        id_field: str,
+        reason: str,
+        unit: str = "",
+        tables: bool = False,
     ):
         super().__init__(
             stage=phase,
             flow=phase == PHASE_PREBALANCE,  # pre-balancing is a step of its own
             pairs=unit == "image",  # a dropped sample's pairs go with it
+            kept_as="batch" if tables else "rows",
         )
         self._t = t
         self._seed = seed
@@ -312,12 +397,19 @@ class _BalanceFn(stage.StageFn):
 
     def setup(self):
         self._seen = None
-        self._probs = {}
+        self._probs = arrays.Probabilities({})
+        self._draw = Draws(self._seed, self._phase)
 
-    def core(self, batch, counts):
-        if counts is not self._seen:  # the side input is the same object for a whole bundle
-            self._probs = query_probabilities(counts, self._t)
-            self._seen = counts
+    def core(self, batch, dense):
+        if dense is not self._seen:  # the side input is the same object for a whole bundle
+            self._counts = arrays.DenseCounts(dense)
+            self._probs = arrays.Probabilities.from_counts(dense, self._t)
+            self._seen = dense
+        counts = self._counts
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        if isinstance(batch, pa.Table):
+            return self._core_table(batch, counts)
         if self._unit == "pair":
             result = balance_sample_pairs(
                 batch, self._probs, seed=self._seed, phase=self._phase, reason=self._reason
@@ -338,25 +430,42 @@ class _BalanceFn(stage.StageFn):
                     r["clip_score"] = max(p["clip_score"] for p in r["pairs"])
         return result
 
+    def _core_table(self, table: pa.Table, counts) -> stage.Result:
+        if self._unit == "pair":
+            result = arrays.balance_sample_pairs_table(
+                table, self._probs, self._draw, reason=self._reason
+            )
+        else:
+            result = arrays.balance_table(
+                table, self._probs, self._draw, id_field=self._id_field, reason=self._reason
+            )
+        if self._phase == PHASE_BALANCE:
+            result.kept = arrays.with_captions(result.kept, counts)
+        if "pairs" in table.column_names:  # sample rows: uids and captions for rejected/
+            result.rejected = arrays.sample_lists(result.rejected)
+            if isinstance(result.partial, pa.Table):
+                result.partial = arrays.sample_lists(result.partial)
+        return result
+
 
 class _Draw(beam.PTransform):
     """Keep each record with probability ``1 - prod(1 - min(1, t / c_e))`` (seeded, by id).
 
-    ``counts`` is a PCollection of ``(query_id, count)`` over the pool. Returns the stage
+    ``counts`` is a singleton PCollection: the pool's dense count array (``CountQueries.dense``),
+    so that the side input is one array, not a dict of every query. Returns the stage
     outputs (``stage.apply``): ``kept`` (with ``balance_probability``), ``rejected``, ``counts``.
     """
 
-    def __init__(self, *, counts, fn: _BalanceFn, batch_size: int):
+    def __init__(self, *, counts, fn: _BalanceFn, batch_size: int, tables: bool = False):
         super().__init__()
         self._counts = counts
         self._fn = fn
         self._batch_size = batch_size
+        self._tables = tables
 
     def expand(self, records):
-        batches = records | "Batch" >> beam.BatchElements(
-            min_batch_size=self._batch_size, max_batch_size=self._batch_size
-        )
-        return stage.apply(batches, "Draw", self._fn, beam.pvalue.AsDict(self._counts))
+        batches = _batched(records, self._batch_size, self._tables)
+        return stage.apply(batches, "Draw", self._fn, beam.pvalue.AsSingleton(self._counts))
 
 
 class PreBalance(beam.PTransform):
@@ -365,9 +474,13 @@ class PreBalance(beam.PTransform):
     ``balance.prebalance_factor`` is the oversampling factor (0 disables the step: refused
     here). Returns a dict: ``kept``, ``rejected`` (reason ``prebalanced_out`` or ``no_query``),
     ``counts`` (input, kept and drops), ``before`` and ``after`` (``(query_id, n)`` over pairs).
+
+    ``tables=True``: the candidates come as Arrow tables (``ReadFromParquetBatched``), and
+    ``kept`` and ``rejected`` are tables too; counted and drawn per table
+    (``balance_arrays``), the same records are kept as with dict records.
     """
 
-    def __init__(self, *, config: BalanceConfig, batch_size: int = 4096):
+    def __init__(self, *, config: BalanceConfig, batch_size: int = 4096, tables: bool = False):
         super().__init__()
         if not config.prebalance:
             raise WitError("balance.prebalance_factor is 0: pre-balancing is disabled")
@@ -377,15 +490,19 @@ class PreBalance(beam.PTransform):
             phase=PHASE_PREBALANCE,
             id_field="uid",
             reason=PREBALANCED_OUT,
+            tables=tables,
         )
         self._batch_size = batch_size
+        self._tables = tables
 
     def expand(self, candidates):
-        before = candidates | "CountBefore" >> CountQueries(batch_size=self._batch_size)
+        size, tables = self._batch_size, self._tables
+        dense = CountQueries(batch_size=size, tables=tables).dense(candidates)
+        before = dense | "CountBefore" >> beam.FlatMap(_count_pairs)
         out = candidates | "Balance" >> _Draw(
-            counts=before, fn=self._fn, batch_size=self._batch_size
+            counts=dense, fn=self._fn, batch_size=size, tables=tables
         )
-        after = out["kept"] | "CountAfter" >> CountQueries(batch_size=self._batch_size)
+        after = out["kept"] | "CountAfter" >> CountQueries(batch_size=size, tables=tables)
         return {**out, "before": before, "after": after}
 
 
@@ -397,9 +514,14 @@ class BalanceSamples(beam.PTransform):
     ``kept`` (with ``caption`` and ``balance_probability``), ``rejected`` (``balanced_out``,
     ``no_query``), ``counts`` (drops only), ``before`` and ``after`` (``(query_id, n)`` over
     the unit).
+
+    ``tables=True``: samples come as Arrow tables (``key``, ``query_ids``, ``pairs`` as a list
+    of structs with ``uid``, ``caption``, ``query_ids``; ``samples.SAMPLE_SCHEMA`` has them),
+    and ``kept``, ``rejected`` (with ``uids`` and ``captions``) are tables; the same samples
+    and pairs are kept as with dict records.
     """
 
-    def __init__(self, *, config: BalanceConfig, batch_size: int = 4096):
+    def __init__(self, *, config: BalanceConfig, batch_size: int = 4096, tables: bool = False):
         super().__init__()
         self._unit = config.unit
         self._fn = _BalanceFn(
@@ -409,15 +531,24 @@ class BalanceSamples(beam.PTransform):
             id_field="key",
             reason=BALANCED_OUT,
             unit=config.unit,
+            tables=tables,
         )
         self._batch_size = batch_size
+        self._tables = tables
 
     def _count(self, records, label: str):
-        return records | label >> CountUnits(unit=self._unit, batch_size=self._batch_size)
+        return records | label >> CountUnits(
+            unit=self._unit, batch_size=self._batch_size, tables=self._tables
+        )
 
     def expand(self, samples):
-        before = self._count(samples, "CountBefore")
-        out = samples | "Balance" >> _Draw(counts=before, fn=self._fn, batch_size=self._batch_size)
+        dense = CountUnits(unit=self._unit, batch_size=self._batch_size, tables=self._tables).dense(
+            samples
+        )
+        before = dense | "CountBefore" >> beam.FlatMap(_count_pairs)
+        out = samples | "Balance" >> _Draw(
+            counts=dense, fn=self._fn, batch_size=self._batch_size, tables=self._tables
+        )
         after = self._count(out["kept"], "CountAfter")
         return {**out, "before": before, "after": after}
 
@@ -435,8 +566,6 @@ def query_counts_table(
     the separate commands write the same schema). With ``t``, ``p_balance = min(1, t / c)``
     over ``after_dedup``; with ``prebalance_factor``, ``p_prebalance`` over ``before``.
     """
-    import pyarrow as pa
-
     unknown = set(columns) - set(COUNT_COLUMNS)
     if unknown:
         raise ValueError(f"unknown count columns: {sorted(unknown)}")

@@ -253,7 +253,9 @@ class DedupRecords(beam.PTransform):
         rejected, counts, hits = [], [], []
         if self._eval_sets:
             index = p | "EvalIndex" >> BuildEvalIndex(
-                eval_sets=self._eval_sets, max_distance=c.eval_max_distance
+                eval_sets=self._eval_sets,
+                max_distance=c.eval_max_distance,
+                phash_decode=c.phash_decode,
             )
             clean = records | "Decontaminate" >> Decontaminate(
                 index=index, batch_size=min(c.batch_size, 1024)

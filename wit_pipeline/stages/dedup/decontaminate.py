@@ -398,10 +398,14 @@ def decontaminate(records: Sequence[Mapping[str, Any]], index: EvalIndex | None)
 
 
 class _HashEvalChunkFn(beam.DoFn):
+    def __init__(self, decode: str = "exact"):
+        super().__init__()
+        self._decode = decode
+
     def setup(self):
         from wit_pipeline.stages.dedup.phash import PHasher
 
-        self._hasher = PHasher()
+        self._hasher = PHasher(self._decode)
 
     def process(self, item):
         es, ids = item
@@ -411,11 +415,21 @@ class _HashEvalChunkFn(beam.DoFn):
 class BuildEvalIndex(beam.PTransform):
     """Pipeline root -> a one-element PCollection holding the ``EvalIndex`` of the eval sets.
 
-    Images are listed when the pipeline is built and hashed on workers in chunks.
+    Images are listed when the pipeline is built and hashed on workers in chunks, decoded as
+    the downloads are (``phash_decode``, ``dedup.phash_decode``), so that both sides' hashes
+    are comparable.
     """
 
-    def __init__(self, *, eval_sets: Sequence[EvalSet], max_distance: int, chunk: int = 1000):
+    def __init__(
+        self,
+        *,
+        eval_sets: Sequence[EvalSet],
+        max_distance: int,
+        chunk: int = 1000,
+        phash_decode: str = "exact",
+    ):
         super().__init__()
+        self._decode = phash_decode
         self._sets = list(eval_sets)
         self._max_distance = max_distance
         self._chunks = []
@@ -430,7 +444,7 @@ class BuildEvalIndex(beam.PTransform):
             root
             | "EvalChunks" >> beam.Create(self._chunks, reshuffle=False)
             | "Spread" >> beam.Reshuffle()
-            | "HashEval" >> beam.ParDo(_HashEvalChunkFn())
+            | "HashEval" >> beam.ParDo(_HashEvalChunkFn(self._decode))
             | "Collect" >> beam.combiners.ToList()
             | "Index" >> beam.Map(lambda chunks: EvalIndex(chunks, k))
         )

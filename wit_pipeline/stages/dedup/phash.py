@@ -22,6 +22,15 @@ time goes to per-image overhead, so this module does the same steps for a whole 
 
 Hashes are ``uint64`` with the first bit of imagehash's row-major bit string as the most
 significant bit, so ``f"{h:016x}" == str(imagehash.phash(image))``.
+
+From encoded bytes (``PHasher.hash_bytes``) decoding is most of the cost. ``decode="draft"``
+lets libjpeg do the first part of the work while decoding: grayscale output (its Y channel
+instead of Pillow's RGB -> L) and DCT scaling by 1/2, 1/4 or 1/8 down to no less than
+``DRAFT_SIZE`` pixels a side (Pillow's ``Image.draft``); the rest is the same resize and DCT.
+Those hashes are not imagehash's bits: they differ from the exact ones by a fraction of a bit
+on average (BENCHMARKS.md measures it, with its effect on near-duplicate groups).
+``decode="exact"`` decodes fully and gives imagehash's hash. Non-JPEG images are decoded
+fully either way.
 """
 
 from __future__ import annotations
@@ -57,6 +66,12 @@ _MAX_SCRATCH_BYTES = 32 << 20
 _BAND = 8
 # Above this error margin (about 2% of roundings unsure) the float32 path is not worth it.
 _MAX_FLOAT32_EPS = 1e-2
+# How ``PHasher.hash_bytes`` decodes: fully ("exact", imagehash's bits) or with libjpeg's
+# grayscale output and DCT scaling ("draft").
+DECODES = ("exact", "draft")
+# "draft" decodes JPEGs to no less than this many pixels a side (twice the 32 px the hash
+# resizes to, so that the Lanczos filter still averages over real pixels).
+DRAFT_SIZE = 64
 # Modes for which ``Image.convert("L")`` does more than ``image.im.convert("L", dither)`` (palette
 # transparency, LAB colour management); for the others it runs just that, or, when the core
 # raises ValueError, a conversion through another mode.
@@ -285,10 +300,14 @@ class _Axis:
 class PHasher:
     """Computes pHashes for batches of images; caches resampling weights per side length.
 
-    Not thread-safe (the cache); build one per worker (e.g. in ``DoFn.setup``).
+    Not thread-safe (the cache); build one per worker (e.g. in ``DoFn.setup``). ``decode``
+    says how ``hash_bytes`` decodes JPEGs (``DECODES``; module docstring).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, decode: str = "exact") -> None:
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        self.decode = decode
         self._axes: collections.OrderedDict[int, _Axis] = collections.OrderedDict()
         self._scratch = _Scratch()
         n = np.arange(IMG_SIZE)
@@ -467,9 +486,12 @@ class PHasher:
         images: list[Image.Image] = []
         ok: list[int] = []
         pixels = 0
+        draft = self.decode == "draft"
         for i, blob in enumerate(blobs):
             try:
                 im = Image.open(io.BytesIO(blob))
+                if draft and im.format == "JPEG":
+                    im.draft("L", (DRAFT_SIZE, DRAFT_SIZE))
                 im.load()
             except Exception as e:  # PIL raises many types for corrupt data
                 errors[i] = f"{type(e).__name__}: {e}"[:200]

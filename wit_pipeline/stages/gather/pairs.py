@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 
 from wit_pipeline import counters as counters_lib
 from wit_pipeline import fileio, optout, queries, schemas, stage, urls
-from wit_pipeline.config import MAX_BUCKETS, GatherConfig
+from wit_pipeline.config import MAX_BUCKETS, CaptionConfig, GatherConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather import captions as captions_lib
 from wit_pipeline.stages.gather.match import QueryMatcher
@@ -101,11 +101,33 @@ def check_url(url: str | None, page_url: str | None = None) -> tuple[str | None,
     return normalized, None
 
 
+# Caption text that ``captions.clean_caption`` returns unchanged, recognizable by RE2 in one
+# pass over a batch: printable ASCII without "&" (no entity to unescape, nothing to normalize,
+# no control character), words separated by single spaces, none at either end.
+_CLEAN_ASCII = r"^[!-%'-~]+(?: [!-%'-~]+)*$"
+# Per-caption results kept by a ``PairFilter`` (language, matched queries); cleared when full.
+CAPTION_CACHE_SIZE = 1 << 16
+
+
+def _mask(array: pa.Array, pattern: str) -> np.ndarray:
+    return pc.fill_null(pc.match_substring_regex(array, pattern), False).to_numpy(
+        zero_copy_only=False
+    )
+
+
 class PairFilter:
     """Cleans, filters and matches raw pairs; build once per worker (it holds the automaton).
 
     ``process`` returns the batch's candidates (until ``dedup_candidates`` has seen every
     other batch) and its rejected pairs, each with its ``reason``; its counts are ``input``.
+
+    The work is done per batch: URL checks and caption checks as pyarrow kernels over the
+    whole batch, with ``urls.normalize_url`` and ``captions.clean_caption`` called only for
+    the URLs and captions that the kernels cannot vouch for; language detection once per
+    distinct caption of the batch (``captions.detect_many``) and query matching once per
+    distinct caption, both remembered across batches for up to ``CAPTION_CACHE_SIZE``
+    captions (alt texts repeat: "image", "logo", product names). The outputs are those of
+    the per-pair rules applied in order (URL, caption, language, match), row for row.
     """
 
     def __init__(
@@ -119,6 +141,8 @@ class PairFilter:
         self.matcher = matcher
         self.detector = detector or captions_lib.make_detector(config.captions)
         self.blocklist = blocklist if blocklist is not None and blocklist.has_url_entries else None
+        self._languages: dict[str, tuple[str, float]] = {}
+        self._matches: dict[str, list[int]] = {}
 
     def _takedown(self, normalized: str, page_url: str | None, pages: dict) -> str | None:
         """The blocklist entry the image URL or the page URL matches (pages are cached: the
@@ -134,116 +158,185 @@ class PairFilter:
             hit = pages[page_url]
         return hit
 
+    def _detect(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """The detector's answer for each text, once per distinct text (cached).
+
+        The caches may be shared by threads (one ``PairFilter`` per worker process): they are
+        only read with ``get`` and written whole entries at a time, so a clear by another
+        thread costs a recomputation, never a wrong or missing answer.
+        """
+        cache = self._languages
+        out = [cache.get(t) for t in texts]
+        todo = list(dict.fromkeys(t for t, r in zip(texts, out, strict=True) if r is None))
+        if todo:
+            found = dict(zip(todo, captions_lib.detect_many(self.detector, todo), strict=True))
+            if len(cache) + len(found) > CAPTION_CACHE_SIZE:
+                cache.clear()
+            cache.update(found)
+            out = [found[t] if r is None else r for t, r in zip(texts, out, strict=True)]
+        return out  # type: ignore[return-value]
+
+    def _match(self, texts: Sequence[str]) -> list[list[int]]:
+        """The matched query ids of each text, once per distinct text (cached)."""
+        cache = self._matches
+        if len(cache) + len(texts) > CAPTION_CACHE_SIZE:
+            cache.clear()
+        match = self.matcher.match
+        out = []
+        for t in texts:
+            ids = cache.get(t)
+            if ids is None:
+                ids = cache[t] = match(t)
+            out.append(ids)
+        return out
+
     def process(self, batch: RawBatch) -> stage.Result:
         """Candidates (``CANDIDATE_SCHEMA``) and rejected pairs (``url``, ``caption``,
         ``reason``, ``source``, ``page_url``; with ``detail``, ``policy_url`` and
         ``policy_fetched`` when a takedown or an opt-out is among them) of one batch, as Arrow
         tables; the counts are ``input`` and ``opt_out/<signal>``."""
         ccfg = self.config.captions
-        form = ccfg.unicode_form
-        detect = self.detector.detect if self.detector.name != "none" else None
+        detecting = self.detector.name != "none"
         # Detection runs before matching when it filters (a caption's language is checked like
         # its length); without a filter it runs only for the pairs that are kept.
-        language_filter = bool(ccfg.languages) and detect is not None
-        match = self.matcher.match
-        keep_unmatched = self.config.match.keep_unmatched
-        clean = captions_lib.clean_caption
-        check_caption = captions_lib.check_caption
-        check_language = captions_lib.check_language
-        recorded_language = captions_lib.recorded_language
-        pair_uid = urls.pair_uid
-        source = batch.source
-        n_in = len(batch)
-        signals = batch.opt_outs or [None] * n_in
-        dates = batch.page_dates or [None] * n_in
-        takedown = self._takedown if self.blocklist is not None else None
-        pages: dict[str, str | None] = {}
+        language_filter = bool(ccfg.languages) and detecting
+        n = len(batch)
+        raw_urls, raw_captions, page_urls = batch.urls, batch.captions, batch.page_urls
+        reasons: list[str | None] = [None] * n
 
-        k_uid, k_url, k_caption, k_ids, k_page, k_lang, k_score = [], [], [], [], [], [], []
-        r_url, r_caption, r_reason, r_page = [], [], [], []
-        r_detail: list[str] = []
-        r_policy: list[tuple[str | None, str | None]] = []
+        # 1. URLs: the common shape is already normal; the rest goes through check_url.
+        normalized: list[str | None] = list(raw_urls)
+        url_arr = pa.array(raw_urls, pa.string())
+        for i in np.flatnonzero(~urls.already_normalized(url_arr)).tolist():
+            normalized[i], reasons[i] = check_url(raw_urls[i], page_urls[i])
+
+        # Takedowns (the blocklist's URL and domain entries), then the page's opt-out signal.
+        details: dict[int, str] = {}
+        policies: dict[int, tuple[str | None, str | None]] = {}
         opt_outs: collections.Counter[str] = collections.Counter()
+        if self.blocklist is not None:
+            pages: dict[str, str | None] = {}
+            for i in range(n):
+                if reasons[i] is None:
+                    hit = self._takedown(normalized[i], page_urls[i], pages)  # type: ignore[arg-type]
+                    if hit is not None:
+                        reasons[i], details[i] = TAKEDOWN, hit
+        if batch.opt_outs:
+            dates = batch.page_dates or [None] * n
+            for i, signal in enumerate(batch.opt_outs):
+                if signal is not None and reasons[i] is None:
+                    reasons[i], details[i] = optout.OPT_OUT, signal
+                    policies[i] = (page_urls[i], dates[i] or None)
+                    opt_outs[counters_lib.scoped(optout.SCOPE, signal)] += 1
 
-        for url, raw_caption, page_url, signal, date in zip(
-            batch.urls, batch.captions, batch.page_urls, signals, dates, strict=True
-        ):
-            caption = raw_caption
-            normalized, reason = check_url(url, page_url)
-            detail, policy = "", (None, None)
-            if reason is None and takedown is not None:
-                hit = takedown(normalized, page_url, pages)
-                if hit is not None:
-                    reason, detail = TAKEDOWN, hit
-            if reason is None and signal is not None:
-                reason, detail, policy = optout.OPT_OUT, signal, (page_url, date or None)
-                opt_outs[counters_lib.scoped(optout.SCOPE, signal)] += 1
-            if reason is None:
-                if not raw_caption:
-                    reason = captions_lib.NO_CAPTION
+        # 2. Captions: cleaned (the kernel vouches for clean ASCII), then checked.
+        cleaned: list[str | None] = list(raw_captions)
+        cap_arr = pa.array(raw_captions, pa.string())
+        form = ccfg.unicode_form
+        clean = captions_lib.clean_caption
+        for i in np.flatnonzero(~_mask(cap_arr, _CLEAN_ASCII)).tolist():
+            if reasons[i] is None:
+                raw = raw_captions[i]
+                if not raw:
+                    reasons[i] = captions_lib.NO_CAPTION
                 else:
-                    caption = clean(raw_caption, unicode_form=form)
-                    reason = check_caption(caption, ccfg)
-            language, score = "", 0.0
-            if reason is None and language_filter:
-                language, score = detect(caption)
-                reason = check_language(language, score, ccfg)
-                if reason is None:
-                    language = recorded_language(language, ccfg)
-            if reason is None:
-                ids = match(caption)
-                if not ids and not keep_unmatched:
-                    reason = NO_MATCH
-                elif detect is not None and not language_filter:
-                    # No filter: the language is only recorded, so only for kept pairs.
-                    language, score = detect(caption)
-            if reason is not None:
-                r_url.append(normalized or url)
-                r_caption.append(caption)
-                r_reason.append(reason)
-                r_page.append(page_url)
-                r_detail.append(detail)
-                r_policy.append(policy)
-                continue
-            k_uid.append(pair_uid(normalized, caption))
-            k_url.append(normalized)
-            k_caption.append(caption)
-            k_ids.append(ids)
-            k_page.append(page_url)
-            k_lang.append(language)
-            k_score.append(score)
+                    cleaned[i] = clean(raw, unicode_form=form)
+        alive = [i for i, r in enumerate(reasons) if r is None]
+        if alive:
+            texts = [cleaned[i] for i in alive]
+            for i, why in zip(alive, _caption_reasons(texts, ccfg), strict=True):
+                reasons[i] = why
+            alive = [i for i in alive if reasons[i] is None]
 
-        n = len(k_uid)
+        # 3. Language (when it filters), once per distinct caption.
+        languages: dict[int, tuple[str, float]] = {}
+        if language_filter and alive:
+            check_language, recorded = captions_lib.check_language, captions_lib.recorded_language
+            found = self._detect([cleaned[i] for i in alive])
+            still = []
+            for i, (language, score) in zip(alive, found, strict=True):
+                why = check_language(language, score, ccfg)
+                if why is None:
+                    languages[i] = (recorded(language, ccfg), score)
+                    still.append(i)
+                else:
+                    reasons[i] = why
+            alive = still
+
+        # 4. Query matching, once per distinct caption.
+        keep_unmatched = self.config.match.keep_unmatched
+        kept: list[int] = []
+        kept_ids: list[list[int]] = []
+        for i, ids in zip(alive, self._match([cleaned[i] for i in alive]), strict=True):
+            if ids or keep_unmatched:
+                kept.append(i)
+                kept_ids.append(ids)
+            else:
+                reasons[i] = NO_MATCH
+        if detecting and not language_filter and kept:
+            # No filter: the language is only recorded, so only for kept pairs.
+            languages = dict(zip(kept, self._detect([cleaned[i] for i in kept]), strict=True))
+
+        page_urls = batch.page_urls
+        k_url = [normalized[i] for i in kept]
+        k_caption = [cleaned[i] for i in kept]
+        found = [languages.get(i, ("", 0.0)) for i in kept]
         candidates = pa.Table.from_arrays(
             [
-                pa.array(k_uid, pa.string()),
+                pa.array(urls.pair_uids(k_url, k_caption), pa.string()),
                 pa.array(k_url, pa.string()),
                 pa.array(k_caption, pa.string()),
-                pa.array(k_ids, pa.list_(pa.int32())),
-                pa.array([source] * n, pa.string()),
-                pa.array(k_page, pa.string()),
-                pa.array(k_lang, pa.string()),
-                pa.array(k_score, pa.float32()),
+                pa.array(kept_ids, pa.list_(pa.int32())),
+                pa.array([batch.source] * len(kept), pa.string()),
+                pa.array([page_urls[i] for i in kept], pa.string()),
+                pa.array([f[0] for f in found], pa.string()),
+                pa.array([f[1] for f in found], pa.float32()),
             ],
             schema=CANDIDATE_SCHEMA,
         )
+        dropped = [i for i, r in enumerate(reasons) if r is not None]
         columns = [
-            pa.array(r_url, pa.string()),
-            pa.array(r_caption, pa.string()),
-            pa.array(r_reason, pa.string()),
-            pa.array([source] * len(r_url), pa.string()),
-            pa.array(r_page, pa.string()),
+            pa.array([normalized[i] or raw_urls[i] for i in dropped], pa.string()),
+            # A pair dropped for its URL (or its page) keeps its raw caption (never cleaned).
+            pa.array([cleaned[i] for i in dropped], pa.string()),
+            pa.array([reasons[i] for i in dropped], pa.string()),
+            pa.array([batch.source] * len(dropped), pa.string()),
+            pa.array([page_urls[i] for i in dropped], pa.string()),
         ]
         names = ["url", "caption", "reason", "source", "page_url"]
-        if any(r_detail):  # takedowns and opt-outs say which entry or signal, and the policy
+        if details:  # takedowns and opt-outs say which entry or signal, and the policy
+            no_policy = (None, None)
             columns += [
-                pa.array(r_detail, pa.string()),
-                pa.array([p for p, _ in r_policy], pa.string()),
-                pa.array([f for _, f in r_policy], pa.string()),
+                pa.array([details.get(i, "") for i in dropped], pa.string()),
+                pa.array([policies.get(i, no_policy)[0] for i in dropped], pa.string()),
+                pa.array([policies.get(i, no_policy)[1] for i in dropped], pa.string()),
             ]
             names += ["detail", "policy_url", "policy_fetched"]
         rejected = pa.Table.from_arrays(columns, names=names)
-        return stage.Result(candidates, rejected, {counters_lib.INPUT: n_in, **opt_outs})
+        return stage.Result(candidates, rejected, {counters_lib.INPUT: n, **opt_outs})
+
+
+def _caption_reasons(texts: Sequence[str], cfg: CaptionConfig) -> list[str | None]:
+    """``captions.check_caption`` of each cleaned caption, as pyarrow kernels over the batch."""
+    array = pa.array(texts, pa.string())
+    length = pc.utf8_length(array).to_numpy(zero_copy_only=False)
+    words = pc.count_substring(array, " ").to_numpy(zero_copy_only=False) + 1
+    damaged = pc.match_substring(array, "\ufffd").to_numpy(zero_copy_only=False)
+    # The rules in check_caption's order: the first that applies names the reason.
+    rules = [
+        (length == 0, captions_lib.NO_CAPTION),
+        (damaged, captions_lib.BAD_ENCODING),
+        (length < cfg.min_chars, captions_lib.TOO_SHORT),
+        ((length > cfg.max_chars) if cfg.max_chars else None, captions_lib.TOO_LONG),
+        (words < cfg.min_words, captions_lib.TOO_FEW_WORDS),
+        ((words > cfg.max_words) if cfg.max_words else None, captions_lib.TOO_MANY_WORDS),
+    ]
+    out: list[str | None] = [None] * len(texts)
+    for mask, reason in reversed(rules):
+        if mask is not None:
+            for i in np.flatnonzero(mask).tolist():
+                out[i] = reason
+    return out
 
 
 def _sorted_for_dedup(table: pa.Table) -> pa.Table:
