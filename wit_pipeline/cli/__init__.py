@@ -31,6 +31,7 @@ COMMANDS = (
     "build",
     "report",
     "score",
+    "seed",
     "eval",
     "train",
     "demo",

@@ -431,10 +431,19 @@ class EpochEvaluator:
             caption_sets.read_captions_tsv(
                 cfg.eval_retrieval_captions, split=cfg.eval_retrieval_split
             )
+        self.pairs = None
+        if cfg.eval_pairs:  # read once: held-out sets for a filter are small
+            from wit_pipeline.train import data, separation
+
+            self.pairs = separation.PairSet.from_shards(
+                data.expand_shard_patterns([cfg.eval_pairs]), max_samples=cfg.eval_max_samples
+            )
+            if len(self.pairs.keys) < 2:
+                raise WitError(f"--eval-pairs {cfg.eval_pairs}: fewer than two captioned samples")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.sets or self.cfg.eval_retrieval_captions)
+        return bool(self.sets or self.cfg.eval_retrieval_captions or self.pairs)
 
     def __call__(self, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
         """Metrics of ``model`` (not DDP-wrapped) on every set, keyed ``NAME/top1`` etc."""
@@ -467,4 +476,17 @@ class EpochEvaluator:
             for k, v in res.items():
                 if "R@" in k:
                     out[f"retrieval/{k}"] = v
+        if self.pairs is not None:
+            from wit_pipeline.train import separation
+
+            res = separation.run_separation(
+                model,
+                preprocess,
+                tokenizer,
+                self.pairs,
+                device=device,
+                batch_size=self.cfg.eval_batch_size,
+            )
+            out["pairs/auc"] = res["auc"]
+            out["pairs/recall@p95"] = res["recall@p95"]
         return out
