@@ -61,6 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--split", default="dev", help="split to evaluate ('' for all rows)")
     r.add_argument("--max-images", type=int, default=0, help="evaluate on N evenly spaced images")
+    r.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a 95%% interval of each text-to-image R@k from N resamples of the captions",
+    )
+    r.add_argument(
+        "--ranks",
+        action="store_true",
+        help="add every caption's text-to-image rank (text_to_image_ranks)",
+    )
     r.set_defaults(func=run_retrieval)
 
 
@@ -123,6 +135,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
         device=loaded.device,
         batch_size=args.batch_size,
         max_images=args.max_images,
+        bootstrap=args.bootstrap,
+        ranks=args.ranks,
     )
     result.update(model=loaded.model_name, checkpoint=args.checkpoint)
     _emit(result, args.output)

@@ -104,6 +104,42 @@ def retrieval_metrics(
     return dict(sorted(out.items()))
 
 
+def text_to_image_ranks(
+    image_features: Any, text_features: Any, text_to_image: Sequence[int]
+) -> list[int]:
+    """For every caption, the 0-based rank of its own image among all images (0: first)."""
+    import torch
+
+    owner = torch.as_tensor(list(text_to_image), dtype=torch.long)
+    sims = text_features.float() @ image_features.float().T  # [T, I]
+    own = sims.gather(1, owner[:, None])
+    return [int(x) for x in (sims > own).sum(dim=1)]
+
+
+def bootstrap_interval(
+    hits: Any, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of the mean hit rate, resampling captions with replacement.
+
+    ``hits`` is ``[C]`` or ``[R, C]`` (0/1 per caption, for each of ``R`` runs evaluated on the
+    same captions): each resample draws the same captions for every run and averages over runs
+    and captions, so the interval is that of the runs' mean.
+    """
+    h = np.asarray(hits, dtype=np.float64)
+    if h.ndim == 1:
+        h = h[None, :]
+    n = h.shape[1]
+    if n == 0:
+        raise WitError("bootstrap over no captions")
+    rng = np.random.default_rng(seed)
+    per_caption = h.mean(axis=0)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        means[i] = per_caption[rng.integers(0, n, n)].mean()
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoding
 
@@ -377,8 +413,15 @@ def run_retrieval(
     device: str,
     batch_size: int = 256,
     max_images: int = 0,
+    bootstrap: int = 0,
+    ranks: bool = False,
 ) -> dict[str, Any]:
-    """Recall@1/5/10 in both directions on one split of a ``captions.tsv`` set."""
+    """Recall@1/5/10 in both directions on one split of a ``captions.tsv`` set.
+
+    ``bootstrap`` > 0 adds ``text_to_image_R@k_ci95`` (a 95% percentile interval from that many
+    resamples of the captions); ``ranks`` adds ``text_to_image_ranks`` (every caption's image
+    rank, for intervals over several runs).
+    """
     items = caption_sets.read_captions_tsv(captions_tsv, split=split)
     items = [items[i] for i in _subsample(len(items), max_images)]
     paths = caption_sets.image_paths(images_dir, items)
@@ -398,6 +441,13 @@ def run_retrieval(
     finally:
         model.train(was_training)
     out: dict[str, Any] = dict(retrieval_metrics(img, txt, owner))
+    if bootstrap or ranks:
+        rank = np.asarray(text_to_image_ranks(img, txt, owner))
+        for k in RECALL_KS if bootstrap else ():
+            lo, hi = bootstrap_interval(rank < k, resamples=bootstrap)
+            out[f"text_to_image_R@{k}_ci95"] = [lo, hi]
+        if ranks:
+            out["text_to_image_ranks"] = rank.tolist()
     out["split"] = split if split is not None else "all"
     return out
 
