@@ -58,6 +58,8 @@ RUN_DONE = "run.json"
 METRIC = "pairs/auc"
 # Options of the recipe that decide where and how fast it runs, not what it computes.
 EXECUTION_ONLY = ("workers", "threads", "device")
+# Trainer options that do not change what a run computes (where it writes, how it reports).
+_RUN_IDENTITY_EXCLUDED = (*EXECUTION_ONLY, "output", "resume", "progress", "log_every")
 SAMPLES_PER_SHARD = 1000
 
 Log = Callable[[str], None]
@@ -345,7 +347,11 @@ def run_training(
     out = tcfg.output
     fp = _digest(
         {
-            "train": {k: v for k, v in config_lib.to_dict(tcfg).items() if k not in EXECUTION_ONLY},
+            "train": {
+                k: v
+                for k, v in config_lib.to_dict(tcfg).items()
+                if k not in _RUN_IDENTITY_EXCLUDED
+            },
             "data": data_fingerprint,
         }
     )
