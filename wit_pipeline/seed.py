@@ -348,9 +348,7 @@ def run_training(
     fp = _digest(
         {
             "train": {
-                k: v
-                for k, v in config_lib.to_dict(tcfg).items()
-                if k not in _RUN_IDENTITY_EXCLUDED
+                k: v for k, v in config_lib.to_dict(tcfg).items() if k not in _RUN_IDENTITY_EXCLUDED
             },
             "data": data_fingerprint,
         }
