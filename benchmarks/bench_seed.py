@@ -76,9 +76,9 @@ def register_tiny_96() -> None:
 def points(args) -> list[tuple[str, dict[str, Any]]]:
     """The grid's recipes as ``SeedConfig`` overrides (base: ``--epochs``, ``--patience``)."""
     out = []
-    for name, change in GRID:
-        if args.points and name not in args.points:
-            continue
+    grid = dict(GRID)
+    for name in args.points or grid:  # in the order given
+        change = grid[name]
         recipe = {"epochs": args.epochs, "patience": args.patience, **change}
         if name == "tiny-long":
             recipe.update(epochs=2 * args.epochs, patience=2 * args.patience)

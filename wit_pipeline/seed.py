@@ -442,11 +442,13 @@ def kept_samples(
     """The pool samples chosen by ``sample_mask`` (per sample) with only their kept captions;
     samples without a kept caption are left out."""
     out = []
-    owners = pool.owners()
+    start = 0
     for i, key in enumerate(pool.keys):
+        n = len(pool.captions[i])
+        flags, start = keep[start : start + n], start + n
         if not sample_mask[i]:
             continue
-        caps = [c for c, k in zip(pool.captions[i], keep[owners == i], strict=True) if k]
+        caps = [c for c, k in zip(pool.captions[i], flags, strict=True) if k]
         if caps:
             out.append(with_captions(samples_by_key[key], caps))
     return out
@@ -511,7 +513,8 @@ def run_rounds(ctx: SeedContext, pool_paths: Sequence[str]) -> tuple[list[RunRes
     pool = separation.PairSet.from_shards(pool_paths)
     if len(pool.keys) < 2:
         raise WitError(f"the pool holds {len(pool.keys)} captioned sample(s): nothing to select")
-    by_key = {s.key: s for s in read_samples(pool_paths) if s.key in set(pool.keys)}
+    wanted = set(pool.keys)
+    by_key = {s.key: s for s in read_samples(pool_paths) if s.key in wanted}
     halves = np.asarray([pool_half(k) for k in pool.keys])
     info: dict[str, Any] = {"samples": len(pool.keys), "pairs": pool.num_pairs, "rounds": []}
 
@@ -601,6 +604,8 @@ def run_seed(
         pool_paths = finished_shards(pool)
         if not pool_paths:
             raise WitError(f"--pool {pool}: no finished shards (a build folder or a shard folder)")
+        if not recipe.rounds:
+            log(f"seed.rounds = 0: --pool {pool} is not used (set --rounds N)")
     elif recipe.rounds:
         log(f"seed.rounds = {recipe.rounds} needs --pool: training on the trusted set alone")
     paths, source = trusted_shards(
