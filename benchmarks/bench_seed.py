@@ -8,12 +8,12 @@ by key hash: about 200 photos, 1,000 true pairs) and every grid point trains on 
 training part with ``wit_pipeline.seed`` (the code of ``wit seed``), early-stopped on the
 held-out AUC.
 
-Each grid point changes one thing against the base recipe (``config.SeedConfig``'s defaults
-with ``--epochs``): model size (wit-nano 32 px, wit-small 96 px), image size (wit-tiny at
-96 px), augmentation (crop scale 0.5 and flips), epochs (half and twice the base's: the
-learning rate follows a cosine over the epochs, so fewer epochs also anneal sooner), and using
-the pool itself:
-``pool-all`` (the trusted set plus the whole raw pool), ``pool-seed50`` (bootstrapping: the
+Each of the 11 grid points changes one thing against the base recipe (``config.SeedConfig``'s
+defaults, ``--epochs`` and ``--patience`` by default ``wit seed``'s): model size (wit-nano
+32 px, wit-small 96 px), image size (wit-tiny at 96 px), augmentation (crop scale 0.5 and
+flips), epochs (half and twice the base's: the learning rate follows a cosine over the epochs,
+so fewer epochs also anneal sooner), and using the pool itself: ``pool-all`` (the trusted set
+plus the whole raw pool), ``pool-seed50`` (bootstrapping: the
 base seed scores the pool, the top half of each pool half is added, one more model is
 trained), ``pool-seed50-r2`` (a second round, cross-fitted: models trained on one half score
 the other), ``pool-early50`` (selection by fit early in training: two models trained three
@@ -24,6 +24,11 @@ Measured per point, for its final model: the held-out separation (true vs shuffl
 slightly optimistic) and the separation on the raw pool's own labels (its true pairs against
 its mismatched, junk and foreign ones, at the pool's mix), plus training samples, steps,
 chosen epoch and seconds. ``--quick`` runs the same grid on a smaller set with fewer epochs.
+
+Size: 11 points, 18 training runs (the pool points reuse the base point's first run), on
+1,800 training photos (plus up to 4,000 pool photos); about an hour on 2 quiet cores, half of
+it ``small`` and ``tiny-96`` (an estimate scaled from runs on the loaded machine, BENCHMARKS.md).
+A rerun reuses every finished point (``WORK/grid/NAME/point.json``).
 
     python benchmarks/bench_seed.py --quick
     python benchmarks/bench_seed.py --points tiny tiny-aug pool-seed50
@@ -179,8 +184,10 @@ def main() -> None:
     p.add_argument("--shared-data", default="")
     p.add_argument("--trusted", type=int, default=2000)
     p.add_argument("--pool", type=int, default=4000)
-    p.add_argument("--epochs", type=int, default=20, help="the base recipe's most epochs")
-    p.add_argument("--patience", type=int, default=4)
+    p.add_argument(
+        "--epochs", type=int, default=None, help="the base recipe's most epochs (wit seed's: 30)"
+    )
+    p.add_argument("--patience", type=int, default=None, help="(wit seed's: 5)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--points", nargs="+", default=[], choices=[n for n, _ in GRID])
     p.add_argument("--quick", action="store_true", help=f"{QUICK}")
@@ -190,6 +197,10 @@ def main() -> None:
         for k, v in QUICK.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    from wit_pipeline import config
+
+    args.epochs = args.epochs or config.SeedConfig().epochs
+    args.patience = args.patience if args.patience is not None else config.SeedConfig().patience
     shared = args.shared_data or str(common.shared_data())
     work = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="bench-seed-"))
     os.makedirs(work, exist_ok=True)
