@@ -25,7 +25,7 @@ slightly optimistic) and the separation on the raw pool's own labels (its true p
 its mismatched, junk and foreign ones, at the pool's mix), plus training samples, steps,
 chosen epoch and seconds. ``--quick`` runs the same grid on a smaller set with fewer epochs.
 
-Size: 11 points, 18 training runs (the pool points reuse the base point's first run), on
+Size: 11 points, 15 training runs (the pool points reuse the base point's first run), on
 1,800 training photos (plus up to 4,000 pool photos); about an hour on 2 quiet cores, half of
 it ``small`` and ``tiny-96`` (an estimate scaled from runs on the loaded machine, BENCHMARKS.md).
 A rerun reuses every finished point (``WORK/grid/NAME/point.json``).
