@@ -37,6 +37,7 @@ A rerun reuses every finished point (``WORK/grid/NAME/point.json``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -120,6 +121,19 @@ def trusted_shards(manifest: dict, shared: str, out: str) -> list[str]:
             samples.append(shards.Sample(key, image, captions[0], meta))
         seed.write_sample_shards(out, samples)
     return shards.list_shards(out)
+
+
+def finished_pool(work: str, cfg: cp.PoolConfig) -> dict | None:
+    """The pool's manifest when its raw build is finished (then nothing needs serving), else
+    None."""
+    path = os.path.join(work, "pool", "pool.json")
+    if not os.path.exists(os.path.join(work, "builds", "raw", "done", "report.json")):
+        return None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    return manifest if manifest.get("config") == dataclasses.asdict(cfg) else None
 
 
 def run_point(name, recipe, *, work, split, pool_paths, raw_dir, truth, base_dir, log):
@@ -208,8 +222,11 @@ def main() -> None:
     load = os.getloadavg()
     log_lines: list[str] = []
     pool_cfg = cp.PoolConfig(trusted=args.trusted, pool=args.pool)
-    with cp.served_pool(os.path.join(work, "pool"), pool_cfg, shared) as manifest:
-        raw = bench_curation.build_pool("raw", manifest, work, [], log_lines)
+    raw = os.path.join(work, "builds", "raw")
+    manifest = finished_pool(work, pool_cfg)
+    if manifest is None:  # serve the pool only to build it
+        with cp.served_pool(os.path.join(work, "pool"), pool_cfg, shared) as manifest:
+            raw = bench_curation.build_pool("raw", manifest, work, [], log_lines)
     truth = cp.load_truth(manifest["truth"])
     from wit_pipeline import config, seed, shards
 

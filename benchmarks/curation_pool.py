@@ -262,7 +262,8 @@ def make_pool(directory: str, base_url: str, cfg: PoolConfig, shared: str) -> di
 @contextlib.contextmanager
 def served_pool(directory: str, cfg: PoolConfig, shared: str) -> Iterator[dict[str, Any]]:
     """Serve the pool under ``directory`` on 127.0.0.1, generating it first (or again, when
-    its config or port differs). Yields the manifest."""
+    its config differs); a pool made earlier is served on the port its URLs name. Yields the
+    manifest."""
     from wit_pipeline.loopback import ImageServer
 
     path = os.path.join(directory, "pool.json")
@@ -276,7 +277,12 @@ def served_pool(directory: str, cfg: PoolConfig, shared: str) -> Iterator[dict[s
     try:
         server = ImageServer(os.path.join(directory, "site"), mount="/", port=port)
     except OSError:
-        server, manifest = ImageServer(os.path.join(directory, "site"), mount="/"), None
+        # Every URL and pair uid names the port: a pool made again on another port would not
+        # match the builds made from this one.
+        raise SystemExit(
+            f"port {port} of the pool in {directory} is taken (another run serving it?): "
+            f"wait for it, or use another --work-dir"
+        ) from None
     with server:
         if manifest is None:
             import shutil
