@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--curated-threshold", type=float, help="fixed threshold instead of auto")
     g.add_argument("--curated-keep-fraction", type=float, help="top fraction instead of auto")
+    p.add_argument(
+        "--target-precision",
+        type=float,
+        help="score.target_precision of the auto threshold (default: the config's, 0.95)",
+    )
     p.add_argument("--top-fraction", type=float, default=0.3, help="the top30 condition's share")
     p.add_argument(
         "--seed-set",
@@ -233,6 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         curated_flags = ["--set", f"score.keep_fraction={args.curated_keep_fraction}"]
     elif auto_threshold_supported():
         curated_flags = ["--threshold", "auto"]
+        if args.target_precision is not None:
+            curated_flags += ["--set", f"score.target_precision={args.target_precision}"]
     else:
         raise SystemExit(
             "this checkout's wit build has no --threshold auto (issue 13, part 2): pass "
