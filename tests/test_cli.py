@@ -314,6 +314,20 @@ OVERRIDE_CASES = [
         ["score", "-i", "a", "-o", "o", "--keep-fraction", "0.3"],
         {"score.threshold": None, "score.keep_fraction": 0.3},
     ),
+    (["seed", "-i", "a", "-o", "o"], {}),
+    (
+        [
+            "seed", "-i", "a", "-o", "o", "--allow-loopback", "--eval-set", "e",
+            "--holdout", "0.2", "--epochs", "7", "--rounds", "1",
+        ],
+        {
+            "download.allow_loopback": True,
+            "dedup.eval_sets": ["e"],
+            "seed.holdout": 0.2,
+            "seed.epochs": 7,
+            "seed.rounds": 1,
+        },
+    ),
 ]  # fmt: skip
 
 
@@ -334,7 +348,7 @@ def test_every_flag_names_a_config_field_and_the_cases_try_each_commands_flags()
         tried.setdefault(words, set()).update(a for a in argv if a in cli_args.FLAGS)
     assert tried == used
     assert set().union(*used.values()) == set(cli_args.FLAGS)
-    assert len(used) == 7
+    assert len(used) == 8
 
 
 @pytest.mark.parametrize("argv, expected", OVERRIDE_CASES)
@@ -389,13 +403,16 @@ def test_help_of_every_command_shows_the_config_defaults():
     assert sorted(helps) == [
         "balance", "build", "dedup", "demo", "demo run", "demo serve", "download", "eval",
         "eval retrieval", "eval suite", "eval zeroshot", "gather", "queries", "queries build",
-        "queries build-default", "queries info", "remove", "report", "score", "train",
+        "queries build-default", "queries info", "remove", "report", "score", "seed", "train",
     ]  # fmt: skip
     assert "target count per query (default: 20000)" in helps["balance"]
     assert "codes to keep (default: en)" in helps["gather"]
     assert "merge order (default: wordnet,unigrams,bigrams,titles)" in helps["queries build"]
     assert "pairs per model batch (default: 256)" in helps["score"]
-    for words in ("gather", "build", "dedup", "balance", "download", "score", "queries build"):
+    assert "seed (default: 0.1)" in helps["seed"] and "(default: 30)" in helps["seed"]
+    for words in (
+        "gather", "build", "dedup", "balance", "download", "score", "seed", "queries build",
+    ):  # fmt: skip
         assert "--set KEY=VALUE" in helps[words] and "--config FILE" in helps[words], words
 
 

@@ -403,6 +403,74 @@ class ScoreConfig:
         return "keep_fraction" if self.keep_fraction is not None else "none"
 
 
+SEED_SELECTIONS = ("seed", "early")
+
+
+@dataclass(frozen=True)
+class SeedConfig:
+    """``wit seed``: the recipe of a filter network trained on a trusted set (docs/score.md).
+
+    The defaults are the winner of ``benchmarks/bench_seed.py`` (BENCHMARKS.md): what separates
+    true from shuffled pairs best on a held-out part of the trusted set, not what maximizes
+    zero-shot accuracy.
+    """
+
+    model: str = "wit-tiny"  # a built-in (wit-nano, wit-tiny, wit-small) or open_clip name
+    holdout: float = 0.1  # share of the trusted samples held out (by a hash of the key)
+    holdout_salt: str = "heldout"
+    epochs: int = 30
+    # evaluations (one per epoch) without a better held-out AUC before training stops
+    patience: int = 5
+    batch_size: int = 128  # capped at the number of training samples
+    lr: float = 1e-3
+    warmup_fraction: float = 0.05  # of the run's steps
+    wd: float = 0.2
+    crop_scale_min: float = 0.9
+    hflip: float = 0.0
+    seed: int = 0
+    # With a pool (wit seed --pool): rounds of selection from it. Round r trains on the trusted
+    # samples plus the pool pairs scored in the top pool_keep_fraction by a model that never
+    # trained on them (the seed of round 0; cross-fitted halves of the pool after that).
+    rounds: int = 0
+    pool_keep_fraction: float = 0.5
+    # What scores the pool for round 1: "seed" (the model trained on the trusted set alone) or
+    # "early" (cross-fitted models trained early_epochs on the trusted set plus the other half
+    # of the raw pool: pairs the model fits early are the ones that agree with the rest).
+    selection: str = "seed"
+    early_epochs: int = 3
+    # Where it runs (not part of what is computed).
+    workers: int = 1
+    threads: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _require(0 < self.holdout < 1, f"seed.holdout must be in (0, 1), got {self.holdout}")
+        for name in ("epochs", "batch_size", "early_epochs"):
+            v = getattr(self, name)
+            _require(v > 0, f"seed.{name} must be > 0, got {v}")
+        for name in ("patience", "rounds", "workers", "threads"):
+            v = getattr(self, name)
+            _require(v >= 0, f"seed.{name} must be >= 0, got {v}")
+        _require(self.lr > 0, f"seed.lr must be > 0, got {self.lr}")
+        _require(
+            0 <= self.warmup_fraction < 1,
+            f"seed.warmup_fraction must be in [0, 1), got {self.warmup_fraction}",
+        )
+        _require(
+            0 < self.crop_scale_min <= 1,
+            f"seed.crop_scale_min must be in (0, 1], got {self.crop_scale_min}",
+        )
+        _require(0 <= self.hflip <= 1, f"seed.hflip must be in [0, 1], got {self.hflip}")
+        _require(
+            0 < self.pool_keep_fraction <= 1,
+            f"seed.pool_keep_fraction must be in (0, 1], got {self.pool_keep_fraction}",
+        )
+        _require(
+            self.selection in SEED_SELECTIONS,
+            f"seed.selection must be one of {', '.join(SEED_SELECTIONS)}, got {self.selection!r}",
+        )
+
+
 @dataclass(frozen=True)
 class UnigramConfig:
     """Words of the corpus (lower-cased tokens) kept at ``count >= min_count``."""
@@ -516,6 +584,7 @@ class BuildConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     queries: QueriesConfig = field(default_factory=QueriesConfig)
     takedown: TakedownConfig = field(default_factory=TakedownConfig)
+    seed: SeedConfig = field(default_factory=SeedConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ COMMANDS = (
     "remove",
     "report",
     "score",
+    "seed",
     "eval",
     "train",
     "demo",

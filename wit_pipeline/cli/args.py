@@ -194,6 +194,22 @@ FLAGS: dict[str, Flag] = {
         metavar="FILE",
         append=True,
     ),
+    # seed (wit seed)
+    "--holdout": Flag(
+        "seed.holdout",
+        "share of the trusted samples held out to measure the seed (default: {default})",
+        type=float,
+        metavar="F",
+    ),
+    "--epochs": Flag(
+        "seed.epochs", "most epochs of seed training (default: {default})", type=int, metavar="N"
+    ),
+    "--rounds": Flag(
+        "seed.rounds",
+        "rounds of training on pairs selected from --pool (default: {default})",
+        type=int,
+        metavar="N",
+    ),
     # queries
     "--min-count": Flag(
         "queries.unigrams.min_count", "unigram threshold (default: {default})", type=int

@@ -63,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common(r)
     add_caption_arguments(r)
     r.add_argument("--max-images", type=int, default=0, help="evaluate on N evenly spaced images")
+    r.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a 95%% interval of each text-to-image R@k from N resamples of the captions",
+    )
+    r.add_argument(
+        "--ranks",
+        action="store_true",
+        help="add every caption's text-to-image rank (text_to_image_ranks)",
+    )
     r.set_defaults(func=run_retrieval)
 
     s = sub.add_parser(
@@ -196,6 +208,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
         dataset,
         device=loaded.device,
         batch_size=args.batch_size,
+        bootstrap=args.bootstrap,
+        ranks=args.ranks,
     )
     result.update(model=loaded.model_name, checkpoint=args.checkpoint)
     _emit(result, args.output)

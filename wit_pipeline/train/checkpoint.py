@@ -1,4 +1,5 @@
-"""Checkpoints: what ``checkpoints/latest.pt`` and ``epoch_N.pt`` hold, writing and resuming.
+"""Checkpoints: what ``checkpoints/latest.pt``, ``epoch_N.pt`` and ``best.pt`` hold, writing and
+resuming.
 
 A checkpoint is a plain dict that loads with ``torch.load(path, weights_only=True)`` (and with
 ``open_clip.create_model_and_transforms(name, pretrained=PATH)``):
@@ -9,6 +10,7 @@ A checkpoint is a plain dict that loads with ``torch.load(path, weights_only=Tru
 - ``optimizer``, ``scaler`` (None without fp16), ``step``, ``total_steps``;
 - ``data_position``: ``epoch``, ``consumed`` (batches each worker of each rank delivered in that
   epoch), ``samples_seen``, and the ``workers``, ``world_size`` and ``batch_size`` they refer to;
+- ``early_stop``: the best evaluation so far and the evaluations since it (``--early-stop-*``);
 - ``config`` (the run's options as plain values) and ``time``.
 
 Resume restores weights, optimizer, scaler, step and data position (:func:`resume_state`). With
@@ -34,6 +36,7 @@ from wit_pipeline.train.config import TrainConfig
 
 LOG = logging.getLogger(__name__)
 LATEST = "latest.pt"
+BEST = "best.pt"
 
 
 @dataclasses.dataclass
@@ -44,6 +47,10 @@ class TrainState:
     epoch: int = 0  # the epoch being trained (0-based)
     samples_seen: int = 0  # over all ranks
     consumed: list[int] = dataclasses.field(default_factory=list)  # batches per local worker
+    # Early stopping (--early-stop-metric): the best evaluation so far ({metric, value, epoch,
+    # step}) and the evaluations since it.
+    best: dict[str, Any] | None = None
+    evals_since_best: int = 0
 
 
 def checkpoint_dir(output: str) -> str:
@@ -52,6 +59,10 @@ def checkpoint_dir(output: str) -> str:
 
 def latest_path(output: str) -> str:
     return fileio.join(checkpoint_dir(output), LATEST)
+
+
+def best_path(output: str) -> str:
+    return fileio.join(checkpoint_dir(output), BEST)
 
 
 def epoch_name(finished_epoch: int) -> str:
@@ -107,6 +118,7 @@ def make_checkpoint(
             "world_size": world_size,
             "batch_size": cfg.batch_size,
         },
+        "early_stop": {"best": state.best, "evals_since_best": state.evals_since_best},
         "config": config_lib.to_dict(cfg),
         "time": time.time(),
     }
@@ -170,6 +182,8 @@ def resume_state(
         epoch=int(pos.get("epoch", 0)),
         samples_seen=int(pos.get("samples_seen", 0)),
         consumed=[0] * workers,
+        best=(ckpt.get("early_stop") or {}).get("best"),
+        evals_since_best=int((ckpt.get("early_stop") or {}).get("evals_since_best", 0)),
     )
     saved = pos.get("consumed") or []
     same_layout = (

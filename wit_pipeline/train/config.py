@@ -37,6 +37,7 @@ class TrainConfig:
     crop_scale_min: float = _opt(
         0.9, "random resized crop keeps this much area or more (open_clip)"
     )
+    hflip: float = _opt(0.0, "probability of a horizontal flip of each training image")
     workers: int = _opt(2, "data loader processes per rank (0: load in the training process)")
     # Model.
     model: str = _opt(
@@ -98,12 +99,23 @@ class TrainConfig:
     eval_retrieval_image_column: str = _opt("", "tables: the image column ('': detect)")
     eval_retrieval_caption_column: str = _opt("", "tables: the caption column ('': detect)")
     eval_retrieval_split_column: str = _opt("", "tables: the split column ('': 'split' if any)")
+    eval_pairs: str = _opt(
+        "",
+        "held-out shards of true pairs: AUC of true vs shuffled pairs (pairs/auc, pairs/recall@p95)",
+    )
     eval_every: int = _opt(1, "evaluate after every N epochs (and after the last)")
     eval_max_samples: int = _opt(0, "cap per eval set (evenly spaced); 0: all")
     eval_batch_size: int = _opt(256, "images per evaluation batch")
     # An evaluation suite (wit eval suite's YAML) every N steps and at the end.
     eval_suite: str = _opt("", "a suite file (wit eval suite --config): run every N steps")
     eval_suite_every: int = _opt(0, "steps between suite runs (0: only at the end)")
+    # Early stopping on an evaluation metric (higher is better), with checkpoints/best.pt.
+    early_stop_metric: str = _opt(
+        "", "evaluation metric to keep checkpoints/best.pt by (higher is better), e.g. pairs/auc"
+    )
+    early_stop_patience: int = _opt(
+        0, "stop after N evaluations without a better early_stop_metric (0: never stop early)"
+    )
 
 
 def _flag(name: str) -> str:
@@ -126,6 +138,7 @@ def validate(cfg: TrainConfig) -> None:
         "threads",
         "save_every_steps",
         "stop_after_steps",
+        "early_stop_patience",
     ):
         if getattr(cfg, name) < 0:
             raise WitError(f"{_flag(name)} must not be negative")
@@ -133,6 +146,14 @@ def validate(cfg: TrainConfig) -> None:
         raise WitError("--lr must be positive and --min-lr between 0 and --lr")
     if not 0 < cfg.crop_scale_min <= 1:
         raise WitError("--crop-scale-min must be in (0, 1]")
+    if not 0 <= cfg.hflip <= 1:
+        raise WitError("--hflip must be in [0, 1]")
+    if cfg.early_stop_patience and not cfg.early_stop_metric:
+        raise WitError("--early-stop-patience needs --early-stop-metric")
+    if cfg.early_stop_metric and not (
+        cfg.eval_pairs or cfg.eval_zeroshot or cfg.eval_retrieval_captions
+    ):
+        raise WitError("--early-stop-metric needs an evaluation set (--eval-pairs, --eval-*)")
     if not 0 < cfg.temperature_init < 1:
         raise WitError("--temperature-init must be in (0, 1)")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):

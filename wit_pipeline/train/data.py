@@ -10,7 +10,7 @@ The stream is a pure function of (shards, seed, epoch, batch size, worker count,
 - batches are cut from the raw (undecoded) stream, so batch ``i`` of worker ``g`` always holds the
   same samples; a resumed run skips the batches each worker already delivered *without decoding
   them* and continues with exactly the batches that were not yet consumed;
-- caption choice and crop are drawn from an RNG seeded by ``(seed, epoch, g, sample index)``.
+- caption choice, crop (and flip, ``--hflip``) are drawn from an RNG seeded by ``(seed, epoch, g, sample index)``.
 
 Each sample is ``KEY.<jpg|jpeg|png|webp>`` plus a caption: one drawn from the ``captions`` list
 of ``KEY.json`` when it has several (the final-shard format), else ``KEY.txt``. Samples without
@@ -211,12 +211,15 @@ def decode_crop(
     size: int,
     rng: random.Random,
     scale: tuple[float, float] = (0.9, 1.0),
+    hflip: float = 0.0,
 ) -> np.ndarray:
     """Decode an image and apply a random resized crop to ``size``: uint8 array [3, size, size].
 
     For JPEGs the decoder's draft mode scales the image down by a power of two first whenever
     the crop still keeps at least ``size`` pixels per side, which cuts decoding time several
-    fold for large images and changes nothing for small ones.
+    fold for large images and changes nothing for small ones. With ``hflip`` > 0 the result is
+    mirrored with that probability (one more draw from ``rng``, after the crop's; none at 0, so
+    runs without flips draw exactly as before).
     """
     from PIL import Image
 
@@ -233,7 +236,10 @@ def decode_crop(
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if img.mode == "P" else img.convert("RGB")
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+    arr = np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+    if hflip > 0 and rng.random() < hflip:
+        arr = np.ascontiguousarray(arr[:, :, ::-1])
+    return arr
 
 
 def normalize(images_uint8: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -316,6 +322,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         crop_scale: tuple[float, float] = (0.9, 1.0),
+        hflip: float = 0.0,
         caption_choice: str = "random",
         workers: int = 1,
         rank: int = 0,
@@ -334,6 +341,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.crop_scale = crop_scale
+        self.hflip = hflip
         self.caption_choice = caption_choice
         self.workers = max(1, workers)
         self.rank = rank
@@ -426,7 +434,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             caption = caps[0] if self.caption_choice == "first" else rng.choice(caps)
             try:
                 arr = decode_crop(
-                    sample_image_bytes(sample) or b"", self.image_size, rng, self.crop_scale
+                    sample_image_bytes(sample) or b"",
+                    self.image_size,
+                    rng,
+                    self.crop_scale,
+                    self.hflip,
                 )
             except Exception:  # PIL raises many types for corrupt images
                 failed += 1

@@ -90,6 +90,17 @@ def gather_positions(consumed: list[int], rt: Runtime) -> list[list[int]]:
     return [list(x) for x in out]
 
 
+def broadcast(obj: Any, rt: Runtime) -> Any:
+    """The main rank's ``obj`` on every rank (a decision only the main rank can make)."""
+    if not rt.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def unwrap(model: Any) -> Any:
     """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
     return getattr(model, "module", model)

@@ -105,6 +105,42 @@ def retrieval_metrics(
     return dict(sorted(out.items()))
 
 
+def text_to_image_ranks(
+    image_features: Any, text_features: Any, text_to_image: Sequence[int]
+) -> list[int]:
+    """For every caption, the 0-based rank of its own image among all images (0: first)."""
+    import torch
+
+    owner = torch.as_tensor(list(text_to_image), dtype=torch.long)
+    sims = text_features.float() @ image_features.float().T  # [T, I]
+    own = sims.gather(1, owner[:, None])
+    return [int(x) for x in (sims > own).sum(dim=1)]
+
+
+def bootstrap_interval(
+    hits: Any, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of the mean hit rate, resampling captions with replacement.
+
+    ``hits`` is ``[C]`` or ``[R, C]`` (0/1 per caption, for each of ``R`` runs evaluated on the
+    same captions): each resample draws the same captions for every run and averages over runs
+    and captions, so the interval is that of the runs' mean.
+    """
+    h = np.asarray(hits, dtype=np.float64)
+    if h.ndim == 1:
+        h = h[None, :]
+    n = h.shape[1]
+    if n == 0:
+        raise WitError("bootstrap over no captions")
+    rng = np.random.default_rng(seed)
+    per_caption = h.mean(axis=0)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        means[i] = per_caption[rng.integers(0, n, n)].mean()
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoding
 
@@ -359,8 +395,15 @@ def run_retrieval(
     *,
     device: str,
     batch_size: int = 256,
+    bootstrap: int = 0,
+    ranks: bool = False,
 ) -> dict[str, Any]:
-    """Recall@1/5/10 in both directions on a caption set (``retrieval_sets.load_retrieval_set``)."""
+    """Recall@1/5/10 in both directions on a caption set (``retrieval_sets.load_retrieval_set``).
+
+    ``bootstrap`` > 0 adds ``text_to_image_R@k_ci95`` (a 95% percentile interval from that many
+    resamples of the captions); ``ranks`` adds ``text_to_image_ranks`` (every caption's image
+    rank, for intervals over several runs).
+    """
     texts, owner = dataset.texts_and_owners()
     was_training = model.training
     model.eval()
@@ -370,6 +413,13 @@ def run_retrieval(
     finally:
         model.train(was_training)
     out: dict[str, Any] = dict(retrieval_metrics(img, txt, owner))
+    if bootstrap or ranks:
+        rank = np.asarray(text_to_image_ranks(img, txt, owner))
+        for k in RECALL_KS if bootstrap else ():
+            lo, hi = bootstrap_interval(rank < k, resamples=bootstrap)
+            out[f"text_to_image_R@{k}_ci95"] = [lo, hi]
+        if ranks:
+            out["text_to_image_ranks"] = rank.tolist()
     out.update(
         dataset=dataset.name, format=dataset.format, split=dataset.split, skipped=dataset.skipped
     )
@@ -412,10 +462,19 @@ class EpochEvaluator:
                 max_images=cfg.eval_max_samples,
                 option=lambda field: "--eval-retrieval-" + field.replace("_", "-"),
             )
+        self.pairs = None
+        if cfg.eval_pairs:  # read once: held-out sets for a filter are small
+            from wit_pipeline.train import data, separation
+
+            self.pairs = separation.PairSet.from_shards(
+                data.expand_shard_patterns([cfg.eval_pairs]), max_samples=cfg.eval_max_samples
+            )
+            if len(self.pairs.keys) < 2:
+                raise WitError(f"--eval-pairs {cfg.eval_pairs}: fewer than two captioned samples")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.sets or self.retrieval)
+        return bool(self.sets or self.retrieval or self.pairs)
 
     def __call__(self, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
         """Metrics of ``model`` (not DDP-wrapped) on every set, keyed ``NAME/top1`` etc."""
@@ -445,4 +504,17 @@ class EpochEvaluator:
             for k, v in res.items():
                 if "R@" in k:
                     out[f"retrieval/{k}"] = v
+        if self.pairs is not None:
+            from wit_pipeline.train import separation
+
+            res = separation.run_separation(
+                model,
+                preprocess,
+                tokenizer,
+                self.pairs,
+                device=device,
+                batch_size=self.cfg.eval_batch_size,
+            )
+            out["pairs/auc"] = res["auc"]
+            out["pairs/recall@p95"] = res["recall@p95"]
         return out

@@ -15,9 +15,11 @@ evaluation, checkpoint, plots). The pieces live beside it in ``wit_pipeline/trai
 - ``evaluate.py``: zero-shot and retrieval evaluation (also ``wit eval``);
 - ``suite.py``: an evaluation suite (``--eval-suite``, also ``wit eval suite``).
 
-Output in ``--output``: ``checkpoints/latest.pt`` and ``checkpoints/epoch_N.pt``,
-``metrics.jsonl``, ``loss.png`` and ``eval.png``, and with ``--eval-suite`` ``eval_suite.png`` and
-``eval_suite/suite.{json,md,png}`` (docs/train.md).
+Output in ``--output``: ``checkpoints/latest.pt`` and ``checkpoints/epoch_N.pt`` (and
+``checkpoints/best.pt`` with ``--early-stop-metric``, which also stops a run after
+``--early-stop-patience`` evaluations without improvement), ``metrics.jsonl``, ``loss.png`` and
+``eval.png``, and with ``--eval-suite`` ``eval_suite.png`` and ``eval_suite/suite.{json,md,png}``
+(docs/train.md).
 """
 
 from __future__ import annotations
@@ -85,9 +87,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = progress_bar(run, state)
 
     last_eval: dict[str, Any] = {}
-    stopped = False
+    stopped = early_stopped = False
     run.model.train()
     while state.epoch < cfg.epochs and state.step < run.total_steps:
+        if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
+            early_stopped = True
+            LOG.info(
+                "early stop after epoch %d: %s did not improve for %d evaluation(s)",
+                state.epoch,
+                cfg.early_stop_metric,
+                state.evals_since_best,
+            )
+            break
         stopped = train_one_epoch(run, state, bar)
         if stopped:
             break
@@ -105,6 +116,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "epoch": state.epoch,
         "samples_seen": state.samples_seen,
         "stopped_early": stopped,
+        "early_stopped": early_stopped,
+        "best": state.best,
         "eval": last_eval,
         **({"eval_suite": suite_metrics} if suite_metrics else {}),
         "checkpoint": checkpoint.latest_path(cfg.output),
@@ -195,6 +208,7 @@ def make_stream(
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         crop_scale=(cfg.crop_scale_min, 1.0),
+        hflip=cfg.hflip,
         caption_choice=cfg.caption_choice,
         workers=max(1, cfg.workers),
         rank=rt.rank,
@@ -398,11 +412,15 @@ def end_epoch(run: Run, state: TrainState, evaluator: EpochEvaluator | None) -> 
     state.consumed = [0] * run.stream.workers
     is_last = state.epoch >= cfg.epochs or state.step >= run.total_steps
     result: dict[str, Any] = {}
+    improved = False
     if (evaluator is not None or run.rt.distributed) and (
         is_last or state.epoch % cfg.eval_every == 0
     ):
         result = evaluate_epoch(run, state, evaluator, finished)
-    save(run, state, extra_names=[checkpoint.epoch_name(finished)] if cfg.epoch_checkpoints else [])
+        if cfg.early_stop_metric:
+            improved = track_best(run, state, result, finished)
+    extra = [checkpoint.epoch_name(finished)] if cfg.epoch_checkpoints else []
+    save(run, state, extra_names=[*extra, checkpoint.BEST] if improved else extra)
     if run.rt.is_main and cfg.plots:
         write_plots(run.metrics.rows(), cfg.output)
     return result
@@ -473,6 +491,35 @@ def finish_suite(run: Run, state: TrainState) -> dict[str, Any]:
     }
     write_outputs(doc, fileio.join(run.cfg.output, "eval_suite"))
     return doc["metrics"]
+
+
+def track_best(run: Run, state: TrainState, result: dict[str, Any], finished_epoch: int) -> bool:
+    """Compare this evaluation's ``--early-stop-metric`` with the best so far (higher is
+    better): record a new best (the caller then writes ``best.pt``) or count one more
+    evaluation without improvement. The main rank decides; every rank gets its decision."""
+    cfg = run.cfg
+    decision = None
+    if run.rt.is_main:
+        if cfg.early_stop_metric not in result:
+            known = ", ".join(sorted(result)) or "none"
+            raise WitError(
+                f"--early-stop-metric {cfg.early_stop_metric!r} is not among the evaluation's "
+                f"metrics ({known})"
+            )
+        value = float(result[cfg.early_stop_metric])
+        if state.best is None or value > state.best["value"]:
+            decision = {
+                "metric": cfg.early_stop_metric,
+                "value": value,
+                "epoch": finished_epoch + 1,  # epochs done, as in epoch_N.pt
+                "step": state.step,
+            }
+    decision = distributed.broadcast(decision, run.rt)
+    if decision is None:
+        state.evals_since_best += 1
+        return False
+    state.best, state.evals_since_best = decision, 0
+    return True
 
 
 def save(run: Run, state: TrainState, extra_names: Sequence[str] = ()) -> None:
