@@ -15,6 +15,7 @@ with the ``wit`` commands a user runs (in this process, so only the first import
    - ``oracle``: the raw build's pairs that truly describe their photo (the upper reference);
    - ``random``: as many pairs of the raw build, drawn at random (seeded), as ``curated`` holds;
    - ``top30``: ``wit build --seed-model seed.pt --keep-fraction 0.3`` (DataComp's filter);
+   - ``top50``: the same with the top half (``--half-fraction``), a looser fixed share;
 3. precision (share of a set's pairs that describe their photo) and recall (share of the pool's
    true pairs the set holds), exactly, from the truth of every pair;
 4. ``python -m wit_pipeline.train`` on each set with the same model, steps, batch size and
@@ -48,7 +49,7 @@ import common
 import curation_pool as cp
 import numpy as np
 
-CONDITIONS = ("raw", "curated", "oracle", "random", "top30")
+CONDITIONS = ("raw", "curated", "oracle", "random", "top30", "top50")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
         help="score.target_precision of the auto threshold (default: the config's, 0.95)",
     )
     p.add_argument("--top-fraction", type=float, default=0.3, help="the top30 condition's share")
+    p.add_argument("--half-fraction", type=float, default=0.5, help="the top50 condition's share")
     p.add_argument(
         "--seed-set",
         action="append",
@@ -154,8 +156,11 @@ def build_pool(
     return out
 
 
-def train_and_eval(args, data_dir: str, out: str, seed: int, shared: str, log: list[str]) -> dict:
-    """Train on ``data_dir`` (same model, steps, batch, lr for every set) and evaluate."""
+def train_and_eval(
+    args, data_dir: str, out: str, seed: int, shared: str, log: list[str], batch_size: int
+) -> dict:
+    """Train on ``data_dir`` (same model, steps, lr for every set; the batch is ``--batch-size``
+    unless the set holds fewer samples, see ``batch_for``) and evaluate."""
     from wit_pipeline.train import loop
 
     result_path = os.path.join(out, "eval.json")
@@ -165,7 +170,7 @@ def train_and_eval(args, data_dir: str, out: str, seed: int, shared: str, log: l
     shutil.rmtree(out, ignore_errors=True)
     flags = [
         "--train-data", data_dir, "--model", args.model, "--max-steps", str(args.steps),
-        "--epochs", "100000", "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--epochs", "100000", "--batch-size", str(batch_size), "--lr", str(args.lr),
         "--warmup", str(args.warmup), "--seed", str(seed), "--workers", str(args.workers),
         "--output", out, "--no-progress", "--no-plots", "--no-epoch-checkpoints",
         "--log-every", "50",
@@ -195,6 +200,7 @@ def train_and_eval(args, data_dir: str, out: str, seed: int, shared: str, log: l
         "R@10": ev["text_to_image_R@10"],
         "ranks": ev["text_to_image_ranks"],
         "train_s": round(train_s, 1),
+        "batch_size": batch_size,
     }
     with open(result_path, "w") as f:
         json.dump(result, f)
@@ -205,6 +211,13 @@ def train_and_eval(args, data_dir: str, out: str, seed: int, shared: str, log: l
 # The benchmark
 
 
+def batch_for(batch_size: int, samples: int, workers: int) -> int:
+    """The training batch of a set: ``batch_size``, or as many samples as each data loader
+    worker holds when that is fewer (a strict threshold can keep less than a batch, and the
+    trainer needs a full batch per worker)."""
+    return max(1, min(batch_size, samples // max(1, workers)))
+
+
 def random_pairs(raw_dir: str, n: int, seed: int) -> set[str]:
     """``n`` uids drawn at random (seeded) from the pairs of the raw build's shards."""
     from wit_pipeline import shards
@@ -213,6 +226,24 @@ def random_pairs(raw_dir: str, n: int, seed: int) -> set[str]:
         p["uid"] for _, pairs in cp.shard_pairs(shards.list_shards(raw_dir)) for p in pairs
     )
     return set(random.Random(f"random:{seed}").sample(uids, min(n, len(uids))))
+
+
+def curated_flags(args: argparse.Namespace) -> list[str]:
+    """``wit build`` flags of the curated set: the auto threshold unless a fixed threshold or
+    a top fraction is given."""
+    if args.curated_threshold is not None:
+        return ["--set", f"score.threshold={args.curated_threshold}"]
+    if args.curated_keep_fraction is not None:
+        return ["--set", f"score.keep_fraction={args.curated_keep_fraction}"]
+    if not auto_threshold_supported():
+        raise SystemExit(
+            "this checkout's wit build has no --threshold auto (issue 13, part 2): pass "
+            "--curated-threshold X or --curated-keep-fraction F"
+        )
+    flags = ["--threshold", "auto"]
+    if args.target_precision is not None:
+        flags += ["--set", f"score.target_precision={args.target_precision}"]
+    return flags
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,19 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rehost=args.rehost,
         seed=args.pool_seed,
     )
-    if args.curated_threshold is not None:
-        curated_flags = ["--set", f"score.threshold={args.curated_threshold}"]
-    elif args.curated_keep_fraction is not None:
-        curated_flags = ["--set", f"score.keep_fraction={args.curated_keep_fraction}"]
-    elif auto_threshold_supported():
-        curated_flags = ["--threshold", "auto"]
-        if args.target_precision is not None:
-            curated_flags += ["--set", f"score.target_precision={args.target_precision}"]
-    else:
-        raise SystemExit(
-            "this checkout's wit build has no --threshold auto (issue 13, part 2): pass "
-            "--curated-threshold X or --curated-keep-fraction F"
-        )
+    curated = curated_flags(args)
     sets: dict[str, str] = {}
     with cp.served_pool(os.path.join(work, "pool"), pool_cfg, shared) as manifest:
         truth = cp.load_truth(manifest["truth"])
@@ -266,8 +285,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(os.path.join(seed_dir, "seed.json")) as f:
             seed_doc = json.load(f)
         t0 = time.monotonic()
-        top = ["--set", f"score.keep_fraction={args.top_fraction}"]
-        scored = {"curated": curated_flags, "top30": top}
+        scored = {
+            "curated": curated,
+            "top30": ["--set", f"score.keep_fraction={args.top_fraction}"],
+            "top50": ["--set", f"score.keep_fraction={args.half_fraction}"],
+        }
         for name, flags in scored.items():
             if name in args.conditions or (name == "curated" and "random" in args.conditions):
                 b = build_pool(name, manifest, work, ["--seed-model", seed_pt, *flags], log, raw)
@@ -287,7 +309,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.conditions:
         runs[name] = [
             train_and_eval(
-                args, sets[name], os.path.join(work, "runs", f"{name}-s{s}"), s, shared, log
+                args,
+                sets[name],
+                os.path.join(work, "runs", f"{name}-s{s}"),
+                s,
+                shared,
+                log,
+                batch_for(args.batch_size, measured[name]["samples"], args.workers),
             )
             for s in args.train_seeds
         ]
@@ -359,6 +387,7 @@ def summarize(args, measured: dict, runs: dict) -> list[dict[str, Any]]:
                 "R@10": float(np.mean([r["R@10"] for r in rs])),
                 "R@10_per_seed": [r["R@10"] for r in rs],
                 "R@10_ci95": [lo, hi],
+                "batch_size": rs[0].get("batch_size", args.batch_size) if rs else None,
             }
         )
     by = {r["condition"]: r["R@10"] for r in rows}
@@ -381,6 +410,7 @@ def format_table(results: dict[str, Any]) -> str:
         "vs oracle",
         "samples",
         "pairs",
+        "batch",
     ]
     rows = [
         [
@@ -392,6 +422,7 @@ def format_table(results: dict[str, Any]) -> str:
             f(r["vs_oracle"], 2) + "x" if r["vs_oracle"] is not None else "-",
             f"{r['samples']:,}",
             f"{r['pairs']:,}",
+            str(r.get("batch_size") or "-"),
         ]
         for r in results["rows"]
     ]

@@ -492,7 +492,9 @@ def check_scored_build(web, out, stats, score_fn, threshold):
         assert (row["caption"], row["clip_score"]) == (want["caption"], want["clip_score"])
     got = pq.read_table(out / "rejected").to_pylist()
     low = [r for r in got if r["reason"] == "low_clip_score"]
-    assert {r["stage"] for r in low} == {"score"}
+    # Keys name the web server's port, so an auto threshold may fall below every pair of a run
+    # (then nothing is low); the exact rows follow from the definitions either way.
+    assert {r["stage"] for r in low} <= {"score"}
     assert sorted(r["key"] for r in low if r["uid"] is None) == exp.low_score_samples
     assert sorted((r["key"], r["uid"]) for r in low if r["uid"]) == exp.low_score_pairs
     for r in low:

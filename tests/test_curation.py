@@ -44,9 +44,30 @@ def bench(shared_data, tmp_path_factory):
         # a quarter of 40 samples leaves 2 or more held out but once in ~7,000 runs.
         "--seed-set", "holdout=0.25",
         "--eval-max-images", "20", "--bootstrap", "200",
+        # A fixed share, so that the curated set fills a batch whatever the tiny seed scores
+        # (the auto threshold's choice depends on it); the default flags are tested below.
+        "--curated-keep-fraction", "0.5",
     ]  # fmt: skip
     args = bench_curation.parser().parse_args(argv)
     return args, bench_curation.run(args), work
+
+
+def test_the_curated_set_takes_the_auto_threshold_by_default():
+    parse = bench_curation.parser().parse_args
+    assert bench_curation.curated_flags(parse([])) == ["--threshold", "auto"]
+    assert bench_curation.curated_flags(parse(["--target-precision", "0.9"])) == [
+        "--threshold", "auto", "--set", "score.target_precision=0.9",
+    ]  # fmt: skip
+    assert bench_curation.curated_flags(parse(["--curated-keep-fraction", "0.5"])) == [
+        "--set", "score.keep_fraction=0.5",
+    ]  # fmt: skip
+
+
+def test_a_set_smaller_than_a_batch_trains_on_the_whole_set():
+    assert bench_curation.batch_for(128, 5000, 2) == 128
+    assert bench_curation.batch_for(128, 85, 0) == 85
+    assert bench_curation.batch_for(128, 85, 2) == 42  # a full batch per loader worker
+    assert bench_curation.batch_for(128, 0, 2) == 1
 
 
 def test_every_condition_trains_and_evaluates(bench):
@@ -64,6 +85,7 @@ def test_every_condition_trains_and_evaluates(bench):
             assert ev["text_to_image_R@10"] == pytest.approx(hits.mean())
             assert row["R@10_per_seed"][s] == ev["text_to_image_R@10"]
         assert row["R@10"] == pytest.approx(np.mean(row["R@10_per_seed"]))
+        assert row["batch_size"] == min(16, row["samples"])
         lo, hi = row["R@10_ci95"]
         assert 0.0 <= lo <= hi <= 1.0
     by = {r["condition"]: r for r in results["rows"]}
@@ -85,6 +107,7 @@ def test_precision_and_recall_follow_from_the_truth(bench):
         "raw": work / "builds" / "raw" / "shards",
         "curated": work / "builds" / "curated" / "shards",
         "top30": work / "builds" / "top30" / "shards",
+        "top50": work / "builds" / "top50" / "shards",
         "oracle": work / "data" / "oracle",
         "random": work / "data" / "random",
     }

@@ -313,10 +313,14 @@ def files(directory: pathlib.Path) -> dict[str, str]:
 
 def rows(directory: pathlib.Path) -> list[str]:
     """The rows of every Parquet file in ``directory``, canonical (Beam names its parts by
-    bundle count, which is the runner's choice)."""
+    bundle count, which is the runner's choice), without ``policy_fetched``: the time a run
+    fetched a robots.txt or TDMRep file, which two runs cannot share (``policy_url`` and the
+    decision stay)."""
     out = []
     for p in sorted(directory.glob("*.parquet")):
-        out += [json.dumps(r, sort_keys=True, default=str) for r in pq.read_table(p).to_pylist()]
+        for r in pq.read_table(p).to_pylist():
+            r.pop("policy_fetched", None)
+            out.append(json.dumps(r, sort_keys=True, default=str))
     return sorted(out)
 
 
