@@ -65,6 +65,7 @@ from wit_pipeline.stages.download.plan import (
     apply_verdict,
     assemble_shard,
     check_plan,
+    finished_shards,
     key_pair,
     make_url_record,
     plan_doc,
@@ -267,9 +268,13 @@ class _DownloadShardFn(beam.DoFn):
 REPAIRED_TAG = "repaired"
 
 
-def _read_back(shard_id: int, output_dir: str, repaired: Sequence[int] = ()):
-    # ``repaired`` (a side input) only orders this after every repair: the files are read
-    # as they are then.
+def _finished_after(output_dir: str, *_ended) -> list[int]:
+    """The finished shards once the writers are done (``_ended``: side inputs that only order
+    this after them)."""
+    return finished_shards(output_dir)
+
+
+def _read_back(shard_id: int, output_dir: str):
     yield from emit_counts(read_back_counters(output_dir, shard_id))
 
 
@@ -390,32 +395,36 @@ class DownloadImages(beam.PTransform):
                 )
             ).with_outputs(COUNTS, REPAIRED_TAG)
         )
-        counts_new = downloaded[COUNTS]
-        # A repair run reads every finished shard's counts after the repairs (side input).
-        after = [beam.pvalue.AsList(downloaded[REPAIRED_TAG])] if self._retry else []
-        counts_old = (
-            finished_ids
-            | "ReshuffleFinished" >> beam.Reshuffle()
-            | "ReadBackCounts" >> beam.FlatMap(_read_back, out, *after).with_outputs(COUNTS)
-        )[COUNTS]
+        # The step's counts: every finished shard's, read back from its files once every shard
+        # writer (and every repair) is done. A shard's counts come from its two tables whether
+        # it was written now or by an earlier run, so this is also what a resumed run adds up;
+        # and a listing taken after the writers cannot change when a runner recomputes it (Dask
+        # recomputes the tasks of a lost worker: a listing taken at the start and recomputed
+        # after a shard was written would count that shard twice).
+        ended = [
+            beam.pvalue.AsSingleton(
+                downloaded[COUNTS] | "WritersDone" >> beam.combiners.Count.Globally()
+            )
+        ]
         side = []
         if self._retry:  # after every repair: drop the empty staging area
+            ended.append(beam.pvalue.AsList(downloaded[REPAIRED_TAG]))
             side = [
                 downloaded[REPAIRED_TAG]
                 | "Repaired" >> beam.combiners.ToList()
                 | "FinishRepairs" >> beam.Map(_finish_repairs, out)
             ]
         return (
-            (counts_new, counts_old)
-            | "AllCounts" >> beam.Flatten()
-            | "WriteStats"
-            >> stage.WriteStats(
-                fileio.join(out, STATS_FILE),
-                sections=STATS_SECTIONS,
-                flows=STATS_FLOWS,
-                side=side,
-                stage=STAGE,
-            )
+            start
+            | "ListWritten" >> beam.FlatMap(_finished_after, *ended)
+            | "SpreadWritten" >> beam.Reshuffle()
+            | "ReadBackCounts" >> beam.FlatMap(_read_back, out).with_outputs(COUNTS)
+        )[COUNTS] | "WriteStats" >> stage.WriteStats(
+            fileio.join(out, STATS_FILE),
+            sections=STATS_SECTIONS,
+            flows=STATS_FLOWS,
+            side=side,
+            stage=STAGE,
         )
 
 
