@@ -199,9 +199,9 @@ def main() -> None:
     p.add_argument("--trusted", type=int, default=2000)
     p.add_argument("--pool", type=int, default=4000)
     p.add_argument(
-        "--epochs", type=int, default=None, help="the base recipe's most epochs (wit seed's: 30)"
+        "--epochs", type=int, default=None, help="the base recipe's most epochs (wit seed's: 40)"
     )
-    p.add_argument("--patience", type=int, default=None, help="(wit seed's: 5)")
+    p.add_argument("--patience", type=int, default=None, help="(wit seed's: 8)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--points", nargs="+", default=[], choices=[n for n, _ in GRID])
     p.add_argument("--quick", action="store_true", help=f"{QUICK}")

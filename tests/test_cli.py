@@ -409,7 +409,7 @@ def test_help_of_every_command_shows_the_config_defaults():
     assert "codes to keep (default: en)" in helps["gather"]
     assert "merge order (default: wordnet,unigrams,bigrams,titles)" in helps["queries build"]
     assert "pairs per model batch (default: 256)" in helps["score"]
-    assert "seed (default: 0.1)" in helps["seed"] and "(default: 30)" in helps["seed"]
+    assert "seed (default: 0.1)" in helps["seed"] and "(default: 40)" in helps["seed"]
     for words in (
         "gather", "build", "dedup", "balance", "download", "score", "seed", "queries build",
     ):  # fmt: skip
