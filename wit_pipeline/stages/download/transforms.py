@@ -71,7 +71,6 @@ from wit_pipeline.stages.download.plan import (
     plan_doc,
     read_back_counters,
     rejected_path,
-    shard_counters,
     shard_of,
     shards_dir,
     write_shard_files,
@@ -178,11 +177,11 @@ class _RobotsFn(beam.DoFn):
 
 
 class _DownloadShardFn(beam.DoFn):
-    """``(shard_id, URL records)`` -> shard files, and the shard's counts.
+    """``(shard_id, URL records)`` -> shard files; emits the shard id once they are written.
 
     The shard's kept and rejected rows are written here, not emitted: a shard's files are its
-    completion mark, and its counts (``plan.shard_counters``) come from the same two tables
-    whether they were just written or read back from a finished shard.
+    completion mark, and the step's counts are read back from them (``plan.read_back_counters``)
+    once every writer is done, whether a shard was written now or by an earlier run.
     """
 
     def __init__(
@@ -231,12 +230,11 @@ class _DownloadShardFn(beam.DoFn):
         if shards.is_finished(shards_dir(self._output_dir), shard_id) and fileio.exists(
             rejected_path(self._output_dir, shard_id)
         ):
-            # A retried bundle whose first attempt wrote the shard: count what is on disk.
-            return list(emit_counts(read_back_counters(self._output_dir, shard_id)))
+            return [shard_id]  # a retried bundle whose first attempt wrote the shard
         outcomes = self._fetch(shard_id, records)
         samples, kept, rejected = assemble_shard(records, outcomes)
         write_shard_files(self._output_dir, shard_id, samples, kept, rejected)
-        return list(emit_counts(shard_counters(kept, rejected)))
+        return [shard_id]
 
     def _fetch(self, shard_id: int, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Fetch the records without a verdict (robots, invalid URL) through the guard."""
@@ -393,7 +391,7 @@ class DownloadImages(beam.PTransform):
                 _DownloadShardFn(
                     output_dir=out, config=cfg, resolver=self._resolver, blocklist=self._blocklist
                 )
-            ).with_outputs(COUNTS, REPAIRED_TAG)
+            ).with_outputs(REPAIRED_TAG, main="written")
         )
         # The step's counts: every finished shard's, read back from its files once every shard
         # writer (and every repair) is done. A shard's counts come from its two tables whether
@@ -403,7 +401,7 @@ class DownloadImages(beam.PTransform):
         # after a shard was written would count that shard twice).
         ended = [
             beam.pvalue.AsSingleton(
-                downloaded[COUNTS] | "WritersDone" >> beam.combiners.Count.Globally()
+                downloaded.written | "WritersDone" >> beam.combiners.Count.Globally()
             )
         ]
         side = []
