@@ -15,7 +15,10 @@ implementations of the same sampling (count per query, ``p = min(1, t / c)``, ke
   reading the samples from Parquet files written before the clock starts, as ``wit balance``
   reads ``wit dedup``'s samples: as dict records (one element per sample, ``ReadFromParquet``)
   and as Arrow tables (``tables=True``: one element per row group of 4,096 samples,
-  ``ReadFromParquetBatched``, counted and drawn per table with ``balance_arrays``).
+  ``ReadFromParquetBatched``, counted and drawn per table with ``balance_arrays``);
+- ``balance.BalanceSampleFiles``: the same over Arrow tables, counted from a second read of
+  only the files' ``query_ids`` column, so that the whole read runs fused with the draw
+  instead of being materialized between counting and drawing.
 
 The kept counts must agree within binomial noise. Prints a Markdown table.
 """
@@ -143,6 +146,7 @@ def ours_beam(
     tables: bool = False,
     batch: int = 4096,
     read_only: bool = False,
+    files: bool = False,
 ) -> tuple[tuple[float, float], int]:
     """``BalanceSamples`` reading the samples from Parquet files (written before the clock
     starts), as ``wit balance`` reads ``wit dedup``'s samples: as Arrow tables of ``batch`` rows
@@ -160,15 +164,18 @@ def ours_beam(
         pattern = os.path.join(tmp, "*.parquet")
         start = clock()
         with beam.Pipeline(options=beam_utils.pipeline_options([])) as p:
-            if tables:
-                recs = p | beam.io.ReadFromParquetBatched(pattern)
+            cfg = BalanceConfig(t=t, seed=seed)
+            if files:  # the samples read twice: query ids for the counts, whole for the draw
+                kept = (p | balance.BalanceSampleFiles(file_pattern=pattern, config=cfg))["kept"]
             else:
-                recs = p | beam.io.ReadFromParquet(pattern)
-            if read_only:  # the floor: the same pipeline without the balancing
-                kept = recs
-            else:
-                cfg = BalanceConfig(t=t, seed=seed)
-                kept = (recs | balance.BalanceSamples(config=cfg, tables=tables))["kept"]
+                if tables:
+                    recs = p | beam.io.ReadFromParquetBatched(pattern)
+                else:
+                    recs = p | beam.io.ReadFromParquet(pattern)
+                if read_only:  # the floor: the same pipeline without the balancing
+                    kept = recs
+                else:
+                    kept = (recs | balance.BalanceSamples(config=cfg, tables=tables))["kept"]
             _ = kept | beam.Map(_rows) | beam.CombineGlobally(sum) | beam.Map(_save, out)
         elapsed = since(start)
         with open(out) as f:
@@ -229,13 +236,24 @@ def main() -> int:
                 read,
             )
         )
-        for tables, label in (
-            (True, "`BalanceSamples(tables=True)` (Beam, FnApiRunner, Arrow tables of 4,096)"),
-            (False, "`BalanceSamples` (Beam, FnApiRunner, dict records)"),
+        for tables, files, label in (
+            (
+                True,
+                True,
+                "`BalanceSampleFiles` (Beam, FnApiRunner: counted from a read of the query ids, "
+                "drawn over Arrow tables of 4,096 fused with a second read)",
+            ),
+            (
+                True,
+                False,
+                "`BalanceSamples(tables=True)` (Beam, FnApiRunner, Arrow tables of 4,096, "
+                "one read materialized between counting and drawing)",
+            ),
+            (False, False, "`BalanceSamples` (Beam, FnApiRunner, dict records)"),
         ):
             if tables is False and args.skip_dict_beam:
                 continue
-            t_beam, beam_kept = ours_beam(qids, t, seed=0, tables=tables)
+            t_beam, beam_kept = ours_beam(qids, t, seed=0, tables=tables, files=files)
             if beam_kept != pure_kept:
                 print(f"MISMATCH: Beam kept {beam_kept}, pure core {pure_kept}", file=sys.stderr)
                 return 1

@@ -597,3 +597,139 @@ def test_prebalance_on_tables_equals_dict_records():
     got = _balance_outputs(_run_and_collect(tables))
     assert 100 < len(want["kept"]) < 2900
     assert got == want
+
+
+def test_distinct_values_skip_sorting_only_where_every_list_increases():
+    from wit_pipeline.stages import balance_arrays as arrays
+
+    cases = [
+        ([[1, 2], [0, 5], [], [3]], [1, 2, 0, 5, 3]),  # increasing within each list
+        ([[], [4], [], [1, 4]], [4, 1, 4]),  # empty lists at both ends of a step
+        ([[2, 2], [7]], [2, 7]),  # a repeat is not an increase
+        ([[5, 1, 5], [3, 0]], [1, 5, 0, 3]),  # unsorted: sorted and made distinct
+        ([], []),
+    ]
+    for lists, want in cases:
+        values, offsets = arrays.flat_lists(lists)
+        assert arrays.distinct_values(values, offsets).tolist() == want
+        counts = arrays.count_arrays(values, offsets)
+        assert {q: int(n) for q, n in enumerate(counts) if n} == dict(collections.Counter(want))
+
+
+def _write_samples(directory, samples, *, files, row_group_size, compliant):
+    table = pa.Table.from_pylist(samples, schema=SAMPLE_TABLE_SCHEMA)
+    per_file = -(-table.num_rows // files)
+    for i in range(files):
+        part = table.slice(i * per_file, per_file)
+        pq.write_table(
+            part,
+            f"{directory}/part-{i}.parquet",
+            row_group_size=row_group_size,
+            use_compliant_nested_type=compliant,
+        )
+    return table
+
+
+@pytest.mark.parametrize("compliant", [True, False])
+def test_read_query_ids_reads_only_the_query_columns_of_every_row_group(tmp_path, compliant):
+    samples = _random_samples(random.Random(2), 50)
+    table = _write_samples(tmp_path, samples, files=2, row_group_size=10, compliant=compliant)
+    for pairs in (False, True):
+        out = _run_and_collect(
+            lambda p, pairs=pairs: {
+                "ids": p | balance.ReadQueryIds(file_pattern=f"{tmp_path}/*.parquet", pairs=pairs)
+            }
+        )["ids"]
+        assert len(out) == 6  # 25 rows per file, row groups of 10: 3 per file
+        want_columns = ["pairs"] if pairs else ["query_ids"]
+        assert all(t.column_names == want_columns for t in out)
+        if pairs:
+            got = sorted(p["query_ids"] for t in out for r in t.to_pylist() for p in r["pairs"])
+            want = sorted(p["query_ids"] for p in table.column("pairs").to_pylist() for p in p)
+            assert out[0].schema.field("pairs").type.value_type.names == ["query_ids"]
+        else:
+            got = sorted(r["query_ids"] for t in out for r in t.to_pylist())
+            want = sorted(table.column("query_ids").to_pylist())
+        assert got == want
+    pq.write_table(pa.table({"key": ["a"]}), f"{tmp_path}/other.pq")
+    for pairs in (False, True):
+        with pytest.raises(WitError, match=r"no .*query_ids column"):
+            balance.query_id_columns(pq.ParquetFile(f"{tmp_path}/other.pq").schema, pairs=pairs)
+    with pytest.raises(ValueError, match="file_pattern"):
+        balance.ReadQueryIds(file_pattern="")
+
+
+@pytest.mark.parametrize(
+    ("unit", "args"), [("image", ()), ("pair", ()), ("image", RUNNER_SETTINGS[4][0])]
+)
+def test_balance_sample_files_equals_balance_samples_over_dict_records(tmp_path, unit, args):
+    """Counted from a read of the query ids, drawn over a second read: the same outputs as
+    one PCollection of dict records (which Beam materializes between counting and drawing)."""
+    samples = _random_samples(random.Random(6), 700)
+    table = _write_samples(tmp_path, samples, files=3, row_group_size=64, compliant=False)
+    cfg = BalanceConfig(t=30, seed=5, unit=unit)
+
+    def dicts(p):
+        out = p | beam.Create(table.to_pylist()) | balance.BalanceSamples(config=cfg)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    def files(p):
+        out = p | balance.BalanceSampleFiles(file_pattern=f"{tmp_path}/*.parquet", config=cfg)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    want = _balance_outputs(_run_and_collect(dicts))
+    got = _balance_outputs(_run_and_collect(files, *args))
+    assert 50 < len(want["kept"]) < len(samples) and want["rejected"]
+    assert got == want
+
+
+def test_counting_flushes_held_ids_without_changing_the_counts(monkeypatch):
+    """Query ids held past ``FLUSH_IDS`` are added up early: the same counts."""
+    samples = _random_samples(random.Random(4), 300)
+    table = pa.Table.from_pylist(samples, schema=SAMPLE_TABLE_SCHEMA)
+    parts = [table.slice(i, 16) for i in range(0, table.num_rows, 16)]
+    want = collections.Counter(q for s in samples for q in s["query_ids"])
+
+    def counts(p):
+        return {"n": p | beam.Create(parts) | balance.CountQueries(tables=True)}
+
+    for flush in (1 << 22, 5):
+        monkeypatch.setattr(balance._CountBatchFn, "FLUSH_IDS", flush)
+        assert dict(_run_and_collect(counts)["n"]) == dict(want)
+
+
+def test_prebalance_counted_from_query_ids_equals_one_read(tmp_path):
+    rng = random.Random(9)
+    schema = pa.schema(
+        [("uid", pa.string()), ("url", pa.string()), ("query_ids", pa.list_(pa.int32()))]
+    )
+    cands = [
+        {"uid": f"u{i}", "url": f"http://x/{i}", "query_ids": _random_query_ids(rng)}
+        for i in range(2000)
+    ]
+    table = pa.Table.from_pylist(cands, schema=schema)
+    pq.write_table(table.slice(0, 900), f"{tmp_path}/a.parquet", row_group_size=300)
+    pq.write_table(table.slice(900), f"{tmp_path}/b.parquet", row_group_size=500)
+    cfg = BalanceConfig(t=20, prebalance_factor=2.0, seed=1)
+    pattern = f"{tmp_path}/*.parquet"
+
+    def one_read(p):
+        out = p | beam.Create(cands) | balance.PreBalance(config=cfg)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    def two_reads(p):
+        inputs = {
+            "records": p | beam.io.ReadFromParquetBatched(pattern),
+            "query_ids": p | balance.ReadQueryIds(file_pattern=pattern),
+        }
+        out = inputs | balance.PreBalance(config=cfg, tables=True)
+        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+
+    want = _balance_outputs(_run_and_collect(one_read))
+    got = _balance_outputs(_run_and_collect(two_reads))
+    assert 100 < len(want["kept"]) < 1900
+    assert got == want
+    with pytest.raises(ValueError, match="expected"):
+        _run_and_collect(
+            lambda p: {"x": {"samples": p | beam.Create([])} | balance.PreBalance(config=cfg)}
+        )

@@ -93,11 +93,14 @@ def prebalance(
     # validate=False: the launcher does not list the glob while building the graph (the caller
     # has checked that it matches; a remote runner lists it on its workers).
     # Candidates travel as Arrow tables (one per Parquet row group): counted and drawn per
-    # table (balance_arrays), written back in the input's schema.
-    cands = p | "Read" >> beam.io.ReadFromParquetBatched(
-        fileio.join(gather_dir, gather_lib.CANDIDATES_DIR, "*.parquet"), validate=False
+    # table (balance_arrays), written back in the input's schema. Counted from a second read
+    # of only their query ids: the whole read runs fused with the draw (no materialization).
+    pattern = fileio.join(gather_dir, gather_lib.CANDIDATES_DIR, "*.parquet")
+    cands = p | "Read" >> beam.io.ReadFromParquetBatched(pattern, validate=False)
+    query_ids = p | "ReadQueryIds" >> balance.ReadQueryIds(file_pattern=pattern)
+    out = {"records": cands, "query_ids": query_ids} | "PreBalance" >> balance.PreBalance(
+        config=config, tables=True
     )
-    out = cands | "PreBalance" >> balance.PreBalance(config=config, tables=True)
     _ = (
         out["kept"]
         | "InSchema" >> beam.Map(lambda t: t.select(schema.names).cast(schema))

@@ -39,7 +39,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -260,23 +260,38 @@ class _CountBatchFn(beam.DoFn):
         super().__init__()
         self._pairs = pairs
 
+    # Query ids are kept until this many, then added up with one bincount: a bincount per
+    # batch would allocate and add a whole count array (as long as the query list) each time.
+    FLUSH_IDS = 1 << 22
+
     def start_bundle(self):
         self._counts = np.zeros(0, np.int64)
+        self._ids: list[np.ndarray] = []
+        self._held = 0
 
     def process(self, batch):
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         if isinstance(batch, pa.Table):
-            dense = arrays.count_table(batch, pairs=self._pairs)
+            ids = arrays.table_query_ids(batch, pairs=self._pairs)
         else:
             records = [p for r in batch for p in r["pairs"]] if self._pairs else batch
-            dense = arrays.count_arrays(*arrays.flat_lists([r.get("query_ids") for r in records]))
-        self._counts = arrays.add_dense(self._counts, dense)
+            ids = arrays.distinct_values(*arrays.flat_lists([r.get("query_ids") for r in records]))
+        self._ids.append(ids)
+        self._held += len(ids)
+        if self._held >= self.FLUSH_IDS:
+            self._flush()
+
+    def _flush(self):
+        if self._held:
+            self._counts = arrays.add_dense(self._counts, np.bincount(np.concatenate(self._ids)))
+        self._ids, self._held = [], 0
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
+        self._flush()
         if self._counts.size:
             window = GlobalWindow()
             yield WindowedValue(self._counts, window.max_timestamp(), [window])
@@ -306,6 +321,72 @@ def _count_pairs(dense: np.ndarray):
     """A dense count array -> its ``(query_id, count)`` pairs (non-zero ones)."""
     ids = np.flatnonzero(dense)
     return zip(ids.tolist(), dense[ids].tolist(), strict=True)
+
+
+def _with_query_ids(inputs) -> tuple[Any, Any]:
+    """``inputs`` -> ``(records, query-id tables)``: a PCollection alone is counted itself; a
+    dict ``{"records": ..., "query_ids": ...}`` brings the same records' query columns apart
+    (``ReadQueryIds``), so that the records are read once, by the draw, and no stage boundary
+    between counting and drawing carries them."""
+    if isinstance(inputs, Mapping):
+        unknown = set(inputs) - {"records", "query_ids"}
+        if unknown or "records" not in inputs:
+            raise ValueError(f"expected {{'records', 'query_ids'}}, got {sorted(inputs)}")
+        return inputs["records"], inputs.get("query_ids")
+    return inputs, None
+
+
+def query_id_columns(schema, *, pairs: bool) -> list[str]:
+    """The Parquet column paths (``pyarrow.parquet.ParquetSchema``) to read for counting:
+    ``query_ids``, or with ``pairs`` the pairs' ``query_ids`` (its path names the list level
+    as the file's writer did: ``pairs.list.item.query_ids`` or ``pairs.list.element...``)."""
+    for column in schema:
+        parts = column.path.split(".")
+        if pairs and parts[0] == "pairs" and "query_ids" in parts[1:]:
+            return [".".join(parts[: parts.index("query_ids", 1) + 1])]
+        if not pairs and parts[0] == "query_ids":
+            return ["query_ids"]
+    raise WitError(f"no {'pairs.' if pairs else ''}query_ids column in {schema.names}")
+
+
+def _read_query_ids(path: str, pairs: bool) -> Iterator[pa.Table]:
+    """One table per row group of ``path``, holding only the query id column."""
+    import pyarrow.parquet as pq
+
+    with fileio.open_file(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        columns = query_id_columns(pf.schema, pairs=pairs)
+        for i in range(pf.num_row_groups):
+            yield pf.read_row_group(i, columns=columns)
+
+
+class ReadQueryIds(beam.PTransform):
+    """Parquet files -> one Arrow table per row group holding only the query ids (the files
+    spread over workers, each read by one).
+
+    What counting needs, at a fraction of a whole read (only the ``query_ids`` column chunks
+    are decoded): ``{"records": whole read, "query_ids": this}`` lets ``PreBalance`` and
+    ``BalanceSamples`` count from it and draw from a read that runs fused with the draw.
+    ``pairs``: the pairs' ``query_ids`` (for ``balance.unit = pair``).
+    """
+
+    def __init__(self, *, file_pattern: str, pairs: bool = False):
+        super().__init__()
+        if not file_pattern:
+            raise ValueError("file_pattern is empty")
+        self._pattern = file_pattern
+        self._pairs = pairs
+
+    def expand(self, pbegin):
+        from apache_beam.io import fileio as beam_fileio
+
+        return (
+            pbegin
+            | "Match" >> beam_fileio.MatchFiles(self._pattern)
+            | "Paths" >> beam.Map(lambda m: m.path)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.FlatMap(_read_query_ids, self._pairs)
+        )
 
 
 def _batched(pcoll, batch_size: int, tables: bool):
@@ -339,6 +420,17 @@ class CountQueries(beam.PTransform):
             | "CountBatch" >> beam.ParDo(_CountBatchFn(pairs=self._pairs))
             | "Sum" >> beam.CombineGlobally(_SumDense())
         )
+
+
+class _DenseCounts(beam.PTransform):
+    """``counter.dense`` as a transform of its own (a label for the graph)."""
+
+    def __init__(self, counter: CountQueries):
+        super().__init__()
+        self._counter = counter
+
+    def expand(self, records):
+        return self._counter.dense(records)
 
 
 class CountUnits(beam.PTransform):
@@ -477,7 +569,9 @@ class PreBalance(beam.PTransform):
 
     ``tables=True``: the candidates come as Arrow tables (``ReadFromParquetBatched``), and
     ``kept`` and ``rejected`` are tables too; counted and drawn per table
-    (``balance_arrays``), the same records are kept as with dict records.
+    (``balance_arrays``), the same records are kept as with dict records. The input may be
+    ``{"records": candidates, "query_ids": their query ids}`` (``ReadQueryIds``): counted from
+    the second, drawn from the first (see ``BalanceSampleFiles``).
     """
 
     def __init__(self, *, config: BalanceConfig, batch_size: int = 4096, tables: bool = False):
@@ -497,7 +591,11 @@ class PreBalance(beam.PTransform):
 
     def expand(self, candidates):
         size, tables = self._batch_size, self._tables
-        dense = CountQueries(batch_size=size, tables=tables).dense(candidates)
+        candidates, query_ids = _with_query_ids(candidates)
+        if query_ids is None:
+            dense = CountQueries(batch_size=size, tables=tables).dense(candidates)
+        else:
+            dense = query_ids | "CountQueryIds" >> _DenseCounts(CountQueries(tables=True))
         before = dense | "CountBefore" >> beam.FlatMap(_count_pairs)
         out = candidates | "Balance" >> _Draw(
             counts=dense, fn=self._fn, batch_size=size, tables=tables
@@ -518,7 +616,9 @@ class BalanceSamples(beam.PTransform):
     ``tables=True``: samples come as Arrow tables (``key``, ``query_ids``, ``pairs`` as a list
     of structs with ``uid``, ``caption``, ``query_ids``; ``samples.SAMPLE_SCHEMA`` has them),
     and ``kept``, ``rejected`` (with ``uids`` and ``captions``) are tables; the same samples
-    and pairs are kept as with dict records.
+    and pairs are kept as with dict records. The input may be ``{"records": samples,
+    "query_ids": their query ids}`` (``ReadQueryIds``): counted from the second, drawn from the
+    first (``BalanceSampleFiles`` reads samples files so).
     """
 
     def __init__(self, *, config: BalanceConfig, batch_size: int = 4096, tables: bool = False):
@@ -542,15 +642,47 @@ class BalanceSamples(beam.PTransform):
         )
 
     def expand(self, samples):
-        dense = CountUnits(unit=self._unit, batch_size=self._batch_size, tables=self._tables).dense(
-            samples
-        )
+        samples, query_ids = _with_query_ids(samples)
+        if query_ids is None:
+            dense = CountUnits(
+                unit=self._unit, batch_size=self._batch_size, tables=self._tables
+            ).dense(samples)
+        else:
+            counter = CountQueries(tables=True, pairs=self._unit == "pair")
+            dense = query_ids | "CountQueryIds" >> _DenseCounts(counter)
         before = dense | "CountBefore" >> beam.FlatMap(_count_pairs)
         out = samples | "Balance" >> _Draw(
             counts=dense, fn=self._fn, batch_size=self._batch_size, tables=self._tables
         )
         after = self._count(out["kept"], "CountAfter")
         return {**out, "before": before, "after": after}
+
+
+class BalanceSampleFiles(beam.PTransform):
+    """Samples Parquet files (``wit dedup``'s) -> ``BalanceSamples(tables=True)``'s outputs.
+
+    The files are read twice: once only their query columns (``ReadQueryIds``), for the
+    counts; once whole, by the draw, which the runner fuses with that read. Reading one
+    PCollection for both would make every runner materialize the samples between counting and
+    drawing (the draw waits for the counts); a second read of only the query ids costs a
+    fraction of that. Apply to the pipeline: ``p | BalanceSampleFiles(...)``.
+    """
+
+    def __init__(self, *, file_pattern: str, config: BalanceConfig, batch_size: int = 4096):
+        super().__init__()
+        self._pattern = file_pattern
+        self._balance = BalanceSamples(config=config, batch_size=batch_size, tables=True)
+        self._pairs = config.unit == "pair"
+
+    def expand(self, pbegin):
+        # validate=False: a remote runner's workers list the glob, not the launcher.
+        records = pbegin | "ReadSamples" >> beam.io.ReadFromParquetBatched(
+            self._pattern, validate=False
+        )
+        query_ids = pbegin | "ReadQueryIds" >> ReadQueryIds(
+            file_pattern=self._pattern, pairs=self._pairs
+        )
+        return {"records": records, "query_ids": query_ids} | "Balance" >> self._balance
 
 
 def query_counts_table(

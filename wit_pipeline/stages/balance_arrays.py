@@ -76,6 +76,8 @@ class Probabilities:
         return self._probs
 
     def lookup(self, values: np.ndarray, table: np.ndarray) -> np.ndarray:
+        if len(values) and values.min() >= 0 and values.max() < len(table):
+            return table[values]
         out = np.zeros(len(values), dtype=np.float64)
         inside = (values >= 0) & (values < len(table))
         out[inside] = table[values[inside]]
@@ -103,15 +105,24 @@ def arrow_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
     return values, offsets
 
 
+def _increasing_within(values: np.ndarray, offsets: np.ndarray) -> bool:
+    """Whether every record's values are strictly increasing (distinct and sorted, as the
+    ``query_ids`` the stages write are): then they need no sorting."""
+    if len(values) < 2:
+        return True
+    step = np.diff(values)
+    starts = offsets[1:-1]
+    starts = starts[(starts > 0) & (starts < len(values))]
+    step[starts - 1] = 1  # a step across two records does not count
+    return bool((step > 0).all())
+
+
 def _distinct(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each record's distinct values (sorted when they were not already increasing) and the
     record index of each: ``(values, parents)``."""
     n = len(offsets) - 1
     parents = np.repeat(np.arange(n), np.diff(offsets))
-    if len(values) < 2:
-        return values, parents
-    same_record = parents[1:] == parents[:-1]
-    if np.all(values[1:][same_record] > values[:-1][same_record]):
+    if _increasing_within(values, offsets):
         return values, parents
     order = np.lexsort((values, parents))
     values, parents = values[order], parents[order]
@@ -181,9 +192,16 @@ def decide(
     return kept, ~has_query
 
 
+def distinct_values(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each record's distinct values, concatenated (what a count adds up)."""
+    if _increasing_within(values, offsets):
+        return values
+    return _distinct(values, offsets)[0]
+
+
 def count_arrays(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Records per query id (each record once per distinct query): a dense count array."""
-    qv, _ = _distinct(values, offsets)
+    qv = distinct_values(values, offsets)
     if len(qv) == 0:
         return np.zeros(0, dtype=np.int64)
     return np.bincount(qv)
@@ -256,14 +274,21 @@ def sample_lists(table: pa.Table) -> pa.Table:
     return table
 
 
-def count_table(table: pa.Table, *, pairs: bool = False) -> np.ndarray:
-    """Records (or, with ``pairs``, the records' pairs) per query id: a dense count array."""
+def table_query_ids(table: pa.Table, *, pairs: bool = False) -> np.ndarray:
+    """The distinct query ids of each record (or, with ``pairs``, of each of the records'
+    pairs), concatenated: a count per query is their ``bincount``."""
     if pairs:
         flat, _ = pair_lists(table)
         if len(flat) == 0:
             return np.zeros(0, dtype=np.int64)
-        return count_arrays(*arrow_lists(pc.struct_field(flat, "query_ids")))
-    return count_arrays(*arrow_lists(table.column("query_ids")))
+        return distinct_values(*arrow_lists(pc.struct_field(flat, "query_ids")))
+    return distinct_values(*arrow_lists(table.column("query_ids")))
+
+
+def count_table(table: pa.Table, *, pairs: bool = False) -> np.ndarray:
+    """Records (or, with ``pairs``, the records' pairs) per query id: a dense count array."""
+    qv = table_query_ids(table, pairs=pairs)
+    return np.bincount(qv) if len(qv) else np.zeros(0, dtype=np.int64)
 
 
 def balance_sample_pairs_table(
