@@ -670,8 +670,12 @@ def test_balance_sample_files_equals_balance_samples_over_dict_records(tmp_path,
     cfg = BalanceConfig(t=30, seed=5, unit=unit)
 
     def dicts(p):
-        out = p | beam.Create(table.to_pylist()) | balance.BalanceSamples(config=cfg)
-        return {**out, "counts": out["counts"] | "Sum" >> beam.CombinePerKey(sum)}
+        records = p | beam.Create(table.to_pylist())
+        out = records | balance.BalanceSamples(config=cfg)
+        # the files transform is where samples enter: it also counts them
+        entered = records | stage.CountRecords("input", pairs=True)
+        counts = (out["counts"], entered) | beam.Flatten()
+        return {**out, "counts": counts | "Sum" >> beam.CombinePerKey(sum)}
 
     def files(p):
         out = p | balance.BalanceSampleFiles(file_pattern=f"{tmp_path}/*.parquet", config=cfg)

@@ -258,20 +258,20 @@ def balance_samples(
     queries_path: str = "",
     stats_extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """``wit balance``: ``wit dedup``'s samples -> balanced final shards."""
-    kept = (
-        p
-        | "Parts" >> beam.Create(list(sample_files), reshuffle=False)
-        | "Spread" >> beam.Reshuffle()
-        | "ReadSamples" >> beam.FlatMap(samples.read_samples)
+    """``wit balance``: ``wit dedup``'s samples -> balanced final shards.
+
+    Balanced as Arrow tables (``BalanceSampleFiles``: counted from a read of the query ids,
+    drawn over a second, whole read); only the kept samples become records, for the shards.
+    """
+    bal = p | "Balance" >> balance.BalanceSampleFiles(
+        files=list(sample_files), config=config.balance
     )
-    bal = kept | "Balance" >> balance.BalanceSamples(config=config.balance)
-    written = _write_shards(bal["kept"], output_dir, config)
+    kept = bal["kept"] | "ToRecords" >> beam.FlatMap(samples.table_records)
+    written = _write_shards(kept, output_dir, config)
     _ = bal[REJECTED] | "WriteRejected" >> stage.WriteRejected(
         fileio.join(output_dir, stage.REJECTED_DIR)
     )
-    entered = kept | "CountInput" >> stage.CountRecords(counters.INPUT, pairs=True)
-    counts = (entered, bal[COUNTS], written["counts"]) | "AllCounts" >> beam.Flatten()
+    counts = (bal[COUNTS], written["counts"]) | "AllCounts" >> beam.Flatten()
     _ = counts | "Stats" >> _stats(output_dir, collapse, stats_extra)
     _ = {"after_dedup": bal["before"], "final": bal["after"]} | "QueryCounts" >> (
         balance.WriteQueryCounts(

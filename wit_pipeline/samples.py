@@ -105,6 +105,11 @@ def read_samples(path: str) -> Iterator[dict[str, Any]]:
 
     with fileio.open_file(path, "rb") as f:
         table = pq.read_table(f)
+    yield from table_records(table)
+
+
+def table_records(table) -> Iterator[dict[str, Any]]:
+    """The records of an Arrow table of samples (lists as lists, never None)."""
     for r in table.to_pylist():
         r["pairs"] = [
             {**p, "query_ids": list(p["query_ids"] or [])} for p in (r.get("pairs") or [])

@@ -37,6 +37,7 @@ download, after dedup, final) are written as a Parquet table by ``WriteQueryCoun
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -46,8 +47,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from wit_pipeline import beam_utils, fileio, stage
 from wit_pipeline import counters as counters_lib
-from wit_pipeline import fileio, stage
 from wit_pipeline.config import BalanceConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages import balance_arrays as arrays
@@ -349,15 +350,20 @@ def query_id_columns(schema, *, pairs: bool) -> list[str]:
     raise WitError(f"no {'pairs.' if pairs else ''}query_ids column in {schema.names}")
 
 
-def _read_query_ids(path: str, pairs: bool) -> Iterator[pa.Table]:
-    """One table per row group of ``path``, holding only the query id column."""
+def read_row_groups(path: str, columns=None) -> Iterator[pa.Table]:
+    """One Arrow table per row group of the Parquet file ``path``; ``columns(schema)`` picks
+    the column paths to read (all when ``None``)."""
     import pyarrow.parquet as pq
 
     with fileio.open_file(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        columns = query_id_columns(pf.schema, pairs=pairs)
+        names = columns(pf.schema) if columns else None
         for i in range(pf.num_row_groups):
-            yield pf.read_row_group(i, columns=columns)
+            yield pf.read_row_group(i, columns=names)
+
+
+def _read_query_ids(path: str, pairs: bool) -> Iterator[pa.Table]:
+    return read_row_groups(path, functools.partial(query_id_columns, pairs=pairs))
 
 
 class ReadQueryIds(beam.PTransform):
@@ -367,23 +373,31 @@ class ReadQueryIds(beam.PTransform):
     What counting needs, at a fraction of a whole read (only the ``query_ids`` column chunks
     are decoded): ``{"records": whole read, "query_ids": this}`` lets ``PreBalance`` and
     ``BalanceSamples`` count from it and draw from a read that runs fused with the draw.
-    ``pairs``: the pairs' ``query_ids`` (for ``balance.unit = pair``).
+    ``pairs``: the pairs' ``query_ids`` (for ``balance.unit = pair``). The files are a
+    ``file_pattern`` (listed when the pipeline runs) or a list of ``files``.
     """
 
-    def __init__(self, *, file_pattern: str, pairs: bool = False):
+    def __init__(self, *, file_pattern: str = "", files: Sequence[str] = (), pairs: bool = False):
         super().__init__()
-        if not file_pattern:
-            raise ValueError("file_pattern is empty")
+        if bool(file_pattern) == bool(files):
+            raise ValueError("give one of file_pattern and files")
         self._pattern = file_pattern
+        self._files = list(files)
         self._pairs = pairs
 
     def expand(self, pbegin):
         from apache_beam.io import fileio as beam_fileio
 
+        if self._pattern:
+            paths = (
+                pbegin
+                | "Match" >> beam_fileio.MatchFiles(self._pattern)
+                | "Paths" >> beam.Map(lambda m: m.path)
+            )
+        else:
+            paths = pbegin | "Files" >> beam.Create(self._files, reshuffle=False)
         return (
-            pbegin
-            | "Match" >> beam_fileio.MatchFiles(self._pattern)
-            | "Paths" >> beam.Map(lambda m: m.path)
+            paths
             | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.FlatMap(_read_query_ids, self._pairs)
         )
@@ -658,6 +672,15 @@ class BalanceSamples(beam.PTransform):
         return {**out, "before": before, "after": after}
 
 
+def _input_counts(table: pa.Table) -> list[tuple[str, int]]:
+    """``input`` and ``pair/input`` of a table of samples (``stage.count_records``' names)."""
+    pairs = arrays.pair_lists(table)[1][-1] if table.num_rows else 0
+    return [
+        (counters_lib.INPUT, table.num_rows),
+        (counters_lib.scoped(stage.PAIR, counters_lib.INPUT), int(pairs)),
+    ]
+
+
 class BalanceSampleFiles(beam.PTransform):
     """Samples Parquet files (``wit dedup``'s) -> ``BalanceSamples(tables=True)``'s outputs.
 
@@ -665,24 +688,45 @@ class BalanceSampleFiles(beam.PTransform):
     counts; once whole, by the draw, which the runner fuses with that read. Reading one
     PCollection for both would make every runner materialize the samples between counting and
     drawing (the draw waits for the counts); a second read of only the query ids costs a
-    fraction of that. Apply to the pipeline: ``p | BalanceSampleFiles(...)``.
+    fraction of that. The files are a ``file_pattern`` or a list of ``files``. Records enter
+    the pipeline here, so ``counts`` also holds ``input`` and ``pair/input``. Apply to the
+    pipeline: ``p | BalanceSampleFiles(...)``.
     """
 
-    def __init__(self, *, file_pattern: str, config: BalanceConfig, batch_size: int = 4096):
+    def __init__(
+        self,
+        *,
+        config: BalanceConfig,
+        file_pattern: str = "",
+        files: Sequence[str] = (),
+        batch_size: int = 4096,
+    ):
         super().__init__()
+        self._query_ids = ReadQueryIds(
+            file_pattern=file_pattern, files=files, pairs=config.unit == "pair"
+        )
         self._pattern = file_pattern
+        self._files = list(files)
         self._balance = BalanceSamples(config=config, batch_size=batch_size, tables=True)
-        self._pairs = config.unit == "pair"
 
     def expand(self, pbegin):
-        # validate=False: a remote runner's workers list the glob, not the launcher.
-        records = pbegin | "ReadSamples" >> beam.io.ReadFromParquetBatched(
-            self._pattern, validate=False
-        )
-        query_ids = pbegin | "ReadQueryIds" >> ReadQueryIds(
-            file_pattern=self._pattern, pairs=self._pairs
-        )
-        return {"records": records, "query_ids": query_ids} | "Balance" >> self._balance
+        if self._pattern:
+            # validate=False: a remote runner's workers list the glob, not the launcher.
+            records = pbegin | "ReadSamples" >> beam.io.ReadFromParquetBatched(
+                self._pattern, validate=False
+            )
+        else:
+            records = (
+                pbegin
+                | "Files" >> beam.Create(self._files, reshuffle=False)
+                | "Spread" >> beam.Reshuffle()
+                | "ReadSamples" >> beam.FlatMap(read_row_groups)
+            )
+        query_ids = pbegin | "ReadQueryIds" >> self._query_ids
+        out = {"records": records, "query_ids": query_ids} | "Balance" >> self._balance
+        entered = records | "CountInput" >> beam.FlatMap(_input_counts)
+        counts = (entered, out[beam_utils.COUNTS]) | "AllCounts" >> beam.Flatten()
+        return {**out, beam_utils.COUNTS: counts}
 
 
 def query_counts_table(
