@@ -180,10 +180,9 @@ def run_balance(samples_dir: str, out: str, beam_args: list[str]) -> None:
     from wit_pipeline.stages import balance
 
     with beam.Pipeline(options=beam_utils.pipeline_options(beam_args)) as p:
-        tables = p | "Read" >> beam.io.ReadFromParquetBatched(
-            os.path.join(samples_dir, "*.parquet")
+        res = p | "Balance" >> balance.BalanceSampleFiles(
+            file_pattern=os.path.join(samples_dir, "*.parquet"), config=BalanceConfig()
         )
-        res = tables | "Balance" >> balance.BalanceSamples(config=BalanceConfig(), tables=True)
         kept = res["kept"] | "Rows" >> beam.Map(lambda t: t.num_rows) | beam.CombineGlobally(sum)
         counts = res["counts"] | "Sum" >> beam.CombinePerKey(sum) | beam.combiners.ToDict()
         _ = kept | "SaveKept" >> beam.Map(
@@ -265,10 +264,20 @@ def _rows(directory: str) -> int:
     )
 
 
-def run_size(n: int, tmp: str, queries: str, workers: int, label_rounds: int) -> list[dict]:
+def runner_args(runner: str, workers: int) -> list[str]:
+    """The args of every step: FnApiRunner with ``workers`` processes, or a local Dask cluster
+    of ``workers`` worker processes started by the step (``wit ... --runner dask``)."""
+    if runner == "dask":
+        return ["--runner", "dask", "--dask-workers", str(workers)]
+    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+
+
+def run_size(
+    n: int, tmp: str, queries: str, workers: int, label_rounds: int, runner: str = "fnapi"
+) -> list[dict]:
     py = sys.executable
     me = os.path.abspath(__file__)
-    beam = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+    beam = runner_args(runner, workers)
     d = os.path.join(tmp, f"n{n}")
     inputs, gather, pre = (os.path.join(d, x) for x in ("inputs", "gather", "pre"))
     samples_dir, final = os.path.join(d, "samples"), os.path.join(d, "final")
@@ -327,15 +336,28 @@ def main() -> None:
     ap.add_argument(
         "--label-rounds", type=int, default=4, help="dedup.label_rounds (-1: one union-find)"
     )
+    ap.add_argument(
+        "--runner",
+        default="fnapi",
+        choices=["fnapi", "dask"],
+        help="FnApiRunner with --workers processes, or a local Dask cluster of --workers workers",
+    )
+    ap.add_argument("--dask-workers", type=int, help=argparse.SUPPRESS)  # the steps' own flag
     ap.add_argument("--child-dedup", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-balance", nargs=2, help=argparse.SUPPRESS)
     args, beam_args = ap.parse_known_args()
-    if args.child_dedup:
-        cands, out, n = args.child_dedup
-        run_dedup(cands, out, int(n), beam_args, args.label_rounds)
-        return
-    if args.child_balance:
-        run_balance(*args.child_balance, beam_args)
+    if args.child_dedup or args.child_balance:
+        from wit_pipeline import runners
+
+        runner = "dask" if args.runner == "dask" else None
+        with runners.dask_cluster(runner, beam_args, workers=args.dask_workers) as beam_args:
+            if runner:
+                beam_args = [*beam_args, "--runner=dask"]
+            if args.child_dedup:
+                cands, out, n = args.child_dedup
+                run_dedup(cands, out, int(n), beam_args, args.label_rounds)
+            else:
+                run_balance(*args.child_balance, beam_args)
         return
     sizes = [int(x) for x in args.sizes.split(",")]
     load = [f"{os.getloadavg()[0]:.1f}"]
@@ -349,7 +371,7 @@ def main() -> None:
         with gzip.open(queries, "wt", encoding="utf-8") as f:
             f.write("\n".join(common.real_sized_queries(common.shared_data(), args.queries)))
         for n in sizes:
-            rows += run_size(n, tmp, queries, args.workers, args.label_rounds)
+            rows += run_size(n, tmp, queries, args.workers, args.label_rounds, args.runner)
             load.append(f"{os.getloadavg()[0]:.1f}")
             if args.json:
                 with open(args.json, "w") as f:
@@ -357,12 +379,19 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = f"benchmarks/bench_scale.py --sizes {args.sizes} --workers {args.workers}"
+    if args.runner != "fnapi":
+        cmd += f" --runner {args.runner}"
     if args.label_rounds != 4:
         cmd += f" --label-rounds {args.label_rounds}"
     print(common.header("Scale: every step at growing N, throughput and worker memory", cmd))
     print(
         f"Started {started}; `uptime` load average (1 min) at the start and after each size: "
-        f"{', '.join(load)}. FnApiRunner, {args.workers} worker processes per step.\n"
+        f"{', '.join(load)}. "
+        + (
+            f"A local Dask cluster of {args.workers} worker processes per step.\n"
+            if args.runner == "dask"
+            else f"FnApiRunner, {args.workers} worker processes per step.\n"
+        )
     )
     table = []
     for r in rows:
