@@ -339,7 +339,8 @@ def _caption_reasons(texts: Sequence[str], cfg: CaptionConfig) -> list[str | Non
     return out
 
 
-def _sorted_for_dedup(table: pa.Table) -> pa.Table:
+def _dedup_order(table: pa.Table) -> np.ndarray:
+    """Row indices sorted by ``uid``, then ``source``, then ``page_url`` (nulls as "")."""
     keys = pa.table(
         {
             "uid": table.column("uid"),
@@ -351,7 +352,7 @@ def _sorted_for_dedup(table: pa.Table) -> pa.Table:
         keys,
         sort_keys=[("uid", "ascending"), ("source", "ascending"), ("page_url", "ascending")],
     )
-    return table.take(order)
+    return order.to_numpy()
 
 
 def _with_reason(table: pa.Table, reason: str) -> pa.Table:
@@ -364,17 +365,18 @@ def dedup_candidates(table: pa.Table, *, dedup: bool = True) -> stage.Result:
     The rejected rows are the other copies (reason ``duplicate``); the counts are ``kept``.
     The result depends only on the set of input rows, not on their order or partitioning.
     """
-    if table.num_rows:
-        table = _sorted_for_dedup(table)
-    mask = None
+    # The sort is computed on the key columns and the rows are taken once, into their place
+    # in ``kept`` or ``duplicates`` (not the whole table sorted and then filtered twice).
+    order = _dedup_order(table) if table.num_rows else np.zeros(0, np.int64)
+    kept_rows, duplicate_rows = order, order[:0]
     if dedup and table.num_rows > 1:
-        uid = table.column("uid").combine_chunks()
+        uid = table.column("uid").take(pa.array(order)).combine_chunks()
         first = np.ones(len(uid), dtype=bool)
         same = pc.equal(uid.slice(1), uid.slice(0, len(uid) - 1)).to_numpy(zero_copy_only=False)
         first[1:] = ~same
-        mask = pa.array(first)
-    kept = table if mask is None else table.filter(mask)
-    duplicates = table.slice(0, 0) if mask is None else table.filter(pc.invert(mask))
+        kept_rows, duplicate_rows = order[first], order[~first]
+    kept = table.take(pa.array(kept_rows, pa.int64()))
+    duplicates = table.take(pa.array(duplicate_rows, pa.int64()))
     return stage.Result(
         kept, _with_reason(duplicates, DUPLICATE), {counters_lib.KEPT: kept.num_rows}
     )
