@@ -25,7 +25,8 @@ of plain elements in the global window; every primitive is translated as the Bea
 - ``CombinePerKey``: lifted, as other runners do: each partition pre-combines per key before the
   shuffle, each output partition merges the accumulators;
 - ``Create``, ``Impulse``, ``Flatten``, ``Reshuffle`` (a round-robin rebalance), ``Read`` (the
-  source is split on a worker, so the launcher never lists the files);
+  source is split on the workers, each read task splitting it itself, so that the launcher
+  never lists the files and the reads spread over the workers);
 - every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``.
 
 What it refuses, with an error before anything runs: windowing other than the global window,
@@ -314,6 +315,22 @@ def _split_source(source, n: int) -> list:
     return list(source.split(desired))
 
 
+def _bundle_key(bundle) -> tuple[str, str]:
+    return str(getattr(bundle.source, "_file_name", "")), repr(bundle.start_position)
+
+
+def _read_part(source, index: int, n: int) -> list:
+    """Partition ``index`` of ``n`` of a bounded source: bundles ``index::n`` of its split.
+
+    Each read task splits the source itself (a listing and the files' sizes), in a stable
+    order, so that the tasks depend on nothing and the scheduler spreads them over the workers:
+    with one shared split task, Dask ran every read (and the work fused after it) on the worker
+    that held the split, the others idle until the first shuffle.
+    """
+    bundles = sorted(_split_source(source, n), key=_bundle_key)
+    return _read_bundles(bundles, index, n)
+
+
 def _read_bundles(bundles: list, index: int, n: int) -> list:
     out: list = []
     for b in bundles[index::n]:
@@ -444,10 +461,9 @@ class _Translator(PipelineVisitor):
         from dask.base import tokenize
 
         n, token = self.parallelism, tokenize(source, self.parallelism)
-        bundles = dask.delayed(_split_source)(source, n, dask_key_name=f"{label}/split-{token}")
         return db.from_delayed(
             [
-                dask.delayed(_read_bundles)(bundles, j, n, dask_key_name=f"{label}-{token}-{j}")
+                dask.delayed(_read_part)(source, j, n, dask_key_name=f"{label}-{token}-{j}")
                 for j in range(n)
             ]
         )
