@@ -298,6 +298,17 @@ def test_dedup_records_collapses_groups_and_counts_drops():
         )
 
 
+def test_collapse_key_sends_keys_in_no_group_past_the_second_shuffle():
+    rec = {"key": "k", "url": "u", "phash": "0" * 16, "pairs": [{"uid": "p", "caption": "c"}]}
+    alone = dedup.collapse_key(("k", {"records": [rec], "survivor": []}))
+    assert alone.kept == [] and alone.rejected == [] and alone.outputs == {dedup.ALONE: [rec]}
+    member = dedup.collapse_key(("k", {"records": [rec], "survivor": ["s"]}))
+    assert member.kept == [("s", (False, rec))] and not member.outputs
+    survivor = dedup.collapse_key(("k", {"records": [rec], "survivor": ["k"]}))
+    assert survivor.kept == [("k", (True, rec))]
+    assert dedup.collapse_key(("k", {"records": [], "survivor": ["s"]})).kept == []
+
+
 def test_union_find_keeps_the_best_rank_of_a_key_seen_twice():
     uf = groups.UnionFind()
     uf.union("a", (-100, "a"), "b", (-200, "b"))

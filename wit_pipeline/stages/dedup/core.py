@@ -41,6 +41,7 @@ from wit_pipeline.stages.dedup.groups import FindNearDuplicates, survivor_rank
 from wit_pipeline.stages.dedup.phash import from_hex, hamming
 
 NEAR_DUPLICATE = "near_duplicate"
+ALONE = "alone"  # collapse_key's output of samples in no near-duplicate group
 DUPLICATE_INPUT = "duplicate_input"  # a second copy of one sample key (overlapping inputs)
 
 
@@ -125,7 +126,9 @@ def collapse_key(item: tuple[str, Mapping[str, Sequence[Any]]]) -> stage.Result:
 
     Several records of one key (overlapping inputs) become one (``merge_input_copies``); the
     other copies are dropped with ``duplicate_input`` (their pairs that the kept copy already
-    holds are counted as dropped pairs; the others move to it).
+    holds are counted as dropped pairs; the others move to it). A key in no near-duplicate
+    group (no survivor) is its sample already: it goes to the ``ALONE`` output, so that only
+    group members are shuffled again to meet their survivor.
     """
     key, grouped = item
     records = list(grouped["records"])
@@ -147,7 +150,9 @@ def collapse_key(item: tuple[str, Mapping[str, Sequence[Any]]]) -> stage.Result:
                     "distance": hamming(from_hex(record["phash"]), from_hex(r["phash"])),
                 }
             )
-    survivor = survivors[0] if survivors else key
+    if not survivors:  # in no near-duplicate group: final as it is, past the second shuffle
+        return stage.Result([], rejected, counts, outputs={ALONE: [record]})
+    survivor = survivors[0]
     return stage.Result([(survivor, (survivor == key, record))], rejected, counts)
 
 
@@ -187,7 +192,7 @@ def merge_survivor(
 class _CollapseFn(stage.StageFn):
     # Drops only; a dropped member's pairs move to the survivor: pair drops are the core's.
     def __init__(self):
-        super().__init__(stage=STAGE, flow=False)
+        super().__init__(stage=STAGE, flow=False, outputs=(ALONE,))
 
     def core(self, item, *args):
         return collapse_key(item)
@@ -224,8 +229,9 @@ class CollapseDuplicates(beam.PTransform):
         joined = stage.apply(grouped, "ToSurvivor", _CollapseFn())
         members = joined["kept"] | "GroupBySurvivor" >> beam.GroupByKey()
         merged = stage.apply(members, "Merge", _MergeFn(self._collapse))
+        samples = (merged["kept"], joined[ALONE]) | "AllSamples" >> beam.Flatten()
         return {
-            "samples": merged["kept"],
+            "samples": samples,
             beam_utils.REJECTED: (joined[beam_utils.REJECTED], merged[beam_utils.REJECTED])
             | "AllRejected" >> beam.Flatten(),
             beam_utils.COUNTS: (joined[beam_utils.COUNTS], merged[beam_utils.COUNTS])
