@@ -1182,3 +1182,14 @@ def test_vectorized_filter_equals_the_reference_on_real_laion_rows(shared_data):
     # The second pass answers from the caches: the same again.
     again = flt.process(batch)
     assert again.kept.equals(want.kept) and again.rejected.equals(want.rejected)
+
+
+def test_stage_files_have_bounded_row_groups(tmp_path, monkeypatch):
+    """A row group is what a Parquet read splits at: the stage's files are written in groups of
+    at most ``ROW_GROUP_ROWS`` rows, so that later steps can spread one file over workers."""
+    monkeypatch.setattr(gather, "ROW_GROUP_ROWS", 2)
+    table = pa.table({"uid": ["a", "b", "c", "d", "e"]})
+    path = gather.write_table(str(tmp_path / "t.parquet"), table)
+    f = pq.ParquetFile(path)
+    assert [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] == [2, 2, 1]
+    assert f.read().equals(table)

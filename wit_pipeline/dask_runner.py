@@ -352,8 +352,9 @@ def _drop(items: Iterable[Any]) -> list:
 class _Translator(PipelineVisitor):
     """Builds one dask bag per PCollection, leaf transform by leaf transform (topological)."""
 
-    def __init__(self, parallelism: int, partition_size: int | None):
+    def __init__(self, parallelism: int, partition_size: int | None, workers: Sequence[str] = ()):
         self.parallelism = max(1, parallelism)
+        self.workers = list(workers)
         self.partition_size = partition_size
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.consumed: set[pvalue.PCollection] = set()
@@ -433,11 +434,32 @@ class _Translator(PipelineVisitor):
             )
             for i, part in enumerate(parts)
         ]
-        merged = [
-            dask.delayed(merge)(*[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}")
-            for j in range(n)
-        ]
+        merged = []
+        for j in range(n):
+            with self._spread(j):
+                merged.append(
+                    dask.delayed(merge)(
+                        *[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}"
+                    )
+                )
         return db.from_delayed(merged)
+
+    def _spread(self, j: int):
+        """Prefer worker ``j`` (round robin) for output partition ``j`` of a shuffle or read.
+
+        Every output partition of a shuffle depends on every input partition, so Dask's
+        locality rule puts them all on the worker that holds the most input bytes, and the
+        pipeline then runs on that one worker. A loose preference (another worker may still
+        take the task, e.g. when this one is lost) spreads them.
+        """
+        import contextlib
+
+        import dask
+
+        if not self.workers:
+            return contextlib.nullcontext()
+        worker = self.workers[j % len(self.workers)]
+        return dask.annotate(workers=[worker], allow_other_workers=True)
 
     def _group_by_key(self, label: str, bag, coder):
         n = self.parallelism
@@ -461,12 +483,13 @@ class _Translator(PipelineVisitor):
         from dask.base import tokenize
 
         n, token = self.parallelism, tokenize(source, self.parallelism)
-        return db.from_delayed(
-            [
-                dask.delayed(_read_part)(source, j, n, dask_key_name=f"{label}-{token}-{j}")
-                for j in range(n)
-            ]
-        )
+        parts = []
+        for j in range(n):
+            with self._spread(j):
+                parts.append(
+                    dask.delayed(_read_part)(source, j, n, dask_key_name=f"{label}-{token}-{j}")
+                )
+        return db.from_delayed(parts)
 
     def _side_input(self, si) -> Any:
         import dask
@@ -568,7 +591,9 @@ class DaskRunner(beam_dask.DaskRunner):
             threads = sum(client.nthreads().values())
             parallelism = bag_kwargs.get("npartitions") or PARTITIONS_PER_THREAD * max(1, threads)
             pipeline.replace_all(_overrides())
-            translator = _Translator(parallelism, bag_kwargs.get("partition_size"))
+            # one entry per worker thread: output partitions are dealt over them
+            slots = [w for w, k in sorted(client.nthreads().items()) for _ in range(k)]
+            translator = _Translator(parallelism, bag_kwargs.get("partition_size"), slots)
             pipeline.visit(translator)
             futures = client.compute(translator.sinks())
         except BaseException:

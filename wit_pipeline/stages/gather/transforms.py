@@ -401,11 +401,18 @@ def part_name(bucket: int, num_buckets: int) -> str:
     return f"part-{bucket:05d}-of-{num_buckets:05d}.parquet"
 
 
+# Rows per Parquet row group of the stage's files. A row group is the unit a Parquet read
+# splits at: pyarrow's default (1Mi rows) made a whole bucket one element for the pre-balance
+# step and everything after it (one worker busy, the others idle); 64Ki rows of candidates are
+# about 10 MB, still large enough to compress well.
+ROW_GROUP_ROWS = 1 << 16
+
+
 def write_table(path: str, table: pa.Table) -> str:
     import pyarrow.parquet as pq
 
     with fileio.atomic_write(path, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return path
 
 
