@@ -563,7 +563,12 @@ def test_keep_fraction_is_a_fraction_of_the_pairs(web, built, inputs, shared_dat
     assert stats["score"]["threshold"] == pytest.approx(kth)
     final = check_scored_build(web, out, stats, fs, kth)
     dropped = final.counters["dropped:low_clip_score"]
-    assert dropped == sum(s < kth for s in pool) == len(pool) - math.floor(0.5 * len(pool) + 0.5)
+    assert dropped == sum(s < kth for s in pool)
+    # half the pool is kept (k = round(n / 2)), more only for ties at the threshold (the fake seed's
+    # scores repeat every 20 captions, and which caption gets which level depends on the keys,
+    # so on the test server's port)
+    k = math.floor(0.5 * len(pool) + 0.5)
+    assert sum(s > kth for s in pool) < k <= len(pool) - dropped
 
 
 def test_auto_threshold_end_to_end_on_every_runner(
