@@ -17,7 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from wit_pipeline import beam_utils, stage
 from wit_pipeline.config import BalanceConfig
 from wit_pipeline.errors import WitError
-from wit_pipeline.stages import balance
+from wit_pipeline.stages import balance, balance_reads
 
 
 def _pipeline(*args: str) -> test_pipeline.TestPipeline:
@@ -654,7 +654,9 @@ def test_read_query_ids_reads_only_the_query_columns_of_every_row_group(tmp_path
     pq.write_table(pa.table({"key": ["a"]}), f"{tmp_path}/other.pq")
     for pairs in (False, True):
         with pytest.raises(WitError, match=r"no .*query_ids column"):
-            balance.query_id_columns(pq.ParquetFile(f"{tmp_path}/other.pq").schema, pairs=pairs)
+            balance_reads.query_id_columns(
+                pq.ParquetFile(f"{tmp_path}/other.pq").schema, pairs=pairs
+            )
     with pytest.raises(ValueError, match="file_pattern"):
         balance.ReadQueryIds(file_pattern="")
 
