@@ -588,11 +588,12 @@ class DaskRunner(beam_dask.DaskRunner):
             where = dask_options.get("address") or dask_options.get("scheduler_file")
             raise WitError(f"cannot reach the Dask scheduler at {where}: {e}") from None
         try:
-            threads = sum(client.nthreads().values())
-            parallelism = bag_kwargs.get("npartitions") or PARTITIONS_PER_THREAD * max(1, threads)
-            pipeline.replace_all(_overrides())
             # one entry per worker thread: output partitions are dealt over them
             slots = [w for w, k in sorted(client.nthreads().items()) for _ in range(k)]
+            parallelism = bag_kwargs.get("npartitions") or PARTITIONS_PER_THREAD * max(
+                1, len(slots)
+            )
+            pipeline.replace_all(_overrides())
             translator = _Translator(parallelism, bag_kwargs.get("partition_size"), slots)
             pipeline.visit(translator)
             futures = client.compute(translator.sinks())

@@ -11,7 +11,7 @@ written. Every stage after the download (dedup, balance, score, shards) works on
   ``undecodable_image``);
 - :func:`attach_images` (:func:`iter_tar_members`): the image bytes of some records, read back
   from their download tar;
-- :data:`SAMPLE_SCHEMA`, :func:`sample_row`, :func:`read_samples`: the records at rest between
+- :data:`SAMPLE_SCHEMA`, :func:`sample_row`, :func:`table_records`: the records at rest between
   ``wit dedup`` and ``wit balance`` (``DIR/samples/*.parquet``);
 - :func:`expand_pairs`: one sample per pair (``dedup.collapse = false``).
 """
@@ -97,15 +97,6 @@ def row(record: Mapping[str, Any], schema: pa.Schema) -> dict[str, Any]:
 def sample_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """A deduplicated sample as stored in ``samples/*.parquet`` between the two commands."""
     return row(record, SAMPLE_SCHEMA)
-
-
-def read_samples(path: str) -> Iterator[dict[str, Any]]:
-    """The records of one ``samples/*.parquet`` file (lists as lists, never None)."""
-    import pyarrow.parquet as pq
-
-    with fileio.open_file(path, "rb") as f:
-        table = pq.read_table(f)
-    yield from table_records(table)
 
 
 def table_records(table) -> Iterator[dict[str, Any]]:
