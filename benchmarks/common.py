@@ -66,6 +66,25 @@ def real_sized_queries(data: pathlib.Path, n: int = 500_000) -> list[str]:
     return list(seen)[:n]
 
 
+def pyahocorasick_automaton(queries: list[str]):
+    """The query automaton as pyahocorasick builds it (`` q `` keys, integer payloads): the
+    matcher ``QueryMatcher`` used before ahocorasick-rs, and the issue's baseline engine."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+    for i, q in enumerate(queries):
+        automaton.add_word(f" {q} ", i)
+    automaton.make_automaton()
+    return automaton
+
+
+def pyahocorasick_match(automaton, text: str) -> list[int]:
+    """``QueryMatcher.match`` with a ``pyahocorasick_automaton`` (queries without repeats)."""
+    from wit_pipeline.stages.gather.match import spacing
+
+    return sorted({i for _, i in automaton.iter(spacing(text))})
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -3,8 +3,11 @@
 import dataclasses
 import random
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wit_pipeline.config import CaptionConfig
 from wit_pipeline.errors import WitError
@@ -157,6 +160,23 @@ def test_langdetect_is_deterministic_and_seeded(real_captions):
     ft = captions.FastTextLanguageDetector()
     agree = sum(ft.detect(t)[0] == lang for t, (lang, _) in zip(sample, first, strict=True))
     assert agree > 0.75 * len(sample)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(
+        st.one_of(st.text(alphabet="aZ@[`{ éÉ\x00\xff", max_size=12), st.text()), max_size=20
+    ),
+    start=st.integers(0, 5),
+)
+def test_ascii_letter_counts_are_the_regex_counts(texts, start):
+    """The byte-level counts equal ``[A-Z]`` and ``[A-Za-z]`` matches, also on a sliced array
+    (offset into shared buffers) and at the bytes either side of each letter range."""
+    array = pa.array(texts, pa.string())[min(start, len(texts)) :]
+    upper, latin = captions._ascii_letter_counts(array)
+    kept = texts[min(start, len(texts)) :]
+    assert upper.tolist() == [len(captions._UPPER.findall(t)) for t in kept]
+    assert latin.tolist() == [len(captions._LATIN.findall(t)) for t in kept]
 
 
 def test_fasttext_detect_many_equals_detect(real_captions, shared_data):

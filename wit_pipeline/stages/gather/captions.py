@@ -151,10 +151,13 @@ def _ascii_letter_counts(array) -> tuple:
     data = array.buffers()[2]
     raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
     raw = raw[offsets[0] : offsets[-1]]
-    folded = raw | 0x20  # a-z and A-Z both become a-z
-    upper = np.concatenate([[0], np.cumsum((raw >= 0x41) & (raw <= 0x5A), dtype=np.int64)])
-    latin = np.concatenate([[0], np.cumsum((folded >= 0x61) & (folded <= 0x7A), dtype=np.int64)])
     ends = offsets - offsets[0]
+    # Running counts in int32 (a batch's text is far below 2 GB), written after a leading 0;
+    # unsigned wrap-around makes each range test one subtraction and one comparison.
+    upper = np.zeros(len(raw) + 1, np.int32)
+    np.cumsum((raw - np.uint8(0x41)) < 26, dtype=np.int32, out=upper[1:])  # A-Z
+    latin = np.zeros(len(raw) + 1, np.int32)
+    np.cumsum(((raw | np.uint8(0x20)) - np.uint8(0x61)) < 26, dtype=np.int32, out=latin[1:])
     return np.diff(upper[ends]), np.diff(latin[ends])
 
 

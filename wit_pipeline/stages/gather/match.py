@@ -11,8 +11,9 @@ The default semantics are MetaCLIP's substring matching (facebookresearch/MetaCL
 Matching is case-sensitive: ``Apple`` and ``apple`` are different queries. A query that itself
 contains one of the wrapped punctuation characters (``Mr. Smith``) can therefore never match,
 exactly as in MetaCLIP. ``QueryMatcher`` finds every match in one pass with an Aho-Corasick
-automaton (pyahocorasick), so the cost per caption does not grow with the number of queries;
-its result equals :func:`naive_match`, the loop over all queries, on every input.
+automaton (the Rust ``aho-corasick`` crate through ``ahocorasick_rs``), so the cost per caption
+does not grow with the number of queries; its result equals :func:`naive_match`, the loop over
+all queries, on every input.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Sequence
 
-import ahocorasick
+import ahocorasick_rs
 
 # MetaCLIP's ``spacing``: each punctuation mark gets a space on both sides, and tab, newline and
 # carriage return become spaces. The replacements never create characters that another
 # replacement targets, so their order does not matter (nor does doing them in one pass).
 PUNCTUATION_TO_WRAP = (",", ".", ";", ":", "?", "!", "`")
 CHARS_TO_SPACE = ("\t", "\n", "\r")
-_PAYLOAD = operator.itemgetter(1)  # the payload of an automaton match (end index, payload)
+_PATTERN = operator.itemgetter(0)  # the pattern of a match (pattern index, start, end)
 _SPACING_STEPS = (
     *((p, f" {p} ") for p in PUNCTUATION_TO_WRAP),
     *((c, " ") for c in CHARS_TO_SPACE),
@@ -71,22 +72,23 @@ class QueryMatcher:
         by_key: dict[str, list[int]] = {}
         for i, q in enumerate(self.queries):
             by_key.setdefault(f" {_fold(q, case_sensitive)} ", []).append(i)
-        # STORE_INTS keeps payloads as C integers: about half the time per caption of Python
-        # object payloads, and far less memory. The payload is the query index, or, when some
-        # queries are duplicates, the index of the key in ``self._key_ids``.
-        automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+        # A match reports the index of its key in ``by_key``: the query index itself when no
+        # query repeats, else an index into ``self._key_ids``.
         self._key_ids: list[tuple[int, ...]] | None = None
-        if len(by_key) == len(self.queries):
-            for key, (i,) in by_key.items():
-                automaton.add_word(key, i)
-        else:
-            self._key_ids = []
-            for k, (key, ids) in enumerate(by_key.items()):
-                automaton.add_word(key, k)
-                self._key_ids.append(tuple(ids))
-        if len(automaton):
-            automaton.make_automaton()
-        self._automaton = automaton
+        if len(by_key) != len(self.queries):
+            self._key_ids = [tuple(ids) for ids in by_key.values()]
+        # Standard match kind with overlapping search reports every occurrence of every key,
+        # as the definition needs. With the crate's default automaton (a contiguous NFA at
+        # this size) a real LAION caption takes under half of pyahocorasick's time against a
+        # 500k-entry list, in a third of the memory (benchmarks/bench_match.py); the crate's
+        # DFA is slower at this size, and over 2 GB.
+        self._automaton = (
+            ahocorasick_rs.AhoCorasick(
+                list(by_key), matchkind=ahocorasick_rs.MatchKind.Standard, store_patterns=False
+            )
+            if by_key
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -97,10 +99,10 @@ class QueryMatcher:
 
     def match(self, text: str) -> list[int]:
         """Sorted indices of every query found in ``text`` (empty when none)."""
-        if not self.queries:
+        if self._automaton is None:
             return []
         spaced = spacing(text if self.case_sensitive else text.lower())
-        found = set(map(_PAYLOAD, self._automaton.iter(spaced)))
+        found = set(map(_PATTERN, self._automaton.find_matches_as_indexes(spaced, True)))
         if self._key_ids is not None:
             key_ids = self._key_ids
             return sorted({i for k in found for i in key_ids[k]})
