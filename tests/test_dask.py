@@ -197,13 +197,18 @@ class _InFinishBundle(beam.DoFn):
             yield GlobalWindows.windowed_value(x * 10)
 
 
-def test_the_beam_model_on_the_cluster(cluster, tmp_path):
+@pytest.mark.parametrize("disk_shuffle", [False, True], ids=["memory", "disk-shuffle"])
+def test_the_beam_model_on_the_cluster(cluster, tmp_path, disk_shuffle):
+    """Every construct, with shuffles in memory and through files (``--dask_shuffle_dir``,
+    whose run directory is gone afterwards)."""
     from apache_beam.testing.util import assert_that, equal_to
 
+    shuffles = tmp_path / "shuffles"
+    extra = [f"--dask_shuffle_dir={shuffles}", "--dask_npartitions=3"] if disk_shuffle else []
     for i in range(3):
         pq.write_table(pa.table({"a": list(range(i * 4, i * 4 + 4))}), tmp_path / f"in-{i}.parquet")
     words = ["b", "a", "c", "a", "b", "a"]
-    with beam.Pipeline(options=dask_options(cluster)) as p:
+    with beam.Pipeline(options=dask_options(cluster, *extra)) as p:
         xs = p | "Xs" >> beam.Create(range(10))
         tagged = xs | "Tag" >> beam.ParDo(_Tagged()).with_outputs("even", main="odd")
         assert_that(tagged.odd, equal_to([1, 3, 5, 7, 9]), label="Odd")
@@ -256,6 +261,8 @@ def test_the_beam_model_on_the_cluster(cluster, tmp_path):
         )
     written = pq.read_table(tmp_path / "out").column("a").to_pylist()
     assert sorted(written) == list(range(12))
+    if disk_shuffle:
+        assert shuffles.is_dir() and not any(shuffles.iterdir())  # the run's files are removed
 
 
 class _Stateful(beam.DoFn):

@@ -29,6 +29,12 @@ of plain elements in the global window; every primitive is translated as the Bea
   never lists the files and the reads spread over the workers);
 - every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``.
 
+A shuffle keeps its data in the workers' memory, as Dask does; with ``--dask_shuffle_dir`` each
+split task writes its output lists to files there and passes only their paths, and each merge
+task reads its own (a disk shuffle, as Spark's; the directory must be shared by all workers).
+With as many partitions as the data needs (``--dask_npartitions``), a worker then holds a few
+partitions at a time instead of its share of every shuffle (BENCHMARKS.md, "Scale").
+
 What it refuses, with an error before anything runs: windowing other than the global window,
 stateful and splittable DoFns. Metrics are not collected (Beam's result raises on
 ``metrics()``; wit's counts travel as data). Resource hints are ignored.
@@ -44,6 +50,9 @@ import functools
 import logging
 import math
 import os
+import pickle
+import shutil
+import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -52,6 +61,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import coders as beam_coders
 from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformOverride
 from apache_beam.runners.common import DoFnRunner, DoFnState, Receiver
 from apache_beam.runners.dask import dask_runner as beam_dask
@@ -227,6 +237,50 @@ def _concat_lists(*parts: Iterable[Any]) -> list:
     return _concat(parts)
 
 
+def _dump(obj: Any, f) -> None:
+    """Pickle ``obj`` to ``f``: plain pickle (fast on lists of records), cloudpickle for what
+    plain pickle refuses (values Dask itself would move with cloudpickle)."""
+    try:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        import cloudpickle
+
+        f.seek(0)
+        f.truncate()
+        cloudpickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _split_to_files(split, directory: str, index: int, *args: Any) -> list[str | None]:
+    """Run ``split`` and write each of its output lists to ``directory/{index}-{j}``.
+
+    Returns the paths (``None`` for an empty list), which are all that stays in the worker's
+    memory. A file is written under a temporary name and renamed, so a task that runs twice
+    (its worker lost) replaces a whole file with the same contents.
+    """
+    paths: list[str | None] = []
+    for j, bucket in enumerate(split(*args)):
+        if not bucket:
+            paths.append(None)
+            continue
+        path = os.path.join(directory, f"{index}-{j}")
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            _dump(bucket, f)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _merge_files(merge, *paths: str | None) -> Any:
+    """``merge`` of the lists written by ``_split_to_files``, read in input order."""
+    buckets = []
+    for path in paths:
+        if path is not None:
+            with open(path, "rb") as f:
+                buckets.append(pickle.load(f))
+    return merge(*buckets)
+
+
 def _key_bytes(key: Any, coder) -> bytes:
     try:
         return coder.encode(key)
@@ -352,10 +406,17 @@ def _drop(items: Iterable[Any]) -> list:
 class _Translator(PipelineVisitor):
     """Builds one dask bag per PCollection, leaf transform by leaf transform (topological)."""
 
-    def __init__(self, parallelism: int, partition_size: int | None, workers: Sequence[str] = ()):
+    def __init__(
+        self,
+        parallelism: int,
+        partition_size: int | None,
+        workers: Sequence[str] = (),
+        shuffle_dir: str | None = None,
+    ):
         self.parallelism = max(1, parallelism)
         self.workers = list(workers)
         self.partition_size = partition_size
+        self.shuffle_dir = shuffle_dir
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.consumed: set[pvalue.PCollection] = set()
 
@@ -428,9 +489,16 @@ class _Translator(PipelineVisitor):
 
         parts = bag.to_delayed(optimize_graph=False)
         token = tokenize(bag.name, split, merge, n)
+        if self.shuffle_dir:  # the lists go through files; the tasks pass their paths
+            directory = os.path.join(self.shuffle_dir, token)
+            os.makedirs(directory, exist_ok=True)
+            split = functools.partial(_split_to_files, split, directory)
+            merge = functools.partial(_merge_files, merge)
         splits = [
             dask.delayed(split, nout=n)(
-                *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
+                *((i,) if self.shuffle_dir else ()),
+                *((part, i) if indexed else (part,)),
+                dask_key_name=f"{label}/split-{token}-{i}",
             )
             for i, part in enumerate(parts)
         ]
@@ -533,8 +601,31 @@ class _Translator(PipelineVisitor):
 # Runner and result
 
 
+class WitDaskOptions(PipelineOptions):
+    """Options of this runner beyond Beam's ``DaskOptions``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--dask_shuffle_dir",
+            default=None,
+            help="Write the data of every shuffle (GroupByKey, CombinePerKey, Reshuffle) to "
+            "files under this directory instead of keeping it in the workers' memory. The "
+            "launcher and every worker must see it at this path (a local disk for a cluster on "
+            "one machine, a shared filesystem otherwise); the run's files are removed when it "
+            "ends.",
+        )
+
+
 class DaskRunnerResult(beam_dask.DaskRunnerResult):
     """Beam's result, waiting on this pipeline's own client and closing it at the end."""
+
+    shuffle_dir: str | None = None  # this run's shuffle files, removed when it ends
+
+    def _close(self) -> None:
+        self.client.close()
+        if self.shuffle_dir:
+            shutil.rmtree(self.shuffle_dir, ignore_errors=True)
 
     def wait_until_finish(self, duration=None) -> str:
         import dask.distributed as ddist
@@ -555,14 +646,14 @@ class DaskRunnerResult(beam_dask.DaskRunnerResult):
             raise
         finally:
             if self._state != PipelineState.RUNNING:
-                self.client.close()
+                self._close()
         return self._state
 
     def cancel(self) -> str:
         try:
             return super().cancel()
         finally:
-            self.client.close()
+            self._close()
 
 
 class DaskRunner(beam_dask.DaskRunner):
@@ -582,6 +673,12 @@ class DaskRunner(beam_dask.DaskRunner):
             drop_default=True, current_only=True
         )
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
+        shuffle_root = options.view_as(WitDaskOptions).dask_shuffle_dir
+        shuffle_dir = (
+            os.path.join(os.path.abspath(shuffle_root), f"wit-shuffle-{uuid.uuid4().hex}")
+            if shuffle_root
+            else None
+        )
         try:
             client = ddist.Client(set_as_default=False, **dask_options)
         except OSError as e:  # refused, unreachable, timed out
@@ -594,11 +691,17 @@ class DaskRunner(beam_dask.DaskRunner):
                 1, len(slots)
             )
             pipeline.replace_all(_overrides())
-            translator = _Translator(parallelism, bag_kwargs.get("partition_size"), slots)
+            translator = _Translator(
+                parallelism, bag_kwargs.get("partition_size"), slots, shuffle_dir
+            )
             pipeline.visit(translator)
             futures = client.compute(translator.sinks())
         except BaseException:
             client.close()
+            if shuffle_dir:
+                shutil.rmtree(shuffle_dir, ignore_errors=True)
             raise
         _LOG.info("DaskRunner: %d partitions per shuffle on %s", parallelism, client.scheduler)
-        return DaskRunnerResult(client, futures)
+        result = DaskRunnerResult(client, futures)
+        result.shuffle_dir = shuffle_dir
+        return result
