@@ -297,10 +297,15 @@ def test_workers_are_asked_whether_they_see_the_launchers_files(cluster, tmp_pat
     """``runners.check_dask_worker_paths`` against real workers (they share this disk)."""
     queries = tmp_path / "q.txt"
     queries.write_text("dog\n")
-    out = tmp_path / "out"
+    out, shuffles = tmp_path / "out", tmp_path / "shuffles"
     paths = [("--queries", str(queries)), ("--output", str(out)), ("--input", "gs://b/x.warc")]
-    runners.check_dask_worker_paths(cluster.address, paths)
-    assert out.is_dir() and list(out.iterdir()) == []  # the probe file is gone
+    runners.check_worker_paths(
+        "DaskRunner",  # runners.runner_of's name for --runner dask
+        [f"--dask_client_address={cluster.address}", f"--dask_shuffle_dir={shuffles}"],
+        paths,
+    )
+    for d in (out, shuffles):  # written by the workers: probed, and the probe file is gone
+        assert d.is_dir() and list(d.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,6 +257,7 @@ def _split_to_files(split, directory: str, index: int, *args: Any) -> list[str |
     memory. A file is written under a temporary name and renamed, so a task that runs twice
     (its worker lost) replaces a whole file with the same contents.
     """
+    os.makedirs(directory, exist_ok=True)  # on a worker that is not the launcher's machine
     paths: list[str | None] = []
     for j, bucket in enumerate(split(*args)):
         if not bucket:
@@ -271,13 +272,25 @@ def _split_to_files(split, directory: str, index: int, *args: Any) -> list[str |
     return paths
 
 
-def _merge_files(merge, *paths: str | None) -> Any:
-    """``merge`` of the lists written by ``_split_to_files``, read in input order."""
+def _collect(*parts: Any) -> list:
+    return list(parts)
+
+
+def _merge_files(merge, paths: Sequence[Sequence[str | None]], j: int) -> Any:
+    """``merge`` of list ``j`` of every split (``paths[i][j]``, written by ``_split_to_files``),
+    read in input order."""
     buckets = []
-    for path in paths:
-        if path is not None:
+    for path in (split_paths[j] for split_paths in paths):
+        if path is None:
+            continue
+        try:
             with open(path, "rb") as f:
                 buckets.append(pickle.load(f))
+        except FileNotFoundError:
+            raise WitError(
+                f"shuffle file {path} is missing on this worker: --dask_shuffle_dir must be a "
+                "directory that every worker shares at the same path"
+            ) from None
     return merge(*buckets)
 
 
@@ -489,16 +502,11 @@ class _Translator(PipelineVisitor):
 
         parts = bag.to_delayed(optimize_graph=False)
         token = tokenize(bag.name, split, merge, n)
-        if self.shuffle_dir:  # the lists go through files; the tasks pass their paths
-            directory = os.path.join(self.shuffle_dir, token)
-            os.makedirs(directory, exist_ok=True)
-            split = functools.partial(_split_to_files, split, directory)
-            merge = functools.partial(_merge_files, merge)
+        if self.shuffle_dir:
+            return self._disk_shuffle(label, token, parts, split, merge, n, indexed=indexed)
         splits = [
             dask.delayed(split, nout=n)(
-                *((i,) if self.shuffle_dir else ()),
-                *((part, i) if indexed else (part,)),
-                dask_key_name=f"{label}/split-{token}-{i}",
+                *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
             )
             for i, part in enumerate(parts)
         ]
@@ -508,6 +516,41 @@ class _Translator(PipelineVisitor):
                 merged.append(
                     dask.delayed(merge)(
                         *[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}"
+                    )
+                )
+        return db.from_delayed(merged)
+
+    def _disk_shuffle(self, label: str, token: str, parts, split, merge, n: int, *, indexed: bool):
+        """``_shuffle`` through files: each split task writes its lists and returns their
+        paths, one barrier task collects the paths, and each merge task reads its own files.
+
+        The barrier keeps the graph linear in the partitions (n inputs + 1 + n outputs, where
+        the in-memory shuffle has n x n dependencies): only paths travel, so nothing is lost
+        by funnelling them through one task, and the scheduler does not become the bottleneck
+        at hundreds of partitions.
+        """
+        import dask
+        import dask.bag as db
+
+        directory = os.path.join(self.shuffle_dir, token)
+        os.makedirs(directory, exist_ok=True)
+        splits = [
+            dask.delayed(_split_to_files)(
+                split,
+                directory,
+                i,
+                *((part, i) if indexed else (part,)),
+                dask_key_name=f"{label}/split-{token}-{i}",
+            )
+            for i, part in enumerate(parts)
+        ]
+        paths = dask.delayed(_collect)(*splits, dask_key_name=f"{label}/paths-{token}")
+        merged = []
+        for j in range(n):
+            with self._spread(j):
+                merged.append(
+                    dask.delayed(_merge_files)(
+                        merge, paths, j, dask_key_name=f"{label}-{token}-{j}"
                     )
                 )
         return db.from_delayed(merged)
