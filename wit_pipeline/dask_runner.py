@@ -430,6 +430,7 @@ class _Translator(PipelineVisitor):
         self.workers = list(workers)
         self.partition_size = partition_size
         self.shuffle_dir = shuffle_dir
+        self.visited = 0  # transforms translated so far (their order: ``_depth_first``)
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.consumed: set[pvalue.PCollection] = set()
 
@@ -440,13 +441,36 @@ class _Translator(PipelineVisitor):
         inputs = [i for i in node.inputs if isinstance(i, pvalue.PCollection)]
         self.consumed.update(inputs)
         self.consumed.update(si.pvalue for si in node.side_inputs)
-        bags = self._translate(node, t, [self.bags[i] for i in inputs])
+        self.visited += 1
+        with self._depth_first():
+            bags = self._translate(node, t, [self.bags[i] for i in inputs])
         for tag, out in node.outputs.items():
             self.bags[out] = bags[tag]
 
     def sinks(self) -> list:
         """The bags of PCollections that nothing consumes: computing them runs everything."""
-        return [b.map_partitions(_drop) for pc, b in self.bags.items() if pc not in self.consumed]
+        self.visited += 1
+        with self._depth_first():
+            return [
+                b.map_partitions(_drop) for pc, b in self.bags.items() if pc not in self.consumed
+            ]
+
+    def _depth_first(self):
+        """With a disk shuffle: tasks of later transforms first (Dask priority = the transform's
+        place in the pipeline), so that a partition runs on through its consumers to the next
+        shuffle's files, or a sink, before more partitions are made.
+
+        Without it, a PCollection that two branches consume (dedup's records: the near-duplicate
+        search and the final join) stayed whole in a worker's memory until the long branch was
+        done: Dask ran the join's early tasks last.
+        """
+        import contextlib
+
+        import dask
+
+        if not self.shuffle_dir:
+            return contextlib.nullcontext()
+        return dask.annotate(priority=self.visited)
 
     # -- primitives ---------------------------------------------------------------------------
 
