@@ -330,6 +330,32 @@ def test_split_by_bucket_partitions_by_uid():
     assert [b for b, _ in pairs.split_by_bucket(table, 1)] == [0]
 
 
+def test_auto_num_buckets_by_input_kind(tmp_path):
+    """One output file per 16 MiB of table input or 128 MiB of crawl input (sparse files)."""
+    mib = 1 << 20
+
+    def files(name, size, n):
+        paths = []
+        for i in range(n):
+            path = tmp_path / f"{i}-{name}"
+            with open(path, "wb") as f:
+                f.truncate(size)
+            paths.append(str(path))
+        return paths
+
+    assert pairs.auto_num_buckets([]) == 1
+    assert pairs.auto_num_buckets(files("a.parquet", 20 * mib, 3)) == 4  # 60 / 16
+    assert pairs.auto_num_buckets(files("b.csv.gz", 1 * mib, 2)) == 1
+    assert pairs.auto_num_buckets(files("c.warc.gz", 100 * mib, 3)) == 3  # 300 / 128
+    assert pairs.auto_num_buckets(files("d.wat.gz", 64 * mib, 5)) == 3  # 320 / 128
+    # The format given overrides the names; an unknown name counts as a table.
+    assert pairs.auto_num_buckets(files("e.bin", 64 * mib, 2), "warc") == 1
+    assert pairs.auto_num_buckets(files("f.bin", 64 * mib, 2)) == 8
+    # Missing files are left out of the mean size.
+    assert pairs.auto_num_buckets([*files("g.parquet", 32 * mib, 1), str(tmp_path / "x")]) == 4
+    assert pairs.auto_num_buckets([str(tmp_path / "missing.parquet")]) == 1
+
+
 def test_query_count_arrays():
     table = pa.table({"query_ids": pa.array([[0, 3], [3], [], [7, 0]], pa.list_(pa.int32()))})
     ids, counts = pairs.query_count_arrays(table)

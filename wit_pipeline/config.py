@@ -149,7 +149,7 @@ class GatherConfig:
     write_rejected: bool = True
     batch_size: int = 4096
     # Output files for candidates/rejected (pairs are hash-partitioned by uid); 0 = automatic,
-    # about one per 128 MiB of input.
+    # about one per 16 MiB of table input or 128 MiB of crawl input (pairs.auto_num_buckets).
     num_output_shards: int = 0
     # Page-level opt-outs (docs/gather.md): a page whose <meta name="robots"> (or a meta named
     # after one of opt_out_agents) or whose own X-Robots-Tag response header carries one of these

@@ -95,7 +95,8 @@ FLAGS: dict[str, Flag] = {
     ),
     "--num-shards": Flag(
         "gather.num_output_shards",
-        "output files per directory (default: about one per 128 MiB of input)",
+        "output files per directory (default: about one per 16 MiB of table input, "
+        "128 MiB of WARC/WAT)",
         type=int,
         metavar="N",
         convert=_num_shards,

@@ -48,7 +48,7 @@ from wit_pipeline.config import MAX_BUCKETS, CaptionConfig, GatherConfig
 from wit_pipeline.errors import WitError
 from wit_pipeline.stages.gather import captions as captions_lib
 from wit_pipeline.stages.gather.match import QueryMatcher
-from wit_pipeline.stages.gather.readers import RawBatch, iter_file_batches
+from wit_pipeline.stages.gather.readers import RawBatch, detect_format, iter_file_batches
 from wit_pipeline.stages.gather.readers.html import resolve_url
 from wit_pipeline.takedown import TAKEDOWN, Blocklist
 
@@ -74,7 +74,11 @@ CANDIDATE_SCHEMA = schemas.CANDIDATE_SCHEMA
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _HTTP_PREFIXES = ("http://", "https://")
-_BUCKET_TARGET_BYTES = 128 << 20
+# Input bytes per output file (``auto_num_buckets``). A bucket's candidates are deduplicated
+# together, in one task's memory, so the target bounds that task: a table's bytes are the pairs
+# themselves (16 MiB of a LAION-shaped Parquet table: ~400k pairs), a crawl's mostly HTML.
+_BUCKET_TARGET_BYTES = {"crawl": 128 << 20, "table": 16 << 20}
+_CRAWL_FORMATS = ("warc", "wat")
 
 
 def check_url(url: str | None, page_url: str | None = None) -> tuple[str | None, str | None]:
@@ -442,23 +446,29 @@ def rejected_bucket(table: pa.Table, num_buckets: int) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_buckets
 
 
-def auto_num_buckets(paths: Sequence[str]) -> int:
-    """About one output file per 128 MiB of input (sizes from a sample of up to 64 files)."""
+def auto_num_buckets(paths: Sequence[str], input_format: str = "auto") -> int:
+    """About one output file per 16 MiB of table input or 128 MiB of crawl input (WARC, WAT),
+    sizes from a sample of up to 64 files."""
     if not paths:
         return 1
     step = max(1, len(paths) // 64)
     sample = paths[::step][:64]
-    sizes = []
+    shares = []  # output files per sampled file whose size is known
     for p in sample:
         try:
             if fileio.is_local(p):
-                sizes.append(os.path.getsize(p.removeprefix("file://")))
+                size = os.path.getsize(p.removeprefix("file://"))
             else:
-                sizes.append(int(fileio.filesystem(p).size(p) or 0))
+                size = int(fileio.filesystem(p).size(p) or 0)
         except (OSError, ValueError, WitError):
             continue
-    mean = sum(sizes) / len(sizes) if sizes else _BUCKET_TARGET_BYTES
-    return int(min(MAX_BUCKETS, max(1, math.ceil(mean * len(paths) / _BUCKET_TARGET_BYTES))))
+        try:
+            kind = "crawl" if detect_format(p, input_format) in _CRAWL_FORMATS else "table"
+        except WitError:
+            kind = "table"
+        shares.append(size / _BUCKET_TARGET_BYTES[kind])
+    mean = sum(shares) / len(shares) if shares else 1.0
+    return int(min(MAX_BUCKETS, max(1, math.ceil(mean * len(paths)))))
 
 
 def load_query_list(spec: Sequence[str] | str) -> list[str]:

@@ -576,7 +576,7 @@ def run_gather(
     formats = validate_inputs(paths, config)
     loaded = queries.read_query_list(queries_path)
     query_list, sha = loaded.entries, loaded.sha256
-    num_buckets = config.num_output_shards or auto_num_buckets(paths)
+    num_buckets = config.num_output_shards or auto_num_buckets(paths, config.input_format)
     from wit_pipeline.config import to_dict
 
     extra = {
