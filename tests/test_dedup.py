@@ -249,6 +249,16 @@ def test_label_components_matches_union_find_on_random_forests():
     _label_components(edges, 3)
 
 
+def test_a_round_keeps_the_best_label_and_refuses_a_node_without_its_own_state():
+    own = ((-400, "b"), (-400, "b"), (("a", (-100, "a")),))
+    assert groups._keep_best_label(("b", [own, ([-900, "z"], None, None)])) == (
+        "b",
+        ((-900, "z"), (-400, "b"), (("a", (-100, "a")),)),
+    )
+    with pytest.raises(RuntimeError, match=r"node 'b' received 1 label\(s\) but not its own state"):
+        groups._keep_best_label(("b", [((-900, "z"), None, None)]))
+
+
 def test_label_components_rejects_negative_rounds():
     with pytest.raises(ValueError):
         groups.LabelComponents(rounds=-1)

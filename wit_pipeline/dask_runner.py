@@ -460,9 +460,12 @@ class _Translator(PipelineVisitor):
         place in the pipeline), so that a partition runs on through its consumers to the next
         shuffle's files, or a sink, before more partitions are made.
 
-        Without it, a PCollection that two branches consume (dedup's records: the near-duplicate
-        search and the final join) stayed whole in a worker's memory until the long branch was
-        done: Dask ran the join's early tasks last.
+        Dask's own order left a PCollection that two branches read (dedup's records: the
+        near-duplicate search and the final join) in memory: sampled on a 300k-image dedup run,
+        one worker held all of its partitions at its peak. In the same sampling with this order,
+        they were gone within seconds of being read. (With the barrier of ``_disk_shuffle``,
+        the largest worker of a 1M dedup run fell from 1.80 to 1.27 GB; the two changes were
+        not measured apart.)
         """
         import contextlib
 

@@ -270,12 +270,21 @@ def _send_label(item):
 def _keep_best_label(item):
     key, values = item
     label, rank, neighbours = None, None, None
+    received = 0
     for lab, r, nb in values:
         lab = tuple(lab)
+        received += 1
         if nb is not None:
             rank, neighbours = r, nb
         if label is None or lab < label:
             label = lab
+    if neighbours is None:
+        # Every node sends its own state to itself each round: without it, an element was lost
+        # between rounds (seen once at 3M images on Dask, BENCHMARKS.md "Scale"; cause open).
+        raise RuntimeError(
+            f"label propagation: node {key!r} received {received} label(s) but not its own "
+            "state; an element was lost between two rounds"
+        )
     return key, (label, rank, neighbours)
 
 
