@@ -264,38 +264,21 @@ def _rows(directory: str) -> int:
     )
 
 
-# Records per partition with --disk-shuffle: --dask_npartitions grows with N (4 at 250k).
-RECORDS_PER_PARTITION = 62_500
-
-
-def runner_args(runner: str, workers: int, n: int = 0, shuffle_dir: str = "") -> list[str]:
+def runner_args(runner: str, workers: int) -> list[str]:
     """The args of every step: FnApiRunner with ``workers`` processes, or a local Dask cluster
-    of ``workers`` worker processes started by the step (``wit ... --runner dask``); with
-    ``shuffle_dir``, shuffles through files there and partitions sized by the data."""
+    of ``workers`` worker processes started by the step (``wit ... --runner dask``)."""
     if runner == "dask":
-        args = ["--runner", "dask", "--dask-workers", str(workers)]
-        if shuffle_dir:
-            parts = max(4, n // RECORDS_PER_PARTITION)
-            args += [f"--dask_shuffle_dir={shuffle_dir}", f"--dask_npartitions={parts}"]
-        return args
+        return ["--runner", "dask", "--dask-workers", str(workers)]
     return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
 
 
 def run_size(
-    n: int,
-    tmp: str,
-    queries: str,
-    workers: int,
-    label_rounds: int,
-    runner: str = "fnapi",
-    disk_shuffle: bool = False,
+    n: int, tmp: str, queries: str, workers: int, label_rounds: int, runner: str = "fnapi"
 ) -> list[dict]:
     py = sys.executable
     me = os.path.abspath(__file__)
+    beam = runner_args(runner, workers)
     d = os.path.join(tmp, f"n{n}")
-    beam = runner_args(runner, workers, n, os.path.join(d, "shuffle") if disk_shuffle else "")
-    if disk_shuffle:
-        os.makedirs(os.path.join(d, "shuffle"), exist_ok=True)
     inputs, gather, pre = (os.path.join(d, x) for x in ("inputs", "gather", "pre"))
     samples_dir, final = os.path.join(d, "samples"), os.path.join(d, "final")
     generate(inputs, n)
@@ -359,12 +342,6 @@ def main() -> None:
         choices=["fnapi", "dask"],
         help="FnApiRunner with --workers processes, or a local Dask cluster of --workers workers",
     )
-    ap.add_argument(
-        "--disk-shuffle",
-        action="store_true",
-        help="with --runner dask: shuffles through files (--dask_shuffle_dir) and "
-        f"--dask_npartitions = N / {RECORDS_PER_PARTITION:,} (at least 4)",
-    )
     ap.add_argument("--dask-workers", type=int, help=argparse.SUPPRESS)  # the steps' own flag
     ap.add_argument("--child-dedup", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-balance", nargs=2, help=argparse.SUPPRESS)
@@ -394,9 +371,7 @@ def main() -> None:
         with gzip.open(queries, "wt", encoding="utf-8") as f:
             f.write("\n".join(common.real_sized_queries(common.shared_data(), args.queries)))
         for n in sizes:
-            rows += run_size(
-                n, tmp, queries, args.workers, args.label_rounds, args.runner, args.disk_shuffle
-            )
+            rows += run_size(n, tmp, queries, args.workers, args.label_rounds, args.runner)
             load.append(f"{os.getloadavg()[0]:.1f}")
             if args.json:
                 with open(args.json, "w") as f:
@@ -408,8 +383,6 @@ def main() -> None:
         cmd += f" --runner {args.runner}"
     if args.label_rounds != 4:
         cmd += f" --label-rounds {args.label_rounds}"
-    if args.disk_shuffle:
-        cmd += " --disk-shuffle"
     print(common.header("Scale: every step at growing N, throughput and worker memory", cmd))
     print(
         f"Started {started}; `uptime` load average (1 min) at the start and after each size: "

@@ -184,13 +184,13 @@ def test_beam_flags_of_every_runner_are_accepted():
 
 
 def test_dask_flags_are_accepted_before_the_dask_runner_is_imported():
-    """Beam's ``DaskOptions`` and ``WitDaskOptions`` exist only once their modules are
-    imported; the CLI checks flags before any run, in a fresh process."""
+    """Beam's ``DaskOptions`` exist only once the Dask runner's module is imported; the CLI
+    checks flags before any run, in a fresh process."""
     code = (
         "import sys; from wit_pipeline import beam_utils; "
         "assert 'wit_pipeline.dask_runner' not in sys.modules; "
         "print(beam_utils.unknown_beam_flags(["
-        "'--dask_npartitions=8', '--dask_shuffle_dir', '/s', '--dask_nope=1']))"
+        "'--dask_npartitions=8', '--dask_connection_timeout', '9', '--dask_nope=1']))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

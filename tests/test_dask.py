@@ -197,18 +197,13 @@ class _InFinishBundle(beam.DoFn):
             yield GlobalWindows.windowed_value(x * 10)
 
 
-@pytest.mark.parametrize("disk_shuffle", [False, True], ids=["memory", "disk-shuffle"])
-def test_the_beam_model_on_the_cluster(cluster, tmp_path, disk_shuffle):
-    """Every construct, with shuffles in memory and through files (``--dask_shuffle_dir``,
-    whose run directory is gone afterwards)."""
+def test_the_beam_model_on_the_cluster(cluster, tmp_path):
     from apache_beam.testing.util import assert_that, equal_to
 
-    shuffles = tmp_path / "shuffles"
-    extra = [f"--dask_shuffle_dir={shuffles}", "--dask_npartitions=3"] if disk_shuffle else []
     for i in range(3):
         pq.write_table(pa.table({"a": list(range(i * 4, i * 4 + 4))}), tmp_path / f"in-{i}.parquet")
     words = ["b", "a", "c", "a", "b", "a"]
-    with beam.Pipeline(options=dask_options(cluster, *extra)) as p:
+    with beam.Pipeline(options=dask_options(cluster)) as p:
         xs = p | "Xs" >> beam.Create(range(10))
         tagged = xs | "Tag" >> beam.ParDo(_Tagged()).with_outputs("even", main="odd")
         assert_that(tagged.odd, equal_to([1, 3, 5, 7, 9]), label="Odd")
@@ -261,8 +256,6 @@ def test_the_beam_model_on_the_cluster(cluster, tmp_path, disk_shuffle):
         )
     written = pq.read_table(tmp_path / "out").column("a").to_pylist()
     assert sorted(written) == list(range(12))
-    if disk_shuffle:
-        assert shuffles.is_dir() and not any(shuffles.iterdir())  # the run's files are removed
 
 
 class _Stateful(beam.DoFn):
@@ -297,15 +290,10 @@ def test_workers_are_asked_whether_they_see_the_launchers_files(cluster, tmp_pat
     """``runners.check_dask_worker_paths`` against real workers (they share this disk)."""
     queries = tmp_path / "q.txt"
     queries.write_text("dog\n")
-    out, shuffles = tmp_path / "out", tmp_path / "shuffles"
+    out = tmp_path / "out"
     paths = [("--queries", str(queries)), ("--output", str(out)), ("--input", "gs://b/x.warc")]
-    runners.check_worker_paths(
-        "DaskRunner",  # runners.runner_of's name for --runner dask
-        [f"--dask_client_address={cluster.address}", f"--dask_shuffle_dir={shuffles}"],
-        paths,
-    )
-    for d in (out, shuffles):  # written by the workers: probed, and the probe file is gone
-        assert d.is_dir() and list(d.iterdir()) == []
+    runners.check_dask_worker_paths(cluster.address, paths)
+    assert out.is_dir() and list(out.iterdir()) == []  # the probe file is gone
 
 
 # ---------------------------------------------------------------------------------------------

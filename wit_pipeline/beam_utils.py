@@ -73,8 +73,8 @@ def unknown_beam_flags(beam_args: Sequence[str]) -> list[str]:
     from apache_beam.options.pipeline_options import _BeamArgumentParser
 
     if any(a.startswith("--dask") for a in beam_args):
-        # Beam's DaskOptions and this project's WitDaskOptions register when their module is
-        # imported, which a run does only once it starts (and only where dask is installed).
+        # Beam's DaskOptions register when the Dask runner's module is imported, which a run
+        # does only once it starts (and only where dask is installed).
         with contextlib.suppress(ImportError):
             import wit_pipeline.dask_runner  # noqa: F401
     parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)

@@ -29,12 +29,6 @@ of plain elements in the global window; every primitive is translated as the Bea
   never lists the files and the reads spread over the workers);
 - every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``.
 
-A shuffle keeps its data in the workers' memory, as Dask does; with ``--dask_shuffle_dir`` each
-split task writes its output lists to files there and passes only their paths, and each merge
-task reads its own (a disk shuffle, as Spark's; the directory must be shared by all workers).
-With as many partitions as the data needs (``--dask_npartitions``), a worker then holds a few
-partitions at a time instead of its share of every shuffle (BENCHMARKS.md, "Scale").
-
 What it refuses, with an error before anything runs: windowing other than the global window,
 stateful and splittable DoFns. Metrics are not collected (Beam's result raises on
 ``metrics()``; wit's counts travel as data). Resource hints are ignored.
@@ -50,9 +44,6 @@ import functools
 import logging
 import math
 import os
-import pickle
-import shutil
-import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -61,7 +52,6 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import coders as beam_coders
 from apache_beam.internal import pickler
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformOverride
 from apache_beam.runners.common import DoFnRunner, DoFnState, Receiver
 from apache_beam.runners.dask import dask_runner as beam_dask
@@ -237,63 +227,6 @@ def _concat_lists(*parts: Iterable[Any]) -> list:
     return _concat(parts)
 
 
-def _dump(obj: Any, f) -> None:
-    """Pickle ``obj`` to ``f``: plain pickle (fast on lists of records), cloudpickle for what
-    plain pickle refuses (values Dask itself would move with cloudpickle)."""
-    try:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        import cloudpickle
-
-        f.seek(0)
-        f.truncate()
-        cloudpickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _split_to_files(split, directory: str, index: int, *args: Any) -> list[str | None]:
-    """Run ``split`` and write each of its output lists to ``directory/{index}-{j}``.
-
-    Returns the paths (``None`` for an empty list), which are all that stays in the worker's
-    memory. A file is written under a temporary name and renamed, so a task that runs twice
-    (its worker lost) replaces a whole file with the same contents.
-    """
-    os.makedirs(directory, exist_ok=True)  # on a worker that is not the launcher's machine
-    paths: list[str | None] = []
-    for j, bucket in enumerate(split(*args)):
-        if not bucket:
-            paths.append(None)
-            continue
-        path = os.path.join(directory, f"{index}-{j}")
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            _dump(bucket, f)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
-
-
-def _collect(*parts: Any) -> list:
-    return list(parts)
-
-
-def _merge_files(merge, paths: Sequence[Sequence[str | None]], j: int) -> Any:
-    """``merge`` of list ``j`` of every split (``paths[i][j]``, written by ``_split_to_files``),
-    read in input order."""
-    buckets = []
-    for path in (split_paths[j] for split_paths in paths):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as f:
-                buckets.append(pickle.load(f))
-        except FileNotFoundError:
-            raise WitError(
-                f"shuffle file {path} is missing on this worker: --dask_shuffle_dir must be a "
-                "directory that every worker shares at the same path"
-            ) from None
-    return merge(*buckets)
-
-
 def _key_bytes(key: Any, coder) -> bytes:
     try:
         return coder.encode(key)
@@ -419,18 +352,10 @@ def _drop(items: Iterable[Any]) -> list:
 class _Translator(PipelineVisitor):
     """Builds one dask bag per PCollection, leaf transform by leaf transform (topological)."""
 
-    def __init__(
-        self,
-        parallelism: int,
-        partition_size: int | None,
-        workers: Sequence[str] = (),
-        shuffle_dir: str | None = None,
-    ):
+    def __init__(self, parallelism: int, partition_size: int | None, workers: Sequence[str] = ()):
         self.parallelism = max(1, parallelism)
         self.workers = list(workers)
         self.partition_size = partition_size
-        self.shuffle_dir = shuffle_dir
-        self.visited = 0  # transforms translated so far (their order: ``_depth_first``)
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.consumed: set[pvalue.PCollection] = set()
 
@@ -441,39 +366,13 @@ class _Translator(PipelineVisitor):
         inputs = [i for i in node.inputs if isinstance(i, pvalue.PCollection)]
         self.consumed.update(inputs)
         self.consumed.update(si.pvalue for si in node.side_inputs)
-        self.visited += 1
-        with self._depth_first():
-            bags = self._translate(node, t, [self.bags[i] for i in inputs])
+        bags = self._translate(node, t, [self.bags[i] for i in inputs])
         for tag, out in node.outputs.items():
             self.bags[out] = bags[tag]
 
     def sinks(self) -> list:
         """The bags of PCollections that nothing consumes: computing them runs everything."""
-        self.visited += 1
-        with self._depth_first():
-            return [
-                b.map_partitions(_drop) for pc, b in self.bags.items() if pc not in self.consumed
-            ]
-
-    def _depth_first(self):
-        """With a disk shuffle: tasks of later transforms first (Dask priority = the transform's
-        place in the pipeline), so that a partition runs on through its consumers to the next
-        shuffle's files, or a sink, before more partitions are made.
-
-        Dask's own order left a PCollection that two branches read (dedup's records: the
-        near-duplicate search and the final join) in memory: sampled on a 300k-image dedup run,
-        one worker held all of its partitions at its peak. In the same sampling with this order,
-        they were gone within seconds of being read. (With the barrier of ``_disk_shuffle``,
-        the largest worker of a 1M dedup run fell from 1.80 to 1.27 GB; the two changes were
-        not measured apart.)
-        """
-        import contextlib
-
-        import dask
-
-        if not self.shuffle_dir:
-            return contextlib.nullcontext()
-        return dask.annotate(priority=self.visited)
+        return [b.map_partitions(_drop) for pc, b in self.bags.items() if pc not in self.consumed]
 
     # -- primitives ---------------------------------------------------------------------------
 
@@ -529,8 +428,6 @@ class _Translator(PipelineVisitor):
 
         parts = bag.to_delayed(optimize_graph=False)
         token = tokenize(bag.name, split, merge, n)
-        if self.shuffle_dir:
-            return self._disk_shuffle(label, token, parts, split, merge, n, indexed=indexed)
         splits = [
             dask.delayed(split, nout=n)(
                 *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
@@ -543,41 +440,6 @@ class _Translator(PipelineVisitor):
                 merged.append(
                     dask.delayed(merge)(
                         *[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}"
-                    )
-                )
-        return db.from_delayed(merged)
-
-    def _disk_shuffle(self, label: str, token: str, parts, split, merge, n: int, *, indexed: bool):
-        """``_shuffle`` through files: each split task writes its lists and returns their
-        paths, one barrier task collects the paths, and each merge task reads its own files.
-
-        The barrier keeps the graph linear in the partitions (n inputs + 1 + n outputs, where
-        the in-memory shuffle has n x n dependencies): only paths travel, so nothing is lost
-        by funnelling them through one task, and the scheduler does not become the bottleneck
-        at hundreds of partitions.
-        """
-        import dask
-        import dask.bag as db
-
-        directory = os.path.join(self.shuffle_dir, token)
-        os.makedirs(directory, exist_ok=True)
-        splits = [
-            dask.delayed(_split_to_files)(
-                split,
-                directory,
-                i,
-                *((part, i) if indexed else (part,)),
-                dask_key_name=f"{label}/split-{token}-{i}",
-            )
-            for i, part in enumerate(parts)
-        ]
-        paths = dask.delayed(_collect)(*splits, dask_key_name=f"{label}/paths-{token}")
-        merged = []
-        for j in range(n):
-            with self._spread(j):
-                merged.append(
-                    dask.delayed(_merge_files)(
-                        merge, paths, j, dask_key_name=f"{label}-{token}-{j}"
                     )
                 )
         return db.from_delayed(merged)
@@ -671,31 +533,8 @@ class _Translator(PipelineVisitor):
 # Runner and result
 
 
-class WitDaskOptions(PipelineOptions):
-    """Options of this runner beyond Beam's ``DaskOptions``."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--dask_shuffle_dir",
-            default=None,
-            help="Write the data of every shuffle (GroupByKey, CombinePerKey, Reshuffle) to "
-            "files under this directory instead of keeping it in the workers' memory. The "
-            "launcher and every worker must see it at this path (a local disk for a cluster on "
-            "one machine, a shared filesystem otherwise); the run's files are removed when it "
-            "ends.",
-        )
-
-
 class DaskRunnerResult(beam_dask.DaskRunnerResult):
     """Beam's result, waiting on this pipeline's own client and closing it at the end."""
-
-    shuffle_dir: str | None = None  # this run's shuffle files, removed when it ends
-
-    def _close(self) -> None:
-        self.client.close()
-        if self.shuffle_dir:
-            shutil.rmtree(self.shuffle_dir, ignore_errors=True)
 
     def wait_until_finish(self, duration=None) -> str:
         import dask.distributed as ddist
@@ -716,14 +555,14 @@ class DaskRunnerResult(beam_dask.DaskRunnerResult):
             raise
         finally:
             if self._state != PipelineState.RUNNING:
-                self._close()
+                self.client.close()
         return self._state
 
     def cancel(self) -> str:
         try:
             return super().cancel()
         finally:
-            self._close()
+            self.client.close()
 
 
 class DaskRunner(beam_dask.DaskRunner):
@@ -743,12 +582,6 @@ class DaskRunner(beam_dask.DaskRunner):
             drop_default=True, current_only=True
         )
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
-        shuffle_root = options.view_as(WitDaskOptions).dask_shuffle_dir
-        shuffle_dir = (
-            os.path.join(os.path.abspath(shuffle_root), f"wit-shuffle-{uuid.uuid4().hex}")
-            if shuffle_root
-            else None
-        )
         try:
             client = ddist.Client(set_as_default=False, **dask_options)
         except OSError as e:  # refused, unreachable, timed out
@@ -761,17 +594,11 @@ class DaskRunner(beam_dask.DaskRunner):
                 1, len(slots)
             )
             pipeline.replace_all(_overrides())
-            translator = _Translator(
-                parallelism, bag_kwargs.get("partition_size"), slots, shuffle_dir
-            )
+            translator = _Translator(parallelism, bag_kwargs.get("partition_size"), slots)
             pipeline.visit(translator)
             futures = client.compute(translator.sinks())
         except BaseException:
             client.close()
-            if shuffle_dir:
-                shutil.rmtree(shuffle_dir, ignore_errors=True)
             raise
         _LOG.info("DaskRunner: %d partitions per shuffle on %s", parallelism, client.scheduler)
-        result = DaskRunnerResult(client, futures)
-        result.shuffle_dir = shuffle_dir
-        return result
+        return DaskRunnerResult(client, futures)

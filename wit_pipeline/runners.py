@@ -114,9 +114,7 @@ def check_worker_paths(
         # Even a scheduler on loopback may have remote workers (a port-forwarded one): ask them.
         address = dask_address(beam_args)
         if address:
-            shuffle_dir = flag_value(beam_args, "--dask_shuffle_dir")
-            extra = [("--dask_shuffle_dir", shuffle_dir)] if shuffle_dir else []
-            check_dask_worker_paths(address, [*paths, *extra])
+            check_dask_worker_paths(address, paths)
         return
     if workers_share_filesystem(runner, beam_args):
         return
@@ -298,12 +296,8 @@ def unseen_paths(
     return out
 
 
-# Directories the workers write (they may not exist yet): checked by a probe file.
-WRITTEN_DIRS = ("--output", "--dask_shuffle_dir")
-
-
 def _path_probe(what: str, path: str) -> PathProbe:
-    if what in WRITTEN_DIRS:  # written by the workers: may not exist yet
+    if what == "--output":  # written by the workers: may not exist yet
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".wit-probe-{uuid.uuid4().hex}")
         return PathProbe(what, path, probe=probe, token=uuid.uuid4().hex)

@@ -280,7 +280,8 @@ def _keep_best_label(item):
             label = lab
     if neighbours is None:
         # Every node sends its own state to itself each round: without it, an element was lost
-        # between rounds (seen once at 3M images on Dask, BENCHMARKS.md "Scale"; cause open).
+        # between rounds (seen once, at 3M images on Dask with an experimental disk shuffle
+        # that was withdrawn for it; BENCHMARKS.md "Scale").
         raise RuntimeError(
             f"label propagation: node {key!r} received {received} label(s) but not its own "
             "state; an element was lost between two rounds"
