@@ -170,7 +170,7 @@ def child_core(inputs: str, queries: str, detector: str, out: str) -> None:
     query_list = load_queries(queries)
     matcher = QueryMatcher(query_list)
     # The baseline engine: pyahocorasick (what QueryMatcher used before ahocorasick-rs).
-    automaton = common.pyahocorasick_automaton(query_list)
+    automaton = common.pyahocorasick_matcher(query_list).automaton
     rates = {}
 
     t0 = time.process_time()

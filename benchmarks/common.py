@@ -66,23 +66,28 @@ def real_sized_queries(data: pathlib.Path, n: int = 500_000) -> list[str]:
     return list(seen)[:n]
 
 
-def pyahocorasick_automaton(queries: list[str]):
-    """The query automaton as pyahocorasick builds it (`` q `` keys, integer payloads): the
-    matcher ``QueryMatcher`` used before ahocorasick-rs, and the issue's baseline engine."""
+def pyahocorasick_matcher(queries: list[str]):
+    """``match(text)`` as ``QueryMatcher.match`` was on pyahocorasick (`` q `` keys, integer
+    payloads, one ``set(map(...))`` per text; queries without repeats): the previous matcher,
+    and the issue's baseline engine. ``match.automaton`` is the automaton itself."""
+    import operator
+
     import ahocorasick
+
+    from wit_pipeline.stages.gather.match import spacing
 
     automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
     for i, q in enumerate(queries):
         automaton.add_word(f" {q} ", i)
     automaton.make_automaton()
-    return automaton
+    payload = operator.itemgetter(1)
+    matches = automaton.iter
 
+    def match(text: str) -> list[int]:
+        return sorted(set(map(payload, matches(spacing(text)))))
 
-def pyahocorasick_match(automaton, text: str) -> list[int]:
-    """``QueryMatcher.match`` with a ``pyahocorasick_automaton`` (queries without repeats)."""
-    from wit_pipeline.stages.gather.match import spacing
-
-    return sorted({i for _, i in automaton.iter(spacing(text))})
+    match.automaton = automaton
+    return match
 
 
 def rss_bytes() -> int:

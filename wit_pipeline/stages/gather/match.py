@@ -79,7 +79,7 @@ class QueryMatcher:
             self._key_ids = [tuple(ids) for ids in by_key.values()]
         # Standard match kind with overlapping search reports every occurrence of every key,
         # as the definition needs. With the crate's default automaton (a contiguous NFA at
-        # this size) a real LAION caption takes under half of pyahocorasick's time against a
+        # this size) a real LAION caption takes about 0.6x of pyahocorasick's time against a
         # 500k-entry list, in a third of the memory (benchmarks/bench_match.py); the crate's
         # DFA is slower at this size, and over 2 GB.
         self._automaton = (
