@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -264,20 +265,71 @@ def _rows(directory: str) -> int:
     )
 
 
-def runner_args(runner: str, workers: int) -> list[str]:
+def _counters(path: str) -> dict:
+    with open(path) as f:
+        doc = json.load(f)
+    return doc.get("counters", doc)
+
+
+def _distinct_urls(directory: str) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return len(pc.unique(pq.read_table(directory, columns=["url"]).column("url")))
+
+
+def _check(step: str, ok: bool, what: str) -> None:
+    """The run is exact or it stops: every record that enters a step is kept or counted."""
+    if not ok:
+        sys.exit(f"{step}: records lost or doubled: {what}")
+
+
+def check_counts(d: str, n: int) -> None:
+    """Each step's records balance: gather's counters sum to its N inputs and to the rows it
+    wrote; pre-balance keeps or rejects each candidate; dedup's samples and near-duplicates are
+    one per distinct URL; balance's kept samples and its counters agree with its input."""
+    g = _counters(os.path.join(d, "gather", "stats.json"))
+    dropped = sum(v for k, v in g.items() if k.startswith("dropped:"))
+    _check("gather", g["input"] == n and g["kept"] + dropped == n, f"{g}")
+    cands = _rows(os.path.join(d, "gather", "candidates"))
+    _check("gather", cands == g["kept"], f"{cands} rows written, kept {g['kept']}")
+    pre = _counters(os.path.join(d, "pre", "stats.json"))
+    pre_rows = _rows(os.path.join(d, "pre", "candidates"))
+    _check("prebalance", pre["input"] == cands and pre["kept"] == pre_rows, f"{pre}, {pre_rows}")
+    dd = _counters(os.path.join(d, "samples", "counts.json"))
+    samples = _rows(os.path.join(d, "samples"))
+    urls = _distinct_urls(os.path.join(d, "pre", "candidates"))
+    near = dd.get("dropped:near_duplicate", 0)
+    _check("dedup", samples + near == urls, f"{samples} samples + {near} near-dups, {urls} URLs")
+    b = _counters(os.path.join(d, "final", "counts.json"))
+    if "input" in b:
+        out = sum(v for k, v in b.items() if k.startswith("dropped:")) + b["kept"]
+        _check("balance", b["input"] == samples and out == samples, f"{b}, {samples} samples")
+
+
+def runner_args(runner: str, workers: int, n: int, per_partition: int) -> list[str]:
     """The args of every step: FnApiRunner with ``workers`` processes, or a local Dask cluster
-    of ``workers`` worker processes started by the step (``wit ... --runner dask``)."""
+    of ``workers`` worker processes started by the step (``wit ... --runner dask``), with
+    partitions sized by the data: one per ``per_partition`` pairs (``--dask_npartitions``, of
+    every read, ``Create`` and shuffle), at least two per worker."""
     if runner == "dask":
-        return ["--runner", "dask", "--dask-workers", str(workers)]
+        parts = max(2 * workers, math.ceil(n / per_partition))
+        return ["--runner", "dask", "--dask-workers", str(workers), f"--dask_npartitions={parts}"]
     return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
 
 
 def run_size(
-    n: int, tmp: str, queries: str, workers: int, label_rounds: int, runner: str = "fnapi"
+    n: int,
+    tmp: str,
+    queries: str,
+    workers: int,
+    label_rounds: int,
+    runner: str = "fnapi",
+    per_partition: int = 62_500,
 ) -> list[dict]:
     py = sys.executable
     me = os.path.abspath(__file__)
-    beam = runner_args(runner, workers)
+    beam = runner_args(runner, workers, n, per_partition)
     d = os.path.join(tmp, f"n{n}")
     inputs, gather, pre = (os.path.join(d, x) for x in ("inputs", "gather", "pre"))
     samples_dir, final = os.path.join(d, "samples"), os.path.join(d, "final")
@@ -321,6 +373,7 @@ def run_size(
     steps.append({"step": "balance (Arrow)", "records": _rows(samples_dir), **m})
     with open(os.path.join(final, "counts.json")) as f:
         steps[-1]["kept"] = json.load(f)["kept"]
+    check_counts(d, n)
     shutil.rmtree(d, ignore_errors=True)
     for s in steps:
         s["n"] = n
@@ -341,6 +394,12 @@ def main() -> None:
         default="fnapi",
         choices=["fnapi", "dask"],
         help="FnApiRunner with --workers processes, or a local Dask cluster of --workers workers",
+    )
+    ap.add_argument(
+        "--pairs-per-partition",
+        type=int,
+        default=62_500,
+        help="--runner dask: one partition per this many pairs (--dask_npartitions of each step)",
     )
     ap.add_argument("--dask-workers", type=int, help=argparse.SUPPRESS)  # the steps' own flag
     ap.add_argument("--child-dedup", nargs=3, help=argparse.SUPPRESS)
@@ -371,7 +430,15 @@ def main() -> None:
         with gzip.open(queries, "wt", encoding="utf-8") as f:
             f.write("\n".join(common.real_sized_queries(common.shared_data(), args.queries)))
         for n in sizes:
-            rows += run_size(n, tmp, queries, args.workers, args.label_rounds, args.runner)
+            rows += run_size(
+                n,
+                tmp,
+                queries,
+                args.workers,
+                args.label_rounds,
+                args.runner,
+                args.pairs_per_partition,
+            )
             load.append(f"{os.getloadavg()[0]:.1f}")
             if args.json:
                 with open(args.json, "w") as f:
@@ -381,6 +448,8 @@ def main() -> None:
     cmd = f"benchmarks/bench_scale.py --sizes {args.sizes} --workers {args.workers}"
     if args.runner != "fnapi":
         cmd += f" --runner {args.runner}"
+        if args.pairs_per_partition != 62_500:
+            cmd += f" --pairs-per-partition {args.pairs_per_partition}"
     if args.label_rounds != 4:
         cmd += f" --label-rounds {args.label_rounds}"
     print(common.header("Scale: every step at growing N, throughput and worker memory", cmd))

@@ -197,13 +197,18 @@ class _InFinishBundle(beam.DoFn):
             yield GlobalWindows.windowed_value(x * 10)
 
 
-def test_the_beam_model_on_the_cluster(cluster, tmp_path):
+@pytest.mark.parametrize(
+    "shuffle",
+    [["--dask_shuffle_method=p2p", "--dask_npartitions=5"], ["--dask_shuffle_method=tasks"]],
+    ids=["p2p", "tasks"],
+)
+def test_the_beam_model_on_the_cluster(cluster, tmp_path, shuffle):
     from apache_beam.testing.util import assert_that, equal_to
 
     for i in range(3):
         pq.write_table(pa.table({"a": list(range(i * 4, i * 4 + 4))}), tmp_path / f"in-{i}.parquet")
     words = ["b", "a", "c", "a", "b", "a"]
-    with beam.Pipeline(options=dask_options(cluster)) as p:
+    with beam.Pipeline(options=dask_options(cluster, *shuffle)) as p:
         xs = p | "Xs" >> beam.Create(range(10))
         tagged = xs | "Tag" >> beam.ParDo(_Tagged()).with_outputs("even", main="odd")
         assert_that(tagged.odd, equal_to([1, 3, 5, 7, 9]), label="Odd")
@@ -222,6 +227,17 @@ def test_the_beam_model_on_the_cluster(cluster, tmp_path):
             | beam.MapTuple(lambda k, vs: (k, sum(vs)))
         )
         assert_that(grouped, equal_to([(("a", 1), 3), (("b", 1), 2), (("c", 1), 1)]), label="GBK")
+        # Values come in input order (Create's partitions are contiguous), whatever order the
+        # shuffle delivered its pieces in.
+        ordered = (
+            p
+            | "Keyed" >> beam.Create([(i % 7, i) for i in range(2000)])
+            | "GBKOrder" >> beam.GroupByKey()
+            | beam.MapTuple(lambda k, vs: (k, list(vs) == sorted(vs), len(vs)))
+        )
+        assert_that(
+            ordered, equal_to([(k, True, len(range(k, 2000, 7))) for k in range(7)]), label="Order"
+        )
         total = xs | "Sum" >> beam.CombineGlobally(sum)
         empty = p | "None" >> beam.Create([]) | "SumNone" >> beam.CombineGlobally(sum)
         side = xs | "Side" >> beam.Map(

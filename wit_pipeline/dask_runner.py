@@ -29,6 +29,16 @@ of plain elements in the global window; every primitive is translated as the Bea
   never lists the files and the reads spread over the workers);
 - every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``.
 
+Shuffles (``GroupByKey``, ``CombinePerKey``, ``Reshuffle``) run through Dask's peer-to-peer
+shuffle by default (``--dask_shuffle_method p2p``, distributed's ``P2PShuffle``, the one
+``dask.dataframe`` uses): each split task hands its output lists, pickled, to the shuffle
+service of its worker, which sends them to the workers that own their output partitions and
+buffers them on disk there; each merge task reads its own partition back. A worker then holds a
+few partitions at a time, not its share of every shuffle, so with partitions sized by the data
+(``--dask_npartitions``) its memory stays flat as the data grows (BENCHMARKS.md, "Scale").
+``--dask_shuffle_method tasks`` keeps the shuffle in the workers' memory (one task per split and
+per merge, data moved by the scheduler's transfers): faster on data that fits in memory.
+
 What it refuses, with an error before anything runs: windowing other than the global window,
 stateful and splittable DoFns. Metrics are not collected (Beam's result raises on
 ``metrics()``; wit's counts travel as data). Resource hints are ignored.
@@ -44,6 +54,7 @@ import functools
 import logging
 import math
 import os
+import pickle
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -52,6 +63,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import coders as beam_coders
 from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformOverride
 from apache_beam.runners.common import DoFnRunner, DoFnState, Receiver
 from apache_beam.runners.dask import dask_runner as beam_dask
@@ -70,6 +82,8 @@ _LOG = logging.getLogger(__name__)
 RUNNER = f"{__name__}.DaskRunner"
 # Partitions per worker thread when no --dask_npartitions / --dask_partition_size is given.
 PARTITIONS_PER_THREAD = 2
+# --dask_shuffle_method: Dask's peer-to-peer shuffle (on disk), or tasks (in memory).
+SHUFFLE_METHODS = ("p2p", "tasks")
 # The launcher's environment variables that wit's code (or a library it imports) reads, which the
 # workers of a cluster started elsewhere lack: they travel with every DoFn's tasks, and a worker
 # takes those it has no value for (albumentations, imported by img2dataset, otherwise asks PyPI
@@ -227,6 +241,54 @@ def _concat_lists(*parts: Iterable[Any]) -> list:
     return _concat(parts)
 
 
+def _dumps(obj: Any) -> bytes:
+    """Pickle ``obj``: plain pickle (fast on lists of records), cloudpickle for what plain
+    pickle refuses (values that Dask itself would move with cloudpickle)."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _frame_meta():
+    """The frame of a P2P shuffle: one row per (input partition, non-empty output list)."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "_partitions": pd.Series([], dtype="int64"),  # the output partition
+            "input": pd.Series([], dtype="int64"),  # the input partition (merge order)
+            "blob": pd.Series([], dtype=object),  # the pickled list
+        }
+    )
+
+
+def _split_to_frame(split, index: int, *args: Any):
+    """Run ``split`` (one input partition -> ``n`` lists) and make the lists a frame of pickled
+    rows for the P2P shuffle: row ``j`` goes to output partition ``j``."""
+    import numpy as np
+    import pandas as pd
+
+    rows = [(j, _dumps(bucket)) for j, bucket in enumerate(split(*args)) if bucket]
+    return pd.DataFrame(
+        {
+            "_partitions": np.array([j for j, _ in rows], dtype=np.int64),
+            "input": np.full(len(rows), index, dtype=np.int64),
+            "blob": pd.Series([b for _, b in rows], dtype=object),
+        }
+    )
+
+
+def _merge_frame(merge, frame) -> Any:
+    """``merge`` of one output partition's lists, in input partition order (a GroupByKey's
+    values come in input order, as with the in-memory shuffle)."""
+    order = frame["input"].to_numpy().argsort(kind="stable")
+    blobs = frame["blob"].to_numpy()
+    return merge(*(pickle.loads(blobs[i]) for i in order))
+
+
 def _key_bytes(key: Any, coder) -> bytes:
     try:
         return coder.encode(key)
@@ -352,10 +414,19 @@ def _drop(items: Iterable[Any]) -> list:
 class _Translator(PipelineVisitor):
     """Builds one dask bag per PCollection, leaf transform by leaf transform (topological)."""
 
-    def __init__(self, parallelism: int, partition_size: int | None, workers: Sequence[str] = ()):
+    def __init__(
+        self,
+        parallelism: int,
+        partition_size: int | None,
+        workers: Sequence[str] = (),
+        shuffle_method: str = "p2p",
+    ):
+        if shuffle_method not in SHUFFLE_METHODS:
+            raise ValueError(f"shuffle method {shuffle_method!r}: one of {SHUFFLE_METHODS}")
         self.parallelism = max(1, parallelism)
         self.workers = list(workers)
         self.partition_size = partition_size
+        self.shuffle_method = shuffle_method
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.consumed: set[pvalue.PCollection] = set()
 
@@ -428,6 +499,8 @@ class _Translator(PipelineVisitor):
 
         parts = bag.to_delayed(optimize_graph=False)
         token = tokenize(bag.name, split, merge, n)
+        if self.shuffle_method == "p2p":
+            return self._p2p_shuffle(label, token, parts, split, merge, n, indexed=indexed)
         splits = [
             dask.delayed(split, nout=n)(
                 *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
@@ -442,6 +515,43 @@ class _Translator(PipelineVisitor):
                         *[s[j] for s in splits], dask_key_name=f"{label}-{token}-{j}"
                     )
                 )
+        return db.from_delayed(merged)
+
+    def _p2p_shuffle(self, label: str, token: str, parts, split, merge, n: int, *, indexed: bool):
+        """``_shuffle`` through Dask's P2P shuffle (``P2PShuffle`` of ``dask.dataframe``): the
+        split tasks' lists become rows of a frame whose ``_partitions`` column names their
+        output partition; P2P moves them, buffered on the workers' disks, and each merge task
+        reads one output partition. The graph is linear in the partitions (n splits, n
+        transfers, a barrier, n unpacks, n merges).
+
+        The unpack tasks must stay tasks of their own (the shuffle's scheduler plugin follows
+        them by key): the pipeline is computed without Dask's linear fusion (``DaskRunner``).
+        """
+        import dask
+        import dask.bag as db
+        import dask.dataframe as dd
+        from dask.dataframe.dask_expr._collection import new_collection
+        from dask.dataframe.dask_expr._shuffle import Shuffle
+
+        frames = [
+            dask.delayed(_split_to_frame)(
+                split,
+                i,
+                *((part, i) if indexed else (part,)),
+                dask_key_name=f"{label}/split-{token}-{i}",
+            )
+            for i, part in enumerate(parts)
+        ]
+        with dask.config.set({"dataframe.convert-string": False}):  # the blobs are bytes
+            frame = dd.from_delayed(frames, meta=_frame_meta(), verify_meta=False)
+            shuffled = new_collection(
+                Shuffle(frame.expr, "_partitions", n, ignore_index=True, method="p2p")
+            )
+            outs = shuffled.to_delayed()
+        merged = [
+            dask.delayed(_merge_frame)(merge, out, dask_key_name=f"{label}-{token}-{j}")
+            for j, out in enumerate(outs)
+        ]
         return db.from_delayed(merged)
 
     def _spread(self, j: int):
@@ -533,6 +643,21 @@ class _Translator(PipelineVisitor):
 # Runner and result
 
 
+class WitDaskOptions(PipelineOptions):
+    """Options of this runner beyond Beam's ``DaskOptions``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--dask_shuffle_method",
+            default="p2p",
+            choices=SHUFFLE_METHODS,
+            help="How GroupByKey, CombinePerKey and Reshuffle move data: p2p (Dask's "
+            "peer-to-peer shuffle, buffered on the workers' disks: a worker's memory follows "
+            "its partitions, not the data) or tasks (in the workers' memory).",
+        )
+
+
 class DaskRunnerResult(beam_dask.DaskRunnerResult):
     """Beam's result, waiting on this pipeline's own client and closing it at the end."""
 
@@ -582,6 +707,8 @@ class DaskRunner(beam_dask.DaskRunner):
             drop_default=True, current_only=True
         )
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
+        shuffle_method = options.view_as(WitDaskOptions).dask_shuffle_method
+        dask_options.pop("dask_shuffle_method", None)
         try:
             client = ddist.Client(set_as_default=False, **dask_options)
         except OSError as e:  # refused, unreachable, timed out
@@ -594,11 +721,19 @@ class DaskRunner(beam_dask.DaskRunner):
                 1, len(slots)
             )
             pipeline.replace_all(_overrides())
-            translator = _Translator(parallelism, bag_kwargs.get("partition_size"), slots)
+            translator = _Translator(
+                parallelism, bag_kwargs.get("partition_size"), slots, shuffle_method
+            )
             pipeline.visit(translator)
-            futures = client.compute(translator.sinks())
+            # No linear fusion with P2P: it would fuse the shuffle's unpack tasks away.
+            futures = client.compute(translator.sinks(), optimize_graph=shuffle_method != "p2p")
         except BaseException:
             client.close()
             raise
-        _LOG.info("DaskRunner: %d partitions per shuffle on %s", parallelism, client.scheduler)
+        _LOG.info(
+            "DaskRunner: %d partitions per %s shuffle on %s",
+            parallelism,
+            shuffle_method,
+            client.scheduler,
+        )
         return DaskRunnerResult(client, futures)
