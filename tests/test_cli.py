@@ -190,7 +190,8 @@ def test_dask_flags_are_accepted_before_the_dask_runner_is_imported():
         "import sys; from wit_pipeline import beam_utils; "
         "assert 'wit_pipeline.dask_runner' not in sys.modules; "
         "print(beam_utils.unknown_beam_flags(["
-        "'--dask_npartitions=8', '--dask_connection_timeout', '9', '--dask_nope=1']))"
+        "'--dask_npartitions=8', '--dask_connection_timeout', '9', "
+        "'--dask_shuffle_method=tasks', '--dask_nope=1']))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -90,10 +90,10 @@ def test_config_is_frozen():
         (
             "gather.num_output_shards",
             -1,
-            r"gather\.num_output_shards \(--num-shards\) must be within 0\.\.4096 "
+            r"gather\.num_output_shards \(--num-shards\) must be within 0\.\.65536 "
             r"\(0 = automatic\), got -1",
         ),
-        ("gather.num_output_shards", 4097, r"gather\.num_output_shards .* within 0\.\.4096"),
+        ("gather.num_output_shards", 65537, r"gather\.num_output_shards .* within 0\.\.65536"),
         (
             "gather.captions.language_detector",
             "cld3",

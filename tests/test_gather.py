@@ -331,7 +331,7 @@ def test_split_by_bucket_partitions_by_uid():
 
 
 def test_auto_num_buckets_by_input_kind(tmp_path):
-    """One output file per 16 MiB of table input or 128 MiB of crawl input (sparse files)."""
+    """One output file per 4 MiB of table input or 128 MiB of crawl input (sparse files)."""
     mib = 1 << 20
 
     def files(name, size, n):
@@ -344,15 +344,15 @@ def test_auto_num_buckets_by_input_kind(tmp_path):
         return paths
 
     assert pairs.auto_num_buckets([]) == 1
-    assert pairs.auto_num_buckets(files("a.parquet", 20 * mib, 3)) == 4  # 60 / 16
+    assert pairs.auto_num_buckets(files("a.parquet", 5 * mib, 3)) == 4  # 15 / 4
     assert pairs.auto_num_buckets(files("b.csv.gz", 1 * mib, 2)) == 1
     assert pairs.auto_num_buckets(files("c.warc.gz", 100 * mib, 3)) == 3  # 300 / 128
     assert pairs.auto_num_buckets(files("d.wat.gz", 64 * mib, 5)) == 3  # 320 / 128
     # The format given overrides the names; an unknown name counts as a table.
     assert pairs.auto_num_buckets(files("e.bin", 64 * mib, 2), "warc") == 1
-    assert pairs.auto_num_buckets(files("f.bin", 64 * mib, 2)) == 8
+    assert pairs.auto_num_buckets(files("f.bin", 64 * mib, 2)) == 32
     # Missing files are left out of the mean size.
-    assert pairs.auto_num_buckets([*files("g.parquet", 32 * mib, 1), str(tmp_path / "x")]) == 4
+    assert pairs.auto_num_buckets([*files("g.parquet", 8 * mib, 1), str(tmp_path / "x")]) == 4
     assert pairs.auto_num_buckets([str(tmp_path / "missing.parquet")]) == 1
 
 
@@ -425,8 +425,8 @@ def test_gather_pairs_validates_at_construction():
             r"gather\.input_format .*must be one of auto, warc, .* got 'xml'",
         ),
         ({"batch_size": 0}, r"gather\.batch_size must be > 0"),
-        ({"num_output_shards": -1}, r"gather\.num_output_shards .*must be within 0\.\.4096"),
-        ({"num_output_shards": 4097}, r"gather\.num_output_shards .*must be within 0\.\.4096"),
+        ({"num_output_shards": -1}, r"gather\.num_output_shards .*must be within 0\.\.65536"),
+        ({"num_output_shards": 65537}, r"gather\.num_output_shards .*must be within 0\.\.65536"),
         (
             {"captions": {"unicode_form": "NFX"}},
             r"gather\.captions\.unicode_form must be one of",

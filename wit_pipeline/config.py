@@ -114,7 +114,7 @@ class MatchConfig:
 
 
 INPUT_FORMATS = ("warc", "wat", "parquet", "csv", "tsv", "jsonl")  # gather's readers
-MAX_BUCKETS = 4096  # the most gather output files (candidates are hash-partitioned by uid)
+MAX_BUCKETS = 65536  # the most gather output files (candidates are hash-partitioned by uid)
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class GatherConfig:
     write_rejected: bool = True
     batch_size: int = 4096
     # Output files for candidates/rejected (pairs are hash-partitioned by uid); 0 = automatic,
-    # about one per 16 MiB of table input or 128 MiB of crawl input (pairs.auto_num_buckets).
+    # about one per 4 MiB of table input or 128 MiB of crawl input (pairs.auto_num_buckets).
     num_output_shards: int = 0
     # Page-level opt-outs (docs/gather.md): a page whose <meta name="robots"> (or a meta named
     # after one of opt_out_agents) or whose own X-Robots-Tag response header carries one of these

@@ -95,7 +95,7 @@ FLAGS: dict[str, Flag] = {
     ),
     "--num-shards": Flag(
         "gather.num_output_shards",
-        "output files per directory (default: about one per 16 MiB of table input, "
+        "output files per directory (default: about one per 4 MiB of table input, "
         "128 MiB of WARC/WAT)",
         type=int,
         metavar="N",

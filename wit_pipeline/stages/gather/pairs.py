@@ -76,8 +76,9 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _HTTP_PREFIXES = ("http://", "https://")
 # Input bytes per output file (``auto_num_buckets``). A bucket's candidates are deduplicated
 # together, in one task's memory, so the target bounds that task: a table's bytes are the pairs
-# themselves (16 MiB of a LAION-shaped Parquet table: ~400k pairs), a crawl's mostly HTML.
-_BUCKET_TARGET_BYTES = {"crawl": 128 << 20, "table": 16 << 20}
+# themselves (4 MiB of a LAION-shaped Parquet table: ~100k pairs, ~0.5 GB as Python records),
+# a crawl's mostly HTML (128 MiB of WARC: ~160k pairs).
+_BUCKET_TARGET_BYTES = {"crawl": 128 << 20, "table": 4 << 20}
 _CRAWL_FORMATS = ("warc", "wat")
 
 
@@ -447,7 +448,7 @@ def rejected_bucket(table: pa.Table, num_buckets: int) -> int:
 
 
 def auto_num_buckets(paths: Sequence[str], input_format: str = "auto") -> int:
-    """About one output file per 16 MiB of table input or 128 MiB of crawl input (WARC, WAT),
+    """About one output file per 4 MiB of table input or 128 MiB of crawl input (WARC, WAT),
     sizes from a sample of up to 64 files."""
     if not paths:
         return 1
