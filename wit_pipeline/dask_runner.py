@@ -55,6 +55,8 @@ import logging
 import math
 import os
 import pickle
+import threading
+import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -186,21 +188,94 @@ def _env_for_workers() -> dict[str, str]:
 _NOTHING = object()
 
 
-def _run_dofn(items: Iterable[Any], env: dict[str, str], spec: bytes, *sides: list) -> Any:
-    """Run one bundle (a partition) through a fresh copy of the DoFn.
+class _DoFnPool:
+    """Set-up DoFn instances of one worker process, reused from bundle to bundle.
+
+    Beam's runners set a DoFn instance up once and run many bundles through it; setups can be
+    costly (gather's builds a 500k-query automaton and loads fastText: seconds, and hundreds of
+    MB, per instance). Here a bundle is a partition, one task: without reuse, every task paid
+    the setup. Instances are keyed by the pipeline run and the DoFn's pickled spec; one is
+    taken by one task at a time (a worker with several threads sets up one per thread in use).
+    When a task of a new run arrives, the idle instances of earlier runs are torn down, so a
+    long-lived cluster holds one pipeline's DoFns at a time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._run: str | None = None
+        self._idle: dict[bytes, list] = {}
+
+    def take(self, run: str, spec: bytes):
+        """A set-up instance for ``spec`` (its unpickled spec tuple), or ``None``."""
+        with self._lock:
+            if run != self._run:
+                stale, self._idle, self._run = self._idle, {}, run
+            else:
+                stale = {}
+                idle = self._idle.get(spec)
+                if idle:
+                    return idle.pop()
+        for instances in stale.values():
+            for unpacked in instances:
+                _teardown(unpacked[0])
+        return None
+
+    def give(self, run: str, spec: bytes, unpacked: tuple) -> None:
+        with self._lock:
+            if run == self._run:
+                self._idle.setdefault(spec, []).append(unpacked)
+                return
+        _teardown(unpacked[0])  # a task of a newer run has started meanwhile
+
+
+def _teardown(fn) -> None:
+    try:
+        fn.teardown()
+    except Exception:  # teardown is best effort, as on Beam's other runners
+        _LOG.warning("DoFn teardown failed", exc_info=True)
+
+
+def _dofn_pool() -> _DoFnPool | None:
+    """This worker's pool (kept on the Dask worker object); ``None`` outside a worker."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    pool = getattr(worker, "_wit_dofn_pool", None)
+    if pool is None:
+        pool = worker._wit_dofn_pool = _DoFnPool()
+    return pool
+
+
+def _run_dofn(
+    items: Iterable[Any], env: dict[str, str], run: str, spec: bytes, *sides: list
+) -> Any:
+    """Run one bundle (a partition) through a set-up copy of the DoFn.
 
     ``env`` is set first (where the worker has no value), before unpickling imports the DoFn's
-    modules. An empty partition is no bundle, as on Beam's other runners: the DoFn is not set
-    up (a shuffle with fewer keys than partitions leaves some empty; setups can be costly).
-    Returns the list of main outputs for a single-output ParDo, else ``{tag: [outputs]}``.
+    modules. The copy comes from this worker's ``_DoFnPool`` when one of the same pipeline run
+    (``run``) is idle, else it is unpickled and set up; it goes back after the bundle, and is
+    torn down if the bundle fails. An empty partition is no bundle, as on Beam's other
+    runners: no DoFn is set up for it (a shuffle with fewer keys than partitions leaves some
+    empty). Returns the list of main outputs for a single-output ParDo, else
+    ``{tag: [outputs]}``.
     """
     iterator = iter(items)
     first = next(iterator, _NOTHING)
     for k, v in env.items():
         os.environ.setdefault(k, v)
-    fn, args, kwargs, views, tags, label = pickler.loads(spec)
+    pool = _dofn_pool()
+    unpacked = pool.take(run, spec) if pool else None
+    fresh = unpacked is None
+    if fresh:
+        unpacked = pickler.loads(spec)
+    fn, args, kwargs, views, tags, label = unpacked
     outputs: dict[Any, list] = {tag: [] for tag in tags}
     if first is _NOTHING:
+        if pool and not fresh:
+            pool.give(run, spec, unpacked)
         return outputs[None] if tags == [None] else outputs
     side_maps = [
         SideInputMap(view, options, [_windowed(v) for v in values])
@@ -217,14 +292,20 @@ def _run_dofn(items: Iterable[Any], env: dict[str, str], spec: bytes, *sides: li
         step_name=label,
         state=DoFnState(beam_counters.CounterFactory()),
     )
-    runner.setup()
+    if fresh:
+        runner.setup()
     try:
         runner.start()
         runner.process(_windowed(first))
         for item in iterator:
             runner.process(_windowed(item))
         runner.finish()
-    finally:
+    except BaseException:
+        runner.teardown()
+        raise
+    if pool:
+        pool.give(run, spec, unpacked)
+    else:
         runner.teardown()
     return outputs[None] if tags == [None] else outputs
 
@@ -428,6 +509,7 @@ class _Translator(PipelineVisitor):
         self.partition_size = partition_size
         self.shuffle_method = shuffle_method
         self.visited = 0  # transforms translated so far (their order: ``_depth_first``)
+        self.run = uuid.uuid4().hex  # this pipeline run: the workers' DoFn pools key by it
         self.bags: dict[pvalue.PCollection, Any] = {}
         self.consumed: set[pvalue.PCollection] = set()
 
@@ -517,10 +599,10 @@ class _Translator(PipelineVisitor):
         import dask.bag as db
         from dask.base import tokenize
 
-        parts = bag.to_delayed(optimize_graph=False)
         token = tokenize(bag.name, split, merge, n)
         if self.shuffle_method == "p2p":
-            return self._p2p_shuffle(label, token, parts, split, merge, n, indexed=indexed)
+            return self._p2p_shuffle(label, token, bag, split, merge, n, indexed=indexed)
+        parts = bag.to_delayed(optimize_graph=False)
         splits = [
             dask.delayed(split, nout=n)(
                 *((part, i) if indexed else (part,)), dask_key_name=f"{label}/split-{token}-{i}"
@@ -537,42 +619,54 @@ class _Translator(PipelineVisitor):
                 )
         return db.from_delayed(merged)
 
-    def _p2p_shuffle(self, label: str, token: str, parts, split, merge, n: int, *, indexed: bool):
-        """``_shuffle`` through Dask's P2P shuffle (``P2PShuffle`` of ``dask.dataframe``): the
-        split tasks' lists become rows of a frame whose ``_partitions`` column names their
-        output partition; P2P moves them, buffered on the workers' disks, and each merge task
-        reads one output partition. The graph is linear in the partitions (n splits, n
-        transfers, a barrier, n unpacks, n merges).
+    def _p2p_shuffle(self, label: str, token: str, bag, split, merge, n: int, *, indexed: bool):
+        """``_shuffle`` through Dask's P2P shuffle, the layer ``dask.dataframe`` builds for
+        ``shuffle(method="p2p")``: each split task's lists become rows of a frame whose
+        ``_partitions`` column names their output partition; its transfer task hands them to
+        the worker's shuffle service, which sends them on, buffered on the receivers' disks; a
+        barrier waits for every transfer; each unpack task reads one output partition back, and
+        its merge task merges it. The graph is linear in the partitions.
 
-        The unpack tasks must stay tasks of their own (the shuffle's scheduler plugin follows
-        them by key): the pipeline is computed without Dask's linear fusion (``DaskRunner``).
+        Built here rather than through ``dask.dataframe`` so that its tasks carry this
+        transform's priority (``_depth_first``): unannotated, the transfers ran after every
+        other task, and every split's frame waited in memory for them. The unpack tasks must
+        stay tasks of their own: the pipeline is computed without linear fusion (``DaskRunner``).
         """
-        import dask
         import dask.bag as db
-        import dask.dataframe as dd
-        from dask.dataframe.dask_expr._collection import new_collection
-        from dask.dataframe.dask_expr._shuffle import Shuffle
+        from dask._task_spec import Task, TaskRef
+        from dask.dataframe.dask_expr._shuffle import _shuffle_transfer
+        from dask.highlevelgraph import HighLevelGraph
+        from distributed.shuffle._core import P2PBarrierTask, ShuffleId, barrier_key, p2p_barrier
+        from distributed.shuffle._shuffle import DataFrameShuffleSpec, shuffle_unpack
 
-        frames = [
-            dask.delayed(_split_to_frame)(
-                split,
-                i,
-                *((part, i) if indexed else (part,)),
-                dask_key_name=f"{label}/split-{token}-{i}",
-            )
-            for i, part in enumerate(parts)
-        ]
-        with dask.config.set({"dataframe.convert-string": False}):  # the blobs are bytes
-            frame = dd.from_delayed(frames, meta=_frame_meta(), verify_meta=False)
-            shuffled = new_collection(
-                Shuffle(frame.expr, "_partitions", n, ignore_index=True, method="p2p")
-            )
-            outs = shuffled.to_delayed()
-        merged = [
-            dask.delayed(_merge_frame)(merge, out, dask_key_name=f"{label}-{token}-{j}")
-            for j, out in enumerate(outs)
-        ]
-        return db.from_delayed(merged)
+        shuffle_id = ShuffleId(token)
+        name = f"{label}-{token}"
+        dsk: dict = {}
+        transfers = []
+        for i, key in enumerate(bag.__dask_keys__()):
+            frame = (f"{label}/split-{token}", i)
+            args = (TaskRef(key), i) if indexed else (TaskRef(key),)
+            dsk[frame] = Task(frame, _split_to_frame, split, i, *args)
+            transfer = (f"shuffle-transfer-{token}", i)
+            dsk[transfer] = Task(transfer, _shuffle_transfer, TaskRef(frame), token, i)
+            transfers.append(TaskRef(transfer))
+        spec = DataFrameShuffleSpec(
+            id=shuffle_id,
+            npartitions=n,
+            column="_partitions",
+            meta=_frame_meta(),
+            parts_out=n,
+            disk=True,
+            drop_column=True,
+        )
+        barrier = P2PBarrierTask(barrier_key(shuffle_id), p2p_barrier, token, *transfers, spec=spec)
+        dsk[barrier.key] = barrier
+        for j in range(n):
+            unpack = (f"p2pshuffle-{token}", j)
+            dsk[unpack] = Task(unpack, shuffle_unpack, token, j, barrier.ref())
+            dsk[(name, j)] = Task((name, j), _merge_frame, merge, TaskRef(unpack))
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[bag])
+        return db.Bag(graph, name, n)
 
     def _spread(self, j: int):
         """Prefer worker ``j`` (round robin) for output partition ``j`` of a shuffle or read.
@@ -643,7 +737,7 @@ class _Translator(PipelineVisitor):
         spec = pickler.dumps((t.fn, t.args, t.kwargs, views, tags, node.full_label))
         sides = [self._side_input(si) for si in node.side_inputs]
         mixed = bag.map_partitions(
-            _run_dofn, _env_for_workers(), spec, *sides, token=node.full_label
+            _run_dofn, _env_for_workers(), self.run, spec, *sides, token=node.full_label
         )
         if tags == [None]:
             return {None: mixed}
@@ -716,8 +810,10 @@ class DaskRunner(beam_dask.DaskRunner):
     Options are Beam's ``DaskOptions``: ``--dask_client_address`` (or
     ``--dask_scheduler_file``) names the scheduler; without either, ``dask.distributed.Client``
     starts a local cluster for the pipeline. ``--dask_npartitions`` sets the partitions of
-    every ``Create`` and shuffle (default: two per worker thread); ``--dask_partition_size``
-    sets elements per ``Create`` partition instead.
+    every read, ``Create`` and shuffle (default: two per worker thread; for large inputs, one per
+    ~60k records keeps a worker's memory flat, docs/scaling.md); ``--dask_partition_size`` sets
+    elements per ``Create`` partition instead. This runner's own ``--dask_shuffle_method``
+    (``p2p`` or ``tasks``) chooses the shuffle.
     """
 
     def run_pipeline(self, pipeline, options):

@@ -403,7 +403,7 @@ def balance_sample_pairs_table(
         order = np.argsort(order_keys, kind="stable")
         partial_table = pa.concat_tables(tables).take(pa.array(order))
     else:
-        partial_table = rejected.slice(0, 0)
+        partial_table = rejected.schema.empty_table()  # not a slice: it would pickle rejected
     return stage.Result(out, rejected, counts, partial=partial_table)
 
 

@@ -418,7 +418,12 @@ def bucket_of(uid: str, num_buckets: int) -> int:
 
 
 def split_by_bucket(table: pa.Table, num_buckets: int) -> Iterator[tuple[int, pa.Table]]:
-    """``(bucket, rows)`` for every bucket that ``table``'s rows fall into."""
+    """``(bucket, rows)`` for every bucket that ``table``'s rows fall into.
+
+    Each bucket's rows are a copy (``take``), not a slice: a pickled Arrow slice carries its
+    whole parent buffers, so a shuffle would move each batch once per bucket in it (measured in
+    a 3M-pair gather on Dask: 30 buckets made every split's shuffle data ~30x its rows).
+    """
     if table.num_rows == 0:
         return
     if num_buckets == 1:
@@ -431,13 +436,12 @@ def split_by_bucket(table: pa.Table, num_buckets: int) -> Iterator[tuple[int, pa
     )
     buckets %= num_buckets
     order = np.argsort(buckets, kind="stable")
-    table = table.take(pa.array(order))
     sorted_buckets = buckets[order]
     edges = np.flatnonzero(np.diff(sorted_buckets)) + 1
     starts = np.concatenate([[0], edges])
     ends = np.concatenate([edges, [len(order)]])
     for s, e in zip(starts, ends, strict=True):
-        yield int(sorted_buckets[s]), table.slice(int(s), int(e - s))
+        yield int(sorted_buckets[s]), table.take(pa.array(order[s:e]))
 
 
 def rejected_bucket(table: pa.Table, num_buckets: int) -> int:
