@@ -274,6 +274,65 @@ def test_the_beam_model_on_the_cluster(cluster, tmp_path, shuffle):
     assert sorted(written) == list(range(12))
 
 
+class _CountedSetup(beam.DoFn):
+    """Leaves a file per setup and per teardown in ``directory`` (workers are processes)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def setup(self):
+        import uuid
+
+        self.id = uuid.uuid4().hex
+        pathlib.Path(self.directory, f"setup-{self.id}").touch()
+
+    def process(self, x):
+        yield x + 1
+
+    def teardown(self):
+        pathlib.Path(self.directory, f"teardown-{self.id}").touch()
+
+
+def test_a_dofn_is_set_up_once_per_worker_and_run(cluster, tmp_path):
+    """Bundles (partitions) reuse a set-up instance, as on Beam's other runners; the next
+    pipeline run tears the previous run's instances down."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    def files(prefix):
+        return sorted(f.name.split("-", 1)[1] for f in tmp_path.glob(f"{prefix}-*"))
+
+    for run in range(2):
+        with beam.Pipeline(options=dask_options(cluster, "--dask_npartitions=12")) as p:
+            out = p | beam.Create(range(100)) | beam.ParDo(_CountedSetup(str(tmp_path)))
+            assert_that(out, equal_to(range(1, 101)))
+        if run == 0:
+            first = files("setup")
+            assert 1 <= len(first) <= 2  # one per worker (single-thread), not one per partition
+    assert 2 <= len(files("setup")) <= 4
+    assert set(first) <= set(files("teardown"))  # the second run tore the first run's down
+
+
+def test_the_dofn_pool_tears_down_what_an_earlier_run_left():
+    from wit_pipeline import dask_runner
+
+    class Fn:
+        torn = 0
+
+        def teardown(self):
+            Fn.torn += 1
+
+    pool = dask_runner._DoFnPool()
+    a, b = (Fn(), "spec"), (Fn(), "spec")
+    assert pool.take("run1", b"x") is None
+    pool.give("run1", b"x", a)
+    assert pool.take("run1", b"y") is None  # another DoFn of the same run
+    assert pool.take("run1", b"x") is a
+    pool.give("run1", b"x", a)
+    assert pool.take("run2", b"x") is None and Fn.torn == 1  # run1's idle instance torn down
+    pool.give("run1", b"x", b)  # a late bundle of run1 comes back after run2 started
+    assert Fn.torn == 2 and pool.take("run2", b"x") is None
+
+
 class _Stateful(beam.DoFn):
     STATE = beam.transforms.userstate.BagStateSpec("seen", beam.coders.VarIntCoder())
 

@@ -330,6 +330,17 @@ def test_split_by_bucket_partitions_by_uid():
     assert [b for b, _ in pairs.split_by_bucket(table, 1)] == [0]
 
 
+def test_split_by_bucket_pieces_pickle_only_their_rows():
+    """A shuffle pickles each piece; a slice would carry the whole batch's buffers with it."""
+    import pickle
+
+    table = candidate_table([urls.pair_uid(f"http://a/{i}.jpg", "c") for i in range(2000)])
+    whole = len(pickle.dumps(table))
+    pieces = [len(pickle.dumps(p)) for _, p in pairs.split_by_bucket(table, 16)]
+    assert len(pieces) == 16
+    assert sum(pieces) < 1.5 * whole  # slices: ~16x
+
+
 def test_auto_num_buckets_by_input_kind(tmp_path):
     """One output file per 4 MiB of table input or 128 MiB of crawl input (sparse files)."""
     mib = 1 << 20
