@@ -20,6 +20,10 @@ steps:
    collapse) and the samples written as ``wit dedup`` writes them (``samples/*.parquet``);
 4. balance: the samples read back as Arrow tables, ``balance.BalanceSamples(tables=True)``.
 
+With ``--runner dask`` each step starts a local Dask cluster of ``--workers`` processes instead,
+with one partition per ``--pairs-per-partition`` pairs (``--dask_npartitions``). Every size is
+checked to be exact: each step's records balance (``check_counts``), or the run stops.
+
 For every step: records in, wall seconds, CPU seconds of all its processes, records per wall
 second and per CPU second (per core), and the peak resident memory (``VmHWM``) of the launcher
 process (FnApiRunner keeps data between stages there) and of the largest worker process. The
