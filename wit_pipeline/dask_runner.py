@@ -836,7 +836,6 @@ class DaskRunner(beam_dask.DaskRunner):
         )
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
         shuffle_method = options.view_as(WitDaskOptions).dask_shuffle_method
-        dask_options.pop("dask_shuffle_method", None)
         try:
             client = ddist.Client(set_as_default=False, **dask_options)
         except OSError as e:  # refused, unreachable, timed out
