@@ -313,7 +313,7 @@ def test_a_dofn_is_set_up_once_per_worker_and_run(cluster, tmp_path):
 
 
 def test_the_dofn_pool_tears_down_what_an_earlier_run_left():
-    from wit_pipeline import dask_runner
+    from wit_pipeline import dask_tasks
 
     class Fn:
         torn = 0
@@ -321,7 +321,7 @@ def test_the_dofn_pool_tears_down_what_an_earlier_run_left():
         def teardown(self):
             Fn.torn += 1
 
-    pool = dask_runner._DoFnPool()
+    pool = dask_tasks.DoFnPool()
     a, b = (Fn(), "spec"), (Fn(), "spec")
     assert pool.take("run1", b"x") is None
     pool.give("run1", b"x", a)

@@ -16,9 +16,10 @@ This runner keeps Beam's runner, options (``--dask_client_address``, ``--dask_sc
 ``--dask_npartitions``, ...) and result, and replaces the translation. Every PCollection is a bag
 of plain elements in the global window; every primitive is translated as the Beam model says:
 
-- ``ParDo``: one task per partition runs a fresh copy of the DoFn through Beam's own
-  ``DoFnRunner`` (setup, start_bundle, process, finish_bundle, teardown), with its side inputs
-  materialized once per pipeline and broadcast to the tasks; a multi-output ParDo's partition
+- ``ParDo``: one task per partition runs it as a bundle through Beam's own ``DoFnRunner``
+  (start_bundle, process, finish_bundle) on a copy of the DoFn set up once per worker thread
+  and reused from bundle to bundle (torn down when the next pipeline run starts), with its
+  side inputs materialized once per pipeline and broadcast to the tasks; a multi-output ParDo's partition
   holds one list per tag, and each output PCollection selects its own;
 - ``GroupByKey``: a hash shuffle on the key's deterministic Beam encoding (not Python's
   ``hash``, which differs between processes for strings), values in input order;
@@ -39,6 +40,8 @@ few partitions at a time, not its share of every shuffle, so with partitions siz
 ``--dask_shuffle_method tasks`` keeps the shuffle in the workers' memory (one task per split and
 per merge, data moved by the scheduler's transfers): faster on data that fits in memory.
 
+The functions the tasks run on the workers are in ``wit_pipeline.dask_tasks``.
+
 What it refuses, with an error before anything runs: windowing other than the global window,
 stateful and splittable DoFns. Metrics are not collected (Beam's result raises on
 ``metrics()``; wit's counts travel as data). Resource hints are ignored.
@@ -54,11 +57,8 @@ import functools
 import logging
 import math
 import os
-import pickle
-import threading
 import uuid
-import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -67,15 +67,13 @@ from apache_beam.coders import coders as beam_coders
 from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformOverride
-from apache_beam.runners.common import DoFnRunner, DoFnState, Receiver
 from apache_beam.runners.dask import dask_runner as beam_dask
 from apache_beam.runners.dask import overrides as beam_overrides
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.core import CombineFn
-from apache_beam.transforms.sideinputs import SideInputMap
 from apache_beam.transforms.window import GlobalWindows
-from apache_beam.utils import counters as beam_counters
 
+from wit_pipeline import dask_tasks as tasks
 from wit_pipeline.errors import WitError
 
 _LOG = logging.getLogger(__name__)
@@ -154,338 +152,10 @@ def _overrides() -> list[PTransformOverride]:
     ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Functions that run on the workers (module-level: Dask pickles them by reference)
-
-
-def _windowed(value: Any):
-    return GlobalWindows.windowed_value(value)
-
-
-class _Collect(Receiver):
-    """Receives one output tag's elements into a list (windows dropped: global window only)."""
-
-    def __init__(self, out: list):
-        self.out = out
-
-    def receive(self, windowed_value) -> None:
-        self.out.append(windowed_value.value)
-
-
-class _Receivers(dict):
-    """Tag -> receiver; outputs to undeclared tags are discarded, as on Beam's other runners."""
-
-    def __missing__(self, tag):
-        return _Collect([])
-
-
 def _env_for_workers() -> dict[str, str]:
     return {"NO_ALBUMENTATIONS_UPDATE": "1"} | {
         k: os.environ[k] for k in WORKER_ENV if k in os.environ
     }
-
-
-_NOTHING = object()
-
-
-class _DoFnPool:
-    """Set-up DoFn instances of one worker process, reused from bundle to bundle.
-
-    Beam's runners set a DoFn instance up once and run many bundles through it; setups can be
-    costly (gather's builds a 500k-query automaton and loads fastText: seconds, and hundreds of
-    MB, per instance). Here a bundle is a partition, one task: without reuse, every task paid
-    the setup. Instances are keyed by the pipeline run and the DoFn's pickled spec; one is
-    taken by one task at a time (a worker with several threads sets up one per thread in use).
-    When a task of a new run arrives, the idle instances of earlier runs are torn down, so a
-    long-lived cluster holds one pipeline's DoFns at a time.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._run: str | None = None
-        self._idle: dict[bytes, list] = {}
-
-    def take(self, run: str, spec: bytes):
-        """A set-up instance for ``spec`` (its unpickled spec tuple), or ``None``."""
-        with self._lock:
-            if run != self._run:
-                stale, self._idle, self._run = self._idle, {}, run
-            else:
-                stale = {}
-                idle = self._idle.get(spec)
-                if idle:
-                    return idle.pop()
-        for instances in stale.values():
-            for unpacked in instances:
-                _teardown(unpacked[0])
-        return None
-
-    def give(self, run: str, spec: bytes, unpacked: tuple) -> None:
-        with self._lock:
-            if run == self._run:
-                self._idle.setdefault(spec, []).append(unpacked)
-                return
-        _teardown(unpacked[0])  # a task of a newer run has started meanwhile
-
-
-def _teardown(fn) -> None:
-    try:
-        fn.teardown()
-    except Exception:  # teardown is best effort, as on Beam's other runners
-        _LOG.warning("DoFn teardown failed", exc_info=True)
-
-
-def _dofn_pool() -> _DoFnPool | None:
-    """This worker's pool (kept on the Dask worker object); ``None`` outside a worker."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return None
-    pool = getattr(worker, "_wit_dofn_pool", None)
-    if pool is None:
-        pool = worker._wit_dofn_pool = _DoFnPool()
-    return pool
-
-
-def _run_dofn(
-    items: Iterable[Any], env: dict[str, str], run: str, spec: bytes, *sides: list
-) -> Any:
-    """Run one bundle (a partition) through a set-up copy of the DoFn.
-
-    ``env`` is set first (where the worker has no value), before unpickling imports the DoFn's
-    modules. The copy comes from this worker's ``_DoFnPool`` when one of the same pipeline run
-    (``run``) is idle, else it is unpickled and set up; it goes back after the bundle, and is
-    torn down if the bundle fails. An empty partition is no bundle, as on Beam's other
-    runners: no DoFn is set up for it (a shuffle with fewer keys than partitions leaves some
-    empty). Returns the list of main outputs for a single-output ParDo, else
-    ``{tag: [outputs]}``.
-    """
-    iterator = iter(items)
-    first = next(iterator, _NOTHING)
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
-    pool = _dofn_pool()
-    unpacked = pool.take(run, spec) if pool else None
-    fresh = unpacked is None
-    if fresh:
-        unpacked = pickler.loads(spec)
-    fn, args, kwargs, views, tags, label = unpacked
-    outputs: dict[Any, list] = {tag: [] for tag in tags}
-    if first is _NOTHING:
-        if pool and not fresh:
-            pool.give(run, spec, unpacked)
-        return outputs[None] if tags == [None] else outputs
-    side_maps = [
-        SideInputMap(view, options, [_windowed(v) for v in values])
-        for (view, options), values in zip(views, sides, strict=True)
-    ]
-    receivers = _Receivers({tag: _Collect(out) for tag, out in outputs.items()})
-    runner = DoFnRunner(
-        fn,
-        args,
-        kwargs,
-        side_maps,
-        beam.Windowing(GlobalWindows()),
-        tagged_receivers=receivers,
-        step_name=label,
-        state=DoFnState(beam_counters.CounterFactory()),
-    )
-    if fresh:
-        runner.setup()
-    try:
-        runner.start()
-        runner.process(_windowed(first))
-        for item in iterator:
-            runner.process(_windowed(item))
-        runner.finish()
-    except BaseException:
-        runner.teardown()
-        raise
-    if pool:
-        pool.give(run, spec, unpacked)
-    else:
-        runner.teardown()
-    return outputs[None] if tags == [None] else outputs
-
-
-def _select(outputs: dict, tag: Any) -> list:
-    return outputs[tag]
-
-
-def _concat(parts: Sequence[Iterable[Any]]) -> list:
-    return [x for part in parts for x in part]
-
-
-def _concat_lists(*parts: Iterable[Any]) -> list:
-    return _concat(parts)
-
-
-def _dumps(obj: Any) -> bytes:
-    """Pickle ``obj``: plain pickle (fast on lists of records), cloudpickle for what plain
-    pickle refuses (values that Dask itself would move with cloudpickle)."""
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _frame_meta():
-    """The frame of a P2P shuffle: one row per (input partition, non-empty output list)."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            "_partitions": pd.Series([], dtype="int64"),  # the output partition
-            "input": pd.Series([], dtype="int64"),  # the input partition (merge order)
-            "blob": pd.Series([], dtype=object),  # the pickled list
-        }
-    )
-
-
-def _split_to_frame(split, index: int, *args: Any):
-    """Run ``split`` (one input partition -> ``n`` lists) and make the lists a frame of pickled
-    rows for the P2P shuffle: row ``j`` goes to output partition ``j``."""
-    import numpy as np
-    import pandas as pd
-
-    rows = [(j, _dumps(bucket)) for j, bucket in enumerate(split(*args)) if bucket]
-    return pd.DataFrame(
-        {
-            "_partitions": np.array([j for j, _ in rows], dtype=np.int64),
-            "input": np.full(len(rows), index, dtype=np.int64),
-            "blob": pd.Series([b for _, b in rows], dtype=object),
-        }
-    )
-
-
-def _merge_frame(merge, frame) -> Any:
-    """``merge`` of one output partition's lists, in input partition order (a GroupByKey's
-    values come in input order, as with the in-memory shuffle)."""
-    order = frame["input"].to_numpy().argsort(kind="stable")
-    blobs = frame["blob"].to_numpy()
-    return merge(*(pickle.loads(blobs[i]) for i in order))
-
-
-def _key_bytes(key: Any, coder) -> bytes:
-    try:
-        return coder.encode(key)
-    except Exception as e:  # a key type without a deterministic encoding
-        raise TypeError(
-            f"GroupByKey on Dask needs keys with a deterministic encoding; {key!r}: {e}"
-        ) from e
-
-
-def _bucket(kb: bytes, n: int) -> int:
-    return zlib.crc32(kb) % n
-
-
-def _split_pairs(items: Iterable[tuple[Any, Any]], n: int, coder) -> list[list]:
-    """``(key, value)`` pairs -> ``n`` lists of ``(encoded key, value)`` by key hash."""
-    buckets: list[list] = [[] for _ in range(n)]
-    for k, v in items:
-        kb = _key_bytes(k, coder)
-        buckets[_bucket(kb, n)].append((kb, v))
-    return buckets
-
-
-def _by_key(buckets: Sequence[list]) -> dict[bytes, list]:
-    groups: dict[bytes, list] = {}
-    for bucket in buckets:
-        for kb, v in bucket:
-            g = groups.get(kb)
-            if g is None:
-                groups[kb] = g = []
-            g.append(v)
-    return groups
-
-
-def _group(*buckets: list, coder) -> list[tuple[Any, list]]:
-    """One output partition of a GroupByKey: ``(key, values)``, values in input order."""
-    return [(coder.decode(kb), vs) for kb, vs in _by_key(buckets).items()]
-
-
-def _precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes) -> list[list]:
-    """One partition's ``(key, value)`` pairs -> per-key accumulators, split by key hash."""
-    fn: CombineFn = pickler.loads(fn_blob)
-    fn.setup()
-    try:
-        accs: dict[bytes, Any] = {}
-        for k, v in items:
-            kb = _key_bytes(k, coder)
-            acc = accs[kb] if kb in accs else fn.create_accumulator()
-            accs[kb] = fn.add_input(acc, v)
-        buckets: list[list] = [[] for _ in range(n)]
-        for kb, acc in accs.items():
-            buckets[_bucket(kb, n)].append((kb, fn.compact(acc)))
-        return buckets
-    finally:
-        fn.teardown()
-
-
-def _merge_combine(*buckets: list, coder, fn_blob: bytes) -> list[tuple[Any, Any]]:
-    """One output partition of a CombinePerKey: merged accumulators, extracted."""
-    fn: CombineFn = pickler.loads(fn_blob)
-    fn.setup()
-    try:
-        return [
-            (coder.decode(kb), fn.extract_output(fn.merge_accumulators(accs)))
-            for kb, accs in _by_key(buckets).items()
-        ]
-    finally:
-        fn.teardown()
-
-
-def _deal(items: Iterable[Any], offset: int, n: int) -> list[list]:
-    """Round-robin ``items`` into ``n`` lists, starting at ``offset`` (the partition's index, so
-    that the first items of every partition do not all go to the same list)."""
-    buckets: list[list] = [[] for _ in range(n)]
-    for i, x in enumerate(items):
-        buckets[(offset + i) % n].append(x)
-    return buckets
-
-
-def _split_source(source, n: int) -> list:
-    """A bounded source's bundles (on a worker: it lists the files the launcher may not see)."""
-    try:
-        size = source.estimate_size() or 0
-    except Exception:  # estimating is an optimisation; some sources cannot
-        size = 0
-    desired = max(1 << 20, math.ceil(size / max(n, 1))) if size else 64 << 20
-    return list(source.split(desired))
-
-
-def _bundle_key(bundle) -> tuple[str, str]:
-    return str(getattr(bundle.source, "_file_name", "")), repr(bundle.start_position)
-
-
-def _read_part(source, index: int, n: int) -> list:
-    """Partition ``index`` of ``n`` of a bounded source: bundles ``index::n`` of its split.
-
-    Each read task splits the source itself (a listing and the files' sizes), in a stable
-    order, so that the tasks depend on nothing and the scheduler spreads them over the workers:
-    with one shared split task, Dask ran every read (and the work fused after it) on the worker
-    that held the split, the others idle until the first shuffle.
-    """
-    bundles = sorted(_split_source(source, n), key=_bundle_key)
-    return _read_bundles(bundles, index, n)
-
-
-def _read_bundles(bundles: list, index: int, n: int) -> list:
-    out: list = []
-    for b in bundles[index::n]:
-        tracker = b.source.get_range_tracker(b.start_position, b.stop_position)
-        out.extend(b.source.read(tracker))
-    return out
-
-
-def _drop(items: Iterable[Any]) -> list:
-    for _ in items:
-        pass
-    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +201,9 @@ class _Translator(PipelineVisitor):
         self.visited += 1
         with self._depth_first():
             return [
-                b.map_partitions(_drop) for pc, b in self.bags.items() if pc not in self.consumed
+                b.map_partitions(tasks.drop)
+                for pc, b in self.bags.items()
+                if pc not in self.consumed
             ]
 
     def _depth_first(self):
@@ -646,7 +318,7 @@ class _Translator(PipelineVisitor):
         for i, key in enumerate(bag.__dask_keys__()):
             frame = (f"{label}/split-{token}", i)
             args = (TaskRef(key), i) if indexed else (TaskRef(key),)
-            dsk[frame] = Task(frame, _split_to_frame, split, i, *args)
+            dsk[frame] = Task(frame, tasks.split_to_frame, split, i, *args)
             transfer = (f"shuffle-transfer-{token}", i)
             dsk[transfer] = Task(transfer, _shuffle_transfer, TaskRef(frame), token, i)
             transfers.append(TaskRef(transfer))
@@ -654,7 +326,7 @@ class _Translator(PipelineVisitor):
             id=shuffle_id,
             npartitions=n,
             column="_partitions",
-            meta=_frame_meta(),
+            meta=tasks.frame_meta(),
             parts_out=n,
             disk=True,
             drop_column=True,
@@ -664,7 +336,7 @@ class _Translator(PipelineVisitor):
         for j in range(n):
             unpack = (f"p2pshuffle-{token}", j)
             dsk[unpack] = Task(unpack, shuffle_unpack, token, j, barrier.ref())
-            dsk[(name, j)] = Task((name, j), _merge_frame, merge, TaskRef(unpack))
+            dsk[(name, j)] = Task((name, j), tasks.merge_frame, merge, TaskRef(unpack))
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[bag])
         return db.Bag(graph, name, n)
 
@@ -687,19 +359,19 @@ class _Translator(PipelineVisitor):
 
     def _group_by_key(self, label: str, bag, coder):
         n = self.parallelism
-        split = functools.partial(_split_pairs, n=n, coder=coder)
-        return self._shuffle(label, bag, split, functools.partial(_group, coder=coder), n)
+        split = functools.partial(tasks.split_pairs, n=n, coder=coder)
+        return self._shuffle(label, bag, split, functools.partial(tasks.group, coder=coder), n)
 
     def _combine_per_key(self, label: str, bag, coder, combine_fn: CombineFn):
         n, blob = self.parallelism, pickler.dumps(combine_fn)
-        split = functools.partial(_precombine, n=n, coder=coder, fn_blob=blob)
-        merge = functools.partial(_merge_combine, coder=coder, fn_blob=blob)
+        split = functools.partial(tasks.precombine, n=n, coder=coder, fn_blob=blob)
+        merge = functools.partial(tasks.merge_combine, coder=coder, fn_blob=blob)
         return self._shuffle(label, bag, split, merge, n)
 
     def _rebalance(self, label: str, bag):
         n = self.parallelism
-        deal = functools.partial(_deal, n=n)
-        return self._shuffle(label, bag, deal, _concat_lists, n, indexed=True)
+        deal = functools.partial(tasks.deal, n=n)
+        return self._shuffle(label, bag, deal, tasks.concat_lists, n, indexed=True)
 
     def _read(self, label: str, source):
         import dask
@@ -711,7 +383,9 @@ class _Translator(PipelineVisitor):
         for j in range(n):
             with self._spread(j):
                 parts.append(
-                    dask.delayed(_read_part)(source, j, n, dask_key_name=f"{label}-{token}-{j}")
+                    dask.delayed(tasks.read_part)(
+                        source, j, n, dask_key_name=f"{label}-{token}-{j}"
+                    )
                 )
         return db.from_delayed(parts)
 
@@ -729,7 +403,7 @@ class _Translator(PipelineVisitor):
 
         bag = self.bags[si.pvalue]
         name = f"side-{tokenize(bag.name)}"
-        task = Task(name, _concat, List(*(TaskRef(k) for k in bag.__dask_keys__())))
+        task = Task(name, tasks.concat, List(*(TaskRef(k) for k in bag.__dask_keys__())))
         return Delayed(name, HighLevelGraph.from_collections(name, {name: task}, [bag]))
 
     def _par_do(self, node, t: beam.ParDo, bag) -> dict:
@@ -749,12 +423,12 @@ class _Translator(PipelineVisitor):
         spec = pickler.dumps((t.fn, t.args, t.kwargs, views, tags, node.full_label))
         sides = [self._side_input(si) for si in node.side_inputs]
         mixed = bag.map_partitions(
-            _run_dofn, _env_for_workers(), self.run, spec, *sides, token=node.full_label
+            tasks.run_dofn, _env_for_workers(), self.run, spec, *sides, token=node.full_label
         )
         if tags == [None]:
             return {None: mixed}
         return {
-            tag: mixed.map_partitions(_select, tag, token=f"{node.full_label}[{tag}]")
+            tag: mixed.map_partitions(tasks.select, tag, token=f"{node.full_label}[{tag}]")
             for tag in tags
         }
 
