@@ -333,6 +333,60 @@ def test_the_dofn_pool_tears_down_what_an_earlier_run_left():
     assert Fn.torn == 2 and pool.take("run2", b"x") is None
 
 
+def _translate(pipeline: beam.Pipeline, partitions: int):
+    """The pipeline as this runner's translator builds it (in-memory shuffles), no cluster;
+    rebuilt from its protos first, as ``Pipeline.run`` does."""
+    from wit_pipeline import dask_runner
+
+    pipeline = beam.Pipeline.from_runner_api(
+        pipeline.to_runner_api(), pipeline.runner, pipeline._options
+    )
+    pipeline.replace_all(dask_runner._overrides())
+    translator = dask_runner._Translator(partitions, None, shuffle_method="tasks")
+    pipeline.visit(translator)
+    return {pc.producer.full_label: bag for pc, bag in translator.bags.items()}
+
+
+class _MaxMerged(beam.CombineFn):
+    """Sums, and reports the most accumulators any one merge received."""
+
+    def create_accumulator(self):
+        return (0, 1)
+
+    def add_input(self, acc, x):
+        return acc[0] + x, acc[1]
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return sum(a[0] for a in accs), max(len(accs), *(a[1] for a in accs))
+
+    def extract_output(self, acc):
+        return acc
+
+
+def test_a_global_combine_merges_a_few_accumulators_at_a_time():
+    """``CombineGlobally`` over 100 partitions: a tree of merges of at most ``COMBINE_FAN_IN``
+    accumulators (through a shuffle, one merge received all 100); ``CombinePerKey`` is still
+    shuffled, and both are exact."""
+    import dask
+
+    from wit_pipeline import dask_runner
+
+    p = beam.Pipeline()
+    xs = p | beam.Create(range(1000))
+    _ = xs | "Total" >> beam.CombineGlobally(_MaxMerged())
+    _ = xs | beam.Map(lambda x: (x % 3, x)) | "PerKey" >> beam.CombinePerKey(_MaxMerged())
+    bags = _translate(p, 100)
+    (got_total,), got_per_key = dask.compute(
+        bags["Total/InjectDefault"], bags["PerKey"], scheduler="sync"
+    )
+    assert got_total == (499500, dask_runner.COMBINE_FAN_IN)
+    assert sorted((k, s) for k, (s, _) in got_per_key) == [
+        (r, sum(range(r, 1000, 3))) for r in range(3)
+    ]
+    assert {merged for _, (_, merged) in got_per_key} == {100}  # one merge: all partitions
+
+
 class _Stateful(beam.DoFn):
     STATE = beam.transforms.userstate.BagStateSpec("seen", beam.coders.VarIntCoder())
 

@@ -24,7 +24,8 @@ of plain elements in the global window; every primitive is translated as the Bea
 - ``GroupByKey``: a hash shuffle on the key's deterministic Beam encoding (not Python's
   ``hash``, which differs between processes for strings), values in input order;
 - ``CombinePerKey``: lifted, as other runners do: each partition pre-combines per key before the
-  shuffle, each output partition merges the accumulators;
+  shuffle, each output partition merges the accumulators; a ``CombineGlobally``'s (one key)
+  merges them in a tree instead, a few at a time, so that no task holds them all;
 - ``Create``, ``Impulse``, ``Flatten``, ``Reshuffle`` (a round-robin rebalance), ``Read`` (the
   source is split on the workers, each read task splitting it itself, so that the launcher
   never lists the files and the reads spread over the workers);
@@ -82,6 +83,8 @@ _LOG = logging.getLogger(__name__)
 RUNNER = f"{__name__}.DaskRunner"
 # Partitions per worker thread when no --dask_npartitions / --dask_partition_size is given.
 PARTITIONS_PER_THREAD = 2
+# Accumulators merged per task in a global combine's tree (``_Translator._combine_tree``).
+COMBINE_FAN_IN = 8
 # --dask_shuffle_method: Dask's peer-to-peer shuffle (on disk), or tasks (in memory).
 SHUFFLE_METHODS = ("p2p", "tasks")
 # The launcher's environment variables that wit's code (or a library it imports) reads, which the
@@ -108,11 +111,16 @@ class _GroupByKey(beam.PTransform):
 
 
 class _CombinePerKey(beam.PTransform):
-    """``CombinePerKey`` without side inputs, as one primitive (lifted when translated)."""
+    """``CombinePerKey`` without side inputs, as one primitive (lifted when translated).
 
-    def __init__(self, combine_fn: CombineFn):
+    ``one_key``: the ``CombinePerKey`` of a ``CombineGlobally`` (every key ``None``), merged
+    by a tree rather than a shuffle.
+    """
+
+    def __init__(self, combine_fn: CombineFn, *, one_key: bool = False):
         super().__init__()
         self.combine_fn = combine_fn
+        self.one_key = one_key
 
     def expand(self, pcoll):
         return pvalue.PCollection.from_(pcoll)
@@ -126,13 +134,24 @@ class _Override(PTransformOverride):
         return self._matches(applied_ptransform.transform)
 
     def get_replacement_transform_for_applied_ptransform(self, applied_ptransform):
-        return self._replace(applied_ptransform.transform)
+        return self._replace(applied_ptransform)
 
 
 def _combine_fn(t: beam.CombinePerKey) -> CombineFn:
     from apache_beam.transforms.combiners import curry_combine_fn
 
     return curry_combine_fn(t.fn, t.args, t.kwargs)
+
+
+def _keyed_with_none(applied: AppliedPTransform) -> bool:
+    """Whether a ``CombinePerKey``'s input is keyed by ``CombineGlobally``'s ``KeyWithVoid``
+    (every key ``None``). Its producer tells, not its parent: ``Pipeline.run`` rebuilds the
+    pipeline from its protos first, and composites come back as plain ``PTransform``s."""
+    from apache_beam.transforms.core import _KeyWithNone
+
+    producer = applied.inputs[0].producer if applied.inputs else None
+    t = producer.transform if producer is not None else None
+    return isinstance(t, beam.ParDo) and isinstance(t.fn, _KeyWithNone)
 
 
 def _overrides() -> list[PTransformOverride]:
@@ -145,9 +164,9 @@ def _overrides() -> list[PTransformOverride]:
     return [
         _Override(
             lambda t: type(t) is beam.CombinePerKey and not t.side_inputs,
-            lambda t: _CombinePerKey(_combine_fn(t)),
+            lambda a: _CombinePerKey(_combine_fn(a.transform), one_key=_keyed_with_none(a)),
         ),
-        _Override(lambda t: type(t) is beam.GroupByKey, lambda t: _GroupByKey()),
+        _Override(lambda t: type(t) is beam.GroupByKey, lambda a: _GroupByKey()),
         *beam_ones,
     ]
 
@@ -240,6 +259,8 @@ class _Translator(PipelineVisitor):
             return {None: self._group_by_key(label, ins[0], self._key_coder(node))}
         if isinstance(t, _CombinePerKey):
             coder = self._key_coder(node)
+            if t.one_key:
+                return {None: self._combine_tree(label, ins[0], coder, t.combine_fn)}
             return {None: self._combine_per_key(label, ins[0], coder, t.combine_fn)}
         if isinstance(t, beam.WindowInto):
             if not isinstance(t.get_windowing(node.inputs).windowfn, GlobalWindows):
@@ -367,6 +388,42 @@ class _Translator(PipelineVisitor):
         split = functools.partial(tasks.precombine, n=n, coder=coder, fn_blob=blob)
         merge = functools.partial(tasks.merge_combine, coder=coder, fn_blob=blob)
         return self._shuffle(label, bag, split, merge, n)
+
+    def _combine_tree(self, label: str, bag, coder, combine_fn: CombineFn):
+        """A global combine: each partition's accumulator, then merges of ``COMBINE_FAN_IN``
+        accumulators at a time, level by level, to one (Dask's own reductions do the same).
+
+        Through a shuffle, the one key's accumulators (one per partition) would all meet in
+        one merge task: with ``balance``'s dense per-query count arrays (4 MB each) that task
+        held 1.3 GB at 160 partitions, and grew with them; in a tree, no task holds more than
+        ``COMBINE_FAN_IN``.
+        """
+        import dask.bag as db
+        from dask._task_spec import Task, TaskRef
+        from dask.base import tokenize
+        from dask.highlevelgraph import HighLevelGraph
+
+        blob = pickler.dumps(combine_fn)
+        token = tokenize(bag.name, blob, "tree")
+        name = f"{label}-{token}"
+        dsk: dict = {}
+        level = []
+        for i, key in enumerate(bag.__dask_keys__()):
+            leaf = (f"{label}/accumulate-{token}", i)
+            dsk[leaf] = Task(leaf, tasks.accumulate, TaskRef(key), coder=coder, fn_blob=blob)
+            level.append(TaskRef(leaf))
+        depth = 0
+        while len(level) > COMBINE_FAN_IN:
+            depth += 1
+            merged = []
+            for i in range(0, len(level), COMBINE_FAN_IN):
+                node = (f"{label}/merge{depth}-{token}", i // COMBINE_FAN_IN)
+                children = level[i : i + COMBINE_FAN_IN]
+                dsk[node] = Task(node, tasks.merge_accumulated, *children, fn_blob=blob)
+                merged.append(TaskRef(node))
+            level = merged
+        dsk[(name, 0)] = Task((name, 0), tasks.merge_combine, *level, coder=coder, fn_blob=blob)
+        return db.Bag(HighLevelGraph.from_collections(name, dsk, dependencies=[bag]), name, 1)
 
     def _rebalance(self, label: str, bag):
         n = self.parallelism

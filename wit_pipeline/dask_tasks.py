@@ -272,8 +272,8 @@ def group(*buckets: list, coder) -> list[tuple[Any, list]]:
     return [(coder.decode(kb), vs) for kb, vs in _by_key(buckets).items()]
 
 
-def precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes) -> list[list]:
-    """One partition's ``(key, value)`` pairs -> per-key accumulators, split by key hash."""
+def accumulate(items: Iterable[tuple[Any, Any]], coder, fn_blob: bytes) -> list[tuple[bytes, Any]]:
+    """One partition's ``(key, value)`` pairs -> ``(encoded key, accumulator)``, one per key."""
     fn: CombineFn = pickler.loads(fn_blob)
     fn.setup()
     try:
@@ -282,10 +282,27 @@ def precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes) 
             kb = _key_bytes(k, coder)
             acc = accs[kb] if kb in accs else fn.create_accumulator()
             accs[kb] = fn.add_input(acc, v)
-        buckets: list[list] = [[] for _ in range(n)]
-        for kb, acc in accs.items():
-            buckets[_bucket(kb, n)].append((kb, fn.compact(acc)))
-        return buckets
+        return [(kb, fn.compact(acc)) for kb, acc in accs.items()]
+    finally:
+        fn.teardown()
+
+
+def precombine(items: Iterable[tuple[Any, Any]], n: int, coder, fn_blob: bytes) -> list[list]:
+    """One partition's ``(key, value)`` pairs -> per-key accumulators, split by key hash."""
+    buckets: list[list] = [[] for _ in range(n)]
+    for kb, acc in accumulate(items, coder, fn_blob):
+        buckets[_bucket(kb, n)].append((kb, acc))
+    return buckets
+
+
+def merge_accumulated(*buckets: list, fn_blob: bytes) -> list[tuple[bytes, Any]]:
+    """Lists of ``(encoded key, accumulator)`` -> one, merged per key (a combine tree's node)."""
+    fn: CombineFn = pickler.loads(fn_blob)
+    fn.setup()
+    try:
+        return [
+            (kb, fn.compact(fn.merge_accumulators(accs))) for kb, accs in _by_key(buckets).items()
+        ]
     finally:
         fn.teardown()
 
