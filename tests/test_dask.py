@@ -343,7 +343,7 @@ def _translate(pipeline: beam.Pipeline, partitions: int):
     )
     pipeline.replace_all(dask_runner._overrides())
     translator = dask_runner._Translator(partitions, None, shuffle_method="tasks")
-    pipeline.visit(translator)
+    translator.translate(pipeline)
     return {pc.producer.full_label: bag for pc, bag in translator.bags.items()}
 
 
@@ -385,6 +385,46 @@ def test_a_global_combine_merges_a_few_accumulators_at_a_time():
         (r, sum(range(r, 1000, 3))) for r in range(3)
     ]
     assert {merged for _, (_, merged) in got_per_key} == {100}  # one merge: all partitions
+
+
+def test_reads_and_shuffles_that_feed_side_input_pardos_wait_for_the_side_inputs(tmp_path):
+    """A read, or a shuffle, that starts a chain of ParDos with side inputs is gated on those
+    side inputs (its tasks depend on them, so its output is not held while they are computed);
+    a chain whose side input depends on it is not (a cycle), and every result is exact."""
+    import dask
+    from dask.core import get_dependencies
+
+    pq.write_table(pa.table({"a": list(range(20))}), tmp_path / "in.parquet")
+    p = beam.Pipeline()
+    total = p | "Ys" >> beam.Create(range(5)) | "Total" >> beam.CombineGlobally(sum)
+    side = beam.pvalue.AsSingleton(total)
+    rows = p | "Read" >> beam.io.ReadFromParquet(str(tmp_path / "in.parquet"))
+    _ = rows | "A" >> beam.Map(lambda r: r["a"]) | "Add" >> beam.Map(lambda a, t: a + t, side)
+    _ = (
+        p
+        | "Zs" >> beam.Create(range(6), reshuffle=False)
+        | "Spread" >> beam.Reshuffle()
+        | "Mul" >> beam.Map(lambda z, t: z * t, side)
+    )
+    xs = p | "Xs" >> beam.Create(range(4), reshuffle=False) | "XSpread" >> beam.Reshuffle()
+    own = beam.pvalue.AsSingleton(xs | "XTotal" >> beam.CombineGlobally(sum))
+    _ = xs | "Own" >> beam.Map(lambda x, t: (x, t), own)  # its side input needs xs: no gate
+    bags = _translate(p, 3)
+
+    def waits(label: str, producer: str) -> bool:
+        """Whether every task of ``producer``'s partitions depends on a side input."""
+        dsk = dict(bags[label].__dask_graph__())
+        mine = [k for k in dsk if str(k[0] if isinstance(k, tuple) else k).startswith(producer)]
+        assert mine
+        return all(any(str(d).startswith("side-") for d in get_dependencies(dsk, k)) for k in mine)
+
+    assert waits("Add", "Read/Read-")
+    assert waits("Mul", "Spread-")  # the shuffle's merges
+    assert not waits("Own", "XSpread-")
+    add, mul, own_ = dask.compute(bags["Add"], bags["Mul"], bags["Own"], scheduler="sync")
+    assert sorted(add) == [a + 10 for a in range(20)]
+    assert sorted(mul) == [z * 10 for z in range(6)]
+    assert sorted(own_) == [(x, 6) for x in range(4)]
 
 
 class _Stateful(beam.DoFn):

@@ -174,6 +174,11 @@ def run_dofn(items: Iterable[Any], env: dict[str, str], run: str, spec: bytes, *
     return outputs[None] if tags == [None] else outputs
 
 
+def gated(fn, n: int, *args: Any) -> Any:
+    """``fn(*args[n:])``: the first ``n`` arguments are values the task only waits for."""
+    return fn(*args[n:])
+
+
 def select(outputs: dict, tag: Any) -> list:
     return outputs[tag]
 
