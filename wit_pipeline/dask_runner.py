@@ -29,7 +29,10 @@ of plain elements in the global window; every primitive is translated as the Bea
 - ``Create``, ``Impulse``, ``Flatten``, ``Reshuffle`` (a round-robin rebalance), ``Read`` (the
   source is split on the workers, each read task splitting it itself, so that the launcher
   never lists the files and the reads spread over the workers);
-- every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``.
+- every PCollection that nothing consumes is a sink, and all sinks run in one ``compute``;
+- a read or shuffle that starts a chain of ParDos with side inputs waits for those side inputs,
+  as the stage that fuses them does on Beam's other runners (Dask would otherwise run it as soon
+  as a worker is free and hold its output until they are ready).
 
 Shuffles (``GroupByKey``, ``CombinePerKey``, ``Reshuffle``) run through Dask's peer-to-peer
 shuffle by default (``--dask_shuffle_method p2p``, distributed's ``P2PShuffle``, the one
