@@ -429,24 +429,30 @@ class _Translator(PipelineVisitor):
         other task, and every split's frame waited in memory for them. The unpack tasks must
         stay tasks of their own: the pipeline is computed without linear fusion (``DaskRunner``).
         Gated (``after``), the unpack tasks wait: the shuffled data stays on disk until then.
+
+        Within the shuffle, a transfer outranks the splits and a merge the unpacks (half a step
+        of priority), so that a worker hands each split's frame on, and merges each unpacked
+        partition, before it splits or unpacks the next: at equal priority the unpacks ran
+        ahead of the merges, and a 10M gather's workers held 155 MB of unpacked frames.
         """
+        import dask
         import dask.bag as db
         from dask._task_spec import Task, TaskRef
         from dask.dataframe.dask_expr._shuffle import _shuffle_transfer
-        from dask.highlevelgraph import HighLevelGraph
+        from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
         from distributed.shuffle._core import P2PBarrierTask, ShuffleId, barrier_key, p2p_barrier
         from distributed.shuffle._shuffle import DataFrameShuffleSpec, shuffle_unpack
 
         shuffle_id = ShuffleId(token)
         name = f"{label}-{token}"
-        dsk: dict = {}
+        splits, sends, unpacks, merges = {}, {}, {}, {}
         transfers = []
         for i, key in enumerate(bag.__dask_keys__()):
             frame = (f"{label}/split-{token}", i)
             args = (TaskRef(key), i) if indexed else (TaskRef(key),)
-            dsk[frame] = Task(frame, tasks.split_to_frame, split, i, *args)
+            splits[frame] = Task(frame, tasks.split_to_frame, split, i, *args)
             transfer = (f"shuffle-transfer-{token}", i)
-            dsk[transfer] = Task(transfer, _shuffle_transfer, TaskRef(frame), token, i)
+            sends[transfer] = Task(transfer, _shuffle_transfer, TaskRef(frame), token, i)
             transfers.append(TaskRef(transfer))
         spec = DataFrameShuffleSpec(
             id=shuffle_id,
@@ -458,15 +464,31 @@ class _Translator(PipelineVisitor):
             drop_column=True,
         )
         barrier = P2PBarrierTask(barrier_key(shuffle_id), p2p_barrier, token, *transfers, spec=spec)
-        dsk[barrier.key] = barrier
+        sends[barrier.key] = barrier
         gates = [TaskRef(a.key) for a in after]
         for j in range(n):
             unpack = (f"p2pshuffle-{token}", j)
-            dsk[unpack] = Task(
+            unpacks[unpack] = Task(
                 unpack, tasks.gated, shuffle_unpack, len(gates), *gates, token, j, barrier.ref()
             )
-            dsk[(name, j)] = Task((name, j), tasks.merge_frame, merge, TaskRef(unpack))
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[bag, *after])
+            merges[(name, j)] = Task((name, j), tasks.merge_frame, merge, TaskRef(unpack))
+        annotations = dask.get_annotations()
+        first = {**annotations, "priority": annotations.get("priority", 0)}
+        then = {**annotations, "priority": first["priority"] + 0.5}
+        layers, deps = {}, {}
+        for collection in (bag, *after):
+            layers.update(collection.__dask_graph__().layers)
+            deps.update(collection.__dask_graph__().dependencies)
+        gate_layers = {layer for a in after for layer in a.__dask_layers__()}
+        for layer_name, dsk, ann, needs in (
+            (f"{name}-split", splits, first, set(bag.__dask_layers__())),
+            (f"{name}-send", sends, then, {f"{name}-split"}),
+            (f"{name}-unpack", unpacks, first, {f"{name}-send"} | gate_layers),
+            (name, merges, then, {f"{name}-unpack"}),
+        ):
+            layers[layer_name] = MaterializedLayer(dsk, annotations=ann)
+            deps[layer_name] = needs
+        graph = HighLevelGraph(layers, deps)
         return db.Bag(graph, name, n)
 
     def _spread(self, j: int):
