@@ -333,7 +333,7 @@ def test_the_dofn_pool_tears_down_what_an_earlier_run_left():
     assert Fn.torn == 2 and pool.take("run2", b"x") is None
 
 
-def _translate(pipeline: beam.Pipeline, partitions: int):
+def _translate(pipeline: beam.Pipeline, partitions: int, shuffle_method: str = "tasks"):
     """The pipeline as this runner's translator builds it (in-memory shuffles), no cluster;
     rebuilt from its protos first, as ``Pipeline.run`` does."""
     from wit_pipeline import dask_runner
@@ -342,7 +342,7 @@ def _translate(pipeline: beam.Pipeline, partitions: int):
         pipeline.to_runner_api(), pipeline.runner, pipeline._options
     )
     pipeline.replace_all(dask_runner._overrides())
-    translator = dask_runner._Translator(partitions, None, shuffle_method="tasks")
+    translator = dask_runner._Translator(partitions, None, shuffle_method=shuffle_method)
     translator.translate(pipeline)
     return {pc.producer.full_label: bag for pc, bag in translator.bags.items()}
 
@@ -425,6 +425,25 @@ def test_reads_and_shuffles_that_feed_side_input_pardos_wait_for_the_side_inputs
     assert sorted(add) == [a + 10 for a in range(20)]
     assert sorted(mul) == [z * 10 for z in range(6)]
     assert sorted(own_) == [(x, 6) for x in range(4)]
+
+
+def test_a_p2p_shuffle_merges_each_partition_before_it_unpacks_the_next():
+    """Within a P2P shuffle, transfers outrank splits and merges outrank unpacks (half a step),
+    all below the next transform: a worker does not unpack partitions ahead of their merges."""
+    p = beam.Pipeline()
+    pairs = p | beam.Create([(i % 3, i) for i in range(30)])
+    _ = pairs | "G" >> beam.GroupByKey() | "After" >> beam.MapTuple(lambda k, vs: (k, sum(vs)))
+    bags = _translate(p, 4, shuffle_method="p2p")
+    merged = bags["G"]
+    layers = merged.__dask_graph__().layers
+    priority = {
+        role: layers[f"{merged.name}-{role}"].annotations["priority"]
+        for role in ("split", "send", "unpack")
+    }
+    priority["merge"] = layers[merged.name].annotations["priority"]
+    after = bags["After"].__dask_graph__().layers[bags["After"].name].annotations["priority"]
+    assert priority["send"] == priority["split"] + 0.5
+    assert priority["merge"] == priority["unpack"] + 0.5 == priority["split"] + 0.5 < after
 
 
 class _Stateful(beam.DoFn):
