@@ -19,8 +19,8 @@ of plain elements in the global window; every primitive is translated as the Bea
 - ``ParDo``: one task per partition runs it as a bundle through Beam's own ``DoFnRunner``
   (start_bundle, process, finish_bundle) on a copy of the DoFn set up once per worker thread
   and reused from bundle to bundle (torn down when the next pipeline run starts), with its
-  side inputs materialized once per pipeline and broadcast to the tasks; a multi-output ParDo's partition
-  holds one list per tag, and each output PCollection selects its own;
+  side inputs materialized once per pipeline and broadcast to the tasks; a multi-output
+  ParDo's partition holds one list per tag, and each output PCollection selects its own;
 - ``GroupByKey``: a hash shuffle on the key's deterministic Beam encoding (not Python's
   ``hash``, which differs between processes for strings), values in input order;
 - ``CombinePerKey``: lifted, as other runners do: each partition pre-combines per key before the
@@ -58,6 +58,7 @@ lost task's outputs are discarded with it), so outputs and counters stay exact.
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import math
 import os
@@ -276,8 +277,6 @@ class _Translator(PipelineVisitor):
             gates = self.gates.setdefault(root, [])
             gates += [si for si in sides if all(si.pvalue is not g.pvalue for g in gates)]
         # Kahn's algorithm over inputs, side inputs and gates; ties in Beam's order.
-        import heapq
-
         index = {n: i for i, n in enumerate(nodes)}
         deps = {n: set(upstream(n)) for n in nodes}
         users: dict[AppliedPTransform, list] = {n: [] for n in nodes}
