@@ -387,6 +387,26 @@ def test_a_global_combine_merges_a_few_accumulators_at_a_time():
     assert {merged for _, (_, merged) in got_per_key} == {100}  # one merge: all partitions
 
 
+def test_int_keys_get_a_partition_each():
+    """101 dense int keys (gather's output buckets at 10M pairs) onto 160 partitions: one key per
+    partition, so no merge task holds two buckets (by CRC-32, 24 partitions got two or three);
+    string keys still spread by their hash, and both groupings are exact."""
+    import dask
+
+    p = beam.Pipeline()
+    xs = p | beam.Create(range(1010))
+    _ = xs | "ByInt" >> beam.Map(lambda x: (x % 101, x)) | "G" >> beam.GroupByKey()
+    _ = xs | "ByStr" >> beam.Map(lambda x: (f"k{x % 101}", x)) | "S" >> beam.GroupByKey()
+    bags = _translate(p, 160)  # the split is the same function for P2P
+    by_int = dask.compute(*bags["G"].to_delayed(), scheduler="sync")
+    by_str = dask.compute(*bags["S"].to_delayed(), scheduler="sync")
+    assert sorted(len(part) for part in by_int if part) == [1] * 101
+    assert max(len(part) for part in by_str) > 1
+    for parts, key in ((by_int, lambda r: r), (by_str, lambda r: f"k{r}")):
+        got = sorted((k, sorted(vs)) for part in parts for k, vs in part)
+        assert got == sorted((key(r), list(range(r, 1010, 101))) for r in range(101))
+
+
 def test_reads_and_shuffles_that_feed_side_input_pardos_wait_for_the_side_inputs(tmp_path):
     """A read, or a shuffle, that starts a chain of ParDos with side inputs is gated on those
     side inputs (its tasks depend on them, so its output is not held while they are computed);

@@ -21,8 +21,10 @@ of plain elements in the global window; every primitive is translated as the Bea
   and reused from bundle to bundle (torn down when the next pipeline run starts), with its
   side inputs materialized once per pipeline and broadcast to the tasks; a multi-output
   ParDo's partition holds one list per tag, and each output PCollection selects its own;
-- ``GroupByKey``: a hash shuffle on the key's deterministic Beam encoding (not Python's
-  ``hash``, which differs between processes for strings), values in input order;
+- ``GroupByKey``: a shuffle by key, values in input order: an ``int`` key goes to partition
+  ``key mod n`` (dense bucket and shard numbers get a partition each), any other key by the
+  CRC-32 of its deterministic Beam encoding (not Python's ``hash``, which differs between
+  processes for strings);
 - ``CombinePerKey``: lifted, as other runners do: each partition pre-combines per key before the
   shuffle, each output partition merges the accumulators; a ``CombineGlobally``'s (one key)
   merges them in a tree instead, a few at a time, so that no task holds them all;
