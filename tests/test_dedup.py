@@ -98,6 +98,41 @@ def test_band_pairs_chunks_large_buckets():
     )
 
 
+def test_sub_bands_hold_every_bit_outside_their_band_once():
+    bands = lsh.bands_for(4)
+    for band in range(bands.num_bands):
+        groups_ = bands.sub_bands(band)
+        assert len(groups_) == bands.num_bands
+        held = sorted(p for g in groups_ for p in g.tolist())
+        assert held == [p for p in range(64) if p % bands.num_bands != band]
+
+
+@pytest.mark.parametrize("k", [1, 4, 8, 16])
+def test_long_runs_split_by_sub_bands_find_every_pair_once(k):
+    """Runs longer than ``_SUB_BAND_RUN`` (500 hashes equal on band 0, 100 on band 1, and their
+    planted neighbours) are compared by sub-band: the same pairs as all pairs, each once."""
+    rng = np.random.default_rng(k)
+    bands = lsh.bands_for(k)
+    m0, m1 = bands.masks[0], bands.masks[1]
+    base = rng.integers(0, 2**63, size=600, dtype=np.int64).astype(np.uint64)
+    base[:500] = (base[:500] & ~m0) | (np.uint64(0x0F0F0F0F0F0F0F0F) & m0)
+    base[500:] = (base[500:] & ~m1) | (np.uint64(0x3333333333333333) & m1)
+    planted = [
+        _flip(int(base[i]), *rng.choice(64, int(rng.integers(0, k + 3)), replace=False).tolist())
+        for i in rng.integers(0, 600, 300).tolist()
+    ]
+    hashes = np.unique(np.concatenate([base, np.array(planted, np.uint64)]))
+    assert np.bincount(bands.values(hashes, 0)).max() > lsh._SUB_BAND_RUN
+    found = collections.Counter()
+    for b in range(bands.num_bands):
+        i, j = lsh.band_pairs(hashes, b, bands, k)
+        assert (i != j).all()
+        found.update((min(a, c), max(a, c)) for a, c in zip(i.tolist(), j.tolist(), strict=True))
+    expected = lsh.all_pairs_within(hashes, k)
+    assert len(expected) > 50
+    assert found == dict.fromkeys(expected, 1)
+
+
 def test_band_components_link_identical_hashes_on_band_zero_only():
     h = np.array([5, 5, 5, 1 << 40], np.uint64)
     bands = lsh.bands_for(1)

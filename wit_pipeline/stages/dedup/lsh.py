@@ -11,6 +11,11 @@ Bands interleave the bit positions (band ``b`` holds bits ``b, b + k + 1, ...``)
 of neighbouring DCT coefficients are correlated and the first bit (the DC term) is almost always
 set, so contiguous bands would be less uniform and give larger groups to compare.
 
+A band has only ``64 / (k + 1)`` bits, so the hashes sharing one band value grow with the data;
+a long run of them is compared by the same principle once more: its hashes differ only outside
+the band, so a pair within ``k`` agrees exactly on one of ``k + 1`` groups of the other bits
+(``Bands.sub_bands``), and only hashes equal on a group are compared.
+
 Pure numpy; :mod:`~wit_pipeline.stages.dedup.groups` runs it over Beam partitions and
 :mod:`~wit_pipeline.stages.dedup.decontaminate` probes an eval-set index with the same bands.
 """
@@ -50,18 +55,22 @@ class Bands:
 
     def values(self, hashes: np.ndarray, band: int | None = None) -> np.ndarray:
         """``(num_bands, n)`` int64: each hash's value on each band (or ``(n,)`` for one band)."""
-        h = np.ascontiguousarray(hashes, dtype=np.uint64)
-        bits = np.unpackbits(h.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)
+        bits = _bits(hashes)
         wanted = range(self.num_bands) if band is None else [band]
-        out = np.empty((len(wanted), len(h)), dtype=np.int64)
+        out = np.empty((len(wanted), len(bits)), dtype=np.int64)
         for row, b in enumerate(wanted):
-            sel = bits[:, b :: self.num_bands]
-            width = sel.shape[1]
-            packed = np.packbits(sel, axis=1)  # MSB first, zero-padded to whole bytes
-            padded = np.zeros((len(h), 8), dtype=np.uint8)
-            padded[:, : packed.shape[1]] = packed
-            out[row] = (padded.view(">u8").ravel() >> np.uint64(64 - width)).astype(np.int64)
+            out[row] = _packed(bits, np.arange(b, 64, self.num_bands))
         return out if band is None else out[0]
+
+    def sub_bands(self, band: int) -> list[np.ndarray]:
+        """The bit positions outside ``band``, dealt into ``num_bands`` groups.
+
+        Hashes equal on ``band`` and within ``num_bands - 1`` bits of each other differ only
+        outside it, so they agree exactly on at least one of these groups (pigeonhole again):
+        a long run of one band value is compared by sub-band instead of all pairs.
+        """
+        rest = np.array([p for p in range(64) if p % self.num_bands != band], dtype=np.int64)
+        return [rest[g :: self.num_bands] for g in range(self.num_bands)]
 
     def first_shared(self, xor: np.ndarray) -> np.ndarray:
         """For XORs of hash pairs: the first band on which the pair agrees (``num_bands``: none)."""
@@ -80,21 +89,52 @@ def bands_for(max_distance: int) -> Bands:
     return Bands(max_distance + 1)
 
 
+def _bits(hashes: np.ndarray) -> np.ndarray:
+    """``(n, 64)`` uint8 bits of 64-bit hashes, the most significant first."""
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    return np.unpackbits(h.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)
+
+
+def _packed(bits: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """int64 value of the given bit columns of ``_bits`` (the first the most significant)."""
+    width = len(columns)
+    packed = np.packbits(bits[:, columns], axis=1)  # MSB first, zero-padded to whole bytes
+    padded = np.zeros((len(bits), 8), dtype=np.uint8)
+    padded[:, : packed.shape[1]] = packed
+    return (padded.view(">u8").ravel() >> np.uint64(64 - width)).astype(np.int64)
+
+
+def _mask(columns: np.ndarray) -> np.uint64:
+    return np.uint64(sum(1 << (63 - int(p)) for p in columns))
+
+
 def popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.asarray(x, dtype=np.uint64))
 
 
 _BLOCK_RUN = 1024  # runs up to this size are compared as (runs, s, s) blocks
+# Runs longer than this are split by sub-bands (``Bands.sub_bands``) before comparing. A band
+# of k + 1 has 64 / (k + 1) bits, so its runs grow with the data (k = 4: ~1,200 hashes per
+# value at 10M distinct hashes): all pairs of them made the LSH quadratic in the data
+# (band_components at 10M: 9.5 us per hash, 3.6 with sub-bands; at 1M, runs of ~120 are
+# compared directly: sub-bands gain nothing below a few hundred).
+_SUB_BAND_RUN = 256
 
 
 def _near_in_runs(
-    sorted_vals: np.ndarray, sorted_h: np.ndarray, max_distance: int, budget: int
+    sorted_vals: np.ndarray,
+    sorted_h: np.ndarray,
+    max_distance: int,
+    budget: int,
+    sub_bands: Sequence[np.ndarray] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``(i, j)``, ``i < j``, in the same run of equal values and within distance.
 
     Runs of one size are compared together as a ``(runs, s, s)`` block of XORs (no per-pair
     index arrays); runs longer than ``_BLOCK_RUN`` row block by row block. At most about
-    ``budget`` comparisons are held in memory at once.
+    ``budget`` comparisons are held in memory at once. With ``sub_bands`` (the bit groups
+    outside the band the values come from), runs longer than ``_SUB_BAND_RUN`` are split
+    by them first (``_near_in_long_runs``).
     """
     n = len(sorted_vals)
     empty = np.zeros(0, np.int64)
@@ -108,6 +148,15 @@ def _near_in_runs(
     if not starts.size:
         return empty, empty
     out_i, out_j = [], []
+    if len(sub_bands) > 1:
+        long = sizes > _SUB_BAND_RUN
+        if long.any():
+            i, j = _near_in_long_runs(
+                starts[long], sizes[long], sorted_h, max_distance, budget, sub_bands
+            )
+            out_i.append(i)
+            out_j.append(j)
+            starts, sizes = starts[~long], sizes[~long]
     for s in np.unique(sizes).tolist():
         group = starts[sizes == s]
         if s <= _BLOCK_RUN:
@@ -139,6 +188,40 @@ def _near_in_runs(
     return np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
 
 
+def _near_in_long_runs(
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    sorted_h: np.ndarray,
+    max_distance: int,
+    budget: int,
+    sub_bands: Sequence[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_near_in_runs`` for long runs: a run's pairs within distance agree on one sub-band,
+    so each sub-band's (run, value) runs are compared instead, and a pair is kept only on the
+    first sub-band it agrees on (found once). Positions are ``sorted_h``'s, ``i < j``."""
+    run = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
+    offsets = np.arange(len(run)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    pos = np.repeat(starts, sizes) + offsets
+    h = sorted_h[pos]
+    bits = _bits(h)
+    masks = [_mask(cols) for cols in sub_bands]
+    out_i, out_j = [], []
+    for g, cols in enumerate(sub_bands):
+        key = (run << np.int64(len(cols))) | _packed(bits, cols)  # width <= 32 bits
+        order = np.argsort(key, kind="stable")
+        a, b = _near_in_runs(key[order], h[order], max_distance, budget)
+        a, b = order[a], order[b]
+        if g and a.size:
+            xor = h[a] ^ h[b]
+            first = np.ones(a.size, dtype=bool)
+            for m in masks[:g]:
+                first &= (xor & m) != 0
+            a, b = a[first], b[first]
+        out_i.append(pos[np.minimum(a, b)])
+        out_j.append(pos[np.maximum(a, b)])
+    return np.concatenate(out_i), np.concatenate(out_j)
+
+
 def band_pairs(
     hashes: np.ndarray,
     band: int,
@@ -157,7 +240,9 @@ def band_pairs(
     vals = bands.values(hashes, band) if values is None else np.asarray(values)
     order = np.argsort(vals, kind="stable")
     sorted_h = hashes[order]
-    pi, pj = _near_in_runs(vals[order], sorted_h, max_distance, budget)
+    pi, pj = _near_in_runs(
+        vals[order], sorted_h, max_distance, budget, sub_bands=bands.sub_bands(band)
+    )
     if band and pi.size:  # report a pair only on the first band it agrees on
         first = bands.first_shared(sorted_h[pi] ^ sorted_h[pj]) == band
         pi, pj = pi[first], pj[first]
