@@ -3,9 +3,10 @@
 ``wit_pipeline.dask_runner`` translates a pipeline into a Dask graph whose tasks call these
 functions; they live at module level so that Dask pickles them by reference. Running a DoFn
 (a set-up instance reused from bundle to bundle through this worker's ``DoFnPool``), the
-splits and merges of the shuffles (``partition_of``: int keys modulo, others by a hash of their
-deterministic Beam encoding; lifted combines; round-robin rebalances) and the frames that carry their lists through Dask's P2P
-shuffle, and the reads of a bounded source.
+splits and merges of the shuffles (``partition_of``: an int key modulo the partitions, any
+other key by a hash of its deterministic Beam encoding; lifted combines; round-robin
+rebalances) and the frames that carry their lists through Dask's P2P shuffle, and the reads of
+a bounded source.
 """
 
 from __future__ import annotations
@@ -252,10 +253,10 @@ def partition_of(key: Any, kb: bytes, n: int) -> int:
     """The output partition of a shuffled key (``kb``: its deterministic encoding).
 
     An ``int`` key goes to partition ``key mod n``: such keys are mostly dense numbers (gather's
-    output buckets, shard indexes), and up to ``n`` of them then get a partition each, where a
-    hash put two or three buckets into one partition for a tenth of the partitions (101 gather
-    buckets onto 160 partitions), and a merge task held them all. Any other key goes by the
-    CRC-32 of its encoding (Python's ``hash`` of a string differs between processes).
+    output buckets, shard indexes), and up to ``n`` of them then get a partition each. By hash,
+    gather's 101 buckets at 10M pairs put two or three into 24 of 160 partitions, and each of
+    those merge tasks held them all. Any other key goes by the CRC-32 of its encoding (Python's
+    ``hash`` of a string differs between processes).
     """
     if type(key) is int:
         return key % n
