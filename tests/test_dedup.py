@@ -108,9 +108,16 @@ def test_sub_bands_hold_every_bit_outside_their_band_once():
 
 
 @pytest.mark.parametrize("k", [1, 4, 8, 16])
-def test_long_runs_split_by_sub_bands_find_every_pair_once(k):
+def test_long_runs_split_by_sub_bands_find_every_pair_once(k, monkeypatch):
     """Runs longer than ``_SUB_BAND_RUN`` (500 hashes equal on band 0, 100 on band 1, and their
     planted neighbours) are compared by sub-band: the same pairs as all pairs, each once."""
+    split = []
+    long_runs = lsh._near_in_long_runs
+    monkeypatch.setattr(
+        lsh,
+        "_near_in_long_runs",
+        lambda starts, *a: split.append(len(starts)) or long_runs(starts, *a),
+    )
     rng = np.random.default_rng(k)
     bands = lsh.bands_for(k)
     m0, m1 = bands.masks[0], bands.masks[1]
@@ -131,6 +138,7 @@ def test_long_runs_split_by_sub_bands_find_every_pair_once(k):
     expected = lsh.all_pairs_within(hashes, k)
     assert len(expected) > 50
     assert found == dict.fromkeys(expected, 1)
+    assert split == [1]  # band 0's run of 500 went through the sub-bands; no other run did
 
 
 def test_band_components_link_identical_hashes_on_band_zero_only():
